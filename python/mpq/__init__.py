@@ -1,0 +1,30 @@
+"""mpq: multipoint post-training quantization for PyTorch.
+
+    import mpq
+    qmodel = mpq.quantize(model, calib_loader)          # W4A8 multipoint, adaptive points
+    print(mpq.summary(qmodel))
+"""
+from mpq._loader import build_info, library_path, load_ops_library
+
+load_ops_library()
+
+from mpq import assets, nn, ops  # noqa: E402
+from mpq.config import PRESETS, QuantConfig  # noqa: E402
+from mpq.quantize import QuantReport, last_report, quantize  # noqa: E402
+from mpq.summary import model_size_bytes, summary  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "QuantConfig",
+    "QuantReport",
+    "build_info",
+    "last_report",
+    "library_path",
+    "model_size_bytes",
+    "nn",
+    "ops",
+    "quantize",
+    "summary",
+]

@@ -1,0 +1,327 @@
+"""Calibration: forward hooks keep, per layer, a bounded random sample of its input rows
+(im2col patches for convolutions) and of its input values, plus the input's range.
+
+Memory per layer is ``calib_samples * C_in * kh * kw`` floats for the rows and a fixed number of
+activation values, whatever the number of calibration batches.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpq.config import QuantConfig
+
+logger = logging.getLogger("mpq")
+
+__all__ = ["QuantTarget", "LayerStats", "find_targets", "calibrate", "collect_batches"]
+
+ACT_SAMPLE_SIZE = 16384
+# Input rows drawn from each calibration batch, per layer.
+ROWS_PER_BATCH = 1024
+
+
+@dataclass
+class QuantTarget:
+    """A layer mpq will quantize, with what is needed to rebuild it as a multipoint layer."""
+
+    name: str
+    module: nn.Module
+    kind: str  # "linear" or "conv"
+    pre_padding: List[int] = field(default_factory=list)  # static (left, right, top, bottom)
+    same_padding: bool = False  # TF-style 'same' padding computed at run time
+    role: str = "inner"  # "first", "last" or "inner" (set from execution order)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def groups(self) -> int:
+        return self.module.groups if self.kind == "conv" else 1
+
+    def weight_matrix(self) -> torch.Tensor:
+        """[C_out, D] with D = C_in/groups * kh * kw (conv) or in_features (linear)."""
+        w = self.module.weight.detach()
+        return w.reshape(w.shape[0], -1)
+
+
+def _conv_padding_kind(m: nn.Conv2d) -> Optional[Tuple[List[int], bool]]:
+    """(static pre-padding, dynamic same padding) for the conv classes mpq can swap, else None."""
+    if getattr(m, "padding_mode", "zeros") != "zeros" or isinstance(m.padding, str):
+        return None
+    if type(m) is nn.Conv2d:
+        return [], False
+    name = type(m).__name__
+    if "DynamicSamePadding" in name:
+        return [], True
+    static = getattr(m, "static_padding", None)
+    if static is not None:
+        if isinstance(static, nn.ZeroPad2d):
+            return [int(p) for p in static.padding], False
+        if not list(static.parameters()) and type(static).__name__ == "Identity":
+            return [], False
+    return None
+
+
+def find_targets(model: nn.Module, config: QuantConfig) -> Tuple[List[QuantTarget], List[Tuple[str, str]]]:
+    """The layers to quantize, and (name, reason) for every weighted layer kept in float."""
+    targets: List[QuantTarget] = []
+    skipped: List[Tuple[str, str]] = []
+    quantized_names = set()
+    for name, m in model.named_modules():
+        if any(fnmatch.fnmatchcase(name, p) for p in config.ignore):
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                skipped.append((name, "ignored by config.ignore"))
+            continue
+        if isinstance(m, nn.Linear):
+            targets.append(QuantTarget(name, m, "linear"))
+        elif isinstance(m, nn.Conv2d):
+            kind = _conv_padding_kind(m)
+            if kind is None:
+                skipped.append((name, f"unsupported convolution ({type(m).__name__}, padding_mode={m.padding_mode})"))
+                continue
+            targets.append(QuantTarget(name, m, "conv", pre_padding=kind[0], same_padding=kind[1]))
+        else:
+            continue
+        quantized_names.add(name)
+    for name, m in model.named_modules():
+        has_weight = isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2
+        if has_weight and name not in quantized_names and not any(name == s for s, _ in skipped):
+            if not isinstance(m, (nn.Linear, nn.Conv2d)):
+                skipped.append((name, f"unsupported layer type {type(m).__name__}"))
+    return targets, skipped
+
+
+def collect_batches(calib_loader: Iterable, max_batches: int, device: Optional[torch.device]) -> List[torch.Tensor]:
+    """The first ``max_batches`` inputs of the loader (tensors, or the first element of
+    (input, target) pairs), checked and moved to ``device``."""
+    if isinstance(calib_loader, torch.Tensor) or not hasattr(calib_loader, "__iter__"):
+        raise TypeError(
+            f"mpq.quantize: expected calib_loader to be an iterable of tensors or (input, target) pairs, "
+            f"got {type(calib_loader).__name__}"
+        )
+    batches: List[torch.Tensor] = []
+    for i, item in enumerate(calib_loader):
+        if i >= max_batches:
+            break
+        x = item[0] if isinstance(item, (tuple, list)) and len(item) > 0 else item
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"mpq.quantize: expected calib_loader to yield tensors or (input, target) pairs, "
+                f"batch {i} is {type(item).__name__}"
+                + (f" whose first element is {type(x).__name__}" if x is not item else "")
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"mpq.quantize: expected floating calibration inputs, batch {i} has dtype {x.dtype}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"mpq.quantize: calibration batch {i} contains NaN or inf")
+        batches.append(x.to(device) if device is not None else x)
+    if not batches:
+        raise ValueError("mpq.quantize: calib_loader yielded no batches")
+    return batches
+
+
+class _Reservoir:
+    """Uniform sample of at most ``capacity`` rows over a stream: every row gets a random key and
+    the rows with the smallest keys are kept."""
+
+    def __init__(self, capacity: int, generator: torch.Generator):
+        self.capacity = capacity
+        self.generator = generator
+        self.keys: Optional[torch.Tensor] = None
+        self.rows: Optional[torch.Tensor] = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        keys = torch.rand(rows.shape[0], generator=self.generator)
+        if self.rows is not None:
+            rows = torch.cat([self.rows, rows])
+            keys = torch.cat([self.keys, keys])
+        if rows.shape[0] > self.capacity:
+            keep = torch.topk(keys, self.capacity, largest=False).indices
+            rows, keys = rows[keep], keys[keep]
+        self.rows, self.keys = rows, keys
+
+
+@dataclass
+class LayerStats:
+    """What calibration kept for one layer: the second moment of its input rows, either as the
+    Gram matrix H = X^T X / N per group (when D <= calib_samples: all sampled rows of all batches
+    contribute) or as a uniform sample of at most calib_samples rows X (when D is larger, where
+    the sample is the smaller of the two)."""
+
+    gram: Optional[torch.Tensor]  # [groups, D, D] float64, mean of x x^T
+    samples: Optional[torch.Tensor]  # [N, groups, D] float32
+    act_values: torch.Tensor  # [<= ACT_SAMPLE_SIZE] float32 sample of input values (CPU)
+    act_min: float
+    act_max: float
+    order: int  # position of the layer's first call in the forward pass
+
+
+class _Recorder:
+    def __init__(self, target: QuantTarget, capacity: int, generator: torch.Generator, order_counter: List[int]):
+        self.target = target
+        D = target.weight_matrix().shape[1]
+        self.use_gram = D <= capacity
+        self.gram: Optional[torch.Tensor] = None
+        self.count = 0
+        self.rows = _Reservoir(capacity, generator)
+        self.values = _Reservoir(ACT_SAMPLE_SIZE, generator)
+        self.generator = generator
+        self.capacity = capacity
+        self.lo = float("inf")
+        self.hi = float("-inf")
+        self.order = -1
+        self.order_counter = order_counter
+
+    def __call__(self, module: nn.Module, args) -> None:
+        x = args[0].detach()
+        if self.order < 0:
+            self.order = self.order_counter[0]
+            self.order_counter[0] += 1
+        lo, hi = torch.aminmax(x)
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN and inf reach the min or the max
+            raise ValueError(f"mpq.quantize: the input of layer {self.target.name!r} contains NaN or inf during calibration")
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        flat = x.reshape(-1)
+        pick = torch.randint(flat.numel(), (min(flat.numel(), 8192),), generator=self.generator)
+        self.values.add(flat[pick.to(flat.device)].float().cpu())
+        rows = self._sample_rows(x)  # [n, groups, D]
+        if self.use_gram:
+            r = rows.transpose(0, 1)  # [groups, n, D]
+            g = torch.bmm(r.transpose(1, 2), r).double()  # float32 products, float64 running sum
+            self.gram = g if self.gram is None else self.gram + g
+            self.count += rows.shape[0]
+        else:
+            self.rows.add(rows.cpu())
+
+    def _sample_rows(self, x: torch.Tensor) -> torch.Tensor:
+        n = min(self.capacity, ROWS_PER_BATCH)
+        if self.target.kind == "linear":
+            rows = x.reshape(-1, x.shape[-1])
+            pick = torch.randint(rows.shape[0], (min(rows.shape[0], n),), generator=self.generator)
+            return rows[pick.to(rows.device)].float().unsqueeze(1)
+        return sample_patches(x, self.target, n, self.generator)
+
+    def stats(self) -> Optional[LayerStats]:
+        if self.order < 0:
+            return None
+        gram = (self.gram / self.count).cpu() if self.use_gram else None
+        samples = None if self.use_gram else self.rows.rows
+        return LayerStats(gram, samples, self.values.rows, self.lo, self.hi, self.order)
+
+
+def conv_input(x: torch.Tensor, target: QuantTarget) -> torch.Tensor:
+    """The conv's input after its static/dynamic 'same' padding and its own zero padding."""
+    m = target.module
+    if target.same_padding:
+        pads = []
+        for d in (1, 0):
+            size, s, k, dil = x.shape[2 + d], m.stride[d], m.kernel_size[d], m.dilation[d]
+            out = (size + s - 1) // s
+            total = max((out - 1) * s + (k - 1) * dil + 1 - size, 0)
+            pads += [total // 2, total - total // 2]
+        x = F.pad(x, pads)
+    elif target.pre_padding:
+        x = F.pad(x, target.pre_padding)
+    p0, p1 = m.padding
+    return F.pad(x, [p1, p1, p0, p0]) if (p0 or p1) else x
+
+
+def sample_patches(x: torch.Tensor, target: QuantTarget, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random im2col patches of the conv's input, as float32 [count, groups, C_in/groups*kh*kw]
+    (the layout of a weight row [C_in/groups, kh, kw])."""
+    m = target.module
+    xp = conv_input(x, target)
+    B, Cin, H, W = xp.shape
+    kh, kw = m.kernel_size
+    (s0, s1), (d0, d1) = m.stride, m.dilation
+    OH = (H - d0 * (kh - 1) - 1) // s0 + 1
+    OW = (W - d1 * (kw - 1) - 1) // s1 + 1
+    total = B * OH * OW
+    idx = torch.randint(total, (min(count, total),), generator=generator).to(xp.device)
+    b, rest = idx // (OH * OW), idx % (OH * OW)
+    oy, ox = (rest // OW) * s0, (rest % OW) * s1
+    rows = xp.permute(0, 2, 3, 1).reshape(B * H * W, Cin)  # NHWC: one pixel is one contiguous row
+    base = b * (H * W) + oy * W + ox
+    offsets = torch.tensor([i * d0 * W + j * d1 for i in range(kh) for j in range(kw)], device=xp.device)
+    patches = rows[(base[:, None] + offsets[None, :]).reshape(-1)].reshape(-1, kh * kw, Cin)
+    g = m.groups
+    # [n, kh*kw, Cin] -> [n, Cin, kh*kw] -> [n, groups, Cin/groups * kh * kw]
+    return patches.transpose(1, 2).reshape(patches.shape[0], g, -1).float()
+
+
+def calibrate(
+    model: nn.Module, targets: List[QuantTarget], batches: List[torch.Tensor], config: QuantConfig, generator: torch.Generator
+) -> Dict[str, LayerStats]:
+    """Run the calibration batches once with hooks on every target layer."""
+    counter = [0]
+    recorders = {t.name: _Recorder(t, config.calib_samples, generator, counter) for t in targets}
+    handles = [t.module.register_forward_pre_hook(recorders[t.name]) for t in targets]
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    stats: Dict[str, LayerStats] = {}
+    for t in targets:
+        st = recorders[t.name].stats()
+        if st is None:
+            logger.warning("mpq: layer %r was never called during calibration; it stays in float", t.name)
+            continue
+        stats[t.name] = st
+    return stats
+
+
+def fisher_sensitivity(
+    model: nn.Module, targets: List[QuantTarget], batches: List[torch.Tensor]
+) -> Optional[Dict[str, torch.Tensor]]:
+    """Per output channel of every target: the mean over samples of the summed (over positions)
+    squared gradient of the cross-entropy to the model's own top-1 prediction with respect to the
+    layer's output (an empirical diagonal Fisher). None when the model's output is not [N, classes]
+    logits."""
+    sums = {t.name: None for t in targets}
+    count = 0
+
+    def make_hook(name, channel_dim):
+        def hook(module, args, output):
+            def grad_hook(g):
+                dims = [d for d in range(g.dim()) if d != channel_dim % g.dim()]
+                s = g.detach().double().pow(2).sum(dim=dims)
+                sums[name] = s if sums[name] is None else sums[name] + s
+
+            if output.requires_grad:
+                output.register_hook(grad_hook)
+
+        return hook
+
+    handles = [t.module.register_forward_hook(make_hook(t.name, -1 if t.kind == "linear" else 1)) for t in targets]
+    requires = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for x in batches:
+            x = x.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                logits = model(x)
+                if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+                    return None
+                labels = logits.detach().argmax(dim=1)
+                loss = F.cross_entropy(logits, labels, reduction="sum")
+                loss.backward()
+            count += x.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        for p, r in requires.items():
+            p.requires_grad_(r)
+    return {k: (v / count).float().cpu() for k, v in sums.items() if v is not None}

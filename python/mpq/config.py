@@ -1,0 +1,163 @@
+"""QuantConfig: what ``mpq.quantize`` does, as one validated, serialisable dataclass."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple, Union
+
+__all__ = ["QuantConfig", "PRESETS"]
+
+CONFIG_VERSION = 1
+
+# name -> (w_bits, a_bits); a_bits None keeps activations in float.
+PRESETS: Dict[str, Tuple[int, Optional[int]]] = {
+    "W4A8": (4, 8),
+    "W4A16": (4, None),
+    "W3A16": (3, None),
+    "W2A16": (2, None),
+    "W8A8": (8, 8),
+}
+
+_METHODS = ("multipoint", "rtn")
+_SCOPES = ("model", "layer")
+_FIRST_LAST = ("same", "8bit", "float")
+_ACT_RANGES = ("mse", "percentile", "minmax")
+_SENSITIVITIES = ("fisher", "relative")
+_RTN_RANGES = ("minmax", "mse")
+
+
+@dataclass
+class QuantConfig:
+    """Configuration of ``mpq.quantize``.
+
+    Weights: ``w_bits``-bit symmetric codes, up to ``max_points`` points per output channel,
+    points allocated under an average of ``avg_bits`` bits per weight (codes and 32-bit scales
+    counted; default ``w_bits + 0.5``). ``scope="model"`` lets all layers compete for the budget,
+    ``"layer"`` gives each layer the same average. ``sensitivity`` weighs the layers' output
+    errors: ``"fisher"`` (mean squared gradient of the cross-entropy to the model's own
+    predictions, per output channel) or ``"relative"`` (1 / layer output energy).
+
+    Activations: per-tensor ``a_bits`` (None: float), range from calibration by ``act_range``.
+
+    ``first_last``: the first and last quantized layers are quantized like the others
+    (``"same"``), with one 8-bit point and 8-bit activations (``"8bit"``, outside the budget), or
+    kept in float (``"float"``). ``ignore``: fnmatch patterns of module names kept in float.
+
+    Calibration: at most ``calib_batches`` batches; per layer at most ``calib_samples`` input rows
+    (im2col patches for convolutions) are kept, so memory does not grow with the data set.
+
+    ``method``: ``"multipoint"`` or ``"rtn"`` (one point per channel, range ``rtn_range``).
+    """
+
+    w_bits: int = 4
+    a_bits: Optional[int] = 8
+    max_points: int = 4
+    avg_bits: Optional[float] = None
+    scale_bits: int = 32
+    scope: str = "model"
+    sensitivity: str = "fisher"
+    first_last: str = "same"
+    ignore: Tuple[str, ...] = ()
+    act_range: str = "mse"
+    calib_batches: int = 32
+    calib_samples: int = 2048
+    sensitivity_batches: int = 8
+    method: str = "multipoint"
+    rtn_range: str = "minmax"
+    exact_fit: bool = False
+    seed: int = 0
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        def fail(name: str, expected: str) -> None:
+            raise ValueError(f"mpq.QuantConfig: expected {name} {expected}, got {getattr(self, name)!r}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.w_bits) or not 2 <= self.w_bits <= 8:
+            fail("w_bits", "to be an int in 2..8")
+        if self.a_bits is not None and (not is_int(self.a_bits) or not 2 <= self.a_bits <= 16):
+            fail("a_bits", "to be None or an int in 2..16")
+        if not is_int(self.max_points) or not 1 <= self.max_points <= 16:
+            fail("max_points", "to be an int in 1..16")
+        if self.avg_bits is not None:
+            if isinstance(self.avg_bits, bool) or not isinstance(self.avg_bits, (int, float)):
+                fail("avg_bits", "to be None or a number")
+            if not self.w_bits <= float(self.avg_bits) <= self.max_points * (self.w_bits + self.scale_bits):
+                fail("avg_bits", f"to lie between w_bits ({self.w_bits}) and max_points * (w_bits + scale_bits)")
+        if self.scale_bits not in (16, 32):
+            fail("scale_bits", "to be 16 or 32")
+        for name, allowed in (
+            ("scope", _SCOPES),
+            ("sensitivity", _SENSITIVITIES),
+            ("first_last", _FIRST_LAST),
+            ("act_range", _ACT_RANGES),
+            ("method", _METHODS),
+            ("rtn_range", _RTN_RANGES),
+        ):
+            if getattr(self, name) not in allowed:
+                fail(name, f"to be one of {allowed}")
+        if isinstance(self.ignore, str):
+            self.ignore = (self.ignore,)
+        self.ignore = tuple(self.ignore)
+        if not all(isinstance(p, str) for p in self.ignore):
+            fail("ignore", "to be a tuple of module-name patterns (str)")
+        for name in ("calib_batches", "calib_samples", "sensitivity_batches"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                fail(name, "to be an int >= 1")
+        if not is_int(self.seed):
+            fail("seed", "to be an int")
+        if not isinstance(self.exact_fit, bool):
+            fail("exact_fit", "to be a bool")
+        if self.version > CONFIG_VERSION:
+            fail("version", f"<= {CONFIG_VERSION} (written by a newer mpq)")
+
+    @property
+    def budget_bits(self) -> float:
+        """Average bits per weight allowed for the multipoint layers."""
+        if self.method == "rtn":
+            return self.w_bits + 0.0
+        return float(self.avg_bits) if self.avg_bits is not None else self.w_bits + 0.5
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "QuantConfig":
+        """A preset by name ("W4A8", "W4A16", "W3A16", "W2A16", "W8A8") with field overrides."""
+        key = name.upper()
+        if key not in PRESETS:
+            raise ValueError(f"mpq.QuantConfig.preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        w_bits, a_bits = PRESETS[key]
+        return cls(**{"w_bits": w_bits, "a_bits": a_bits, **overrides})
+
+    @classmethod
+    def from_any(cls, config: Union[str, "QuantConfig", Dict[str, Any], None]) -> "QuantConfig":
+        if config is None:
+            return cls()
+        if isinstance(config, QuantConfig):
+            return config
+        if isinstance(config, str):
+            return cls.preset(config)
+        if isinstance(config, dict):
+            return cls.from_dict(config)
+        raise TypeError(
+            f"mpq.quantize: expected config to be a preset name, a QuantConfig or a dict, got {type(config).__name__}"
+        )
+
+    def replace(self, **changes: Any) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["ignore"] = list(self.ignore)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"mpq.QuantConfig.from_dict: unknown fields {sorted(unknown)}")
+        d = dict(d)
+        if "ignore" in d:
+            d["ignore"] = tuple(d["ignore"])
+        return cls(**d)

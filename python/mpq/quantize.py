@@ -1,0 +1,230 @@
+"""``mpq.quantize``: copy -> fold BatchNorm -> calibrate -> fit -> allocate points -> swap."""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from mpq import ops
+from mpq.activation import activation_qparams
+from mpq.allocate import LayerErrors, allocate_points, output_energy, output_errors
+from mpq.calibrate import QuantTarget, calibrate, collect_batches, find_targets, fisher_sensitivity
+from mpq.config import QuantConfig
+from mpq.fold import _set_submodule, fold_batchnorm
+from mpq.nn import MultipointConv2d, MultipointLinear
+
+logger = logging.getLogger("mpq")
+
+__all__ = ["quantize", "QuantReport", "LayerReport"]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: Tuple[int, int]  # (C_out, D)
+    w_bits: int
+    points_histogram: List[int]  # channels with 1, 2, ... max_points points
+    bits_per_weight: float
+    output_sqnr_db: float
+    fit_seconds: float
+
+
+@dataclass
+class QuantReport:
+    """What ``quantize`` did: per layer, the layers kept in float, and totals."""
+
+    config: QuantConfig
+    layers: List[LayerReport] = field(default_factory=list)
+    float_layers: List[Tuple[str, str]] = field(default_factory=list)
+    folded_batchnorms: int = 0
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def avg_bits(self) -> float:
+        """Average bits per weight over all quantized layers (codes and scales)."""
+        bits = sum(l.bits_per_weight * l.shape[0] * l.shape[1] for l in self.layers)
+        return bits / max(1, sum(l.shape[0] * l.shape[1] for l in self.layers))
+
+
+_REPORTS: "weakref.WeakKeyDictionary[nn.Module, QuantReport]" = weakref.WeakKeyDictionary()
+
+
+def last_report(qmodel: nn.Module) -> Optional[QuantReport]:
+    """The report of the ``quantize`` call that produced ``qmodel`` in this process, if any."""
+    return _REPORTS.get(qmodel)
+
+
+def _rtn_minmax(w: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel round to nearest with the min-max (max |w|) range: one point."""
+    K = 2 ** (bits - 1) - 1
+    scale = (w.abs().amax(dim=1) / K).float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.clamp(torch.round(w / safe[:, None]), -K, K).to(torch.int8)
+    codes = torch.where(scale[:, None] > 0, codes, torch.zeros_like(codes))
+    return codes[:, None, :], scale[:, None]
+
+
+def _fit_layer(w: torch.Tensor, bits: int, points: int, method: str, config: QuantConfig):
+    if method == "rtn" and config.rtn_range == "minmax":
+        return _rtn_minmax(w, bits)
+    codes, scales, _ = ops.fit_multipoint(w.float().contiguous(), bits, points, config.exact_fit)
+    return codes, scales
+
+
+def _build_module(t: QuantTarget, points: int, bits: int) -> nn.Module:
+    m = t.module
+    has_bias = m.bias is not None
+    if t.kind == "linear":
+        q = MultipointLinear(m.in_features, m.out_features, points, bits, bias=has_bias)
+    else:
+        q = MultipointConv2d(
+            m.in_channels,
+            m.out_channels,
+            list(m.kernel_size),
+            points,
+            bits,
+            list(m.stride),
+            list(m.padding),
+            list(m.dilation),
+            m.groups,
+            bias=has_bias,
+            pre_padding=t.pre_padding,
+            same_padding=t.same_padding,
+        )
+    return q.to(m.weight.device)
+
+
+def quantize(
+    model: nn.Module,
+    calib_loader: Iterable,
+    config: Union[str, QuantConfig, dict, None] = "W4A8",
+    *,
+    inplace: bool = False,
+    device: Union[str, torch.device, None] = None,
+) -> nn.Module:
+    """Quantize ``model``'s Conv2d and Linear layers with multipoint weights (or RTN).
+
+    Args:
+        model: an ``nn.Module``; left untouched unless ``inplace=True``.
+        calib_loader: iterable of input tensors or (input, target) pairs; at most
+            ``config.calib_batches`` batches are used.
+        config: a preset name ("W4A8", "W4A16", "W3A16", "W2A16", "W8A8"), a ``QuantConfig`` or a dict.
+        device: where to calibrate and fit (default: the model's device).
+
+    Returns:
+        The quantized model (eval mode), with ``MultipointConv2d`` / ``MultipointLinear`` layers.
+    """
+    cfg = QuantConfig.from_any(config)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"mpq.quantize: expected model to be a torch.nn.Module, got {type(model).__name__}")
+    params = list(model.parameters())
+    if device is None:
+        device = params[0].device if params else torch.device("cpu")
+    device = torch.device(device)
+    report = QuantReport(cfg)
+    t_start = time.perf_counter()
+    batches = collect_batches(calib_loader, cfg.calib_batches, device)
+
+    # The trial search for quantizable layers runs on the user's model without touching it.
+    targets, skipped = find_targets(model, cfg)
+    if not targets:
+        raise ValueError(
+            "mpq.quantize: the model has no quantizable layer (Conv2d or Linear)"
+            + (f"; kept in float: {skipped}" if skipped else "")
+        )
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"mpq.quantize: parameter {name!r} contains NaN or inf")
+
+    qmodel = model if inplace else copy.deepcopy(model)
+    qmodel.eval().to(device)
+    report.folded_batchnorms = len(fold_batchnorm(qmodel, batches[0][: min(2, batches[0].shape[0])]))
+    targets, skipped = find_targets(qmodel, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    stats = calibrate(qmodel, targets, batches, cfg, generator)
+    targets = sorted((t for t in targets if t.name in stats), key=lambda t: stats[t.name].order)
+    if cfg.first_last != "same" and len(targets) >= 2:
+        targets[0].role, targets[-1].role = "first", "last"
+    if cfg.first_last == "float":
+        skipped += [(t.name, "first/last layer kept in float (config.first_last)") for t in targets if t.role != "inner"]
+        targets = [t for t in targets if t.role == "inner"]
+    report.seconds["calibrate"] = time.perf_counter() - t_start
+
+    # Per-channel weights of the output errors.
+    sensitivity: Optional[Dict[str, torch.Tensor]] = None
+    t0 = time.perf_counter()
+    if cfg.method == "multipoint" and cfg.sensitivity == "fisher":
+        sensitivity = fisher_sensitivity(qmodel, targets, batches[: cfg.sensitivity_batches])
+        if sensitivity is None:
+            logger.info("mpq: the model's output is not [N, classes] logits; using relative sensitivity")
+    report.seconds["sensitivity"] = time.perf_counter() - t0
+
+    # Fit every layer once with max_points points; the first k points are the k-point fit.
+    fitted = {}
+    errors: Dict[str, LayerErrors] = {}
+    fit_seconds: Dict[str, float] = {}
+    t0 = time.perf_counter()
+    for t in targets:
+        tl = time.perf_counter()
+        w = t.weight_matrix().to(torch.float32)
+        special = t.role != "inner"
+        bits = 8 if special else cfg.w_bits
+        points = 1 if (special or cfg.method == "rtn") else cfg.max_points
+        codes, scales = _fit_layer(w, bits, points, cfg.method, cfg)
+        s = stats[t.name]
+        e = output_errors(w.cpu(), codes.cpu(), scales.cpu(), s, t.groups)
+        energy = output_energy(w.cpu(), s, t.groups)
+        if sensitivity is not None and t.name in sensitivity:
+            sens = sensitivity[t.name].double()
+        else:
+            sens = torch.full((w.shape[0],), 1.0 / max(float(energy.sum()), 1e-30), dtype=torch.float64)
+        fitted[t.name] = (codes, scales, bits, points, energy)
+        errors[t.name] = LayerErrors(e, w.shape[1], w.shape[1] * bits + cfg.scale_bits, sens)
+        fit_seconds[t.name] = time.perf_counter() - tl
+    report.seconds["fit"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    inner = {t.name: errors[t.name] for t in targets if t.role == "inner"}
+    if cfg.method == "multipoint" and cfg.max_points > 1 and inner:
+        counts = allocate_points(inner, cfg.budget_bits, cfg.scope)
+    else:
+        counts = {}
+    report.seconds["allocate"] = time.perf_counter() - t0
+
+    for t in targets:
+        codes, scales, bits, points, energy = fitted[t.name]
+        C, D = t.weight_matrix().shape
+        n = counts.get(t.name, torch.ones(C, dtype=torch.int32))
+        q = _build_module(t, points, bits)
+        q.set_weight(
+            codes.reshape(q.codes.shape).to(q.codes.device), scales.to(q.scales.device), n.to(q.codes.device), t.module.bias
+        )
+        a_bits = cfg.a_bits if t.role == "inner" or cfg.a_bits is None else 8
+        if a_bits is not None:
+            s = stats[t.name]
+            q.set_act_qparams(*activation_qparams(s.act_values, s.act_min, s.act_max, a_bits, cfg.act_range))
+        noise = float(errors[t.name].errors[torch.arange(C), (n.long() - 1).clamp_min(0)].sum())
+        q.output_sqnr_db = float(10 * torch.log10(torch.tensor(max(float(energy.sum()), 1e-30) / max(noise, 1e-30))))
+        _set_submodule(qmodel, t.name, q)
+        hist = torch.bincount(n.long(), minlength=points + 1)[1:].tolist()
+        layer = LayerReport(t.name, (C, D), bits, hist, q.bits_per_weight(), q.output_sqnr_db, fit_seconds[t.name])
+        report.layers.append(layer)
+        logger.info(
+            "mpq: %-40s %5d x %-5d %d-bit points %s  %.2f bits/weight  SQNR %.1f dB  %.2fs",
+            t.name, C, D, bits, hist, layer.bits_per_weight, layer.output_sqnr_db, layer.fit_seconds,
+        )
+    report.float_layers = skipped
+    if skipped:
+        logger.warning("mpq: %d weighted layers stay in float: %s", len(skipped), "; ".join(f"{n} ({r})" for n, r in skipped))
+    report.seconds["total"] = time.perf_counter() - t_start
+    logger.info(
+        "mpq: quantized %d layers, %.3f bits per weight on average, %.1fs", len(report.layers), report.avg_bits, report.seconds["total"]
+    )
+    _REPORTS[qmodel] = report
+    return qmodel

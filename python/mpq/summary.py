@@ -1,0 +1,61 @@
+"""``mpq.summary``: a per-layer table of a quantized model, read from its modules."""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+from torch import nn
+
+from mpq.nn.modules import _MultipointBase
+
+__all__ = ["summary", "model_size_bytes"]
+
+
+def summary(qmodel: nn.Module) -> str:
+    """Layer, shape (C_out x D), bit width, channels per point count, bits per weight and output
+    SQNR on calibration data, for every multipoint layer; then the layers left in float."""
+    rows: List[List[str]] = []
+    total_bits = total_weights = 0.0
+    floats = []
+    for name, m in qmodel.named_modules():
+        if isinstance(m, _MultipointBase):
+            C = m.codes.shape[0]
+            D = m.codes[0, 0].numel()
+            hist = torch.bincount(m.num_points.long().cpu(), minlength=m.max_points + 1)[1:].tolist()
+            bpw = m.bits_per_weight()
+            total_bits += bpw * C * D
+            total_weights += C * D
+            sqnr = "-" if math.isnan(m.output_sqnr_db) else f"{m.output_sqnr_db:.1f}"
+            kind = "conv" if m.codes.dim() == 5 else "linear"
+            rows.append([name, kind, f"{C}x{D}", str(m.w_bits), "/".join(map(str, hist)), f"{bpw:.2f}", sqnr])
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            floats.append(name)
+    header = ["layer", "type", "C x D", "bits", "channels with 1/2/.. points", "bits/weight", "SQNR dB"]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    avg = total_bits / total_weights if total_weights else float("nan")
+    out.append(f"{len(rows)} multipoint layers, {int(total_weights)} weights, {avg:.3f} bits per weight on average")
+    out.append(f"{len(floats)} layers in float" + (f": {', '.join(floats)}" if floats else ""))
+    return "\n".join(out)
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Storage of the model as deployed: multipoint layers count b bits per code of the points in
+    use and 32 bits per scale; every other parameter and float buffer its own dtype's size."""
+    bits = 0
+    seen = set()
+    for m in model.modules():
+        if isinstance(m, _MultipointBase):
+            D = m.codes[0, 0].numel()
+            bits += int(m.num_points.sum()) * (D * m.w_bits + 32) + m.num_points.numel() * 8
+            for t in (m.bias, m.act_qparams):
+                if t is not None:
+                    bits += t.numel() * t.element_size() * 8
+            seen.update(id(b) for b in m.buffers())
+    for p in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
+        if id(p) not in seen:
+            bits += p.numel() * p.element_size() * 8
+            seen.add(id(p))
+    return bits // 8
