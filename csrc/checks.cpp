@@ -62,7 +62,52 @@ void check_bias_and_act(const char* op, const at::Tensor& input, const c10::opti
                     act_qparams->size(0) == 4,
                 op, ": expected act_qparams to be float32[4] (scale, zero_point, qmin, qmax), got ",
                 act_qparams->scalar_type(), act_qparams->sizes());
+    TORCH_CHECK(act_qparams->is_cpu() || act_qparams->device() == input.device(), op,
+                ": expected act_qparams on the CPU or on ", input.device(), ", got ", act_qparams->device());
   }
+}
+
+void check_dequantize_args(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
+                           at::ScalarType dtype) {
+  TORCH_CHECK(codes.dim() >= 3, "mpq::dequantize_multipoint: expected codes of rank >= 3 [C, P, ...], got shape ",
+              codes.sizes());
+  check_multipoint_weight("mpq::dequantize_multipoint", codes, scales, num_points, codes.dim());
+  TORCH_CHECK(at::isFloatingType(dtype), "mpq::dequantize_multipoint: expected a floating dtype, got ", dtype);
+}
+
+void check_multipoint_linear_args(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
+                                  const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& act_qparams) {
+  constexpr const char* op = "mpq::multipoint_linear";
+  check_multipoint_weight(op, codes, scales, num_points, 3);
+  check_bias_and_act(op, input, bias, act_qparams, codes.size(0));
+  TORCH_CHECK(input.device() == codes.device(), op, ": expected input on ", codes.device(),
+              " with codes, got ", input.device());
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == codes.size(2), op, ": expected input [..., ", codes.size(2),
+              "] to match codes [C, P, D], got input shape ", input.sizes());
+}
+
+void check_multipoint_conv2d_args(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
+                                  const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "mpq::multipoint_conv2d";
+  check_multipoint_weight(op, codes, scales, num_points, 5);
+  check_bias_and_act(op, input, bias, act_qparams, codes.size(0));
+  TORCH_CHECK(input.device() == codes.device(), op, ": expected input on ", codes.device(),
+              " with codes, got ", input.device());
+  TORCH_CHECK(input.dim() == 4, op, ": expected input [N, C_in, H, W], got shape ", input.sizes());
+  TORCH_CHECK(groups >= 1 && codes.size(0) % groups == 0, op, ": expected groups >= 1 dividing the ",
+              codes.size(0), " output channels, got groups = ", groups);
+  TORCH_CHECK(input.size(1) == codes.size(2) * groups, op, ": expected input with ", codes.size(2) * groups,
+              " channels (codes [C_out, P, C_in/groups, kh, kw] with groups = ", groups, "), got shape ",
+              input.sizes());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": expected stride, padding and dilation of length 2");
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
+                  padding[1] >= 0,
+              op, ": expected stride >= 1, dilation >= 1 and padding >= 0, got stride ", stride, ", padding ",
+              padding, ", dilation ", dilation);
 }
 
 }  // namespace mpq

@@ -20,4 +20,16 @@ void check_multipoint_weight(const char* op, const at::Tensor& codes, const at::
 void check_bias_and_act(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& bias,
                         const c10::optional<at::Tensor>& act_qparams, int64_t out_channels);
 
+// Every argument of mpq::dequantize_multipoint / multipoint_linear / multipoint_conv2d, on any
+// backend; the input must live on the device of codes, act_qparams there or on the CPU.
+void check_dequantize_args(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
+                           at::ScalarType dtype);
+void check_multipoint_linear_args(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
+                                  const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& act_qparams);
+void check_multipoint_conv2d_args(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
+                                  const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
 }  // namespace mpq

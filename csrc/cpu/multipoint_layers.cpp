@@ -30,10 +30,7 @@ at::Tensor fake_quantize_activation(const at::Tensor& input, const c10::optional
 
 at::Tensor dequantize_multipoint_cpu(const at::Tensor& codes, const at::Tensor& scales,
                                      const at::Tensor& num_points, at::ScalarType dtype) {
-  TORCH_CHECK(codes.dim() >= 3, "mpq::dequantize_multipoint: expected codes of rank >= 3 [C, P, ...], got shape ",
-              codes.sizes());
-  check_multipoint_weight("mpq::dequantize_multipoint", codes, scales, num_points, codes.dim());
-  TORCH_CHECK(at::isFloatingType(dtype), "mpq::dequantize_multipoint: expected a floating dtype, got ", dtype);
+  check_dequantize_args(codes, scales, num_points, dtype);
   const auto ct = compute_dtype(dtype);
   const int64_t C = codes.size(0), P = codes.size(1);
   // Points at or beyond a channel's count contribute nothing.
@@ -49,11 +46,7 @@ at::Tensor dequantize_multipoint_cpu(const at::Tensor& codes, const at::Tensor& 
 at::Tensor multipoint_linear_cpu(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
                                  const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,
                                  const c10::optional<at::Tensor>& act_qparams) {
-  constexpr const char* op = "mpq::multipoint_linear";
-  check_multipoint_weight(op, codes, scales, num_points, 3);
-  check_bias_and_act(op, input, bias, act_qparams, codes.size(0));
-  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == codes.size(2), op, ": expected input [..., ", codes.size(2),
-              "] to match codes [C, P, D], got input shape ", input.sizes());
+  check_multipoint_linear_args(input, codes, scales, num_points, bias, act_qparams);
   const auto w = dequantize_multipoint_cpu(codes, scales, num_points, input.scalar_type());
   c10::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->to(input.scalar_type());
@@ -64,21 +57,7 @@ at::Tensor multipoint_conv2d_cpu(const at::Tensor& input, const at::Tensor& code
                                  const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,
                                  const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  constexpr const char* op = "mpq::multipoint_conv2d";
-  check_multipoint_weight(op, codes, scales, num_points, 5);
-  check_bias_and_act(op, input, bias, act_qparams, codes.size(0));
-  TORCH_CHECK(input.dim() == 4, op, ": expected input [N, C_in, H, W], got shape ", input.sizes());
-  TORCH_CHECK(groups >= 1 && codes.size(0) % groups == 0, op, ": expected groups >= 1 dividing the ",
-              codes.size(0), " output channels, got groups = ", groups);
-  TORCH_CHECK(input.size(1) == codes.size(2) * groups, op, ": expected input with ", codes.size(2) * groups,
-              " channels (codes [C_out, P, C_in/groups, kh, kw] with groups = ", groups, "), got shape ",
-              input.sizes());
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
-              ": expected stride, padding and dilation of length 2");
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
-                  padding[1] >= 0,
-              op, ": expected stride >= 1, dilation >= 1 and padding >= 0, got stride ", stride, ", padding ",
-              padding, ", dilation ", dilation);
+  check_multipoint_conv2d_args(input, codes, scales, num_points, bias, act_qparams, stride, padding, dilation, groups);
   const auto w = dequantize_multipoint_cpu(codes, scales, num_points, input.scalar_type());
   c10::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->to(input.scalar_type());

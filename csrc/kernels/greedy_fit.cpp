@@ -41,10 +41,10 @@ double sq_error(const double* r, int64_t n, double a, const int8_t* codes) {
 }
 
 // ||x - a clip(round(x / a))||^2 on a float copy of the residual: the fast solver's inner loop.
+// NB: summed in index order (no reassociation, no FMA): the CUDA kernel repeats this order.
 float grid_error(const float* x, int64_t n, float a, float K) {
   const float inv = 1.0f / a;
   float e = 0.0f;
-#pragma omp simd reduction(+ : e)
   for (int64_t i = 0; i < n; ++i) {
     const float q = round_small(std::min(std::max(x[i] * inv, -K), K));
     const float d = x[i] - a * q;

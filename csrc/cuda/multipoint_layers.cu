@@ -1,0 +1,204 @@
+// CUDA kernels of the multipoint layers, the generic path for any GPU: the weight is dequantized
+// by a small kernel (C * P * D multiply-adds, read once) and the layer runs through ATen (cuBLAS /
+// cuDNN), exactly as the CPU kernels in csrc/cpu/multipoint_layers.cpp do it. The activation fake
+// quantization is one elementwise kernel that reads act_qparams from device memory, so no host
+// synchronisation happens. Fused GEMM kernels are a separate path.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/linear.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "checks.h"
+
+namespace mpq {
+namespace {
+
+constexpr int kThreads = 256;
+
+// float64 stays float64; every other dtype computes in float32 and is rounded at the end.
+template <typename scalar_t>
+using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+int64_t grid_for(int64_t n) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{sms} * 32));
+}
+
+// out[c, s] = sum_{k < num_points[c]} scales[c, k] * codes[c, k, s]. NB: num_points is not
+// range-checked on the device (that would need a host sync): counts are clamped to 0..P.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    dequantize_kernel(const int8_t* __restrict__ codes, const float* __restrict__ scales,
+                      const int* __restrict__ num_points, int64_t C, int P, int64_t S, scalar_t* __restrict__ out) {
+  using acc_t = compute_t<scalar_t>;
+  const int64_t n = C * S;
+  for (int64_t idx = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; idx < n;
+       idx += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t c = idx / S, s = idx - c * S;
+    const int points = min(max(num_points[c], 0), P);
+    acc_t acc = 0;
+    for (int k = 0; k < points; ++k) {
+      acc += static_cast<acc_t>(scales[c * P + k]) * static_cast<acc_t>(codes[(c * P + k) * S + s]);
+    }
+    out[idx] = static_cast<scalar_t>(acc);
+  }
+}
+
+// IEEE division, as ATen's CPU kernel divides (not a multiplication by the reciprocal).
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+
+// (scale, zero_point, qmin, qmax), from device memory when `device` is set, else from `host`.
+struct ActParams {
+  const float* device;
+  float host[4];
+};
+
+// clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point, times scale: each step as its own
+// ATen op on the CPU, that is computed in float32 (float64 for float64) and rounded to the tensor's
+// dtype after every step, true division included. Invalid qparams (scale <= 0 or not finite,
+// qmin >= qmax), which the CPU kernel rejects, give NaN: checking them here would need a sync.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    fake_quantize_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t n, ActParams params) {
+  using op_t = compute_t<scalar_t>;
+  const bool dev = params.device != nullptr;
+  const op_t scale = dev ? params.device[0] : params.host[0];
+  const op_t zero_point = dev ? params.device[1] : params.host[1];
+  const op_t qmin = dev ? params.device[2] : params.host[2];
+  const op_t qmax = dev ? params.device[3] : params.host[3];
+  const bool valid = scale > op_t(0) && isfinite(scale) && qmin < qmax;
+  const auto step = [](op_t v) { return static_cast<op_t>(static_cast<scalar_t>(v)); };
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    if (!valid) {
+      out[i] = static_cast<scalar_t>(NAN);
+      continue;
+    }
+    op_t v = step(div_rn(static_cast<op_t>(in[i]), scale));
+    v = step(rint(v));
+    v = step(v + zero_point);
+    v = step(v < qmin ? qmin : (v > qmax ? qmax : v));  // NaN passes through, as at::clamp
+    v = step(v - zero_point);
+    out[i] = static_cast<scalar_t>(v * scale);
+  }
+}
+
+at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
+                      at::ScalarType dtype) {
+  if (dtype != at::kDouble && dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) {
+    // Other floating dtypes (float8): float32, then a cast, as the CPU kernel does.
+    return dequantize(codes, scales, num_points, at::kFloat).to(dtype);
+  }
+  const auto c = codes.contiguous();
+  const auto s = scales.contiguous();
+  const auto np = num_points.contiguous();
+  const int64_t C = c.size(0), P = c.size(1);
+  std::vector<int64_t> shape = {C};
+  for (int64_t d = 2; d < c.dim(); ++d) shape.push_back(c.size(d));
+  auto out = at::empty(shape, c.options().dtype(dtype));
+  const int64_t S = C > 0 ? out.numel() / C : 0;
+  if (out.numel() == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mpq::dequantize_multipoint_cuda", [&] {
+    dequantize_kernel<scalar_t><<<static_cast<unsigned>(grid_for(C * S)), kThreads, 0, stream>>>(
+        c.data_ptr<int8_t>(), s.data_ptr<float>(), np.data_ptr<int>(), C, static_cast<int>(P), S,
+        out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor fake_quantize_activation(const char* op, const at::Tensor& input,
+                                    const c10::optional<at::Tensor>& act_qparams) {
+  if (!act_qparams.has_value()) return input;
+  ActParams params{nullptr, {0.0f, 0.0f, 0.0f, 0.0f}};
+  at::Tensor qp;
+  if (act_qparams->is_cpu()) {
+    // Already on the host: read and check it here, as the CPU kernel does.
+    qp = act_qparams->contiguous();
+    const float* v = qp.data_ptr<float>();
+    std::copy(v, v + 4, params.host);
+    const double scale = v[0], qmin = v[2], qmax = v[3];
+    TORCH_CHECK(scale > 0.0 && std::isfinite(scale) && qmin < qmax,
+                "mpq: expected act_qparams with scale > 0 and qmin < qmax, got scale ", scale, ", qmin ", qmin,
+                ", qmax ", qmax);
+  } else {  // on the input's device (check_bias_and_act)
+    qp = act_qparams->contiguous();
+    params.device = qp.data_ptr<float>();
+  }
+  // Keep the input's layout (e.g. channels_last) when it is dense; otherwise make it contiguous.
+  const auto x = input.is_non_overlapping_and_dense() ? input : input.contiguous();
+  auto out = at::empty_like(x);
+  const int64_t n = x.numel();
+  if (n == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mpq::fake_quantize_activation", [&] {
+    fake_quantize_kernel<scalar_t><<<static_cast<unsigned>(grid_for(n)), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, params);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+void check_on_cuda(const char* op, const at::Tensor& input, const at::Tensor& codes) {
+  TORCH_CHECK(codes.is_cuda(), op, ": expected codes, scales and num_points on a CUDA device, got ",
+              codes.device());
+}
+
+}  // namespace
+
+at::Tensor dequantize_multipoint_cuda(const at::Tensor& codes, const at::Tensor& scales,
+                                      const at::Tensor& num_points, at::ScalarType dtype) {
+  check_dequantize_args(codes, scales, num_points, dtype);
+  TORCH_CHECK(codes.is_cuda(), "mpq::dequantize_multipoint: expected codes on a CUDA device, got ", codes.device());
+  c10::cuda::CUDAGuard guard(codes.device());
+  return dequantize(codes, scales, num_points, dtype);
+}
+
+at::Tensor multipoint_linear_cuda(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
+                                  const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& act_qparams) {
+  constexpr const char* op = "mpq::multipoint_linear";
+  check_multipoint_linear_args(input, codes, scales, num_points, bias, act_qparams);
+  check_on_cuda(op, input, codes);
+  c10::cuda::CUDAGuard guard(input.device());
+  const auto w = dequantize(codes, scales, num_points, input.scalar_type());
+  c10::optional<at::Tensor> b;
+  if (bias.has_value()) b = bias->to(input.scalar_type());
+  return at::linear(fake_quantize_activation(op, input, act_qparams), w, b);
+}
+
+at::Tensor multipoint_conv2d_cuda(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
+                                  const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "mpq::multipoint_conv2d";
+  check_multipoint_conv2d_args(input, codes, scales, num_points, bias, act_qparams, stride, padding, dilation,
+                               groups);
+  check_on_cuda(op, input, codes);
+  c10::cuda::CUDAGuard guard(input.device());
+  const auto w = dequantize(codes, scales, num_points, input.scalar_type());
+  c10::optional<at::Tensor> b;
+  if (bias.has_value()) b = bias->to(input.scalar_type());
+  return at::conv2d(fake_quantize_activation(op, input, act_qparams), w, b, stride, padding, dilation, groups);
+}
+
+}  // namespace mpq
+
+TORCH_LIBRARY_IMPL(mpq, CUDA, m) {
+  m.impl("dequantize_multipoint", &mpq::dequantize_multipoint_cuda);
+  m.impl("multipoint_linear", &mpq::multipoint_linear_cuda);
+  m.impl("multipoint_conv2d", &mpq::multipoint_conv2d_cuda);
+}

@@ -1,0 +1,331 @@
+"""CUDA kernels (csrc/cuda/*.cu) against the CPU kernels (csrc/cpu/*.cpp).
+
+Every test here needs a GPU and an mpq built with its CUDA kernels; without them the whole module
+is skipped with the reason.
+"""
+import warnings
+
+import pytest
+import torch
+
+import mpq
+
+_CUDA = torch.cuda.is_available()
+_KERNELS = bool(mpq.build_info().get("cuda_kernels", False))
+pytestmark = [
+    pytest.mark.skipif(not _CUDA, reason="torch.cuda.is_available() is False: no GPU (or a CPU-only torch)"),
+    pytest.mark.skipif(_CUDA and not _KERNELS, reason="mpq was built without its CUDA kernels"),
+]
+
+ops = torch.ops.mpq
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """cuDNN convolutions default to TF32 in float32; compare against IEEE float32 instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# ---- fit_multipoint ---------------------------------------------------------------------------
+
+
+def _weight(C, D, dtype=torch.float32, seed=0):
+    """Gaussian rows, and when there are enough rows: an all-zero row, a Laplace row with 15x
+    outliers, rows scaled by 1e15 and 1e-15, a Gaussian row rounded to 1/64 (many duplicates)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(C, D, generator=g, dtype=torch.float64)
+    if C >= 6:
+        w[1] = 0.0
+        lap = torch.empty(D, dtype=torch.float64).exponential_(generator=g)
+        lap *= torch.randint(0, 2, (D,), generator=g).double() * 2 - 1
+        lap[::37] *= 15.0
+        w[2] = lap
+        w[3] *= 1e15
+        w[4] *= 1e-15
+        w[5] = torch.round(w[5] * 64) / 64
+    return w.to(dtype)
+
+
+def _assert_fit_matches_cpu(w, bits, max_points, exact):
+    c_ref, s_ref, e_ref = ops.fit_multipoint(w, bits, max_points, exact)
+    out = ops.fit_multipoint(w.cuda(), bits, max_points, exact)
+    for t, ref in zip(out, (c_ref, s_ref, e_ref)):
+        assert t.device.type == "cuda"
+        assert t.dtype == ref.dtype and t.shape == ref.shape
+    c, s, e = (t.cpu() for t in out)
+    # Codes: identical except where two candidates tie exactly.
+    equal = (c == c_ref).double().mean().item() if c.numel() else 1.0
+    assert equal >= 0.999, f"only {equal:.6f} of the codes agree with the CPU kernel"
+    # Errors: within 1e-5 relative, with a floor of 1e-10 ||w_j||^2 for errors near zero.
+    norm2 = w.double().pow(2).sum(1, keepdim=True)
+    diff = (e.double() - e_ref.double()).abs()
+    tol = 1e-5 * e_ref.double().abs() + 1e-10 * norm2
+    assert bool((diff <= tol).all()), f"sq_errors differ by up to {(diff / tol.clamp_min(1e-300)).max():.3g} x tol"
+    # Points whose codes agree have the same scale (the same sums, up to summation order).
+    same = (c == c_ref).all(-1)
+    torch.testing.assert_close(s[same], s_ref[same], rtol=1e-6, atol=0.0)
+
+
+FIT_SHAPES = [(1, 1), (1, 7), (5, 1), (6, 2), (7, 33), (9, 127), (32, 576), (6, 4608), (3, 12289)]
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("shape", FIT_SHAPES, ids=[f"{c}x{d}" for c, d in FIT_SHAPES])
+def test_fit_multipoint_matches_cpu(shape, bits, exact):
+    # 576 and 4608: the residual in shared memory; 12289: in the global scratch (fast mode).
+    _assert_fit_matches_cpu(_weight(*shape, seed=bits), bits, 4, exact)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
+@pytest.mark.parametrize("shape", [(7, 1), (8, 300), (6, 5000)], ids=["7x1", "8x300", "6x5000"])
+def test_fit_multipoint_float64_matches_cpu(shape, exact):
+    _assert_fit_matches_cpu(_weight(*shape, dtype=torch.float64, seed=11), 4, 3, exact)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_fit_multipoint_exact_ties(bits, exact):
+    # Multiples of 1/4 up to ~3 are fitted exactly by several scales (1/4, 1/8, 1/12, ...) at high
+    # bit widths: equal gains in exact arithmetic, so either kernel may take any of them (rounding
+    # decides). Only the errors must agree, and each kernel's errors must match its own points.
+    g = torch.Generator().manual_seed(bits)
+    w = (torch.round(torch.randn(16, 127, generator=g, dtype=torch.float64) * 4) / 4).float()
+    _, _, e_ref = ops.fit_multipoint(w, bits, 3, exact)
+    codes, scales, errors = (t.cpu() for t in ops.fit_multipoint(w.cuda(), bits, 3, exact))
+    norm2 = w.double().pow(2).sum(1, keepdim=True)
+    torch.testing.assert_close(errors.double(), e_ref.double(), rtol=1e-5, atol=1e-10 * norm2.max().item())
+    approx = (scales.double().unsqueeze(-1) * codes.double()).cumsum(1)
+    own = (w.double().unsqueeze(1) - approx).pow(2).sum(-1)
+    torch.testing.assert_close(errors.double(), own, rtol=1e-5, atol=1e-10 * norm2.max().item())
+
+
+def test_fit_multipoint_many_rows_and_chunks():
+    # Exact mode at 8 bits sorts rows in chunks of at most 2^24 breakpoints: 40 rows of 4608 at
+    # 127 breakpoints each need two chunks.
+    w = _weight(40, 4608, seed=3)
+    _assert_fit_matches_cpu(w, 8, 2, True)
+    _assert_fit_matches_cpu(torch.randn(3000, 27, generator=torch.Generator().manual_seed(4)), 4, 4, False)
+
+
+def test_fit_multipoint_zero_rows_and_empty():
+    w = torch.zeros(4, 10)
+    codes, scales, errors = (t.cpu() for t in ops.fit_multipoint(w.cuda(), 4, 3, False))
+    assert codes.eq(0).all() and scales.eq(0).all() and errors.eq(0).all()
+    codes, scales, errors = ops.fit_multipoint(torch.zeros(0, 5, device="cuda"), 3, 2, True)
+    assert codes.shape == (0, 2, 5) and scales.shape == (0, 2) and errors.shape == (0, 2)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
+def test_fit_multipoint_error_never_increases(exact):
+    w = torch.randn(64, 576, device="cuda")
+    _, scales, errors = ops.fit_multipoint(w, 3, 6, exact)
+    assert bool((errors[:, 1:] <= errors[:, :-1]).all())
+    assert bool((errors[:, 0] < w.double().pow(2).sum(1).float()).all())
+
+
+def test_fit_multipoint_non_contiguous_and_other_device_index():
+    w = torch.randn(40, 33)
+    got = ops.fit_multipoint(w.t().cuda(), 4, 2, False)  # [33, 40], non-contiguous
+    ref = ops.fit_multipoint(w.t().contiguous(), 4, 2, False)
+    assert bool((got[0].cpu() == ref[0]).all())
+    if torch.cuda.device_count() > 1:
+        dev = torch.device("cuda", 1)
+        got1 = ops.fit_multipoint(w.t().to(dev), 4, 2, False)
+        assert got1[0].device == dev and bool((got1[0].cpu() == ref[0]).all())
+
+
+def test_fit_multipoint_rejects_bad_arguments_on_cuda():
+    w = torch.randn(3, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="mpq::fit_multipoint: expected bits"):
+        ops.fit_multipoint(w, 9, 2, False)
+    with pytest.raises(RuntimeError, match="mpq::fit_multipoint: weight contains NaN"):
+        ops.fit_multipoint(torch.full((2, 3), float("nan"), device="cuda"), 4, 2, True)
+
+
+# ---- layers -----------------------------------------------------------------------------------
+
+
+def _multipoint(C, P, inner, seed=0, bits=4):
+    g = torch.Generator().manual_seed(seed)
+    K = 2 ** (bits - 1) - 1
+    codes = torch.randint(-K, K + 1, (C, P, *inner), generator=g, dtype=torch.int8)
+    scales = torch.rand(C, P, generator=g) * 0.1 + 0.01
+    num_points = torch.randint(0, P + 1, (C,), generator=g, dtype=torch.int32)
+    return codes, scales, num_points
+
+
+def _cuda(*tensors):
+    return tuple(None if t is None else t.cuda() for t in tensors)
+
+
+def _assert_close(got, ref):
+    assert got.device.type == "cuda"
+    got = got.cpu()
+    scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
+    tol = 1e-10 if ref.dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("inner", [(1,), (5,), (33,), (3, 3, 3), (7, 1, 1)])
+def test_dequantize_matches_cpu(inner, dtype):
+    codes, scales, num_points = _multipoint(9, 4, inner, seed=len(inner))
+    ref = ops.dequantize_multipoint(codes, scales, num_points, dtype)
+    got = ops.dequantize_multipoint(*_cuda(codes, scales, num_points), dtype)
+    assert got.dtype == dtype and got.shape == ref.shape
+    torch.testing.assert_close(got.cpu(), ref)
+
+
+def test_dequantize_clamps_num_points_on_cuda():
+    # num_points is range-checked on the CPU only (a device check would sync): counts are clamped.
+    codes, scales, _ = _multipoint(3, 2, (6,))
+    got = ops.dequantize_multipoint(*_cuda(codes, scales, torch.tensor([5, -1, 2], dtype=torch.int32)), torch.float64)
+    ref = ops.dequantize_multipoint(codes, scales, torch.tensor([2, 0, 2], dtype=torch.int32), torch.float64)
+    torch.testing.assert_close(got.cpu(), ref)
+
+
+def _act_qparams(x, where):
+    if where is None:
+        return None
+    scale = (x.abs().max().item() if x.numel() else 1.0) / 100.0 or 0.01
+    qp = torch.tensor([scale, 3.0, -128.0, 127.0], dtype=torch.float32)
+    return qp if where == "cpu" else qp.cuda()
+
+
+# name: (shape of the tensor drawn, view taken of it on each device)
+LINEAR_INPUTS = {
+    "M1": ((1, 7), None),
+    "odd": ((3, 33), None),
+    "batched": ((2, 3, 64), None),
+    "vector": ((65,), None),
+    "transposed": ((31, 5), lambda t: t.t()),  # dense, not contiguous
+    "strided": ((4, 62), lambda t: t[:, ::2]),  # not dense
+    "empty": ((0, 9), None),
+}
+
+
+@pytest.mark.parametrize("act", [None, "cpu", "cuda"], ids=["float_act", "qparams_cpu", "qparams_cuda"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", list(LINEAR_INPUTS))
+def test_multipoint_linear_matches_cpu(case, dtype, with_bias, act):
+    shape, view = LINEAR_INPUTS[case]
+    base = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    view = view or (lambda t: t)
+    x, x_cuda = view(base), view(base.cuda())
+    N = 13 if case != "vector" else 1
+    codes, scales, num_points = _multipoint(N, 3, (x.shape[-1],), seed=N)
+    bias = torch.randn(N, dtype=dtype) if with_bias else None
+    qp = _act_qparams(x, act)
+    ref = ops.multipoint_linear(x, codes, scales, num_points, bias, None if qp is None else qp.cpu())
+    got = ops.multipoint_linear(x_cuda, *_cuda(codes, scales, num_points, bias), qp)
+    assert got.dtype == dtype and got.shape == ref.shape
+    _assert_close(got, ref)
+
+
+CONV_CASES = {
+    # name: (N, C_in, H, W, C_out, kh, kw, stride, padding, dilation, groups)
+    "batch1": (1, 3, 9, 11, 8, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    "groups": (2, 8, 10, 10, 12, 3, 3, (2, 2), (1, 0), (1, 1), 4),
+    "depthwise_dilated": (2, 6, 9, 9, 6, 3, 3, (1, 1), (2, 2), (2, 2), 6),
+    "pointwise_strided": (3, 5, 7, 8, 7, 1, 1, (1, 2), (0, 0), (1, 1), 1),
+    "odd_kernel": (1, 4, 12, 12, 4, 5, 3, (3, 2), (2, 1), (1, 2), 2),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("act", [None, "cpu", "cuda"], ids=["float_act", "qparams_cpu", "qparams_cuda"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_multipoint_conv2d_matches_cpu(case, dtype, act, channels_last):
+    N, Cin, H, W, Cout, kh, kw, stride, padding, dilation, groups = CONV_CASES[case]
+    torch.manual_seed(1)
+    x = torch.randn(N, Cin, H, W, dtype=dtype)
+    codes, scales, num_points = _multipoint(Cout, 2, (Cin // groups, kh, kw), seed=Cout)
+    bias = torch.randn(Cout, dtype=dtype)
+    qp = _act_qparams(x, act)
+    args = (list(stride), list(padding), list(dilation), groups)
+    ref = ops.multipoint_conv2d(x, codes, scales, num_points, bias, None if qp is None else qp.cpu(), *args)
+    x_cuda = x.cuda()
+    if channels_last:
+        x_cuda = x_cuda.to(memory_format=torch.channels_last)
+    got = ops.multipoint_conv2d(x_cuda, *_cuda(codes, scales, num_points, bias), qp, *args)
+    assert got.dtype == dtype and got.shape == ref.shape
+    _assert_close(got, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_fake_quantization_matches_cpu(dtype):
+    # Each step of the CPU's fake quantization rounds to the tensor's dtype, and so does the kernel.
+    # An identity weight (one point, one code of 1 per channel) makes the layer return fq(x) exactly.
+    x = (torch.randn(4, 64) * 3).to(dtype)
+    eye_codes = torch.zeros(64, 1, 64, dtype=torch.int8)
+    eye_codes[torch.arange(64), 0, torch.arange(64)] = 1
+    eye = (eye_codes, torch.ones(64, 1), torch.ones(64, dtype=torch.int32))
+    qp = _act_qparams(x.float(), "cpu")
+    ref = ops.multipoint_linear(x, *eye, None, qp)
+    got = ops.multipoint_linear(x.cuda(), *_cuda(*eye), None, qp.cuda())
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.cpu(), ref, rtol=0.0, atol=0.0)
+
+
+def test_invalid_act_qparams():
+    x = torch.randn(2, 8, device="cuda")
+    codes, scales, num_points = _cuda(*_multipoint(3, 2, (8,)))
+    bad = torch.tensor([0.0, 0.0, -128.0, 127.0])
+    with pytest.raises(RuntimeError, match="mpq: expected act_qparams with scale > 0"):
+        ops.multipoint_linear(x, codes, scales, num_points, None, bad)
+    # On the device they cannot be checked without a sync: the output is NaN instead.
+    out = ops.multipoint_linear(x, codes, scales, num_points, None, bad.cuda())
+    assert bool(out.isnan().all())
+
+
+def test_layer_ops_reject_mixed_devices():
+    codes, scales, num_points = _cuda(*_multipoint(3, 2, (8,)))
+    with pytest.raises(RuntimeError, match="mpq::multipoint_linear: .*input"):
+        ops.multipoint_linear(torch.randn(2, 8), codes, scales, num_points, None, None)
+    with pytest.raises(RuntimeError, match="mpq::multipoint_linear: .*codes, scales and num_points on one device"):
+        ops.multipoint_linear(torch.randn(2, 8, device="cuda"), codes, scales.cpu(), num_points, None, None)
+    codes5, scales5, np5 = _cuda(*_multipoint(4, 2, (2, 3, 3)))
+    with pytest.raises(RuntimeError, match="mpq::multipoint_conv2d: .*input"):
+        ops.multipoint_conv2d(torch.randn(1, 2, 5, 5), codes5, scales5, np5, None, None, [1, 1], [0, 0], [1, 1], 1)
+
+
+# ---- opcheck ----------------------------------------------------------------------------------
+
+
+def test_opcheck_fit_multipoint():
+    w = torch.randn(5, 19, device="cuda")
+    torch.library.opcheck(ops.fit_multipoint.default, (w, 4, 3, False))
+    torch.library.opcheck(ops.fit_multipoint.default, (w.double(), 3, 2, True))
+
+
+def test_opcheck_dequantize_multipoint():
+    codes, scales, num_points = _cuda(*_multipoint(6, 3, (4, 3, 3)))
+    torch.library.opcheck(ops.dequantize_multipoint.default, (codes, scales, num_points, torch.float32))
+    torch.library.opcheck(ops.dequantize_multipoint.default, (codes, scales, num_points, torch.float16))
+
+
+def test_opcheck_multipoint_linear():
+    codes, scales, num_points = _cuda(*_multipoint(6, 3, (10,)))
+    x = torch.randn(4, 10, device="cuda")
+    qp = _act_qparams(x, "cuda")
+    torch.library.opcheck(ops.multipoint_linear.default, (x, codes, scales, num_points, torch.randn(6, device="cuda"), qp))
+    torch.library.opcheck(ops.multipoint_linear.default, (x, codes, scales, num_points, None, None))
+
+
+def test_opcheck_multipoint_conv2d():
+    codes, scales, num_points = _cuda(*_multipoint(8, 2, (2, 3, 3)))
+    x = torch.randn(2, 4, 7, 7, device="cuda")
+    qp = _act_qparams(x, "cuda")
+    args = (x, codes, scales, num_points, torch.randn(8, device="cuda"), qp, [1, 2], [1, 1], [1, 1], 2)
+    torch.library.opcheck(ops.multipoint_conv2d.default, args)
