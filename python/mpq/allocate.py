@@ -7,12 +7,15 @@ spent. All layers compete (scope "model") or each layer gets the same average (s
 from __future__ import annotations
 
 import heapq
+import logging
 from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
 
 from mpq.calibrate import LayerStats
+
+logger = logging.getLogger("mpq")
 
 __all__ = ["LayerErrors", "output_errors", "allocate_points"]
 
@@ -74,6 +77,11 @@ def allocate_points(layers: Dict[str, LayerErrors], avg_bits: float, scope: str 
     counts = {name: torch.ones(l.errors.shape[0], dtype=torch.int32) for name, l in layers.items()}
     total_weights = sum(l.errors.shape[0] * l.weights_per_channel for l in layers.values())
     budget = avg_bits * total_weights - sum(l.errors.shape[0] * l.point_bits for l in layers.values())
+    if budget < 0:
+        logger.warning(
+            "mpq: one point per channel already costs %.3f bits per weight, above the budget of %.3f; "
+            "every channel keeps one point", avg_bits - budget / total_weights, avg_bits,
+        )
     heap: List = []
     errs = {name: l.errors.tolist() for name, l in layers.items()}
     sens = {name: l.sensitivity.tolist() for name, l in layers.items()}

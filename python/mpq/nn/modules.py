@@ -91,6 +91,13 @@ class MultipointConv2d(_MultipointBase):
     computes that padding from the input size at run time (their dynamic variant).
     """
 
+    # Declared for TorchScript, which cannot infer the element type of an empty list.
+    kernel_size: List[int]
+    stride: List[int]
+    padding: List[int]
+    dilation: List[int]
+    pre_padding: List[int]
+
     def __init__(
         self,
         in_channels: int,
@@ -113,12 +120,12 @@ class MultipointConv2d(_MultipointBase):
         super().__init__(out_channels, max_points, [in_channels // groups, kernel_size[0], kernel_size[1]], w_bits, bias)
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size: List[int] = list(kernel_size)
-        self.stride: List[int] = list(stride)
-        self.padding: List[int] = list(padding)
-        self.dilation: List[int] = list(dilation)
+        self.kernel_size = list(kernel_size)
+        self.stride = list(stride)
+        self.padding = list(padding)
+        self.dilation = list(dilation)
         self.groups = groups
-        self.pre_padding: List[int] = list(pre_padding) if pre_padding is not None else []
+        self.pre_padding = list(pre_padding) if pre_padding is not None else []
         self.same_padding = same_padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
