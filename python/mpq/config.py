@@ -18,7 +18,6 @@ PRESETS: Dict[str, Tuple[int, Optional[int]]] = {
     "W8A8": (8, 8),
 }
 
-_METHODS = ("multipoint", "rtn")
 _SCOPES = ("model", "layer")
 _FIRST_LAST = ("same", "8bit", "float")
 _ACT_RANGES = ("mse", "percentile", "minmax")
@@ -46,7 +45,8 @@ class QuantConfig:
     Calibration: at most ``calib_batches`` batches; per layer at most ``calib_samples`` input rows
     (im2col patches for convolutions) are kept, so memory does not grow with the data set.
 
-    ``method``: ``"multipoint"`` or ``"rtn"`` (one point per channel, range ``rtn_range``).
+    ``method``: a registered weight quantizer (``mpq.methods.available()``): ``"multipoint"``, or
+    ``"rtn"`` (one point per channel, range ``rtn_range``).
     """
 
     w_bits: int = 4
@@ -93,11 +93,14 @@ class QuantConfig:
             ("sensitivity", _SENSITIVITIES),
             ("first_last", _FIRST_LAST),
             ("act_range", _ACT_RANGES),
-            ("method", _METHODS),
             ("rtn_range", _RTN_RANGES),
         ):
             if getattr(self, name) not in allowed:
                 fail(name, f"to be one of {allowed}")
+        from mpq.methods import available  # the registry: methods may be added by plugins
+
+        if self.method not in available():
+            fail("method", f"to be one of {available()}")
         if isinstance(self.ignore, str):
             self.ignore = (self.ignore,)
         self.ignore = tuple(self.ignore)

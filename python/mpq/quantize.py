@@ -11,12 +11,12 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from mpq import ops
 from mpq.activation import activation_qparams
 from mpq.allocate import LayerErrors, allocate_points, output_energy, output_errors
 from mpq.calibrate import QuantTarget, calibrate, collect_batches, find_targets, fisher_sensitivity
 from mpq.config import QuantConfig
 from mpq.fold import _set_submodule, fold_batchnorm
+from mpq.methods import LayerContext, get_method
 from mpq.nn import MultipointConv2d, MultipointLinear
 
 logger = logging.getLogger("mpq")
@@ -58,23 +58,6 @@ _REPORTS: "weakref.WeakKeyDictionary[nn.Module, QuantReport]" = weakref.WeakKeyD
 def last_report(qmodel: nn.Module) -> Optional[QuantReport]:
     """The report of the ``quantize`` call that produced ``qmodel`` in this process, if any."""
     return _REPORTS.get(qmodel)
-
-
-def _rtn_minmax(w: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel round to nearest with the min-max (max |w|) range: one point."""
-    K = 2 ** (bits - 1) - 1
-    scale = (w.abs().amax(dim=1) / K).float()
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.clamp(torch.round(w / safe[:, None]), -K, K).to(torch.int8)
-    codes = torch.where(scale[:, None] > 0, codes, torch.zeros_like(codes))
-    return codes[:, None, :], scale[:, None]
-
-
-def _fit_layer(w: torch.Tensor, bits: int, points: int, method: str, config: QuantConfig):
-    if method == "rtn" and config.rtn_range == "minmax":
-        return _rtn_minmax(w, bits)
-    codes, scales, _ = ops.fit_multipoint(w.float().contiguous(), bits, points, config.exact_fit)
-    return codes, scales
 
 
 def _build_module(t: QuantTarget, points: int, bits: int) -> nn.Module:
@@ -159,7 +142,8 @@ def quantize(
     # Per-channel weights of the output errors.
     sensitivity: Optional[Dict[str, torch.Tensor]] = None
     t0 = time.perf_counter()
-    if cfg.method == "multipoint" and cfg.sensitivity == "fisher":
+    method = get_method(cfg.method)
+    if method.multipoint and cfg.sensitivity == "fisher":
         sensitivity = fisher_sensitivity(qmodel, targets, batches[: cfg.sensitivity_batches])
         if sensitivity is None:
             logger.info("mpq: the model's output is not [N, classes] logits; using relative sensitivity")
@@ -175,35 +159,39 @@ def quantize(
         w = t.weight_matrix().to(torch.float32)
         special = t.role != "inner"
         bits = 8 if special else cfg.w_bits
-        points = 1 if (special or cfg.method == "rtn") else cfg.max_points
-        codes, scales = _fit_layer(w, bits, points, cfg.method, cfg)
         s = stats[t.name]
+        fit = method.fit(LayerContext(t, w, s, bits, 1 if special else cfg.max_points, cfg))
+        codes, scales = fit.codes, fit.scales
+        points = codes.shape[1]
         e = output_errors(w.cpu(), codes.cpu(), scales.cpu(), s, t.groups)
         energy = output_energy(w.cpu(), s, t.groups)
         if sensitivity is not None and t.name in sensitivity:
             sens = sensitivity[t.name].double()
         else:
             sens = torch.full((w.shape[0],), 1.0 / max(float(energy.sum()), 1e-30), dtype=torch.float64)
-        fitted[t.name] = (codes, scales, bits, points, energy)
+        fitted[t.name] = (codes, scales, bits, points, energy, fit.bias)
         errors[t.name] = LayerErrors(e, w.shape[1], w.shape[1] * bits + cfg.scale_bits, sens)
         fit_seconds[t.name] = time.perf_counter() - tl
     report.seconds["fit"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     inner = {t.name: errors[t.name] for t in targets if t.role == "inner"}
-    if cfg.method == "multipoint" and cfg.max_points > 1 and inner:
+    if method.multipoint and cfg.max_points > 1 and inner:
         counts = allocate_points(inner, cfg.budget_bits, cfg.scope)
     else:
         counts = {}
     report.seconds["allocate"] = time.perf_counter() - t0
 
     for t in targets:
-        codes, scales, bits, points, energy = fitted[t.name]
+        codes, scales, bits, points, energy, new_bias = fitted[t.name]
         C, D = t.weight_matrix().shape
         n = counts.get(t.name, torch.ones(C, dtype=torch.int32))
         q = _build_module(t, points, bits)
         q.set_weight(
-            codes.reshape(q.codes.shape).to(q.codes.device), scales.to(q.scales.device), n.to(q.codes.device), t.module.bias
+            codes.reshape(q.codes.shape).to(q.codes.device),
+            scales.to(q.scales.device),
+            n.to(q.codes.device),
+            new_bias if new_bias is not None else t.module.bias,
         )
         a_bits = cfg.a_bits if t.role == "inner" or cfg.a_bits is None else 8
         if a_bits is not None:

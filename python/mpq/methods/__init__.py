@@ -1,0 +1,21 @@
+"""Weight quantizers behind one interface, selected by ``QuantConfig.method``.
+
+Every method turns one layer's weight (with its calibration statistics) into points:
+int8 codes [C, P, D] and float32 scales [C, P], optionally a new bias. Multipoint methods return
+P > 1 nested points per channel and ``mpq.quantize`` allocates how many each channel keeps;
+single-point methods return P = 1. New methods register with ``@register``.
+"""
+from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, available, get_method, register
+from mpq.methods.multipoint import MultipointQuantizer
+from mpq.methods.rtn import RTNQuantizer
+
+__all__ = [
+    "FittedWeight",
+    "LayerContext",
+    "WeightQuantizer",
+    "MultipointQuantizer",
+    "RTNQuantizer",
+    "available",
+    "get_method",
+    "register",
+]

@@ -1,0 +1,63 @@
+"""The weight-quantizer interface and its registry."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Type
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mpq.calibrate import LayerStats, QuantTarget
+    from mpq.config import QuantConfig
+
+
+@dataclass
+class LayerContext:
+    """What a method sees of one layer."""
+
+    target: "QuantTarget"
+    weight: torch.Tensor  # [C, D] float32, BatchNorm folded
+    stats: "LayerStats"  # second moment of the layer's calibration inputs
+    bits: int  # code width for this layer
+    max_points: int  # points the method may fit per channel
+    config: "QuantConfig"
+
+
+@dataclass
+class FittedWeight:
+    """A layer's quantized weight: W[j] = sum_k scales[j, k] * codes[j, k]."""
+
+    codes: torch.Tensor  # int8 [C, P, D]
+    scales: torch.Tensor  # float32 [C, P]
+    bias: Optional[torch.Tensor] = None  # replaces the layer's bias when not None
+
+
+class WeightQuantizer:
+    """Base class: ``fit`` one layer. ``multipoint`` methods return nested points that
+    ``mpq.quantize`` allocates under the average-bits budget."""
+
+    name: ClassVar[str] = ""
+    multipoint: ClassVar[bool] = False
+
+    def fit(self, ctx: LayerContext) -> FittedWeight:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+_REGISTRY: Dict[str, Type[WeightQuantizer]] = {}
+
+
+def register(cls: Type[WeightQuantizer]) -> Type[WeightQuantizer]:
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"mpq.methods.register: expected a new, non-empty method name, got {cls.name!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> WeightQuantizer:
+    if name not in _REGISTRY:
+        raise ValueError(f"mpq: unknown method {name!r}; expected one of {available()}")
+    return _REGISTRY[name]()
