@@ -4,8 +4,7 @@
 //
 // Fast mode (fit_fast_kernel): one block of kFastGridPoints = 128 threads per row, all points in
 //   one launch. Thread g evaluates grid scale g over the whole row, summing float32 terms in index
-//   order without FMA contraction: that is the CPU's grid_error term for term (the CPU loop keeps
-//   its sequential float sum: its `omp simd` pragma is inactive without -fopenmp), so the same
+//   order of the CPU's grid_error (8 interleaved lanes, no FMA contraction), term for term, so the same
 //   candidate wins; the 48 local scales likewise. All threads read the same x[i] at once (a
 //   shared-memory broadcast). The other reductions (max|r|, <r,q>, <q,q>, errors) are float64
 //   block reductions in a fixed order, deterministic from run to run. The float copy x of the
@@ -200,18 +199,32 @@ FastGrid make_fast_grid(int K) {
   return g;
 }
 
-// ||x - a clip(round(x / a))||^2 in float32, summed in index order: greedy_fit.cpp's grid_error.
+// ||x - a clip(round(x / a))||^2 in float32 in greedy_fit.cpp's grid_error order: element i in
+// lane i % kGridLanes, each lane summed in index order without FMA, lanes combined pairwise.
 __device__ float grid_error(const float* x, int64_t n, float a, float K) {
+  using mpq::kernels::kGridLanes;
   const float inv = __fdiv_rn(1.0f, a);
-  float e = 0.0f;
-#pragma unroll 4
-  for (int64_t i = 0; i < n; ++i) {
+  float acc[kGridLanes];
+#pragma unroll
+  for (int l = 0; l < kGridLanes; ++l) acc[l] = 0.0f;
+  int64_t i = 0;
+  for (; i + kGridLanes <= n; i += kGridLanes) {
+#pragma unroll
+    for (int l = 0; l < kGridLanes; ++l) {
+      const float xi = x[i + l];
+      const float q = rintf(fminf(fmaxf(__fmul_rn(xi, inv), -K), K));
+      const float d = __fsub_rn(xi, __fmul_rn(a, q));
+      acc[l] = __fadd_rn(acc[l], __fmul_rn(d, d));
+    }
+  }
+  for (int l = 0; i < n; ++i, ++l) {
     const float xi = x[i];
     const float q = rintf(fminf(fmaxf(__fmul_rn(xi, inv), -K), K));
     const float d = __fsub_rn(xi, __fmul_rn(a, q));
-    e = __fadd_rn(e, __fmul_rn(d, d));
+    acc[l] = __fadd_rn(acc[l], __fmul_rn(d, d));
   }
-  return e;
+  return __fadd_rn(__fadd_rn(__fadd_rn(acc[0], acc[1]), __fadd_rn(acc[2], acc[3])),
+                   __fadd_rn(__fadd_rn(acc[4], acc[5]), __fadd_rn(acc[6], acc[7])));
 }
 
 struct FitOutputs {

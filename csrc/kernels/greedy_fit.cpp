@@ -41,16 +41,30 @@ double sq_error(const double* r, int64_t n, double a, const int8_t* codes) {
 }
 
 // ||x - a clip(round(x / a))||^2 on a float copy of the residual: the fast solver's inner loop.
-// NB: summed in index order (no reassociation, no FMA): the CUDA kernel repeats this order.
+// NB: the summation order is part of the contract (the CUDA kernel repeats it so that both pick
+// the same candidate): element i goes to lane i % kGridLanes, each lane sums in index order
+// without FMA, and the lanes are combined pairwise. The lanes let the compiler vectorise; an
+// AVX2 clone (8 lanes = one register, chosen at load time) does the same arithmetic, just wider.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
 float grid_error(const float* x, int64_t n, float a, float K) {
   const float inv = 1.0f / a;
-  float e = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
+  float acc[kGridLanes] = {};
+  int64_t i = 0;
+  for (; i + kGridLanes <= n; i += kGridLanes) {
+    for (int l = 0; l < kGridLanes; ++l) {
+      const float q = round_small(std::min(std::max(x[i + l] * inv, -K), K));
+      const float d = x[i + l] - a * q;
+      acc[l] += d * d;
+    }
+  }
+  for (int l = 0; i < n; ++i, ++l) {
     const float q = round_small(std::min(std::max(x[i] * inv, -K), K));
     const float d = x[i] - a * q;
-    e += d * d;
+    acc[l] += d * d;
   }
-  return e;
+  return combine_lanes(acc);
 }
 
 double max_abs(const double* r, int64_t n) {

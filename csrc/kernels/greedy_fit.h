@@ -22,6 +22,16 @@ constexpr int kFastGridPoints = 128;
 constexpr int kFastLocalPoints = 48;
 constexpr double kFastGridLowDivisor = 64.0;
 
+// The fast solver's float32 candidate error is summed in kGridLanes interleaved lanes, combined
+// pairwise; the CPU and CUDA kernels share this order (see grid_error), so they pick the same scale.
+constexpr int kGridLanes = 8;
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline float combine_lanes(const float* acc) {
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 // Per-thread scratch memory, reused across rows.
 struct GreedyFitWorkspace {
   std::vector<double> residual;

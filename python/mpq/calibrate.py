@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpq.config import QuantConfig
+from mpq.nn.modules import same_padding
 
 logger = logging.getLogger("mpq")
 
@@ -162,6 +163,7 @@ class LayerStats:
     act_min: float
     act_max: float
     order: int  # position of the layer's first call in the forward pass
+    mean: Optional[torch.Tensor] = None  # [groups, D] float64, mean input row (bias correction)
 
 
 class _Recorder:
@@ -171,6 +173,8 @@ class _Recorder:
         self.use_gram = D <= capacity
         self.gram: Optional[torch.Tensor] = None
         self.count = 0
+        self.row_sum: Optional[torch.Tensor] = None  # [groups, D] float64, over all sampled rows
+        self.row_count = 0
         self.rows = _Reservoir(capacity, generator)
         self.values = _Reservoir(ACT_SAMPLE_SIZE, generator)
         self.generator = generator
@@ -194,6 +198,9 @@ class _Recorder:
         pick = torch.randint(flat.numel(), (min(flat.numel(), 8192),), generator=self.generator)
         self.values.add(flat[pick.to(flat.device)].float().cpu())
         rows = self._sample_rows(x)  # [n, groups, D]
+        row_sum = rows.sum(0).double()
+        self.row_sum = row_sum if self.row_sum is None else self.row_sum + row_sum
+        self.row_count += rows.shape[0]
         if self.use_gram:
             r = rows.transpose(0, 1)  # [groups, n, D]
             g = torch.bmm(r.transpose(1, 2), r).double()  # float32 products, float64 running sum
@@ -215,20 +222,15 @@ class _Recorder:
             return None
         gram = (self.gram / self.count).cpu() if self.use_gram else None
         samples = None if self.use_gram else self.rows.rows
-        return LayerStats(gram, samples, self.values.rows, self.lo, self.hi, self.order)
+        mean = (self.row_sum / max(1, self.row_count)).cpu()
+        return LayerStats(gram, samples, self.values.rows, self.lo, self.hi, self.order, mean)
 
 
 def conv_input(x: torch.Tensor, target: QuantTarget) -> torch.Tensor:
     """The conv's input after its static/dynamic 'same' padding and its own zero padding."""
     m = target.module
     if target.same_padding:
-        pads = []
-        for d in (1, 0):
-            size, s, k, dil = x.shape[2 + d], m.stride[d], m.kernel_size[d], m.dilation[d]
-            out = (size + s - 1) // s
-            total = max((out - 1) * s + (k - 1) * dil + 1 - size, 0)
-            pads += [total // 2, total - total // 2]
-        x = F.pad(x, pads)
+        x = F.pad(x, same_padding(x, list(m.kernel_size), list(m.stride), list(m.dilation)))
     elif target.pre_padding:
         x = F.pad(x, target.pre_padding)
     p0, p1 = m.padding

@@ -23,6 +23,7 @@ _FIRST_LAST = ("same", "8bit", "float")
 _ACT_RANGES = ("mse", "percentile", "minmax")
 _SENSITIVITIES = ("fisher", "relative")
 _RTN_RANGES = ("minmax", "mse")
+_ILP_ROUNDINGS = ("rtn", "gptq")
 
 
 @dataclass
@@ -45,8 +46,22 @@ class QuantConfig:
     Calibration: at most ``calib_batches`` batches; per layer at most ``calib_samples`` input rows
     (im2col patches for convolutions) are kept, so memory does not grow with the data set.
 
+    ``verify``: after quantizing, run one calibration batch through the kernels and through a
+    plain-PyTorch float simulation of the same quantized model, and raise if they disagree.
+
     ``method``: a registered weight quantizer (``mpq.methods.available()``): ``"multipoint"``, or
     ``"rtn"`` (one point per channel, range ``rtn_range``).
+
+    The baselines (ALGORITHM.md section 5), one point per channel on the same symmetric per-channel
+    grid, whose scale follows ``rtn_range`` (min-max or MSE-optimal) for all of them:
+    ``"gptq"`` (dampening ``gptq_damp`` of the mean diagonal of H, columns in act-order when
+    ``gptq_act_order``); ``"adaround"`` (``adaround_iters`` Adam steps at ``adaround_lr``,
+    regulariser weight ``adaround_lambda``); ``"ocs"`` (outlier channel splitting at
+    ``ocs_expand_ratio``, halving the weights above ``ocs_split_threshold`` times the split
+    channel's maximum, quantization-aware halves when ``ocs_grid_aware``); ``"ilp"`` (a bit width
+    per layer from ``ilp_bits`` by an exact integer program under the ``avg_bits`` budget, then
+    round to nearest or GPTQ per ``ilp_rounding``). ``bias_correction`` adds (W - W_q) E[x] to
+    every quantized layer's bias, after any method.
     """
 
     w_bits: int = 4
@@ -65,6 +80,18 @@ class QuantConfig:
     method: str = "multipoint"
     rtn_range: str = "minmax"
     exact_fit: bool = False
+    verify: bool = True
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    adaround_iters: int = 1000
+    adaround_lr: float = 1e-2
+    adaround_lambda: float = 0.01
+    ocs_expand_ratio: float = 0.05
+    ocs_split_threshold: float = 0.5
+    ocs_grid_aware: bool = False
+    bias_correction: bool = False
+    ilp_bits: Tuple[int, ...] = (2, 3, 4, 8)
+    ilp_rounding: str = "rtn"
     seed: int = 0
     version: int = field(default=CONFIG_VERSION)
 
@@ -111,10 +138,45 @@ class QuantConfig:
                 fail(name, "to be an int >= 1")
         if not is_int(self.seed):
             fail("seed", "to be an int")
-        if not isinstance(self.exact_fit, bool):
-            fail("exact_fit", "to be a bool")
+        for name in ("exact_fit", "verify"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "to be a bool")
+        self._check_methods(fail, is_int)
         if self.version > CONFIG_VERSION:
             fail("version", f"<= {CONFIG_VERSION} (written by a newer mpq)")
+
+    def _check_methods(self, fail: Any, is_int: Any) -> None:
+        """Validate the options of the baseline methods (gptq, adaround, ocs, ilp, bias correction)."""
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        for name in ("gptq_act_order", "ocs_grid_aware", "bias_correction"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "to be a bool")
+        if not is_num(self.gptq_damp) or not 0 < self.gptq_damp <= 1:
+            fail("gptq_damp", "to be a number in (0, 1]")
+        if not is_int(self.adaround_iters) or self.adaround_iters < 1:
+            fail("adaround_iters", "to be an int >= 1")
+        if not is_num(self.adaround_lr) or not self.adaround_lr > 0:
+            fail("adaround_lr", "to be a number > 0")
+        if not is_num(self.adaround_lambda) or self.adaround_lambda < 0:
+            fail("adaround_lambda", "to be a number >= 0")
+        if not is_num(self.ocs_expand_ratio) or not 0 < self.ocs_expand_ratio <= 1:
+            fail("ocs_expand_ratio", "to be a number in (0, 1]")
+        if not is_num(self.ocs_split_threshold) or not 0 <= self.ocs_split_threshold < 1:
+            fail("ocs_split_threshold", "to be a number in [0, 1)")
+        if isinstance(self.ilp_bits, (list, tuple)):
+            self.ilp_bits = tuple(self.ilp_bits)
+        if (
+            not isinstance(self.ilp_bits, tuple)
+            or not self.ilp_bits
+            or not all(is_int(b) and 2 <= b <= 8 for b in self.ilp_bits)
+            or len(set(self.ilp_bits)) != len(self.ilp_bits)
+        ):
+            fail("ilp_bits", "to be a non-empty tuple of distinct ints in 2..8")
+        if self.ilp_rounding not in _ILP_ROUNDINGS:
+            fail("ilp_rounding", f"to be one of {_ILP_ROUNDINGS}")
 
     @property
     def budget_bits(self) -> float:
@@ -152,6 +214,7 @@ class QuantConfig:
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["ignore"] = list(self.ignore)
+        d["ilp_bits"] = list(self.ilp_bits)
         return d
 
     @classmethod

@@ -16,8 +16,9 @@ from mpq.allocate import LayerErrors, allocate_points, output_energy, output_err
 from mpq.calibrate import QuantTarget, calibrate, collect_batches, find_targets, fisher_sensitivity
 from mpq.config import QuantConfig
 from mpq.fold import _set_submodule, fold_batchnorm
-from mpq.methods import LayerContext, get_method
+from mpq.methods import LayerContext, corrected_bias, get_method
 from mpq.nn import MultipointConv2d, MultipointLinear
+from mpq.simulate import check_simulation
 
 logger = logging.getLogger("mpq")
 
@@ -43,6 +44,7 @@ class QuantReport:
     layers: List[LayerReport] = field(default_factory=list)
     float_layers: List[Tuple[str, str]] = field(default_factory=list)
     folded_batchnorms: int = 0
+    simulation_error: float = float("nan")  # kernels vs float simulation on a calibration batch
     seconds: Dict[str, float] = field(default_factory=dict)
 
     @property
@@ -60,9 +62,9 @@ def last_report(qmodel: nn.Module) -> Optional[QuantReport]:
     return _REPORTS.get(qmodel)
 
 
-def _build_module(t: QuantTarget, points: int, bits: int) -> nn.Module:
+def _build_module(t: QuantTarget, points: int, bits: int, has_bias: Optional[bool] = None) -> nn.Module:
     m = t.module
-    has_bias = m.bias is not None
+    has_bias = m.bias is not None if has_bias is None else has_bias
     if t.kind == "linear":
         q = MultipointLinear(m.in_features, m.out_features, points, bits, bias=has_bias)
     else:
@@ -143,7 +145,7 @@ def quantize(
     sensitivity: Optional[Dict[str, torch.Tensor]] = None
     t0 = time.perf_counter()
     method = get_method(cfg.method)
-    if method.multipoint and cfg.sensitivity == "fisher":
+    if (method.multipoint or hasattr(method, "choose_bits")) and cfg.sensitivity == "fisher":
         sensitivity = fisher_sensitivity(qmodel, targets, batches[: cfg.sensitivity_batches])
         if sensitivity is None:
             logger.info("mpq: the model's output is not [N, classes] logits; using relative sensitivity")
@@ -154,11 +156,13 @@ def quantize(
     errors: Dict[str, LayerErrors] = {}
     fit_seconds: Dict[str, float] = {}
     t0 = time.perf_counter()
+    # Hook: a method may choose each layer's bit width before fitting (ILP bit allocation).
+    chosen_bits: Dict[str, int] = method.choose_bits(targets, stats, cfg, sensitivity) if hasattr(method, "choose_bits") else {}
     for t in targets:
         tl = time.perf_counter()
         w = t.weight_matrix().to(torch.float32)
         special = t.role != "inner"
-        bits = 8 if special else cfg.w_bits
+        bits = 8 if special else chosen_bits.get(t.name, cfg.w_bits)
         s = stats[t.name]
         fit = method.fit(LayerContext(t, w, s, bits, 1 if special else cfg.max_points, cfg))
         codes, scales = fit.codes, fit.scales
@@ -169,7 +173,7 @@ def quantize(
             sens = sensitivity[t.name].double()
         else:
             sens = torch.full((w.shape[0],), 1.0 / max(float(energy.sum()), 1e-30), dtype=torch.float64)
-        fitted[t.name] = (codes, scales, bits, points, energy, fit.bias)
+        fitted[t.name] = (codes, scales, bits, points, energy, fit.bias, fit.num_points)
         errors[t.name] = LayerErrors(e, w.shape[1], w.shape[1] * bits + cfg.scale_bits, sens)
         fit_seconds[t.name] = time.perf_counter() - tl
     report.seconds["fit"] = time.perf_counter() - t0
@@ -183,10 +187,15 @@ def quantize(
     report.seconds["allocate"] = time.perf_counter() - t0
 
     for t in targets:
-        codes, scales, bits, points, energy, new_bias = fitted[t.name]
+        codes, scales, bits, points, energy, new_bias, own_points = fitted[t.name]
         C, D = t.weight_matrix().shape
-        n = counts.get(t.name, torch.ones(C, dtype=torch.int32))
-        q = _build_module(t, points, bits)
+        n = counts.get(t.name, own_points.cpu() if own_points is not None else torch.ones(C, dtype=torch.int32))
+        if cfg.bias_correction:  # hook: on the weight each channel finally keeps
+            kept = (torch.arange(points)[None, :] < n[:, None]).double() * scales.double().cpu()
+            wq = (kept[:, :, None] * codes.double().cpu()).sum(1)
+            base = new_bias if new_bias is not None else t.module.bias
+            new_bias = corrected_bias(t.weight_matrix().cpu(), wq, base, stats[t.name].mean)
+        q = _build_module(t, points, bits, has_bias=new_bias is not None or t.module.bias is not None)
         q.set_weight(
             codes.reshape(q.codes.shape).to(q.codes.device),
             scales.to(q.scales.device),
@@ -207,6 +216,8 @@ def quantize(
             "mpq: %-40s %5d x %-5d %d-bit points %s  %.2f bits/weight  SQNR %.1f dB  %.2fs",
             t.name, C, D, bits, hist, layer.bits_per_weight, layer.output_sqnr_db, layer.fit_seconds,
         )
+    if cfg.verify:
+        report.simulation_error = check_simulation(qmodel, batches[0])
     report.float_layers = skipped
     if skipped:
         logger.warning("mpq: %d weighted layers stay in float: %s", len(skipped), "; ".join(f"{n} ({r})" for n, r in skipped))

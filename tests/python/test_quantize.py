@@ -232,3 +232,16 @@ def test_multipoint_beats_rtn_on_efficientnet_lite0(lite0):
     # agreement 81%. Margins: KL at least 5x lower, agreement at least 40 points higher.
     assert mp["kl"] * 5 < rtn["kl"], results
     assert mp["agreement"] >= rtn["agreement"] + 0.40, results
+
+
+def test_simulation_equals_deployment_and_a_broken_kernel_is_caught():
+    from mpq.simulate import check_simulation
+
+    _, qmodel, calib = _quantize_small("W4A8")
+    assert mpq.last_report(qmodel).simulation_error < 1e-6  # measured by quantize itself
+    assert check_simulation(qmodel, calib[0]) < 1e-6
+    layer = qmodel[3]
+    original = layer.forward
+    layer.forward = lambda x: original(x) * 1.01  # a kernel that is 1% off
+    with pytest.raises(RuntimeError, match="kernels and its float simulation disagree"):
+        check_simulation(qmodel, calib[0])

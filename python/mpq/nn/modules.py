@@ -14,6 +14,17 @@ from torch import nn
 import mpq.ops  # noqa: F401  (registers torch.ops.mpq)
 
 
+def same_padding(x: torch.Tensor, kernel_size: List[int], stride: List[int], dilation: List[int]) -> List[int]:
+    """F.pad amounts (left, right, top, bottom) of TensorFlow's 'SAME' padding for input x."""
+    pads: List[int] = []
+    for d in [1, 0]:  # F.pad order: width first, then height
+        size = x.shape[2 + d]
+        out = (size + stride[d] - 1) // stride[d]
+        total = max((out - 1) * stride[d] + (kernel_size[d] - 1) * dilation[d] + 1 - size, 0)
+        pads += [total // 2, total - total // 2]
+    return pads
+
+
 class _MultipointBase(nn.Module):
     def __init__(self, out_channels: int, max_points: int, code_shape: List[int], w_bits: int, bias: bool):
         super().__init__()
@@ -130,13 +141,7 @@ class MultipointConv2d(_MultipointBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.same_padding:
-            pads: List[int] = []
-            for d in [1, 0]:  # F.pad order: width (left, right), then height (top, bottom)
-                size = x.shape[2 + d]
-                out = (size + self.stride[d] - 1) // self.stride[d]
-                total = max((out - 1) * self.stride[d] + (self.kernel_size[d] - 1) * self.dilation[d] + 1 - size, 0)
-                pads += [total // 2, total - total // 2]
-            x = F.pad(x, pads)
+            x = F.pad(x, same_padding(x, self.kernel_size, self.stride, self.dilation))
         elif len(self.pre_padding) > 0:
             x = F.pad(x, self.pre_padding)
         return torch.ops.mpq.multipoint_conv2d(
