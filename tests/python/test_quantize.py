@@ -245,3 +245,14 @@ def test_simulation_equals_deployment_and_a_broken_kernel_is_caught():
     layer.forward = lambda x: original(x) * 1.01  # a kernel that is 1% off
     with pytest.raises(RuntimeError, match="kernels and its float simulation disagree"):
         check_simulation(qmodel, calib[0])
+
+
+def test_same_seed_gives_bit_identical_state_and_global_rng_is_untouched():
+    model = _small_cnn()
+    _randomize_bn(model)
+    calib = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    rng = torch.get_rng_state()
+    a = mpq.quantize(model, calib, mpq.QuantConfig(seed=3))
+    assert torch.equal(torch.get_rng_state(), rng)
+    b = mpq.quantize(model, calib, mpq.QuantConfig(seed=3))
+    assert _state_hash(a) == _state_hash(b)
