@@ -43,8 +43,10 @@ class QuantConfig:
     (``"same"``), with one 8-bit point and 8-bit activations (``"8bit"``, outside the budget), or
     kept in float (``"float"``). ``ignore``: fnmatch patterns of module names kept in float.
 
-    Calibration: at most ``calib_batches`` batches; per layer at most ``calib_samples`` input rows
-    (im2col patches for convolutions) are kept, so memory does not grow with the data set.
+    Calibration: at most ``calib_batches`` batches. Per layer, random input rows (im2col patches
+    for convolutions) give the second moment H = E[x x^T] of the layer's input: accumulated over
+    all batches when the row length D <= ``calib_samples`` (memory D^2 per group), else a uniform
+    sample of ``calib_samples`` rows is kept. Either way memory does not grow with the data set.
 
     ``verify``: after quantizing, run one calibration batch through the kernels and through a
     plain-PyTorch float simulation of the same quantized model, and raise if they disagree.
