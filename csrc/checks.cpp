@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 namespace mpq {
 
 void check_fit_multipoint_args(const at::Tensor& weight, int64_t bits, int64_t max_points) {
@@ -17,6 +19,11 @@ void check_fit_multipoint_args(const at::Tensor& weight, int64_t bits, int64_t m
   if (weight.numel() > 0) {
     TORCH_CHECK(at::isfinite(weight).all().item<bool>(),
                 "mpq::fit_multipoint: weight contains NaN or inf");
+    if (weight.scalar_type() == at::kDouble) {  // scales and errors are stored in float32
+      TORCH_CHECK(weight.abs().max().item<double>() <= 1e30,
+                  "mpq::fit_multipoint: weight has magnitudes above 1e30, beyond what float32 scales and "
+                  "squared errors hold");
+    }
   }
 }
 
@@ -65,6 +72,13 @@ void check_bias_and_act(const char* op, const at::Tensor& input, const c10::opti
     TORCH_CHECK(act_qparams->is_cpu() || act_qparams->device() == input.device(), op,
                 ": expected act_qparams on the CPU or on ", input.device(), ", got ", act_qparams->device());
   }
+}
+
+void check_act_qparams_values(const char* op, double scale, double zero_point, double qmin, double qmax) {
+  TORCH_CHECK(scale > 0.0 && std::isfinite(scale) && std::isfinite(zero_point) && std::isfinite(qmin) &&
+                  std::isfinite(qmax) && qmin < qmax,
+              op, ": expected act_qparams with a finite scale > 0, finite zero_point and qmin < qmax, got scale ",
+              scale, ", zero_point ", zero_point, ", qmin ", qmin, ", qmax ", qmax);
 }
 
 void check_dequantize_args(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,

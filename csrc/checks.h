@@ -20,6 +20,9 @@ void check_multipoint_weight(const char* op, const at::Tensor& codes, const at::
 void check_bias_and_act(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& bias,
                         const c10::optional<at::Tensor>& act_qparams, int64_t out_channels);
 
+// The values of act_qparams once on the host: finite, scale > 0, qmin < qmax.
+void check_act_qparams_values(const char* op, double scale, double zero_point, double qmin, double qmax);
+
 // Every argument of mpq::dequantize_multipoint / multipoint_linear / multipoint_conv2d, on any
 // backend; the input must live on the device of codes, act_qparams there or on the CPU.
 void check_dequantize_args(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,

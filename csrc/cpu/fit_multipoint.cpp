@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fit_multipoint_cpu(const at::Tens
   kernels::GreedyFitOptions options;
   options.bits = static_cast<int>(bits);
   options.max_points = static_cast<int>(max_points);
-  options.exact = exact;
+  options.exact = kernels::use_exact_solver(exact, D, static_cast<int>(bits));
   int8_t* codes_ptr = codes.data_ptr<int8_t>();
   float* scales_ptr = scales.data_ptr<float>();
   float* errors_ptr = sq_errors.data_ptr<float>();

@@ -14,14 +14,13 @@ at::ScalarType compute_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-at::Tensor fake_quantize_activation(const at::Tensor& input, const c10::optional<at::Tensor>& act_qparams) {
+at::Tensor fake_quantize_activation(const char* op, const at::Tensor& input,
+                                    const c10::optional<at::Tensor>& act_qparams) {
   if (!act_qparams.has_value()) return input;
   const auto p = act_qparams->to(at::kCPU, at::kDouble);
   const double* v = p.data_ptr<double>();
   const double scale = v[0], zero_point = v[1], qmin = v[2], qmax = v[3];
-  TORCH_CHECK(scale > 0.0 && std::isfinite(scale) && qmin < qmax,
-              "mpq: expected act_qparams with scale > 0 and qmin < qmax, got scale ", scale, ", qmin ", qmin,
-              ", qmax ", qmax);
+  check_act_qparams_values(op, scale, zero_point, qmin, qmax);
   // NB: x / scale rather than x * (1 / scale): the float64 reference divides too.
   return at::clamp(at::round(input / scale) + zero_point, qmin, qmax).sub_(zero_point).mul_(scale);
 }
@@ -50,7 +49,7 @@ at::Tensor multipoint_linear_cpu(const at::Tensor& input, const at::Tensor& code
   const auto w = dequantize_multipoint_cpu(codes, scales, num_points, input.scalar_type());
   c10::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->to(input.scalar_type());
-  return at::linear(fake_quantize_activation(input, act_qparams), w, b);
+  return at::linear(fake_quantize_activation("mpq::multipoint_linear", input, act_qparams), w, b);
 }
 
 at::Tensor multipoint_conv2d_cpu(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
@@ -61,7 +60,7 @@ at::Tensor multipoint_conv2d_cpu(const at::Tensor& input, const at::Tensor& code
   const auto w = dequantize_multipoint_cpu(codes, scales, num_points, input.scalar_type());
   c10::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->to(input.scalar_type());
-  return at::conv2d(fake_quantize_activation(input, act_qparams), w, b, stride, padding, dilation, groups);
+  return at::conv2d(fake_quantize_activation("mpq::multipoint_conv2d", input, act_qparams), w, b, stride, padding, dilation, groups);
 }
 
 }  // namespace mpq

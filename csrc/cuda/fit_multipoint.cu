@@ -597,6 +597,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fit_multipoint_cuda(const at::Ten
   check_fit_multipoint_args(weight, bits, max_points);
   TORCH_CHECK(weight.is_cuda(), "mpq::fit_multipoint: expected weight on a CUDA device, got ", weight.device());
   const int K = (1 << (bits - 1)) - 1;
+  exact = mpq::kernels::use_exact_solver(exact, weight.size(1), static_cast<int>(bits));  // as on the CPU
   TORCH_CHECK(!exact || weight.size(1) * K <= INT_MAX,
               "mpq::fit_multipoint: the exact CUDA solver sorts D * (2^(bits-1) - 1) breakpoints per row, at most ",
               INT_MAX, "; got D = ", weight.size(1), " at ", bits, " bits (use exact=False or the CPU)");

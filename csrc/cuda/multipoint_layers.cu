@@ -130,10 +130,7 @@ at::Tensor fake_quantize_activation(const char* op, const at::Tensor& input,
     qp = act_qparams->contiguous();
     const float* v = qp.data_ptr<float>();
     std::copy(v, v + 4, params.host);
-    const double scale = v[0], qmin = v[2], qmax = v[3];
-    TORCH_CHECK(scale > 0.0 && std::isfinite(scale) && qmin < qmax,
-                "mpq: expected act_qparams with scale > 0 and qmin < qmax, got scale ", scale, ", qmin ", qmin,
-                ", qmax ", qmax);
+    check_act_qparams_values(op, v[0], v[1], v[2], v[3]);
   } else {  // on the input's device (check_bias_and_act)
     qp = act_qparams->contiguous();
     params.device = qp.data_ptr<float>();
