@@ -10,6 +10,8 @@ load_ops_library()
 
 from mpq import assets, nn, ops  # noqa: E402
 from mpq.config import PRESETS, QuantConfig  # noqa: E402
+from mpq.io import load, save  # noqa: E402
+from mpq.plots import plot_allocation  # noqa: E402
 from mpq.quantize import QuantReport, last_report, quantize  # noqa: E402
 from mpq.summary import model_size_bytes, summary  # noqa: E402
 
@@ -22,9 +24,12 @@ __all__ = [
     "build_info",
     "last_report",
     "library_path",
+    "load",
     "model_size_bytes",
     "nn",
     "ops",
+    "plot_allocation",
     "quantize",
+    "save",
     "summary",
 ]
