@@ -256,3 +256,23 @@ def test_same_seed_gives_bit_identical_state_and_global_rng_is_untouched():
     assert torch.equal(torch.get_rng_state(), rng)
     b = mpq.quantize(model, calib, mpq.QuantConfig(seed=3))
     assert _state_hash(a) == _state_hash(b)
+
+
+def test_output_refit_never_increases_the_output_error():
+    from mpq.allocate import output_errors
+    from mpq.calibrate import LayerStats
+    from mpq.refit import refit_scales
+
+    g = torch.Generator().manual_seed(5)
+    C, D, P = 24, 40, 3
+    w = torch.randn(C, D, generator=g)
+    X = torch.randn(512, 1, D, generator=g) * torch.linspace(0.1, 3, D)  # anisotropic inputs
+    stats = LayerStats(gram=torch.einsum("ngd,nge->gde", X.double(), X.double()) / 512, samples=None,
+                       act_values=torch.zeros(1), act_min=0.0, act_max=0.0, order=0)
+    codes, scales, _ = mpq.ops.fit_multipoint(w, 3, P, True)
+    counts = torch.randint(1, P + 1, (C,), generator=g, dtype=torch.int32)
+    before = output_errors(w, codes, scales, stats, 1)[torch.arange(C), counts.long() - 1]
+    new = refit_scales(w, codes, scales, counts, stats, 1, "output")
+    after = output_errors(w, codes, new, stats, 1)[torch.arange(C), counts.long() - 1]
+    assert (after <= before * (1 + 1e-6)).all()
+XX
