@@ -23,6 +23,7 @@ _FIRST_LAST = ("same", "8bit", "float")
 _ACT_RANGES = ("mse", "percentile", "minmax")
 _SENSITIVITIES = ("fisher", "relative")
 _RTN_RANGES = ("minmax", "mse")
+_SCALE_REFITS = ("output", "weight", "none")
 _ILP_ROUNDINGS = ("rtn", "gptq")
 
 
@@ -47,6 +48,10 @@ class QuantConfig:
     for convolutions) give the second moment H = E[x x^T] of the layer's input: accumulated over
     all batches when the row length D <= ``calib_samples`` (memory D^2 per group), else a uniform
     sample of ``calib_samples`` rows is kept. Either way memory does not grow with the data set.
+
+    ``scale_refit`` (multipoint methods): once the points per channel are allocated, re-solve each
+    channel's scales jointly by least squares on the layer-output error (``"output"``, with the
+    calibration H), on the weight error (``"weight"``), or keep the greedy scales (``"none"``).
 
     ``verify``: after quantizing, run one calibration batch through the kernels and through a
     plain-PyTorch float simulation of the same quantized model, and raise if they disagree.
@@ -82,6 +87,7 @@ class QuantConfig:
     method: str = "multipoint"
     rtn_range: str = "minmax"
     exact_fit: bool = False
+    scale_refit: str = "output"
     verify: bool = True
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
@@ -123,6 +129,7 @@ class QuantConfig:
             ("first_last", _FIRST_LAST),
             ("act_range", _ACT_RANGES),
             ("rtn_range", _RTN_RANGES),
+            ("scale_refit", _SCALE_REFITS),
         ):
             if getattr(self, name) not in allowed:
                 fail(name, f"to be one of {allowed}")

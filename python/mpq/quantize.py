@@ -18,6 +18,7 @@ from mpq.config import QuantConfig
 from mpq.fold import _set_submodule, fold_batchnorm
 from mpq.methods import LayerContext, corrected_bias, get_method
 from mpq.nn import MultipointConv2d, MultipointLinear
+from mpq.refit import refit_scales
 from mpq.simulate import check_simulation
 
 logger = logging.getLogger("mpq")
@@ -195,6 +196,9 @@ def quantize(
             wq = (kept[:, :, None] * codes.double().cpu()).sum(1)
             base = new_bias if new_bias is not None else t.module.bias
             new_bias = corrected_bias(t.weight_matrix().cpu(), wq, base, stats[t.name].mean)
+        if method.multipoint and cfg.scale_refit != "none":
+            scales = refit_scales(t.weight_matrix().float(), codes, scales, n, stats[t.name], t.groups, cfg.scale_refit)
+            errors[t.name].errors = output_errors(t.weight_matrix().float().cpu(), codes.cpu(), scales.cpu(), stats[t.name], t.groups)
         q = _build_module(t, points, bits, has_bias=new_bias is not None or t.module.bias is not None)
         q.set_weight(
             codes.reshape(q.codes.shape).to(q.codes.device),
