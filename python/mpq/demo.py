@@ -1,5 +1,5 @@
-"""The offline demo (README command 1): EfficientNet-Lite0 in FP32, RTN W4A8 and multipoint
-W4A8, compared on real photos.
+"""The offline demo (README command 1): EfficientNet-Lite0 in FP32, and RTN and multipoint at
+W4A8 and weight-only W3 (multipoint at w_bits + 0.5 bits per weight), compared on real photos.
 
 Calibration: seeded random crops and flips of the bundled photos. Evaluation: the 20 labelled
 ImageNet photos (top-1) plus the center crops of the bundled photos (top-1 agreement and KL
@@ -59,6 +59,8 @@ def run_demo(configs: Optional[Dict[str, QuantConfig]] = None, json_path: Option
         configs = {
             "RTN W4A8": QuantConfig.preset("W4A8", method="rtn", seed=seed),
             "multipoint W4A8": QuantConfig.preset("W4A8", seed=seed),
+            "RTN W3A16": QuantConfig.preset("W3A16", method="rtn", seed=seed),
+            "multipoint W3A16": QuantConfig.preset("W3A16", seed=seed),
         }
     model = assets.load_efficientnet_lite0()
     data = load_demo_data(seed=seed)
