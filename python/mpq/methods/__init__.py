@@ -8,6 +8,11 @@ single-point methods return P = 1. New methods register with ``@register``.
 from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, available, get_method, register
 from mpq.methods.multipoint import MultipointQuantizer
 from mpq.methods.rtn import RTNQuantizer
+from mpq.methods.gptq import GPTQQuantizer
+from mpq.methods.adaround import AdaRoundQuantizer
+from mpq.methods.ocs import OCSQuantizer
+from mpq.methods.ilp import ILPQuantizer
+from mpq.methods.bias_correction import corrected_bias
 
 __all__ = [
     "FittedWeight",
@@ -15,6 +20,11 @@ __all__ = [
     "WeightQuantizer",
     "MultipointQuantizer",
     "RTNQuantizer",
+    "GPTQQuantizer",
+    "AdaRoundQuantizer",
+    "OCSQuantizer",
+    "ILPQuantizer",
+    "corrected_bias",
     "available",
     "get_method",
     "register",

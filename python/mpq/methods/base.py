@@ -30,6 +30,7 @@ class FittedWeight:
     codes: torch.Tensor  # int8 [C, P, D]
     scales: torch.Tensor  # float32 [C, P]
     bias: Optional[torch.Tensor] = None  # replaces the layer's bias when not None
+    num_points: Optional[torch.Tensor] = None  # int32 [C]: points in use, for one-point methods that need more (OCS)
 
 
 class WeightQuantizer:

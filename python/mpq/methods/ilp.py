@@ -1,0 +1,161 @@
+"""Integer-programming bit allocation (Hubara, Nahshan, Hanani, Banner, Soudry, "Accurate Post
+Training Quantization With Small Calibration Sets", ICML 2021 (AdaQuant / CalibTIP), section 4;
+Yao et al., "HAWQ-V3: Dyadic Neural Network Quantization", ICML 2021, section 3.3).
+
+Every layer l gets one bit width b from ``config.ilp_bits`` (default {2, 3, 4, 8}); the choice
+minimises the summed sensitivity sum_l Omega_l(b_l) under a size budget, solved exactly as a
+0-1 integer program with ``scipy.optimize.milp`` (HiGHS): one binary x_lb per layer and width,
+sum_b x_lb = 1 per layer, sum_lb size_lb x_lb <= budget.
+
+- Omega_l(b) = sum_j s_lj (w_j - w_j^(b))^T H_l (w_j - w_j^(b)): the layer-output error of the
+  layer quantized at b bits (round to nearest, or GPTQ with ``config.ilp_rounding="gptq"``),
+  weighted per output channel exactly like the multipoint allocation (``allocate.py``): the Fisher
+  sensitivity of the model's output to the channel (``config.sensitivity="fisher"``) or
+  1 / the layer's output energy (``"relative"``). CalibTIP measures the loss increase of each
+  layer quantized alone and HAWQ-V3 a Hessian trace times the weight perturbation; both are
+  second-order estimates of the same loss increase as this one.
+- size_lb = C_l (D_l b + scale_bits) bits (codes and one scale per output channel), budget =
+  ``config.budget_bits`` (``avg_bits``, default ``w_bits + 0.5``) times the weights of the layers
+  in the program: the same accounting as the multipoint budget, so both run at equal size. Layers
+  pinned to 8 bits by ``first_last="8bit"`` are outside the program, as they are outside the
+  multipoint budget.
+
+``mpq.quantize`` calls ``choose_bits`` before fitting (the per-layer bits hook), then ``fit`` at
+the chosen width; the fits made for the program are reused.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, register
+from mpq.methods.gptq import gptq_fit
+from mpq.methods.uniform import channel_scales, layer_hessian, round_to_grid, weighted_error
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mpq.calibrate import LayerStats, QuantTarget
+    from mpq.config import QuantConfig
+
+logger = logging.getLogger("mpq")
+
+__all__ = ["ILPQuantizer", "solve_bit_allocation"]
+
+
+def solve_bit_allocation(costs: np.ndarray, sizes: np.ndarray, budget: int) -> List[int]:
+    """The exact solution of min sum_l costs[l, c_l] subject to sum_l sizes[l, c_l] <= budget.
+
+    Args:
+        costs (float [L, B]): cost of each layer at each choice.
+        sizes (int [L, B]): size in bits of each layer at each choice.
+        budget: total bits allowed.
+
+    Returns:
+        the chosen column c_l of every layer. If even the smallest choices exceed the budget, the
+        smallest size of every layer (with a warning).
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    costs = np.asarray(costs, dtype=np.float64)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    L, B = costs.shape
+    if sizes.shape != (L, B):
+        raise ValueError(f"mpq.methods.ilp: expected sizes {costs.shape}, got {sizes.shape}")
+    budget = int(budget)
+    smallest = sizes.argmin(axis=1)
+    if int(sizes.min(axis=1).sum()) > budget:
+        logger.warning(
+            "mpq: the smallest bit widths already need %d bits, above the budget of %d; every layer takes its smallest width",
+            int(sizes.min(axis=1).sum()), budget,
+        )
+        return smallest.tolist()
+    # Normalised costs keep HiGHS's absolute tolerances meaningful whatever the error scale.
+    scale = float(np.abs(costs).max()) or 1.0
+    one_per_layer = LinearConstraint(np.kron(np.eye(L), np.ones(B)), 1, 1)
+    within_budget = LinearConstraint(sizes.reshape(1, -1).astype(np.float64), -np.inf, budget)
+    res = milp(
+        (costs / scale).ravel(),
+        integrality=np.ones(L * B),
+        bounds=Bounds(0, 1),
+        constraints=[one_per_layer, within_budget],
+        options={"mip_rel_gap": 0.0},
+    )
+    if res.x is None:
+        raise RuntimeError(f"mpq.methods.ilp: the bit-allocation program failed: {res.message}")
+    choice = res.x.reshape(L, B).argmax(axis=1)
+    if int(sizes[np.arange(L), choice].sum()) > budget:  # tolerance of the solver; never seen
+        raise RuntimeError("mpq.methods.ilp: the solver's allocation exceeds the budget")
+    return choice.tolist()
+
+
+def _rtn_fit(w: torch.Tensor, bits: int, rule: str) -> FittedWeight:
+    scale = channel_scales(w, bits, rule)
+    codes = round_to_grid(w.double(), scale, bits).to(torch.int8)
+    return FittedWeight(codes[:, None, :].cpu(), scale.float()[:, None].cpu())
+
+
+@register
+class ILPQuantizer(WeightQuantizer):
+    """Per-layer bit widths from an exact integer program, then round to nearest (or GPTQ)."""
+
+    name = "ilp"
+
+    def __init__(self) -> None:
+        self._fits: Dict[Tuple[str, int], FittedWeight] = {}
+        self.chosen: Dict[str, int] = {}
+        self.program: Dict[str, Dict[int, float]] = {}  # layer -> bits -> weighted output error
+
+    def _fit(self, name: str, w: torch.Tensor, stats: "LayerStats", groups: int, bits: int, config: "QuantConfig") -> FittedWeight:
+        key = (name, bits)
+        if key not in self._fits:
+            if config.ilp_rounding == "gptq":
+                self._fits[key] = gptq_fit(w, stats, groups, bits, config)
+            else:
+                self._fits[key] = _rtn_fit(w, bits, config.rtn_range)
+        return self._fits[key]
+
+    def choose_bits(
+        self,
+        targets: Sequence["QuantTarget"],
+        stats: Dict[str, "LayerStats"],
+        config: "QuantConfig",
+        sensitivity: Optional[Dict[str, torch.Tensor]] = None,
+    ) -> Dict[str, int]:
+        """Bits per layer name for the layers in the program (role "inner")."""
+        layers = [t for t in targets if t.role == "inner"]
+        if not layers:
+            return {}
+        widths = sorted(config.ilp_bits)
+        costs = np.zeros((len(layers), len(widths)))
+        sizes = np.zeros((len(layers), len(widths)), dtype=np.int64)
+        total_weights = 0
+        for i, t in enumerate(layers):
+            w = t.weight_matrix().float().cpu()
+            C, D = w.shape
+            total_weights += C * D
+            H = layer_hessian(stats[t.name], t.groups)
+            if sensitivity is not None and t.name in sensitivity:
+                sens = sensitivity[t.name].double().cpu()
+            else:
+                sens = torch.full((C,), 1.0 / max(float(weighted_error(w, H).sum()), 1e-30), dtype=torch.float64)
+            self.program[t.name] = {}
+            for k, b in enumerate(widths):
+                fit = self._fit(t.name, w, stats[t.name], t.groups, b, config)
+                wq = fit.scales[:, 0].double()[:, None] * fit.codes[:, 0].double()
+                costs[i, k] = float((sens * weighted_error(w - wq, H)).sum())
+                sizes[i, k] = C * (D * b + config.scale_bits)
+                self.program[t.name][b] = costs[i, k]
+        budget = int(np.floor(config.budget_bits * total_weights + 1e-6))
+        choice = solve_bit_allocation(costs, sizes, budget)
+        self.chosen = {t.name: widths[c] for t, c in zip(layers, choice)}
+        used = int(sizes[np.arange(len(layers)), choice].sum())
+        logger.info(
+            "mpq: ilp bits per layer %s, %.3f bits per weight (budget %.3f)",
+            {b: sum(1 for v in self.chosen.values() if v == b) for b in widths}, used / total_weights, config.budget_bits,
+        )
+        return dict(self.chosen)
+
+    def fit(self, ctx: LayerContext) -> FittedWeight:
+        return self._fit(ctx.target.name, ctx.weight.float().cpu(), ctx.stats, ctx.target.groups, ctx.bits, ctx.config)
