@@ -1,0 +1,113 @@
+"""Quantizes EfficientNet-Lite0 with mpq, saves it as TorchScript for mpq_deploy (C++), with an
+input and Python's output on it, and prints Python's top-5 for comparison.
+
+    python examples/cpp_deploy/export_model.py --out build/deploy-example
+    # -> build/deploy-example/efficientnet_lite0_mpq.pt   the quantized model (TorchScript)
+    #    build/deploy-example/input.pt                    buffers `input` [1, 3, 224, 224] and `output` [1, 1000]
+
+Calibration: seeded random crops of the bundled photos (mpq.demo.load_demo_data); the input is
+the first labelled ImageNet photo, preprocessed like ImageNet evaluation. Works offline with
+the assets of ASSETS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import mpq
+from mpq import assets
+from mpq.demo import load_demo_data
+
+
+class TensorFile(nn.Module):
+    """Named buffers in a TorchScript module: what C++ reads with torch::jit::load, no Python."""
+
+    def __init__(self, **tensors: torch.Tensor):
+        super().__init__()
+        for name, t in tensors.items():
+            # NB: clone: a slice of a batch would save the whole batch's storage.
+            self.register_buffer(name, t.detach().cpu().clone())
+
+
+def to_torchscript(qmodel: nn.Module, example: torch.Tensor, how: str) -> torch.jit.ScriptModule:
+    """torch.jit.script where the model allows it; else torch.jit.trace on ``example``.
+
+    NB: the efficientnet_lite_pytorch model is not scriptable (its blocks keep their arguments
+    in a namedtuple that TorchScript cannot compile, in FP32 too), so it is traced: the mpq ops
+    record into the trace like aten ops, and the 'same' padding of its convolutions is fixed
+    for the input size traced (224 x 224).
+    """
+    if how in ("auto", "script"):
+        try:
+            return torch.jit.script(qmodel)
+        except Exception as e:  # TorchScript raises several types for unsupported Python
+            if how == "script":
+                raise
+            first = str(e).strip().splitlines()
+            print(f"torch.jit.script failed ({first[0].rstrip(':.') if first else type(e).__name__}); tracing instead")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return torch.jit.trace(qmodel, example, check_trace=False)
+
+
+def print_top5(title: str, logits: torch.Tensor) -> None:
+    p, i = torch.softmax(logits.float(), 1).topk(5, 1)
+    print(f"{title}:")
+    for j in range(5):
+        print(f"  {j + 1}. class {int(i[0, j]):4d}  p = {float(p[0, j]):.4f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("build/deploy-example"), help="output directory")
+    parser.add_argument("--config", default="W4A8", help="mpq preset (W4A8, W4A16, W3A16, W2A16, W8A8)")
+    parser.add_argument("--calib-images", type=int, default=64, help="calibration crops (default 64)")
+    parser.add_argument("--torchscript", choices=("auto", "script", "trace"), default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # torch 2.14 marks TorchScript deprecated on every call; it is still what LibTorch loads.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    model = assets.load_efficientnet_lite0()
+    data = load_demo_data(calib_images=args.calib_images, seed=args.seed)
+    x = data.eval_images[:1].clone()  # the first labelled ImageNet photo
+    label = int(data.labels[0])
+    qmodel = mpq.quantize(model, data.calib_batches, mpq.QuantConfig.preset(args.config, seed=args.seed))
+    report = mpq.last_report(qmodel)
+    t_quant = time.perf_counter() - t0
+
+    scripted = to_torchscript(qmodel, x, args.torchscript)
+    model_path = args.out / "efficientnet_lite0_mpq.pt"
+    scripted.save(str(model_path))
+    # Python's output from the saved file: what the C++ program loads.
+    loaded = torch.jit.load(str(model_path))
+    with torch.no_grad():
+        y = loaded(x)
+        y_fp32 = model(x)
+        y_eager = qmodel(x)
+    input_path = args.out / "input.pt"
+    torch.jit.script(TensorFile(input=x, output=y)).save(str(input_path))
+
+    print(f"mpq {args.config}: {len(report.layers)} layers, {report.avg_bits:.2f} bits per weight, quantized in {t_quant:.1f}s")
+    print(f"wrote {model_path} ({model_path.stat().st_size / 1e6:.1f} MB) and {input_path} (input {tuple(x.shape)})")
+    print(f"ops library: {mpq.library_path()}")
+    print(f"input: the first labelled ImageNet photo, label {label}")
+    print_top5(f"Python top-5 (mpq {args.config}, saved TorchScript)", y)
+    print_top5("Python top-5 (FP32)", y_fp32)
+    rel = float((y - y_eager).abs().max() / y_eager.abs().max())
+    print(f"saved TorchScript vs eager quantized model: max relative difference {rel:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
