@@ -91,8 +91,8 @@ class QuantConfig:
     verify: bool = True
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
-    adaround_iters: int = 1000
-    adaround_lr: float = 1e-2
+    adaround_iters: int = 500
+    adaround_lr: float = 5e-2
     adaround_lambda: float = 0.01
     ocs_expand_ratio: float = 0.05
     ocs_split_threshold: float = 0.5
