@@ -191,14 +191,14 @@ def quantize(
         codes, scales, bits, points, energy, new_bias, own_points = fitted[t.name]
         C, D = t.weight_matrix().shape
         n = counts.get(t.name, own_points.cpu() if own_points is not None else torch.ones(C, dtype=torch.int32))
-        if cfg.bias_correction:  # hook: on the weight each channel finally keeps
+        if method.multipoint and cfg.scale_refit != "none":
+            scales = refit_scales(t.weight_matrix().float(), codes, scales, n, stats[t.name], t.groups, cfg.scale_refit)
+            errors[t.name].errors = output_errors(t.weight_matrix().float().cpu(), codes.cpu(), scales.cpu(), stats[t.name], t.groups)
+        if cfg.bias_correction:  # on the weight each channel finally keeps (after the refit)
             kept = (torch.arange(points)[None, :] < n[:, None]).double() * scales.double().cpu()
             wq = (kept[:, :, None] * codes.double().cpu()).sum(1)
             base = new_bias if new_bias is not None else t.module.bias
             new_bias = corrected_bias(t.weight_matrix().cpu(), wq, base, stats[t.name].mean)
-        if method.multipoint and cfg.scale_refit != "none":
-            scales = refit_scales(t.weight_matrix().float(), codes, scales, n, stats[t.name], t.groups, cfg.scale_refit)
-            errors[t.name].errors = output_errors(t.weight_matrix().float().cpu(), codes.cpu(), scales.cpu(), stats[t.name], t.groups)
         q = _build_module(t, points, bits, has_bias=new_bias is not None or t.module.bias is not None)
         q.set_weight(
             codes.reshape(q.codes.shape).to(q.codes.device),
