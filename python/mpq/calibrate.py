@@ -10,7 +10,7 @@ import fnmatch
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from mpq.nn.modules import same_padding
 
 logger = logging.getLogger("mpq")
 
-__all__ = ["QuantTarget", "LayerStats", "find_targets", "calibrate", "collect_batches"]
+__all__ = ["QuantTarget", "LayerStats", "CalibrationBatches", "find_targets", "calibrate", "collect_batches"]
 
 ACT_SAMPLE_SIZE = 16384
 # Input rows drawn from each calibration batch, per layer.
@@ -100,18 +100,38 @@ def find_targets(model: nn.Module, config: QuantConfig) -> Tuple[List[QuantTarge
     return targets, skipped
 
 
-def collect_batches(calib_loader: Iterable, max_batches: int, device: Optional[torch.device]) -> List[torch.Tensor]:
-    """The first ``max_batches`` inputs of the loader (tensors, or the first element of
-    (input, target) pairs), checked and moved to ``device``."""
-    if isinstance(calib_loader, torch.Tensor) or not hasattr(calib_loader, "__iter__"):
-        raise TypeError(
-            f"mpq.quantize: expected calib_loader to be an iterable of tensors or (input, target) pairs, "
-            f"got {type(calib_loader).__name__}"
-        )
-    batches: List[torch.Tensor] = []
-    for i, item in enumerate(calib_loader):
-        if i >= max_batches:
-            break
+_END = object()
+
+
+class CalibrationBatches:
+    """The calibration inputs, read in one pass over ``calib_loader`` as they are needed: each
+    batch (a tensor, or the first element of an (input, target) pair) is checked and moved to
+    ``device`` when it is reached. Only the first ``keep`` batches are held (``batches[i]`` and
+    ``batches[:k]`` index them, for BatchNorm folding, sensitivity and the simulation check);
+    iterating yields every batch once, so the inputs held never exceed ``keep`` batches."""
+
+    def __init__(self, calib_loader: Iterable, max_batches: int, keep: int, device: Optional[torch.device]):
+        if isinstance(calib_loader, torch.Tensor) or not hasattr(calib_loader, "__iter__"):
+            raise TypeError(
+                f"mpq.quantize: expected calib_loader to be an iterable of tensors or (input, target) pairs, "
+                f"got {type(calib_loader).__name__}"
+            )
+        self._items = iter(calib_loader)
+        self._max_batches = max_batches
+        self._keep = max(1, keep)
+        self._device = device
+        self.read = 0  # batches taken from the loader so far
+        self.kept: List[torch.Tensor] = []
+        if self._next() is None:  # the first batch, read now: an empty loader fails before any work
+            raise ValueError("mpq.quantize: calib_loader yielded no batches")
+
+    def _next(self) -> Optional[torch.Tensor]:
+        if self.read >= self._max_batches:
+            return None
+        item = next(self._items, _END)
+        if item is _END:
+            return None
+        i = self.read
         x = item[0] if isinstance(item, (tuple, list)) and len(item) > 0 else item
         if not isinstance(x, torch.Tensor):
             raise TypeError(
@@ -119,14 +139,38 @@ def collect_batches(calib_loader: Iterable, max_batches: int, device: Optional[t
                 f"batch {i} is {type(item).__name__}"
                 + (f" whose first element is {type(x).__name__}" if x is not item else "")
             )
-        if not x.is_floating_point():
-            raise TypeError(f"mpq.quantize: expected floating calibration inputs, batch {i} has dtype {x.dtype}")
+        if x.dtype == torch.bool or x.is_complex():  # integers are token ids (embedding models)
+            raise TypeError(f"mpq.quantize: expected calib_loader to yield floating or integer inputs, batch {i} has dtype {x.dtype}")
+        if x.numel() == 0:
+            raise ValueError(f"mpq.quantize: calib_loader batch {i} is empty (shape {tuple(x.shape)})")
         if not torch.isfinite(x).all():
-            raise ValueError(f"mpq.quantize: calibration batch {i} contains NaN or inf")
-        batches.append(x.to(device) if device is not None else x)
-    if not batches:
-        raise ValueError("mpq.quantize: calib_loader yielded no batches")
-    return batches
+            raise ValueError(f"mpq.quantize: calib_loader batch {i} contains NaN or inf")
+        x = x.to(self._device) if self._device is not None else x
+        self.read += 1
+        if len(self.kept) < self._keep:
+            self.kept.append(x)
+        return x
+
+    def __getitem__(self, index):
+        return self.kept[index]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        done = 0
+        while True:
+            x = self.kept[done] if done < len(self.kept) else self._next()
+            if x is None:
+                return
+            done += 1
+            yield x
+
+
+
+def collect_batches(
+    calib_loader: Iterable, max_batches: int, device: Optional[torch.device], keep: int = 1
+) -> CalibrationBatches:
+    """The first ``max_batches`` inputs of the loader, read lazily, of which the first ``keep``
+    stay in memory (see ``CalibrationBatches``). Reads and checks the first batch now."""
+    return CalibrationBatches(calib_loader, max_batches, keep, device)
 
 
 class _Reservoir:
@@ -202,7 +246,7 @@ class _Recorder:
         self.row_sum = row_sum if self.row_sum is None else self.row_sum + row_sum
         self.row_count += rows.shape[0]
         if self.use_gram:
-            r = rows.transpose(0, 1)  # [groups, n, D]
+            r = rows.transpose(0, 1).contiguous()  # [groups, n, D]
             g = torch.bmm(r.transpose(1, 2), r).double()  # float32 products, float64 running sum
             self.gram = g if self.gram is None else self.gram + g
             self.count += rows.shape[0]
@@ -261,16 +305,28 @@ def sample_patches(x: torch.Tensor, target: QuantTarget, count: int, generator: 
 
 
 def calibrate(
-    model: nn.Module, targets: List[QuantTarget], batches: List[torch.Tensor], config: QuantConfig, generator: torch.Generator
+    model: nn.Module, targets: List[QuantTarget], batches: Iterable[torch.Tensor], config: QuantConfig, generator: torch.Generator
 ) -> Dict[str, LayerStats]:
-    """Run the calibration batches once with hooks on every target layer."""
+    """Run the calibration batches once with hooks on every target layer (one pass: ``batches``
+    may be a stream such as ``CalibrationBatches``)."""
     counter = [0]
     recorders = {t.name: _Recorder(t, config.calib_samples, generator, counter) for t in targets}
     handles = [t.module.register_forward_pre_hook(recorders[t.name]) for t in targets]
     try:
         with torch.no_grad():
-            for x in batches:
-                model(x)
+            for i, x in enumerate(batches):
+                try:
+                    model(x)
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                    if str(e).startswith("mpq"):  # mpq's own checks (NaN or inf in a layer's input) name themselves
+                        raise
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    raise ValueError(
+                        f"mpq.quantize: the model fails on calib_loader batch {i} (input {tuple(x.shape)} {x.dtype}): "
+                        f"{type(e).__name__}: {first}"
+                    ) from e
     finally:
         for h in handles:
             h.remove()
@@ -284,42 +340,91 @@ def calibrate(
     return stats
 
 
+def _float_tensors(output) -> List[torch.Tensor]:
+    """The floating tensors in a model's output (a tensor, or nested tuples, lists and dicts)."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for o in output for t in _float_tensors(o)]
+    return []
+
+
+def _is_logits(output) -> bool:
+    """[N, classes] floating rows that are not all of unit L2 norm (normalised rows are embeddings)."""
+    if not isinstance(output, torch.Tensor) or output.dim() != 2 or not output.is_floating_point():
+        return False
+    norms = output.detach().double().norm(dim=1)
+    return not bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-4))
+
+
 def fisher_sensitivity(
-    model: nn.Module, targets: List[QuantTarget], batches: List[torch.Tensor]
+    model: nn.Module,
+    targets: List[QuantTarget],
+    batches: List[torch.Tensor],
+    output: str = "auto",
+    generator: Optional[torch.Generator] = None,
 ) -> Optional[Dict[str, torch.Tensor]]:
     """Per output channel of every target: the mean over samples of the summed (over positions)
-    squared gradient of the cross-entropy to the model's own top-1 prediction with respect to the
-    layer's output (an empirical diagonal Fisher). None when the model's output is not [N, classes]
-    logits."""
+    squared gradient, with respect to the layer's output, of the log-likelihood of an output model
+    (a diagonal Fisher information): how much an error in that channel moves the model's output.
+
+    - ``output="logits"`` (``"auto"`` for [N, classes] outputs): the cross-entropy to the model's
+      own top-1 prediction (the empirical Fisher of a classifier).
+    - ``output="gaussian"`` (``"auto"`` for any other output: embeddings, e.g. [N, D] rows of unit
+      norm, token states, tuples or dicts of tensors): the Fisher of a Gaussian output model
+      N(y, I). Its score for a target y' = y + v drawn from the model is J^T v with v ~ N(0, I), so
+      back-propagating ``sum(y * v)`` for one v per batch (from ``generator``) gives an unbiased
+      estimate of diag(J^T J), the Gauss-Newton diagonal of the squared output error
+      ||y_q - y||^2 (for unit-norm embeddings 2 - 2 cos(y_q, y)).
+
+    Layers whose input carries no gradient (integer token ids through an embedding) are handled:
+    their output is made a leaf that requires grad. Gradients at padding tokens are zero when the
+    model masks them out of its output. None when the output has no floating tensor.
+    """
+    if output not in ("auto", "logits", "gaussian"):
+        raise ValueError(f"mpq.fisher_sensitivity: expected output to be 'auto', 'logits' or 'gaussian', got {output!r}")
     sums = {t.name: None for t in targets}
     count = 0
 
     def make_hook(name, channel_dim):
-        def hook(module, args, output):
+        def hook(module, args, out):
             def grad_hook(g):
                 dims = [d for d in range(g.dim()) if d != channel_dim % g.dim()]
                 s = g.detach().double().pow(2).sum(dim=dims)
                 sums[name] = s if sums[name] is None else sums[name] + s
 
-            if output.requires_grad:
-                output.register_hook(grad_hook)
+            if not out.requires_grad:  # nothing upstream needs a gradient: start the graph here
+                out = out.detach().requires_grad_(True)
+            out.register_hook(grad_hook)
+            return out
 
         return hook
 
     handles = [t.module.register_forward_hook(make_hook(t.name, -1 if t.kind == "linear" else 1)) for t in targets]
     requires = {p: p.requires_grad for p in model.parameters()}
+    kind = None if output == "auto" else output
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         for x in batches:
-            x = x.detach().clone().requires_grad_(True)
             with torch.enable_grad():
-                logits = model(x)
-                if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+                y = model(x.detach())
+                ys = _float_tensors(y)
+                if not ys:
                     return None
-                labels = logits.detach().argmax(dim=1)
-                loss = F.cross_entropy(logits, labels, reduction="sum")
-                loss.backward()
+                if kind is None:
+                    kind = "logits" if _is_logits(y) else "gaussian"
+                if kind == "logits":
+                    if not (isinstance(y, torch.Tensor) and y.dim() == 2 and y.is_floating_point()):
+                        raise ValueError(f"mpq.fisher_sensitivity: output='logits' needs [N, classes] outputs, got {type(y).__name__}")
+                    loss = F.cross_entropy(y, y.detach().argmax(dim=1), reduction="sum")
+                else:
+                    v = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in ys]
+                    loss = sum((t * r).sum() for t, r in zip(ys, v))
+                if loss.requires_grad:
+                    loss.backward()
             count += x.shape[0]
     finally:
         for h in handles:

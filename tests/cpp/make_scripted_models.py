@@ -30,6 +30,9 @@ from torch import nn
 import mpq
 from mpq import assets
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+from small_models import randomize_batchnorm  # noqa: E402  (tests/python/small_models.py)
+
 
 class _Block(nn.Module):
     """conv-BN-ReLU, grouped conv-BN, plus a shortcut (identity, or strided 1x1 conv-BN)."""
@@ -66,13 +69,7 @@ def small_resnet() -> nn.Module:
     """SmallResNet with seeded weights and non-trivial BatchNorm statistics."""
     torch.manual_seed(0)
     model = SmallResNet()
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    randomize_batchnorm(model)
     return model.eval()
 
 

@@ -17,14 +17,7 @@ from mpq import assets, cli
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """NB: one intra-op thread: on a busy 2-core machine OpenMP's spinning threads make the many
-    small ops of calibration ~10x slower; results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 def _env():

@@ -9,36 +9,10 @@ from torch import nn
 
 import mpq
 from mpq import assets
+from small_models import randomize_batchnorm, small_cnn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """NB: one intra-op thread: on a busy 2-core machine OpenMP's spinning threads make the many
-    small ops of calibration ~10x slower; results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _small_cnn(out_features: int = 10, linear_bias: bool = True, first_kernel: int = 3) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, first_kernel, padding=first_kernel // 2, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
-        nn.Conv2d(16, 32, 3, stride=2, groups=4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, out_features, bias=linear_bias),
-    ).eval()
-
-
-def _randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
@@ -65,7 +39,7 @@ def small_quantized():
     out = {}
     for key, (cfg, linear_bias) in CASES.items():
         torch.manual_seed(0)
-        model = _randomize_bn(_small_cnn(linear_bias=linear_bias))
+        model = randomize_batchnorm(small_cnn(linear_bias=linear_bias))
         calib = [torch.randn(8, 3, 16, 16) for _ in range(2)]
         out[key] = (mpq.quantize(model, calib, mpq.QuantConfig(**cfg)), linear_bias)
     return out
@@ -77,7 +51,7 @@ def test_small_cnn_round_trip_is_bit_exact(small_quantized, tmp_path, case):
     path = tmp_path / "small.mpq.safetensors"
     mpq.save(qmodel, path)
     torch.manual_seed(123)  # a fresh float model with other weights: every tensor must come from the file
-    fresh = _small_cnn(linear_bias=linear_bias)
+    fresh = small_cnn(linear_bias=linear_bias)
     loaded = mpq.load(path, fresh)
     # the user's float model is left alone
     assert isinstance(fresh[1], nn.BatchNorm2d) and type(fresh[3]) is nn.Conv2d
@@ -110,7 +84,7 @@ def test_torchscript_is_the_architecture_free_format(small_quantized, tmp_path):
     with torch.no_grad():
         assert torch.equal(scripted(x), qmodel(x))
     with pytest.raises(ValueError, match="mpq.load: .*TorchScript archive.*without model"):
-        mpq.load(path, _small_cnn())
+        mpq.load(path, small_cnn())
 
 
 def test_efficientnet_lite0_round_trip_is_bit_exact(tmp_path):
@@ -166,14 +140,14 @@ def _untouched(model: nn.Module) -> bool:
 def test_newer_format_version_is_refused(saved):
     _rewrite_metadata(saved, lambda m: m.update(format_version=mpq.io.FORMAT_VERSION + 1, mpq_version="9.0"))
     with pytest.raises(ValueError, match=r"mpq.load: .*written by a newer mpq \(9.0, file format version 2\).*upgrade"):
-        mpq.load(saved, _small_cnn())
+        mpq.load(saved, small_cnn())
 
 
 @pytest.mark.parametrize("keep", [0, 5, 8, 40, -1, -100])
 def test_truncated_file_is_refused(saved, keep):
     data = saved.read_bytes()
     saved.write_bytes(data[:keep] if keep >= 0 else data[:keep])
-    model = _small_cnn()
+    model = small_cnn()
     with pytest.raises(ValueError, match=r"mpq.load: .*(truncated|not an mpq file)"):
         mpq.load(saved, model)
     assert _untouched(model)
@@ -186,13 +160,13 @@ def test_corrupted_json_header_is_refused(saved):
     data[start : start + 4] = b"#\x00}["  # same length, no longer JSON
     saved.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"mpq.load: .*JSON header is corrupted"):
-        mpq.load(saved, _small_cnn())
+        mpq.load(saved, small_cnn())
 
 
 def test_corrupted_metadata_and_tensor_data_are_refused(saved, tmp_path):
     _rewrite_metadata(saved, lambda m: m["layers"]["3"].update(kernel_size="3x3"))
     with pytest.raises(ValueError, match=r"mpq.load: layer '3': expected kernel_size to be list"):
-        mpq.load(saved, _small_cnn())
+        mpq.load(saved, small_cnn())
     # one flipped bit in the tensor data
     good = tmp_path / "good.mpq.safetensors"
     mpq.save(_quantized_tiny(), good)
@@ -200,12 +174,12 @@ def test_corrupted_metadata_and_tensor_data_are_refused(saved, tmp_path):
     data[-3] ^= 0x10
     good.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"mpq.load: .*tensor data is corrupted \(checksum"):
-        mpq.load(good, _small_cnn())
+        mpq.load(good, small_cnn())
 
 
 def _quantized_tiny() -> nn.Module:
     torch.manual_seed(0)
-    return mpq.quantize(_small_cnn(), [torch.randn(4, 3, 12, 12)], mpq.QuantConfig(method="rtn"))
+    return mpq.quantize(small_cnn(), [torch.randn(4, 3, 12, 12)], mpq.QuantConfig(method="rtn"))
 
 
 def test_not_an_mpq_file_is_refused(tmp_path):
@@ -214,13 +188,13 @@ def test_not_an_mpq_file_is_refused(tmp_path):
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.ones(2)}, str(plain))
     with pytest.raises(ValueError, match=r"mpq.load: .*not an mpq file \(a safetensors file without mpq metadata\)"):
-        mpq.load(plain, _small_cnn())
+        mpq.load(plain, small_cnn())
     text = tmp_path / "notes.txt"
     text.write_text("hello, this is not a model at all")
     with pytest.raises(ValueError, match=r"mpq.load: .*not an mpq file"):
-        mpq.load(text, _small_cnn())
+        mpq.load(text, small_cnn())
     with pytest.raises(ValueError, match=r"mpq.load: .*no such file"):
-        mpq.load(tmp_path / "missing.mpq.safetensors", _small_cnn())
+        mpq.load(tmp_path / "missing.mpq.safetensors", small_cnn())
     with pytest.raises(ValueError, match=r"mpq.load: .*saved without an architecture; pass the float model"):
         mpq.save(_quantized_tiny(), tmp_path / "q.mpq.safetensors")
         mpq.load(tmp_path / "q.mpq.safetensors")
@@ -228,31 +202,31 @@ def test_not_an_mpq_file_is_refused(tmp_path):
 
 def test_mismatched_model_is_refused_and_left_untouched(saved):
     # a multipoint layer of another shape
-    other = _small_cnn(out_features=12)
+    other = small_cnn(out_features=12)
     with pytest.raises(ValueError, match=r"mpq.load: layer '10' is Linear\(32, 12\) in the model but the file has a linear 32 -> 10"):
         mpq.load(saved, other)
     assert _untouched(other)
     # a float layer (the ignored first conv) of another shape
-    other = _small_cnn(first_kernel=5)
+    other = small_cnn(first_kernel=5)
     with pytest.raises(ValueError, match=r"mpq.load: .*does not fit the model \(other shapes or dtypes: 0.weight: file \(16, 3, 3, 3\)"):
         mpq.load(saved, other)
     assert _untouched(other)
     # tensors missing from the file
-    other = _small_cnn()
+    other = small_cnn()
     other.register_buffer("extra", torch.zeros(3))
     with pytest.raises(ValueError, match=r"mpq.load: .*tensors missing from the file: 'extra'"):
         mpq.load(saved, other)
     # a model without the file's layer
     with pytest.raises(ValueError, match=r"mpq.load: the file has a multipoint layer '10' that the model lacks"):
-        mpq.load(saved, _small_cnn()[:9])
+        mpq.load(saved, small_cnn()[:9])
     # a float model of a different dtype
     with pytest.raises(ValueError, match=r"mpq.load: .*other shapes or dtypes: 0.weight: .*torch.float64"):
-        mpq.load(saved, _small_cnn().double())
+        mpq.load(saved, small_cnn().double())
 
 
 def test_save_refuses_a_float_model(tmp_path):
     with pytest.raises(ValueError, match="mpq.save: qmodel has no multipoint layer"):
-        mpq.save(_small_cnn(), tmp_path / "x.mpq.safetensors")
+        mpq.save(small_cnn(), tmp_path / "x.mpq.safetensors")
     with pytest.raises(ValueError, match="mpq.save: expected architecture"):
         mpq.save(_quantized_tiny(), tmp_path / "x.mpq.safetensors", architecture="my_model")
     assert not (tmp_path / "x.mpq.safetensors").exists()
@@ -279,4 +253,4 @@ def test_plot_allocation_writes_a_sane_png(small_quantized, tmp_path):
         assert abs(sum(fractions) - 1) < 1e-9
     assert abs(data["avg_bits"] - mpq.last_report(qmodel).avg_bits) < 1e-6
     with pytest.raises(ValueError, match="mpq.plot_allocation: qmodel has no multipoint layer"):
-        mpq.plot_allocation(_small_cnn(), tmp_path / "none.png")
+        mpq.plot_allocation(small_cnn(), tmp_path / "none.png")

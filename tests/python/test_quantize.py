@@ -12,6 +12,7 @@ from torch import nn
 
 import mpq
 from mpq import assets
+from small_models import randomize_batchnorm, small_cnn
 from mpq.allocate import LayerErrors, allocate_points
 from mpq.demo import fidelity, load_demo_data
 from mpq.fold import fold_batchnorm
@@ -25,31 +26,12 @@ def _state_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _small_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
-        nn.Conv2d(16, 32, 3, stride=2, groups=4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
-    ).eval()
-
-
-def _randomize_bn(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
 # ---- BN folding --------------------------------------------------------------------------------
 
 
 def test_fold_batchnorm_resnet18_keeps_the_output():
     model = torchvision.models.resnet18(weights=None).eval()
-    _randomize_bn(model)
+    randomize_batchnorm(model)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = model(x).double()
@@ -66,8 +48,8 @@ def test_fold_batchnorm_resnet18_keeps_the_output():
 
 
 def _quantize_small(config, **kw):
-    model = _small_cnn()
-    _randomize_bn(model)
+    model = small_cnn()
+    randomize_batchnorm(model)
     calib = [torch.randn(8, 3, 16, 16) for _ in range(3)]
     return model, mpq.quantize(model, calib, config, **kw), calib
 
@@ -101,8 +83,8 @@ def test_script_save_load_gives_identical_outputs():
 
 
 def test_input_model_is_untouched_and_inplace_modifies():
-    model = _small_cnn()
-    _randomize_bn(model)
+    model = small_cnn()
+    randomize_batchnorm(model)
     model.train()
     before = _state_hash(model)
     params = [id(p) for p in model.parameters()]
@@ -173,7 +155,7 @@ def test_config_validation_and_presets():
 
 
 def test_ignored_layers_stay_float_and_are_reported(caplog):
-    model = _small_cnn()
+    model = small_cnn()
     with caplog.at_level("WARNING", logger="mpq"):
         q = mpq.quantize(model, [torch.randn(4, 3, 16, 16)], mpq.QuantConfig(ignore=("10",)))
     assert isinstance(q[10], nn.Linear)
@@ -182,7 +164,7 @@ def test_ignored_layers_stay_float_and_are_reported(caplog):
 
 
 def test_user_mistakes_raise_before_work():
-    model = _small_cnn()
+    model = small_cnn()
     with pytest.raises(ValueError, match="calib_loader yielded no batches"):
         mpq.quantize(model, [])
     with pytest.raises(TypeError, match="calib_loader to yield tensors"):
@@ -248,8 +230,8 @@ def test_simulation_equals_deployment_and_a_broken_kernel_is_caught():
 
 
 def test_same_seed_gives_bit_identical_state_and_global_rng_is_untouched():
-    model = _small_cnn()
-    _randomize_bn(model)
+    model = small_cnn()
+    randomize_batchnorm(model)
     calib = [torch.randn(8, 3, 16, 16) for _ in range(2)]
     rng = torch.get_rng_state()
     a = mpq.quantize(model, calib, mpq.QuantConfig(seed=3))
