@@ -44,10 +44,15 @@ class QuantConfig:
     (``"same"``), with one 8-bit point and 8-bit activations (``"8bit"``, outside the budget), or
     kept in float (``"float"``). ``ignore``: fnmatch patterns of module names kept in float.
 
-    Calibration: at most ``calib_batches`` batches. Per layer, random input rows (im2col patches
-    for convolutions) give the second moment H = E[x x^T] of the layer's input: accumulated over
-    all batches when the row length D <= ``calib_samples`` (memory D^2 per group), else a uniform
-    sample of ``calib_samples`` rows is kept. Either way memory does not grow with the data set.
+    Calibration: at most ``calib_batches`` batches, read in one pass over the loader. Only the
+    first ``max(1, sensitivity_batches)`` input batches stay in memory (BatchNorm folding, the
+    Fisher sensitivity and the ``verify`` check reuse them); every later batch is dropped once it
+    has run through the model, so held inputs never exceed that many batches, whatever
+    ``calib_batches``. Per layer, random input rows (im2col patches for convolutions) give the
+    second moment H = E[x x^T] of the layer's input: accumulated over all batches when the row
+    length D <= ``calib_samples`` (memory D^2 per group), else a uniform sample of
+    ``calib_samples`` rows is kept, plus a sample of 16384 input values for the activation range.
+    Either way memory does not grow with ``calib_batches`` or the data set.
 
     ``scale_refit`` (multipoint methods): once the points per channel are allocated, re-solve each
     channel's scales jointly by least squares on the layer-output error (``"output"``, with the
@@ -139,6 +144,8 @@ class QuantConfig:
             fail("method", f"to be one of {available()}")
         if isinstance(self.ignore, str):
             self.ignore = (self.ignore,)
+        if not isinstance(self.ignore, (tuple, list)):
+            fail("ignore", "to be a tuple of module-name patterns (str)")
         self.ignore = tuple(self.ignore)
         if not all(isinstance(p, str) for p in self.ignore):
             fail("ignore", "to be a tuple of module-name patterns (str)")
@@ -151,6 +158,8 @@ class QuantConfig:
             if not isinstance(getattr(self, name), bool):
                 fail(name, "to be a bool")
         self._check_methods(fail, is_int)
+        if not is_int(self.version) or self.version < 1:
+            fail("version", "to be an int >= 1")
         if self.version > CONFIG_VERSION:
             fail("version", f"<= {CONFIG_VERSION} (written by a newer mpq)")
 
@@ -197,6 +206,9 @@ class QuantConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "QuantConfig":
         """A preset by name ("W4A8", "W4A16", "W3A16", "W2A16", "W8A8") with field overrides."""
+        if not isinstance(name, str):
+            raise TypeError(f"mpq.QuantConfig.preset: expected name to be a preset name (str), got {type(name).__name__}")
+        cls._check_field_names("mpq.QuantConfig.preset", overrides)
         key = name.upper()
         if key not in PRESETS:
             raise ValueError(f"mpq.QuantConfig.preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
@@ -218,7 +230,15 @@ class QuantConfig:
         )
 
     def replace(self, **changes: Any) -> "QuantConfig":
+        """A validated copy with some fields changed."""
+        self._check_field_names("mpq.QuantConfig.replace", changes)
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def _check_field_names(cls, where: str, d: Dict[str, Any]) -> None:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -228,10 +248,9 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "QuantConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"mpq.QuantConfig.from_dict: unknown fields {sorted(unknown)}")
+        if not isinstance(d, dict):
+            raise TypeError(f"mpq.QuantConfig.from_dict: expected d to be a dict of QuantConfig fields, got {type(d).__name__}")
+        cls._check_field_names("mpq.QuantConfig.from_dict", d)
         d = dict(d)
         if "ignore" in d:
             d["ignore"] = tuple(d["ignore"])

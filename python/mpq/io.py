@@ -172,6 +172,15 @@ def build_architecture(spec: str) -> nn.Module:
 # ---- save ----------------------------------------------------------------------------------------
 
 
+def check_output_path(where: str, path: PathLike) -> None:
+    """A file path whose folder exists, checked before any work."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{where}: expected path to be a str or os.PathLike, got {type(path).__name__}")
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{where}: expected path in an existing folder, {folder} does not exist")
+
+
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     t = t.detach().cpu().contiguous()
     return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
@@ -215,6 +224,7 @@ def save(
         raise TypeError(f"mpq.save: expected qmodel to be a torch.nn.Module, got {type(qmodel).__name__}")
     if isinstance(qmodel, torch.jit.ScriptModule):
         raise TypeError("mpq.save: qmodel is a TorchScript module; save it with its own .save(path)")
+    check_output_path("mpq.save", path)
     layers = {name: layer_spec(m) for name, m in qmodel.named_modules() if isinstance(m, _MultipointBase)}
     if not layers:
         raise ValueError("mpq.save: qmodel has no multipoint layer; expected the output of mpq.quantize")
@@ -397,6 +407,8 @@ def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
             ``model`` (missing or unexpected tensors, other shapes or dtypes); ``model`` is then
             left untouched.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"mpq.load: expected path to be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"mpq.load: {path}: no such file")

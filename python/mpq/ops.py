@@ -88,6 +88,25 @@ def multipoint_conv2d(
 # ---- fake kernels: shapes and dtypes only, for tracing -------------------------------------
 
 
+def _check_one_device(op: str, input: Optional[torch.Tensor], codes: torch.Tensor, scales: torch.Tensor,
+                      num_points: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                      act_qparams: Optional[torch.Tensor] = None) -> None:
+    """The device rule of the C++ checks. NB: a meta tensor among CPU tensors dispatches here,
+    to the fake kernel, which would otherwise return an uninitialised CPU tensor."""
+    named = [("codes", codes), ("scales", scales), ("num_points", num_points), ("input", input), ("bias", bias)]
+    devices = {name: t.device for name, t in named if t is not None}
+    torch._check(
+        len(set(devices.values())) == 1,
+        lambda: f"{op}: expected every tensor argument on one device, got "
+        + ", ".join(f"{name} on {d}" for name, d in devices.items()),
+    )
+    if act_qparams is not None:
+        torch._check(
+            act_qparams.device.type == "cpu" or act_qparams.device == codes.device,
+            lambda: f"{op}: expected act_qparams on the CPU or on {codes.device}, got {act_qparams.device}",
+        )
+
+
 @torch.library.register_fake("mpq::fit_multipoint")
 def _fit_multipoint_fake(weight, bits, max_points, exact):
     torch._check(weight.dim() == 2, lambda: "mpq::fit_multipoint: expected weight to be 2-D [C, D]")
@@ -101,17 +120,20 @@ def _fit_multipoint_fake(weight, bits, max_points, exact):
 
 @torch.library.register_fake("mpq::dequantize_multipoint")
 def _dequantize_multipoint_fake(codes, scales, num_points, dtype):
+    _check_one_device("mpq::dequantize_multipoint", None, codes, scales, num_points)
     return codes.new_empty((codes.shape[0], *codes.shape[2:]), dtype=dtype)
 
 
 @torch.library.register_fake("mpq::multipoint_linear")
 def _multipoint_linear_fake(input, codes, scales, num_points, bias, act_qparams):
+    _check_one_device("mpq::multipoint_linear", input, codes, scales, num_points, bias, act_qparams)
     torch._check(input.shape[-1] == codes.shape[2], lambda: "mpq::multipoint_linear: input and codes disagree on D")
     return input.new_empty((*input.shape[:-1], codes.shape[0]))
 
 
 @torch.library.register_fake("mpq::multipoint_conv2d")
 def _multipoint_conv2d_fake(input, codes, scales, num_points, bias, act_qparams, stride, padding, dilation, groups):
+    _check_one_device("mpq::multipoint_conv2d", input, codes, scales, num_points, bias, act_qparams)
     N, _, H, W = input.shape
     kh, kw = codes.shape[3], codes.shape[4]
     oh = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1

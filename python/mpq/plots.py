@@ -38,8 +38,12 @@ def plot_allocation(qmodel: nn.Module, path: PathLike, title: Optional[str] = No
     Returns the plotted data: ``{"layers": [...], "fractions": [[...]], "bits_per_weight": [...],
     "avg_bits": float}``.
     """
+    from mpq.io import check_output_path
     from mpq.nn.modules import _MultipointBase
 
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"mpq.plot_allocation: expected qmodel to be a torch.nn.Module, got {type(qmodel).__name__}")
+    check_output_path("mpq.plot_allocation", path)
     names: List[str] = []
     fractions: List[List[float]] = []
     bpw: List[float] = []

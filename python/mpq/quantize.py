@@ -99,7 +99,8 @@ def quantize(
     Args:
         model: an ``nn.Module``; left untouched unless ``inplace=True``.
         calib_loader: iterable of input tensors or (input, target) pairs; at most
-            ``config.calib_batches`` batches are used.
+            ``config.calib_batches`` batches are used, read in one pass, and only the first
+            ``max(1, config.sensitivity_batches)`` of them are held in memory.
         config: a preset name ("W4A8", "W4A16", "W3A16", "W2A16", "W8A8"), a ``QuantConfig`` or a dict.
         device: where to calibrate and fit (default: the model's device).
 
@@ -109,13 +110,24 @@ def quantize(
     cfg = QuantConfig.from_any(config)
     if not isinstance(model, nn.Module):
         raise TypeError(f"mpq.quantize: expected model to be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"mpq.quantize: expected inplace to be a bool, got {type(inplace).__name__}")
     params = list(model.parameters())
+    inferred = device is None
     if device is None:
         device = params[0].device if params else torch.device("cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"mpq.quantize: expected device to be a torch.device or a device string, got {device!r} ({e})") from None
+    if device.type == "meta":
+        raise ValueError(
+            "mpq.quantize: expected device to hold data, got the meta device"
+            + (" (where the model's parameters are: load its weights first)" if inferred else "")
+        )
     report = QuantReport(cfg)
     t_start = time.perf_counter()
-    batches = collect_batches(calib_loader, cfg.calib_batches, device)
+    batches = collect_batches(calib_loader, cfg.calib_batches, device, keep=cfg.sensitivity_batches)
 
     # The trial search for quantizable layers runs on the user's model without touching it.
     targets, skipped = find_targets(model, cfg)
@@ -125,15 +137,20 @@ def quantize(
             + (f"; kept in float: {skipped}" if skipped else "")
         )
     for name, p in model.named_parameters():
+        if p.is_meta:
+            raise ValueError(f"mpq.quantize: parameter {name!r} of model is on the meta device (it holds no values)")
         if not torch.isfinite(p).all():
-            raise ValueError(f"mpq.quantize: parameter {name!r} contains NaN or inf")
+            raise ValueError(f"mpq.quantize: parameter {name!r} of model contains NaN or inf")
 
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval().to(device)
-    report.folded_batchnorms = len(fold_batchnorm(qmodel, batches[0][: min(2, batches[0].shape[0])]))
     targets, skipped = find_targets(qmodel, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
+    # Calibrate (the one pass over the loader, which checks every batch) before folding
+    # BatchNorm, so that a bad batch leaves even an inplace model's weights as they were. Folding
+    # keeps every layer's input (the BN follows the conv) and the conv modules themselves.
     stats = calibrate(qmodel, targets, batches, cfg, generator)
+    report.folded_batchnorms = len(fold_batchnorm(qmodel, batches[0][: min(2, batches[0].shape[0])]))
     targets = sorted((t for t in targets if t.name in stats), key=lambda t: stats[t.name].order)
     if cfg.first_last != "same" and len(targets) >= 2:
         targets[0].role, targets[-1].role = "first", "last"

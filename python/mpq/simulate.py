@@ -61,9 +61,14 @@ def simulate(qmodel: nn.Module) -> nn.Module:
 
 def check_simulation(qmodel: nn.Module, example: torch.Tensor, rtol: float = 1e-4) -> float:
     """Run ``example`` through the kernels and through ``simulate(qmodel)``; raise if the outputs
-    differ by more than ``rtol`` (relative L2). Returns the measured difference."""
+    differ by more than ``rtol`` (relative L2), or by more than 16 units of rounding of the least
+    precise floating dtype among ``example`` and the model's parameters (float16 and bfloat16
+    models: the kernels dequantize in float32, the simulation in the model's dtype). Returns the
+    measured difference."""
     from mpq.fold import _relative_error
 
+    dtypes = [t.dtype for t in [example, *qmodel.parameters()] if t.is_floating_point()]
+    rtol = max([rtol] + [16 * torch.finfo(d).eps for d in dtypes])
     with torch.no_grad():
         deployed = qmodel(example)
         simulated = simulate(qmodel)(example)

@@ -14,7 +14,11 @@ __all__ = ["summary", "model_size_bytes"]
 
 def summary(qmodel: nn.Module) -> str:
     """Layer, shape (C_out x D), bit width, channels per point count, bits per weight and output
-    SQNR on calibration data, for every multipoint layer; then the layers left in float."""
+    SQNR on calibration data, for every multipoint layer; then the layers left in float, with
+    their type: every module with a weight of two or more dimensions (Conv2d and Linear that were
+    ignored, and layer types mpq does not quantize, such as Conv1d or Embedding)."""
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"mpq.summary: expected qmodel to be a torch.nn.Module, got {type(qmodel).__name__}")
     rows: List[List[str]] = []
     total_bits = total_weights = 0.0
     floats = []
@@ -29,8 +33,8 @@ def summary(qmodel: nn.Module) -> str:
             sqnr = "-" if math.isnan(m.output_sqnr_db) else f"{m.output_sqnr_db:.1f}"
             kind = "conv" if m.codes.dim() == 5 else "linear"
             rows.append([name, kind, f"{C}x{D}", str(m.w_bits), "/".join(map(str, hist)), f"{bpw:.2f}", sqnr])
-        elif isinstance(m, (nn.Conv2d, nn.Linear)):
-            floats.append(name)
+        elif isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2:
+            floats.append(f"{name} ({type(m).__name__})")
     header = ["layer", "type", "C x D", "bits", "channels with 1/2/.. points", "bits/weight", "SQNR dB"]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731

@@ -5,6 +5,7 @@ State (buffers): ``codes`` (int8[C, P, ...]), ``scales`` (float32[C, P]), ``num_
 qmin, qmax, or None for float activations). The forward is one ``torch.ops.mpq`` call, so the
 module runs under TorchScript and in C++ with the ops library.
 """
+import math
 from typing import List, Optional
 
 import torch
@@ -27,6 +28,10 @@ def same_padding(x: torch.Tensor, kernel_size: List[int], stride: List[int], dil
 
 class _MultipointBase(nn.Module):
     def __init__(self, out_channels: int, max_points: int, code_shape: List[int], w_bits: int, bias: bool):
+        name = type(self).__name__
+        for arg, value, lo, hi in (("w_bits", w_bits, 2, 8), ("max_points", max_points, 1, 64)):
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise ValueError(f"{name}: expected {arg} to be an int in {lo}..{hi} (as mpq::fit_multipoint), got {value!r}")
         super().__init__()
         self.w_bits = w_bits
         self.max_points = max_points
@@ -43,26 +48,78 @@ class _MultipointBase(nn.Module):
     def set_weight(
         self, codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, bias: Optional[torch.Tensor]
     ) -> None:
-        """Load a fitted multipoint weight; codes beyond a channel's count are zeroed."""
-        if codes.shape != self.codes.shape or scales.shape != self.scales.shape:
-            raise ValueError(
-                f"{type(self).__name__}.set_weight: expected codes {tuple(self.codes.shape)} and scales "
-                f"{tuple(self.scales.shape)}, got {tuple(codes.shape)} and {tuple(scales.shape)}"
-            )
-        keep = torch.arange(self.max_points, device=codes.device)[None, :] < num_points.to(codes.device)[:, None]
+        """Load a fitted multipoint weight; codes beyond a channel's count are zeroed.
+
+        Args:
+            codes (Tensor[C, P, ...], int8), scales (Tensor[C, P], floating, finite),
+            num_points (Tensor[C], integer in 0..P), bias (Tensor[C], floating, finite, or None).
+            Any device and layout: the values are copied into the module's buffers.
+        """
+        self._check_weight(codes, scales, num_points, bias)
+        num_points = num_points.to(codes.device)
+        keep = torch.arange(self.max_points, device=codes.device)[None, :] < num_points[:, None]
         shape = list(keep.shape) + [1] * (codes.dim() - 2)
+        scales = scales.to(codes.device)
         self.codes.copy_(torch.where(keep.view(shape), codes, torch.zeros_like(codes)))
         self.scales.copy_(torch.where(keep, scales, torch.zeros_like(scales)))
         self.num_points.copy_(num_points.to(torch.int32))
         if bias is not None:
-            if self.bias is None:
-                raise ValueError(f"{type(self).__name__}.set_weight: the module was built without a bias")
             self.bias.copy_(bias.detach().to(torch.float32))
 
+    def _check_weight(
+        self, codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> None:
+        """set_weight's argument checks, all before any buffer changes."""
+        where = f"{type(self).__name__}.set_weight"
+        C = self.codes.shape[0]
+        for arg, value in (("codes", codes), ("scales", scales), ("num_points", num_points), ("bias", bias)):
+            if not isinstance(value, torch.Tensor) and not (arg == "bias" and value is None):
+                raise TypeError(f"{where}: expected {arg} to be a tensor, got {type(value).__name__}")
+        if codes.dtype != torch.int8:
+            raise TypeError(f"{where}: expected codes to be int8, got {codes.dtype}")
+        if not scales.is_floating_point():
+            raise TypeError(f"{where}: expected scales to be a floating tensor, got {scales.dtype}")
+        if num_points.is_floating_point() or num_points.is_complex() or num_points.dtype == torch.bool:
+            raise TypeError(f"{where}: expected num_points to be an integer tensor, got {num_points.dtype}")
+        if codes.shape != self.codes.shape or scales.shape != self.scales.shape:
+            raise ValueError(
+                f"{where}: expected codes {tuple(self.codes.shape)} and scales "
+                f"{tuple(self.scales.shape)}, got {tuple(codes.shape)} and {tuple(scales.shape)}"
+            )
+        if tuple(num_points.shape) != (C,):
+            raise ValueError(f"{where}: expected num_points of shape ({C},), got {tuple(num_points.shape)}")
+        if C and not (0 <= int(num_points.min()) and int(num_points.max()) <= self.max_points):
+            raise ValueError(
+                f"{where}: expected num_points in 0..{self.max_points}, got values in "
+                f"{int(num_points.min())}..{int(num_points.max())}"
+            )
+        if not bool(torch.isfinite(scales).all()):
+            raise ValueError(f"{where}: scales contains NaN or inf")
+        if bias is not None:
+            if self.bias is None:
+                raise ValueError(f"{where}: the module was built without a bias; expected bias None")
+            if not bias.is_floating_point():
+                raise TypeError(f"{where}: expected bias to be a floating tensor, got {bias.dtype}")
+            if tuple(bias.shape) != (C,):
+                raise ValueError(f"{where}: expected bias of shape ({C},), got {tuple(bias.shape)}")
+            if not bool(torch.isfinite(bias).all()):
+                raise ValueError(f"{where}: bias contains NaN or inf")
+
     def set_act_qparams(self, scale: float, zero_point: int, qmin: int, qmax: int) -> None:
-        """Per-tensor fake quantization of the input: clamp(round(x / scale) + zp, qmin, qmax)."""
-        if not scale > 0:
-            raise ValueError(f"{type(self).__name__}.set_act_qparams: expected scale > 0, got {scale}")
+        """Per-tensor fake quantization of the input: clamp(round(x / scale) + zp, qmin, qmax).
+
+        ``scale`` a finite number > 0; ``zero_point``, ``qmin``, ``qmax`` integers with
+        qmin < qmax and qmin <= zero_point <= qmax."""
+        where = f"{type(self).__name__}.set_act_qparams"
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < math.inf):
+            raise ValueError(f"{where}: expected scale to be a finite number > 0, got {scale!r}")
+        for arg, value in (("zero_point", zero_point), ("qmin", qmin), ("qmax", qmax)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{where}: expected {arg} to be an int, got {value!r}")
+        if not qmin < qmax:
+            raise ValueError(f"{where}: expected qmin < qmax, got qmin {qmin}, qmax {qmax}")
+        if not qmin <= zero_point <= qmax:
+            raise ValueError(f"{where}: expected zero_point in qmin..qmax ({qmin}..{qmax}), got {zero_point}")
         self.act_qparams = torch.tensor(
             [scale, zero_point, qmin, qmax], dtype=torch.float32, device=self.scales.device
         )
