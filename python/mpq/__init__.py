@@ -8,8 +8,9 @@ from mpq._loader import build_info, library_path, load_ops_library
 
 load_ops_library()
 
-from mpq import assets, nn, ops  # noqa: E402
+from mpq import assets, integer, nn, ops  # noqa: E402
 from mpq.config import PRESETS, QuantConfig  # noqa: E402
+from mpq.integer import integer_only  # noqa: E402
 from mpq.io import load, save  # noqa: E402
 from mpq.plots import plot_allocation  # noqa: E402
 from mpq.quantize import QuantReport, last_report, quantize  # noqa: E402
@@ -22,6 +23,8 @@ __all__ = [
     "QuantConfig",
     "QuantReport",
     "build_info",
+    "integer",
+    "integer_only",
     "last_report",
     "library_path",
     "load",
