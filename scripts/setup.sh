@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up mpq on a fresh Debian machine with Python 3.11: system packages (Catch2, the bundled
-# photos), a virtual environment with the pinned torch, and mpq built from source (CMake).
+# photos, Fashion-MNIST), a virtual environment with the pinned torch, and mpq built from source (CMake).
 # Idempotent: a second run only rebuilds what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,7 @@ need_apt=()
 [ -f /usr/include/catch2/catch.hpp ] || [ -f /usr/include/catch2/catch_test_macros.hpp ] || need_apt+=(catch2)
 [ -d /usr/lib/python3/dist-packages/skimage/data ] || need_apt+=(python3-skimage)
 [ -d /usr/lib/python3/dist-packages/sklearn/datasets/images ] || need_apt+=(python3-sklearn)
+[ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   echo "== apt-get install ${need_apt[*]}"
