@@ -3,6 +3,10 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <string>
+#include <vector>
+
+#include "kernels/packed_layout.h"
 
 namespace mpq {
 
@@ -122,6 +126,143 @@ void check_multipoint_conv2d_args(const at::Tensor& input, const at::Tensor& cod
                   padding[1] >= 0,
               op, ": expected stride >= 1, dilation >= 1 and padding >= 0, got stride ", stride, ", padding ",
               padding, ", dilation ", dilation);
+}
+
+// ---- the packed weight ----------------------------------------------------------------------------
+
+void check_pack_multipoint_args(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
+                                int64_t w_bits) {
+  constexpr const char* op = "mpq::pack_multipoint";
+  check_multipoint_weight(op, codes, scales, num_points, 3);
+  TORCH_CHECK(w_bits >= 2 && w_bits <= 8, op, ": expected w_bits in 2..8, got ", w_bits);
+  TORCH_CHECK(codes.size(0) <= (int64_t{1} << 30), op, ": expected at most 2^30 output channels, got ",
+              codes.size(0));
+  if (codes.is_cpu() && codes.numel() > 0 && w_bits <= 4) {
+    // Only the points in use are stored: nibbles hold -8..7.
+    const auto active = (at::arange(codes.size(1), num_points.options()).unsqueeze(0) < num_points.unsqueeze(1))
+                            .unsqueeze(2);
+    const auto used = at::where(active, codes, at::zeros({}, codes.options()));
+    const auto lo = used.min().item<int64_t>(), hi = used.max().item<int64_t>();
+    TORCH_CHECK(lo >= -8 && hi <= 7, op, ": expected codes of the points in use in -8..7 for w_bits = ", w_bits,
+                " (4-bit storage), got values in ", lo, "..", hi);
+  }
+}
+
+void check_packed_weight(const char* op, const at::Tensor& packed, const at::Tensor& packed_scales,
+                         const at::Tensor& perm, const at::Tensor& tile_offsets, int64_t out_features) {
+  using namespace mpq::packed;
+  TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": expected packed to be uint8, got ", packed.scalar_type());
+  TORCH_CHECK(packed.dim() == 3 && (packed.size(2) == slab_bytes(4) || packed.size(2) == slab_bytes(8)), op,
+              ": expected packed of shape [num_blocks, Kp/16, 512 or 1024] (from mpq::pack_multipoint), got ",
+              packed.sizes());
+  TORCH_CHECK(packed_scales.scalar_type() == at::kFloat, op, ": expected packed_scales to be float32, got ",
+              packed_scales.scalar_type());
+  TORCH_CHECK(packed_scales.dim() == 2 && packed_scales.size(0) == packed.size(0) && packed_scales.size(1) == kTileN,
+              op, ": expected packed_scales of shape [", packed.size(0), ", ", kTileN, "], got ",
+              packed_scales.sizes());
+  TORCH_CHECK(perm.scalar_type() == at::kInt, op, ": expected perm to be int32, got ", perm.scalar_type());
+  TORCH_CHECK(perm.dim() == 1 && perm.size(0) % kTileN == 0, op,
+              ": expected perm of shape [num_tiles * 64], got ", perm.sizes());
+  const int64_t num_tiles = perm.size(0) / kTileN;
+  TORCH_CHECK(tile_offsets.scalar_type() == at::kInt, op, ": expected tile_offsets to be int32, got ",
+              tile_offsets.scalar_type());
+  TORCH_CHECK(tile_offsets.dim() == 1 && tile_offsets.size(0) == num_tiles + 1, op,
+              ": expected tile_offsets of shape [", num_tiles + 1, "] (perm has ", num_tiles, " tiles), got ",
+              tile_offsets.sizes());
+  TORCH_CHECK(packed.device() == packed_scales.device() && packed.device() == perm.device() &&
+                  packed.device() == tile_offsets.device(),
+              op, ": expected packed, packed_scales, perm and tile_offsets on one device, got ", packed.device(),
+              ", ", packed_scales.device(), ", ", perm.device(), ", ", tile_offsets.device());
+  TORCH_CHECK(out_features >= 0 && out_features <= perm.size(0), op, ": expected out_features in 0..",
+              perm.size(0), " (perm's rows), got ", out_features);
+  if (tile_offsets.is_cpu()) {
+    const auto off = tile_offsets.contiguous();
+    const int* o = off.data_ptr<int>();
+    int64_t bad = o[0] == 0 ? -1 : 0;
+    for (int64_t t = 0; bad < 0 && t < num_tiles; ++t) {
+      if (o[t + 1] < o[t]) bad = t + 1;
+    }
+    TORCH_CHECK(bad < 0 && o[num_tiles] == packed.size(0), op,
+                ": expected tile_offsets to rise from 0 to num_blocks = ", packed.size(0),
+                " (from mpq::pack_multipoint), got ", bad < 0 ? o[num_tiles] : o[bad], " at index ",
+                bad < 0 ? num_tiles : bad);
+  }
+  if (perm.is_cpu()) {
+    const auto p = perm.contiguous();
+    const int* v = p.data_ptr<int>();
+    std::vector<char> seen(static_cast<size_t>(out_features), 0);
+    int64_t count = 0;
+    for (int64_t r = 0; r < perm.size(0); ++r) {
+      if (v[r] == -1) continue;
+      TORCH_CHECK(v[r] >= 0 && v[r] < out_features && !seen[v[r]], op, ": expected perm to hold every channel 0..",
+                  out_features - 1, " once and -1 for padding rows, got ", v[r], " at row ", r);
+      seen[v[r]] = 1;
+      ++count;
+    }
+    TORCH_CHECK(count == out_features, op, ": expected perm to hold all ", out_features, " channels, got ", count);
+  }
+}
+
+void check_unpack_multipoint_args(const at::Tensor& packed, const at::Tensor& packed_scales, const at::Tensor& perm,
+                                  const at::Tensor& tile_offsets, int64_t out_features, int64_t in_features,
+                                  int64_t max_points) {
+  constexpr const char* op = "mpq::unpack_multipoint";
+  check_packed_weight(op, packed, packed_scales, perm, tile_offsets, out_features);
+  TORCH_CHECK(in_features >= 0 && mpq::packed::padded_k(in_features) == packed.size(1) * mpq::packed::kSlabK, op,
+              ": expected in_features with Kp = ", packed.size(1) * mpq::packed::kSlabK,
+              " (in_features rounded up to a multiple of 64), got in_features = ", in_features);
+  TORCH_CHECK(max_points >= 0, op, ": expected max_points >= 0, got ", max_points);
+  if (tile_offsets.is_cpu() && tile_offsets.size(0) > 1) {
+    const auto most = at::diff(tile_offsets).max().item<int64_t>();
+    TORCH_CHECK(most <= max_points, op, ": expected max_points >= the largest tile's point count ", most,
+                ", got ", max_points);
+  }
+}
+
+PackedKernel check_multipoint_linear_packed_args(const at::Tensor& input, const at::Tensor& packed,
+                                                 const at::Tensor& packed_scales, const at::Tensor& perm,
+                                                 const at::Tensor& tile_offsets, const at::Tensor& row_sums,
+                                                 int64_t out_features, const c10::optional<at::Tensor>& bias,
+                                                 const c10::optional<at::Tensor>& act_qparams,
+                                                 c10::string_view kernel) {
+  constexpr const char* op = "mpq::multipoint_linear_packed";
+  check_packed_weight(op, packed, packed_scales, perm, tile_offsets, out_features);
+  TORCH_CHECK(row_sums.scalar_type() == at::kFloat && row_sums.dim() == 1 && row_sums.size(0) == perm.size(0), op,
+              ": expected row_sums to be float32[", perm.size(0), "], got ", row_sums.scalar_type(), row_sums.sizes());
+  TORCH_CHECK(row_sums.device() == packed.device(), op, ": expected row_sums on ", packed.device(), ", got ",
+              row_sums.device());
+  check_bias_and_act(op, input, bias, act_qparams, out_features);
+  TORCH_CHECK(input.device() == packed.device(), op, ": expected input on ", packed.device(),
+              " with the packed weight, got ", input.device());
+  TORCH_CHECK(input.dim() >= 1 && mpq::packed::padded_k(input.size(-1)) == packed.size(1) * mpq::packed::kSlabK,
+              op, ": expected input [..., D] with D rounded up to a multiple of 64 equal to the packed Kp = ",
+              packed.size(1) * mpq::packed::kSlabK, ", got input shape ", input.sizes());
+  PackedKernel k;
+  if (kernel == "auto") {
+    k = PackedKernel::kAuto;
+  } else if (kernel == "dense") {
+    k = PackedKernel::kDense;
+  } else if (kernel == "gemv") {
+    k = PackedKernel::kGemv;
+  } else if (kernel == "mma") {
+    k = PackedKernel::kMma;
+  } else if (kernel == "int8") {
+    k = PackedKernel::kInt8;
+  } else {
+    TORCH_CHECK(false, op, ": expected kernel to be one of auto, dense, gemv, mma, int8, got '", std::string(kernel),
+                "'");
+  }
+  const auto dt = input.scalar_type();
+  if (k == PackedKernel::kGemv || k == PackedKernel::kMma) {
+    TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, op, ": kernel '", std::string(kernel),
+                "' expects a float16 or bfloat16 input, got ", dt);
+  }
+  if (k == PackedKernel::kInt8) {
+    TORCH_CHECK(act_qparams.has_value(), op, ": kernel 'int8' expects act_qparams (int8 activations), got None");
+    TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op,
+                ": kernel 'int8' expects a float16, bfloat16 or float32 input, got ", dt);
+  }
+  return k;
 }
 
 }  // namespace mpq

@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 namespace mpq {
 
@@ -34,5 +35,35 @@ void check_multipoint_conv2d_args(const at::Tensor& input, const at::Tensor& cod
                                   const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,
                                   const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// ---- the packed weight (csrc/kernels/packed_layout.h) -------------------------------------------
+
+// mpq::pack_multipoint: codes int8[C, P, D], scales, num_points as check_multipoint_weight, w_bits in
+// 2..8; on the CPU also the codes of the points in use within the storage range (-8..7 for w_bits <= 4).
+void check_pack_multipoint_args(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
+                                int64_t w_bits);
+
+// The tensors of a packed weight for op `op`: dtypes, shapes and one device; out_features in
+// 0..num_tiles*64. When tile_offsets and perm live on the CPU, also their values (offsets from 0,
+// non-decreasing, ending at num_blocks; perm a permutation of 0..out_features-1 padded with -1).
+void check_packed_weight(const char* op, const at::Tensor& packed, const at::Tensor& packed_scales,
+                         const at::Tensor& perm, const at::Tensor& tile_offsets, int64_t out_features);
+
+// mpq::unpack_multipoint: the packed weight, in_features matching its Kp, max_points >= every tile's count.
+void check_unpack_multipoint_args(const at::Tensor& packed, const at::Tensor& packed_scales, const at::Tensor& perm,
+                                  const at::Tensor& tile_offsets, int64_t out_features, int64_t in_features,
+                                  int64_t max_points);
+
+// The kernels mpq::multipoint_linear_packed may be asked for.
+enum class PackedKernel { kAuto, kDense, kGemv, kMma, kInt8 };
+
+// Every argument of mpq::multipoint_linear_packed; returns the kernel asked for (its preconditions
+// on dtypes checked: gemv/mma need float16/bfloat16 input, int8 needs act_qparams).
+PackedKernel check_multipoint_linear_packed_args(const at::Tensor& input, const at::Tensor& packed,
+                                                 const at::Tensor& packed_scales, const at::Tensor& perm,
+                                                 const at::Tensor& tile_offsets, const at::Tensor& row_sums,
+                                                 int64_t out_features, const c10::optional<at::Tensor>& bias,
+                                                 const c10::optional<at::Tensor>& act_qparams,
+                                                 c10::string_view kernel);
 
 }  // namespace mpq

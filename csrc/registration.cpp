@@ -59,6 +59,32 @@ TORCH_LIBRARY(mpq, m) {
       "Tensor? bias, Tensor? act_qparams, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups) -> Tensor");
 
+  // The packed weight for the fused kernels (layout: csrc/kernels/packed_layout.h), made once:
+  // channels sorted by point count into tiles of 64 with one count each, 4-bit codes as nibbles
+  // (w_bits <= 4) or int8, laid out as the lanes of a warp load them for mma.sync.
+  // packed uint8[num_blocks, Kp/16, 512 or 1024], packed_scales float32[num_blocks, 64],
+  // perm int32[num_tiles*64] (original channel of each packed row, -1 for padding),
+  // tile_offsets int32[num_tiles+1] (tile t's points are blocks tile_offsets[t]..[t+1]-1),
+  // row_sums float32[num_tiles*64] (sum over k of each dequantized row).
+  m.def(
+      "pack_multipoint(Tensor codes, Tensor scales, Tensor num_points, int w_bits) -> "
+      "(Tensor packed, Tensor packed_scales, Tensor perm, Tensor tile_offsets, Tensor row_sums)");
+
+  // The inverse of pack_multipoint: codes int8[C, max_points, D] (zero beyond each channel's
+  // count), scales float32[C, max_points], num_points int32[C].
+  m.def(
+      "unpack_multipoint(Tensor packed, Tensor packed_scales, Tensor perm, Tensor tile_offsets, "
+      "int out_features, int in_features, int max_points) -> (Tensor codes, Tensor scales, Tensor num_points)");
+
+  // multipoint_linear on a packed weight: fq(input) @ W^T + bias -> [..., out_features], the same
+  // function whichever kernel runs it. kernel: "auto", or on CUDA "dense" (decode, then cuBLAS),
+  // "gemv" / "mma" (fused weight-only, float16/bfloat16 input), "int8" (int8 activations from
+  // act_qparams, int8 tensor cores); the CPU kernel computes every choice with the reference path.
+  m.def(
+      "multipoint_linear_packed(Tensor input, Tensor packed, Tensor packed_scales, Tensor perm, "
+      "Tensor tile_offsets, Tensor row_sums, int out_features, Tensor? bias, Tensor? act_qparams, "
+      "str kernel=\"auto\") -> Tensor");
+
   // Build facts (mpq version, torch version, CUDA kernels and architectures) as a JSON string.
   m.def("_build_info() -> str", &mpq::build_info);
 }

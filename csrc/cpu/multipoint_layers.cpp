@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/multipoint_layers.h"
 
 namespace mpq {
 namespace {

@@ -2,7 +2,7 @@
 // by a small kernel (C * P * D multiply-adds, read once) and the layer runs through ATen (cuBLAS /
 // cuDNN), exactly as the CPU kernels in csrc/cpu/multipoint_layers.cpp do it. The activation fake
 // quantization is one elementwise kernel that reads act_qparams from device memory, so no host
-// synchronisation happens. Fused GEMM kernels are a separate path.
+// synchronisation happens. The fused kernels of the packed weight are csrc/cuda/multipoint_packed.cu.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/conv2d.h>
@@ -20,21 +20,27 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "cuda/act_quant.cuh"
 
 namespace mpq {
+namespace cuda_detail {
+
+int64_t grid_for(int64_t n, int threads) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, int64_t{sms} * 32));
+}
+
+}  // namespace cuda_detail
+
 namespace {
+
+using cuda_detail::ActParams;
+using cuda_detail::compute_t;
 
 constexpr int kThreads = 256;
 
-// float64 stays float64; every other dtype computes in float32 and is rounded at the end.
-template <typename scalar_t>
-using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-int64_t grid_for(int64_t n) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{sms} * 32));
-}
+int64_t grid_for(int64_t n) { return cuda_detail::grid_for(n, kThreads); }
 
 // out[c, s] = sum_{k < num_points[c]} scales[c, k] * codes[c, k, s]. NB: num_points is not
 // range-checked on the device (that would need a host sync): counts are clamped to 0..P.
@@ -56,42 +62,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// IEEE division, as ATen's CPU kernel divides (not a multiplication by the reciprocal).
-__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-
-// (scale, zero_point, qmin, qmax), from device memory when `device` is set, else from `host`.
-struct ActParams {
-  const float* device;
-  float host[4];
-};
-
 // clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point, times scale: each step as its own
-// ATen op on the CPU, that is computed in float32 (float64 for float64) and rounded to the tensor's
-// dtype after every step, true division included. Invalid qparams (scale <= 0 or not finite,
-// qmin >= qmax), which the CPU kernel rejects, give NaN: checking them here would need a sync.
+// ATen op on the CPU (cuda_detail::quant_level), rounded to the tensor's dtype after every step.
+// Invalid qparams (scale <= 0 or not finite, qmin >= qmax), which the CPU kernel rejects, give NaN:
+// checking them here would need a sync.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     fake_quantize_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t n, ActParams params) {
   using op_t = compute_t<scalar_t>;
-  const bool dev = params.device != nullptr;
-  const op_t scale = dev ? params.device[0] : params.host[0];
-  const op_t zero_point = dev ? params.device[1] : params.host[1];
-  const op_t qmin = dev ? params.device[2] : params.host[2];
-  const op_t qmax = dev ? params.device[3] : params.host[3];
-  const bool valid = scale > op_t(0) && isfinite(scale) && qmin < qmax;
-  const auto step = [](op_t v) { return static_cast<op_t>(static_cast<scalar_t>(v)); };
+  const auto q = cuda_detail::load_qparams<op_t>(params);
   for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
-    if (!valid) {
+    if (!q.valid) {
       out[i] = static_cast<scalar_t>(NAN);
       continue;
     }
-    op_t v = step(div_rn(static_cast<op_t>(in[i]), scale));
-    v = step(rint(v));
-    v = step(v + zero_point);
-    v = step(v < qmin ? qmin : (v > qmax ? qmax : v));  // NaN passes through, as at::clamp
-    v = step(v - zero_point);
-    out[i] = static_cast<scalar_t>(v * scale);
+    const op_t v = static_cast<op_t>(static_cast<scalar_t>(cuda_detail::quant_level(in[i], q) - q.zero_point));
+    out[i] = static_cast<scalar_t>(v * q.scale);
   }
 }
 
@@ -120,21 +106,34 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const a
   return out;
 }
 
-at::Tensor fake_quantize_activation(const char* op, const at::Tensor& input,
-                                    const c10::optional<at::Tensor>& act_qparams) {
-  if (!act_qparams.has_value()) return input;
+void check_on_cuda(const char* op, const at::Tensor& input, const at::Tensor& codes) {
+  TORCH_CHECK(codes.is_cuda(), op, ": expected codes, scales and num_points on a CUDA device, got ",
+              codes.device());
+}
+
+}  // namespace
+
+namespace cuda_detail {
+
+ActParams act_params(const char* op, const at::Tensor& act_qparams, at::Tensor& keep) {
   ActParams params{nullptr, {0.0f, 0.0f, 0.0f, 0.0f}};
-  at::Tensor qp;
-  if (act_qparams->is_cpu()) {
+  keep = act_qparams.contiguous();
+  if (keep.is_cpu()) {
     // Already on the host: read and check it here, as the CPU kernel does.
-    qp = act_qparams->contiguous();
-    const float* v = qp.data_ptr<float>();
+    const float* v = keep.data_ptr<float>();
     std::copy(v, v + 4, params.host);
     check_act_qparams_values(op, v[0], v[1], v[2], v[3]);
   } else {  // on the input's device (check_bias_and_act)
-    qp = act_qparams->contiguous();
-    params.device = qp.data_ptr<float>();
+    params.device = keep.data_ptr<float>();
   }
+  return params;
+}
+
+at::Tensor fake_quantize_activation(const char* op, const at::Tensor& input,
+                                    const c10::optional<at::Tensor>& act_qparams) {
+  if (!act_qparams.has_value()) return input;
+  at::Tensor qp;
+  const ActParams params = act_params(op, *act_qparams, qp);
   // Keep the input's layout (e.g. channels_last) when it is dense; otherwise make it contiguous.
   const auto x = input.is_non_overlapping_and_dense() ? input : input.contiguous();
   auto out = at::empty_like(x);
@@ -142,19 +141,16 @@ at::Tensor fake_quantize_activation(const char* op, const at::Tensor& input,
   if (n == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mpq::fake_quantize_activation", [&] {
-    fake_quantize_kernel<scalar_t><<<static_cast<unsigned>(grid_for(n)), kThreads, 0, stream>>>(
+    fake_quantize_kernel<scalar_t><<<static_cast<unsigned>(grid_for(n, kThreads)), kThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-void check_on_cuda(const char* op, const at::Tensor& input, const at::Tensor& codes) {
-  TORCH_CHECK(codes.is_cuda(), op, ": expected codes, scales and num_points on a CUDA device, got ",
-              codes.device());
-}
+}  // namespace cuda_detail
 
-}  // namespace
+using cuda_detail::fake_quantize_activation;
 
 at::Tensor dequantize_multipoint_cuda(const at::Tensor& codes, const at::Tensor& scales,
                                       const at::Tensor& num_points, at::ScalarType dtype) {

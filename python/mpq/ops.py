@@ -16,6 +16,9 @@ __all__ = [
     "dequantize_multipoint",
     "multipoint_linear",
     "multipoint_conv2d",
+    "pack_multipoint",
+    "unpack_multipoint",
+    "multipoint_linear_packed",
 ]
 
 
@@ -85,6 +88,67 @@ def multipoint_conv2d(
     )
 
 
+def pack_multipoint(
+    codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, w_bits: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The packed weight of the fused kernels (layout: ``csrc/kernels/packed_layout.h``), made once.
+
+    Channels are sorted by point count (descending, stable) into tiles of 64 rows with one count
+    each; codes are stored as nibbles (``w_bits <= 4``, values -8..7) or int8, in the order the lanes
+    of a warp load them as ``mma.sync`` operands.
+
+    Args:
+        codes (Tensor[C, P, D], int8), scales (Tensor[C, P], float32), num_points (Tensor[C], int32).
+        w_bits: the codes' bit width, 2..8.
+    Returns:
+        packed (Tensor[num_blocks, Kp/16, 512 or 1024], uint8), Kp = D rounded up to 64;
+        packed_scales (Tensor[num_blocks, 64], float32); perm (Tensor[num_tiles*64], int32): the
+        original channel of each packed row, -1 for padding; tile_offsets (Tensor[num_tiles+1], int32):
+        tile t's points are blocks tile_offsets[t] .. tile_offsets[t+1]-1; row_sums
+        (Tensor[num_tiles*64], float32): sum over k of each dequantized row.
+    """
+    return torch.ops.mpq.pack_multipoint(codes, scales, num_points, w_bits)
+
+
+def unpack_multipoint(
+    packed: torch.Tensor,
+    packed_scales: torch.Tensor,
+    perm: torch.Tensor,
+    tile_offsets: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    max_points: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`pack_multipoint`: codes (Tensor[C, max_points, D], int8, zero beyond
+    each channel's count), scales (Tensor[C, max_points], float32), num_points (Tensor[C], int32)."""
+    return torch.ops.mpq.unpack_multipoint(packed, packed_scales, perm, tile_offsets, out_features, in_features, max_points)
+
+
+def multipoint_linear_packed(
+    input: torch.Tensor,
+    packed: torch.Tensor,
+    packed_scales: torch.Tensor,
+    perm: torch.Tensor,
+    tile_offsets: torch.Tensor,
+    row_sums: torch.Tensor,
+    out_features: int,
+    bias: Optional[torch.Tensor] = None,
+    act_qparams: Optional[torch.Tensor] = None,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """:func:`multipoint_linear` on a packed weight: ``fq(input) @ W^T + bias`` -> [..., out_features].
+
+    ``kernel`` picks the CUDA kernel ("auto", "dense", "gemv", "mma", "int8"); every choice
+    computes the same function (the CPU kernel runs the reference path for all of them).
+    "gemv"/"mma" need a float16/bfloat16 input, "int8" needs ``act_qparams`` with at most 256
+    integer levels (on the GPU, other values give NaN instead of an error, as checking them would
+    need a host sync).
+    """
+    return torch.ops.mpq.multipoint_linear_packed(
+        input, packed, packed_scales, perm, tile_offsets, row_sums, out_features, bias, act_qparams, kernel
+    )
+
+
 # ---- fake kernels: shapes and dtypes only, for tracing -------------------------------------
 
 
@@ -139,3 +203,37 @@ def _multipoint_conv2d_fake(input, codes, scales, num_points, bias, act_qparams,
     oh = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return input.new_empty((N, codes.shape[0], oh, ow))
+
+
+@torch.library.register_fake("mpq::pack_multipoint")
+def _pack_multipoint_fake(codes, scales, num_points, w_bits):
+    torch._check(codes.dim() == 3, lambda: "mpq::pack_multipoint: expected codes [C, P, D]")
+    torch._check(2 <= w_bits <= 8, lambda: f"mpq::pack_multipoint: expected w_bits in 2..8, got {w_bits}")
+    # The numbers of blocks and tiles depend on the point counts' values.
+    ctx = torch.library.get_ctx()
+    blocks = ctx.new_dynamic_size()
+    tiles = ctx.new_dynamic_size()
+    kp = (codes.shape[2] + 63) // 64 * 64
+    packed = codes.new_empty((blocks, kp // 16, 512 if w_bits <= 4 else 1024), dtype=torch.uint8)
+    packed_scales = scales.new_empty((blocks, 64), dtype=torch.float32)
+    perm = num_points.new_empty((tiles * 64,), dtype=torch.int32)
+    tile_offsets = num_points.new_empty((tiles + 1,), dtype=torch.int32)
+    return packed, packed_scales, perm, tile_offsets, scales.new_empty((tiles * 64,), dtype=torch.float32)
+
+
+@torch.library.register_fake("mpq::unpack_multipoint")
+def _unpack_multipoint_fake(packed, packed_scales, perm, tile_offsets, out_features, in_features, max_points):
+    codes = packed.new_empty((out_features, max_points, in_features), dtype=torch.int8)
+    scales = packed_scales.new_empty((out_features, max_points), dtype=torch.float32)
+    return codes, scales, perm.new_empty((out_features,), dtype=torch.int32)
+
+
+@torch.library.register_fake("mpq::multipoint_linear_packed")
+def _multipoint_linear_packed_fake(
+    input, packed, packed_scales, perm, tile_offsets, row_sums, out_features, bias, act_qparams, kernel="auto"
+):
+    torch._check(
+        (input.shape[-1] + 63) // 64 * 64 == packed.shape[1] * 16,
+        lambda: "mpq::multipoint_linear_packed: input and packed disagree on D",
+    )
+    return input.new_empty((*input.shape[:-1], out_features))

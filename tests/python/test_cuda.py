@@ -329,3 +329,187 @@ def test_opcheck_multipoint_conv2d():
     qp = _act_qparams(x, "cuda")
     args = (x, codes, scales, num_points, torch.randn(8, device="cuda"), qp, [1, 2], [1, 1], [1, 1], 2)
     torch.library.opcheck(ops.multipoint_conv2d.default, args)
+
+
+# ---- the packed weight (csrc/cuda/multipoint_packed.cu) ---------------------------------------
+# Every kernel of mpq::multipoint_linear_packed against the CPU packed op (which equals
+# mpq::multipoint_linear bit for bit) and the float64 reference, by ||out - ref|| / ||ref||.
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reference as ref  # noqa: E402
+
+# ||out - ref|| / ||ref|| bounds: fp16 / bf16 operands with float32 accumulation, and float32.
+REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-5}
+PACKED_ACT = {
+    "int8": (0.05, 0.0, -128.0, 127.0),
+    "uint8": (0.02, 128.0, 0.0, 255.0),
+    "uint4": (0.15, 3.0, 0.0, 15.0),
+}
+
+
+def _packed_weight(C, P, D, w_bits, seed):
+    """codes over the whole storage range, scales over two decades, mixed counts with a 0 and a P."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (-8, 8) if w_bits <= 4 else (-(1 << (w_bits - 1)), 1 << (w_bits - 1))
+    codes = torch.randint(lo, hi, (C, P, D), generator=g, dtype=torch.int8)
+    scales = ((torch.rand(C, P, generator=g) * 4 - 2).exp() * 0.05).float()
+    num_points = torch.randint(0, P + 1, (C,), generator=g, dtype=torch.int32)
+    if C >= 2:
+        num_points[0], num_points[-1] = 0, P
+    return codes, scales, num_points
+
+
+def _poison(numel, dtype):
+    """Leaves a NaN-filled block in the caching allocator, which the next output of that size
+    reuses: an element the kernel never writes stays NaN."""
+    t = torch.full((max(numel, 1),), float("nan"), dtype=dtype, device="cuda")
+    del t
+
+
+def _rel_err(got, want):
+    got, want = got.double().cpu(), want.double().cpu()
+    return float((got - want).norm() / want.norm().clamp_min(1e-300))
+
+
+# (M, C, P, D): M = 1 and 16 (gemv), 17..200 (mma); odd C and D, D not a multiple of 64, one tile
+# with a long K (K split across CTAs: the workspace and finalize path), many tiles.
+PACKED_CASES = [
+    (1, 70, 3, 37),
+    (1, 64, 1, 4096),
+    (16, 130, 2, 100),
+    (5, 257, 4, 65),
+    (17, 65, 4, 1029),
+    (130, 300, 2, 300),
+    (1, 1000, 2, 2048),
+    (16, 64, 2, 8192),
+]
+
+
+@pytest.mark.parametrize("kernel", ["auto", "gemv", "mma", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("w_bits", [4, 8])
+@pytest.mark.parametrize("case", PACKED_CASES, ids=[f"M{m}_C{c}_P{p}_D{d}" for m, c, p, d in PACKED_CASES])
+def test_packed_weight_only_matches_cpu_and_reference(case, w_bits, dtype, kernel):
+    M, C, P, D = case
+    codes, scales, num_points = _packed_weight(C, P, D, w_bits, seed=M + C + D)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(M, D, generator=g).to(dtype)
+    bias = torch.randn(C, generator=g)
+    packed = ops.pack_multipoint(codes, scales, num_points, w_bits)
+    want_cpu = ops.multipoint_linear_packed(x, *packed, C, bias, None, kernel)
+    want64 = ref.multipoint_linear_reference(x.double(), codes, scales, num_points, bias, None)
+    _poison(M * C, dtype)
+    got = ops.multipoint_linear_packed(x.cuda(), *_cuda(*packed), C, bias.cuda(), None, kernel)
+    assert got.device.type == "cuda" and got.dtype == dtype and got.shape == (M, C)
+    assert not bool(got.isnan().any()), "unwritten (NaN-poisoned) or NaN outputs"
+    assert _rel_err(got, want64) <= REL_TOL[dtype]
+    assert _rel_err(got, want_cpu) <= 2 * REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("where", ["cpu", "cuda"], ids=["qparams_cpu", "qparams_cuda"])
+@pytest.mark.parametrize("act", list(PACKED_ACT))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("w_bits", [4, 8])
+@pytest.mark.parametrize("case", PACKED_CASES, ids=[f"M{m}_C{c}_P{p}_D{d}" for m, c, p, d in PACKED_CASES])
+def test_packed_int8_matches_cpu_and_reference(case, w_bits, dtype, act, where):
+    M, C, P, D = case
+    codes, scales, num_points = _packed_weight(C, P, D, w_bits, seed=M * C + D)
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(M, D, generator=g) * 2).to(dtype)
+    bias = torch.randn(C, generator=g)
+    qp = torch.tensor(PACKED_ACT[act], dtype=torch.float32)
+    packed = ops.pack_multipoint(codes, scales, num_points, w_bits)
+    want_cpu = ops.multipoint_linear_packed(x, *packed, C, bias, qp, "int8")
+    want64 = ref.multipoint_linear_reference(x.double(), codes, scales, num_points, bias, qp)
+    _poison(M * C, dtype)
+    got = ops.multipoint_linear_packed(x.cuda(), *_cuda(*packed), C, bias.cuda(), qp if where == "cpu" else qp.cuda(), "int8")
+    assert got.dtype == dtype and got.shape == (M, C)
+    assert not bool(got.isnan().any())
+    # The int8 kernel's dot products are exact; the CPU rounds fq(x) to the input dtype first.
+    tol = max(REL_TOL[dtype], 1e-4)
+    assert _rel_err(got, want_cpu) <= 2 * tol
+    assert _rel_err(got, want64) <= 2 * tol
+
+
+def test_packed_int8_invalid_qparams_on_device_give_nan():
+    codes, scales, num_points = _packed_weight(70, 3, 37, 4, seed=3)
+    packed = _cuda(*ops.pack_multipoint(codes, scales, num_points, 4))
+    x = torch.randn(3, 37, device="cuda").half()
+    for bad in ([0.0, 0.0, -128.0, 127.0], [0.1, 0.0, -1000.0, 1000.0], [0.1, 0.5, -128.0, 127.0]):
+        out = ops.multipoint_linear_packed(x, *packed, 70, None, torch.tensor(bad, device="cuda"), "int8")
+        assert bool(out.isnan().all())
+    with pytest.raises(RuntimeError, match="mpq::multipoint_linear_packed: kernel 'int8' expects act_qparams with integer"):
+        ops.multipoint_linear_packed(x, *packed, 70, None, torch.tensor([0.1, 0.0, -1000.0, 1000.0]), "int8")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", [None, "uint8"])
+def test_packed_dense_equals_the_generic_path(dtype, act):
+    # The dense decode sums the points as the generic dequantize does: the same weight, the same GEMM.
+    codes, scales, num_points = _packed_weight(130, 3, 100, 4, seed=4)
+    x = torch.randn(9, 100, dtype=dtype, device="cuda")
+    bias = torch.randn(130, dtype=dtype, device="cuda")
+    qp = None if act is None else torch.tensor(PACKED_ACT[act], device="cuda")
+    packed = _cuda(*ops.pack_multipoint(codes, scales, num_points, 4))
+    got = ops.multipoint_linear_packed(x, *packed, 130, bias, qp)
+    want = ops.multipoint_linear(x, *_cuda(codes, scales, num_points), bias, qp)
+    assert torch.equal(got, want)
+
+
+def test_packed_empty_and_batched_shapes():
+    codes, scales, num_points = _packed_weight(70, 2, 37, 4, seed=5)
+    packed = ops.pack_multipoint(codes, scales, num_points, 4)
+    packed_cuda = _cuda(*packed)
+    for shape in [(0, 37), (2, 3, 37), (37,)]:
+        x = torch.randn(shape).half()
+        got = ops.multipoint_linear_packed(x.cuda(), *packed_cuda, 70)
+        want = ops.multipoint_linear_packed(x, *packed, 70)
+        assert got.shape == want.shape
+        if want.numel():
+            assert _rel_err(got, want) <= 2 * REL_TOL[torch.float16]
+
+
+def test_pack_and_unpack_on_cuda_match_cpu():
+    codes, scales, num_points = _packed_weight(200, 4, 70, 4, seed=6)
+    want = ops.pack_multipoint(codes, scales, num_points, 4)
+    got = ops.pack_multipoint(*_cuda(codes, scales, num_points), 4)
+    for g_, w_ in zip(got, want):
+        assert g_.device.type == "cuda" and torch.equal(g_.cpu(), w_)
+    unpacked = ops.unpack_multipoint(*got[:4], 200, 70, 4)
+    assert torch.equal(unpacked[2].cpu(), num_points)
+
+
+def test_opcheck_packed_ops():
+    codes, scales, num_points = _packed_weight(70, 3, 37, 4, seed=7)
+    cuda = _cuda(codes, scales, num_points)
+    torch.library.opcheck(ops.pack_multipoint.default, (*cuda, 4))
+    packed = ops.pack_multipoint(*cuda, 4)
+    torch.library.opcheck(ops.unpack_multipoint.default, (*packed[:4], 70, 37, 3))
+    x = torch.randn(3, 37, device="cuda").half()
+    qp = torch.tensor(PACKED_ACT["uint8"], device="cuda")
+    for kernel, act in [("auto", None), ("gemv", None), ("mma", qp), ("int8", qp), ("dense", None)]:
+        torch.library.opcheck(ops.multipoint_linear_packed.default, (x, *packed, 70, torch.randn(70, device="cuda"), act, kernel))
+
+
+def test_multipoint_linear_module_uses_the_packed_path_on_cuda():
+    from mpq.nn import MultipointLinear
+
+    codes, scales, num_points = _packed_weight(300, 2, 300, 4, seed=8)
+    for act in [None, (0.05, 0, -128, 127)]:
+        m = MultipointLinear(300, 300, 2, 4)
+        m.set_weight(codes, scales, num_points, torch.randn(300))
+        if act is not None:
+            m.set_act_qparams(*act)
+        x = torch.randn(5, 300)
+        want = m(x.half())  # CPU: mpq::multipoint_linear
+        m = m.cuda()
+        got = m(x.cuda().half())
+        assert m.tile_offsets.numel() > 1 and m.packed.is_cuda
+        assert m.packed_kernel == ("auto" if act is None else "int8")
+        assert _rel_err(got, want) <= 2 * REL_TOL[torch.float16]
+        assert set(m.state_dict()) == {"codes", "scales", "num_points", "bias"} | ({"act_qparams"} if act else set())
+        # float32 input keeps the unpacked op on the GPU
+        torch.testing.assert_close(m(x.cuda()).cpu(), m.cpu()(x), rtol=1e-5, atol=1e-5)

@@ -26,6 +26,16 @@ def same_padding(x: torch.Tensor, kernel_size: List[int], stride: List[int], dil
     return pads
 
 
+# The packed weight of MultipointLinear's CUDA path (mpq::pack_multipoint), non-persistent buffers.
+_PACKED_BUFFERS = (
+    ("packed", torch.uint8),
+    ("packed_scales", torch.float32),
+    ("perm", torch.int32),
+    ("tile_offsets", torch.int32),
+    ("row_sums", torch.float32),
+)
+
+
 class _MultipointBase(nn.Module):
     def __init__(self, out_channels: int, max_points: int, code_shape: List[int], w_bits: int, bias: bool):
         name = type(self).__name__
@@ -137,15 +147,79 @@ class _MultipointBase(nn.Module):
 
 
 class MultipointLinear(_MultipointBase):
-    """Linear layer with a multipoint weight: codes int8[out_features, max_points, in_features]."""
+    """Linear layer with a multipoint weight: codes int8[out_features, max_points, in_features].
+
+    On a GPU with a float16/bfloat16 input, the forward runs ``mpq::multipoint_linear_packed`` on
+    a packed copy of the weight (``pack_()``, made once, on the first such forward): fused kernels
+    that read the 4-bit codes directly, with int8 tensor cores when ``act_qparams`` has integer
+    levels that fit int8 (``packed_kernel`` says which). The packed buffers are not in
+    ``state_dict`` (the codes stay the source of truth); they follow ``.to()`` and are dropped by
+    ``set_weight``, ``set_act_qparams`` and ``load_state_dict``. Other inputs run
+    ``mpq::multipoint_linear``. NB: call ``pack_()`` before ``torch.compile``/``torch.export`` of a
+    GPU model in half precision, so that tracing does not meet the packing.
+    """
+
+    packed_kernel: str
 
     def __init__(self, in_features: int, out_features: int, max_points: int, w_bits: int, bias: bool = True):
         super().__init__(out_features, max_points, [in_features], w_bits, bias)
         self.in_features = in_features
         self.out_features = out_features
+        self.packed_kernel = "auto"
+        for name, dtype in _PACKED_BUFFERS:
+            self.register_buffer(name, torch.empty(0, dtype=dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and (x.dtype == torch.float16 or x.dtype == torch.bfloat16):
+            if self.tile_offsets.numel() == 0 or self.tile_offsets.device != self.codes.device:
+                self.pack_()
+            return torch.ops.mpq.multipoint_linear_packed(
+                x, self.packed, self.packed_scales, self.perm, self.tile_offsets, self.row_sums,
+                self.out_features, self.bias, self.act_qparams, self.packed_kernel,
+            )
         return torch.ops.mpq.multipoint_linear(x, self.codes, self.scales, self.num_points, self.bias, self.act_qparams)
+
+    @torch.jit.export
+    def pack_(self) -> None:
+        """Builds the packed weight (``mpq::pack_multipoint``) on the codes' device and picks the
+        kernel: "int8" when act_qparams has integer zero point and range of at most 256 levels
+        (read once on the host here, so that the forward never syncs), else "auto"."""
+        packed, packed_scales, perm, tile_offsets, row_sums = torch.ops.mpq.pack_multipoint(
+            self.codes, self.scales, self.num_points, self.w_bits
+        )
+        self.packed = packed
+        self.packed_scales = packed_scales
+        self.perm = perm
+        self.tile_offsets = tile_offsets
+        self.row_sums = row_sums
+        kernel = "auto"
+        qp = self.act_qparams
+        if qp is not None:
+            v = qp.detach().cpu().double()
+            zp, qmin, qmax = float(v[1]), float(v[2]), float(v[3])
+            fits = zp == float(round(zp)) and qmin == float(round(qmin)) and qmax == float(round(qmax))
+            if fits and qmax - qmin <= 255.0 and (self.in_features + 63) // 64 * 64 <= 65536:
+                kernel = "int8"
+        self.packed_kernel = kernel
+
+    def _drop_packed(self) -> None:
+        for name, dtype in _PACKED_BUFFERS:
+            setattr(self, name, torch.empty(0, dtype=dtype, device=self.codes.device))
+        self.packed_kernel = "auto"
+
+    def set_weight(
+        self, codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> None:
+        super().set_weight(codes, scales, num_points, bias)
+        self._drop_packed()
+
+    def set_act_qparams(self, scale: float, zero_point: int, qmin: int, qmax: int) -> None:
+        super().set_act_qparams(scale, zero_point, qmin, qmax)
+        self._drop_packed()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._drop_packed()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, max_points={self.max_points}"

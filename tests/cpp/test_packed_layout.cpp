@@ -1,0 +1,282 @@
+// Catch2 tests of the packed weight layout (csrc/kernels/packed_layout.h) and of the integer steps
+// the CUDA kernels (csrc/cuda/multipoint_packed.cu) use to turn a lane's words into mma.sync
+// operands. The fragment ownership below is written from the PTX ISA's tables for
+// mma.m16n8k16 (f16/bf16) and mma.m16n8k32 (s8), independently of the layout code: a lane
+// (g = lane / 4, t = lane % 4) holds B[k][n] with n = g and, for k16, k = 2t + e + 8r (register r,
+// half e); for k32 with int8, k = 4t + i (register 0) and 16 + 4t + i (register 1), byte i. A of
+// k32: register 0 = A[g][4t + i], 1 = A[g + 8][4t + i], 2 = A[g][16 + 4t + i], 3 = A[g + 8][16 + 4t + i].
+// The tests run the same helper functions the kernels run (they are host-device), so what the
+// GPU must still show is only that the intrinsics behave as their host emulations here.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <set>
+#include <utility>
+#include <vector>
+
+#include "catch_compat.h"
+#include "kernels/packed_layout.h"
+
+namespace {
+
+namespace pk = mpq::packed;
+
+// IEEE binary16 and bfloat16 bit patterns to float.
+float half_to_float(uint16_t h) {
+  const int sign = h >> 15, exp = (h >> 10) & 0x1F, mant = h & 0x3FF;
+  float v;
+  if (exp == 0) {
+    v = std::ldexp(static_cast<float>(mant), -24);
+  } else if (exp == 31) {
+    v = mant ? NAN : INFINITY;
+  } else {
+    v = std::ldexp(static_cast<float>(mant + 1024), exp - 25);
+  }
+  return sign ? -v : v;
+}
+
+float bf16_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+uint32_t word_at(const std::vector<uint8_t>& block, int64_t byte) {
+  uint32_t w;
+  std::memcpy(&w, block.data() + byte, sizeof(w));
+  return w;
+}
+
+// One packed block (one point of one tile) with random codes, and the codes themselves [n][k].
+struct Block {
+  int bits;
+  int64_t kp;
+  std::vector<uint8_t> bytes;
+  std::vector<std::vector<int>> q;  // [64][kp]
+};
+
+Block random_block(int bits, int64_t kp, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int lo = bits == 4 ? -8 : -128, hi = bits == 4 ? 7 : 127;
+  std::uniform_int_distribution<int> dist(lo, hi);
+  Block b{bits, kp, std::vector<uint8_t>(static_cast<size_t>(kp / pk::kSlabK * pk::slab_bytes(bits)), bits == 4 ? 0x88 : 0),
+          std::vector<std::vector<int>>(pk::kTileN, std::vector<int>(static_cast<size_t>(kp)))};
+  for (int n = 0; n < pk::kTileN; ++n) {
+    for (int64_t k = 0; k < kp; ++k) {
+      b.q[n][k] = dist(rng);
+      pk::store_code(b.bytes.data(), bits, n, k, b.q[n][k]);
+    }
+  }
+  return b;
+}
+
+// The 32-bit word i (0..3) of chunk c of slab s that lane L loads.
+uint32_t lane_word(const Block& b, int64_t slab, int lane, int chunk, int i) {
+  return word_at(b.bytes, slab * pk::slab_bytes(b.bits) + chunk * pk::kChunkBytes + lane * pk::kLaneBytes + 4 * i);
+}
+
+}  // namespace
+
+TEST_CASE("every code of a block has its own place, and all places are used", "[packed_layout]") {
+  for (const int bits : {4, 8}) {
+    const int64_t kp = 128;
+    std::set<std::pair<int64_t, int>> places;
+    for (int n = 0; n < pk::kTileN; ++n) {
+      for (int64_t k = 0; k < kp; ++k) {
+        const auto at = pk::code_at(bits, n, k);
+        CHECK(at.byte >= 0);
+        CHECK(at.byte < kp / pk::kSlabK * pk::slab_bytes(bits));
+        places.insert({at.byte, at.shift});
+      }
+    }
+    CHECK(static_cast<int64_t>(places.size()) == pk::kTileN * kp);
+  }
+}
+
+TEST_CASE("store_code and load_code round-trip every representable code", "[packed_layout]") {
+  for (const int bits : {4, 8}) {
+    const Block b = random_block(bits, 64, 7u + bits);
+    for (int n = 0; n < pk::kTileN; ++n)
+      for (int64_t k = 0; k < b.kp; ++k) REQUIRE(pk::load_code(b.bytes.data(), bits, n, k) == b.q[n][k]);
+  }
+  std::vector<uint8_t> block(pk::slab_bytes(4), 0x88);
+  CHECK(pk::load_code(block.data(), 4, 5, 3) == 0);  // the padding pattern is code 0
+}
+
+TEST_CASE("padded_k and storage widths", "[packed_layout]") {
+  CHECK(pk::padded_k(0) == 0);
+  CHECK(pk::padded_k(1) == 64);
+  CHECK(pk::padded_k(64) == 64);
+  CHECK(pk::padded_k(65) == 128);
+  CHECK(pk::storage_bits(2) == 4);
+  CHECK(pk::storage_bits(4) == 4);
+  CHECK(pk::storage_bits(5) == 8);
+  CHECK(pk::storage_bits(8) == 8);
+}
+
+TEST_CASE("host emulations of prmt and vsub4", "[packed_layout]") {
+  CHECK(pk::byte_perm(0x33221100u, 0x77665544u, 0x3210u) == 0x33221100u);
+  CHECK(pk::byte_perm(0x33221100u, 0x77665544u, 0x7654u) == 0x77665544u);
+  CHECK(pk::byte_perm(0x33221100u, 0x77665544u, 0x5140u) == 0x55114400u);
+  CHECK(pk::sub_bytes(0x00FF0801u, 0x08080808u) == 0xF8F700F9u);
+}
+
+TEST_CASE("4-bit words give the m16n8k16 B fragments as fp16 and bf16", "[packed_layout]") {
+  const Block b = random_block(4, 64, 11u);
+  for (int64_t slab = 0; slab < b.kp / pk::kSlabK; ++slab) {
+    for (int lane = 0; lane < 32; ++lane) {
+      const int g = lane / 4, t = lane % 4;
+      for (int j = 0; j < 8; ++j) {
+        const uint32_t word = lane_word(b, slab, lane, 0, j / 2);
+        for (int r = 0; r < 2; ++r) {
+          const uint32_t pair = pk::nibble_pair(word, 2 * (j % 2) + r);
+          const uint32_t h = pair | pk::kHalfMagic, bf = pair | pk::kBf16Magic;
+          for (int e = 0; e < 2; ++e) {
+            const int want = b.q[8 * j + g][slab * pk::kSlabK + 2 * t + e + 8 * r];
+            const float bias_h = half_to_float(static_cast<uint16_t>(pk::kHalfMagicBias >> (16 * e)));
+            const float bias_b = bf16_to_float(static_cast<uint16_t>(pk::kBf16MagicBias >> (16 * e)));
+            REQUIRE(half_to_float(static_cast<uint16_t>(h >> (16 * e))) - bias_h == static_cast<float>(want));
+            REQUIRE(bf16_to_float(static_cast<uint16_t>(bf >> (16 * e))) - bias_b == static_cast<float>(want));
+          }
+        }
+      }
+    }
+  }
+  CHECK(half_to_float(0x6408) == 1032.0f);
+  CHECK(bf16_to_float(0x4308) == 136.0f);
+}
+
+TEST_CASE("8-bit words give the m16n8k16 B fragments", "[packed_layout]") {
+  const Block b = random_block(8, 64, 12u);
+  for (int64_t slab = 0; slab < b.kp / pk::kSlabK; ++slab) {
+    for (int lane = 0; lane < 32; ++lane) {
+      const int g = lane / 4, t = lane % 4;
+      for (int j = 0; j < 8; ++j) {
+        const uint32_t word = lane_word(b, slab, lane, j / 4, j % 4);
+        for (int r = 0; r < 2; ++r) {
+          const uint32_t h = pk::byte_pair_half_bits(word, r);
+          for (int e = 0; e < 2; ++e) {
+            const int want = b.q[8 * j + g][slab * pk::kSlabK + 2 * t + e + 8 * r];
+            // the fp16 path (magic) and the bf16 path (the signed byte itself)
+            REQUIRE(half_to_float(static_cast<uint16_t>(h >> (16 * e))) -
+                        half_to_float(static_cast<uint16_t>(pk::kHalfByteBias)) ==
+                    static_cast<float>(want));
+            REQUIRE(static_cast<int8_t>((word >> (16 * r + 8 * e)) & 0xFFu) == want);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("s8_slot_column is a permutation of a slab's 16 columns", "[packed_layout]") {
+  std::set<int> cols;
+  for (int s = 0; s < 16; ++s) cols.insert(pk::s8_slot_column(s));
+  CHECK(cols.size() == 16);
+  CHECK(*cols.begin() == 0);
+  CHECK(*cols.rbegin() == 15);
+}
+
+// Emulates one warp's mma.sync.m16n8k32.s8 per subtile, with A built as the quantize kernel writes
+// the activations and B as the int8 kernel decodes the weights, and compares with the plain sum
+// over the 32 columns of two slabs.
+TEST_CASE("int8 fragments of activations and weights multiply to the true product", "[packed_layout]") {
+  for (const int bits : {4, 8}) {
+    const Block b = random_block(bits, 64, 20u + bits);
+    std::mt19937 rng(5u);
+    std::uniform_int_distribution<int> dist(-128, 127);
+    std::vector<std::vector<int>> x(16, std::vector<int>(static_cast<size_t>(b.kp)));
+    for (auto& row : x)
+      for (auto& v : row) v = dist(rng);
+    // xq row-major [16, kp]: slot 4t + i of slab s holds column 16 s + s8_slot_column(4t + i).
+    std::vector<int8_t> xq(16 * b.kp);
+    for (int m = 0; m < 16; ++m)
+      for (int64_t s = 0; s < b.kp / pk::kSlabK; ++s)
+        for (int slot = 0; slot < 16; ++slot)
+          xq[m * b.kp + s * pk::kSlabK + slot] = static_cast<int8_t>(x[m][s * pk::kSlabK + pk::s8_slot_column(slot)]);
+    const auto xq_word = [&](int m, int64_t col) {
+      uint32_t w;
+      std::memcpy(&w, xq.data() + m * b.kp + col, sizeof(w));
+      return w;
+    };
+    const auto byte = [](uint32_t w, int i) { return static_cast<int>(static_cast<int8_t>((w >> (8 * i)) & 0xFFu)); };
+    for (int64_t step = 0; step < b.kp / (2 * pk::kSlabK); ++step) {
+      const int64_t s0 = 2 * step, k0 = s0 * pk::kSlabK;
+      for (int j = 0; j < 8; ++j) {
+        // Registers per lane, as the kernel loads and decodes them.
+        uint32_t a[32][4], bb[32][2];
+        for (int lane = 0; lane < 32; ++lane) {
+          const int g = lane / 4, t = lane % 4;
+          a[lane][0] = xq_word(g, k0 + 4 * t);
+          a[lane][1] = xq_word(g + 8, k0 + 4 * t);
+          a[lane][2] = xq_word(g, k0 + pk::kSlabK + 4 * t);
+          a[lane][3] = xq_word(g + 8, k0 + pk::kSlabK + 4 * t);
+          for (int ss = 0; ss < 2; ++ss) {
+            bb[lane][ss] = bits == 4 ? pk::nibbles_to_s8x4(lane_word(b, s0 + ss, lane, 0, j / 2), j % 2)
+                                     : lane_word(b, s0 + ss, lane, j / 4, j % 4);
+          }
+        }
+        // The mma: D[m][n] = sum over the 32 logical k of A[m][k] B[k][n], by the PTX tables.
+        for (int m = 0; m < 16; ++m) {
+          for (int n = 0; n < 8; ++n) {
+            int64_t d = 0, want = 0;
+            for (int kl = 0; kl < 32; ++kl) {
+              const int t = (kl % 16) / 4, i = kl % 4, hi = kl / 16;
+              const int a_lane = 4 * (m % 8) + t, a_reg = (m >= 8 ? 1 : 0) + 2 * hi;
+              const int b_lane = 4 * n + t;
+              d += static_cast<int64_t>(byte(a[a_lane][a_reg], i)) * byte(bb[b_lane][hi], i);
+            }
+            for (int64_t k = k0; k < k0 + 32; ++k) want += static_cast<int64_t>(x[m][k]) * b.q[8 * j + n][k];
+            REQUIRE(d == want);
+          }
+        }
+      }
+    }
+  }
+}
+
+// The same for mma.sync.m16n8k16 with 4-bit codes widened to fp16: A registers as the weight-only
+// kernel loads them (pairs of columns 2t, 2t + 1 and 2t + 8, 2t + 9 of rows g and g + 8), B from
+// nibble_pair and the fp16 magic; A table: register 0 = A[g][2t + e], 1 = A[g + 8][2t + e],
+// 2 = A[g][2t + 8 + e], 3 = A[g + 8][2t + 8 + e].
+TEST_CASE("fp16 fragments of activations and 4-bit weights multiply to the true product", "[packed_layout]") {
+  const Block b = random_block(4, 64, 31u);
+  std::mt19937 rng(6u);
+  std::uniform_int_distribution<int> dist(-50, 50);
+  std::vector<std::vector<int>> x(16, std::vector<int>(static_cast<size_t>(b.kp)));
+  for (auto& row : x)
+    for (auto& v : row) v = dist(rng);  // small integers: every product and sum exact in float
+  for (int64_t slab = 0; slab < b.kp / pk::kSlabK; ++slab) {
+    const int64_t k0 = slab * pk::kSlabK;
+    for (int j = 0; j < 8; ++j) {
+      float a[32][4][2], bb[32][2][2];
+      for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, t = lane % 4;
+        for (int e = 0; e < 2; ++e) {
+          a[lane][0][e] = static_cast<float>(x[g][k0 + 2 * t + e]);
+          a[lane][1][e] = static_cast<float>(x[g + 8][k0 + 2 * t + e]);
+          a[lane][2][e] = static_cast<float>(x[g][k0 + 2 * t + 8 + e]);
+          a[lane][3][e] = static_cast<float>(x[g + 8][k0 + 2 * t + 8 + e]);
+        }
+        const uint32_t word = lane_word(b, slab, lane, 0, j / 2);
+        for (int r = 0; r < 2; ++r) {
+          const uint32_t h = pk::nibble_pair(word, 2 * (j % 2) + r) | pk::kHalfMagic;
+          for (int e = 0; e < 2; ++e) bb[lane][r][e] = half_to_float(static_cast<uint16_t>(h >> (16 * e))) - 1032.0f;
+        }
+      }
+      for (int m = 0; m < 16; ++m) {
+        for (int n = 0; n < 8; ++n) {
+          float d = 0.0f, want = 0.0f;
+          for (int kl = 0; kl < 16; ++kl) {  // PTX: A[m][kl], B[kl][n]
+            const int t = (kl % 8) / 2, e = kl % 2, hi = kl / 8;
+            d += a[4 * (m % 8) + t][(m >= 8 ? 1 : 0) + 2 * hi][e] * bb[4 * n + t][hi][e];
+          }
+          for (int64_t k = k0; k < k0 + 16; ++k) want += static_cast<float>(x[m][k] * b.q[8 * j + n][k]);
+          REQUIRE(d == want);
+        }
+      }
+    }
+  }
+}
