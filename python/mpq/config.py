@@ -24,7 +24,8 @@ _ACT_RANGES = ("mse", "percentile", "minmax")
 _SENSITIVITIES = ("fisher", "relative")
 _RTN_RANGES = ("minmax", "mse")
 _SCALE_REFITS = ("output", "weight", "none")
-_ILP_ROUNDINGS = ("rtn", "gptq")
+_ILP_ROUNDINGS = ("rtn", "gptq", "adaround", "adaquant")  # one-point uniform methods
+_BN_REFERENCES = ("running", "float")
 
 
 @dataclass
@@ -72,8 +73,17 @@ class QuantConfig:
     ``ocs_expand_ratio``, halving the weights above ``ocs_split_threshold`` times the split
     channel's maximum, quantization-aware halves when ``ocs_grid_aware``); ``"ilp"`` (a bit width
     per layer from ``ilp_bits`` by an exact integer program under the ``avg_bits`` budget, then
-    round to nearest or GPTQ per ``ilp_rounding``). ``bias_correction`` adds (W - W_q) E[x] to
-    every quantized layer's bias, after any method.
+    round with the one-point method ``ilp_rounding``: ``"rtn"``, ``"gptq"``, ``"adaround"`` or
+    ``"adaquant"``); ``"adaquant"`` (``adaquant_iters`` Adam steps on the weights' offsets at
+    ``adaquant_lr`` and on the log step sizes at ``adaquant_scale_lr``; tunes the bias too);
+    ``"companding"`` (non-uniform, a per-layer companding function with
+    ``companding_breakpoints`` intervals, ``companding_iters`` Adam steps at ``companding_lr``; runs
+    as a codebook layer, see ``mpq/methods/companding.py``). ``bn_reestimation`` re-collects the
+    statistics of every folded BatchNorm on the quantized model and refolds them (after any
+    method, after bias correction): with the BN's running statistics as the reference
+    (``bn_reference="running"``, the paper's) or mapped to the float layer's output statistics on
+    the same calibration data (``"float"``; see ``mpq/bn_reestimate.py``). ``bias_correction``
+    adds (W - W_q) E[x] to every quantized layer's bias, after any method.
     """
 
     w_bits: int = 4
@@ -99,6 +109,14 @@ class QuantConfig:
     adaround_iters: int = 500
     adaround_lr: float = 5e-2
     adaround_lambda: float = 0.01
+    adaquant_iters: int = 300
+    adaquant_lr: float = 3e-3
+    adaquant_scale_lr: float = 1e-2
+    companding_breakpoints: int = 16
+    companding_iters: int = 150
+    companding_lr: float = 2e-2
+    bn_reestimation: bool = False
+    bn_reference: str = "running"
     ocs_expand_ratio: float = 0.05
     ocs_split_threshold: float = 0.5
     ocs_grid_aware: bool = False
@@ -169,7 +187,7 @@ class QuantConfig:
         def is_num(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-        for name in ("gptq_act_order", "ocs_grid_aware", "bias_correction"):
+        for name in ("gptq_act_order", "ocs_grid_aware", "bias_correction", "bn_reestimation"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "to be a bool")
         if not is_num(self.gptq_damp) or not 0 < self.gptq_damp <= 1:
@@ -180,6 +198,12 @@ class QuantConfig:
             fail("adaround_lr", "to be a number > 0")
         if not is_num(self.adaround_lambda) or self.adaround_lambda < 0:
             fail("adaround_lambda", "to be a number >= 0")
+        for name in ("adaquant_iters", "companding_iters", "companding_breakpoints"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                fail(name, "to be an int >= 1")
+        for name in ("adaquant_lr", "adaquant_scale_lr", "companding_lr"):
+            if not is_num(getattr(self, name)) or not getattr(self, name) > 0:
+                fail(name, "to be a number > 0")
         if not is_num(self.ocs_expand_ratio) or not 0 < self.ocs_expand_ratio <= 1:
             fail("ocs_expand_ratio", "to be a number in (0, 1]")
         if not is_num(self.ocs_split_threshold) or not 0 <= self.ocs_split_threshold < 1:
@@ -195,6 +219,8 @@ class QuantConfig:
             fail("ilp_bits", "to be a non-empty tuple of distinct ints in 2..8")
         if self.ilp_rounding not in _ILP_ROUNDINGS:
             fail("ilp_rounding", f"to be one of {_ILP_ROUNDINGS}")
+        if self.bn_reference not in _BN_REFERENCES:
+            fail("bn_reference", f"to be one of {_BN_REFERENCES}")
 
     @property
     def budget_bits(self) -> float:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -76,11 +76,15 @@ def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
             conv.bias.copy_(b.to(conv.bias.dtype))
 
 
-def fold_batchnorm(model: nn.Module, example: torch.Tensor, rtol: float = 1e-3) -> List[Tuple[str, str]]:
+def fold_batchnorm(
+    model: nn.Module, example: torch.Tensor, rtol: float = 1e-3, originals: Optional[Dict[str, nn.Module]] = None
+) -> List[Tuple[str, str]]:
     """Fold every BatchNorm2d fed directly by a Conv2d into that conv (in place, eval mode) and
     replace the BN by ``nn.Identity``. The model's output on ``example`` is compared before and
     after; if it moved by more than ``rtol`` (relative L2) the folding is undone and a warning names
-    the pairs. Returns the folded (conv, bn) pairs."""
+    the pairs. Returns the folded (conv, bn) pairs. ``originals``, when given, receives conv name
+    -> the BatchNorm2d module folded into it (removed from the model, its running statistics and
+    affine parameters unchanged), for BatchNorm re-estimation after quantization."""
     pairs = find_conv_bn_pairs(model, example)
     if not pairs:
         return []
@@ -105,6 +109,8 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, rtol: float = 1e-3) 
         logger.warning("mpq: BatchNorm folding changed the output by %.2e; left %d BatchNorms unfolded", err, len(pairs))
         return []
     logger.info("mpq: folded %d BatchNorm layers (output change %.1e)", len(pairs), err)
+    if originals is not None:
+        originals.update({conv: modules[bn] for conv, bn in pairs})
     return pairs
 
 

@@ -12,11 +12,13 @@ import torch
 from torch import nn
 
 from mpq.activation import activation_qparams
+from mpq.bn_reestimate import reestimate_batchnorm
 from mpq.allocate import LayerErrors, allocate_points, output_energy, output_errors
 from mpq.calibrate import QuantTarget, calibrate, collect_batches, find_targets, fisher_sensitivity
 from mpq.config import QuantConfig
 from mpq.fold import _set_submodule, fold_batchnorm
-from mpq.methods import LayerContext, corrected_bias, get_method
+from mpq.methods import FittedWeight, LayerContext, corrected_bias, get_method
+from mpq.methods.companding import build_companded
 from mpq.nn import MultipointConv2d, MultipointLinear
 from mpq.refit import refit_scales
 from mpq.simulate import check_simulation
@@ -63,9 +65,13 @@ def last_report(qmodel: nn.Module) -> Optional[QuantReport]:
     return _REPORTS.get(qmodel)
 
 
-def _build_module(t: QuantTarget, points: int, bits: int, has_bias: Optional[bool] = None) -> nn.Module:
+def _build_module(
+    t: QuantTarget, points: int, bits: int, has_bias: Optional[bool] = None, codebook: Optional[torch.Tensor] = None
+) -> nn.Module:
     m = t.module
     has_bias = m.bias is not None if has_bias is None else has_bias
+    if codebook is not None:  # non-uniform levels (companding): a codebook layer
+        return build_companded(t, bits, codebook, has_bias)
     if t.kind == "linear":
         q = MultipointLinear(m.in_features, m.out_features, points, bits, bias=has_bias)
     else:
@@ -150,7 +156,8 @@ def quantize(
     # BatchNorm, so that a bad batch leaves even an inplace model's weights as they were. Folding
     # keeps every layer's input (the BN follows the conv) and the conv modules themselves.
     stats = calibrate(qmodel, targets, batches, cfg, generator)
-    report.folded_batchnorms = len(fold_batchnorm(qmodel, batches[0][: min(2, batches[0].shape[0])]))
+    bn_originals: Dict[str, nn.Module] = {}  # conv -> its folded BatchNorm, for bn_reestimation
+    report.folded_batchnorms = len(fold_batchnorm(qmodel, batches[0][: min(2, batches[0].shape[0])], originals=bn_originals))
     targets = sorted((t for t in targets if t.name in stats), key=lambda t: stats[t.name].order)
     if cfg.first_last != "same" and len(targets) >= 2:
         targets[0].role, targets[-1].role = "first", "last"
@@ -171,6 +178,7 @@ def quantize(
 
     # Fit every layer once with max_points points; the first k points are the k-point fit.
     fitted = {}
+    codebooks: Dict[str, torch.Tensor] = {}  # non-uniform methods' per-layer levels
     errors: Dict[str, LayerErrors] = {}
     fit_seconds: Dict[str, float] = {}
     t0 = time.perf_counter()
@@ -185,13 +193,15 @@ def quantize(
         fit = method.fit(LayerContext(t, w, s, bits, 1 if special else cfg.max_points, cfg))
         codes, scales = fit.codes, fit.scales
         points = codes.shape[1]
-        e = output_errors(w.cpu(), codes.cpu(), scales.cpu(), s, t.groups)
+        e = output_errors(w.cpu(), fit.levels().cpu(), scales.cpu(), s, t.groups)
         energy = output_energy(w.cpu(), s, t.groups)
         if sensitivity is not None and t.name in sensitivity:
             sens = sensitivity[t.name].double()
         else:
             sens = torch.full((w.shape[0],), 1.0 / max(float(energy.sum()), 1e-30), dtype=torch.float64)
         fitted[t.name] = (codes, scales, bits, points, energy, fit.bias, fit.num_points)
+        if fit.codebook is not None:
+            codebooks[t.name] = fit.codebook
         errors[t.name] = LayerErrors(e, w.shape[1], w.shape[1] * bits + cfg.scale_bits, sens)
         fit_seconds[t.name] = time.perf_counter() - tl
     report.seconds["fit"] = time.perf_counter() - t0
@@ -213,10 +223,10 @@ def quantize(
             errors[t.name].errors = output_errors(t.weight_matrix().float().cpu(), codes.cpu(), scales.cpu(), stats[t.name], t.groups)
         if cfg.bias_correction:  # on the weight each channel finally keeps (after the refit)
             kept = (torch.arange(points)[None, :] < n[:, None]).double() * scales.double().cpu()
-            wq = (kept[:, :, None] * codes.double().cpu()).sum(1)
+            wq = (kept[:, :, None] * FittedWeight(codes, scales, codebook=codebooks.get(t.name)).levels().cpu()).sum(1)
             base = new_bias if new_bias is not None else t.module.bias
             new_bias = corrected_bias(t.weight_matrix().cpu(), wq, base, stats[t.name].mean)
-        q = _build_module(t, points, bits, has_bias=new_bias is not None or t.module.bias is not None)
+        q = _build_module(t, points, bits, has_bias=new_bias is not None or t.module.bias is not None, codebook=codebooks.get(t.name))
         q.set_weight(
             codes.reshape(q.codes.shape).to(q.codes.device),
             scales.to(q.scales.device),
@@ -237,6 +247,11 @@ def quantize(
             "mpq: %-40s %5d x %-5d %d-bit points %s  %.2f bits/weight  SQNR %.1f dB  %.2fs",
             t.name, C, D, bits, hist, layer.bits_per_weight, layer.output_sqnr_db, layer.fit_seconds,
         )
+    if cfg.bn_reestimation and bn_originals:  # on the quantized model, after bias correction
+        t0 = time.perf_counter()
+        float_modules = {t.name: t.module for t in targets} if cfg.bn_reference == "float" else None
+        reestimate_batchnorm(qmodel, bn_originals, batches[: max(1, cfg.sensitivity_batches)], float_modules)
+        report.seconds["bn_reestimation"] = time.perf_counter() - t0
     if cfg.verify:
         report.simulation_error = check_simulation(qmodel, batches[0])
     report.float_layers = skipped

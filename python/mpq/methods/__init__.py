@@ -12,6 +12,8 @@ from mpq.methods.gptq import GPTQQuantizer
 from mpq.methods.adaround import AdaRoundQuantizer
 from mpq.methods.ocs import OCSQuantizer
 from mpq.methods.ilp import ILPQuantizer
+from mpq.methods.adaquant import AdaQuantQuantizer
+from mpq.methods.companding import CompandingQuantizer
 from mpq.methods.bias_correction import corrected_bias
 
 __all__ = [
@@ -24,6 +26,8 @@ __all__ = [
     "AdaRoundQuantizer",
     "OCSQuantizer",
     "ILPQuantizer",
+    "AdaQuantQuantizer",
+    "CompandingQuantizer",
     "corrected_bias",
     "available",
     "get_method",

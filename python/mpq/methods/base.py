@@ -31,6 +31,17 @@ class FittedWeight:
     scales: torch.Tensor  # float32 [C, P]
     bias: Optional[torch.Tensor] = None  # replaces the layer's bias when not None
     num_points: Optional[torch.Tensor] = None  # int32 [C]: points in use, for one-point methods that need more (OCS)
+    # float32 [2K + 1]: a non-uniform per-layer codebook (companding): one point whose codes index
+    # it, W[j] = scales[j, 0] * codebook[codes[j, 0] + K], K = (len - 1) / 2. None: uniform codes.
+    codebook: Optional[torch.Tensor] = None
+
+    def levels(self) -> torch.Tensor:
+        """The codes as the values they stand for (float64 [C, P, D]): the integers themselves, or
+        their codebook levels; W = sum_k scales[:, k] * levels()[:, k] over the points in use."""
+        if self.codebook is None:
+            return self.codes.double()
+        K = (self.codebook.numel() - 1) // 2
+        return self.codebook.double().to(self.codes.device)[self.codes.long() + K]
 
 
 class WeightQuantizer:

@@ -8,8 +8,11 @@ minimises the summed sensitivity sum_l Omega_l(b_l) under a size budget, solved 
 sum_b x_lb = 1 per layer, sum_lb size_lb x_lb <= budget.
 
 - Omega_l(b) = sum_j s_lj (w_j - w_j^(b))^T H_l (w_j - w_j^(b)): the layer-output error of the
-  layer quantized at b bits (round to nearest, or GPTQ with ``config.ilp_rounding="gptq"``),
-  weighted per output channel exactly like the multipoint allocation (``allocate.py``): the Fisher
+  layer quantized at b bits by the one-point method ``config.ilp_rounding`` (``"rtn"``: round to
+  nearest; ``"gptq"``, ``"adaround"``, ``"adaquant"``: that registered method at width b), with
+  H_l the centred second moment H - mu mu^T when the bias will absorb the mean output shift (the
+  method tunes the bias, as AdaQuant does, or ``config.bias_correction``), weighted per output
+  channel exactly like the multipoint allocation (``allocate.py``): the Fisher
   sensitivity of the model's output to the channel (``config.sensitivity="fisher"``) or
   1 / the layer's output energy (``"relative"``). CalibTIP measures the loss increase of each
   layer quantized alone and HAWQ-V3 a Hessian trace times the weight perturbation; both are
@@ -31,8 +34,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, register
-from mpq.methods.gptq import gptq_fit
+from mpq.methods.adaquant import centred_moment
+from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, get_method, register
 from mpq.methods.uniform import channel_scales, layer_hessian, round_to_grid, weighted_error
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -98,7 +101,8 @@ def _rtn_fit(w: torch.Tensor, bits: int, rule: str) -> FittedWeight:
 
 @register
 class ILPQuantizer(WeightQuantizer):
-    """Per-layer bit widths from an exact integer program, then round to nearest (or GPTQ)."""
+    """Per-layer bit widths from an exact integer program, then the one-point method
+    ``config.ilp_rounding`` at each layer's width (round to nearest, GPTQ, AdaRound, AdaQuant)."""
 
     name = "ilp"
 
@@ -107,13 +111,13 @@ class ILPQuantizer(WeightQuantizer):
         self.chosen: Dict[str, int] = {}
         self.program: Dict[str, Dict[int, float]] = {}  # layer -> bits -> weighted output error
 
-    def _fit(self, name: str, w: torch.Tensor, stats: "LayerStats", groups: int, bits: int, config: "QuantConfig") -> FittedWeight:
-        key = (name, bits)
+    def _fit(self, target: "QuantTarget", w: torch.Tensor, stats: "LayerStats", bits: int, config: "QuantConfig") -> FittedWeight:
+        key = (target.name, bits)
         if key not in self._fits:
-            if config.ilp_rounding == "gptq":
-                self._fits[key] = gptq_fit(w, stats, groups, bits, config)
-            else:
+            if config.ilp_rounding == "rtn":
                 self._fits[key] = _rtn_fit(w, bits, config.rtn_range)
+            else:  # any registered one-point uniform method (config validates the name)
+                self._fits[key] = get_method(config.ilp_rounding).fit(LayerContext(target, w, stats, bits, 1, config))
         return self._fits[key]
 
     def choose_bits(
@@ -142,9 +146,11 @@ class ILPQuantizer(WeightQuantizer):
                 sens = torch.full((C,), 1.0 / max(float(weighted_error(w, H).sum()), 1e-30), dtype=torch.float64)
             self.program[t.name] = {}
             for k, b in enumerate(widths):
-                fit = self._fit(t.name, w, stats[t.name], t.groups, b, config)
+                fit = self._fit(t, w, stats[t.name], b, config)
                 wq = fit.scales[:, 0].double()[:, None] * fit.codes[:, 0].double()
-                costs[i, k] = float((sens * weighted_error(w - wq, H)).sum())
+                centred = config.bias_correction or fit.bias is not None  # the bias removes the mean shift
+                Hb = centred_moment(H, stats[t.name].mean) if centred else H
+                costs[i, k] = float((sens * weighted_error(w - wq, Hb)).sum())
                 sizes[i, k] = C * (D * b + config.scale_bits)
                 self.program[t.name][b] = costs[i, k]
         budget = int(np.floor(config.budget_bits * total_weights + 1e-6))
@@ -158,4 +164,4 @@ class ILPQuantizer(WeightQuantizer):
         return dict(self.chosen)
 
     def fit(self, ctx: LayerContext) -> FittedWeight:
-        return self._fit(ctx.target.name, ctx.weight.float().cpu(), ctx.stats, ctx.target.groups, ctx.bits, ctx.config)
+        return self._fit(ctx.target, ctx.weight.float().cpu(), ctx.stats, ctx.bits, ctx.config)
