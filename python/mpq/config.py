@@ -21,7 +21,7 @@ PRESETS: Dict[str, Tuple[int, Optional[int]]] = {
 _SCOPES = ("model", "layer")
 _FIRST_LAST = ("same", "8bit", "float")
 _ACT_RANGES = ("mse", "percentile", "minmax")
-_SENSITIVITIES = ("fisher", "relative")
+_SENSITIVITIES = ("fisher", "fisher_gaussian", "relative")
 _RTN_RANGES = ("minmax", "mse")
 _SCALE_REFITS = ("output", "weight", "none")
 _ILP_ROUNDINGS = ("rtn", "gptq", "adaround", "adaquant")  # one-point uniform methods
@@ -36,8 +36,12 @@ class QuantConfig:
     points allocated under an average of ``avg_bits`` bits per weight (codes and 32-bit scales
     counted; default ``w_bits + 0.5``). ``scope="model"`` lets all layers compete for the budget,
     ``"layer"`` gives each layer the same average. ``sensitivity`` weighs the layers' output
-    errors: ``"fisher"`` (mean squared gradient of the cross-entropy to the model's own
-    predictions, per output channel) or ``"relative"`` (1 / layer output energy).
+    errors: ``"fisher"`` (a diagonal Fisher per output channel: for [N, classes] logits the mean
+    squared gradient of the cross-entropy to the model's own predictions; for any other output,
+    e.g. embeddings with rows of unit norm, that of a Gaussian output model, the diagonal of
+    J^T J for the squared output error), ``"fisher_gaussian"`` (the Gaussian one whatever the
+    output, e.g. for unnormalised [N, D] regression outputs) or ``"relative"`` (1 / layer output
+    energy).
 
     Activations: per-tensor ``a_bits`` (None: float), range from calibration by ``act_range``.
 

@@ -1,5 +1,7 @@
 """The offline demo (README command 1): EfficientNet-Lite0 in FP32, and RTN and multipoint at
-W4A8 and weight-only W3 (multipoint at w_bits + 0.5 bits per weight), compared on real photos.
+W4A8 and weight-only W3 (multipoint at w_bits + 0.5 bits per weight), compared on real photos;
+then the 36 Linear layers of the all-MiniLM-L6-v2 sentence embedder, compared by the cosine
+similarity of its embeddings to FP32's (``run_text_demo``).
 
 Calibration: seeded random crops and flips of the bundled photos. Evaluation: the 20 labelled
 ImageNet photos (top-1) plus the center crops of the bundled photos (top-1 agreement and KL
@@ -11,7 +13,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ from mpq.config import QuantConfig
 from mpq.quantize import last_report, quantize
 from mpq.summary import model_size_bytes
 
-__all__ = ["DemoData", "load_demo_data", "fidelity", "run_demo"]
+__all__ = ["DemoData", "load_demo_data", "fidelity", "run_demo", "run_text_demo"]
 
 
 @dataclass
@@ -53,48 +55,104 @@ def fidelity(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor
     }
 
 
+def _rtn_and_multipoint(presets: Tuple[str, ...], seed: int) -> Dict[str, QuantConfig]:
+    """Per preset, in order, the configs named "RTN <preset>" and "multipoint <preset>" (the
+    latter at w_bits + 0.5 bits)."""
+    return {
+        f"{label} {p}": QuantConfig.preset(p, seed=seed, **({"method": "rtn"} if label == "RTN" else {}))
+        for p in presets
+        for label in ("RTN", "multipoint")
+    }
+
+
 def run_demo(configs: Optional[Dict[str, QuantConfig]] = None, json_path: Optional[str] = None, seed: int = 0) -> List[dict]:
     """Quantize EfficientNet-Lite0 with each config and print one table row per model."""
     if configs is None:
-        configs = {
-            "RTN W4A8": QuantConfig.preset("W4A8", method="rtn", seed=seed),
-            "multipoint W4A8": QuantConfig.preset("W4A8", seed=seed),
-            "RTN W3A16": QuantConfig.preset("W3A16", method="rtn", seed=seed),
-            "multipoint W3A16": QuantConfig.preset("W3A16", seed=seed),
-        }
+        configs = _rtn_and_multipoint(("W4A8", "W3A16"), seed)
     model = assets.load_efficientnet_lite0()
     data = load_demo_data(seed=seed)
     with torch.no_grad():
         reference = model(data.eval_images)
     n_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
-    rows = [
-        {"model": "FP32", "size_mb": model_size_bytes(model) / 1e6, "avg_bits": 32.0, **fidelity(reference, reference, data.labels),
-         "seconds": 0.0}
-    ]
-    for name, cfg in configs.items():
-        t0 = time.perf_counter()
-        qmodel = quantize(model, data.calib_batches, cfg)
-        seconds = time.perf_counter() - t0
-        with torch.no_grad():
-            out = qmodel(data.eval_images)
-        report = last_report(qmodel)
-        rows.append({"model": name, "size_mb": model_size_bytes(qmodel) / 1e6, "avg_bits": report.avg_bits,
-                     **fidelity(out, reference, data.labels), "seconds": seconds, "config": cfg.to_dict()})
+
+    def evaluate(m: torch.nn.Module) -> dict:
+        return {"size_mb": model_size_bytes(m) / 1e6, **fidelity(m(data.eval_images), reference, data.labels)}
+
+    with torch.no_grad():
+        rows = [{"model": "FP32", "avg_bits": 32.0, **evaluate(model), "seconds": 0.0}]
+    rows += _quantize_each(model, data.calib_batches, configs, evaluate)
     n_lab, n_all = data.labels.numel(), data.eval_images.shape[0]
     print(f"EfficientNet-Lite0 ({n_weights / 1e6:.2f}M conv/linear weights), {len(data.calib_batches)} calibration batches "
           f"({sum(b.shape[0] for b in data.calib_batches)} crops of the bundled photos)")
     print(f"top-1 on {n_lab} labelled ImageNet photos; agreement and KL vs FP32 on those plus {n_all - n_lab} bundled photos")
-    header = f"{'model':<18}{'size MB':>9}{'avg bits':>10}{'top-1':>8}{'agree':>8}{'KL':>9}{'quant s':>9}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['model']:<18}{r['size_mb']:>9.2f}{r['avg_bits']:>10.2f}{r['top1']:>8.1%}{r['agreement']:>8.1%}"
-              f"{r['kl']:>9.4f}{r['seconds']:>9.1f}")
+    _print_table(rows, [("size_mb", "size MB", 9, ".2f"), ("avg_bits", "avg bits", 10, ".2f"), ("top1", "top-1", 8, ".1%"),
+                        ("agreement", "agree", 8, ".1%"), ("kl", "KL", 9, ".4f"), ("seconds", "quant s", 9, ".1f")])
+    print()
+    text_rows = run_text_demo(seed=seed)
     if json_path:
         import mpq
 
         with open(json_path, "w") as f:
-            json.dump({"rows": rows, "build": mpq.build_info(), "seed": seed}, f, indent=2)
+            json.dump({"rows": rows, "minilm_rows": text_rows, "build": mpq.build_info(), "seed": seed}, f, indent=2)
+    return rows
+
+
+def _quantize_each(model: torch.nn.Module, calib: List[torch.Tensor], configs: Dict[str, QuantConfig], evaluate) -> List[dict]:
+    """One row per config: quantize ``model``, time it, and add ``evaluate(qmodel)``'s measures."""
+    rows = []
+    for name, cfg in configs.items():
+        t0 = time.perf_counter()
+        qmodel = quantize(model, calib, cfg)
+        seconds = time.perf_counter() - t0
+        with torch.no_grad():
+            measures = evaluate(qmodel)
+        rows.append({"model": name, "avg_bits": last_report(qmodel).avg_bits, **measures, "seconds": seconds,
+                     "config": cfg.to_dict()})
+    return rows
+
+
+def _print_table(rows: List[dict], columns: List[Tuple[str, str, int, str]]) -> None:
+    """The rows' model name, then per column (key, title, width, format)."""
+    header = f"{'model':<18}" + "".join(f"{title:>{width}}" for _, title, width, _ in columns)
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['model']:<18}" + "".join(f"{r[key]:>{width}{fmt}}" for key, _, width, fmt in columns))
+
+
+class _DropFloatLayerWarning(logging.Filter):
+    """The embedding tables stay float in every config: say so once, in the table's header."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "stay in float" not in str(record.msg)
+
+
+def run_text_demo(configs: Optional[Dict[str, QuantConfig]] = None, seed: int = 0) -> List[dict]:
+    """Quantize the Linear layers of all-MiniLM-L6-v2 with each config, calibrated on
+    ``mpq.text.calibration_sentences()``, and print the cosine similarity of the embeddings of
+    ``mpq.text.evaluation_sentences()`` to FP32's (mean and minimum), one row per model."""
+    from mpq import text
+
+    if configs is None:
+        configs = _rtn_and_multipoint(("W4A16", "W3A16", "W4A8"), seed)
+    model, tokenizer = assets.load_minilm()
+    calib = text.calibration_batches(tokenizer, text.calibration_sentences())
+    evaluation = text.tokenize(tokenizer, text.evaluation_sentences())
+    with torch.no_grad():
+        reference = model(evaluation)
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    rows = [{"model": "FP32", "avg_bits": 32.0, **text.embedding_fidelity(reference, reference), "seconds": 0.0}]
+    log, drop = logging.getLogger("mpq"), _DropFloatLayerWarning()
+    log.addFilter(drop)
+    try:
+        rows += _quantize_each(model, calib, configs, lambda m: text.embedding_fidelity(m(evaluation), reference))
+    finally:
+        log.removeFilter(drop)
+    print(f"all-MiniLM-L6-v2: {len(linear)} Linear layers ({sum(m.weight.numel() for m in linear) / 1e6:.2f}M weights) "
+          f"quantized, the embedding tables stay float; calibrated on {len(text.calibration_sentences())} sentences")
+    print(f"cosine similarity of the sentence embeddings to FP32 on {evaluation.shape[0]} other sentences")
+    _print_table(rows, [("avg_bits", "avg bits", 10, ".2f"), ("cos_mean", "cos mean", 10, ".4f"),
+                        ("cos_min", "cos min", 10, ".4f"), ("seconds", "quant s", 9, ".1f")])
     return rows
 
 

@@ -12,8 +12,10 @@ parameters and buffers) and, in the safetensors header's ``__metadata__["mpq"]``
 - ``layers``: per multipoint layer its constructor arguments (kind, shapes, stride, padding,
   dilation, groups, pre_padding, same_padding, w_bits, max_points), ``output_sqnr_db`` and
   whether ``bias`` / ``act_qparams`` exist;
-- ``identity_modules``: the modules that are ``nn.Identity`` in the quantized model (the
-  BatchNorms that ``mpq.quantize`` folded, and any Identity the model had);
+- ``folded_batchnorms``: the BatchNorms that ``mpq.quantize`` folded into their convolutions
+  (``nn.Identity`` in the quantized model; from its ``QuantReport``, or from the file it was
+  loaded from). Files written before this key hold ``identity_modules`` (every ``nn.Identity``
+  of the quantized model), which ``load`` reads the same way;
 - ``tensors_sha256``: a checksum of all tensors, so a damaged file is refused.
 
 ``load(path, model)`` rebuilds the quantized model on a copy of the float architecture ``model``:
@@ -229,8 +231,14 @@ def save(
     if not layers:
         raise ValueError("mpq.save: qmodel has no multipoint layer; expected the output of mpq.quantize")
     previous = _LOADED.get(qmodel, {})
+    report = last_report(qmodel)
+    if report is not None:
+        folded = list(report.folded_batchnorm_names)
+    elif previous.get("folded_batchnorms") is not None:
+        folded = list(previous["folded_batchnorms"])
+    else:  # not quantized or loaded in this process (e.g. a deepcopy): load only swaps BatchNorms
+        folded = [n for n, m in qmodel.named_modules() if type(m) is nn.Identity]
     if config is None:
-        report = last_report(qmodel)
         if report is not None:
             config = report.config
         elif previous.get("config") is not None:
@@ -263,7 +271,7 @@ def save(
         "architecture": architecture,
         "model_class": f"{type(qmodel).__module__}.{type(qmodel).__qualname__}",
         "layers": layers,
-        "identity_modules": [n for n, m in qmodel.named_modules() if type(m) is nn.Identity],
+        "folded_batchnorms": folded,
         "tensors_sha256": _checksum(tensors),
     }
     path = Path(path)
@@ -342,9 +350,10 @@ def _read_header(path: Path) -> Dict[str, Any]:
     for key in ("layers",):
         if not isinstance(meta.get(key), dict):
             raise ValueError(f"{where}: the mpq metadata is corrupted (no {key!r} object)")
-    identity = meta.get("identity_modules", [])
-    if not isinstance(identity, list) or not all(isinstance(n, str) for n in identity):
-        raise ValueError(f"{where}: the mpq metadata is corrupted ('identity_modules' is not a list of names)")
+    for key in ("folded_batchnorms", "identity_modules"):  # the second in files written before the first
+        names = meta.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{where}: the mpq metadata is corrupted ({key!r} is not a list of names)")
     return meta
 
 
@@ -467,7 +476,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
         _set_submodule(target, name, q)
     modules = dict(target.named_modules())
     folded = []
-    for name in meta.get("identity_modules", []):
+    for name in meta.get("folded_batchnorms", meta.get("identity_modules", [])):
         m = modules.get(name)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             _set_submodule(target, name, nn.Identity())

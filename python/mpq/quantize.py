@@ -46,9 +46,14 @@ class QuantReport:
     config: QuantConfig
     layers: List[LayerReport] = field(default_factory=list)
     float_layers: List[Tuple[str, str]] = field(default_factory=list)
-    folded_batchnorms: int = 0
+    folded_batchnorm_names: List[str] = field(default_factory=list)  # BatchNorms folded and replaced by Identity
     simulation_error: float = float("nan")  # kernels vs float simulation on a calibration batch
     seconds: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def folded_batchnorms(self) -> int:
+        """How many BatchNorms were folded (their names: ``folded_batchnorm_names``)."""
+        return len(self.folded_batchnorm_names)
 
     @property
     def avg_bits(self) -> float:
@@ -157,7 +162,8 @@ def quantize(
     # keeps every layer's input (the BN follows the conv) and the conv modules themselves.
     stats = calibrate(qmodel, targets, batches, cfg, generator)
     bn_originals: Dict[str, nn.Module] = {}  # conv -> its folded BatchNorm, for bn_reestimation
-    report.folded_batchnorms = len(fold_batchnorm(qmodel, batches[0][: min(2, batches[0].shape[0])], originals=bn_originals))
+    folded = fold_batchnorm(qmodel, batches[0][: min(2, batches[0].shape[0])], originals=bn_originals)
+    report.folded_batchnorm_names = [bn for _, bn in folded]
     targets = sorted((t for t in targets if t.name in stats), key=lambda t: stats[t.name].order)
     if cfg.first_last != "same" and len(targets) >= 2:
         targets[0].role, targets[-1].role = "first", "last"
@@ -170,10 +176,11 @@ def quantize(
     sensitivity: Optional[Dict[str, torch.Tensor]] = None
     t0 = time.perf_counter()
     method = get_method(cfg.method)
-    if (method.multipoint or hasattr(method, "choose_bits")) and cfg.sensitivity == "fisher":
-        sensitivity = fisher_sensitivity(qmodel, targets, batches[: cfg.sensitivity_batches])
+    if (method.multipoint or hasattr(method, "choose_bits")) and cfg.sensitivity != "relative":
+        output = "gaussian" if cfg.sensitivity == "fisher_gaussian" else "auto"
+        sensitivity = fisher_sensitivity(qmodel, targets, batches[: cfg.sensitivity_batches], output, generator)
         if sensitivity is None:
-            logger.info("mpq: the model's output is not [N, classes] logits; using relative sensitivity")
+            logger.info("mpq: the model's output has no floating tensor; using relative sensitivity")
     report.seconds["sensitivity"] = time.perf_counter() - t0
 
     # Fit every layer once with max_points points; the first k points are the k-point fit.

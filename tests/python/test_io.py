@@ -113,6 +113,39 @@ def test_efficientnet_lite0_round_trip_is_bit_exact(tmp_path):
     assert isinstance(model._bn0, nn.BatchNorm2d)  # the float model given to load is untouched
 
 
+def _with_identity() -> nn.Module:
+    """A genuine nn.Identity (index 3) beside a BatchNorm that quantize folds (1) and one it cannot
+    fold (7, after a Linear)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Identity(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4),
+    ).eval()
+
+
+def test_round_trip_keeps_a_genuine_identity_and_records_only_folded_batchnorms(tmp_path):
+    torch.manual_seed(0)
+    model = _with_identity()
+    for bn in (model[1], model[7]):
+        bn.running_mean.normal_(0, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+    qmodel = mpq.quantize(model, [torch.randn(8, 3, 12, 12)], mpq.QuantConfig(w_bits=4, a_bits=8))
+    report = mpq.last_report(qmodel)
+    assert report.folded_batchnorm_names == ["1"] and report.folded_batchnorms == 1
+    path = tmp_path / "identity.mpq.safetensors"
+    mpq.save(qmodel, path)
+    assert mpq.io.read_metadata(path)["folded_batchnorms"] == ["1"]
+    loaded = mpq.load(path, _with_identity())
+    _assert_same_state(qmodel, loaded)  # module types included: 1 and 3 Identity, 7 BatchNorm1d
+    assert type(loaded[3]) is nn.Identity and type(loaded[1]) is nn.Identity and isinstance(loaded[7], nn.BatchNorm1d)
+    x = torch.randn(5, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), loaded(x))
+    assert mpq.io.loaded_metadata(loaded)["folded_batchnorms"] == ["1"]
+    # saving the loaded model again records the same list (from the file, not from the Identities)
+    mpq.save(loaded, tmp_path / "again.mpq.safetensors")
+    assert mpq.io.read_metadata(tmp_path / "again.mpq.safetensors")["folded_batchnorms"] == ["1"]
+
+
 # ---- damaged, newer and mismatched files -------------------------------------------------------
 
 
