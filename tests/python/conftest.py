@@ -20,5 +20,21 @@ def one_intraop_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="session")
+def lite0():
+    """(EfficientNet-Lite0, demo data with 32 calibration crops, FP32 logits on the eval images)."""
+    from mpq import assets
+    from mpq.demo import load_demo_data
+
+    try:
+        model = assets.load_efficientnet_lite0()
+        data = load_demo_data(calib_images=32, batch_size=16)
+    except assets.AssetMissing as e:  # pragma: no cover
+        pytest.skip(f"offline assets missing: {e}")
+    with torch.no_grad():
+        ref = model(data.eval_images)
+    return model, data, ref
+
+
 def pytest_report_header(config):
     return f"mpq build: {mpq.build_info()}"

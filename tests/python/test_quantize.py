@@ -11,10 +11,9 @@ import torchvision
 from torch import nn
 
 import mpq
-from mpq import assets
 from small_models import randomize_batchnorm, small_cnn
 from mpq.allocate import LayerErrors, allocate_points
-from mpq.demo import fidelity, load_demo_data
+from mpq.demo import fidelity
 from mpq.fold import fold_batchnorm
 
 
@@ -180,18 +179,6 @@ def test_user_mistakes_raise_before_work():
 # ---- the real model ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def lite0():
-    try:
-        model = assets.load_efficientnet_lite0()
-        data = load_demo_data(calib_images=32, batch_size=16)
-    except assets.AssetMissing as e:  # pragma: no cover
-        pytest.skip(f"offline assets missing: {e}")
-    with torch.no_grad():
-        ref = model(data.eval_images)
-    return model, data, ref
-
-
 def test_efficientnet_lite0_fp32_is_right_on_the_labelled_photos(lite0):
     _, data, ref = lite0
     assert fidelity(ref, ref, data.labels)["top1"] >= 0.8  # measured 17/20
@@ -260,3 +247,20 @@ def test_output_refit_never_increases_the_output_error():
     # Measured here: 0.973 of the greedy scales' output error (on EfficientNet-Lite0 the model's KL
     # to FP32 fell from 0.143 to 0.096).
     assert after.sum() < 0.99 * before.sum()
+
+
+def test_fisher_sensitivity_with_in_place_relu_equals_out_of_place():
+    """torchvision's ResNets apply ReLU(inplace=True) to conv outputs the sensitivity hooks wrap."""
+    from mpq.calibrate import find_targets, fisher_sensitivity
+
+    model = randomize_batchnorm(torchvision.models.resnet18(weights=None, num_classes=10).eval())
+    x = [torch.randn(2, 3, 32, 32)]
+    targets, _ = find_targets(model, mpq.QuantConfig())
+    in_place = fisher_sensitivity(model, targets, x)
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    out_of_place = fisher_sensitivity(model, targets, x)
+    assert set(in_place) == set(out_of_place) == {t.name for t in targets}
+    for name in in_place:
+        torch.testing.assert_close(in_place[name], out_of_place[name], rtol=1e-5, atol=0)

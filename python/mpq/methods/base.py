@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Type
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 
@@ -31,6 +31,10 @@ class FittedWeight:
     scales: torch.Tensor  # float32 [C, P]
     bias: Optional[torch.Tensor] = None  # replaces the layer's bias when not None
     num_points: Optional[torch.Tensor] = None  # int32 [C]: points in use, for one-point methods that need more (OCS)
+    # Other nested point sequences (codes, scales) of the same shapes: mpq.quantize allocates on the
+    # per-channel minimum of their output errors and each channel keeps the sequence that is best
+    # at its allocated count (multipoint with point_rounding="gptq").
+    alternatives: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
     # float32 [2K + 1]: a non-uniform per-layer codebook (companding): one point whose codes index
     # it, W[j] = scales[j, 0] * codebook[codes[j, 0] + K], K = (len - 1) / 2. None: uniform codes.
     codebook: Optional[torch.Tensor] = None

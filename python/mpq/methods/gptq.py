@@ -22,7 +22,7 @@ import torch
 from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, register
 from mpq.methods.uniform import channel_scales, grid_max, layer_hessian
 
-__all__ = ["GPTQQuantizer", "gptq_quantize"]
+__all__ = ["GPTQQuantizer", "gptq_factor", "gptq_quantize"]
 
 BLOCK = 128
 
@@ -45,8 +45,23 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     raise RuntimeError("mpq.methods.gptq: the layer's input second moment could not be factored")
 
 
+def gptq_factor(H: torch.Tensor, damp: float = 0.01, act_order: bool = False):
+    """What the column sweep needs from H [G, D, D], computed once per layer and reusable for
+    several sweeps (multipoint + GPTQ runs one per point): (U [G, D, D], column order [G, D] or None)."""
+    H = H.double().cpu().clone()
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag[dead] = 1.0  # a dead input's column is decoupled: rounded to nearest, no error spread
+    perm = None
+    if act_order:
+        perm = torch.argsort(diag, dim=-1, descending=True)  # [G, D]
+        H = torch.gather(torch.gather(H, 1, perm[:, :, None].expand_as(H)), 2, perm[:, None, :].expand_as(H))
+    return _inverse_cholesky(H, damp), perm
+
+
 def gptq_quantize(
-    w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: int, damp: float = 0.01, act_order: bool = False
+    w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: int, damp: float = 0.01, act_order: bool = False,
+    factor=None,
 ) -> torch.Tensor:
     """GPTQ codes of ``w``.
 
@@ -57,6 +72,7 @@ def gptq_quantize(
         bits: code width; grid -K..K.
         damp: dampening as a fraction of the mean diagonal of H.
         act_order: quantize columns in decreasing order of diag(H).
+        factor: ``gptq_factor(H, damp, act_order)`` when already computed.
 
     Returns:
         codes (Tensor[C, D], int8) with w ~ scale[:, None] * codes.
@@ -69,15 +85,9 @@ def gptq_quantize(
     W = w.double().cpu().reshape(G, C // G, D).clone()
     s = scale.double().cpu().reshape(G, C // G, 1)
     safe = torch.where(s > 0, s, torch.ones_like(s))
-    H = H.double().cpu().clone()
-    diag = H.diagonal(dim1=-2, dim2=-1)
-    dead = diag == 0
-    diag[dead] = 1.0  # a dead input's column is decoupled: rounded to nearest, no error spread
-    if act_order:
-        perm = torch.argsort(diag, dim=-1, descending=True)  # [G, D]
+    U, perm = factor if factor is not None else gptq_factor(H, damp, act_order)
+    if perm is not None:
         W = torch.gather(W, 2, perm[:, None, :].expand_as(W))
-        H = torch.gather(torch.gather(H, 1, perm[:, :, None].expand_as(H)), 2, perm[:, None, :].expand_as(H))
-    U = _inverse_cholesky(H, damp)
     Q = torch.zeros_like(W)
     for i1 in range(0, D, BLOCK):
         i2 = min(i1 + BLOCK, D)
@@ -92,7 +102,7 @@ def gptq_quantize(
             W1[:, :, i:] -= err[:, :, None] * U1[:, None, i, i:]
             E1[:, :, i] = err
         W[:, :, i2:] -= torch.bmm(E1, U[:, i1:i2, i2:])
-    if act_order:
+    if perm is not None:
         Q = torch.empty_like(Q).scatter_(2, perm[:, None, :].expand_as(Q), Q)
     Q = torch.where(s > 0, Q, torch.zeros_like(Q))
     return Q.reshape(C, D).to(torch.int8)
