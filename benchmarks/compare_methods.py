@@ -188,17 +188,20 @@ COLUMNS = [  # (key, header, format)
 ]
 
 
-def run_task(task: Task, settings: List[str], only: Optional[List[str]], seed: int) -> List[Dict]:
+def run_task(task: Task, settings: List[str], only: Optional[List[str]], seed: int,
+             on_row: Callable[[List[Dict]], None] = lambda rows: None) -> List[Dict]:
+    """Every configured row of ``task``; ``on_row(rows so far)`` after each (the tables are
+    rewritten as rows arrive, so an interrupted run keeps what it measured)."""
     reference = _batched(task.model, task.eval_inputs)
     rows: List[Dict] = [{"setting": "FP32", "method": "fp32", "avg_bits": 32.0, "nominal_bits": 32.0,
                          "size_mb": model_size_bytes(task.model) / 1e6, **task.quality(reference, reference),
                          "sqnr_db": float("inf"), "seconds": 0.0}]
     cols = [c for c in COLUMNS if c[0] in rows[0] or c[0] in ("sqnr_db", "seconds")]
     print(f"\n{task.title}: {task.data_note}; CPU, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}", flush=True)
-    print(f"{'setting':<7} {'method':<22}" + "".join(f"{h:>10}" for _, h, _ in cols), flush=True)
+    print(f"{'setting':<7} {'method':<26}" + "".join(f"{h:>10}" for _, h, _ in cols), flush=True)
 
     def show(r: Dict) -> None:
-        print(f"{r['setting']:<7} {r['method']:<22}" + "".join(f"{_fmt(r, k, f):>10}" for k, _, f in cols), flush=True)
+        print(f"{r['setting']:<7} {r['method']:<26}" + "".join(f"{_fmt(r, k, f):>10}" for k, _, f in cols), flush=True)
 
     show(rows[0])
     for setting in settings:
@@ -224,6 +227,7 @@ def run_task(task: Task, settings: List[str], only: Optional[List[str]], seed: i
             }
             rows.append(r)
             show(r)
+            on_row(rows)
     return rows
 
 
@@ -250,7 +254,6 @@ def write_results(task: Task, rows: List[Dict], args: argparse.Namespace, comman
     for r in rows:
         md.append(f"| {r['setting']} | {r['method']} | " + " | ".join(_fmt(r, k, f) for k, _, f in cols) + " |")
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print(f"wrote {out} and .md", flush=True)
 
 
 def main() -> None:
@@ -268,8 +271,7 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         task = load_task(name, args.seed)
-        rows = run_task(task, args.settings, args.only, args.seed)
-        write_results(task, rows, args, command)
+        run_task(task, args.settings, args.only, args.seed, lambda rows: write_results(task, rows, args, command))
 
 
 if __name__ == "__main__":
