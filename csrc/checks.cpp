@@ -23,11 +23,13 @@ void check_fit_multipoint_args(const at::Tensor& weight, int64_t bits, int64_t m
   if (weight.numel() > 0) {
     TORCH_CHECK(at::isfinite(weight).all().item<bool>(),
                 "mpq::fit_multipoint: weight contains NaN or inf");
-    if (weight.scalar_type() == at::kDouble) {  // scales and errors are stored in float32
-      TORCH_CHECK(weight.abs().max().item<double>() <= 1e30,
-                  "mpq::fit_multipoint: weight has magnitudes above 1e30, beyond what float32 scales and "
-                  "squared errors hold");
-    }
+    // The errors are float64 sums stored in float32, never above the row's squared norm.
+    const auto norms = weight.to(at::kDouble).square().sum(1);
+    const auto row = norms.argmax().item<int64_t>();
+    const double most = norms[row].item<double>();
+    TORCH_CHECK(most <= kMaxRowSquaredNorm,
+                "mpq::fit_multipoint: expected every row of weight to have a squared norm sum_d w[j, d]^2 <= ",
+                kMaxRowSquaredNorm, " (the float32 maximum: sq_errors are float32), got ", most, " in row ", row);
   }
 }
 
@@ -53,6 +55,19 @@ void check_multipoint_weight(const char* op, const at::Tensor& codes, const at::
     const auto hi = num_points.max().item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi <= codes.size(1), op, ": expected num_points in 0..", codes.size(1),
                 ", got values in ", lo, "..", hi);
+    // One pass over the scales of the points in use (the others contribute nothing). NB: not on
+    // CUDA, where reading them would sync the device; non-finite scales give NaN there (checks.h).
+    const auto n = num_points.contiguous();
+    const auto s = scales.contiguous();
+    const int* counts = n.data_ptr<int>();
+    const float* v = s.data_ptr<float>();
+    const int64_t C = codes.size(0), P = codes.size(1);
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t k = 0; k < counts[c]; ++k) {
+        TORCH_CHECK(std::isfinite(v[c * P + k]), op, ": expected finite scales for the points in use, got ",
+                    v[c * P + k], " at scales[", c, ", ", k, "] (num_points[", c, "] = ", counts[c], ")");
+      }
+    }
   }
 }
 
@@ -105,12 +120,16 @@ void check_multipoint_linear_args(const at::Tensor& input, const at::Tensor& cod
               "] to match codes [C, P, D], got input shape ", input.sizes());
 }
 
-void check_multipoint_conv2d_args(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
-                                  const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,
-                                  const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
-                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+std::vector<int64_t> check_multipoint_conv2d_args(const at::Tensor& input, const at::Tensor& codes,
+                                                  const at::Tensor& scales, const at::Tensor& num_points,
+                                                  const c10::optional<at::Tensor>& bias,
+                                                  const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
+                                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   constexpr const char* op = "mpq::multipoint_conv2d";
   check_multipoint_weight(op, codes, scales, num_points, 5);
+  TORCH_CHECK(codes.size(3) >= 1 && codes.size(4) >= 1, op,
+              ": expected codes [C_out, P, C_in/groups, kh, kw] with a kernel of at least 1 x 1, got shape ",
+              codes.sizes());
   check_bias_and_act(op, input, bias, act_qparams, codes.size(0));
   TORCH_CHECK(input.device() == codes.device(), op, ": expected input on ", codes.device(),
               " with codes, got ", input.device());
@@ -126,6 +145,17 @@ void check_multipoint_conv2d_args(const at::Tensor& input, const at::Tensor& cod
                   padding[1] >= 0,
               op, ": expected stride >= 1, dilation >= 1 and padding >= 0, got stride ", stride, ", padding ",
               padding, ", dilation ", dilation);
+  std::vector<int64_t> out = {input.size(0), codes.size(0), 0, 0};
+  for (int d = 0; d < 2; ++d) {
+    const int64_t size = input.size(2 + d), padded = size + 2 * padding[d];
+    const int64_t extent = dilation[d] * (codes.size(3 + d) - 1) + 1;  // of the dilated kernel
+    TORCH_CHECK(size >= 1, op, ": expected input [N, C_in, H, W] with H, W >= 1, got shape ", input.sizes());
+    TORCH_CHECK(padded >= extent, op, ": expected input [N, C_in, H, W] to hold the dilated kernel after padding ",
+                "(an output of at least 1 x 1), got input shape ", input.sizes(), " with padding ", padding,
+                ": padded size ", padded, " < dilated kernel size ", extent, " in dimension ", 2 + d);
+    out[2 + d] = (padded - extent) / stride[d] + 1;
+  }
+  return out;
 }
 
 // ---- the packed weight ----------------------------------------------------------------------------
@@ -227,6 +257,14 @@ PackedKernel check_multipoint_linear_packed_args(const at::Tensor& input, const 
                                                  c10::string_view kernel) {
   constexpr const char* op = "mpq::multipoint_linear_packed";
   check_packed_weight(op, packed, packed_scales, perm, tile_offsets, out_features);
+  if (packed_scales.is_cpu()) {  // as the scales in check_multipoint_weight: not on CUDA (a sync)
+    const auto s = packed_scales.contiguous();
+    const float* v = s.data_ptr<float>();
+    for (int64_t i = 0; i < s.numel(); ++i) {
+      TORCH_CHECK(std::isfinite(v[i]), op, ": expected finite packed_scales, got ", v[i], " at packed_scales[",
+                  i / s.size(1), ", ", i % s.size(1), "]");
+    }
+  }
   TORCH_CHECK(row_sums.scalar_type() == at::kFloat && row_sums.dim() == 1 && row_sums.size(0) == perm.size(0), op,
               ": expected row_sums to be float32[", perm.size(0), "], got ", row_sums.scalar_type(), row_sums.sizes());
   TORCH_CHECK(row_sums.device() == packed.device(), op, ": expected row_sums on ", packed.device(), ", got ",

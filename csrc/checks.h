@@ -6,14 +6,25 @@
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
 
+#include <vector>
+
 namespace mpq {
 
-// fit_multipoint: weight float32/float64 [C, D] without NaN/inf, bits in 2..8, max_points >= 1.
+// fit_multipoint: weight float32/float64 [C, D] without NaN/inf, bits in 2..8, max_points in 1..64,
+// and every row's squared norm sum_d w[j, d]^2 (in float64) at most kMaxRowSquaredNorm: sq_errors are
+// float32 and the greedy errors never exceed the row's squared norm, so none overflows to inf (nor
+// do the scales, least-squares scales at most max|residual| <= ||w_j||). Syncs the device on CUDA
+// (a one-off op).
+constexpr double kMaxRowSquaredNorm = 3.4028234663852886e38;  // FLT_MAX
 void check_fit_multipoint_args(const at::Tensor& weight, int64_t bits, int64_t max_points);
 
 // The multipoint weight triple, for an op named `op`; `code_dims` is the rank of codes
-// (3 for linear [C, P, D], 5 for conv [C, P, C_in/g, kh, kw]). Checks num_points values
-// in 0..P when they live on the CPU.
+// (3 for linear [C, P, D], 5 for conv [C, P, C_in/g, kh, kw]). C = 0 channels and P = 0 points
+// are valid (an empty weight, an all-zero weight). When num_points and scales live on the CPU,
+// also their values: num_points in 0..P, and the scales of the points in use (k < num_points[c])
+// finite. NB: on CUDA neither is checked, as reading them would sync the device: counts are
+// clamped to 0..P by the kernels, and non-finite scales propagate as NaN (or inf) into the
+// dequantized weight and the layer's output.
 void check_multipoint_weight(const char* op, const at::Tensor& codes, const at::Tensor& scales,
                              const at::Tensor& num_points, int64_t code_dims);
 
@@ -26,15 +37,20 @@ void check_act_qparams_values(const char* op, double scale, double zero_point, d
 
 // Every argument of mpq::dequantize_multipoint / multipoint_linear / multipoint_conv2d, on any
 // backend; the input must live on the device of codes, act_qparams there or on the CPU.
+// multipoint_conv2d also needs a kernel of at least 1 x 1 (codes), an input of at least 1 x 1 and
+// the dilated kernel inside the padded input (an output of at least 1 x 1); it returns the output
+// shape [N, C_out, H_out, W_out]: with C_out = 0 the kernels return an empty tensor of that shape
+// (ATen's conv2d refuses a weight without output channels).
 void check_dequantize_args(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
                            at::ScalarType dtype);
 void check_multipoint_linear_args(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
                                   const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,
                                   const c10::optional<at::Tensor>& act_qparams);
-void check_multipoint_conv2d_args(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
-                                  const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,
-                                  const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
-                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+std::vector<int64_t> check_multipoint_conv2d_args(const at::Tensor& input, const at::Tensor& codes,
+                                                  const at::Tensor& scales, const at::Tensor& num_points,
+                                                  const c10::optional<at::Tensor>& bias,
+                                                  const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
+                                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
 // ---- the packed weight (csrc/kernels/packed_layout.h) -------------------------------------------
 
@@ -58,7 +74,8 @@ void check_unpack_multipoint_args(const at::Tensor& packed, const at::Tensor& pa
 enum class PackedKernel { kAuto, kDense, kGemv, kMma, kInt8 };
 
 // Every argument of mpq::multipoint_linear_packed; returns the kernel asked for (its preconditions
-// on dtypes checked: gemv/mma need float16/bfloat16 input, int8 needs act_qparams).
+// on dtypes checked: gemv/mma need float16/bfloat16 input, int8 needs act_qparams). On the CPU also
+// packed_scales finite (as the scales of check_multipoint_weight; on CUDA not checked, NaN propagates).
 PackedKernel check_multipoint_linear_packed_args(const at::Tensor& input, const at::Tensor& packed,
                                                  const at::Tensor& packed_scales, const at::Tensor& perm,
                                                  const at::Tensor& tile_offsets, const at::Tensor& row_sums,

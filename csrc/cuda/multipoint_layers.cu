@@ -43,7 +43,8 @@ constexpr int kThreads = 256;
 int64_t grid_for(int64_t n) { return cuda_detail::grid_for(n, kThreads); }
 
 // out[c, s] = sum_{k < num_points[c]} scales[c, k] * codes[c, k, s]. NB: num_points is not
-// range-checked on the device (that would need a host sync): counts are clamped to 0..P.
+// range-checked on the device (that would need a host sync): counts are clamped to 0..P; nor are the
+// scales checked for NaN/inf (the CPU kernel rejects them): they propagate as NaN (checks.h).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     dequantize_kernel(const int8_t* __restrict__ codes, const float* __restrict__ scales,
@@ -178,14 +179,16 @@ at::Tensor multipoint_conv2d_cuda(const at::Tensor& input, const at::Tensor& cod
                                   const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   constexpr const char* op = "mpq::multipoint_conv2d";
-  check_multipoint_conv2d_args(input, codes, scales, num_points, bias, act_qparams, stride, padding, dilation,
-                               groups);
+  const auto out_shape = check_multipoint_conv2d_args(input, codes, scales, num_points, bias, act_qparams, stride,
+                                                      padding, dilation, groups);
   check_on_cuda(op, input, codes);
   c10::cuda::CUDAGuard guard(input.device());
+  const auto x = fake_quantize_activation(op, input, act_qparams);  // checks act_qparams on the host
+  if (codes.size(0) == 0) return at::empty(out_shape, input.options());  // ATen refuses C_out = 0, as on the CPU
   const auto w = dequantize(codes, scales, num_points, input.scalar_type());
   c10::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->to(input.scalar_type());
-  return at::conv2d(fake_quantize_activation(op, input, act_qparams), w, b, stride, padding, dilation, groups);
+  return at::conv2d(x, w, b, stride, padding, dilation, groups);
 }
 
 }  // namespace mpq

@@ -2,7 +2,8 @@
 names the function (or op) and the argument: mpq.quantize, QuantConfig and its presets,
 mpq.save / mpq.load, mpq.summary, mpq.plot_allocation, the four torch.ops.mpq ops, the
 multipoint modules' set_weight / set_act_qparams, and the CLI. Non-contiguous inputs are
-accepted and give the same result. The C++ validation gaps found are strict xfails at the end."""
+accepted and give the same result. The C++ validation gaps found earlier (empty weights, conv2d
+geometry, non-finite scales, fit_multipoint's float32 overflow) end the file, as decided."""
 import math
 import re
 from pathlib import Path
@@ -385,72 +386,189 @@ def test_quantize_accepts_non_contiguous_and_channels_last_batches() -> None:
             torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
 
 
-# ---- C++ validation gaps: strict xfails (each one is reported) -----------------------------------
+# ---- the former C++ validation gaps: the decided behaviour -------------------------------------
+# Empty weights compute (C = 0: an empty output; P = 0: the zero weight); a conv2d whose kernel is
+# empty or does not fit the padded input, non-finite scales (CPU) and weights whose squared errors
+# would overflow fit_multipoint's float32 sq_errors are refused naming the op and the argument.
+# test_fuzz.py draws from all of these domains; test_cuda.py checks the CUDA kernels agree.
+
+FLT_MAX = torch.finfo(torch.float32).max
 
 
-def _raises_naming(op: str, call: Callable, *words: str):
-    """Either the call works, or it raises a RuntimeError naming the op (and the words)."""
-    try:
-        return call()
-    except RuntimeError as e:
-        assert str(e).startswith(op), f"message without the op name: {str(e).splitlines()[0]}"
-        for w in words:
-            assert w in str(e), f"message without {w!r}: {e}"
-        return None
+@pytest.mark.parametrize("inner", [(6,), (3, 3, 3), (0,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_dequantize_zero_channels_gives_an_empty_weight(inner, dtype) -> None:
+    codes = torch.zeros(0, 2, *inner, dtype=torch.int8)
+    out = ops.dequantize_multipoint(codes, torch.zeros(0, 2), torch.zeros(0, dtype=torch.int32), dtype)
+    assert out.shape == (0, *inner) and out.dtype == dtype
 
 
-@pytest.mark.xfail(strict=True, reason="C++ gap: mpq::dequantize_multipoint with C = 0 channels fails in a reshape "
-                   "('cannot reshape tensor of 0 elements'), without the op name")
-def test_gap_dequantize_zero_channels() -> None:
-    codes, scales, n = _linear_weight()
-    out = _raises_naming("mpq::dequantize_multipoint", lambda: ops.dequantize_multipoint(codes[:0], scales[:0], n[:0],
-                                                                                         torch.float32), "codes")
-    assert out is None or out.shape == (0, 6)
+@pytest.mark.parametrize("inner", [(6,), (3, 3, 3)])
+def test_dequantize_zero_points_gives_the_zero_weight(inner) -> None:
+    codes = torch.zeros(4, 0, *inner, dtype=torch.int8)
+    out = ops.dequantize_multipoint(codes, torch.zeros(4, 0), torch.zeros(4, dtype=torch.int32), torch.float64)
+    assert out.dtype == torch.float64 and torch.equal(out, torch.zeros(4, *inner, dtype=torch.float64))
 
 
-@pytest.mark.xfail(strict=True, reason="C++ gap: mpq::multipoint_linear with P = 0 points (codes [C, 0, D]) fails in a "
-                   "reshape without the op name")
-def test_gap_linear_zero_points() -> None:
+@pytest.mark.parametrize("act", [None, (0.1, 0.0, -128.0, 127.0)], ids=["float_act", "int8_act"])
+def test_linear_zero_points_gives_the_bias(act) -> None:
     codes, scales, _ = _linear_weight()
-    out = _raises_naming("mpq::multipoint_linear", lambda: _linear(codes=codes[:, :0], scales=scales[:, :0],
-                                                                   num_points=torch.zeros(4, dtype=torch.int32)))
-    assert out is None or torch.equal(out, torch.zeros(3, 4))
+    empty = dict(codes=codes[:, :0], scales=scales[:, :0], num_points=torch.zeros(4, dtype=torch.int32),
+                 act_qparams=None if act is None else torch.tensor(act))
+    assert torch.equal(_linear(**empty), torch.zeros(3, 4))
+    bias = torch.randn(4)
+    assert torch.equal(_linear(bias=bias, **empty), bias.expand(3, 4))
 
 
-@pytest.mark.xfail(strict=True, reason="C++ gap: mpq::multipoint_conv2d with C_out = 0 fails in a reshape without the "
-                   "op name")
-def test_gap_conv2d_zero_output_channels() -> None:
+def test_linear_zero_channels_gives_an_empty_output() -> None:
+    codes, scales, n = _linear_weight()
+    weight = dict(codes=codes[:0], scales=scales[:0], num_points=n[:0])
+    for x, bias in [(torch.randn(3, 6), None), (torch.randn(2, 5, 6, dtype=torch.float64), torch.zeros(0)),
+                    (torch.randn(0, 6), None)]:
+        out = _linear(input=x, bias=bias, **weight)
+        assert out.shape == (*x.shape[:-1], 0) and out.dtype == x.dtype
+
+
+@pytest.mark.parametrize(
+    "x_shape, cin_g, stride, padding, dilation, groups, want",
+    [
+        ((2, 3, 6, 6), 3, [1, 1], [0, 0], [1, 1], 1, (2, 0, 4, 4)),
+        ((1, 3, 7, 5), 1, [2, 1], [1, 0], [1, 2], 3, (1, 0, 4, 1)),
+        ((0, 3, 3, 3), 3, [1, 1], [0, 0], [1, 1], 1, (0, 0, 1, 1)),
+    ],
+)
+def test_conv2d_zero_output_channels_gives_an_empty_output(x_shape, cin_g, stride, padding, dilation, groups,
+                                                           want) -> None:
+    codes = torch.zeros(0, 2, cin_g, 3, 3, dtype=torch.int8)
+    out = _conv(input=torch.randn(x_shape, dtype=torch.float64), codes=codes, scales=torch.zeros(0, 2),
+                num_points=torch.zeros(0, dtype=torch.int32), bias=torch.zeros(0), stride=stride, padding=padding,
+                dilation=dilation, groups=groups)
+    assert out.shape == want and out.dtype == torch.float64
+
+
+def test_conv2d_zero_points_gives_the_bias() -> None:
+    codes, scales, _ = _conv_weight()
+    bias = torch.randn(4)
+    out = _conv(codes=codes[:, :0], scales=scales[:, :0], num_points=torch.zeros(4, dtype=torch.int32), bias=bias,
+                padding=[1, 0])
+    assert torch.equal(out, bias.reshape(1, 4, 1, 1).expand(2, 4, 6, 4))
+
+
+@pytest.mark.parametrize(
+    "x_shape, padding, dilation, pattern",
+    [
+        ((2, 3, 2, 2), [0, 0], [1, 1], r"padding \[0, 0\]: padded size 2 < dilated kernel size 3 in dimension 2"),
+        ((2, 3, 6, 2), [0, 0], [1, 1], r"padded size 2 < dilated kernel size 3 in dimension 3"),
+        ((2, 3, 4, 6), [0, 0], [2, 1], r"padded size 4 < dilated kernel size 5 in dimension 2"),
+        ((2, 3, 1, 6), [0, 0], [1, 1], r"padded size 1 < dilated kernel size 3 in dimension 2"),
+        ((0, 3, 2, 2), [0, 0], [1, 1], r"padded size 2 < dilated kernel size 3 in dimension 2"),
+        ((2, 3, 0, 6), [2, 0], [1, 1], r"with H, W >= 1, got shape \[2, 3, 0, 6\]"),
+        ((2, 3, 6, 0), [0, 0], [1, 1], r"with H, W >= 1, got shape \[2, 3, 6, 0\]"),
+    ],
+    ids=["kernel-larger", "kernel-wider", "dilated", "one-row", "empty-batch", "zero-height-padded", "zero-width"],
+)
+def test_conv2d_kernel_must_fit_the_padded_input(x_shape, padding, dilation, pattern) -> None:
+    with pytest.raises(RuntimeError, match=r"^mpq::multipoint_conv2d: expected input \[N, C_in, H, W\] .*" + pattern):
+        _conv(input=torch.randn(x_shape), padding=padding, dilation=dilation)
+
+
+def test_conv2d_kernel_that_just_fits_gives_one_output_pixel() -> None:
+    assert _conv(input=torch.randn(2, 3, 3, 3)).shape == (2, 4, 1, 1)
+    assert _conv(input=torch.randn(2, 3, 1, 1), padding=[1, 1]).shape == (2, 4, 1, 1)
+    assert _conv(input=torch.randn(2, 3, 5, 3), dilation=[2, 1]).shape == (2, 4, 1, 1)
+
+
+@pytest.mark.parametrize("kh, kw", [(0, 3), (3, 0), (0, 0)])
+def test_conv2d_refuses_an_empty_kernel(kh, kw) -> None:
     codes, scales, n = _conv_weight()
-    out = _raises_naming("mpq::multipoint_conv2d", lambda: _conv(codes=codes[:0], scales=scales[:0], num_points=n[:0]))
-    assert out is None or out.shape == (2, 0, 4, 4)
+    with pytest.raises(RuntimeError, match=r"^mpq::multipoint_conv2d: expected codes \[C_out, P, C_in/groups, kh, kw\] "
+                       r"with a kernel of at least 1 x 1, got shape \[4, 2, 3, " + f"{kh}, {kw}" + r"\]"):
+        _conv(codes=codes[:, :, :, :kh, :kw])
 
 
-@pytest.mark.xfail(strict=True, reason="C++ gap: mpq::multipoint_conv2d does not check that the kernel fits the padded "
-                   "input; ATen's conv2d raises 'Kernel size can't be greater than actual input size' without the op name")
-def test_gap_conv2d_kernel_larger_than_input() -> None:
-    _raises_naming("mpq::multipoint_conv2d", lambda: _conv(input=torch.randn(2, 3, 2, 2)), "input")
-
-
-@pytest.mark.xfail(strict=True, reason="C++ gap: mpq::multipoint_conv2d accepts a 0-sized kernel (codes [C, P, C_in, 0, "
-                   "k]); oneDNN then fails with 'could not create a primitive descriptor', without the op name")
-def test_gap_conv2d_empty_kernel() -> None:
-    codes, scales, n = _conv_weight()
-    _raises_naming("mpq::multipoint_conv2d", lambda: _conv(codes=codes[:, :, :, :0]), "codes")
-
-
-@pytest.mark.xfail(strict=True, reason="C++ gap: the layer ops do not check scales for NaN or inf (set_weight does); "
-                   "mpq::dequantize_multipoint returns a NaN weight")
-def test_gap_dequantize_nan_scales() -> None:
+def _nan_scales_call(op: str, scales: torch.Tensor):
+    if op == "dequantize_multipoint":
+        codes, _, n = _linear_weight()
+        return lambda: ops.dequantize_multipoint(codes, scales, n, torch.float32)
+    if op == "multipoint_linear":
+        return lambda: _linear(scales=scales)
+    if op == "multipoint_conv2d":
+        return lambda: _conv(scales=scales)
     codes, _, n = _linear_weight()
-    with pytest.raises(RuntimeError, match=r"mpq::dequantize_multipoint: .*scales"):
-        ops.dequantize_multipoint(codes, torch.full((4, 2), math.nan), n, torch.float32)
+    return lambda: ops.pack_multipoint(codes, scales, n, 4)
 
 
-@pytest.mark.xfail(strict=True, reason="C++ gap: mpq::fit_multipoint stores sq_errors in float32 but accepts weights "
-                   "whose squared errors overflow it (float32 weights above ~1e19, float64 up to its 1e30 limit): "
-                   "sq_errors come back inf, without an error")
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("op", ["dequantize_multipoint", "multipoint_linear", "multipoint_conv2d", "pack_multipoint"])
+def test_non_finite_scales_are_refused_on_cpu(op, value) -> None:
+    """CPU only: the scales of the points in use are checked in one pass over [C, P]. Not checked
+    on CUDA (reading them would sync the device): there they propagate as NaN into the weight and
+    the output, as csrc/checks.h states (test_cuda.py::test_non_finite_scales_propagate_on_cuda)."""
+    scales = _linear_weight()[1]
+    scales[2, 1] = value
+    with pytest.raises(RuntimeError, match=rf"^mpq::{op}: expected finite scales for the points in use, got "
+                       rf"-?(nan|inf) at scales\[2, 1\] \(num_points\[2\] = 2\)"):
+        _nan_scales_call(op, scales)()
+
+
+def test_non_finite_scales_of_unused_points_are_ignored() -> None:
+    """Points at or beyond a channel's count contribute nothing, whatever their scale."""
+    codes, scales, _ = _linear_weight()
+    n = torch.tensor([2, 1, 0, 2], dtype=torch.int32)
+    bad = scales.clone()
+    bad[1, 1], bad[2, 0] = math.nan, math.inf
+    want = ops.dequantize_multipoint(codes, scales, n, torch.float64)
+    assert torch.equal(ops.dequantize_multipoint(codes, bad, n, torch.float64), want)
+    x = torch.randn(3, 6)
+    assert torch.equal(_linear(input=x, scales=bad, num_points=n), _linear(input=x, scales=scales, num_points=n))
+
+
+def test_packed_linear_refuses_non_finite_packed_scales_on_cpu() -> None:
+    """CPU only, as the scales above (on CUDA NaN propagates)."""
+    codes, scales, n = _linear_weight()
+    packed, packed_scales, perm, offsets, row_sums = ops.pack_multipoint(codes, scales, n, 4)
+    packed_scales = packed_scales.clone()
+    packed_scales[1, 3] = math.nan
+    with pytest.raises(RuntimeError, match=r"^mpq::multipoint_linear_packed: expected finite packed_scales, got nan "
+                       r"at packed_scales\[1, 3\]"):
+        ops.multipoint_linear_packed(torch.randn(3, 6), packed, packed_scales, perm, offsets, row_sums, 4, None, None)
+
+
+def test_packed_ops_with_zero_channels_or_points() -> None:
+    codes, scales, _ = _linear_weight()
+    x, bias = torch.randn(3, 6), torch.randn(4)
+    empty = ops.pack_multipoint(codes[:0], scales[:0], torch.zeros(0, dtype=torch.int32), 4)
+    assert [tuple(t.shape) for t in empty] == [(0, 4, 512), (0, 64), (0,), (1,), (0,)]
+    assert ops.multipoint_linear_packed(x, *empty, 0, None, None).shape == (3, 0)
+    zero = ops.pack_multipoint(codes[:, :0], scales[:, :0], torch.zeros(4, dtype=torch.int32), 4)
+    assert zero[0].shape[0] == 0 and torch.equal(zero[3], torch.tensor([0, 0], dtype=torch.int32))
+    assert torch.equal(ops.multipoint_linear_packed(x, *zero, 4, bias, None), bias.expand(3, 4))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gap_fit_multipoint_squared_errors_overflow(dtype) -> None:
-    w = (torch.randn(2, 16, dtype=torch.float64) * 1e20).to(dtype)
-    out = _raises_naming("mpq::fit_multipoint", lambda: ops.fit_multipoint(w, 4, 2, False), "weight")
-    assert out is None or bool(torch.isfinite(out[2]).all())
+def test_fit_multipoint_refuses_rows_whose_squared_errors_overflow_float32(dtype) -> None:
+    """sq_errors are float32 and never exceed the row's squared norm: a row's sum_d w[j, d]^2 (in
+    float64) must be at most FLT_MAX = 3.40282e+38. Just below it, every output is finite (with the
+    exact solver, and with the fast one, which 8-bit rows of 1024 use)."""
+    g = torch.Generator().manual_seed(4)
+    for D, bits in [(16, 4), (1024, 8)]:
+        unit = torch.randn(3, D, generator=g, dtype=torch.float64)
+        unit = unit / unit.norm(dim=1, keepdim=True)
+        for exact in (False, True):
+            below = (unit * math.sqrt(0.99 * FLT_MAX)).to(dtype)
+            codes, scales, errs = ops.fit_multipoint(below, bits, 3, exact)
+            assert bool(torch.isfinite(scales).all()) and bool(torch.isfinite(errs).all())
+            assert float(errs[:, 0].max()) <= 0.99 * FLT_MAX
+    above = unit[:, :16] / unit[:, :16].norm(dim=1, keepdim=True)
+    above[1] *= math.sqrt(1.01 * FLT_MAX)
+    with pytest.raises(RuntimeError, match=r"^mpq::fit_multipoint: expected every row of weight to have a squared "
+                       r"norm sum_d w\[j, d\]\^2 <= 3\.40282e\+38 \(the float32 maximum: sq_errors are float32\), "
+                       r"got 3\.43\d*e\+38 in row 1"):
+        ops.fit_multipoint(above.to(dtype), 4, 2, False)
+    huge = torch.full((2, 16), 1e20, dtype=dtype)
+    huge[1] *= 2  # |w| = 2e20: squared norm 16 * 4e40
+    with pytest.raises(RuntimeError, match=r"^mpq::fit_multipoint: .*squared norm .* got 6\.4e\+41 in row 1"):
+        ops.fit_multipoint(huge, 4, 2, False)
+    if dtype == torch.float64:  # squares beyond float64 too
+        with pytest.raises(RuntimeError, match=r"^mpq::fit_multipoint: .*squared norm .* got inf in row 0"):
+            ops.fit_multipoint(torch.full((1, 3), 1e300, dtype=dtype), 4, 2, True)

@@ -149,6 +149,8 @@ def test_fit_multipoint_rejects_bad_arguments_on_cuda():
         ops.fit_multipoint(w, 9, 2, False)
     with pytest.raises(RuntimeError, match="mpq::fit_multipoint: weight contains NaN"):
         ops.fit_multipoint(torch.full((2, 3), float("nan"), device="cuda"), 4, 2, True)
+    with pytest.raises(RuntimeError, match=r"mpq::fit_multipoint: expected every row of weight to have a squared norm"):
+        ops.fit_multipoint(torch.full((2, 16), 1e20, device="cuda"), 4, 2, False)
 
 
 # ---- layers -----------------------------------------------------------------------------------
@@ -282,7 +284,7 @@ def test_invalid_act_qparams():
     x = torch.randn(2, 8, device="cuda")
     codes, scales, num_points = _cuda(*_multipoint(3, 2, (8,)))
     bad = torch.tensor([0.0, 0.0, -128.0, 127.0])
-    with pytest.raises(RuntimeError, match="mpq: expected act_qparams with scale > 0"):
+    with pytest.raises(RuntimeError, match=r"mpq::multipoint_linear: expected act_qparams with a finite scale > 0"):
         ops.multipoint_linear(x, codes, scales, num_points, None, bad)
     # On the device they cannot be checked without a sync: the output is NaN instead.
     out = ops.multipoint_linear(x, codes, scales, num_points, None, bad.cuda())
@@ -513,3 +515,73 @@ def test_multipoint_linear_module_uses_the_packed_path_on_cuda():
         assert set(m.state_dict()) == {"codes", "scales", "num_points", "bias"} | ({"act_qparams"} if act else set())
         # float32 input keeps the unpacked op on the GPU
         torch.testing.assert_close(m(x.cuda()).cpu(), m.cpu()(x), rtol=1e-5, atol=1e-5)
+
+
+# ---- empty weights, conv2d geometry, non-finite scales (the CPU side: test_bad_inputs.py) ------
+
+
+def test_zero_channels_and_zero_points_match_cpu():
+    """C = 0: empty outputs; P = 0: the zero weight (the layers return the bias), as on the CPU."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    image = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
+    bias = torch.randn(4, generator=g, dtype=torch.float64)
+    conv = ([2, 1], [1, 0], [1, 1], 1)
+    for C, P in [(0, 2), (4, 0), (0, 0)]:
+        scales, n = torch.rand(C, P, generator=g), torch.full((C,), P, dtype=torch.int32)
+        for inner in [(6,), (3, 3, 3)]:
+            codes = torch.ones(C, P, *inner, dtype=torch.int8)
+            ref = ops.dequantize_multipoint(codes, scales, n, torch.float32)
+            got = ops.dequantize_multipoint(*_cuda(codes, scales, n), torch.float32)
+            assert got.device.type == "cuda" and got.shape == ref.shape and torch.equal(got.cpu(), ref)
+        codes = torch.ones(C, P, 6, dtype=torch.int8)
+        for b in (None, bias[:C]):
+            ref = ops.multipoint_linear(x, codes, scales, n, b, None)
+            got = ops.multipoint_linear(*_cuda(x, codes, scales, n, b), None)
+            assert got.shape == ref.shape and torch.equal(got.cpu(), ref)
+            codes5 = torch.ones(C, P, 3, 3, 3, dtype=torch.int8)
+            ref = ops.multipoint_conv2d(image, codes5, scales, n, b, None, *conv)
+            got = ops.multipoint_conv2d(*_cuda(image, codes5, scales, n, b), None, *conv)
+            assert got.shape == ref.shape == (2, C, 3, 4) and torch.equal(got.cpu(), ref)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "dense", "gemv", "mma", "int8"])
+def test_packed_linear_with_zero_channels_or_points_matches_cpu(kernel):
+    x = torch.randn(3, 37).half()
+    bias = torch.randn(70)
+    qp = torch.tensor(PACKED_ACT["int8"])
+    for C, P in [(0, 2), (70, 0)]:
+        codes, scales = torch.ones(C, P, 37, dtype=torch.int8), torch.rand(C, P)
+        packed = ops.pack_multipoint(codes, scales, torch.full((C,), P, dtype=torch.int32), 4)
+        want = ops.multipoint_linear_packed(x, *packed, C, bias[:C], qp)
+        got = ops.multipoint_linear_packed(x.cuda(), *_cuda(*packed), C, bias[:C].cuda(), qp.cuda(), kernel)
+        assert got.shape == want.shape == (3, C) and torch.equal(got.cpu(), want)
+
+
+def test_conv2d_geometry_is_refused_on_cuda_as_on_cpu():
+    codes, scales, n = _cuda(*_multipoint(4, 2, (3, 3, 3)))
+    for x, pattern in [
+        (torch.randn(2, 3, 2, 2), r"padded size 2 < dilated kernel size 3 in dimension 2"),
+        (torch.randn(2, 3, 6, 0), r"with H, W >= 1"),
+    ]:
+        with pytest.raises(RuntimeError, match=r"^mpq::multipoint_conv2d: expected input \[N, C_in, H, W\] .*" + pattern):
+            ops.multipoint_conv2d(x.cuda(), codes, scales, n, None, None, [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match=r"^mpq::multipoint_conv2d: expected codes .* kernel of at least 1 x 1"):
+        ops.multipoint_conv2d(torch.randn(2, 3, 6, 6, device="cuda"), codes[:, :, :, :0], scales, n, None, None,
+                              [1, 1], [0, 0], [1, 1], 1)
+
+
+def test_non_finite_scales_propagate_on_cuda():
+    """Not checked on CUDA: reading the scales would sync the device (csrc/checks.h). A NaN scale
+    of a point in use makes its channel's weight and outputs NaN; the other channels are exact.
+    The CPU kernels refuse it (test_bad_inputs.py::test_non_finite_scales_are_refused_on_cpu)."""
+    codes, scales, _ = _multipoint(4, 2, (6,))
+    n = torch.full((4,), 2, dtype=torch.int32)
+    bad = scales.clone()
+    bad[1, 0] = float("nan")
+    w = ops.dequantize_multipoint(*_cuda(codes, bad, n), torch.float64).cpu()
+    assert bool(w[1].isnan().all())
+    keep = [0, 2, 3]
+    torch.testing.assert_close(w[keep], ops.dequantize_multipoint(codes, scales, n, torch.float64)[keep])
+    y = ops.multipoint_linear(torch.randn(3, 6, device="cuda"), *_cuda(codes, bad, n), None, None).cpu()
+    assert bool(y[:, 1].isnan().all()) and bool(torch.isfinite(y[:, keep]).all())

@@ -1,5 +1,6 @@
-"""Fuzzing the four ops with hypothesis: random shapes, dtypes, layouts, bits, point counts,
-strides, paddings, dilations and groups, valid and invalid mixed.
+"""Fuzzing the four ops with hypothesis: random shapes (empty ones included: no channel, no
+point, no column, no batch), dtypes, layouts, bits, point counts, strides, paddings, dilations and
+groups, valid and invalid mixed.
 
 An oracle written from the checks the ops document (csrc/checks.cpp, in their order) decides for
 every drawn case whether it is valid. Invalid: the op raises RuntimeError whose message starts
@@ -7,9 +8,10 @@ with the op's name and names the first wrong argument. Valid: the result equals 
 reference (tests/python/reference.py) within the dtype's tolerance, stated per test.
 
 Bounded in time: derandomised (the same examples on every run, no example database), a fixed
-number of examples per op, about 15 s in all on the 2-core CPU. The C++ gaps found while writing
-this (empty codes, a kernel larger than the padded input, 0-sized kernels) are kept out of the
-drawn domain and tested as strict xfails in test_bad_inputs.py.
+number of examples per op, about 15 s in all on the 2-core CPU. The domains of the C++ gaps found
+while writing this (no channel or no point, a kernel larger than the padded input, a 0-sized
+kernel, non-finite scales, weights whose squared errors overflow float32) are drawn too, with the
+behaviour decided for them (tested one by one at the end of test_bad_inputs.py).
 """
 import sys
 from pathlib import Path
@@ -44,6 +46,7 @@ FUZZ = settings(
 # a few dozen terms (eps 6e-8), float16 / bfloat16 round the input, the weight and the output.
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 FLOATS = [torch.float32, torch.float64]
+FLT_MAX = torch.finfo(torch.float32).max
 
 
 def _values(g: torch.Generator, shape, kind: str, dtype: torch.dtype) -> torch.Tensor:
@@ -52,8 +55,10 @@ def _values(g: torch.Generator, shape, kind: str, dtype: torch.dtype) -> torch.T
         x = torch.zeros(shape, dtype=torch.float64)
     elif kind == "huge":
         x = x * 1e15
-    elif kind == "beyond":  # above fit_multipoint's 1e30 limit for float64 weights
+    elif kind == "beyond":  # squared row norms above FLT_MAX, which fit_multipoint refuses
         x = x * 1e31
+    elif kind == "largest" and x.numel():  # squared row norms just below FLT_MAX, accepted
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-300) * (0.98 * FLT_MAX) ** 0.5
     elif kind == "tiny":
         x = x * 1e-30
     elif kind in ("nan", "inf") and x.numel():
@@ -88,6 +93,7 @@ def _first(checks: List[Tuple[bool, str]]) -> Optional[str]:
 
 
 LAYOUTS = st.sampled_from(["contiguous", "contiguous", "strided", "transposed"])
+CHANNELS = st.sampled_from([0, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5])  # no channel in 1 case of 11
 
 
 def _mistakes(draw, names: List[str]) -> set:
@@ -106,8 +112,6 @@ FIT_MISTAKES = ["dtype", "rank", "no_columns", "bits_low", "bits_high", "max_poi
 def fit_cases(draw) -> Dict[str, Any]:
     bad = _mistakes(draw, FIT_MISTAKES)
     dtype = draw(st.sampled_from([torch.float16, torch.bfloat16, torch.int32] if "dtype" in bad else FLOATS))
-    if "beyond" in bad and dtype == torch.float32:
-        dtype = torch.float64  # float32 weights above 1e19 are a known gap (see test_bad_inputs.py)
     shape = [draw(st.integers(0, 5)), 0 if "no_columns" in bad else draw(st.integers(1, 24))]
     if "rank" in bad:
         shape = draw(st.sampled_from([shape[1:], shape + [2]]))
@@ -115,7 +119,7 @@ def fit_cases(draw) -> Dict[str, Any]:
     return dict(
         shape=shape,
         dtype=dtype,
-        values=values or draw(st.sampled_from(["randn", "randn", "randn", "zeros", "huge", "tiny"])),
+        values=values or draw(st.sampled_from(["randn", "randn", "randn", "zeros", "huge", "tiny", "largest"])),
         bits=draw(st.integers(-1, 1) if "bits_low" in bad else st.integers(9, 12) if "bits_high" in bad
                   else st.integers(2, 8)),
         max_points=draw(st.integers(-1, 0) if "max_points_low" in bad else st.just(65) if "max_points_high" in bad
@@ -129,7 +133,8 @@ def fit_cases(draw) -> Dict[str, Any]:
 @FUZZ
 @given(fit_cases())
 def test_fuzz_fit_multipoint(case) -> None:
-    """Valid: codes in -K..K; sq_errors non-increasing, equal to ||w - sum a q||^2 recomputed in
+    """Invalid also: a row whose squared norm (float64) exceeds FLT_MAX, the largest float32 sq_error.
+    Valid: codes in -K..K; sq_errors non-increasing, equal to ||w - sum a q||^2 recomputed in
     float64 (1e-5 relative plus 1e-12 ||w||^2 for float32 storage, plus float32's smallest
     normal number, below which they flush to zero); the exact solver's errors
     equal the reference's (1e-6 relative, as test_fit); the fast solver's first point is never
@@ -145,13 +150,15 @@ def test_fuzz_fit_multipoint(case) -> None:
         (not 2 <= bits <= 8, "bits"),
         (not 1 <= points <= 64, "max_points"),
         (w.numel() > 0 and not finite, "weight"),
-        (w.numel() > 0 and w.dtype == torch.float64 and finite and float(w.abs().max()) > 1e30, "weight"),
+        (w.dtype in FLOATS and w.dim() == 2 and w.numel() > 0 and finite
+         and float((w.double() ** 2).sum(1).max()) > FLT_MAX, "weight"),
     ])
     if word is not None:
         _expect_error("fit_multipoint", word, lambda: ops.fit_multipoint(w, bits, points, exact))
         return
     event(f"valid {w.dtype}")
     codes, scales, errs = ops.fit_multipoint(w, bits, points, exact)
+    assert bool(torch.isfinite(scales).all()) and bool(torch.isfinite(errs).all())
     C, D = w.shape
     assert codes.shape == (C, points, D) and codes.dtype == torch.int8
     assert scales.shape == errs.shape == (C, points) and scales.dtype == errs.dtype == torch.float32
@@ -177,12 +184,12 @@ def test_fuzz_fit_multipoint(case) -> None:
 # ---- the multipoint weight (codes, scales, num_points) -----------------------------------------
 
 WEIGHT_MISTAKES = ["codes_dtype", "scales_dtype", "scales_shape", "points_dtype", "points_shape", "points_negative",
-                   "points_too_many", "scales_on_meta"]
+                   "points_too_many", "scales_on_meta", "scales_nonfinite"]
 
 
 def _weight_spec(draw, C: int, inner: Tuple[int, ...], bad: set) -> Dict[str, Any]:
     return dict(
-        C=C, P=draw(st.integers(1, 3)), inner=inner, bad=bad,
+        C=C, P=draw(st.sampled_from([0, 1, 2, 3, 1, 2, 3])), inner=inner, bad=bad,
         codes_dtype=draw(st.sampled_from([torch.int16, torch.uint8, torch.float32])) if "codes_dtype" in bad
         else torch.int8,
         scales_dtype=draw(st.sampled_from([torch.float64, torch.float16])) if "scales_dtype" in bad else torch.float32,
@@ -191,6 +198,7 @@ def _weight_spec(draw, C: int, inner: Tuple[int, ...], bad: set) -> Dict[str, An
         points_dtype=draw(st.sampled_from([torch.int64, torch.float32])) if "points_dtype" in bad else torch.int32,
         points_shape=draw(st.sampled_from(["extra_channel", "column"])) if "points_shape" in bad else "right",
         layouts=[draw(LAYOUTS) for _ in range(3)],
+        nonfinite=draw(st.sampled_from([float("nan"), float("inf"), float("-inf")])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -203,9 +211,16 @@ def _make_weight(spec):
     scales = (torch.rand(scales_shape[spec["scales_shape"]], generator=g) * 4 - 2).exp() * 0.05
     n = torch.randint(0, P + 1, {"right": (C,), "extra_channel": (C + 1,), "column": (C, 1)}[spec["points_shape"]],
                       generator=g, dtype=torch.int32)
-    if "points_negative" in spec["bad"]:
+    if "scales_nonfinite" in spec["bad"] and C > 0 and P > 0 and scales.dim() == 2:
+        # A point in use (as far as the shapes allow: a wrong one is refused before the values).
+        c = int(torch.randint(C, (1,), generator=g))
+        if n.shape == (C,):
+            n[c] = max(int(n[c]), 1)
+        k = int(torch.randint(int(n[c]) if n.shape == (C,) else 1, (1,), generator=g))
+        scales[c, k] = spec["nonfinite"]
+    if "points_negative" in spec["bad"] and n.numel():
         n.view(-1)[0] = -1
-    if "points_too_many" in spec["bad"]:
+    if "points_too_many" in spec["bad"] and n.numel():
         n.view(-1)[-1] = P + 1
     codes = codes.to(spec["codes_dtype"])
     scales = scales.to(spec["scales_dtype"])
@@ -217,9 +232,11 @@ def _make_weight(spec):
 
 
 def _weight_checks(spec, code_dims: int) -> List[Tuple[bool, str]]:
-    """check_multipoint_weight, in its order, after the fake kernels' device check."""
+    """check_multipoint_weight, in its order, after the fake kernels' device check. The values of
+    num_points and scales are checked on the CPU only (where every drawn case runs)."""
     bad = spec["bad"]
     n_ok = not {"points_dtype", "points_shape"} & bad
+    has_points = spec["C"] > 0 and spec["P"] > 0
     return [
         ("scales_on_meta" in bad, "device"),
         ("codes_dtype" in bad, "codes"),
@@ -228,7 +245,8 @@ def _weight_checks(spec, code_dims: int) -> List[Tuple[bool, str]]:
         ("scales_shape" in bad, "scales"),
         ("points_dtype" in bad, "num_points"),
         ("points_shape" in bad, "num_points"),
-        (n_ok and bool({"points_negative", "points_too_many"} & bad), "num_points"),
+        (n_ok and spec["C"] > 0 and bool({"points_negative", "points_too_many"} & bad), "num_points"),
+        (has_points and "scales_nonfinite" in bad, "scales"),
     ]
 
 
@@ -241,7 +259,7 @@ def dequantize_cases(draw) -> Dict[str, Any]:
     inner = tuple(draw(st.lists(st.integers(0, 4), min_size=1, max_size=3)))
     dtypes = [torch.int32, torch.bool, torch.complex64] if "dtype" in bad else FLOATS * 2 + [torch.float16,
                                                                                                torch.bfloat16]
-    return dict(weight=_weight_spec(draw, draw(st.integers(1, 5)), inner, bad), dtype=draw(st.sampled_from(dtypes)))
+    return dict(weight=_weight_spec(draw, draw(CHANNELS), inner, bad), dtype=draw(st.sampled_from(dtypes)))
 
 
 @FUZZ
@@ -256,6 +274,8 @@ def test_fuzz_dequantize_multipoint(case) -> None:
         _expect_error("dequantize_multipoint", word, lambda: ops.dequantize_multipoint(codes, scales, n, dtype))
         return
     event(f"valid {dtype}")
+    if spec["C"] == 0 or spec["P"] == 0:
+        event("valid, no channel or no point")
     got = ops.dequantize_multipoint(codes, scales, n, dtype)
     want = ref.dequantize_reference(codes, scales, n)
     assert got.dtype == dtype and got.shape == want.shape
@@ -320,6 +340,8 @@ def _bias_and_act_checks(bad: set) -> List[Tuple[bool, str]]:
 def _assert_matches(got, want, xq, W, bias, conv=None) -> None:
     """|got - want| <= TOL[dtype] x (|fq(x)| |W| + |bias|), elementwise, in float64."""
     assert got.shape == want.shape, (got.shape, want.shape)
+    if got.numel() == 0:  # (F.conv2d, for the bound, refuses a weight without output channels)
+        return
     if conv is None:
         bound = xq.double().abs() @ W.abs().t()
     else:
@@ -339,7 +361,7 @@ def linear_cases(draw) -> Dict[str, Any]:
     D = draw(st.integers(0, 8))
     lead = draw(st.lists(st.integers(0, 3), max_size=2))
     shape = [] if "input_rank0" in bad else [*lead, D + ("input_width" in bad)]
-    return dict(weight=_weight_spec(draw, draw(st.integers(1, 5)), (D,), bad), layer=_layer_spec(draw, bad),
+    return dict(weight=_weight_spec(draw, draw(CHANNELS), (D,), bad), layer=_layer_spec(draw, bad),
                 shape=shape, bad=bad)
 
 
@@ -351,16 +373,19 @@ def test_fuzz_multipoint_linear(case) -> None:
     _check_layer("multipoint_linear", case, [(bool({"input_width", "input_rank0"} & case["bad"]), "input")])
 
 
-def _check_layer(op: str, case, own_checks: List[Tuple[bool, str]], conv: Optional[tuple] = None) -> None:
+def _check_layer(op: str, case, own_checks: List[Tuple[bool, str]], conv: Optional[tuple] = None,
+                 code_checks: List[Tuple[bool, str]] = ()) -> None:
     """Runs the layer op on the drawn case: the error the oracle expects, or the reference's
-    result. ``own_checks``: the op's checks between check_bias_and_act and the kernel's check of
-    the act_qparams values."""
+    result. ``code_checks``: the op's checks of codes after check_multipoint_weight;
+    ``own_checks``: those between check_bias_and_act and the kernel's check of the act_qparams
+    values."""
     spec, bad = case["weight"], case["bad"]
     g = torch.Generator().manual_seed(spec["seed"] + 1)
     codes, scales, n = _make_weight(spec)
     x, bias, act = _layer_tensors(g, case["layer"], case["shape"], spec["C"])
     word = _first(
         _weight_checks(spec, 3 if conv is None else 5)
+        + list(code_checks)
         + _bias_and_act_checks(bad)
         + own_checks
         + [(bool(set(ACT_VALUE_MISTAKES) & bad), "act_qparams")]
@@ -371,6 +396,8 @@ def _check_layer(op: str, case, own_checks: List[Tuple[bool, str]], conv: Option
         _expect_error(op, word, call)
         return
     event(f"valid {x.dtype}")
+    if spec["C"] == 0 or spec["P"] == 0:
+        event("valid, no channel or no point")
     got = call()
     want = getattr(ref, f"{op}_reference")(*args)
     assert got.dtype == x.dtype
@@ -381,23 +408,31 @@ def _check_layer(op: str, case, own_checks: List[Tuple[bool, str]], conv: Option
 # ---- multipoint_conv2d -------------------------------------------------------------------------
 
 CONV_MISTAKES = ["stride_zero", "padding_negative", "dilation_zero", "stride_length", "dilation_length", "groups_zero",
-                 "groups_not_dividing", "input_channels", "input_rank"]
+                 "groups_not_dividing", "input_channels", "input_rank", "kernel_empty", "input_small"]
 
 
 @st.composite
 def conv_cases(draw) -> Dict[str, Any]:
     bad = _mistakes(draw, LAYER_MISTAKES + CONV_MISTAKES)
     groups = draw(st.integers(1, 3))
-    cin_g, cout_g = draw(st.integers(1, 3)), draw(st.integers(1, 2))
-    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    # C_out = 0 (cout_g = 0) is valid, but every groups divides it
+    cin_g = draw(st.integers(1, 3))
+    cout_g = draw(st.sampled_from([1, 2] if "groups_not_dividing" in bad else [0, 1, 2, 1, 2]))
+    kernel = [draw(st.integers(1, 3)), draw(st.integers(1, 3))]
+    if "kernel_empty" in bad:
+        kernel[draw(st.integers(0, 1))] = 0
     stride = [draw(st.integers(1, 3)), draw(st.integers(1, 3))]
     padding = [draw(st.integers(0, 2)), draw(st.integers(0, 2))]
     dilation = [draw(st.integers(1, 2)), draw(st.integers(1, 2))]
-    # input at least as large as the dilated kernel after padding (smaller: a known gap, see the module doc)
-    H = max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0]) + draw(st.integers(0, 4))
-    W = max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1]) + draw(st.integers(0, 4))
+    # The input holds the dilated kernel after padding, except for "input_small": smaller (H or W
+    # can be 0, which is refused even when the padding would hold the kernel).
+    extent = [dilation[d] * (kernel[d] - 1) + 1 - 2 * padding[d] for d in range(2)]
+    size = [max(1, extent[d]) + draw(st.integers(0, 4)) for d in range(2)]
+    if "input_small" in bad:
+        d = draw(st.integers(0, 1))
+        size[d] = draw(st.integers(0, max(0, extent[d] - 1)))
     C_in = cin_g * groups + ("input_channels" in bad)
-    shape = [draw(st.integers(0, 2)), C_in, H, W][1 if "input_rank" in bad else 0:]
+    shape = [draw(st.integers(0, 2)), C_in, *size][1 if "input_rank" in bad else 0:]
     if "stride_zero" in bad:
         stride[1] = 0
     if "padding_negative" in bad:
@@ -413,7 +448,7 @@ def conv_cases(draw) -> Dict[str, Any]:
         groups = 0
     elif "groups_not_dividing" in bad:
         groups = C_out + 1
-    return dict(weight=_weight_spec(draw, C_out, (cin_g, kh, kw), bad), layer=_layer_spec(draw, bad), shape=shape,
+    return dict(weight=_weight_spec(draw, C_out, (cin_g, *kernel), bad), layer=_layer_spec(draw, bad), shape=shape,
                 stride=stride, padding=padding, dilation=dilation, groups=groups, bad=bad)
 
 
@@ -421,7 +456,7 @@ def conv_cases(draw) -> Dict[str, Any]:
 @given(conv_cases())
 def test_fuzz_multipoint_conv2d(case) -> None:
     """Valid: equal to the float64 reference within TOL[dtype] x (conv(|fq(x)|, |W|) + |bias|)
-    elementwise."""
+    elementwise; no output channel: an empty output of the right shape."""
     bad = case["bad"]
     _check_layer(
         "multipoint_conv2d",
@@ -434,6 +469,8 @@ def test_fuzz_multipoint_conv2d(case) -> None:
             ("stride_zero" in bad, "stride"),
             ("padding_negative" in bad, "padding"),
             ("dilation_zero" in bad, "dilation"),
+            ("input_small" in bad, "input"),
         ],
         (case["stride"], case["padding"], case["dilation"], case["groups"]),
+        code_checks=[("kernel_empty" in bad, "codes")],
     )
