@@ -12,14 +12,7 @@ from mpq import assets, text
 from mpq.calibrate import find_targets, fisher_sensitivity
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """NB: one intra-op thread: on a busy 2-core machine OpenMP's spinning threads make the many
-    small ops of calibration much slower; results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 @pytest.fixture(scope="module")
