@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/packed_layout.h"
@@ -100,6 +101,35 @@ void check_act_qparams_values(const char* op, double scale, double zero_point, d
               scale, ", zero_point ", zero_point, ", qmin ", qmin, ", qmax ", qmax);
 }
 
+namespace {
+
+// The output shape [N, C_out, H_out, W_out] of a convolution of `input` [N, C, H, W] with a kh x kw
+// kernel; checks stride, padding and dilation.
+std::vector<int64_t> conv2d_output_shape(const char* op, const at::Tensor& input, int64_t out_channels, int64_t kh,
+                                         int64_t kw, at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": expected stride, padding and dilation of length 2");
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
+                  padding[1] >= 0,
+              op, ": expected stride >= 1, dilation >= 1 and padding >= 0, got stride ", stride, ", padding ",
+              padding, ", dilation ", dilation);
+  std::vector<int64_t> out = {input.size(0), out_channels, 0, 0};
+  const int64_t kernel[2] = {kh, kw};
+  for (int d = 0; d < 2; ++d) {
+    const int64_t size = input.size(2 + d), padded = size + 2 * padding[d];
+    const int64_t extent = dilation[d] * (kernel[d] - 1) + 1;  // of the dilated kernel
+    TORCH_CHECK(size >= 1, op, ": expected input [N, C_in, H, W] with H, W >= 1, got shape ", input.sizes());
+    TORCH_CHECK(padded >= extent, op, ": expected input [N, C_in, H, W] to hold the dilated kernel after padding ",
+                "(an output of at least 1 x 1), got input shape ", input.sizes(), " with padding ", padding,
+                ": padded size ", padded, " < dilated kernel size ", extent, " in dimension ", 2 + d);
+    out[2 + d] = (padded - extent) / stride[d] + 1;
+  }
+  return out;
+}
+
+}  // namespace
+
 void check_dequantize_args(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
                            at::ScalarType dtype) {
   TORCH_CHECK(codes.dim() >= 3, "mpq::dequantize_multipoint: expected codes of rank >= 3 [C, P, ...], got shape ",
@@ -139,32 +169,18 @@ std::vector<int64_t> check_multipoint_conv2d_args(const at::Tensor& input, const
   TORCH_CHECK(input.size(1) == codes.size(2) * groups, op, ": expected input with ", codes.size(2) * groups,
               " channels (codes [C_out, P, C_in/groups, kh, kw] with groups = ", groups, "), got shape ",
               input.sizes());
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
-              ": expected stride, padding and dilation of length 2");
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
-                  padding[1] >= 0,
-              op, ": expected stride >= 1, dilation >= 1 and padding >= 0, got stride ", stride, ", padding ",
-              padding, ", dilation ", dilation);
-  std::vector<int64_t> out = {input.size(0), codes.size(0), 0, 0};
-  for (int d = 0; d < 2; ++d) {
-    const int64_t size = input.size(2 + d), padded = size + 2 * padding[d];
-    const int64_t extent = dilation[d] * (codes.size(3 + d) - 1) + 1;  // of the dilated kernel
-    TORCH_CHECK(size >= 1, op, ": expected input [N, C_in, H, W] with H, W >= 1, got shape ", input.sizes());
-    TORCH_CHECK(padded >= extent, op, ": expected input [N, C_in, H, W] to hold the dilated kernel after padding ",
-                "(an output of at least 1 x 1), got input shape ", input.sizes(), " with padding ", padding,
-                ": padded size ", padded, " < dilated kernel size ", extent, " in dimension ", 2 + d);
-    out[2 + d] = (padded - extent) / stride[d] + 1;
-  }
-  return out;
+  return conv2d_output_shape(op, input, codes.size(0), codes.size(3), codes.size(4), stride, padding, dilation);
 }
 
 // ---- the packed weight ----------------------------------------------------------------------------
 
 void check_pack_multipoint_args(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
-                                int64_t w_bits) {
+                                int64_t w_bits, int64_t groups) {
   constexpr const char* op = "mpq::pack_multipoint";
   check_multipoint_weight(op, codes, scales, num_points, 3);
   TORCH_CHECK(w_bits >= 2 && w_bits <= 8, op, ": expected w_bits in 2..8, got ", w_bits);
+  TORCH_CHECK(groups >= 1 && codes.size(0) % groups == 0, op, ": expected groups >= 1 dividing the ",
+              codes.size(0), " output channels, got groups = ", groups);
   TORCH_CHECK(codes.size(0) <= (int64_t{1} << 30), op, ": expected at most 2^30 output channels, got ",
               codes.size(0));
   if (codes.is_cpu() && codes.numel() > 0 && w_bits <= 4) {
@@ -249,13 +265,12 @@ void check_unpack_multipoint_args(const at::Tensor& packed, const at::Tensor& pa
   }
 }
 
-PackedKernel check_multipoint_linear_packed_args(const at::Tensor& input, const at::Tensor& packed,
-                                                 const at::Tensor& packed_scales, const at::Tensor& perm,
-                                                 const at::Tensor& tile_offsets, const at::Tensor& row_sums,
-                                                 int64_t out_features, const c10::optional<at::Tensor>& bias,
-                                                 const c10::optional<at::Tensor>& act_qparams,
-                                                 c10::string_view kernel) {
-  constexpr const char* op = "mpq::multipoint_linear_packed";
+namespace {
+
+// The packed weight with its values where they are on the CPU, and row_sums.
+void check_packed_operands(const char* op, const at::Tensor& packed, const at::Tensor& packed_scales,
+                           const at::Tensor& perm, const at::Tensor& tile_offsets, const at::Tensor& row_sums,
+                           int64_t out_features) {
   check_packed_weight(op, packed, packed_scales, perm, tile_offsets, out_features);
   if (packed_scales.is_cpu()) {  // as the scales in check_multipoint_weight: not on CUDA (a sync)
     const auto s = packed_scales.contiguous();
@@ -269,29 +284,33 @@ PackedKernel check_multipoint_linear_packed_args(const at::Tensor& input, const 
               ": expected row_sums to be float32[", perm.size(0), "], got ", row_sums.scalar_type(), row_sums.sizes());
   TORCH_CHECK(row_sums.device() == packed.device(), op, ": expected row_sums on ", packed.device(), ", got ",
               row_sums.device());
-  check_bias_and_act(op, input, bias, act_qparams, out_features);
-  TORCH_CHECK(input.device() == packed.device(), op, ": expected input on ", packed.device(),
-              " with the packed weight, got ", input.device());
-  TORCH_CHECK(input.dim() >= 1 && mpq::packed::padded_k(input.size(-1)) == packed.size(1) * mpq::packed::kSlabK,
-              op, ": expected input [..., D] with D rounded up to a multiple of 64 equal to the packed Kp = ",
-              packed.size(1) * mpq::packed::kSlabK, ", got input shape ", input.sizes());
-  PackedKernel k;
-  if (kernel == "auto") {
-    k = PackedKernel::kAuto;
-  } else if (kernel == "dense") {
-    k = PackedKernel::kDense;
-  } else if (kernel == "gemv") {
-    k = PackedKernel::kGemv;
-  } else if (kernel == "mma") {
-    k = PackedKernel::kMma;
-  } else if (kernel == "int8") {
-    k = PackedKernel::kInt8;
-  } else {
-    TORCH_CHECK(false, op, ": expected kernel to be one of auto, dense, gemv, mma, int8, got '", std::string(kernel),
-                "'");
+}
+
+// `kernel` by name, one of `names` (the op's choices), with its dtype preconditions.
+PackedKernel parse_packed_kernel(const char* op, c10::string_view kernel, const std::vector<const char*>& names,
+                                 const at::Tensor& input, const c10::optional<at::Tensor>& act_qparams) {
+  static const std::pair<const char*, PackedKernel> all[] = {{"auto", PackedKernel::kAuto},
+                                                             {"dense", PackedKernel::kDense},
+                                                             {"gemv", PackedKernel::kGemv},
+                                                             {"mma", PackedKernel::kMma},
+                                                             {"igemm", PackedKernel::kIgemm},
+                                                             {"int8", PackedKernel::kInt8}};
+  PackedKernel k = PackedKernel::kAuto;
+  bool found = false;
+  for (const char* name : names) {
+    if (kernel != name) continue;
+    for (const auto& [n, v] : all) {
+      if (std::string(n) == name) k = v;
+    }
+    found = true;
+  }
+  if (!found) {
+    std::string choices;
+    for (const char* name : names) choices += (choices.empty() ? "" : ", ") + std::string(name);
+    TORCH_CHECK(false, op, ": expected kernel to be one of ", choices, ", got '", std::string(kernel), "'");
   }
   const auto dt = input.scalar_type();
-  if (k == PackedKernel::kGemv || k == PackedKernel::kMma) {
+  if (k == PackedKernel::kGemv || k == PackedKernel::kMma || k == PackedKernel::kIgemm) {
     TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, op, ": kernel '", std::string(kernel),
                 "' expects a float16 or bfloat16 input, got ", dt);
   }
@@ -301,6 +320,51 @@ PackedKernel check_multipoint_linear_packed_args(const at::Tensor& input, const 
                 ": kernel 'int8' expects a float16, bfloat16 or float32 input, got ", dt);
   }
   return k;
+}
+
+}  // namespace
+
+PackedKernel check_multipoint_linear_packed_args(const at::Tensor& input, const at::Tensor& packed,
+                                                 const at::Tensor& packed_scales, const at::Tensor& perm,
+                                                 const at::Tensor& tile_offsets, const at::Tensor& row_sums,
+                                                 int64_t out_features, const c10::optional<at::Tensor>& bias,
+                                                 const c10::optional<at::Tensor>& act_qparams,
+                                                 c10::string_view kernel) {
+  constexpr const char* op = "mpq::multipoint_linear_packed";
+  check_packed_operands(op, packed, packed_scales, perm, tile_offsets, row_sums, out_features);
+  check_bias_and_act(op, input, bias, act_qparams, out_features);
+  TORCH_CHECK(input.device() == packed.device(), op, ": expected input on ", packed.device(),
+              " with the packed weight, got ", input.device());
+  TORCH_CHECK(input.dim() >= 1 && mpq::packed::padded_k(input.size(-1)) == packed.size(1) * mpq::packed::kSlabK,
+              op, ": expected input [..., D] with D rounded up to a multiple of 64 equal to the packed Kp = ",
+              packed.size(1) * mpq::packed::kSlabK, ", got input shape ", input.sizes());
+  return parse_packed_kernel(op, kernel, {"auto", "dense", "gemv", "mma", "int8"}, input, act_qparams);
+}
+
+PackedConv2dArgs check_multipoint_conv2d_packed_args(
+    const at::Tensor& input, const at::Tensor& packed, const at::Tensor& packed_scales, const at::Tensor& perm,
+    const at::Tensor& tile_offsets, const at::Tensor& row_sums, int64_t out_channels, at::IntArrayRef kernel_size,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, c10::string_view kernel) {
+  constexpr const char* op = "mpq::multipoint_conv2d_packed";
+  check_packed_operands(op, packed, packed_scales, perm, tile_offsets, row_sums, out_channels);
+  check_bias_and_act(op, input, bias, act_qparams, out_channels);
+  TORCH_CHECK(input.device() == packed.device(), op, ": expected input on ", packed.device(),
+              " with the packed weight, got ", input.device());
+  TORCH_CHECK(input.dim() == 4, op, ": expected input [N, C_in, H, W], got shape ", input.sizes());
+  TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] >= 1 && kernel_size[1] >= 1, op,
+              ": expected kernel_size [kh, kw] with kh, kw >= 1, got ", kernel_size);
+  TORCH_CHECK(groups >= 1 && out_channels % groups == 0 && input.size(1) % groups == 0, op,
+              ": expected groups >= 1 dividing out_channels (", out_channels, ") and the input's channels (",
+              input.size(1), "), got groups = ", groups);
+  const int64_t D = kernel_size[0] * kernel_size[1] * (input.size(1) / groups);
+  TORCH_CHECK(mpq::packed::padded_k(D) == packed.size(1) * mpq::packed::kSlabK, op,
+              ": expected kh * kw * C_in / groups = ", D, " rounded up to a multiple of 64 to equal the packed Kp = ",
+              packed.size(1) * mpq::packed::kSlabK, " (input shape ", input.sizes(), ", kernel_size ", kernel_size,
+              ", groups ", groups, ")");
+  auto out_shape =
+      conv2d_output_shape(op, input, out_channels, kernel_size[0], kernel_size[1], stride, padding, dilation);
+  return {parse_packed_kernel(op, kernel, {"auto", "dense", "igemm", "int8"}, input, act_qparams), out_shape, D};
 }
 
 }  // namespace mpq

@@ -55,9 +55,10 @@ std::vector<int64_t> check_multipoint_conv2d_args(const at::Tensor& input, const
 // ---- the packed weight (csrc/kernels/packed_layout.h) -------------------------------------------
 
 // mpq::pack_multipoint: codes int8[C, P, D], scales, num_points as check_multipoint_weight, w_bits in
-// 2..8; on the CPU also the codes of the points in use within the storage range (-8..7 for w_bits <= 4).
+// 2..8, groups >= 1 dividing C; on the CPU also the codes of the points in use within the storage
+// range (-8..7 for w_bits <= 4).
 void check_pack_multipoint_args(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
-                                int64_t w_bits);
+                                int64_t w_bits, int64_t groups);
 
 // The tensors of a packed weight for op `op`: dtypes, shapes and one device; out_features in
 // 0..num_tiles*64. When tile_offsets and perm live on the CPU, also their values (offsets from 0,
@@ -70,8 +71,9 @@ void check_unpack_multipoint_args(const at::Tensor& packed, const at::Tensor& pa
                                   const at::Tensor& tile_offsets, int64_t out_features, int64_t in_features,
                                   int64_t max_points);
 
-// The kernels mpq::multipoint_linear_packed may be asked for.
-enum class PackedKernel { kAuto, kDense, kGemv, kMma, kInt8 };
+// The kernels the packed ops may be asked for (linear: auto, dense, gemv, mma, int8; conv2d: auto,
+// dense, igemm, int8).
+enum class PackedKernel { kAuto, kDense, kGemv, kMma, kIgemm, kInt8 };
 
 // Every argument of mpq::multipoint_linear_packed; returns the kernel asked for (its preconditions
 // on dtypes checked: gemv/mma need float16/bfloat16 input, int8 needs act_qparams). On the CPU also
@@ -82,5 +84,20 @@ PackedKernel check_multipoint_linear_packed_args(const at::Tensor& input, const 
                                                  int64_t out_features, const c10::optional<at::Tensor>& bias,
                                                  const c10::optional<at::Tensor>& act_qparams,
                                                  c10::string_view kernel);
+
+// Every argument of mpq::multipoint_conv2d_packed: the packed weight as for the linear op, input
+// [N, C_in, H, W] on its device, groups dividing C_in and out_channels, kh * kw * C_in / groups
+// matching the packed Kp, stride/padding/dilation as multipoint_conv2d. Returns the kernel asked
+// for ("igemm" needs float16/bfloat16 input, "int8" act_qparams), the output shape and D.
+struct PackedConv2dArgs {
+  PackedKernel kernel;
+  std::vector<int64_t> out_shape;
+  int64_t in_features;  // D = kh * kw * C_in / groups
+};
+PackedConv2dArgs check_multipoint_conv2d_packed_args(
+    const at::Tensor& input, const at::Tensor& packed, const at::Tensor& packed_scales, const at::Tensor& perm,
+    const at::Tensor& tile_offsets, const at::Tensor& row_sums, int64_t out_channels, at::IntArrayRef kernel_size,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, c10::string_view kernel);
 
 }  // namespace mpq

@@ -66,8 +66,10 @@ TORCH_LIBRARY(mpq, m) {
   // perm int32[num_tiles*64] (original channel of each packed row, -1 for padding),
   // tile_offsets int32[num_tiles+1] (tile t's points are blocks tile_offsets[t]..[t+1]-1),
   // row_sums float32[num_tiles*64] (sum over k of each dequantized row).
+  // groups > 1 (grouped convolutions): channels are sorted by group first, so that every tile
+  // holds channels of one group (group of channel c = c / (C / groups)).
   m.def(
-      "pack_multipoint(Tensor codes, Tensor scales, Tensor num_points, int w_bits) -> "
+      "pack_multipoint(Tensor codes, Tensor scales, Tensor num_points, int w_bits, int groups=1) -> "
       "(Tensor packed, Tensor packed_scales, Tensor perm, Tensor tile_offsets, Tensor row_sums)");
 
   // The inverse of pack_multipoint: codes int8[C, max_points, D] (zero beyond each channel's
@@ -83,6 +85,17 @@ TORCH_LIBRARY(mpq, m) {
   m.def(
       "multipoint_linear_packed(Tensor input, Tensor packed, Tensor packed_scales, Tensor perm, "
       "Tensor tile_offsets, Tensor row_sums, int out_features, Tensor? bias, Tensor? act_qparams, "
+      "str kernel=\"auto\") -> Tensor");
+
+  // multipoint_conv2d on a packed weight: the codes [C_out, P, C_in/groups, kh, kw] packed as
+  // [C_out, P, kh * kw * C_in/groups], the columns in (kh, kw, c) order (NHWC), with
+  // pack_multipoint(..., groups). Same function as multipoint_conv2d, whichever kernel runs it;
+  // kernel: "auto", or on CUDA "dense" (decode, then cuDNN), "igemm" (fused weight-only implicit
+  // GEMM on NHWC, float16/bfloat16 input), "int8" (int8 activations, int8 tensor cores).
+  m.def(
+      "multipoint_conv2d_packed(Tensor input, Tensor packed, Tensor packed_scales, Tensor perm, "
+      "Tensor tile_offsets, Tensor row_sums, int out_channels, int[2] kernel_size, Tensor? bias, "
+      "Tensor? act_qparams, int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "str kernel=\"auto\") -> Tensor");
 
   // Build facts (mpq version, torch version, CUDA kernels and architectures) as a JSON string.

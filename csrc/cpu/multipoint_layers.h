@@ -1,8 +1,9 @@
 // CPU kernels of the multipoint layers (csrc/cpu/multipoint_layers.cpp), for the CPU kernels of
-// other ops that reduce to them (the packed linear in csrc/cpu/multipoint_packed.cpp).
+// other ops that reduce to them (the packed linear and conv2d in csrc/cpu/multipoint_packed.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
 
 namespace mpq {
@@ -13,5 +14,10 @@ at::Tensor dequantize_multipoint_cpu(const at::Tensor& codes, const at::Tensor& 
 at::Tensor multipoint_linear_cpu(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
                                  const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,
                                  const c10::optional<at::Tensor>& act_qparams);
+
+at::Tensor multipoint_conv2d_cpu(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
+                                 const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,
+                                 const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
 }  // namespace mpq

@@ -2,7 +2,8 @@
 // runs on a GPU), unpacking, and the packed linear layer. The packed linear defines the semantics
 // that every CUDA kernel of csrc/cuda/multipoint_packed.cu must reproduce: it unpacks the weight
 // and runs mpq::multipoint_linear's CPU kernel, so on the CPU the packed op equals the unpacked
-// one bit for bit. The layout is csrc/kernels/packed_layout.h.
+// one bit for bit; the packed conv2d likewise runs mpq::multipoint_conv2d's. The layout is
+// csrc/kernels/packed_layout.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,8 +32,8 @@ struct Tile {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_multipoint_cpu(
-    const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points, int64_t w_bits) {
-  check_pack_multipoint_args(codes, scales, num_points, w_bits);
+    const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points, int64_t w_bits, int64_t groups) {
+  check_pack_multipoint_args(codes, scales, num_points, w_bits, groups);
   const auto c = codes.contiguous();
   const auto s = scales.contiguous();
   const auto np = num_points.contiguous();
@@ -41,14 +42,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_mult
   const int64_t Kp = padded_k(D), slabs = Kp / kSlabK, block_bytes = slabs * slab_bytes(bits);
   const int* counts = np.data_ptr<int>();
 
-  // Sort by count, descending; equal counts keep channel order.
+  // Sort by group (ascending), then count (descending); equal keys keep channel order. A tile
+  // never crosses a group or a count.
+  const int64_t per_group = C / groups;
+  const auto group_of = [&](int64_t ch) { return ch / per_group; };
   std::vector<int64_t> order(static_cast<size_t>(C));
   std::iota(order.begin(), order.end(), int64_t{0});
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return counts[a] > counts[b]; });
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return group_of(a) != group_of(b) ? group_of(a) < group_of(b) : counts[a] > counts[b];
+  });
   std::vector<Tile> tiles;
   for (int64_t i = 0; i < C;) {
     int64_t j = i;
-    while (j < C && counts[order[j]] == counts[order[i]]) ++j;
+    while (j < C && counts[order[j]] == counts[order[i]] && group_of(order[j]) == group_of(order[i])) ++j;
     for (int64_t first = i; first < j; first += kTileN) {
       tiles.push_back({counts[order[i]], first, static_cast<int>(std::min<int64_t>(kTileN, j - first))});
     }
@@ -165,10 +171,38 @@ at::Tensor multipoint_linear_packed_cpu(const at::Tensor& input, const at::Tenso
   return multipoint_linear_cpu(input, codes, scales, num_points, bias, act_qparams);
 }
 
+at::Tensor multipoint_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& packed,
+                                        const at::Tensor& packed_scales, const at::Tensor& perm,
+                                        const at::Tensor& tile_offsets, const at::Tensor& row_sums,
+                                        int64_t out_channels, at::IntArrayRef kernel_size,
+                                        const c10::optional<at::Tensor>& bias,
+                                        const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                        c10::string_view kernel) {
+  const auto args = check_multipoint_conv2d_packed_args(input, packed, packed_scales, perm, tile_offsets, row_sums,
+                                                        out_channels, kernel_size, bias, act_qparams, stride,
+                                                        padding, dilation, groups, kernel);
+  if (act_qparams.has_value()) {  // on the CPU here (check_bias_and_act): name this op in the error
+    const auto p = act_qparams->to(at::kDouble).contiguous();
+    const double* v = p.data_ptr<double>();
+    check_act_qparams_values("mpq::multipoint_conv2d_packed", v[0], v[1], v[2], v[3]);
+  }
+  const int64_t max_points = tile_offsets.size(0) > 1 ? at::diff(tile_offsets).max().item<int64_t>() : 0;
+  const auto [codes, scales, num_points] = unpack_multipoint_cpu(packed, packed_scales, perm, tile_offsets,
+                                                                 out_channels, args.in_features, max_points);
+  // Columns (kh, kw, c) back to the module's codes [C_out, P, C_in/groups, kh, kw].
+  const auto conv_codes =
+      codes.view({out_channels, max_points, kernel_size[0], kernel_size[1], input.size(1) / groups})
+          .permute({0, 1, 4, 2, 3});
+  return multipoint_conv2d_cpu(input, conv_codes, scales, num_points, bias, act_qparams, stride, padding, dilation,
+                               groups);
+}
+
 }  // namespace mpq
 
 TORCH_LIBRARY_IMPL(mpq, CPU, m) {
   m.impl("pack_multipoint", &mpq::pack_multipoint_cpu);
   m.impl("unpack_multipoint", &mpq::unpack_multipoint_cpu);
   m.impl("multipoint_linear_packed", &mpq::multipoint_linear_packed_cpu);
+  m.impl("multipoint_conv2d_packed", &mpq::multipoint_conv2d_packed_cpu);
 }

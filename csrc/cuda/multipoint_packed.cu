@@ -28,6 +28,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/conv2d.h>
 #include <ATen/ops/diff.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
@@ -43,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -51,6 +53,7 @@
 
 #include "checks.h"
 #include "cuda/act_quant.cuh"
+#include "kernels/conv_layout.h"
 #include "kernels/packed_layout.h"
 
 namespace mpq {
@@ -102,10 +105,13 @@ struct Epilogue {
 __device__ __forceinline__ Epilogue weight_only_epilogue() { return {1.0f, 0.0f, true}; }
 
 // The int8 levels v = q - (qmin + 128) fit int8 when qmax - qmin <= 255 with integer qmin, qmax, zp.
-__device__ __forceinline__ Epilogue int8_epilogue(const ActParams& act) {
+// The convolution also stores the level of 0 (v = zp - qmin - 128) in its zero padding, so it
+// needs qmin <= zp <= qmin + 255 (`zero_level`).
+__device__ __forceinline__ Epilogue int8_epilogue(const ActParams& act, bool zero_level) {
   const auto q = cuda_detail::load_qparams<float>(act);
   const bool valid = q.valid && q.qmin == rintf(q.qmin) && q.qmax == rintf(q.qmax) &&
-                     q.zero_point == rintf(q.zero_point) && q.qmax - q.qmin <= 255.0f;
+                     q.zero_point == rintf(q.zero_point) && q.qmax - q.qmin <= 255.0f &&
+                     (!zero_level || (q.zero_point >= q.qmin && q.zero_point - q.qmin <= 255.0f));
   return {q.scale, q.qmin + 128.0f - q.zero_point, valid};
 }
 
@@ -229,6 +235,7 @@ template <typename T, int BITS>
 struct WeightOnly {
   using T2 = typename Pair<T>::type;
   static constexpr int kStepSlabs = 1;
+  static constexpr bool kZeroLevel = false;  // int8 epilogue only
   static constexpr int kChunks = BITS / 4;  // 16-byte vectors per lane and slab
   static constexpr int kSlabBytes = BITS == 4 ? kChunkBytes : 2 * kChunkBytes;
   struct Args {
@@ -249,14 +256,29 @@ struct WeightOnly {
     for (int j = 0; j < 8; ++j) ps.scale[j] = Pair<T>::splat(w.scales[block * kTileN + 8 * j + lane / 4]);
   }
 
-  // A of one m16 tile (rows row0..row0+15) and one slab starting at column k0.
-  static __device__ __forceinline__ void load_a(const Args& args, int64_t M, int64_t D, int64_t row0, int64_t k0,
-                                                int lane, uint32_t (&a)[4]) {
+  static __device__ __forceinline__ Args tile_args(const Args& args, const PackedWeight&, int) { return args; }
+
+  // The warp's input rows (row0: its first row; the m16 tile mt is rows row0 + 16 mt ..).
+  template <int MT>
+  struct Rows {
+    int64_t row0, M, D;
+  };
+  template <int MT>
+  static __device__ __forceinline__ void rows(const Args&, int64_t M, int64_t D, int64_t row0, int,
+                                              Rows<MT>& r) {
+    r = {row0, M, D};
+  }
+
+  // A of m16 tile mt and one slab starting at column k0.
+  template <int MT>
+  static __device__ __forceinline__ void load_a(const Args& args, const Rows<MT>& r, int mt, int64_t k0, int lane,
+                                                uint32_t (&a)[4]) {
     const int g = lane / 4, t = lane % 4;
-    a[0] = load_pair(args.x, M, D, row0 + g, k0 + 2 * t, args.vec);
-    a[1] = load_pair(args.x, M, D, row0 + g + 8, k0 + 2 * t, args.vec);
-    a[2] = load_pair(args.x, M, D, row0 + g, k0 + 2 * t + 8, args.vec);
-    a[3] = load_pair(args.x, M, D, row0 + g + 8, k0 + 2 * t + 8, args.vec);
+    const int64_t row = r.row0 + 16 * mt;
+    a[0] = load_pair(args.x, r.M, r.D, row + g, k0 + 2 * t, args.vec);
+    a[1] = load_pair(args.x, r.M, r.D, row + g + 8, k0 + 2 * t, args.vec);
+    a[2] = load_pair(args.x, r.M, r.D, row + g, k0 + 2 * t + 8, args.vec);
+    a[3] = load_pair(args.x, r.M, r.D, row + g + 8, k0 + 2 * t + 8, args.vec);
   }
 
   // The exact codes of register r of subtile j (columns 2t + 8r, 2t + 8r + 1) as a pair of T.
@@ -296,6 +318,7 @@ struct WeightOnly {
 template <int BITS>
 struct Int8Act {
   static constexpr int kStepSlabs = 2;
+  static constexpr bool kZeroLevel = false;  // no zero padding in the input levels
   static constexpr int kChunks = BITS / 4;
   static constexpr int kSlabBytes = BITS == 4 ? kChunkBytes : 2 * kChunkBytes;
   struct Args {
@@ -307,7 +330,7 @@ struct Int8Act {
     int acc[MT][8][4];
   };
 
-  static __device__ __forceinline__ Epilogue epilogue(const ActParams& act) { return int8_epilogue(act); }
+  static __device__ __forceinline__ Epilogue epilogue(const ActParams& act) { return int8_epilogue(act, false); }
 
   template <int MT>
   static __device__ __forceinline__ void begin_point(PointState<MT>& ps, const PackedWeight&, int64_t, int) {
@@ -319,19 +342,32 @@ struct Int8Act {
         for (int c = 0; c < 4; ++c) ps.acc[mt][j][c] = 0;
   }
 
+  static __device__ __forceinline__ Args tile_args(const Args& args, const PackedWeight&, int) { return args; }
+
+  template <int MT>
+  struct Rows {
+    int64_t row0, M;
+  };
+  template <int MT>
+  static __device__ __forceinline__ void rows(const Args&, int64_t M, int64_t, int64_t row0, int, Rows<MT>& r) {
+    r = {row0, M};
+  }
+
   static __device__ __forceinline__ uint32_t load_word(const Args& args, int64_t M, int64_t row, int64_t col) {
     return row < M ? __ldg(reinterpret_cast<const unsigned int*>(args.xq + row * args.kp + col)) : 0u;
   }
 
   // A of m16n8k32: registers (row g, slab 0), (row g + 8, slab 0), (row g, slab 1), (row g + 8, slab 1),
   // each the 4 slots 4t..4t+3.
-  static __device__ __forceinline__ void load_a(const Args& args, int64_t M, int64_t, int64_t row0, int64_t k0,
-                                                int lane, uint32_t (&a)[4]) {
+  template <int MT>
+  static __device__ __forceinline__ void load_a(const Args& args, const Rows<MT>& r, int mt, int64_t k0, int lane,
+                                                uint32_t (&a)[4]) {
     const int g = lane / 4, t = lane % 4;
-    a[0] = load_word(args, M, row0 + g, k0 + 4 * t);
-    a[1] = load_word(args, M, row0 + g + 8, k0 + 4 * t);
-    a[2] = load_word(args, M, row0 + g, k0 + kSlabK + 4 * t);
-    a[3] = load_word(args, M, row0 + g + 8, k0 + kSlabK + 4 * t);
+    const int64_t row = r.row0 + 16 * mt;
+    a[0] = load_word(args, r.M, row + g, k0 + 4 * t);
+    a[1] = load_word(args, r.M, row + g + 8, k0 + 4 * t);
+    a[2] = load_word(args, r.M, row + g, k0 + kSlabK + 4 * t);
+    a[3] = load_word(args, r.M, row + g + 8, k0 + kSlabK + 4 * t);
   }
 
   // One B register: the 4 codes of subtile j in one slab, as int8 in slot order.
@@ -373,6 +409,127 @@ struct Int8Act {
   }
 };
 
+// ---- implicit-GEMM operands of the packed conv2d (index math: csrc/kernels/conv_layout.h) ------
+
+// Rows g and g + 8 of each of the warp's m16 tiles, decoded once per m-block.
+template <int MT>
+struct ConvRows {
+  ConvRow r[MT][2];
+};
+
+__device__ __forceinline__ int tile_channel0(const ConvShape& s, const PackedWeight& w, int tile) {
+  return conv_tile_channel0(s, w.perm[static_cast<int64_t>(tile) * kTileN]);
+}
+
+template <int MT>
+__device__ __forceinline__ void conv_rows(const ConvShape& s, int64_t row0, int lane, ConvRows<MT>& r) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    r.r[mt][0] = conv_row(s, row0 + 16 * mt + lane / 4);
+    r.r[mt][1] = conv_row(s, row0 + 16 * mt + lane / 4 + 8);
+  }
+}
+
+// Weight-only: fp16/bf16 activations from the NHWC input, as WeightOnly otherwise.
+template <typename T, int BITS>
+struct ConvWeightOnly : WeightOnly<T, BITS> {
+  struct Args {
+    const T* x;  // [N, H, W, C]
+    ConvShape s;
+    int c0;    // the tile's first input channel (tile_args)
+    bool vec;  // Cg and C even, x 4-byte aligned: a column pair (k even) is one 32-bit load
+  };
+  template <int MT>
+  using Rows = ConvRows<MT>;
+
+  static __device__ __forceinline__ Args tile_args(const Args& args, const PackedWeight& w, int tile) {
+    Args a = args;
+    a.c0 = tile_channel0(args.s, w, tile);
+    return a;
+  }
+  template <int MT>
+  static __device__ __forceinline__ void rows(const Args& args, int64_t, int64_t, int64_t row0, int lane,
+                                              Rows<MT>& r) {
+    conv_rows(args.s, row0, lane, r);
+  }
+
+  static __device__ __forceinline__ uint32_t element(const Args& args, const ConvRow& r, const ConvCol& col) {
+    const int64_t off = conv_offset(args.s, r, col, args.c0);
+    return off < 0 ? 0u : static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(args.x + off)));
+  }
+
+  // A[m, k], A[m, k + 1] (k even) as one register.
+  static __device__ __forceinline__ uint32_t pair(const Args& args, const ConvRow& r, int64_t k) {
+    const ConvCol col = conv_col(args.s, k);
+    if (args.vec) {  // c even, so c + 1 < Cg: the same pixel
+      const int64_t off = conv_offset(args.s, r, col, args.c0);
+      return off < 0 ? 0u : __ldg(reinterpret_cast<const unsigned int*>(args.x + off));
+    }
+    return element(args, r, col) | (element(args, r, conv_col(args.s, k + 1)) << 16);
+  }
+
+  template <int MT>
+  static __device__ __forceinline__ void load_a(const Args& args, const Rows<MT>& r, int mt, int64_t k0, int lane,
+                                                uint32_t (&a)[4]) {
+    const int t = lane % 4;
+    a[0] = pair(args, r.r[mt][0], k0 + 2 * t);
+    a[1] = pair(args, r.r[mt][1], k0 + 2 * t);
+    a[2] = pair(args, r.r[mt][0], k0 + 2 * t + 8);
+    a[3] = pair(args, r.r[mt][1], k0 + 2 * t + 8);
+  }
+};
+
+// int8 activations: levels of the NHWC input (quantize_int8_kernel over [N * H * W, C], each 16
+// channels in slot order; Cg % 16 == 0, so a slab is 16 channels of one pixel), the level of 0 in
+// the zero padding; as Int8Act otherwise.
+template <int BITS>
+struct ConvInt8 : Int8Act<BITS> {
+  struct Args {
+    const int8_t* xq;  // [N, H, W, C]
+    ConvShape s;
+    ActParams act;
+    int c0;        // the tile's first input channel (tile_args)
+    uint32_t pad;  // the level of 0, v = zp - qmin - 128, in every byte (tile_args)
+  };
+  static constexpr bool kZeroLevel = true;
+  template <int MT>
+  using Rows = ConvRows<MT>;
+
+  static __device__ __forceinline__ Epilogue epilogue(const ActParams& act) { return int8_epilogue(act, true); }
+
+  static __device__ __forceinline__ Args tile_args(const Args& args, const PackedWeight& w, int tile) {
+    Args a = args;
+    a.c0 = tile_channel0(args.s, w, tile);
+    const auto q = cuda_detail::load_qparams<float>(args.act);
+    const float v = fminf(fmaxf(q.zero_point - q.qmin - 128.0f, -128.0f), 127.0f);  // exact when valid
+    a.pad = 0x01010101u * static_cast<uint32_t>(static_cast<uint8_t>(static_cast<int8_t>(q.valid ? v : 0.0f)));
+    return a;
+  }
+  template <int MT>
+  static __device__ __forceinline__ void rows(const Args& args, int64_t, int64_t, int64_t row0, int lane,
+                                              Rows<MT>& r) {
+    conv_rows(args.s, row0, lane, r);
+  }
+
+  // Slots 4t..4t+3 of the slab starting at column k (a multiple of 16).
+  static __device__ __forceinline__ uint32_t word(const Args& args, const ConvRow& r, const ConvCol& col, int t) {
+    if (r.image < 0 || !col.valid) return 0u;  // rows beyond M are not written; codes beyond D are 0
+    const int64_t off = conv_offset(args.s, r, col, args.c0);
+    return off < 0 ? args.pad : __ldg(reinterpret_cast<const unsigned int*>(args.xq + off + 4 * t));
+  }
+
+  template <int MT>
+  static __device__ __forceinline__ void load_a(const Args& args, const Rows<MT>& r, int mt, int64_t k0, int lane,
+                                                uint32_t (&a)[4]) {
+    const int t = lane % 4;
+    const ConvCol c0 = conv_col(args.s, k0), c1 = conv_col(args.s, k0 + kSlabK);
+    a[0] = word(args, r.r[mt][0], c0, t);
+    a[1] = word(args, r.r[mt][1], c0, t);
+    a[2] = word(args, r.r[mt][0], c1, t);
+    a[3] = word(args, r.r[mt][1], c1, t);
+  }
+};
+
 // ---- the fused kernel ------------------------------------------------------------------------
 //
 // Grid: x = tile (64 packed rows, one point count), y = block of BM input rows (looped when there
@@ -402,9 +559,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t s_end = min(s_begin + split_slabs, w.slabs);
   const int64_t n_pad = static_cast<int64_t>(w.num_tiles) * kTileN;
   const Epilogue ep = Op::epilogue(act);
+  const typename Op::Args targs = Op::tile_args(args, w, tile);
 
   for (int64_t mb = blockIdx.y; mb < m_blocks; mb += gridDim.y) {
     const int64_t row0 = mb * BM + wm * 16 * MT;  // this warp's first row
+    typename Op::template Rows<MT> rows;
+    Op::rows(targs, M, D, row0, lane, rows);
     float acc[MT][8][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -438,7 +598,7 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t s = s0 + u * SS;
           if (s < s_end) {
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) Op::load_a(args, M, D, row0 + 16 * mt, s * kSlabK, lane, a[u][mt]);
+            for (int mt = 0; mt < MT; ++mt) Op::load_a(targs, rows, mt, s * kSlabK, lane, a[u][mt]);
           }
         }
 #pragma unroll
@@ -492,9 +652,9 @@ __global__ void __launch_bounds__(kThreads)
 // Sums the K splits of the workspace [splits, M, n_pad] in split order and writes the output.
 __global__ void __launch_bounds__(kElementwiseThreads)
     finalize_kernel(const float* __restrict__ workspace, int splits, int64_t M, PackedWeight w, bool int8_act,
-                    const float* __restrict__ bias, ActParams act, void* out, OutType type) {
+                    bool zero_level, const float* __restrict__ bias, ActParams act, void* out, OutType type) {
   const int64_t n_pad = static_cast<int64_t>(w.num_tiles) * kTileN;
-  const Epilogue ep = int8_act ? int8_epilogue(act) : weight_only_epilogue();
+  const Epilogue ep = int8_act ? int8_epilogue(act, zero_level) : weight_only_epilogue();
   for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < M * n_pad;
        i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t row = i / n_pad, r = i - row * n_pad;
@@ -513,7 +673,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
                          uint32_t* __restrict__ xq) {
   using op_t = cuda_detail::compute_t<scalar_t>;
   const auto q = cuda_detail::load_qparams<op_t>(act);
-  const bool valid = int8_epilogue(act).valid;
+  const bool valid = int8_epilogue(act, false).valid;
   const op_t base = q.qmin + op_t(128);
   const int64_t words_per_row = kp / 4;
   for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < M * words_per_row;
@@ -653,7 +813,7 @@ void launch_fused(const typename Op::Args& args, const Operands& o, int64_t M, i
   if (splits > 1) {
     const int64_t n = M * int64_t{w.num_tiles} * kTileN;
     finalize_kernel<<<static_cast<unsigned>(cuda_detail::grid_for(n, kElementwiseThreads)), kElementwiseThreads, 0,
-                      stream>>>(workspace.data_ptr<float>(), static_cast<int>(splits), M, w, int8_act, bias, act,
+                      stream>>>(workspace.data_ptr<float>(), static_cast<int>(splits), M, w, int8_act, Op::kZeroLevel, bias, act,
                                 out.data_ptr(), out_type(out.scalar_type()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -687,17 +847,44 @@ at::Tensor decode_dense(const Operands& o, int64_t D, at::ScalarType dtype) {
   return out;
 }
 
+// The int8 levels of x [rows, D] (float16, bfloat16 or float32) as int8 [rows, kp], each 16 columns
+// in the slot order of the int8 mma operands (quantize_int8_kernel).
+at::Tensor quantize_int8(const at::Tensor& x, int64_t rows, int64_t D, int64_t kp, const ActParams& act,
+                         cudaStream_t stream) {
+  auto xq = at::empty({rows, kp}, x.options().dtype(at::kChar));
+  const int64_t n = rows * kp / 4;
+  if (n == 0) return xq;
+  const auto quantize = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    quantize_int8_kernel<scalar_t>
+        <<<static_cast<unsigned>(cuda_detail::grid_for(n, kElementwiseThreads)), kElementwiseThreads, 0, stream>>>(
+            reinterpret_cast<const scalar_t*>(x.data_ptr()), rows, D, kp, act,
+            reinterpret_cast<uint32_t*>(xq.data_ptr<int8_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (x.scalar_type() == at::kHalf) {
+    quantize(at::Half{});
+  } else if (x.scalar_type() == at::kBFloat16) {
+    quantize(at::BFloat16{});
+  } else {
+    quantize(float{});
+  }
+  return xq;
+}
+
+void check_fused_available(const char* op, c10::string_view name) {
+  TORCH_CHECK(fused_kernels_available(), op, ": kernel '", std::string(name),
+              "' needs mma.sync (a GPU of compute capability 8.0 or newer and a build with sm_80+ code), got "
+              "a GPU of capability ",
+              device_attribute(cudaDevAttrComputeCapabilityMajor), ".",
+              device_attribute(cudaDevAttrComputeCapabilityMinor));
+}
+
 PackedKernel resolve_kernel(PackedKernel asked, c10::string_view name, const at::Tensor& input, int64_t M,
                             int64_t kp, const c10::optional<at::Tensor>& act_qparams) {
   const bool fused = fused_kernels_available();
   if (asked != PackedKernel::kAuto) {
-    if (asked != PackedKernel::kDense) {
-      TORCH_CHECK(fused, kLinearOp, ": kernel '", std::string(name),
-                  "' needs mma.sync (a GPU of compute capability 8.0 or newer and a build with sm_80+ code), got "
-                  "a GPU of capability ",
-                  device_attribute(cudaDevAttrComputeCapabilityMajor), ".",
-                  device_attribute(cudaDevAttrComputeCapabilityMinor));
-    }
+    if (asked != PackedKernel::kDense) check_fused_available(kLinearOp, name);
     if (asked == PackedKernel::kInt8) {
       TORCH_CHECK(kp <= kInt8MaxK, kLinearOp, ": kernel 'int8' supports in_features up to ", kInt8MaxK,
                   " (int32 accumulators), got Kp = ", kp);
@@ -762,25 +949,7 @@ at::Tensor multipoint_linear_packed_cuda(const at::Tensor& input, const at::Tens
     at::Tensor qp;
     const ActParams act = cuda_detail::act_params(kLinearOp, *act_qparams, qp);
     const auto x = input.reshape({M, D}).contiguous();
-    auto xq = at::empty({M, kp}, input.options().dtype(at::kChar));
-    if (kp > 0) {
-      const auto quantize = [&](auto tag) {  // float16, bfloat16, float32 (check_multipoint_linear_packed_args)
-        using scalar_t = decltype(tag);
-        const int64_t n = M * kp / 4;
-        quantize_int8_kernel<scalar_t>
-            <<<static_cast<unsigned>(cuda_detail::grid_for(n, kElementwiseThreads)), kElementwiseThreads, 0, stream>>>(
-                reinterpret_cast<const scalar_t*>(x.data_ptr()), M, D, kp, act,
-                reinterpret_cast<uint32_t*>(xq.data_ptr<int8_t>()));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (dtype == at::kHalf) {
-        quantize(at::Half{});
-      } else if (dtype == at::kBFloat16) {
-        quantize(at::BFloat16{});
-      } else {
-        quantize(float{});
-      }
-    }
+    const auto xq = quantize_int8(x, M, D, kp, act, stream);
     const bool small_m = M <= kGemvMaxM;
     if (o.bits == 4) {
       launch_config<Int8Act<4>>(small_m, {xq.data_ptr<int8_t>(), kp}, o, M, D, act, true, bias_ptr, out, stream);
@@ -812,6 +981,148 @@ at::Tensor multipoint_linear_packed_cuda(const at::Tensor& input, const at::Tens
   return out.reshape(out_shape);
 }
 
+// ---- the packed conv2d ---------------------------------------------------------------------------
+
+namespace {
+
+constexpr const char* kConvOp = "mpq::multipoint_conv2d_packed";
+
+// The int8 kernel also needs the level of 0 in int8 (qmin <= zp <= qmin + 255) and whole slabs of
+// one pixel (16 | Cg).
+bool conv_int8_fits(const at::Tensor& act_qparams, int64_t cg, int64_t kp) {
+  if (!act_qparams.is_cpu() || cg % kSlabK != 0 || kp > kInt8MaxK) return false;
+  const auto v = act_qparams.contiguous();
+  const float* p = v.data_ptr<float>();
+  return int8_levels_fit(p) && p[1] >= p[2] && p[1] - p[2] <= 255.0f;
+}
+
+PackedKernel resolve_conv_kernel(PackedKernel asked, c10::string_view name, const at::Tensor& input, int64_t cg,
+                                 int64_t kp, const c10::optional<at::Tensor>& act_qparams) {
+  if (asked == PackedKernel::kDense) return asked;
+  if (asked != PackedKernel::kAuto) {
+    check_fused_available(kConvOp, name);
+    if (asked == PackedKernel::kInt8) {
+      TORCH_CHECK(cg % kSlabK == 0, kConvOp, ": kernel 'int8' expects input channels per group (C_in / groups) ",
+                  "divisible by 16, got ", cg);
+      TORCH_CHECK(kp <= kInt8MaxK, kConvOp, ": kernel 'int8' supports kh * kw * C_in / groups up to ", kInt8MaxK,
+                  " (int32 accumulators), got Kp = ", kp);
+      if (act_qparams->is_cpu()) {
+        const auto v = act_qparams->contiguous();
+        const float* p = v.data_ptr<float>();
+        TORCH_CHECK(conv_int8_fits(v, cg, kp), kConvOp,
+                    ": kernel 'int8' expects act_qparams with integer zero_point, qmin, qmax, at most 256 levels "
+                    "(qmax - qmin <= 255) and qmin <= zero_point <= qmin + 255, got ",
+                    p[1], ", ", p[2], ", ", p[3]);
+      }
+    }
+    return asked;
+  }
+  const auto dt = input.scalar_type();
+  if (!fused_kernels_available() || (dt != at::kHalf && dt != at::kBFloat16)) return PackedKernel::kDense;
+  if (act_qparams.has_value() && conv_int8_fits(*act_qparams, cg, kp)) return PackedKernel::kInt8;
+  return PackedKernel::kIgemm;
+}
+
+}  // namespace
+
+at::Tensor multipoint_conv2d_packed_cuda(const at::Tensor& input, const at::Tensor& packed,
+                                         const at::Tensor& packed_scales, const at::Tensor& perm,
+                                         const at::Tensor& tile_offsets, const at::Tensor& row_sums,
+                                         int64_t out_channels, at::IntArrayRef kernel_size,
+                                         const c10::optional<at::Tensor>& bias,
+                                         const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                         c10::string_view kernel) {
+  const auto checked = check_multipoint_conv2d_packed_args(input, packed, packed_scales, perm, tile_offsets, row_sums,
+                                                           out_channels, kernel_size, bias, act_qparams, stride,
+                                                           padding, dilation, groups, kernel);
+  TORCH_CHECK(packed.is_cuda(), kConvOp, ": expected the packed weight on a CUDA device, got ", packed.device());
+  c10::cuda::CUDAGuard guard(input.device());
+  const auto& out_shape = checked.out_shape;
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t cg = C / groups, D = checked.in_features, kp = packed.size(1) * kSlabK;
+  const int64_t OH = out_shape[2], OW = out_shape[3], M = N * OH * OW;
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(D <= kIntMax && H * W <= kIntMax && C <= kIntMax && out_channels <= kIntMax, kConvOp,
+              ": expected kh * kw * C_in / groups, H * W and the channel counts below 2^31, got input shape ",
+              input.sizes());
+  const auto dtype = input.scalar_type();
+  const auto format = input.suggest_memory_format();
+  const PackedKernel k = resolve_conv_kernel(checked.kernel, kernel, input, cg, kp, act_qparams);
+  const Operands o = operands(packed, packed_scales, perm, tile_offsets, row_sums, out_channels);
+
+  if (k == PackedKernel::kDense) {
+    const auto x = cuda_detail::fake_quantize_activation(kConvOp, input, act_qparams);
+    if (out_channels == 0) return at::empty(out_shape, input.options().memory_format(format));
+    // Columns (kh, kw, c) back to the [C_out, C_in / groups, kh, kw] of a convolution weight.
+    const auto w = decode_dense(o, D, dtype).view({out_channels, kernel_size[0], kernel_size[1], cg}).permute(
+        {0, 3, 1, 2});
+    c10::optional<at::Tensor> b;
+    if (bias.has_value()) b = bias->to(dtype);
+    return at::conv2d(x, w, b, stride, padding, dilation, groups);
+  }
+
+  auto out = at::empty(out_shape, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (M == 0 || out_channels == 0) return out.contiguous(format);
+  at::Tensor bias_f;
+  if (bias.has_value()) bias_f = bias->to(dtype).to(at::kFloat).contiguous();
+  const float* bias_ptr = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const ConvShape shape{M,
+                        D,
+                        static_cast<int>(H),
+                        static_cast<int>(W),
+                        static_cast<int>(C),
+                        static_cast<int>(OH),
+                        static_cast<int>(OW),
+                        static_cast<int>(kernel_size[1]),
+                        static_cast<int>(cg),
+                        static_cast<int>(stride[0]),
+                        static_cast<int>(stride[1]),
+                        static_cast<int>(padding[0]),
+                        static_cast<int>(padding[1]),
+                        static_cast<int>(dilation[0]),
+                        static_cast<int>(dilation[1]),
+                        static_cast<int>(out_channels / groups)};
+  const bool small_m = M <= kGemvMaxM;
+
+  if (k == PackedKernel::kInt8) {
+    at::Tensor qp;
+    const ActParams act = cuda_detail::act_params(kConvOp, *act_qparams, qp);
+    // NHWC levels: the rows of quantize_int8 are the pixels, its columns the channels.
+    const auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
+    const auto xq = quantize_int8(x, N * H * W, C, C, act, stream);
+    const typename ConvInt8<4>::Args args{xq.data_ptr<int8_t>(), shape, act, 0, 0u};
+    if (o.bits == 4) {
+      launch_config<ConvInt8<4>>(small_m, args, o, M, D, act, true, bias_ptr, out, stream);
+    } else {
+      launch_config<ConvInt8<8>>(small_m, {args.xq, shape, act, 0, 0u}, o, M, D, act, true, bias_ptr, out, stream);
+    }
+    return out.contiguous(format);
+  }
+
+  // Weight-only ("igemm"): fake-quantized activations (when act_qparams is given) in NHWC.
+  const auto x = cuda_detail::fake_quantize_activation(kConvOp, input, act_qparams)
+                     .contiguous(at::MemoryFormat::ChannelsLast);
+  const bool vec = cg % 2 == 0 && C % 2 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 == 0;
+  const ActParams none{nullptr, {0.0f, 0.0f, 0.0f, 0.0f}};
+  const auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+    if (o.bits == 4) {
+      launch_config<ConvWeightOnly<T, 4>>(small_m, {xp, shape, 0, vec}, o, M, D, none, false, bias_ptr, out, stream);
+    } else {
+      launch_config<ConvWeightOnly<T, 8>>(small_m, {xp, shape, 0, vec}, o, M, D, none, false, bias_ptr, out, stream);
+    }
+  };
+  if (dtype == at::kHalf) {
+    run(__half{});
+  } else {
+    run(__nv_bfloat16{});
+  }
+  return out.contiguous(format);
+}
+
 // Packing and unpacking run once per weight: their CPU kernels on host copies of the arguments,
 // the results moved back to the arguments' device (one boxed kernel for both ops).
 void on_host(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
@@ -837,4 +1148,5 @@ TORCH_LIBRARY_IMPL(mpq, CUDA, m) {
   m.impl("pack_multipoint", torch::CppFunction::makeFromBoxedFunction<&mpq::on_host>());
   m.impl("unpack_multipoint", torch::CppFunction::makeFromBoxedFunction<&mpq::on_host>());
   m.impl("multipoint_linear_packed", &mpq::multipoint_linear_packed_cuda);
+  m.impl("multipoint_conv2d_packed", &mpq::multipoint_conv2d_packed_cuda);
 }

@@ -19,6 +19,8 @@ __all__ = [
     "pack_multipoint",
     "unpack_multipoint",
     "multipoint_linear_packed",
+    "conv_codes_nhwc",
+    "multipoint_conv2d_packed",
 ]
 
 
@@ -89,7 +91,7 @@ def multipoint_conv2d(
 
 
 def pack_multipoint(
-    codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, w_bits: int
+    codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, w_bits: int, groups: int = 1
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The packed weight of the fused kernels (layout: ``csrc/kernels/packed_layout.h``), made once.
 
@@ -100,6 +102,8 @@ def pack_multipoint(
     Args:
         codes (Tensor[C, P, D], int8), scales (Tensor[C, P], float32), num_points (Tensor[C], int32).
         w_bits: the codes' bit width, 2..8.
+        groups: channel groups of a grouped convolution (dividing C): channels are sorted by group
+            first, so that no tile mixes groups (channel c is in group c // (C // groups)).
     Returns:
         packed (Tensor[num_blocks, Kp/16, 512 or 1024], uint8), Kp = D rounded up to 64;
         packed_scales (Tensor[num_blocks, 64], float32); perm (Tensor[num_tiles*64], int32): the
@@ -107,7 +111,7 @@ def pack_multipoint(
         tile t's points are blocks tile_offsets[t] .. tile_offsets[t+1]-1; row_sums
         (Tensor[num_tiles*64], float32): sum over k of each dequantized row.
     """
-    return torch.ops.mpq.pack_multipoint(codes, scales, num_points, w_bits)
+    return torch.ops.mpq.pack_multipoint(codes, scales, num_points, w_bits, groups)
 
 
 def unpack_multipoint(
@@ -146,6 +150,42 @@ def multipoint_linear_packed(
     """
     return torch.ops.mpq.multipoint_linear_packed(
         input, packed, packed_scales, perm, tile_offsets, row_sums, out_features, bias, act_qparams, kernel
+    )
+
+
+def conv_codes_nhwc(codes: torch.Tensor) -> torch.Tensor:
+    """Conv codes [C_out, P, C_in/groups, kh, kw] as the rows [C_out, P, kh * kw * C_in/groups] of
+    :func:`multipoint_conv2d_packed`'s packed weight (columns in NHWC order: kh, kw, then c)."""
+    return codes.permute(0, 1, 3, 4, 2).reshape(codes.shape[0], codes.shape[1], -1)
+
+
+def multipoint_conv2d_packed(
+    input: torch.Tensor,
+    packed: torch.Tensor,
+    packed_scales: torch.Tensor,
+    perm: torch.Tensor,
+    tile_offsets: torch.Tensor,
+    row_sums: torch.Tensor,
+    out_channels: int,
+    kernel_size: List[int],
+    bias: Optional[torch.Tensor],
+    act_qparams: Optional[torch.Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """:func:`multipoint_conv2d` on a packed weight, made by
+    ``pack_multipoint(conv_codes_nhwc(codes), scales, num_points, w_bits, groups)``.
+
+    ``kernel`` picks the CUDA kernel ("auto", "dense", "igemm": fused implicit GEMM on NHWC with
+    float16/bfloat16 activations, "int8": int8 activations and tensor cores); every choice computes
+    the same function. The output of the fused kernels is channels_last.
+    """
+    return torch.ops.mpq.multipoint_conv2d_packed(
+        input, packed, packed_scales, perm, tile_offsets, row_sums, out_channels, kernel_size, bias, act_qparams,
+        stride, padding, dilation, groups, kernel,
     )
 
 
@@ -206,7 +246,7 @@ def _multipoint_conv2d_fake(input, codes, scales, num_points, bias, act_qparams,
 
 
 @torch.library.register_fake("mpq::pack_multipoint")
-def _pack_multipoint_fake(codes, scales, num_points, w_bits):
+def _pack_multipoint_fake(codes, scales, num_points, w_bits, groups=1):
     torch._check(codes.dim() == 3, lambda: "mpq::pack_multipoint: expected codes [C, P, D]")
     torch._check(2 <= w_bits <= 8, lambda: f"mpq::pack_multipoint: expected w_bits in 2..8, got {w_bits}")
     # The numbers of blocks and tiles depend on the point counts' values.
@@ -237,3 +277,19 @@ def _multipoint_linear_packed_fake(
         lambda: "mpq::multipoint_linear_packed: input and packed disagree on D",
     )
     return input.new_empty((*input.shape[:-1], out_features))
+
+
+@torch.library.register_fake("mpq::multipoint_conv2d_packed")
+def _multipoint_conv2d_packed_fake(
+    input, packed, packed_scales, perm, tile_offsets, row_sums, out_channels, kernel_size, bias, act_qparams,
+    stride, padding, dilation, groups, kernel="auto",
+):
+    N, C, H, W = input.shape
+    kh, kw = kernel_size
+    torch._check(
+        (kh * kw * (C // groups) + 63) // 64 * 64 == packed.shape[1] * 16,
+        lambda: "mpq::multipoint_conv2d_packed: input, kernel_size and packed disagree on kh * kw * C_in / groups",
+    )
+    oh = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return input.new_empty((N, out_channels, oh, ow))

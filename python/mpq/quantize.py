@@ -77,24 +77,26 @@ def _build_module(
     has_bias = m.bias is not None if has_bias is None else has_bias
     if codebook is not None:  # non-uniform levels (companding): a codebook layer
         return build_companded(t, bits, codebook, has_bias)
-    if t.kind == "linear":
-        q = MultipointLinear(m.in_features, m.out_features, points, bits, bias=has_bias)
-    else:
-        q = MultipointConv2d(
-            m.in_channels,
-            m.out_channels,
-            list(m.kernel_size),
-            points,
-            bits,
-            list(m.stride),
-            list(m.padding),
-            list(m.dilation),
-            m.groups,
-            bias=has_bias,
-            pre_padding=t.pre_padding,
-            same_padding=t.same_padding,
-        )
-    return q.to(m.weight.device)
+    # Built on the layer's device (no .to(): a move to a GPU would pack the still empty weight).
+    with torch.device(m.weight.device):
+        if t.kind == "linear":
+            q = MultipointLinear(m.in_features, m.out_features, points, bits, bias=has_bias)
+        else:
+            q = MultipointConv2d(
+                m.in_channels,
+                m.out_channels,
+                list(m.kernel_size),
+                points,
+                bits,
+                list(m.stride),
+                list(m.padding),
+                list(m.dilation),
+                m.groups,
+                bias=has_bias,
+                pre_padding=t.pre_padding,
+                same_padding=t.same_padding,
+            )
+    return q
 
 
 def _best_sequences(paths, path_errors: torch.Tensor, counts: torch.Tensor):
@@ -281,6 +283,9 @@ def quantize(
     if cfg.verify:
         report.simulation_error = check_simulation(qmodel, batches[0])
     report.float_layers = skipped
+    for mod in qmodel.modules():  # on a GPU: the packed weights of the fused kernels, once, here
+        if isinstance(mod, (MultipointLinear, MultipointConv2d)) and mod.codes.is_cuda and mod._packable():
+            mod.pack_()
     if skipped:
         logger.warning("mpq: %d weighted layers stay in float: %s", len(skipped), "; ".join(f"{n} ({r})" for n, r in skipped))
     report.seconds["total"] = time.perf_counter() - t_start

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "catch_compat.h"
+#include "kernels/conv_layout.h"
 #include "kernels/packed_layout.h"
 
 namespace {
@@ -275,6 +276,142 @@ TEST_CASE("fp16 fragments of activations and 4-bit weights multiply to the true 
           }
           for (int64_t k = k0; k < k0 + 16; ++k) want += static_cast<float>(x[m][k] * b.q[8 * j + n][k]);
           REQUIRE(d == want);
+        }
+      }
+    }
+  }
+}
+
+// ---- the implicit GEMM of the packed conv2d (csrc/kernels/conv_layout.h) -----------------------
+//
+// For many convolution shapes: the A operand the conv kernels load (ConvWeightOnly::pair with and
+// without 32-bit vector loads, ConvInt8::word with the slot-ordered NHWC levels and the level of 0
+// in the padding), rebuilt here from the same index functions, equals an im2col matrix written
+// independently from the convolution's definition on an NCHW tensor.
+
+namespace {
+
+struct ConvCase {
+  int N, C, H, W, KH, KW, sh, sw, ph, pw, dh, dw, groups, Cout;
+};
+
+constexpr int kPad = 1000;  // marks the zero padding in the reference im2col
+
+// Reference: A[m][k] for the tile group grp, m = (n, oh, ow), k = (i, j, c).
+std::vector<std::vector<int>> im2col(const ConvCase& cc, const std::vector<int>& x_nchw, int grp, int OH, int OW) {
+  const int Cg = cc.C / cc.groups;
+  std::vector<std::vector<int>> a;
+  for (int n = 0; n < cc.N; ++n)
+    for (int oh = 0; oh < OH; ++oh)
+      for (int ow = 0; ow < OW; ++ow) {
+        std::vector<int> row;
+        for (int i = 0; i < cc.KH; ++i)
+          for (int j = 0; j < cc.KW; ++j)
+            for (int c = 0; c < Cg; ++c) {
+              const int ih = oh * cc.sh - cc.ph + i * cc.dh, iw = ow * cc.sw - cc.pw + j * cc.dw;
+              const bool inside = ih >= 0 && ih < cc.H && iw >= 0 && iw < cc.W;
+              row.push_back(inside ? x_nchw[((n * cc.C + grp * Cg + c) * cc.H + ih) * cc.W + iw] : kPad);
+            }
+        a.push_back(row);
+      }
+  return a;
+}
+
+pk::ConvShape conv_shape(const ConvCase& cc, int OH, int OW) {
+  const int Cg = cc.C / cc.groups;
+  return {static_cast<int64_t>(cc.N) * OH * OW, static_cast<int64_t>(cc.KH) * cc.KW * Cg, cc.H, cc.W, cc.C, OH, OW,
+          cc.KW, Cg, cc.sh, cc.sw, cc.ph, cc.pw, cc.dh, cc.dw, cc.Cout / cc.groups};
+}
+
+}  // namespace
+
+TEST_CASE("the conv kernels' A loads equal im2col of the NCHW input", "[packed_layout][conv]") {
+  const ConvCase cases[] = {
+      {2, 3, 7, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1, 8},      // odd C (scalar loads), padding
+      {1, 32, 9, 9, 3, 3, 2, 2, 1, 1, 1, 1, 1, 64},    // stride 2, int8-eligible
+      {2, 64, 6, 7, 1, 1, 1, 1, 0, 0, 1, 1, 1, 70},    // 1x1
+      {1, 64, 8, 8, 3, 3, 1, 1, 2, 2, 2, 2, 2, 128},   // dilation, groups of 32 channels
+      {1, 48, 5, 6, 3, 2, 2, 1, 1, 0, 1, 2, 3, 192},   // groups of 16, rectangular kernel
+      {3, 6, 4, 4, 2, 2, 2, 2, 0, 1, 1, 1, 3, 6},      // groups of 2 channels (even, vector loads)
+      {1, 16, 3, 3, 7, 7, 1, 1, 3, 3, 1, 1, 1, 16},    // kernel larger than the image, all padding rows
+  };
+  std::mt19937 rng(11u);
+  std::uniform_int_distribution<int> dist(-128, 127);
+  for (const ConvCase& cc : cases) {
+    const int Cg = cc.C / cc.groups;
+    const int OH = (cc.H + 2 * cc.ph - cc.dh * (cc.KH - 1) - 1) / cc.sh + 1;
+    const int OW = (cc.W + 2 * cc.pw - cc.dw * (cc.KW - 1) - 1) / cc.sw + 1;
+    const pk::ConvShape s = conv_shape(cc, OH, OW);
+    std::vector<int> x_nchw(static_cast<size_t>(cc.N) * cc.C * cc.H * cc.W);
+    for (auto& v : x_nchw) v = dist(rng);
+    std::vector<int> x_nhwc(x_nchw.size());  // the kernels' input
+    for (int n = 0; n < cc.N; ++n)
+      for (int c = 0; c < cc.C; ++c)
+        for (int h = 0; h < cc.H; ++h)
+          for (int w = 0; w < cc.W; ++w)
+            x_nhwc[((n * cc.H + h) * cc.W + w) * cc.C + c] = x_nchw[((n * cc.C + c) * cc.H + h) * cc.W + w];
+    // xq: the NHWC levels with each 16 channels in slot order (quantize_int8 over [N*H*W, C]).
+    std::vector<int8_t> xq(x_nhwc.size());
+    if (cc.C % pk::kSlabK == 0) {
+      for (size_t pix = 0; pix < x_nhwc.size() / cc.C; ++pix)
+        for (int c0 = 0; c0 < cc.C; c0 += pk::kSlabK)
+          for (int slot = 0; slot < pk::kSlabK; ++slot)
+            xq[pix * cc.C + c0 + slot] = static_cast<int8_t>(x_nhwc[pix * cc.C + c0 + pk::s8_slot_column(slot)]);
+    }
+    const int8_t pad_level = -37;
+    const int64_t kp = pk::padded_k(s.D);
+    for (int grp = 0; grp < cc.groups; ++grp) {
+      // A tile of this group: its first row is some channel of the group.
+      const int first_channel = grp * (cc.Cout / cc.groups) + (cc.Cout / cc.groups) / 2;
+      const int c0 = pk::conv_tile_channel0(s, first_channel);
+      REQUIRE(c0 == grp * Cg);
+      const auto want = im2col(cc, x_nchw, grp, OH, OW);
+      const int64_t rows = s.M + 16;  // rows past M are skipped
+      for (int64_t m = 0; m < rows; ++m) {
+        const pk::ConvRow r = pk::conv_row(s, m);
+        REQUIRE((r.image < 0) == (m >= s.M));
+        // Weight-only: pairs (k, k + 1), k even, as ConvWeightOnly::pair loads them.
+        for (const bool vec : {false, true}) {
+          if (vec && (Cg % 2 != 0 || cc.C % 2 != 0)) continue;
+          for (int64_t k = 0; k < kp; k += 2) {
+            int got[2];
+            const pk::ConvCol col = pk::conv_col(s, k);
+            if (vec) {
+              const int64_t off = pk::conv_offset(s, r, col, c0);
+              got[0] = off < 0 ? 0 : x_nhwc[off];
+              got[1] = off < 0 ? 0 : x_nhwc[off + 1];
+            } else {
+              for (int e = 0; e < 2; ++e) {
+                const int64_t off = pk::conv_offset(s, r, pk::conv_col(s, k + e), c0);
+                got[e] = off < 0 ? 0 : x_nhwc[off];
+              }
+            }
+            for (int e = 0; e < 2; ++e) {
+              const int64_t kk = k + e;
+              const int expect = m >= s.M || kk >= s.D || want[m][kk] == kPad ? 0 : want[m][kk];
+              REQUIRE(got[e] == expect);
+            }
+          }
+        }
+        // int8: words of slots 4t..4t+3 of each slab, as ConvInt8::word loads them.
+        if (Cg % pk::kSlabK != 0) continue;
+        for (int64_t k0 = 0; k0 < kp; k0 += pk::kSlabK) {
+          const pk::ConvCol col = pk::conv_col(s, k0);
+          for (int t = 0; t < 4; ++t) {
+            for (int i = 0; i < 4; ++i) {
+              int got = 0;
+              if (r.image >= 0 && col.valid) {
+                const int64_t off = pk::conv_offset(s, r, col, c0);
+                got = off < 0 ? pad_level : xq[off + 4 * t + i];
+              }
+              const int64_t kk = k0 + pk::s8_slot_column(4 * t + i);
+              if (m >= s.M || kk >= s.D) {
+                REQUIRE(got == 0);
+              } else {
+                REQUIRE(got == (want[m][kk] == kPad ? pad_level : want[m][kk]));
+              }
+            }
+          }
         }
       }
     }

@@ -4,6 +4,13 @@ State (buffers): ``codes`` (int8[C, P, ...]), ``scales`` (float32[C, P]), ``num_
 (int32[C]), ``bias`` (float32[C] or None), ``act_qparams`` (float32[4] = scale, zero_point,
 qmin, qmax, or None for float activations). The forward is one ``torch.ops.mpq`` call, so the
 module runs under TorchScript and in C++ with the ops library.
+
+On a GPU with float16/bfloat16 inputs both modules run fused kernels on a packed copy of the
+weight (``mpq::pack_multipoint``; non-persistent buffers, the codes stay the source of truth):
+packed once when the module moves to a GPU (``.to``/``.cuda``), at the end of ``mpq.quantize`` on a
+GPU, or, for TorchScript/C++ callers, on the first such forward. ``.half()``/``.to(dtype)`` keep
+the weight's float32 buffers (scales, bias, act_qparams) in float32 (the ops' format): the layer
+then takes inputs of the new dtype and returns outputs of that dtype.
 """
 import math
 from typing import List, Optional
@@ -26,7 +33,7 @@ def same_padding(x: torch.Tensor, kernel_size: List[int], stride: List[int], dil
     return pads
 
 
-# The packed weight of MultipointLinear's CUDA path (mpq::pack_multipoint), non-persistent buffers.
+# The packed weight of the CUDA path (mpq::pack_multipoint), non-persistent buffers.
 _PACKED_BUFFERS = (
     ("packed", torch.uint8),
     ("packed_scales", torch.float32),
@@ -54,6 +61,77 @@ class _MultipointBase(nn.Module):
         else:
             self.register_buffer("bias", None)
         self.register_buffer("act_qparams", None)
+        self.packed_kernel = "auto"
+        for name, dtype in _PACKED_BUFFERS:
+            self.register_buffer(name, torch.empty(0, dtype=dtype), persistent=False)
+
+    # ---- the packed weight of the fused CUDA kernels ----
+
+    def _packable(self) -> bool:
+        """Whether the fused kernels serve this layer (MultipointConv2d: not depthwise-like convs)."""
+        return True
+
+    def _pack_args(self):
+        """(codes [C, P, D] in the packed column order, groups, D) for mpq::pack_multipoint."""
+        raise NotImplementedError
+
+    def _int8_kernel_fits(self) -> bool:
+        """Whether act_qparams (read on the host) and the shape suit the int8 kernel."""
+        qp = self.act_qparams
+        if qp is None:
+            return False
+        v = qp.detach().cpu().double()
+        zp, qmin, qmax = float(v[1]), float(v[2]), float(v[3])
+        fits = zp == float(round(zp)) and qmin == float(round(qmin)) and qmax == float(round(qmax))
+        return fits and qmax - qmin <= 255.0 and (self._pack_args()[2] + 63) // 64 * 64 <= 65536 and self._int8_shape_fits()
+
+    def _int8_shape_fits(self) -> bool:
+        return True
+
+    @torch.jit.export
+    def pack_(self) -> None:
+        """Builds the packed weight (``mpq::pack_multipoint``) on the codes' device and picks the
+        kernel: "int8" when act_qparams has integer zero point and range of at most 256 levels
+        (read once on the host here, so that the forward never syncs), else "auto"."""
+        codes, groups, _ = self._pack_args()
+        packed, packed_scales, perm, tile_offsets, row_sums = torch.ops.mpq.pack_multipoint(
+            codes, self.scales, self.num_points, self.w_bits, groups
+        )
+        self.packed = packed
+        self.packed_scales = packed_scales
+        self.perm = perm
+        self.tile_offsets = tile_offsets
+        self.row_sums = row_sums
+        self.packed_kernel = "int8" if self._int8_kernel_fits() else "auto"
+
+    def _drop_packed(self) -> None:
+        for name, dtype in _PACKED_BUFFERS:
+            setattr(self, name, torch.empty(0, dtype=dtype, device=self.codes.device))
+        self.packed_kernel = "auto"
+
+    def _use_packed(self, x: torch.Tensor) -> bool:
+        """The fused path: a float16/bfloat16 input on a GPU (packing first if needed)."""
+        if not (x.is_cuda and (x.dtype == torch.float16 or x.dtype == torch.bfloat16) and self._packable()):
+            return False
+        if self.tile_offsets.numel() == 0 or self.tile_offsets.device != self.codes.device:
+            self.pack_()
+        return True
+
+    def _apply(self, fn, recurse: bool = True):
+        # Device moves apply as usual; dtype casts (.half(), .to(dtype)) leave the float32 buffers
+        # as they are (moved to the new device only): the ops take float32 scales, bias, act_qparams.
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.is_floating_point() and out.dtype != t.dtype:
+                out = t.to(device=out.device)
+            return out
+
+        super()._apply(keep_dtype, recurse)
+        if self.codes.is_cuda and self._packable():
+            self.pack_()  # once per move, never per forward
+        elif self.tile_offsets.numel() > 0:
+            self._drop_packed()
+        return self
 
     def set_weight(
         self, codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, bias: Optional[torch.Tensor]
@@ -75,6 +153,7 @@ class _MultipointBase(nn.Module):
         self.num_points.copy_(num_points.to(torch.int32))
         if bias is not None:
             self.bias.copy_(bias.detach().to(torch.float32))
+        self._drop_packed()
 
     def _check_weight(
         self, codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, bias: Optional[torch.Tensor]
@@ -133,6 +212,11 @@ class _MultipointBase(nn.Module):
         self.act_qparams = torch.tensor(
             [scale, zero_point, qmin, qmax], dtype=torch.float32, device=self.scales.device
         )
+        self._drop_packed()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._drop_packed()
 
     @torch.jit.export
     def dequantized_weight(self) -> torch.Tensor:
@@ -150,13 +234,10 @@ class MultipointLinear(_MultipointBase):
     """Linear layer with a multipoint weight: codes int8[out_features, max_points, in_features].
 
     On a GPU with a float16/bfloat16 input, the forward runs ``mpq::multipoint_linear_packed`` on
-    a packed copy of the weight (``pack_()``, made once, on the first such forward): fused kernels
-    that read the 4-bit codes directly, with int8 tensor cores when ``act_qparams`` has integer
-    levels that fit int8 (``packed_kernel`` says which). The packed buffers are not in
-    ``state_dict`` (the codes stay the source of truth); they follow ``.to()`` and are dropped by
-    ``set_weight``, ``set_act_qparams`` and ``load_state_dict``. Other inputs run
-    ``mpq::multipoint_linear``. NB: call ``pack_()`` before ``torch.compile``/``torch.export`` of a
-    GPU model in half precision, so that tracing does not meet the packing.
+    the packed weight (module docstring): fused kernels that read the 4-bit codes directly, with
+    int8 tensor cores when ``act_qparams`` has integer levels that fit int8 (``packed_kernel`` says
+    which). Other inputs run ``mpq::multipoint_linear``. NB: move the model to the GPU (or call
+    ``pack_()``) before ``torch.compile``/``torch.export``, so that tracing does not meet the packing.
     """
 
     packed_kernel: str
@@ -165,61 +246,17 @@ class MultipointLinear(_MultipointBase):
         super().__init__(out_features, max_points, [in_features], w_bits, bias)
         self.in_features = in_features
         self.out_features = out_features
-        self.packed_kernel = "auto"
-        for name, dtype in _PACKED_BUFFERS:
-            self.register_buffer(name, torch.empty(0, dtype=dtype), persistent=False)
+
+    def _pack_args(self):
+        return self.codes, 1, self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and (x.dtype == torch.float16 or x.dtype == torch.bfloat16):
-            if self.tile_offsets.numel() == 0 or self.tile_offsets.device != self.codes.device:
-                self.pack_()
+        if self._use_packed(x):
             return torch.ops.mpq.multipoint_linear_packed(
                 x, self.packed, self.packed_scales, self.perm, self.tile_offsets, self.row_sums,
                 self.out_features, self.bias, self.act_qparams, self.packed_kernel,
             )
         return torch.ops.mpq.multipoint_linear(x, self.codes, self.scales, self.num_points, self.bias, self.act_qparams)
-
-    @torch.jit.export
-    def pack_(self) -> None:
-        """Builds the packed weight (``mpq::pack_multipoint``) on the codes' device and picks the
-        kernel: "int8" when act_qparams has integer zero point and range of at most 256 levels
-        (read once on the host here, so that the forward never syncs), else "auto"."""
-        packed, packed_scales, perm, tile_offsets, row_sums = torch.ops.mpq.pack_multipoint(
-            self.codes, self.scales, self.num_points, self.w_bits
-        )
-        self.packed = packed
-        self.packed_scales = packed_scales
-        self.perm = perm
-        self.tile_offsets = tile_offsets
-        self.row_sums = row_sums
-        kernel = "auto"
-        qp = self.act_qparams
-        if qp is not None:
-            v = qp.detach().cpu().double()
-            zp, qmin, qmax = float(v[1]), float(v[2]), float(v[3])
-            fits = zp == float(round(zp)) and qmin == float(round(qmin)) and qmax == float(round(qmax))
-            if fits and qmax - qmin <= 255.0 and (self.in_features + 63) // 64 * 64 <= 65536:
-                kernel = "int8"
-        self.packed_kernel = kernel
-
-    def _drop_packed(self) -> None:
-        for name, dtype in _PACKED_BUFFERS:
-            setattr(self, name, torch.empty(0, dtype=dtype, device=self.codes.device))
-        self.packed_kernel = "auto"
-
-    def set_weight(
-        self, codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, bias: Optional[torch.Tensor]
-    ) -> None:
-        super().set_weight(codes, scales, num_points, bias)
-        self._drop_packed()
-
-    def set_act_qparams(self, scale: float, zero_point: int, qmin: int, qmax: int) -> None:
-        super().set_act_qparams(scale, zero_point, qmin, qmax)
-        self._drop_packed()
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._drop_packed()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, max_points={self.max_points}"
@@ -231,7 +268,16 @@ class MultipointConv2d(_MultipointBase):
     ``pre_padding`` (left, right, top, bottom) zero-pads the input before the convolution, as
     TensorFlow-style 'same' convolutions with a static padding module do; ``same_padding``
     computes that padding from the input size at run time (their dynamic variant).
+
+    On a GPU with a float16/bfloat16 input, the forward runs ``mpq::multipoint_conv2d_packed``
+    (module docstring): an implicit GEMM over the NHWC input (channels_last in, channels_last out),
+    with int8 activations and int8 tensor cores when ``act_qparams`` fit int8 and
+    in_channels/groups is a multiple of 16. Grouped convolutions with fewer than 64 output channels
+    per group (depthwise ones) keep ``mpq::multipoint_conv2d`` (dequantize, then cuDNN): a packed
+    tile holds 64 channels of one group.
     """
+
+    packed_kernel: str
 
     # Declared for TorchScript, which cannot infer the element type of an empty list.
     kernel_size: List[int]
@@ -270,11 +316,29 @@ class MultipointConv2d(_MultipointBase):
         self.pre_padding = list(pre_padding) if pre_padding is not None else []
         self.same_padding = same_padding
 
+    def _packable(self) -> bool:
+        return self.groups == 1 or self.out_channels // self.groups >= 64
+
+    def _pack_args(self):
+        # Columns in NHWC order (kh, kw, c): mpq.ops.conv_codes_nhwc.
+        codes = self.codes.permute(0, 1, 3, 4, 2).reshape(self.codes.shape[0], self.codes.shape[1], -1)
+        return codes, self.groups, codes.shape[2]
+
+    def _int8_shape_fits(self) -> bool:
+        # Whole 16-channel slabs per pixel (csrc/cuda/multipoint_packed.cu, ConvInt8).
+        return (self.in_channels // self.groups) % 16 == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.same_padding:
             x = F.pad(x, same_padding(x, self.kernel_size, self.stride, self.dilation))
         elif len(self.pre_padding) > 0:
             x = F.pad(x, self.pre_padding)
+        if self._use_packed(x):
+            return torch.ops.mpq.multipoint_conv2d_packed(
+                x, self.packed, self.packed_scales, self.perm, self.tile_offsets, self.row_sums, self.out_channels,
+                self.kernel_size, self.bias, self.act_qparams, self.stride, self.padding, self.dilation, self.groups,
+                self.packed_kernel,
+            )
         return torch.ops.mpq.multipoint_conv2d(
             x,
             self.codes,
