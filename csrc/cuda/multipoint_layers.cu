@@ -3,6 +3,9 @@
 // cuDNN), exactly as the CPU kernels in csrc/cpu/multipoint_layers.cpp do it. The activation fake
 // quantization is one elementwise kernel that reads act_qparams from device memory, so no host
 // synchronisation happens. The fused kernels of the packed weight are csrc/cuda/multipoint_packed.cu.
+// One fused kernel lives here: depthwise convolutions (groups = C_in = C_out) on channels_last
+// float16/bfloat16 inputs run a direct kernel that reads the multipoint codes themselves (a packed
+// 64-channel tile would hold one channel of a depthwise layer).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/conv2d.h>
@@ -82,6 +85,62 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Depthwise conv2d, direct: one thread per output element of NHWC out [N, OH, OW, C] (channels
+// fastest: coalesced loads of x [N, H, W, C]); the tap weights sum_k scales[c, k] codes[c, k, i, j]
+// in float32 (as the generic dequantize sums them), rounded to scalar_t (the generic path's weight
+// dtype); fq(x) rounded to scalar_t as fake_quantize_kernel does; float32 accumulation; + bias.
+struct DepthwiseShape {
+  int64_t N;
+  int H, W, C, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw, P;
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    depthwise_conv_kernel(const scalar_t* __restrict__ x, const int8_t* __restrict__ codes,
+                          const float* __restrict__ scales, const int* __restrict__ num_points,
+                          const float* __restrict__ bias, ActParams params, bool quantize, DepthwiseShape s,
+                          scalar_t* __restrict__ out) {
+  using op_t = compute_t<scalar_t>;
+  const auto q = cuda_detail::load_qparams<op_t>(params);
+  const int64_t n_out = s.N * s.OH * s.OW * s.C;
+  const int taps = s.KH * s.KW;
+  for (int64_t idx = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; idx < n_out;
+       idx += int64_t{gridDim.x} * blockDim.x) {
+    const int c = static_cast<int>(idx % s.C);
+    int64_t rest = idx / s.C;
+    const int ow = static_cast<int>(rest % s.OW);
+    rest /= s.OW;
+    const int oh = static_cast<int>(rest % s.OH);
+    const int64_t n = rest / s.OH;
+    if (quantize && !q.valid) {
+      out[idx] = static_cast<scalar_t>(NAN);
+      continue;
+    }
+    const int points = min(max(num_points[c], 0), s.P);
+    float acc = 0.0f;
+    for (int i = 0; i < s.KH; ++i) {
+      const int ih = oh * s.sh - s.ph + i * s.dh;
+      if (ih < 0 || ih >= s.H) continue;
+      for (int j = 0; j < s.KW; ++j) {
+        const int iw = ow * s.sw - s.pw + j * s.dw;
+        if (iw < 0 || iw >= s.W) continue;
+        float w = 0.0f;
+        for (int k = 0; k < points; ++k) {
+          w += scales[c * s.P + k] * static_cast<float>(codes[(static_cast<int64_t>(c) * s.P + k) * taps + i * s.KW + j]);
+        }
+        scalar_t v = x[((n * s.H + ih) * s.W + iw) * s.C + c];
+        if (quantize) {
+          const op_t level = static_cast<op_t>(static_cast<scalar_t>(cuda_detail::quant_level(v, q) - q.zero_point));
+          v = static_cast<scalar_t>(level * q.scale);
+        }
+        acc += static_cast<float>(static_cast<scalar_t>(w)) * static_cast<float>(v);
+      }
+    }
+    if (bias != nullptr) acc += bias[c];
+    out[idx] = static_cast<scalar_t>(acc);
+  }
+}
+
 at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
                       at::ScalarType dtype) {
   if (dtype != at::kDouble && dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) {
@@ -110,6 +169,53 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const a
 void check_on_cuda(const char* op, const at::Tensor& input, const at::Tensor& codes) {
   TORCH_CHECK(codes.is_cuda(), op, ": expected codes, scales and num_points on a CUDA device, got ",
               codes.device());
+}
+
+}  // namespace
+
+namespace {
+
+at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
+                            const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, const std::vector<int64_t>& out_shape) {
+  constexpr const char* op = "mpq::multipoint_conv2d";
+  at::Tensor qp;
+  ActParams params{nullptr, {1.0f, 0.0f, 0.0f, 1.0f}};
+  if (act_qparams.has_value()) params = cuda_detail::act_params(op, *act_qparams, qp);  // checks host values
+  const auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  auto out = at::empty(out_shape, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t n = out.numel();
+  if (n == 0) return out;
+  const auto c = codes.contiguous();
+  const auto s = scales.contiguous();
+  const auto np = num_points.contiguous();
+  at::Tensor b;
+  if (bias.has_value()) b = bias->to(input.scalar_type()).to(at::kFloat).contiguous();  // as the generic path adds it
+  const DepthwiseShape shape{input.size(0),
+                             static_cast<int>(input.size(2)),
+                             static_cast<int>(input.size(3)),
+                             static_cast<int>(input.size(1)),
+                             static_cast<int>(out_shape[2]),
+                             static_cast<int>(out_shape[3]),
+                             static_cast<int>(codes.size(3)),
+                             static_cast<int>(codes.size(4)),
+                             static_cast<int>(stride[0]),
+                             static_cast<int>(stride[1]),
+                             static_cast<int>(padding[0]),
+                             static_cast<int>(padding[1]),
+                             static_cast<int>(dilation[0]),
+                             static_cast<int>(dilation[1]),
+                             static_cast<int>(codes.size(1))};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "mpq::multipoint_conv2d_depthwise", [&] {
+    depthwise_conv_kernel<scalar_t><<<static_cast<unsigned>(grid_for(n)), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), c.data_ptr<int8_t>(), s.data_ptr<float>(), np.data_ptr<int>(),
+        bias.has_value() ? b.data_ptr<float>() : nullptr, params, act_qparams.has_value(), shape,
+        out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
 }
 
 }  // namespace
@@ -183,6 +289,11 @@ at::Tensor multipoint_conv2d_cuda(const at::Tensor& input, const at::Tensor& cod
                                                       padding, dilation, groups);
   check_on_cuda(op, input, codes);
   c10::cuda::CUDAGuard guard(input.device());
+  const auto dt = input.scalar_type();
+  if (groups > 1 && groups == input.size(1) && groups == codes.size(0) && (dt == at::kHalf || dt == at::kBFloat16) &&
+      input.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
+    return depthwise_conv2d(input, codes, scales, num_points, bias, act_qparams, stride, padding, dilation, out_shape);
+  }
   const auto x = fake_quantize_activation(op, input, act_qparams);  // checks act_qparams on the host
   if (codes.size(0) == 0) return at::empty(out_shape, input.options());  // ATen refuses C_out = 0, as on the CPU
   const auto w = dequantize(codes, scales, num_points, input.scalar_type());

@@ -235,6 +235,14 @@ def _multipoint_linear_fake(input, codes, scales, num_points, bias, act_qparams)
     return input.new_empty((*input.shape[:-1], codes.shape[0]))
 
 
+def _conv_output_format(input: torch.Tensor) -> torch.memory_format:
+    """The memory format of a convolution's output: channels_last for a channels_last input (ATen's
+    suggest_memory_format), as cuDNN, oneDNN and the fused NHWC kernels return it."""
+    if input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @torch.library.register_fake("mpq::multipoint_conv2d")
 def _multipoint_conv2d_fake(input, codes, scales, num_points, bias, act_qparams, stride, padding, dilation, groups):
     _check_one_device("mpq::multipoint_conv2d", input, codes, scales, num_points, bias, act_qparams)
@@ -242,7 +250,7 @@ def _multipoint_conv2d_fake(input, codes, scales, num_points, bias, act_qparams,
     kh, kw = codes.shape[3], codes.shape[4]
     oh = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return input.new_empty((N, codes.shape[0], oh, ow))
+    return input.new_empty((N, codes.shape[0], oh, ow)).contiguous(memory_format=_conv_output_format(input))
 
 
 @torch.library.register_fake("mpq::pack_multipoint")
@@ -292,4 +300,4 @@ def _multipoint_conv2d_packed_fake(
     )
     oh = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return input.new_empty((N, out_channels, oh, ow))
+    return input.new_empty((N, out_channels, oh, ow)).contiguous(memory_format=_conv_output_format(input))

@@ -585,3 +585,211 @@ def test_non_finite_scales_propagate_on_cuda():
     torch.testing.assert_close(w[keep], ops.dequantize_multipoint(codes, scales, n, torch.float64)[keep])
     y = ops.multipoint_linear(torch.randn(3, 6, device="cuda"), *_cuda(codes, bad, n), None, None).cpu()
     assert bool(y[:, 1].isnan().all()) and bool(torch.isfinite(y[:, keep]).all())
+
+
+# ---- the packed conv2d: implicit GEMM on NHWC (csrc/cuda/multipoint_packed.cu, ConvWeightOnly / ConvInt8)
+# Every kernel of mpq::multipoint_conv2d_packed against the CPU packed op (which equals
+# mpq::multipoint_conv2d bit for bit) and the float64 reference, outputs poisoned first.
+
+# (N, C_in, H, W, C_out, kh, kw, stride, padding, dilation, groups): batch 1, odd C (scalar loads),
+# 1x1, stride 2, dilation, groups of 16 and 32 channels, rectangular kernels, a kernel larger than
+# the image, C_out not a multiple of 64, many output rows (M > 65535 / 128 blocks loop), depthwise.
+PACKED_CONV_CASES = [
+    (1, 3, 17, 15, 40, 7, 7, (2, 2), (3, 3), (1, 1), 1),
+    (2, 32, 9, 9, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    (1, 64, 14, 14, 70, 1, 1, (1, 1), (0, 0), (1, 1), 1),
+    (3, 48, 11, 10, 130, 3, 3, (2, 2), (1, 1), (1, 1), 1),
+    (1, 64, 8, 8, 128, 3, 3, (1, 1), (2, 2), (2, 2), 2),
+    (2, 48, 5, 6, 192, 3, 2, (2, 1), (1, 0), (1, 2), 3),
+    (1, 16, 3, 3, 16, 7, 7, (1, 1), (3, 3), (1, 1), 1),
+    (1, 6, 9, 9, 6, 3, 3, (1, 1), (1, 1), (1, 1), 6),
+    (1, 5, 6, 7, 9, 2, 3, (1, 1), (0, 1), (1, 1), 1),
+    (64, 16, 34, 34, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+]
+PACKED_CONV_IDS = [f"N{c[0]}_C{c[1]}_{c[2]}x{c[3]}_O{c[4]}_k{c[5]}x{c[6]}_s{c[7][0]}_g{c[10]}" for c in PACKED_CONV_CASES]
+
+
+def _packed_conv(case, w_bits, seed):
+    N, C, H, W, O, kh, kw, stride, padding, dilation, groups = case
+    codes, scales, num_points = _packed_weight(O, 3, C // groups * kh * kw, w_bits, seed)
+    codes = codes.view(O, 3, C // groups, kh, kw)
+    packed = ops.pack_multipoint(mpq.ops.conv_codes_nhwc(codes), scales, num_points, w_bits, groups)
+    geometry = ([kh, kw], list(stride), list(padding), list(dilation), groups)
+    return codes, scales, num_points, packed, geometry
+
+
+def _conv_call(x, packed, O, geometry, bias, qp, kernel):
+    kernel_size, stride, padding, dilation, groups = geometry
+    return ops.multipoint_conv2d_packed(x, *packed, O, kernel_size, bias, qp, stride, padding, dilation, groups, kernel)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("kernel", ["auto", "igemm", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("w_bits", [4, 8])
+@pytest.mark.parametrize("case", PACKED_CONV_CASES, ids=PACKED_CONV_IDS)
+def test_packed_conv2d_weight_only_matches_cpu_and_reference(case, w_bits, dtype, kernel, channels_last):
+    N, C, H, W, O = case[:5]
+    codes, scales, num_points, packed, geometry = _packed_conv(case, w_bits, seed=C * O + w_bits)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(N, C, H, W, generator=g).to(dtype)
+    bias = torch.randn(O, generator=g)
+    want64 = ref.multipoint_conv2d_reference(x.double(), codes, scales, num_points, bias, None, *geometry[1:])
+    want_cpu = _conv_call(x.float(), packed, O, geometry, bias, None, "auto")
+    xc = x.cuda()
+    if channels_last:
+        xc = xc.to(memory_format=torch.channels_last)
+    _poison(want64.numel(), dtype)
+    got = _conv_call(xc, _cuda(*packed), O, geometry, bias.cuda(), None, kernel)
+    assert got.dtype == dtype and got.shape == want64.shape
+    if kernel != "dense":  # the fused kernels write NHWC and return the input's layout
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert not bool(got.isnan().any()), "unwritten (NaN-poisoned) or NaN outputs"
+    assert _rel_err(got, want64) <= REL_TOL[dtype]
+    assert _rel_err(got, want_cpu) <= 2 * REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("where", ["cpu", "cuda"], ids=["qparams_cpu", "qparams_cuda"])
+@pytest.mark.parametrize("act", list(PACKED_ACT))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("w_bits", [4, 8])
+@pytest.mark.parametrize("case", [c for c in PACKED_CONV_CASES if (c[1] // c[10]) % 16 == 0],
+                         ids=[i for c, i in zip(PACKED_CONV_CASES, PACKED_CONV_IDS) if (c[1] // c[10]) % 16 == 0])
+def test_packed_conv2d_int8_matches_cpu_and_reference(case, w_bits, dtype, act, where):
+    N, C, H, W, O = case[:5]
+    codes, scales, num_points, packed, geometry = _packed_conv(case, w_bits, seed=C + O * w_bits)
+    g = torch.Generator().manual_seed(12)
+    x = (torch.randn(N, C, H, W, generator=g) * 2).to(dtype)
+    bias = torch.randn(O, generator=g)
+    qp = torch.tensor(PACKED_ACT[act], dtype=torch.float32)
+    want64 = ref.multipoint_conv2d_reference(x.double(), codes, scales, num_points, bias, qp, *geometry[1:])
+    want_cpu = _conv_call(x, packed, O, geometry, bias, qp, "int8")
+    _poison(want64.numel(), dtype)
+    got = _conv_call(x.cuda(), _cuda(*packed), O, geometry, bias.cuda(), qp if where == "cpu" else qp.cuda(), "int8")
+    assert got.dtype == dtype and got.shape == want64.shape
+    assert not bool(got.isnan().any())
+    # Exact int32 dot products with the level of 0 in the padding; the CPU rounds fq(x) to the dtype.
+    tol = max(REL_TOL[dtype], 1e-4)
+    assert _rel_err(got, want_cpu) <= 2 * tol
+    assert _rel_err(got, want64) <= 2 * tol
+
+
+def test_packed_conv2d_auto_picks_int8_only_where_it_fits():
+    # C_in / groups = 32 and host qparams: int8 (exact integer products); 5 channels: igemm on fq(x).
+    for case in (PACKED_CONV_CASES[1], PACKED_CONV_CASES[8]):
+        N, C, H, W, O = case[:5]
+        codes, scales, num_points, packed, geometry = _packed_conv(case, 4, seed=13)
+        x = torch.randn(N, C, H, W).half()
+        qp = torch.tensor(PACKED_ACT["uint8"])
+        want64 = ref.multipoint_conv2d_reference(x.double(), codes, scales, num_points, None, qp, *geometry[1:])
+        got = _conv_call(x.cuda(), _cuda(*packed), O, geometry, None, qp, "auto")
+        assert _rel_err(got, want64) <= 2 * REL_TOL[torch.float16]
+    with pytest.raises(RuntimeError, match="mpq::multipoint_conv2d_packed: kernel 'int8' expects input channels per group"):
+        _conv_call(x.cuda(), _cuda(*packed), O, geometry, None, qp, "int8")
+
+
+def test_packed_conv2d_int8_zero_point_outside_the_levels_gives_nan_on_device():
+    case = PACKED_CONV_CASES[1]
+    codes, scales, num_points, packed, geometry = _packed_conv(case, 4, seed=14)
+    x = torch.randn(2, 32, 9, 9, device="cuda").half()
+    # zero point above qmax: representable for the linear kernel, not as the conv's padding level
+    bad = torch.tensor([0.05, 400.0, 0.0, 255.0], device="cuda")
+    assert bool(_conv_call(x, _cuda(*packed), 64, geometry, None, bad, "int8").isnan().all())
+    with pytest.raises(RuntimeError, match="qmin <= zero_point <= qmin \\+ 255"):
+        _conv_call(x, _cuda(*packed), 64, geometry, None, bad.cpu(), "int8")
+
+
+def test_opcheck_packed_conv2d_on_cuda():
+    case = PACKED_CONV_CASES[4]
+    codes, scales, num_points, packed, geometry = _packed_conv(case, 4, seed=15)
+    packed = _cuda(*packed)
+    x = torch.randn(1, 64, 8, 8, device="cuda").half()
+    qp = torch.tensor(PACKED_ACT["uint8"], device="cuda")
+    kernel_size, stride, padding, dilation, groups = geometry
+    for kernel, act in [("auto", None), ("igemm", qp), ("int8", qp), ("dense", None)]:
+        torch.library.opcheck(
+            ops.multipoint_conv2d_packed.default,
+            (x, *packed, 128, kernel_size, torch.randn(128, device="cuda"), act, stride, padding, dilation, groups, kernel),
+        )
+
+
+def test_conv_module_packs_when_moved_and_runs_the_fused_path():
+    from mpq.nn import MultipointConv2d
+
+    codes, scales, num_points = _packed_weight(64, 2, 32 * 9, 4, seed=16)
+    for act in [None, (0.02, 128, 0, 255)]:
+        m = MultipointConv2d(32, 64, [3, 3], 2, 4, [1, 1], [1, 1], [1, 1])
+        m.set_weight(codes.view(m.codes.shape), scales, num_points, torch.randn(64))
+        if act is not None:
+            m.set_act_qparams(*act)
+        x = torch.randn(2, 32, 10, 10)
+        want = m(x)  # CPU, float32
+        m = m.cuda().half()
+        assert m.tile_offsets.numel() > 1 and m.packed.is_cuda, "packed at the move, before any forward"
+        assert m.scales.dtype == torch.float32
+        assert m.packed_kernel == ("auto" if act is None else "int8")
+        packed_ptr = m.packed.data_ptr()
+        got = m(x.cuda().half().to(memory_format=torch.channels_last))
+        assert m.packed.data_ptr() == packed_ptr, "never repacked per forward"
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert _rel_err(got, want) <= 4 * REL_TOL[torch.float16]
+        m = m.cpu()
+        assert m.tile_offsets.numel() == 0
+
+
+def test_quantize_on_cuda_packs_every_fused_layer():
+    import small_models
+    from mpq.nn import MultipointConv2d, MultipointLinear
+
+    model = small_models.small_cnn().cuda().eval()
+    data = [torch.randn(4, 3, 16, 16, device="cuda") for _ in range(2)]
+    qmodel = mpq.quantize(model, data, "W4A8")
+    layers = [m for m in qmodel.modules() if isinstance(m, (MultipointConv2d, MultipointLinear))]
+    assert layers and all(m.tile_offsets.numel() > 1 for m in layers if m._packable())
+    x = data[0]
+    want = qmodel(x)  # float32: the generic path
+    got = qmodel.half()(x.half())
+    assert _rel_err(got, want) <= 1e-2
+
+
+# ---- depthwise: the direct kernel of mpq::multipoint_conv2d (channels_last float16/bfloat16) ----
+
+DEPTHWISE_CASES = [
+    # (N, C, H, W, kh, kw, stride, padding, dilation)
+    (1, 32, 14, 14, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (2, 96, 9, 11, 5, 5, (2, 2), (2, 2), (1, 1)),
+    (3, 7, 8, 8, 3, 3, (1, 1), (2, 2), (2, 2)),
+    (1, 16, 4, 4, 7, 5, (1, 2), (3, 2), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("act", [None, "cpu", "cuda"], ids=["float_act", "qparams_cpu", "qparams_cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=[f"N{c[0]}_C{c[1]}_k{c[4]}x{c[5]}_s{c[6][0]}" for c in DEPTHWISE_CASES])
+def test_depthwise_direct_kernel_matches_reference_and_generic_path(case, dtype, act):
+    N, C, H, W, kh, kw, stride, padding, dilation = case
+    codes, scales, num_points = _packed_weight(C, 3, kh * kw, 4, seed=C + kh)
+    codes = codes.view(C, 3, 1, kh, kw)
+    g = torch.Generator().manual_seed(17)
+    x = (torch.randn(N, C, H, W, generator=g) * 2).to(dtype)
+    bias = torch.randn(C, generator=g)
+    qp = None if act is None else torch.tensor(PACKED_ACT["uint8"])
+    geometry = (list(stride), list(padding), list(dilation), C)
+    want64 = ref.multipoint_conv2d_reference(x.double(), codes, scales, num_points, bias, qp, *geometry)
+    cuda = _cuda(codes, scales, num_points)
+    qpc = None if qp is None else (qp if act == "cpu" else qp.cuda())
+    generic = ops.multipoint_conv2d(x.cuda(), *cuda, bias.cuda(), qpc, *geometry)  # NCHW: dequantize + cuDNN
+    _poison(want64.numel(), dtype)
+    got = ops.multipoint_conv2d(x.cuda().to(memory_format=torch.channels_last), *cuda, bias.cuda(), qpc, *geometry)
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == dtype
+    assert not bool(got.isnan().any())
+    assert _rel_err(got, want64) <= REL_TOL[dtype]
+    assert _rel_err(got, generic) <= 2 * REL_TOL[dtype]
+
+
+def test_depthwise_direct_kernel_invalid_device_qparams_give_nan():
+    codes, scales, num_points = _packed_weight(8, 2, 9, 4, seed=18)
+    x = torch.randn(1, 8, 6, 6, device="cuda").half().to(memory_format=torch.channels_last)
+    bad = torch.tensor([0.0, 0.0, 0.0, 255.0], device="cuda")
+    out = ops.multipoint_conv2d(x, *_cuda(codes.view(8, 2, 1, 3, 3), scales, num_points), None, bad, [1, 1], [1, 1], [1, 1], 8)
+    assert bool(out.isnan().all())

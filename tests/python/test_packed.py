@@ -1,10 +1,13 @@
-"""mpq::pack_multipoint, mpq::unpack_multipoint and mpq::multipoint_linear_packed on the CPU.
+"""mpq::pack_multipoint, mpq::unpack_multipoint, mpq::multipoint_linear_packed and
+mpq::multipoint_conv2d_packed on the CPU.
 
 The packed weight's layout (csrc/kernels/packed_layout.h) round-trips; the packed linear equals
 mpq::multipoint_linear bit for bit on the CPU (whichever kernel is named) and the float64 reference
 within float32 accumulation; opcheck; the error paths name the op and the argument; MultipointLinear
-keeps its packed copy out of state_dict and rebuilds it when its weight changes. The CUDA kernels of
-the same op are checked against this CPU op in test_cuda.py.
+keeps its packed copy out of state_dict and rebuilds it when its weight changes. The packed conv2d
+(codes in NHWC column order, tiles within one group) equals mpq::multipoint_conv2d bit for bit on
+the CPU; the modules keep their float32 buffers under .half(). The CUDA kernels of the same ops are
+checked against these CPU ops in test_cuda.py.
 """
 import sys
 from pathlib import Path
@@ -17,8 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mpq  # noqa: E402,F401  (loads the ops)
 import reference as ref  # noqa: E402
-from mpq.nn import MultipointLinear  # noqa: E402
-from mpq.ops import multipoint_linear, multipoint_linear_packed, pack_multipoint, unpack_multipoint  # noqa: E402
+from mpq.nn import MultipointConv2d, MultipointLinear  # noqa: E402
+from mpq.ops import (  # noqa: E402
+    conv_codes_nhwc,
+    multipoint_conv2d,
+    multipoint_conv2d_packed,
+    multipoint_linear,
+    multipoint_linear_packed,
+    pack_multipoint,
+    unpack_multipoint,
+)
 
 Tensor = torch.Tensor
 ops = torch.ops.mpq
@@ -378,6 +389,193 @@ def test_module_drops_its_packed_copy_when_the_weight_changes():
 def test_module_scripts_and_packs_under_torchscript():
     m = _module((0.05, 0, -128, 127))
     x = torch.randn(4, 37)
+    scripted = torch.jit.script(m)
+    assert torch.equal(scripted(x), m(x))
+    scripted.pack_()
+    assert scripted.packed_kernel == "int8" and scripted.tile_offsets.numel() > 1
+
+
+# ---- the packed conv2d ---------------------------------------------------------------------------
+
+# (N, C_in, H, W, C_out, kh, kw, stride, padding, dilation, groups)
+CONV_CASES = [
+    (2, 3, 9, 7, 8, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    (1, 32, 8, 8, 64, 3, 3, (2, 2), (1, 1), (1, 1), 1),
+    (2, 64, 5, 6, 70, 1, 1, (1, 1), (0, 0), (1, 1), 1),
+    (1, 64, 8, 8, 128, 3, 3, (1, 1), (2, 2), (2, 2), 2),
+    (1, 48, 5, 6, 192, 3, 2, (2, 1), (1, 0), (1, 2), 3),
+    (3, 6, 4, 4, 6, 2, 2, (2, 2), (0, 1), (1, 1), 3),
+    (1, 24, 6, 6, 24, 3, 3, (1, 1), (1, 1), (1, 1), 24),  # depthwise
+    (1, 16, 3, 3, 16, 7, 7, (1, 1), (3, 3), (1, 1), 1),
+]
+CONV_IDS = [f"N{c[0]}_C{c[1]}_{c[2]}x{c[3]}_O{c[4]}_k{c[5]}x{c[6]}_g{c[10]}" for c in CONV_CASES]
+
+
+def conv_weight(case, P=3, w_bits=4, seed=0):
+    N, C, H, W, O, kh, kw, stride, padding, dilation, groups = case
+    codes, scales, num_points = random_weight(O, P, C // groups * kh * kw, w_bits, seed=seed)
+    return codes.view(O, P, C // groups, kh, kw), scales, num_points
+
+
+def test_conv_codes_nhwc_orders_columns_kh_kw_c():
+    codes = torch.arange(2 * 1 * 3 * 2 * 2, dtype=torch.int8).view(2, 1, 3, 2, 2)
+    flat = conv_codes_nhwc(codes)
+    assert flat.shape == (2, 1, 12)
+    for i in range(2):
+        for j in range(2):
+            for c in range(3):
+                assert int(flat[1, 0, (i * 2 + j) * 3 + c]) == int(codes[1, 0, c, i, j])
+
+
+@pytest.mark.parametrize("groups", [1, 2, 5])
+def test_pack_with_groups_keeps_each_tile_in_one_group(groups):
+    codes, scales, num_points = random_weight(150, 3, 40, seed=groups)
+    packed, packed_scales, perm, tile_offsets, row_sums = pack_multipoint(codes, scales, num_points, 4, groups)
+    per_group = 150 // groups
+    for tile in perm.view(-1, 64):
+        real = tile[tile >= 0]
+        assert real.numel() > 0 and int(tile[0]) >= 0  # the first row of a tile is a channel
+        assert len(set((real // per_group).tolist())) == 1
+        assert len(set(num_points[real.long()].tolist())) == 1
+    c2, s2, n2 = unpack_multipoint(packed, packed_scales, perm, tile_offsets, 150, 40, 3)
+    want_codes, want_scales = masked(codes, scales, num_points)
+    assert torch.equal(c2, want_codes) and torch.equal(s2, want_scales) and torch.equal(n2, num_points)
+    if groups == 1:  # groups=1 is the plain packing
+        assert all(torch.equal(a, b) for a, b in zip(pack_multipoint(codes, scales, num_points, 4), (packed, packed_scales, perm, tile_offsets, row_sums)))
+
+
+@pytest.mark.parametrize("act", list(ACT))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_packed_conv2d_equals_unpacked(case, dtype, act):
+    N, C, H, W, O, kh, kw, stride, padding, dilation, groups = case
+    codes, scales, num_points = conv_weight(case, seed=O + C)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(O, generator=g)
+    qp = None if ACT[act] is None else torch.tensor(ACT[act], dtype=torch.float32)
+    packed = pack_multipoint(conv_codes_nhwc(codes), scales, num_points, 4, groups)
+    geometry = (list(stride), list(padding), list(dilation), groups)
+    want = multipoint_conv2d(x, codes, scales, num_points, bias, qp, *geometry)
+    for kernel in ["auto", "dense", "igemm", "int8"] if dtype == torch.bfloat16 and qp is not None else ["auto", "dense"]:
+        got = multipoint_conv2d_packed(x, *packed, O, [kh, kw], bias, qp, *geometry, kernel)
+        assert got.dtype == dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:5], ids=CONV_IDS[:5])
+def test_packed_conv2d_matches_float64_reference(case):
+    N, C, H, W, O, kh, kw, stride, padding, dilation, groups = case
+    codes, scales, num_points = conv_weight(case, seed=7)
+    x = torch.randn(N, C, H, W, generator=torch.Generator().manual_seed(4))
+    qp = torch.tensor(ACT["uint8"])
+    packed = pack_multipoint(conv_codes_nhwc(codes), scales, num_points, 4, groups)
+    got = multipoint_conv2d_packed(x, *packed, O, [kh, kw], None, qp, list(stride), list(padding), list(dilation), groups)
+    want = ref.multipoint_conv2d_reference(x.double(), codes, scales, num_points, None, qp, stride, padding, dilation, groups)
+    assert float((got.double() - want).norm() / want.norm()) < 1e-5
+
+
+def test_packed_conv2d_channels_last_input_gives_the_same_values():
+    case = CONV_CASES[1]
+    codes, scales, num_points = conv_weight(case, seed=8)
+    x = torch.randn(1, 32, 8, 8)
+    packed = pack_multipoint(conv_codes_nhwc(codes), scales, num_points, 4)
+    args = (64, [3, 3], None, None, [2, 2], [1, 1], [1, 1], 1)
+    a = multipoint_conv2d_packed(x, *packed, *args)
+    b = multipoint_conv2d_packed(x.to(memory_format=torch.channels_last), *packed, *args)
+    assert b.is_contiguous(memory_format=torch.channels_last)  # the output follows the input's layout
+    assert float((a - b).norm() / a.norm()) < 1e-6  # float32, another summation order
+
+
+def test_opcheck_multipoint_conv2d_packed():
+    case = CONV_CASES[3]
+    codes, scales, num_points = conv_weight(case, seed=9)
+    packed = pack_multipoint(conv_codes_nhwc(codes), scales, num_points, 4, 2)
+    x = torch.randn(1, 64, 8, 8)
+    torch.library.opcheck(ops.pack_multipoint.default, (conv_codes_nhwc(codes), scales, num_points, 4, 2))
+    for qp in [None, torch.tensor(ACT["uint8"])]:
+        torch.library.opcheck(
+            ops.multipoint_conv2d_packed.default,
+            (x, *packed, 128, [3, 3], torch.randn(128), qp, [1, 1], [2, 2], [2, 2], 2, "auto"),
+        )
+
+
+def test_packed_conv2d_errors():
+    case = CONV_CASES[1]
+    codes, scales, num_points = conv_weight(case, seed=10)
+    packed = pack_multipoint(conv_codes_nhwc(codes), scales, num_points, 4)
+    x = torch.randn(1, 32, 8, 8)
+    geo = ([1, 1], [1, 1], [1, 1])
+    op = "mpq::multipoint_conv2d_packed"
+    cases = [
+        (lambda: multipoint_conv2d_packed(x[0], *packed, 64, [3, 3], None, None, *geo, 1), "expected input \\[N, C_in, H, W\\]"),
+        (lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 0], None, None, *geo, 1), "expected kernel_size \\[kh, kw\\] with kh, kw >= 1"),
+        (lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, None, *geo, 3), "expected groups >= 1 dividing out_channels"),
+        (lambda: multipoint_conv2d_packed(x, *packed, 64, [5, 5], None, None, *geo, 1), "expected kh \\* kw \\* C_in / groups = 800"),
+        (lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, None, *geo, 1, "gemv"), "expected kernel to be one of auto, dense, igemm, int8, got 'gemv'"),
+        (lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, None, *geo, 1, "igemm"), "kernel 'igemm' expects a float16 or bfloat16 input"),
+        (lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, None, *geo, 1, "int8"), "kernel 'int8' expects act_qparams"),
+        (lambda: multipoint_conv2d_packed(x, *packed, 65, [3, 3], None, None, *geo, 1), "expected perm to hold all 65 channels"),
+        (lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], torch.randn(3), None, *geo, 1), "expected bias of shape \\[64\\]"),
+        (lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, None, [0, 1], [1, 1], [1, 1], 1), "expected stride >= 1"),
+        (lambda: multipoint_conv2d_packed(x[:, :, :1, :1], *packed, 64, [3, 3], None, None, [1, 1], [0, 0], [1, 1], 1), "padded size 1 < dilated kernel size 3"),
+        (lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, torch.tensor([0.0, 0.0, 0.0, 255.0]), *geo, 1), "expected act_qparams with a finite scale > 0"),
+        (lambda: pack_multipoint(conv_codes_nhwc(codes), scales, num_points, 4, 3), "mpq::pack_multipoint: expected groups >= 1 dividing the 64 output channels, got groups = 3"),
+    ]
+    for call, pattern in cases:
+        with pytest.raises(RuntimeError, match=(pattern if pattern.startswith("mpq::") else f"{op}: .*{pattern}")):
+            call()
+
+
+# ---- MultipointConv2d and dtype casts ----------------------------------------------------------
+
+
+def _conv_module(act=(0.02, 128, 0, 255), groups=1) -> MultipointConv2d:
+    m = MultipointConv2d(32, 64, [3, 3], 3, 4, [1, 1], [1, 1], [1, 1], groups=groups)
+    codes, scales, num_points = random_weight(64, 3, 32 // groups * 9, seed=14)
+    m.set_weight(codes.view(m.codes.shape), scales, num_points, torch.randn(64))
+    if act is not None:
+        m.set_act_qparams(*act)
+    return m
+
+
+@pytest.mark.parametrize("act, groups, kernel", [(None, 1, "auto"), ((0.02, 128, 0, 255), 1, "int8"), ((0.02, 128, 0, 255), 4, "auto")])
+def test_conv_module_packs_in_nhwc_order_and_picks_its_kernel(act, groups, kernel):
+    m = _conv_module(act, groups)
+    m.pack_()
+    assert m.packed_kernel == kernel  # int8 needs whole 16-channel slabs: 32 / 4 = 8 channels per group is not
+    x = torch.randn(2, 32, 7, 7)
+    got = multipoint_conv2d_packed(x, m.packed, m.packed_scales, m.perm, m.tile_offsets, m.row_sums, 64, m.kernel_size,
+                                   m.bias, m.act_qparams, m.stride, m.padding, m.dilation, m.groups, m.packed_kernel)
+    assert torch.equal(got, m(x))
+    assert set(m.state_dict()) == {"codes", "scales", "num_points", "bias"} | ({"act_qparams"} if act else set())
+
+
+def test_conv_module_packability():
+    assert _conv_module(groups=1)._packable()
+    depthwise = MultipointConv2d(64, 64, [3, 3], 2, 4, [1, 1], [1, 1], [1, 1], groups=64)
+    assert not depthwise._packable()  # one channel per group: a 64-row tile would be 63/64 padding
+    assert MultipointConv2d(256, 256, [3, 3], 2, 4, [1, 1], [1, 1], [1, 1], groups=4)._packable()
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double", "to_float16"])
+def test_dtype_casts_keep_the_float32_buffers(cast):
+    for m in (_conv_module(), _module((0.05, 0, -128, 127))):
+        x = torch.randn(2, 32, 7, 7) if isinstance(m, MultipointConv2d) else torch.randn(3, 37)
+        want = m(x)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        m = m.to(torch.float16) if cast == "to_float16" else getattr(m, cast)()
+        after = m.state_dict()
+        for k, v in before.items():
+            assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+        assert torch.equal(m(x), want)  # a float32 input still runs in float32
+        y = m(x.to(torch.float64))
+        assert y.dtype == torch.float64
+
+
+def test_conv_module_scripts_and_packs_under_torchscript():
+    m = _conv_module()
+    x = torch.randn(1, 32, 6, 6)
     scripted = torch.jit.script(m)
     assert torch.equal(scripted(x), m(x))
     scripted.pack_()
