@@ -530,23 +530,25 @@ def test_packed_conv2d_errors():
 # ---- MultipointConv2d and dtype casts ----------------------------------------------------------
 
 
-def _conv_module(act=(0.02, 128, 0, 255), groups=1) -> MultipointConv2d:
-    m = MultipointConv2d(32, 64, [3, 3], 3, 4, [1, 1], [1, 1], [1, 1], groups=groups)
-    codes, scales, num_points = random_weight(64, 3, 32 // groups * 9, seed=14)
-    m.set_weight(codes.view(m.codes.shape), scales, num_points, torch.randn(64))
+def _conv_module(act=(0.02, 128, 0, 255), groups=1, in_channels=32, out_channels=64) -> MultipointConv2d:
+    m = MultipointConv2d(in_channels, out_channels, [3, 3], 3, 4, [1, 1], [1, 1], [1, 1], groups=groups)
+    codes, scales, num_points = random_weight(out_channels, 3, in_channels // groups * 9, seed=14)
+    m.set_weight(codes.view(m.codes.shape), scales, num_points, torch.randn(out_channels))
     if act is not None:
         m.set_act_qparams(*act)
     return m
 
 
-@pytest.mark.parametrize("act, groups, kernel", [(None, 1, "auto"), ((0.02, 128, 0, 255), 1, "int8"), ((0.02, 128, 0, 255), 4, "auto")])
+@pytest.mark.parametrize("act, groups, kernel", [(None, 1, "auto"), ((0.02, 128, 0, 255), 1, "int8"), ((0.02, 128, 0, 255), 2, "auto")])
 def test_conv_module_packs_in_nhwc_order_and_picks_its_kernel(act, groups, kernel):
-    m = _conv_module(act, groups)
+    # groups = 2: 16 input channels, 8 per group (int8 needs whole 16-channel slabs), 64 outputs per group
+    m = _conv_module(act, groups, in_channels=32 // groups, out_channels=64 * groups)
     m.pack_()
-    assert m.packed_kernel == kernel  # int8 needs whole 16-channel slabs: 32 / 4 = 8 channels per group is not
-    x = torch.randn(2, 32, 7, 7)
-    got = multipoint_conv2d_packed(x, m.packed, m.packed_scales, m.perm, m.tile_offsets, m.row_sums, 64, m.kernel_size,
-                                   m.bias, m.act_qparams, m.stride, m.padding, m.dilation, m.groups, m.packed_kernel)
+    assert m.packed_kernel == kernel
+    x = torch.randn(2, m.in_channels, 7, 7)
+    got = multipoint_conv2d_packed(x, m.packed, m.packed_scales, m.perm, m.tile_offsets, m.row_sums, m.out_channels,
+                                   m.kernel_size, m.bias, m.act_qparams, m.stride, m.padding, m.dilation, m.groups,
+                                   m.packed_kernel)
     assert torch.equal(got, m(x))
     assert set(m.state_dict()) == {"codes", "scales", "num_points", "bias"} | ({"act_qparams"} if act else set())
 
@@ -555,6 +557,8 @@ def test_conv_module_packability():
     assert _conv_module(groups=1)._packable()
     depthwise = MultipointConv2d(64, 64, [3, 3], 2, 4, [1, 1], [1, 1], [1, 1], groups=64)
     assert not depthwise._packable()  # one channel per group: a 64-row tile would be 63/64 padding
+    with pytest.raises(RuntimeError, match="pack_: this layer has no fused kernels"):
+        depthwise.pack_()
     assert MultipointConv2d(256, 256, [3, 3], 2, 4, [1, 1], [1, 1], [1, 1], groups=4)._packable()
 
 

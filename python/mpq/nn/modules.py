@@ -13,7 +13,7 @@ the weight's float32 buffers (scales, bias, act_qparams) in float32 (the ops' fo
 then takes inputs of the new dtype and returns outputs of that dtype.
 """
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,12 +68,14 @@ class _MultipointBase(nn.Module):
     # ---- the packed weight of the fused CUDA kernels ----
 
     def _packable(self) -> bool:
-        """Whether the fused kernels serve this layer (MultipointConv2d: not depthwise-like convs)."""
-        return True
+        """Whether fused kernels serve this layer: MultipointLinear, MultipointConv2d except
+        depthwise-like convolutions; not the codebook layers that share this base."""
+        return False
 
-    def _pack_args(self):
+    def _pack_args(self) -> Tuple[torch.Tensor, int, int]:
         """(codes [C, P, D] in the packed column order, groups, D) for mpq::pack_multipoint."""
-        raise NotImplementedError
+        codes = self.codes.reshape(self.codes.shape[0], self.codes.shape[1], -1)
+        return codes, 1, codes.shape[2]
 
     def _int8_kernel_fits(self) -> bool:
         """Whether act_qparams (read on the host) and the shape suit the int8 kernel."""
@@ -93,6 +95,8 @@ class _MultipointBase(nn.Module):
         """Builds the packed weight (``mpq::pack_multipoint``) on the codes' device and picks the
         kernel: "int8" when act_qparams has integer zero point and range of at most 256 levels
         (read once on the host here, so that the forward never syncs), else "auto"."""
+        if not self._packable():
+            raise RuntimeError("pack_: this layer has no fused kernels (codebook layers, grouped convolutions with fewer than 64 output channels per group)")
         codes, groups, _ = self._pack_args()
         packed, packed_scales, perm, tile_offsets, row_sums = torch.ops.mpq.pack_multipoint(
             codes, self.scales, self.num_points, self.w_bits, groups
@@ -247,8 +251,8 @@ class MultipointLinear(_MultipointBase):
         self.in_features = in_features
         self.out_features = out_features
 
-    def _pack_args(self):
-        return self.codes, 1, self.in_features
+    def _packable(self) -> bool:
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_packed(x):
@@ -319,7 +323,7 @@ class MultipointConv2d(_MultipointBase):
     def _packable(self) -> bool:
         return self.groups == 1 or self.out_channels // self.groups >= 64
 
-    def _pack_args(self):
+    def _pack_args(self) -> Tuple[torch.Tensor, int, int]:
         # Columns in NHWC order (kh, kw, c): mpq.ops.conv_codes_nhwc.
         codes = self.codes.permute(0, 1, 3, 4, 2).reshape(self.codes.shape[0], self.codes.shape[1], -1)
         return codes, self.groups, codes.shape[2]
