@@ -34,7 +34,7 @@ ActParams act_params(const char* op, const at::Tensor& act_qparams, at::Tensor& 
 at::Tensor fake_quantize_activation(const char* op, const at::Tensor& input,
                                     const c10::optional<at::Tensor>& act_qparams);
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(MPQ_SIMT_EMULATION)  // device code (or its host emulation in tests/cpp)
 // IEEE division, as ATen's CPU kernel divides (not a multiplication by the reciprocal).
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }

@@ -1,0 +1,353 @@
+// The packed multipoint CUDA kernels (csrc/cuda/packed_kernels.cuh), their own source compiled for
+// the host and run by tests/cpp/simt_emulator.h: every thread a fiber, every mma.sync a warp
+// collective from the PTX ISA's tables. Each kernel configuration the host code launches
+// (csrc/cuda/multipoint_packed.cu: gemv with warps splitting K, mma with warps splitting M, the
+// int8 W4A8 path with its quantize kernel, K split across CTAs with the finalize kernel, the
+// implicit-GEMM convolutions, the dense decode) runs on packed weights from mpq::pack_multipoint
+// and is compared with mpq's CPU ops and a float64 reference, outputs poisoned with NaN first.
+// What a GPU must still show: that the intrinsics, the memory system and the launch behave as
+// emulated here (tests/python/test_cuda.py), and the speed (benchmarks/kernels.py).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "catch_compat.h"
+#include "simt_emulator.h"  // after the torch headers, before the kernels
+#include "cuda/packed_kernels.cuh"
+
+namespace {
+
+namespace pk = mpq::packed_kernels;
+using Packed = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+constexpr int kEmulatedSms = 4;  // few "multiprocessors": small problems take the split-K path too
+
+Packed pack(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points, int64_t w_bits,
+            int64_t groups = 1) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mpq::pack_multipoint", "")
+                       .typed<Packed(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
+  return op.call(codes, scales, num_points, w_bits, groups);
+}
+
+at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mpq::dequantize_multipoint", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType)>();
+  return op.call(codes, scales, num_points, at::kDouble);
+}
+
+// The levels clamp(round(x / s) + zp, qmin, qmax), each step in x's dtype as mpq's fake quantization
+// computes them (CPU and CUDA), then (level - zp) * s in float64: the reference's activations.
+at::Tensor fake_quantize64(const at::Tensor& x, const std::vector<float>& q) {
+  const auto v = at::clamp(at::round(x / q[0]) + q[1], q[2], q[3]).to(at::kDouble);
+  return (v - q[1]) * q[0];
+}
+
+struct Weight {
+  at::Tensor codes, scales, num_points;
+};
+
+// Codes over the storage range, scales over two decades, mixed counts with a 0 and a P.
+Weight random_weight(int64_t C, int64_t P, int64_t D, int w_bits, uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const int64_t lo = w_bits <= 4 ? -8 : -(int64_t{1} << (w_bits - 1)), hi = -lo;
+  Weight w;
+  w.codes = at::randint(lo, hi, {C, P, D}, gen, at::TensorOptions().dtype(at::kChar));
+  w.scales = ((at::rand({C, P}, gen) * 4 - 2).exp() * 0.05).to(at::kFloat);
+  w.num_points = at::randint(0, P + 1, {C}, gen, at::TensorOptions().dtype(at::kInt));
+  if (C >= 2) {
+    w.num_points[0] = 0;
+    w.num_points[C - 1] = static_cast<int>(P);
+  }
+  return w;
+}
+
+pk::PackedWeight view(const Packed& p, int64_t out_features) {
+  const auto& [packed, scales, perm, offsets, row_sums] = p;
+  return pk::PackedWeight{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), perm.data_ptr<int>(),
+                          offsets.data_ptr<int>(), row_sums.data_ptr<float>(), packed.size(0), packed.size(1),
+                          static_cast<int>(perm.size(0) / pk::kTileN), static_cast<int>(out_features)};
+}
+
+pk::OutType out_type(at::ScalarType t) {
+  return t == at::kHalf ? pk::OutType::kHalf : (t == at::kBFloat16 ? pk::OutType::kBFloat16 : pk::OutType::kFloat);
+}
+
+pk::ActParams host_act(const std::vector<float>& q) {
+  pk::ActParams act{nullptr, {0.0f, 0.0f, 0.0f, 0.0f}};
+  if (!q.empty()) std::copy(q.begin(), q.end(), act.host);
+  return act;
+}
+
+// The launches of multipoint_packed.cu's launch_fused for one configuration of the main loop.
+template <class Op, int MT, int WARPS_K, int U>
+void launch_fused(const typename Op::Args& args, const pk::PackedWeight& w, int64_t M, int64_t D,
+                  const pk::ActParams& act, bool int8_act, const float* bias, at::Tensor& out) {
+  constexpr int64_t BM = 16 * MT * (pk::kWarps / WARPS_K);
+  const pk::LaunchPlan plan = pk::plan_launch(w.num_tiles, M, w.slabs, BM, WARPS_K, kEmulatedSms);
+  at::Tensor workspace;
+  if (plan.splits > 1) workspace = at::full({plan.splits, M, int64_t{w.num_tiles} * pk::kTileN}, NAN);
+  const dim3 grid(static_cast<unsigned>(w.num_tiles), static_cast<unsigned>(plan.grid_y),
+                  static_cast<unsigned>(plan.splits));
+  mpq_simt::launch(grid, dim3(pk::kThreads), pk::packed_linear_kernel<Op, MT, WARPS_K, U>, args, w, M, D,
+                   plan.m_blocks, plan.split_slabs, bias, act, out.data_ptr(), out_type(out.scalar_type()),
+                   plan.splits > 1 ? workspace.data_ptr<float>() : static_cast<float*>(nullptr));
+  if (plan.splits > 1) {
+    mpq_simt::launch(dim3(2), dim3(pk::kElementwiseThreads), pk::finalize_kernel, workspace.data_ptr<float>(),
+                     static_cast<int>(plan.splits), M, w, int8_act, Op::kZeroLevel, bias, act, out.data_ptr(),
+                     out_type(out.scalar_type()));
+  }
+}
+
+template <class Op>
+void launch_config(bool small_m, const typename Op::Args& args, const pk::PackedWeight& w, int64_t M, int64_t D,
+                   const pk::ActParams& act, bool int8_act, const float* bias, at::Tensor& out) {
+  if (small_m) {
+    launch_fused<Op, 1, pk::kWarps, 4 / Op::kStepSlabs>(args, w, M, D, act, int8_act, bias, out);
+  } else {
+    launch_fused<Op, 2, 1, 2 / Op::kStepSlabs>(args, w, M, D, act, int8_act, bias, out);
+  }
+}
+
+// xq [rows, kp] of quantize_int8_kernel, emulated.
+template <typename scalar_t>
+at::Tensor quantize_int8(const at::Tensor& x, int64_t rows, int64_t D, int64_t kp, const pk::ActParams& act) {
+  auto xq = at::full({rows, kp}, 0x55, at::TensorOptions().dtype(at::kChar));
+  mpq_simt::launch(dim3(3), dim3(pk::kElementwiseThreads), pk::quantize_int8_kernel<scalar_t>,
+                   reinterpret_cast<const scalar_t*>(x.data_ptr()), rows, D, kp, act,
+                   reinterpret_cast<uint32_t*>(xq.data_ptr<int8_t>()));
+  return xq;
+}
+
+double rel_err(const at::Tensor& got, const at::Tensor& want) {
+  const auto g = got.to(at::kDouble), w = want.to(at::kDouble);
+  return ((g - w).norm() / w.norm().clamp_min(1e-300)).item<double>();
+}
+
+double tolerance(at::ScalarType t) { return t == at::kHalf ? 2e-3 : (t == at::kBFloat16 ? 1.2e-2 : 1e-5); }
+
+struct LinearCase {
+  int64_t M, C, P, D;
+};
+
+// M = 1 and 16 (gemv), 17..130 (mma); odd C and D; a long K that is split across CTAs.
+const LinearCase kLinearCases[] = {{1, 70, 3, 37}, {16, 130, 2, 100}, {5, 65, 4, 65}, {17, 65, 2, 200},
+                                   {130, 70, 2, 48}, {1, 64, 1, 1024}};
+
+}  // namespace
+
+TEST_CASE("emulated weight-only linear kernels match the float64 reference", "[emulation][linear]") {
+  for (const auto& lc : kLinearCases) {
+    for (const int w_bits : {4, 8}) {
+      for (const auto dtype : {at::kHalf, at::kBFloat16}) {
+        const Weight wt = random_weight(lc.C, lc.P, lc.D, w_bits, 100 + lc.M * lc.C + w_bits);
+        const Packed p = pack(wt.codes, wt.scales, wt.num_points, w_bits);
+        const pk::PackedWeight w = view(p, lc.C);
+        auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
+        const auto x = at::randn({lc.M, lc.D}, gen).to(dtype);
+        const auto bias = at::randn({lc.C}, gen);
+        const auto bias_f = bias.to(dtype).to(at::kFloat);  // the epilogue rounds the float32 bias to the dtype
+        const auto want = at::linear(x.to(at::kDouble), dequantize(wt.codes, wt.scales, wt.num_points),
+                                     bias_f.to(at::kDouble));
+        for (const bool small_m : {true, false}) {
+          if (small_m && lc.M > 16) continue;
+          auto out = at::full({lc.M, lc.C}, NAN, at::TensorOptions().dtype(dtype));
+          const bool vec = lc.D % 2 == 0;
+          const auto none = host_act({});
+          if (dtype == at::kHalf) {
+            const auto* xp = reinterpret_cast<const __half*>(x.data_ptr());
+            if (w_bits == 4) {
+              launch_config<pk::WeightOnly<__half, 4>>(small_m, {xp, vec}, w, lc.M, lc.D, none, false,
+                                                       bias.data_ptr<float>(), out);
+            } else {
+              launch_config<pk::WeightOnly<__half, 8>>(small_m, {xp, vec}, w, lc.M, lc.D, none, false,
+                                                       bias.data_ptr<float>(), out);
+            }
+          } else {
+            const auto* xp = reinterpret_cast<const __nv_bfloat16*>(x.data_ptr());
+            if (w_bits == 4) {
+              launch_config<pk::WeightOnly<__nv_bfloat16, 4>>(small_m, {xp, vec}, w, lc.M, lc.D, none, false,
+                                                              bias.data_ptr<float>(), out);
+            } else {
+              launch_config<pk::WeightOnly<__nv_bfloat16, 8>>(small_m, {xp, vec}, w, lc.M, lc.D, none, false,
+                                                              bias.data_ptr<float>(), out);
+            }
+          }
+          INFO("M " << lc.M << " C " << lc.C << " P " << lc.P << " D " << lc.D << " bits " << w_bits << " dtype "
+                    << dtype << " small_m " << small_m);
+          REQUIRE_FALSE(at::isnan(out).any().item<bool>());
+          REQUIRE(rel_err(out, want) <= tolerance(dtype));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("emulated int8 (W4A8) linear kernels match the float64 reference", "[emulation][linear]") {
+  const std::vector<std::vector<float>> acts = {{0.05f, 0.0f, -128.0f, 127.0f}, {0.02f, 128.0f, 0.0f, 255.0f},
+                                                {0.15f, 3.0f, 0.0f, 15.0f}};
+  for (const auto& lc : kLinearCases) {
+    for (const int w_bits : {4, 8}) {
+      for (const auto& q : acts) {
+        const Weight wt = random_weight(lc.C, lc.P, lc.D, w_bits, 200 + lc.M + lc.D + w_bits);
+        const Packed p = pack(wt.codes, wt.scales, wt.num_points, w_bits);
+        const pk::PackedWeight w = view(p, lc.C);
+        auto gen = at::make_generator<at::CPUGeneratorImpl>(8);
+        const auto x = (at::randn({lc.M, lc.D}, gen) * 2).to(at::kHalf);
+        const auto bias = at::randn({lc.C}, gen);  // float32: rounded to float16 by the epilogue
+        const auto want = at::linear(fake_quantize64(x, q), dequantize(wt.codes, wt.scales, wt.num_points),
+                                     bias.to(at::kHalf).to(at::kDouble));
+        const int64_t kp = std::get<0>(p).size(1) * pk::kSlabK;
+        const auto act = host_act(q);
+        const auto xq = quantize_int8<at::Half>(x, lc.M, lc.D, kp, act);
+        for (const bool small_m : {true, false}) {
+          if (small_m && lc.M > 16) continue;
+          auto out = at::full({lc.M, lc.C}, NAN, at::TensorOptions().dtype(at::kHalf));
+          if (w_bits == 4) {
+            launch_config<pk::Int8Act<4>>(small_m, {xq.data_ptr<int8_t>(), kp}, w, lc.M, lc.D, act, true,
+                                          bias.data_ptr<float>(), out);
+          } else {
+            launch_config<pk::Int8Act<8>>(small_m, {xq.data_ptr<int8_t>(), kp}, w, lc.M, lc.D, act, true,
+                                          bias.data_ptr<float>(), out);
+          }
+          INFO("M " << lc.M << " C " << lc.C << " D " << lc.D << " bits " << w_bits << " zp " << q[1] << " small_m "
+                    << small_m);
+          REQUIRE_FALSE(at::isnan(out).any().item<bool>());
+          REQUIRE(rel_err(out, want) <= 2e-3);  // exact int32 products; fp16 output rounding
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("the emulated dense decode equals the generic dequantize", "[emulation][linear]") {
+  const Weight wt = random_weight(130, 3, 70, 4, 300);
+  const Packed p = pack(wt.codes, wt.scales, wt.num_points, 4);
+  auto out = at::full({130, 70}, NAN);
+  mpq_simt::launch(dim3(2), dim3(pk::kElementwiseThreads), pk::decode_dense_kernel<float>, view(p, 130), 4,
+                   int64_t{70}, out.data_ptr<float>());
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mpq::dequantize_multipoint", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType)>();
+  REQUIRE(at::equal(out, op.call(wt.codes, wt.scales, wt.num_points, at::kFloat)));
+}
+
+namespace {
+
+struct ConvCase {
+  int64_t N, C, H, W, O, KH, KW, sh, sw, ph, pw, dh, dw, groups;
+};
+
+// Batch 1, odd C (scalar loads), 1x1, stride 2, dilation, groups of 16 and 32 channels, a
+// rectangular kernel, a kernel larger than the image, C_out not a multiple of 64.
+const ConvCase kConvCases[] = {
+    {1, 3, 9, 7, 40, 3, 3, 2, 2, 1, 1, 1, 1, 1},   {2, 32, 6, 6, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1},
+    {1, 64, 5, 5, 70, 1, 1, 1, 1, 0, 0, 1, 1, 1},  {1, 64, 6, 6, 128, 3, 3, 1, 1, 2, 2, 2, 2, 2},
+    {1, 48, 5, 6, 192, 3, 2, 2, 1, 1, 0, 1, 2, 3}, {1, 16, 3, 3, 16, 5, 5, 1, 1, 2, 2, 1, 1, 1},
+    {1, 6, 5, 5, 12, 2, 2, 1, 1, 0, 1, 1, 1, 3},
+};
+
+// NHWC output [N, OH, OW, O] as an NCHW view.
+template <class Op>
+at::Tensor run_conv(const ConvCase& cc, const typename Op::Args& args, const pk::PackedWeight& w,
+                    const pk::ActParams& act, bool int8_act, const float* bias, at::ScalarType dtype, int64_t OH,
+                    int64_t OW) {
+  const int64_t M = cc.N * OH * OW;
+  auto out = at::full({cc.N, OH, OW, cc.O}, NAN, at::TensorOptions().dtype(dtype));
+  for (const bool small_m : {true, false}) {
+    if (small_m && M > 16) continue;
+    out.fill_(NAN);
+    launch_config<Op>(small_m, args, w, M, args.s.D, act, int8_act, bias, out);
+  }
+  return out.permute({0, 3, 1, 2});
+}
+
+}  // namespace
+
+TEST_CASE("emulated implicit-GEMM conv kernels match the float64 reference", "[emulation][conv]") {
+  const std::vector<float> q = {0.02f, 128.0f, 0.0f, 255.0f};
+  for (const auto& cc : kConvCases) {
+    const int64_t cg = cc.C / cc.groups;
+    const int64_t D = cc.KH * cc.KW * cg;
+    const int64_t OH = (cc.H + 2 * cc.ph - cc.dh * (cc.KH - 1) - 1) / cc.sh + 1;
+    const int64_t OW = (cc.W + 2 * cc.pw - cc.dw * (cc.KW - 1) - 1) / cc.sw + 1;
+    const pk::ConvShape shape{cc.N * OH * OW,
+                              D,
+                              static_cast<int>(cc.H),
+                              static_cast<int>(cc.W),
+                              static_cast<int>(cc.C),
+                              static_cast<int>(OH),
+                              static_cast<int>(OW),
+                              static_cast<int>(cc.KW),
+                              static_cast<int>(cg),
+                              static_cast<int>(cc.sh),
+                              static_cast<int>(cc.sw),
+                              static_cast<int>(cc.ph),
+                              static_cast<int>(cc.pw),
+                              static_cast<int>(cc.dh),
+                              static_cast<int>(cc.dw),
+                              static_cast<int>(cc.O / cc.groups)};
+    for (const int w_bits : {4, 8}) {
+      const Weight wt = random_weight(cc.O, 3, D, w_bits, 400 + cc.C * cc.O + w_bits);
+      // The module's codes [O, P, Cg, kh, kw] and their NHWC columns (mpq.ops.conv_codes_nhwc).
+      const auto codes5 = wt.codes.view({cc.O, 3, cc.KH, cc.KW, cg}).permute({0, 1, 4, 2, 3}).contiguous();
+      const Packed p = pack(wt.codes, wt.scales, wt.num_points, w_bits, cc.groups);
+      const pk::PackedWeight w = view(p, cc.O);
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(9);
+      const auto x = (at::randn({cc.N, cc.C, cc.H, cc.W}, gen) * 2).to(at::kHalf);
+      const auto x_nhwc = x.permute({0, 2, 3, 1}).contiguous();
+      const auto bias = at::randn({cc.O}, gen);  // float32: rounded to float16 by the epilogue
+      const auto w64 = dequantize(codes5, wt.scales, wt.num_points);
+      const auto conv64 = [&](const at::Tensor& input) {
+        return at::conv2d(input, w64, bias.to(at::kHalf).to(at::kDouble), {cc.sh, cc.sw}, {cc.ph, cc.pw},
+                          {cc.dh, cc.dw}, cc.groups);
+      };
+      INFO("conv N " << cc.N << " C " << cc.C << " O " << cc.O << " k " << cc.KH << "x" << cc.KW << " groups "
+                     << cc.groups << " bits " << w_bits);
+      {  // weight-only, float16 activations
+        const auto* xp = reinterpret_cast<const __half*>(x_nhwc.data_ptr());
+        const bool vec = cg % 2 == 0 && cc.C % 2 == 0;
+        const auto none = host_act({});
+        const at::Tensor out =
+            w_bits == 4
+                ? run_conv<pk::ConvWeightOnly<__half, 4>>(cc, {xp, shape, 0, vec}, w, none, false,
+                                                          bias.data_ptr<float>(), at::kHalf, OH, OW)
+                : run_conv<pk::ConvWeightOnly<__half, 8>>(cc, {xp, shape, 0, vec}, w, none, false,
+                                                          bias.data_ptr<float>(), at::kHalf, OH, OW);
+        REQUIRE_FALSE(at::isnan(out).any().item<bool>());
+        REQUIRE(rel_err(out, conv64(x.to(at::kDouble))) <= tolerance(at::kHalf));
+      }
+      if (cg % pk::kSlabK == 0) {  // int8 activations: NHWC levels, the level of 0 in the padding
+        const auto act = host_act(q);
+        const auto xq = quantize_int8<at::Half>(x_nhwc, cc.N * cc.H * cc.W, cc.C, cc.C, act);
+        const typename pk::ConvInt8<4>::Args args{xq.data_ptr<int8_t>(), shape, act, 0, 0u};
+        const at::Tensor out =
+            w_bits == 4 ? run_conv<pk::ConvInt8<4>>(cc, args, w, act, true, bias.data_ptr<float>(), at::kHalf, OH, OW)
+                        : run_conv<pk::ConvInt8<8>>(cc, {args.xq, shape, act, 0, 0u}, w, act, true,
+                                                    bias.data_ptr<float>(), at::kHalf, OH, OW);
+        REQUIRE_FALSE(at::isnan(out).any().item<bool>());
+        REQUIRE(rel_err(out, conv64(fake_quantize64(x, q))) <= 2e-3);
+      }
+    }
+  }
+}
+
+TEST_CASE("launch plans cover K exactly once", "[emulation]") {
+  for (const int64_t slabs : {1, 4, 7, 64, 257}) {
+    for (const int64_t tiles : {1, 3, 300}) {
+      for (const int warps_k : {1, 4}) {
+        const pk::LaunchPlan plan = pk::plan_launch(tiles, 5, slabs, 64, warps_k, 132);
+        REQUIRE(plan.splits >= 1);
+        REQUIRE(plan.split_slabs % 4 == 0);
+        REQUIRE(plan.splits * plan.split_slabs >= slabs);
+        REQUIRE((plan.splits - 1) * plan.split_slabs < slabs);  // no empty split
+      }
+    }
+  }
+}

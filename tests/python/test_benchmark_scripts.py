@@ -1,0 +1,111 @@
+"""benchmarks/kernels.py and benchmarks/fit_speed.py, run as a user runs them, on the CPU.
+
+Their GPU runs are rare (one session with an H100 runs them once), so the Python of every section
+is exercised here: ``kernels.py --check-on-cpu`` runs the linear, conv and resnet50 sections at tiny
+sizes with the CPU kernels and checks every output; ``fit_speed.py --check-on-cpu`` runs the
+``--device cuda`` code on the CPU; ``fit_speed.py --layers 10`` is the CPU benchmark's smoke run.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    # NB: one thread per child: on a busy 2-core machine OpenMP's spinning threads slow small ops ~10x.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def output_of(r: subprocess.CompletedProcess) -> str:
+    return f"exit {r.returncode}\nstdout (end):\n{r.stdout[-4000:]}\nstderr (end):\n{r.stderr[-4000:]}"
+
+
+def test_kernels_check_on_cpu_runs_every_section(tmp_path):
+    out = tmp_path / "kernels.json"
+    r = run_script("kernels.py", "--check-on-cpu", "--json", str(out))
+    assert r.returncode == 0, output_of(r)
+    assert "--check-on-cpu: every check passed" in r.stdout
+    doc = json.loads(out.read_text())
+    assert doc["check_on_cpu"] is True
+    assert doc["sections"] == ["linear", "conv", "resnet50"]
+    assert doc["failed"] == [] and doc["linear_error"] is None
+    half = doc["dtype"] == "float16"
+
+    # linear: the format of the GPU run (top-level results), every variant that ran checked ok
+    ran = [row for row in doc["results"] if "skipped" not in row]
+    assert ran and all(row.get("check") == "ok" for row in ran), ran
+    assert all(row["rel_err"] <= 5e-3 and row["ms"] > 0 for row in ran)
+    expected = {"cublas_fp16", "mpq_dense", "mpq_int8", "mpq_auto"} | ({"mpq_gemv", "mpq_mma"} if half else set())
+    assert {row["variant"] for row in ran} == expected
+    skipped = {row["variant"] for row in doc["results"] if "skipped" in row}
+    assert skipped >= {"tinygemm_int4", "expanded", "int8_cublaslt"}
+
+    # conv: ResNet-50's 23 distinct convolutions (53 in all), every variant checked ok
+    conv = doc["conv"]
+    assert "error" not in conv, conv.get("error")
+    assert len(conv["shapes"]) == 23 and sum(s["count"] for s in conv["shapes"]) == 53
+    ran = [row for row in conv["results"] if "skipped" not in row]
+    assert all(row.get("check") == "ok" for row in ran), [row for row in ran if row.get("check") != "ok"]
+    expected = {"cudnn_fp16", "mpq_dense", "mpq_int8", "mpq_auto"} | ({"mpq_igemm"} if half else set())
+    assert {row["variant"] for row in ran} == expected
+    assert len(ran) == 23 * len(expected) - 1  # no int8 on the 3-channel stem
+    assert [row["shape"] for row in conv["results"] if row["variant"] == "mpq_int8" and "skipped" in row] == [
+        "7x7 3->64 32x32 s2"
+    ]
+    sums = {row["variant"]: row for row in conv["network"]}
+    assert set(sums) == expected and sums["mpq_int8"]["missing"] == ["7x7 3->64 32x32 s2"]
+    assert all(row["ms"] > 0 and row["vs_cudnn"] > 0 for row in sums.values())
+
+    # resnet50: a real mpq model (54 layers at 4.5 bits per weight), checked whole and layer by layer
+    res = doc["resnet50"]
+    assert "error" not in res, res.get("error")
+    q = res["quantization"]
+    assert q["layers"] == 54 and q["float_layers"] == [] and abs(q["avg_bits"] - 4.5) < 0.05
+    assert q["seconds_wall"] > 0 and q["report_seconds"]["total"] > 0 and q["simulation_error"] <= 1e-4
+    assert q["avg_points_per_channel"] > 1.0
+    for check in res["checks"]:
+        assert check["check"] == "ok" and len(check["layer_rel_err"]) == 54, check
+        assert check["layer_rel_err_max"] <= 5e-3 and check["rel_err"] <= 0.1 and check["top1_agreement"] >= 0
+    eager = [row for row in res["results"] if row["mode"] == "eager"]
+    assert {row["model"] for row in eager} == {"fp16_cudnn", "fp16_cudnn_folded", "mpq_w4a8"}
+    assert all(row["ms"] > 0 and row["images_per_s"] > 0 and row["vs_fp16"] > 0 for row in eager)
+    assert all("skipped" in row for row in res["results"] if row["mode"] == "cuda_graph")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit; a GPU is present")
+def test_kernels_without_a_gpu_exits_2():
+    r = run_script("kernels.py", "--section", "linear", "--json", "")
+    assert r.returncode == 2, output_of(r)
+    assert "no GPU" in r.stderr
+
+
+def test_fit_speed_smoke_run(tmp_path):
+    out = tmp_path / "fit.json"
+    r = run_script("fit_speed.py", "--runs", "1", "--skip-exact", "--layers", "10", "--out", str(out))
+    assert r.returncode == 0, output_of(r)
+    doc = json.loads(out.read_text())
+    assert doc["device"] == "cpu" and doc["layers"] == 10 and doc["layers_subset"] is True
+    assert doc["fast"]["median_s"] > 0 and doc["exact"] is None and doc["meets_target"] is None
+
+
+def test_fit_speed_device_code_on_cpu(tmp_path):
+    out = tmp_path / "fit_device.json"
+    r = run_script("fit_speed.py", "--check-on-cpu", "--runs", "1", "--out", str(out))
+    assert r.returncode == 0, output_of(r)
+    doc = json.loads(out.read_text())
+    assert doc["device"] == "cpu (--check-on-cpu)" and doc["layers"] == 10
+    assert doc["agreement"]["check"] == "ok" and doc["agreement"]["codes_equal_fraction"] == 1.0
+    fast = doc["fast"]
+    assert fast["median_s"] > 0 and 0 < fast["kernel_s"] <= fast["median_s"] * 1.01
+    assert doc["exact"]["s"] > 0 and doc["allocation"]["s"] >= 0 and abs(doc["allocation"]["avg_bits"] - 4.5) < 0.05
+    assert doc["speedup_vs_cpu_same_machine"] > 0 and doc["comparison"]
+    assert doc["meets_target"] is None  # part of the model: no verdict
