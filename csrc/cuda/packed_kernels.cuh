@@ -21,6 +21,9 @@
 
 namespace mpq {
 namespace packed_kernels {
+// NB: internal linkage: each binary has one including translation unit (the library's .cu, or the
+// emulation test), and the test's host-compiled kernels must not interpose the library's symbols.
+namespace {
 
 using namespace mpq::packed;
 using cuda_detail::ActParams;
@@ -725,5 +728,6 @@ __global__ void __launch_bounds__(kElementwiseThreads)
   }
 }
 
+}  // namespace
 }  // namespace packed_kernels
 }  // namespace mpq

@@ -8,8 +8,10 @@
 // (c10::Half / c10::BFloat16, round to nearest even); mma sums products in double and rounds the
 // accumulator to float once per instruction (hardware: exact products, >= fp32 sums).
 //
-// Include torch headers first, then this, then the kernel header. Not a general CUDA emulator:
-// no streams, atomics, warp shuffles or asynchronous copies (the packed kernels use none).
+// Warp shuffles (__shfl_xor_sync, __shfl_up_sync with a full mask) are warp collectives too, and
+// dynamic shared memory is a buffer of launch()'s size. Include torch headers first, then this, then
+// the kernel header. Not a general CUDA emulator: no streams, atomics, partial-mask shuffles or
+// asynchronous copies (mpq's kernels use none).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -34,6 +36,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) alignas(n)
 
 struct dim3 {
   unsigned x, y, z;
@@ -42,6 +45,10 @@ struct dim3 {
 struct uint4 {
   unsigned x, y, z, w;
 };
+struct double2 {
+  double x, y;
+};
+inline double2 make_double2(double x, double y) { return {x, y}; }
 
 using std::isfinite;
 using std::isnan;
@@ -57,8 +64,14 @@ template <class T>
 inline T __ldg(const T* p) {
   return *p;
 }
+// Correctly rounded IEEE operations (the test compiles with -ffp-contract=off: no FMA contraction).
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
 inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 [[noreturn]] inline void __trap() {
   std::fprintf(stderr, "simt_emulator: __trap()\n");
   std::abort();
@@ -126,6 +139,7 @@ struct Fiber {
 // Registers a lane contributes to a warp collective.
 struct Slot {
   uint32_t a[4], b[2];
+  uint64_t value;  // a shuffled value's bits
 };
 
 struct Machine {
@@ -140,6 +154,7 @@ struct Machine {
   std::vector<int> warp_arrived;
   std::vector<uint64_t> warp_generation;
   std::vector<Slot> slots;
+  std::vector<unsigned char> dynamic_shared;
 };
 
 inline Machine& machine() {
@@ -148,6 +163,8 @@ inline Machine& machine() {
 }
 
 inline const dim3& thread_idx() { return machine().fibers[machine().current].thread_idx; }
+
+inline unsigned char* dynamic_shared() { return machine().dynamic_shared.data(); }
 
 inline void yield() {
   Machine& m = machine();
@@ -229,10 +246,11 @@ inline void run_cta(const std::function<void()>& body) {
   }
 }
 
-// kernel<<<grid, block>>>(args...), synchronously.
+// kernel<<<grid, block, shared_bytes>>>(args...), synchronously.
 template <class Kernel, class... Args>
-void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
+void launch_shared(dim3 grid, dim3 block, size_t shared_bytes, Kernel kernel, Args... args) {
   Machine& m = machine();
+  m.dynamic_shared.assign(shared_bytes + 16, 0xA5);  // garbage, as on the device
   m.grid_dim = grid;
   m.block_dim = block;
   const std::function<void()> body = [&] { kernel(args...); };
@@ -242,6 +260,30 @@ void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
         m.block_idx = dim3(x, y, z);
         run_cta(body);
       }
+}
+
+// kernel<<<grid, block>>>(args...), synchronously.
+template <class Kernel, class... Args>
+void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
+  launch_shared(grid, block, 0, kernel, args...);
+}
+
+// ---- warp shuffles (all 32 lanes, as the full masks of mpq's kernels) ------------------------------
+
+template <class T>
+T shuffle_from(T v, int (*source)(int lane, int arg), int arg) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>, "a register-sized value");
+  Machine& m = machine();
+  const int lane = lane_id(), base = static_cast<int>(thread_idx().x) - lane;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  m.slots[base + lane].value = bits;
+  sync_warp();
+  const int src = source(lane, arg);
+  T out = v;
+  if (src >= 0 && src < kWarpSize) std::memcpy(&out, &m.slots[base + src].value, sizeof(T));
+  sync_warp();
+  return out;
 }
 
 // ---- mma.sync, from the PTX ISA's fragment tables (lane = 4 g + t) -------------------------------
@@ -307,6 +349,16 @@ inline void mma_m16n8k32_s8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, ui
 }
 
 }  // namespace mpq_simt
+
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) {
+  return ::mpq_simt::shuffle_from(v, [](int lane, int arg) { return lane ^ arg; }, mask);
+}
+template <class T>
+inline T __shfl_up_sync(unsigned, T v, unsigned delta) {
+  // Lanes below delta keep their own value (PTX shfl.up).
+  return ::mpq_simt::shuffle_from(v, [](int lane, int arg) { return lane - arg; }, static_cast<int>(delta));
+}
 
 #define threadIdx (::mpq_simt::thread_idx())
 #define blockIdx (::mpq_simt::machine().block_idx)

@@ -55,23 +55,35 @@ def _weight(C, D, dtype=torch.float32, seed=0):
 
 
 def _assert_fit_matches_cpu(w, bits, max_points, exact):
+    """Per row: points with identical codes have errors within 1e-5 relative (floor 1e-10 ||w_j||^2)
+    and scales within 1e-6; at the first point whose codes differ the errors must still agree (an
+    exact tie between candidates, e.g. proportional code vectors of a 2-element row, whose gains
+    round differently in the CPU's sequential sweep and the kernel's block scan); after it the greedy
+    fits go on from different but equally good residuals and are not compared. Ties are rare: at
+    most 1% of the rows of D >= 8 (tests/cpp/test_kernel_emulation.cpp checks the same criterion on
+    the kernels' source run on the CPU)."""
     c_ref, s_ref, e_ref = ops.fit_multipoint(w, bits, max_points, exact)
     out = ops.fit_multipoint(w.cuda(), bits, max_points, exact)
     for t, ref in zip(out, (c_ref, s_ref, e_ref)):
         assert t.device.type == "cuda"
         assert t.dtype == ref.dtype and t.shape == ref.shape
     c, s, e = (t.cpu() for t in out)
-    # Codes: identical except where two candidates tie exactly.
-    equal = (c == c_ref).double().mean().item() if c.numel() else 1.0
-    assert equal >= 0.999, f"only {equal:.6f} of the codes agree with the CPU kernel"
-    # Errors: within 1e-5 relative, with a floor of 1e-10 ||w_j||^2 for errors near zero.
+    C, P = s.shape
+    if C == 0 or P == 0:
+        return
+    differs = (c != c_ref).any(-1)  # [C, P]
+    first = torch.where(differs.any(1), differs.int().argmax(1), torch.full((C,), P))  # first tie, or P
+    points = torch.arange(P)[None, :]
     norm2 = w.double().pow(2).sum(1, keepdim=True)
-    diff = (e.double() - e_ref.double()).abs()
     tol = 1e-5 * e_ref.double().abs() + 1e-10 * norm2
-    assert bool((diff <= tol).all()), f"sq_errors differ by up to {(diff / tol.clamp_min(1e-300)).max():.3g} x tol"
-    # Points whose codes agree have the same scale (the same sums, up to summation order).
-    same = (c == c_ref).all(-1)
+    compared = points <= first[:, None]  # up to and including the tie
+    ok = ((e.double() - e_ref.double()).abs() <= tol) | ~compared
+    assert bool(ok.all()), f"sq_errors differ beyond tolerance at (row, point) {ok.logical_not().nonzero()[:5].tolist()}"
+    same = points < first[:, None]
     torch.testing.assert_close(s[same], s_ref[same], rtol=1e-6, atol=0.0)
+    if w.shape[1] >= 8:
+        ties = int((first < P).sum())
+        assert ties <= max(1, C // 100), f"{ties} of {C} rows met a tie"
 
 
 FIT_SHAPES = [(1, 1), (1, 7), (5, 1), (6, 2), (7, 33), (9, 127), (32, 576), (6, 4608), (3, 12289)]
