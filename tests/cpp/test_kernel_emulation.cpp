@@ -501,3 +501,101 @@ TEST_CASE("emulated exact fit_multipoint kernels match the CPU kernel", "[emulat
   // 2-element rows at 6 bits tie (proportional codes): seen here, and allowed by the criterion.
   CHECK(ties > 0);
 }
+
+// ---- the generic layers' kernels (csrc/cuda/layer_kernels.cuh) ---------------------------------
+
+#include "cuda/layer_kernels.cuh"
+
+namespace {
+
+namespace lk = mpq::layer_kernels;
+
+at::Tensor fake_quantize_cpu(const at::Tensor& x, const std::vector<float>& q) {
+  // mpq's CPU fake quantization, each step in x's dtype (csrc/cpu/multipoint_layers.cpp).
+  const auto level = at::clamp(at::round(x / q[0]) + q[1], q[2], q[3]);
+  return (level - q[1]) * q[0];
+}
+
+}  // namespace
+
+TEST_CASE("emulated dequantize and fake-quantize kernels equal the CPU kernels", "[emulation][layers]") {
+  const Weight wt = random_weight(70, 3, 45, 4, 700);
+  auto out = at::full({70, 45}, NAN);
+  mpq_simt::launch(dim3(3), dim3(lk::kThreads), lk::dequantize_kernel<float>,
+                   static_cast<const int8_t*>(wt.codes.data_ptr<int8_t>()),
+                   static_cast<const float*>(wt.scales.data_ptr<float>()),
+                   static_cast<const int*>(wt.num_points.data_ptr<int>()), int64_t{70}, 3, int64_t{45},
+                   out.data_ptr<float>());
+  static auto dequant = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("mpq::dequantize_multipoint", "")
+                            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType)>();
+  REQUIRE(at::equal(out, dequant.call(wt.codes, wt.scales, wt.num_points, at::kFloat)));
+
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(10);
+  for (const auto dtype : {at::kFloat, at::kHalf}) {
+    const auto x = (at::randn({1000}, gen) * 3).to(dtype);
+    const std::vector<float> q = {0.037f, 5.0f, -128.0f, 127.0f};
+    auto fq = at::full({1000}, NAN, at::TensorOptions().dtype(dtype));
+    if (dtype == at::kFloat) {
+      mpq_simt::launch(dim3(2), dim3(lk::kThreads), lk::fake_quantize_kernel<float>,
+                       static_cast<const float*>(x.data_ptr<float>()), fq.data_ptr<float>(), int64_t{1000},
+                       host_act(q));
+    } else {
+      mpq_simt::launch(dim3(2), dim3(lk::kThreads), lk::fake_quantize_kernel<at::Half>,
+                       static_cast<const at::Half*>(x.data_ptr<at::Half>()), fq.data_ptr<at::Half>(), int64_t{1000},
+                       host_act(q));
+    }
+    INFO("dtype " << dtype);
+    REQUIRE(at::equal(fq, fake_quantize_cpu(x, q)));  // bit for bit, each step rounded to the dtype
+  }
+}
+
+TEST_CASE("emulated depthwise conv kernel matches the float64 reference", "[emulation][layers]") {
+  struct Case {
+    int64_t N, C, H, W, KH, KW, sh, sw, ph, pw, dh, dw;
+  };
+  const std::vector<float> q = {0.02f, 128.0f, 0.0f, 255.0f};
+  for (const Case dc : {Case{1, 32, 9, 9, 3, 3, 1, 1, 1, 1, 1, 1}, Case{2, 24, 7, 8, 5, 5, 2, 2, 2, 2, 1, 1},
+                        Case{1, 7, 8, 8, 3, 3, 1, 1, 2, 2, 2, 2}, Case{1, 16, 4, 4, 7, 5, 1, 2, 3, 2, 1, 1}}) {
+    const int64_t OH = (dc.H + 2 * dc.ph - dc.dh * (dc.KH - 1) - 1) / dc.sh + 1;
+    const int64_t OW = (dc.W + 2 * dc.pw - dc.dw * (dc.KW - 1) - 1) / dc.sw + 1;
+    const Weight wt = random_weight(dc.C, 3, dc.KH * dc.KW, 4, 800 + dc.C);
+    const auto codes = wt.codes.view({dc.C, 3, 1, dc.KH, dc.KW});
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(11);
+    const auto x = (at::randn({dc.N, dc.C, dc.H, dc.W}, gen) * 2).to(at::kHalf);
+    const auto x_nhwc = x.permute({0, 2, 3, 1}).contiguous();
+    const auto bias = at::randn({dc.C}, gen).to(at::kHalf).to(at::kFloat);  // as the host code rounds it
+    const lk::DepthwiseShape shape{dc.N,
+                                   static_cast<int>(dc.H),
+                                   static_cast<int>(dc.W),
+                                   static_cast<int>(dc.C),
+                                   static_cast<int>(OH),
+                                   static_cast<int>(OW),
+                                   static_cast<int>(dc.KH),
+                                   static_cast<int>(dc.KW),
+                                   static_cast<int>(dc.sh),
+                                   static_cast<int>(dc.sw),
+                                   static_cast<int>(dc.ph),
+                                   static_cast<int>(dc.pw),
+                                   static_cast<int>(dc.dh),
+                                   static_cast<int>(dc.dw),
+                                   3};
+    const auto w64 = dequantize(codes, wt.scales, wt.num_points);
+    for (const bool quantize : {false, true}) {
+      auto out = at::full({dc.N, OH, OW, dc.C}, NAN, at::TensorOptions().dtype(at::kHalf));
+      mpq_simt::launch(dim3(3), dim3(lk::kThreads), lk::depthwise_conv_kernel<at::Half>,
+                       static_cast<const at::Half*>(x_nhwc.data_ptr<at::Half>()),
+                       static_cast<const int8_t*>(wt.codes.data_ptr<int8_t>()),
+                       static_cast<const float*>(wt.scales.data_ptr<float>()),
+                       static_cast<const int*>(wt.num_points.data_ptr<int>()),
+                       static_cast<const float*>(bias.data_ptr<float>()), host_act(quantize ? q : std::vector<float>{}),
+                       quantize, shape, out.data_ptr<at::Half>());
+      const auto input = quantize ? fake_quantize64(x, q) : x.to(at::kDouble);
+      const auto want = at::conv2d(input, w64, bias.to(at::kDouble), {dc.sh, dc.sw}, {dc.ph, dc.pw}, {dc.dh, dc.dw},
+                                   dc.C);
+      INFO("depthwise N " << dc.N << " C " << dc.C << " k " << dc.KH << "x" << dc.KW << " quantize " << quantize);
+      REQUIRE_FALSE(at::isnan(out).any().item<bool>());
+      REQUIRE(rel_err(out.permute({0, 3, 1, 2}), want) <= 2e-3);
+    }
+  }
+}
