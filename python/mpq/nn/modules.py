@@ -85,7 +85,8 @@ class _MultipointBase(nn.Module):
         v = qp.detach().cpu().double()
         zp, qmin, qmax = float(v[1]), float(v[2]), float(v[3])
         fits = zp == float(round(zp)) and qmin == float(round(qmin)) and qmax == float(round(qmax))
-        return fits and qmax - qmin <= 255.0 and (self._pack_args()[2] + 63) // 64 * 64 <= 65536 and self._int8_shape_fits()
+        kp = (self._pack_args()[2] + 63) // 64 * 64  # int32 accumulators: Kp <= 65536
+        return fits and qmax - qmin <= 255.0 and kp <= 65536 and self._int8_shape_fits()
 
     def _int8_shape_fits(self) -> bool:
         return True
@@ -96,7 +97,10 @@ class _MultipointBase(nn.Module):
         kernel: "int8" when act_qparams has integer zero point and range of at most 256 levels
         (read once on the host here, so that the forward never syncs), else "auto"."""
         if not self._packable():
-            raise RuntimeError("pack_: this layer has no fused kernels (codebook layers, grouped convolutions with fewer than 64 output channels per group)")
+            raise RuntimeError(
+                "pack_: this layer has no fused kernels (codebook layers, grouped convolutions with fewer than "
+                "64 output channels per group)"
+            )
         codes, groups, _ = self._pack_args()
         packed, packed_scales, perm, tile_offsets, row_sums = torch.ops.mpq.pack_multipoint(
             codes, self.scales, self.num_points, self.w_bits, groups
@@ -277,8 +281,8 @@ class MultipointConv2d(_MultipointBase):
     (module docstring): an implicit GEMM over the NHWC input (channels_last in, channels_last out),
     with int8 activations and int8 tensor cores when ``act_qparams`` fit int8 and
     in_channels/groups is a multiple of 16. Grouped convolutions with fewer than 64 output channels
-    per group (depthwise ones) keep ``mpq::multipoint_conv2d`` (dequantize, then cuDNN): a packed
-    tile holds 64 channels of one group.
+    per group keep ``mpq::multipoint_conv2d`` (a packed tile holds 64 channels of one group): a
+    direct kernel for depthwise ones on channels_last inputs, dequantize then cuDNN otherwise.
     """
 
     packed_kernel: str
