@@ -11,12 +11,17 @@
 // Warp shuffles (__shfl_xor_sync, __shfl_up_sync with a full mask) are warp collectives too, and
 // dynamic shared memory is a buffer of launch()'s size. Include torch headers first, then this, then
 // the kernel header. Not a general CUDA emulator: no streams, atomics, partial-mask shuffles or
-// asynchronous copies (mpq's kernels use none).
+// asynchronous copies (mpq's kernels use none). Under AddressSanitizer (-fsanitize=address) the
+// fiber switches are announced to it, so that the kernels' out-of-bounds accesses are reported
+// (the host analogue of compute-sanitizer's memcheck).
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <ucontext.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -134,6 +139,7 @@ struct Fiber {
   std::unique_ptr<char[]> stack;
   dim3 thread_idx;
   bool done = false;
+  void* fake_stack = nullptr;  // AddressSanitizer's, while the fiber is switched out
 };
 
 // Registers a lane contributes to a warp collective.
@@ -155,6 +161,9 @@ struct Machine {
   std::vector<uint64_t> warp_generation;
   std::vector<Slot> slots;
   std::vector<unsigned char> dynamic_shared;
+  void* scheduler_fake_stack = nullptr;
+  const void* scheduler_stack_bottom = nullptr;
+  size_t scheduler_stack_size = 0;
 };
 
 inline Machine& machine() {
@@ -166,10 +175,35 @@ inline const dim3& thread_idx() { return machine().fibers[machine().current].thr
 
 inline unsigned char* dynamic_shared() { return machine().dynamic_shared.data(); }
 
-inline void yield() {
+// Stack switches, announced to AddressSanitizer when it is on.
+inline void switch_to_scheduler(bool finished) {
   Machine& m = machine();
-  swapcontext(&m.fibers[m.current].context, &m.scheduler);
+  Fiber& f = m.fibers[m.current];
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(finished ? nullptr : &f.fake_stack, m.scheduler_stack_bottom,
+                                 m.scheduler_stack_size);
+#else
+  (void)finished;
+#endif
+  swapcontext(&f.context, &m.scheduler);
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
+#endif
 }
+
+inline void switch_to_fiber(int i) {
+  Machine& m = machine();
+  m.current = i;
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(&m.scheduler_fake_stack, m.fibers[i].stack.get(), kStackBytes);
+#endif
+  swapcontext(&m.scheduler, &m.fibers[i].context);
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(m.scheduler_fake_stack, nullptr, nullptr);
+#endif
+}
+
+inline void yield() { switch_to_scheduler(false); }
 
 // Waits until `count` fibers arrived at this barrier (the CTA's, or one warp's).
 inline void barrier(int& arrived, uint64_t& generation, int count) {
@@ -199,10 +233,13 @@ inline void sync_warp() {
 
 inline void fiber_entry() {
   Machine& m = machine();
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(nullptr, &m.scheduler_stack_bottom, &m.scheduler_stack_size);
+#endif
   (*m.body)();
   m.fibers[m.current].done = true;
   ++m.events;
-  swapcontext(&m.fibers[m.current].context, &m.scheduler);
+  switch_to_scheduler(true);
 }
 
 // Runs `body` on every thread of one CTA until all return; aborts on a barrier not every thread reaches.
@@ -235,8 +272,7 @@ inline void run_cta(const std::function<void()>& body) {
     remaining = 0;
     for (int i = 0; i < n; ++i) {
       if (m.fibers[i].done) continue;
-      m.current = i;
-      swapcontext(&m.scheduler, &m.fibers[i].context);
+      switch_to_fiber(i);
       remaining += m.fibers[i].done ? 0 : 1;
     }
     if (remaining > 0 && m.events == before) {
