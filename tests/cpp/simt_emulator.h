@@ -161,6 +161,7 @@ struct Machine {
   std::vector<uint64_t> warp_generation;
   std::vector<Slot> slots;
   std::vector<unsigned char> dynamic_shared;
+  bool reverse = false;  // run the threads in descending order between barriers (set_reverse_order)
   void* scheduler_fake_stack = nullptr;
   const void* scheduler_stack_bottom = nullptr;
   size_t scheduler_stack_size = 0;
@@ -270,7 +271,8 @@ inline void run_cta(const std::function<void()>& body) {
   for (int remaining = n; remaining > 0;) {
     const uint64_t before = m.events;
     remaining = 0;
-    for (int i = 0; i < n; ++i) {
+    for (int k = 0; k < n; ++k) {
+      const int i = m.reverse ? n - 1 - k : k;
       if (m.fibers[i].done) continue;
       switch_to_fiber(i);
       remaining += m.fibers[i].done ? 0 : 1;
@@ -281,6 +283,12 @@ inline void run_cta(const std::function<void()>& body) {
     }
   }
 }
+
+// Threads run one after another between barriers, in ascending order, or descending after
+// set_reverse_order(true): a kernel whose outputs differ between the two orders reads what another
+// thread writes without a barrier between them (the host analogue of compute-sanitizer's racecheck
+// for such pairs).
+inline void set_reverse_order(bool reverse) { machine().reverse = reverse; }
 
 // kernel<<<grid, block, shared_bytes>>>(args...), synchronously.
 template <class Kernel, class... Args>

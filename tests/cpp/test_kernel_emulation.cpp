@@ -11,6 +11,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
+#include <functional>
 #include <cstdint>
 #include <string>
 #include <tuple>
@@ -598,4 +599,46 @@ TEST_CASE("emulated depthwise conv kernel matches the float64 reference", "[emul
       REQUIRE(rel_err(out.permute({0, 3, 1, 2}), want) <= 2e-3);
     }
   }
+}
+
+TEST_CASE("emulated kernels give bit-identical outputs when the threads run in reverse order", "[emulation][races]") {
+  // Each kernel once in ascending and once in descending thread order between barriers.
+  const auto both_orders = [](const std::function<at::Tensor()>& run) {
+    mpq_simt::set_reverse_order(false);
+    const at::Tensor forward = run();
+    mpq_simt::set_reverse_order(true);
+    const at::Tensor backward = run();
+    mpq_simt::set_reverse_order(false);
+    return at::equal(forward, backward);
+  };
+  // Linear: gemv (warps split K, the shared-memory sum) with split-K, mma, int8.
+  const Weight wt = random_weight(130, 2, 200, 4, 900);
+  const Packed p = pack(wt.codes, wt.scales, wt.num_points, 4);
+  const pk::PackedWeight w = view(p, 130);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(12);
+  const auto x = at::randn({17, 200}, gen).to(at::kHalf);
+  const auto bias = at::randn({130}, gen);
+  for (const int64_t M : {int64_t{5}, int64_t{17}}) {
+    REQUIRE(both_orders([&] {
+      auto out = at::full({M, 130}, NAN, at::TensorOptions().dtype(at::kHalf));
+      launch_config<pk::WeightOnly<__half, 4>>(M <= 16, {reinterpret_cast<const __half*>(x.data_ptr()), true}, w, M,
+                                               200, host_act({}), false, bias.data_ptr<float>(), out);
+      return out;
+    }));
+  }
+  const std::vector<float> q = {0.05f, 0.0f, -128.0f, 127.0f};
+  const auto xq = quantize_int8<at::Half>(x, 17, 200, 256, host_act(q));
+  REQUIRE(both_orders([&] {
+    auto out = at::full({5, 130}, NAN, at::TensorOptions().dtype(at::kHalf));
+    launch_config<pk::Int8Act<4>>(true, {xq.data_ptr<int8_t>(), 256}, w, 5, 200, host_act(q), true,
+                                  bias.data_ptr<float>(), out);
+    return out;
+  }));
+  // fit_multipoint: block reductions (fast) and block scans (exact).
+  const auto fw = fit_weight(6, 700, 901);
+  REQUIRE(both_orders([&] { return std::get<0>(emulated_fit_fast(fw, 4, 3, 2, 6)); }));
+  REQUIRE(both_orders([&] { return std::get<2>(emulated_fit_fast(fw, 4, 3, 0, 2)); }));
+  const auto ew = fit_weight(6, 300, 902);
+  REQUIRE(both_orders([&] { return std::get<0>(emulated_fit_exact(ew, 4, 3)); }));
+  REQUIRE(both_orders([&] { return std::get<2>(emulated_fit_exact(ew, 4, 3)); }));
 }
