@@ -2,6 +2,7 @@
 
     python benchmarks/compare_methods.py                       # all models, all settings
     python benchmarks/compare_methods.py --models fashion --settings W4A16 --only rtn multipoint
+    python benchmarks/compare_methods.py --only multipoint --merge    # re-run rows into the tables
 
 Models and data (all offline, ASSETS.md):
 - ``lite0``: EfficientNet-Lite0 (ImageNet weights); 64 seeded crops of the bundled photos for
@@ -264,14 +265,35 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--note", default="", help="a line about this run, written into the JSON and markdown")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of the existing tables, replacing those this run measures again")
     args = parser.parse_args()
     command = "python benchmarks/compare_methods.py " + " ".join(
         [f"--models {' '.join(args.models)}", f"--settings {' '.join(args.settings)}"]
-        + ([f"--only {' '.join(repr(o) for o in args.only)}"] if args.only else []) + [f"--seed {args.seed}"])
+        + ([f"--only {' '.join(repr(o) for o in args.only)}"] if args.only else []) + [f"--seed {args.seed}"]
+        + (["--merge"] if args.merge else []))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         task = load_task(name, args.seed)
-        run_task(task, args.settings, args.only, args.seed, lambda rows: write_results(task, rows, args, command))
+        old_rows, old_command = [], ""
+        previous = args.out_dir / f"compare_methods_{task.name}.json"
+        if args.merge and previous.exists():
+            old = json.loads(previous.read_text())
+            old_rows, old_command = old["rows"], old["command"]
+        run_command = f"{old_command}; then {command}" if old_command else command
+
+        def write(rows: List[Dict], task: Task = task, old_rows: List[Dict] = old_rows, run_command: str = run_command) -> None:
+            write_results(task, merge_rows(old_rows, rows), args, run_command)
+
+        run_task(task, args.settings, args.only, args.seed, write)
+
+
+def merge_rows(old: List[Dict], new: List[Dict]) -> List[Dict]:
+    """``old`` with each row that ``new`` measured again (same setting and method) replaced in place;
+    rows only ``new`` has are appended."""
+    fresh = {(r["setting"], r["method"]): r for r in new}
+    merged = [fresh.pop((r["setting"], r["method"]), r) for r in old]
+    return merged + [r for r in new if (r["setting"], r["method"]) in fresh]
 
 
 if __name__ == "__main__":

@@ -66,8 +66,8 @@ class QuantConfig:
     ``point_rounding`` (multipoint): ``"nearest"`` = the paper's greedy points (each rounds the
     residual to nearest); ``"gptq"`` (default) = also a second, output-aware point sequence whose
     codes come from GPTQ column sweeps with error feedback (ALGORITHM.md section 1, "beyond the
-    paper"; ``gptq_damp`` and ``gptq_act_order`` apply), and each channel keeps whichever sequence
-    has the lower output error at its allocated count. Measured on EfficientNet-Lite0 (KL to FP32,
+    paper"; dampening ``point_damp`` of the mean diagonal of H, ``gptq_act_order`` applies), and
+    each channel keeps whichever sequence has the lower output error at its allocated count. Measured on EfficientNet-Lite0 (KL to FP32,
     benchmarks/compare_methods.py): W4A8 0.096 -> 0.043, W3A16 0.576 -> 0.237, W2A16 3.48 -> 2.18.
 
     ``verify``: after quantizing, run one calibration batch through the kernels and through a
@@ -119,6 +119,7 @@ class QuantConfig:
     point_rounding: str = "gptq"
     verify: bool = True
     gptq_damp: float = 0.01
+    point_damp: float = 0.1
     gptq_act_order: bool = False
     adaround_iters: int = 500
     adaround_lr: float = 5e-2
@@ -205,8 +206,9 @@ class QuantConfig:
         for name in ("gptq_act_order", "ocs_grid_aware", "bias_correction", "bn_reestimation"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "to be a bool")
-        if not is_num(self.gptq_damp) or not 0 < self.gptq_damp <= 1:
-            fail("gptq_damp", "to be a number in (0, 1]")
+        for name in ("gptq_damp", "point_damp"):
+            if not is_num(getattr(self, name)) or not 0 < getattr(self, name) <= 1:
+                fail(name, "to be a number in (0, 1]")
         if not is_int(self.adaround_iters) or self.adaround_iters < 1:
             fail("adaround_iters", "to be an int >= 1")
         if not is_num(self.adaround_lr) or not self.adaround_lr > 0:

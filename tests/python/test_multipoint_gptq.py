@@ -34,7 +34,7 @@ def test_gptq_points_lower_the_output_error_of_the_first_point(bits):
     g_codes, g_scales, _ = mpq.ops.fit_multipoint(w, bits, 4, False)
     ours = output_errors(w, codes, scales, stats, 2).sum(0)
     greedy = output_errors(w, g_codes, g_scales, stats, 2).sum(0)
-    # Measured: 0.79 (2 bits), 0.81 (3 bits), 0.81 (4 bits) of the greedy first point's error.
+    # Measured (point_damp 0.1): 0.80 (2 bits), 0.82 (3 bits), 0.80 (4 bits) of the greedy first point's error.
     assert ours[0] < 0.9 * greedy[0]
     assert (ours[1:] <= ours[:-1]).all()  # each point lowers the error (the greedy step is a fallback)
 

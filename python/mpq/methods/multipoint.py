@@ -46,7 +46,7 @@ def gptq_points(ctx: LayerContext):
     cfg = ctx.config
     groups = ctx.target.groups
     H = layer_hessian(ctx.stats, groups)
-    factor = gptq_factor(H, cfg.gptq_damp, cfg.gptq_act_order)
+    factor = gptq_factor(H, cfg.point_damp, cfg.gptq_act_order)
     residual = ctx.weight.double().cpu()
     C, D = residual.shape
 
