@@ -92,6 +92,8 @@ TORCH_LIBRARY(mpq, m) {
   // pack_multipoint(..., groups). Same function as multipoint_conv2d, whichever kernel runs it;
   // kernel: "auto", or on CUDA "dense" (decode, then cuDNN), "igemm" (fused weight-only implicit
   // GEMM on NHWC, float16/bfloat16 input), "int8" (int8 activations, int8 tensor cores).
+  // NB: the packed weight records K only rounded up to 64: kernel_size and groups must be those it
+  // was packed with (a kernel_size with the same padded K is not detected).
   m.def(
       "multipoint_conv2d_packed(Tensor input, Tensor packed, Tensor packed_scales, Tensor perm, "
       "Tensor tile_offsets, Tensor row_sums, int out_channels, int[2] kernel_size, Tensor? bias, "

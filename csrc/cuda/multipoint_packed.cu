@@ -428,11 +428,11 @@ at::Tensor multipoint_conv2d_packed_cuda(const at::Tensor& input, const at::Tens
     // NHWC levels: the rows of quantize_int8 are the pixels, its columns the channels.
     const auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
     const auto xq = quantize_int8(x, N * H * W, C, C, act, stream);
-    const typename ConvInt8<4>::Args args{xq.data_ptr<int8_t>(), shape, act, 0, 0u};
+    const int8_t* levels = xq.data_ptr<int8_t>();
     if (o.bits == 4) {
-      launch_config<ConvInt8<4>>(small_m, args, o, M, D, act, true, bias_ptr, out, stream);
+      launch_config<ConvInt8<4>>(small_m, {levels, shape, act, 0, 0u}, o, M, D, act, true, bias_ptr, out, stream);
     } else {
-      launch_config<ConvInt8<8>>(small_m, {args.xq, shape, act, 0, 0u}, o, M, D, act, true, bias_ptr, out, stream);
+      launch_config<ConvInt8<8>>(small_m, {levels, shape, act, 0, 0u}, o, M, D, act, true, bias_ptr, out, stream);
     }
     return out.contiguous(format);
   }
