@@ -577,6 +577,17 @@ def test_dtype_casts_keep_the_float32_buffers(cast):
         assert y.dtype == torch.float64
 
 
+def test_channels_last_conversion_leaves_the_codes_and_the_function():
+    m = _conv_module()
+    x = torch.randn(2, 32, 7, 7)
+    want = m(x)
+    codes = m.codes.clone()
+    m = m.to(memory_format=torch.channels_last)  # what a CNN gets before NHWC inference
+    assert torch.equal(m.codes, codes) and m.scales.dtype == torch.float32
+    got = m(x.to(memory_format=torch.channels_last))
+    assert float((got - want).norm() / want.norm()) < 1e-6  # float32, another summation order
+
+
 def test_conv_module_scripts_and_packs_under_torchscript():
     m = _conv_module()
     x = torch.randn(1, 32, 6, 6)

@@ -128,8 +128,15 @@ class _MultipointBase(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         # Device moves apply as usual; dtype casts (.half(), .to(dtype)) leave the float32 buffers
         # as they are (moved to the new device only): the ops take float32 scales, bias, act_qparams.
+        # .to(memory_format=torch.channels_last) converts 4-D and 5-D tensors and refuses the 5-D
+        # conv codes [C, P, C_in/g, kh, kw] (not an image batch): they only follow the device.
         def keep_dtype(t: torch.Tensor) -> torch.Tensor:
-            out = fn(t)
+            try:
+                out = fn(t)
+            except RuntimeError:
+                if t.dim() != 5:
+                    raise
+                out = t.to(device=fn(t.new_empty(0)).device)
             if t.is_floating_point() and out.dtype != t.dtype:
                 out = t.to(device=out.device)
             return out
