@@ -36,11 +36,12 @@ Packed pack(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor&
   return op.call(codes, scales, num_points, w_bits, groups);
 }
 
-at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points) {
+at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
+                      at::ScalarType dtype = at::kDouble) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mpq::dequantize_multipoint", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType)>();
-  return op.call(codes, scales, num_points, at::kDouble);
+  return op.call(codes, scales, num_points, dtype);
 }
 
 // The levels clamp(round(x / s) + zp, qmin, qmax), each step in x's dtype as mpq's fake quantization
@@ -233,10 +234,7 @@ TEST_CASE("the emulated dense decode equals the generic dequantize", "[emulation
   auto out = at::full({130, 70}, NAN);
   mpq_simt::launch(dim3(2), dim3(pk::kElementwiseThreads), pk::decode_dense_kernel<float>, view(p, 130), 4,
                    int64_t{70}, out.data_ptr<float>());
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mpq::dequantize_multipoint", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType)>();
-  REQUIRE(at::equal(out, op.call(wt.codes, wt.scales, wt.num_points, at::kFloat)));
+  REQUIRE(at::equal(out, dequantize(wt.codes, wt.scales, wt.num_points, at::kFloat)));
 }
 
 namespace {
@@ -527,10 +525,7 @@ TEST_CASE("emulated dequantize and fake-quantize kernels equal the CPU kernels",
                    static_cast<const float*>(wt.scales.data_ptr<float>()),
                    static_cast<const int*>(wt.num_points.data_ptr<int>()), int64_t{70}, 3, int64_t{45},
                    out.data_ptr<float>());
-  static auto dequant = c10::Dispatcher::singleton()
-                            .findSchemaOrThrow("mpq::dequantize_multipoint", "")
-                            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType)>();
-  REQUIRE(at::equal(out, dequant.call(wt.codes, wt.scales, wt.num_points, at::kFloat)));
+  REQUIRE(at::equal(out, dequantize(wt.codes, wt.scales, wt.num_points, at::kFloat)));
 
   auto gen = at::make_generator<at::CPUGeneratorImpl>(10);
   for (const auto dtype : {at::kFloat, at::kHalf}) {

@@ -117,12 +117,16 @@ class _MultipointBase(nn.Module):
             setattr(self, name, torch.empty(0, dtype=dtype, device=self.codes.device))
         self.packed_kernel = "auto"
 
+    def _ensure_packed(self) -> None:
+        """Packs unless a packed weight for the codes' device is already there (it follows .to())."""
+        if self.tile_offsets.numel() == 0 or self.tile_offsets.device != self.codes.device:
+            self.pack_()
+
     def _use_packed(self, x: torch.Tensor) -> bool:
         """The fused path: a float16/bfloat16 input on a GPU (packing first if needed)."""
         if not (x.is_cuda and (x.dtype == torch.float16 or x.dtype == torch.bfloat16) and self._packable()):
             return False
-        if self.tile_offsets.numel() == 0 or self.tile_offsets.device != self.codes.device:
-            self.pack_()
+        self._ensure_packed()
         return True
 
     def _apply(self, fn, recurse: bool = True):
@@ -143,7 +147,7 @@ class _MultipointBase(nn.Module):
 
         super()._apply(keep_dtype, recurse)
         if self.codes.is_cuda and self._packable():
-            self.pack_()  # once per move, never per forward
+            self._ensure_packed()  # once per device (e.g. not again for .half() after .cuda())
         elif self.tile_offsets.numel() > 0:
             self._drop_packed()
         return self
