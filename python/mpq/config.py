@@ -74,6 +74,12 @@ class QuantConfig:
     the calibration H comes from float inputs, while later layers of the quantized model see the
     earlier layers' errors.
 
+    ``hessian_budget_mb``: the largest H = E[x x^T] of one layer (float64, all groups, in MiB) that
+    the output-aware fits form whole (the GPTQ factorization holds about five arrays of its size).
+    A larger layer's GPTQ sweeps (``point_rounding="gptq"``, method ``"gptq"``) use diagonal blocks
+    of H that together fit the budget, with one log line naming the layer; the methods that need
+    the whole H (adaround, adaquant, companding, ilp) raise instead.
+
     ``verify``: after quantizing, run one calibration batch through the kernels and through a
     plain-PyTorch float simulation of the same quantized model, and raise if they disagree.
 
@@ -124,6 +130,7 @@ class QuantConfig:
     verify: bool = True
     gptq_damp: float = 0.01
     point_damp: float = 0.1
+    hessian_budget_mb: float = 1024.0
     gptq_act_order: bool = False
     adaround_iters: int = 500
     adaround_lr: float = 5e-2
@@ -190,6 +197,9 @@ class QuantConfig:
         for name in ("calib_batches", "calib_samples", "sensitivity_batches"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 fail(name, "to be an int >= 1")
+        if isinstance(self.hessian_budget_mb, bool) or not isinstance(self.hessian_budget_mb, (int, float)) \
+                or not 0 < self.hessian_budget_mb < float("inf"):
+            fail("hessian_budget_mb", "to be a number > 0 (MiB)")
         if not is_int(self.seed):
             fail("seed", "to be an int")
         for name in ("exact_fit", "verify"):

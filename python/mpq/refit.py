@@ -8,27 +8,52 @@ from __future__ import annotations
 import torch
 
 from mpq.calibrate import LayerStats
+from mpq.methods.uniform import CHUNK_BYTES
 
 __all__ = ["refit_scales"]
 
 
 def _normal_equations(Q: torch.Tensor, w: torch.Tensor, stats: LayerStats, group: torch.Tensor, mode: str):
     """A = Q H Q^T and b = Q H w per channel (H = I for mode "weight"). Q [m, n, D], w [m, D],
-    group [m] the group of each channel."""
+    group [m] the group of each channel.
+
+    Memory: O(m n D) beside the statistics. With a kept Gram matrix of several groups, the [m, D, D]
+    stack of each channel's H is formed for a chunk of channels at a time; with kept input rows
+    X [N, G, D] (H = X^T X / N, D > N), A = Y Y^T / N and b = Y y / N from the products
+    Y = Q X^T [m, n, N] and y = X w, accumulated over chunks of rows (never the [m, N, D] rows of
+    every channel)."""
     if mode == "weight":
         return Q @ Q.transpose(1, 2), (Q @ w.unsqueeze(2)).squeeze(2)
-    if stats.gram is not None:
-        if stats.gram.shape[0] == 1:
-            HQ = Q @ stats.gram[0]  # [m, n, D]
-        else:
-            HQ = torch.bmm(Q, stats.gram[group])
+    m, n, D = Q.shape
+    if stats.gram is not None and stats.gram.shape[0] == 1:
+        HQ = Q @ stats.gram[0]  # [m, n, D]
         return HQ @ Q.transpose(1, 2), (HQ @ w.unsqueeze(2)).squeeze(2)
-    X = stats.samples.double()  # [N, G, D]
-    Xc = X[:, group].transpose(0, 1)  # [m, N, D]
-    Y = Q @ Xc.transpose(1, 2)  # [m, n, N]
-    y = (Xc @ w.unsqueeze(2)).squeeze(2)  # [m, N]
-    N = X.shape[0]
-    return Y @ Y.transpose(1, 2) / N, (Y @ y.unsqueeze(2)).squeeze(2) / N
+    A = torch.empty(m, n, n, dtype=torch.float64)
+    b = torch.empty(m, n, dtype=torch.float64)
+    if stats.gram is not None:
+        step = max(1, CHUNK_BYTES // (8 * D * D))
+        for r in range(0, m, step):
+            Qr = Q[r : r + step]
+            HQ = torch.bmm(Qr, stats.gram[group[r : r + step]])  # [k, n, D]
+            A[r : r + step] = HQ @ Qr.transpose(1, 2)
+            b[r : r + step] = (HQ @ w[r : r + step].unsqueeze(2)).squeeze(2)
+        return A, b
+    N = stats.samples.shape[0]
+    for g in torch.unique(group).tolist():
+        rows = (group == g).nonzero().flatten()
+        Qg, wg = Q[rows], w[rows]  # [mg, n, D], [mg, D]
+        X = stats.samples[:, g]  # [N, D] float32
+        step = max(1, CHUNK_BYTES // (8 * max(D, rows.numel() * (n + 1))))
+        Ag = torch.zeros(rows.numel(), n, n, dtype=torch.float64)
+        bg = torch.zeros(rows.numel(), n, dtype=torch.float64)
+        for r in range(0, N, step):
+            xt = X[r : r + step].double().t()  # [D, k]
+            Y = Qg @ xt  # [mg, n, k]
+            y = wg @ xt  # [mg, k]
+            Ag += Y @ Y.transpose(1, 2)
+            bg += (Y @ y.unsqueeze(2)).squeeze(2)
+        A[rows], b[rows] = Ag / N, bg / N
+    return A, b
 
 
 def _error(A: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

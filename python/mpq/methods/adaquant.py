@@ -173,7 +173,7 @@ class AdaQuantQuantizer(WeightQuantizer):
 
     def fit(self, ctx: LayerContext) -> FittedWeight:
         cfg = ctx.config
-        H = layer_hessian(ctx.stats, ctx.target.groups)
+        H = layer_hessian(ctx.stats, ctx.target.groups, ctx.config.hessian_budget_mb, getattr(ctx.target, "name", "?"), self.name)
         codes, scales, db = adaquant_quantize(
             ctx.weight,
             H,

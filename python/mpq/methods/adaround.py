@@ -137,7 +137,7 @@ class AdaRoundQuantizer(WeightQuantizer):
     def fit(self, ctx: LayerContext) -> FittedWeight:
         cfg = ctx.config
         scale = channel_scales(ctx.weight, ctx.bits, cfg.rtn_range)
-        H = layer_hessian(ctx.stats, ctx.target.groups)
+        H = layer_hessian(ctx.stats, ctx.target.groups, ctx.config.hessian_budget_mb, getattr(ctx.target, "name", "?"), self.name)
         codes = adaround_quantize(
             ctx.weight, H, scale, ctx.bits, cfg.adaround_iters, cfg.adaround_lr, cfg.adaround_lambda
         )

@@ -197,7 +197,7 @@ class CompandingQuantizer(WeightQuantizer):
 
     def fit(self, ctx: LayerContext) -> FittedWeight:
         cfg = ctx.config
-        H = layer_hessian(ctx.stats, ctx.target.groups)
+        H = layer_hessian(ctx.stats, ctx.target.groups, ctx.config.hessian_budget_mb, getattr(ctx.target, "name", "?"), self.name)
         if cfg.bias_correction:
             H = centred_moment(H, ctx.stats.mean)
         codes, scales, codebook = companding_quantize(

@@ -10,35 +10,58 @@ H^-1, lazy batch updates in blocks of 128 columns, optional act-order (columns i
 order of diag(H)), and a per-channel symmetric grid whose scale is fixed from the full-precision
 weight before the sweep (``config.rtn_range``: min-max or MSE-optimal).
 
-One departure: the reference zeroes the columns whose input is always zero on the calibration
+A layer whose whole H exceeds ``config.hessian_budget_mb`` (e.g. D = 65536 in an audio model's
+1024-channel 64 x 1 convolution: 32 GiB) departs further, logged once with the layer's name:
+blockwise GPTQ (``gptq_block_factors``, ``gptq_quantize_blocked``). Its columns are swept in
+blocks of B, each with the factor of its own diagonal block of the damped H (formed from the kept
+input rows, never the whole H); within a block the error feedback is GPTQ's, and the output error
+the finished blocks leave is handed to the next block as a least-squares change of its weights
+before its sweep, instead of the full H's update of all later columns. The dampening is the whole
+H's (a fraction of the mean of its full diagonal) and act-order sorts all columns before they are
+split into blocks, so with one block the result is the full sweep's. Measured on a 512-column
+layer with dense input correlations (tests/python/test_memory.py): blocks of 128 columns give
+1.19x the full sweep's output error (0.45x of rounding to nearest's; 2.09x without the
+compensation across blocks).
+
+Another departure: the reference zeroes the columns whose input is always zero on the calibration
 data ("dead" inputs). mpq rounds them to nearest instead (their H row is decoupled, so they
 neither receive nor spread error): the same calibration error, and no change of the layer when
 such an input is non-zero on other data.
 """
 from __future__ import annotations
 
+from typing import List, Optional, Tuple
+
 import torch
 
 from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, register
-from mpq.methods.uniform import channel_scales, grid_max, layer_hessian
+from mpq.methods.uniform import (
+    block_columns, channel_scales, grid_max, hessian_block, hessian_fits, input_diagonal, layer_hessian,
+)
 
-__all__ = ["GPTQQuantizer", "gptq_factor", "gptq_quantize"]
+__all__ = ["GPTQQuantizer", "gptq_factor", "gptq_quantize", "gptq_block_factors", "gptq_quantize_blocked"]
 
 BLOCK = 128
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1 per group, float64 [G, D, D].
+def _inverse_cholesky(H: torch.Tensor, damp: float, mean_diag: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1 per group, float64 [G, D, D]
+    (``mean_diag`` [G]: that of a larger H whose diagonal block H is).
     NB: calibration H can be singular (fewer rows than D, constant inputs); if the damped matrix
     still fails to factor, the dampening grows tenfold until it does."""
-    G, D, _ = H.shape
-    eye = torch.eye(D, dtype=H.dtype)
-    mean_diag = H.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+    if mean_diag is None:
+        mean_diag = H.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
     for _ in range(8):
-        L, info = torch.linalg.cholesky_ex(H + (damp * mean_diag)[:, None, None] * eye)
+        # (no D x D identity, and each D x D array dropped once used: at most three alive here)
+        damped = H.clone()
+        damped.diagonal(dim1=-2, dim2=-1).add_((damp * mean_diag)[:, None])
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if not bool((info != 0).any()):
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if not bool((info != 0).any()):
                 return U
         damp = max(damp * 10, 1e-6)
@@ -59,15 +82,91 @@ def gptq_factor(H: torch.Tensor, damp: float = 0.01, act_order: bool = False):
     return _inverse_cholesky(H, damp), perm
 
 
+def gptq_block_factors(stats, groups: int, damp: float, act_order: bool, block: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The block-diagonal counterpart of ``gptq_factor`` for a layer whose whole H exceeds the
+    memory budget: [(columns long [G, B], U [G, B, B])] per block of ``block`` consecutive columns
+    (in act-order when ``act_order``), U the upper Cholesky factor of the inverse of that diagonal
+    block of the damped H (dampening from the whole diagonal). Memory: G x D x block float64 in
+    all, one block's H at a time."""
+    diag = input_diagonal(stats)  # [G, D]
+    G, D = diag.shape
+    if G != groups:
+        raise ValueError(f"mpq.methods.gptq: expected statistics with {groups} groups, got {G}")
+    dead = diag == 0
+    diag[dead] = 1.0  # as gptq_factor: a dead input's column is decoupled
+    mean_diag = diag.mean(-1).clamp_min(1e-12)
+    if act_order:
+        order = torch.argsort(diag, dim=-1, descending=True)
+    else:
+        order = torch.arange(D).expand(G, D)
+    blocks = []
+    for i1 in range(0, D, block):
+        cols = order[:, i1 : i1 + block].contiguous()
+        Hb = hessian_block(stats, cols)
+        Hb.diagonal(dim1=-2, dim2=-1)[torch.gather(dead, 1, cols)] = 1.0
+        blocks.append((cols, _inverse_cholesky(Hb, damp, mean_diag)))
+    return blocks
+
+
+def gptq_quantize_blocked(w: torch.Tensor, blocks, scale: torch.Tensor, bits: int, stats=None) -> torch.Tensor:
+    """GPTQ codes (int8 [C, D]) of ``w`` [C, D] swept block by block with ``gptq_block_factors``.
+
+    Within a block, GPTQ's error feedback; across blocks, with ``stats`` (the layer's calibration
+    statistics), the output error r = X_done (W - W_q)_done that the finished blocks leave is
+    handed to the next block before its sweep: its weights move by the least-squares
+    compensation delta = (H_nn + damp I)^-1 H_n,done (W - W_q)_done (from the kept input rows,
+    X_n^T r / N, or the kept Gram matrix's rows of the block), so no rounding error is dropped at a
+    block boundary. Without ``stats``: no feedback across blocks."""
+    C, D = w.shape
+    G = blocks[0][1].shape[0]
+    Cg = C // G
+    W = w.double().cpu().reshape(G, Cg, D)
+    codes = torch.zeros(G, Cg, D, dtype=torch.int8)
+    s = scale.double().cpu().reshape(G, Cg, 1)
+    samples = None if stats is None or stats.gram is not None else stats.samples.cpu()
+    gram = None if stats is None or stats.gram is None else stats.gram.double().cpu()
+    r = None  # [N, G, Cg]: X_done (W - W_q)_done per group (kept input rows)
+    done: List[torch.Tensor] = []  # the finished blocks' columns (kept Gram matrix)
+    err = None if gram is None else torch.zeros(G, Cg, D, dtype=torch.float64)  # W - W_q on the finished columns
+    for cols, U in blocks:
+        B = cols.shape[1]
+        idx = cols[:, None, :].expand(G, Cg, B)
+        Wb = torch.gather(W, 2, idx)  # [G, Cg, B]
+        target = Wb
+        x = None
+        if samples is not None:
+            x = torch.gather(samples, 2, cols[None].expand(samples.shape[0], G, B)).double()  # [N, G, B]
+            if r is not None:
+                g = torch.einsum("ngb,ngc->gbc", x, r) / max(1, x.shape[0])  # H_n,done (W - W_q)_done
+        elif gram is not None and done:
+            prev = torch.cat(done, 1)  # [G, Dd]
+            rows = torch.gather(gram, 1, cols[:, :, None].expand(G, B, D))
+            Hnd = torch.gather(rows, 2, prev[:, None, :].expand(G, B, prev.shape[1]))  # [G, B, Dd]
+            g = torch.bmm(Hnd, torch.gather(err, 2, prev[:, None, :].expand(G, Cg, prev.shape[1])).transpose(1, 2))
+        if (samples is not None and r is not None) or (gram is not None and done):
+            # (H_nn + damp I)^-1 g, with U^T U = (H_nn + damp I)^-1
+            target = Wb + torch.bmm(U.transpose(1, 2), torch.bmm(U, g)).transpose(1, 2)
+        q = gptq_quantize(target.reshape(C, B), None, scale, bits, factor=(U, None)).reshape(G, Cg, B)
+        codes.scatter_(2, idx, q)
+        e = Wb - q.double() * s  # the original weights' error on this block
+        if x is not None:
+            contrib = torch.einsum("ngb,gcb->ngc", x, e)
+            r = contrib if r is None else r + contrib
+        elif gram is not None:
+            err.scatter_(2, idx, e)
+            done.append(cols)
+    return codes.reshape(C, D)
+
+
 def gptq_quantize(
-    w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: int, damp: float = 0.01, act_order: bool = False,
+    w: torch.Tensor, H: Optional[torch.Tensor], scale: torch.Tensor, bits: int, damp: float = 0.01, act_order: bool = False,
     factor=None,
 ) -> torch.Tensor:
     """GPTQ codes of ``w``.
 
     Args:
         w (Tensor[C, D]): the weight; rows are split into G = H.shape[0] consecutive groups.
-        H (Tensor[G, D, D], float64): E[x x^T] of each group's inputs.
+        H (Tensor[G, D, D], float64): E[x x^T] of each group's inputs (None when ``factor`` is given).
         scale (Tensor[C]): per-row grid scale (fixed before the sweep).
         bits: code width; grid -K..K.
         damp: dampening as a fraction of the mean diagonal of H.
@@ -77,7 +176,7 @@ def gptq_quantize(
     Returns:
         codes (Tensor[C, D], int8) with w ~ scale[:, None] * codes.
     """
-    G, D, _ = H.shape
+    G, D, _ = (H if H is not None else factor[0]).shape
     C = w.shape[0]
     if C % G or w.shape[1] != D:
         raise ValueError(f"mpq.methods.gptq: expected w [C, {D}] with C divisible by {G}, got {tuple(w.shape)}")
@@ -116,11 +215,17 @@ class GPTQQuantizer(WeightQuantizer):
     name = "gptq"
 
     def fit(self, ctx: LayerContext) -> FittedWeight:
-        return gptq_fit(ctx.weight, ctx.stats, ctx.target.groups, ctx.bits, ctx.config)
+        return gptq_fit(ctx.weight, ctx.stats, ctx.target.groups, ctx.bits, ctx.config, getattr(ctx.target, "name", "?"))
 
 
-def gptq_fit(w: torch.Tensor, stats, groups: int, bits: int, config) -> FittedWeight:
-    """One GPTQ point for ``w`` [C, D] from the layer's calibration statistics."""
+def gptq_fit(w: torch.Tensor, stats, groups: int, bits: int, config, name: str = "?") -> FittedWeight:
+    """One GPTQ point for ``w`` [C, D] from the layer's calibration statistics (block-diagonal H
+    when the whole H exceeds ``config.hessian_budget_mb``)."""
     scale = channel_scales(w, bits, config.rtn_range)
-    codes = gptq_quantize(w, layer_hessian(stats, groups), scale, bits, config.gptq_damp, config.gptq_act_order)
+    if hessian_fits(stats, groups, config.hessian_budget_mb):
+        codes = gptq_quantize(w, layer_hessian(stats, groups), scale, bits, config.gptq_damp, config.gptq_act_order)
+    else:
+        block = block_columns(stats, groups, config.hessian_budget_mb, name)
+        blocks = gptq_block_factors(stats, groups, config.gptq_damp, config.gptq_act_order, block)
+        codes = gptq_quantize_blocked(w, blocks, scale, bits, stats)
     return FittedWeight(codes[:, None, :], scale.float()[:, None])

@@ -139,7 +139,7 @@ class ILPQuantizer(WeightQuantizer):
             w = t.weight_matrix().float().cpu()
             C, D = w.shape
             total_weights += C * D
-            H = layer_hessian(stats[t.name], t.groups)
+            H = layer_hessian(stats[t.name], t.groups, config.hessian_budget_mb, t.name, "ilp")
             if sensitivity is not None and t.name in sensitivity:
                 sens = sensitivity[t.name].double().cpu()
             else:

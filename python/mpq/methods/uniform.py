@@ -1,12 +1,14 @@
 """Shared pieces of the one-point uniform methods (GPTQ, AdaRound, OCS, ILP): the per-channel
-symmetric grid, its scale, and the layer's input second moment H.
+symmetric grid, its scale, and the layer's input second moment H (whole, when it fits
+``config.hessian_budget_mb``; else blocks of it, or products with the kept input rows).
 
 Grid for ``b`` bits: ``{-K, ..., K}``, ``K = 2^(b-1) - 1`` (ALGORITHM.md section 1), one scale
 per output channel.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 
@@ -15,7 +17,16 @@ from mpq import ops
 if TYPE_CHECKING:  # pragma: no cover
     from mpq.calibrate import LayerStats
 
-__all__ = ["grid_max", "channel_scales", "round_to_grid", "layer_hessian", "weighted_error"]
+logger = logging.getLogger("mpq")
+
+__all__ = [
+    "grid_max", "channel_scales", "round_to_grid", "layer_hessian", "weighted_error", "hessian_mib", "hessian_fits",
+    "hessian_block", "input_diagonal", "sample_products", "block_columns",
+]
+
+MIB = 2**20
+# Bytes of calibration rows converted to float64 at a time by the products with the kept rows.
+CHUNK_BYTES = 32 * MIB
 
 
 def grid_max(bits: int) -> int:
@@ -46,15 +57,96 @@ def round_to_grid(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tens
     return torch.where(s > 0, q, torch.zeros_like(q))
 
 
-def layer_hessian(stats: "LayerStats", groups: int) -> torch.Tensor:
+def hessian_mib(D: int, groups: int) -> float:
+    """MiB of a layer's H: groups x D x D float64."""
+    return groups * D * D * 8 / MIB
+
+
+def _dim(stats: "LayerStats") -> int:
+    return int((stats.gram if stats.gram is not None else stats.samples).shape[-1])
+
+
+def hessian_fits(stats: "LayerStats", groups: int, budget_mb: float) -> bool:
+    """Whether the layer's whole H fits ``budget_mb`` (``config.hessian_budget_mb``)."""
+    return hessian_mib(_dim(stats), groups) <= budget_mb
+
+
+def layer_hessian(stats: "LayerStats", groups: int, budget_mb: Optional[float] = None, name: str = "?",
+                  method: str = "") -> torch.Tensor:
     """H = E[x x^T] of the layer's input rows per group, float64 [groups, D, D]: the calibration
-    Gram matrix when kept, else formed from the kept sample rows [N, groups, D]."""
+    Gram matrix when kept, else formed from the kept sample rows [N, groups, D]. With
+    ``budget_mb``: a ValueError naming the layer (``name``) and ``method`` when H exceeds it."""
+    if budget_mb is not None and not hessian_fits(stats, groups, budget_mb):
+        D = _dim(stats)
+        raise ValueError(
+            f"mpq.methods: layer {name!r}: its input second moment H (D = {D}, {groups} group(s)) takes "
+            f"{hessian_mib(D, groups):.0f} MiB, above config.hessian_budget_mb = {budget_mb:g}, and method "
+            f"{method!r} needs the whole H; raise hessian_budget_mb, or use method 'multipoint' or 'gptq' "
+            f"(diagonal blocks of H for such layers) or 'rtn'"
+        )
     if stats.gram is not None:
         return stats.gram.double().cpu()
     x = stats.samples.double().cpu()  # [N, G, D]
     if x.shape[1] != groups:
         raise ValueError(f"mpq.methods: expected samples with {groups} groups, got {tuple(x.shape)}")
     return torch.einsum("ngd,nge->gde", x, x) / max(1, x.shape[0])
+
+
+def block_columns(stats: "LayerStats", groups: int, budget_mb: float, name: str = "?") -> int:
+    """Columns per diagonal block of H for a layer whose whole H exceeds ``budget_mb``: the most
+    (a multiple of 128, at least 128, at most 4096) such that all blocks of all groups together,
+    groups x D x B float64, fit the budget. Logs the one line that names the layer."""
+    D = _dim(stats)
+    B = int(budget_mb * MIB // (8 * groups * D)) // 128 * 128
+    B = min(max(B, 128), 4096, D)
+    logger.warning(
+        "mpq: layer %r: H = E[x x^T] takes %.0f MiB (D = %d, %d group(s)), above config.hessian_budget_mb = %g; "
+        "its GPTQ sweeps use diagonal blocks of H of %d columns (blockwise GPTQ, see mpq/methods/gptq.py)",
+        name, hessian_mib(D, groups), D, groups, budget_mb, B,
+    )
+    return B
+
+
+def input_diagonal(stats: "LayerStats") -> torch.Tensor:
+    """diag(H) per group, float64 [groups, D], without forming H."""
+    if stats.gram is not None:
+        return stats.gram.double().cpu().diagonal(dim1=-2, dim2=-1).clone()
+    X = stats.samples
+    N, G, D = X.shape
+    out = torch.zeros(G, D, dtype=torch.float64)
+    step = max(1, CHUNK_BYTES // (8 * G * D))
+    for r in range(0, N, step):
+        out += X[r : r + step].cpu().double().square_().sum(0)
+    return out / max(1, N)
+
+
+def hessian_block(stats: "LayerStats", cols: torch.Tensor) -> torch.Tensor:
+    """H restricted to columns ``cols`` (long [groups, B], per group), float64 [groups, B, B]:
+    equal to the same entries of ``layer_hessian``, without forming the rest."""
+    G, B = cols.shape
+    if stats.gram is not None:
+        gram = stats.gram.double().cpu()
+        rows = torch.gather(gram, 1, cols[:, :, None].expand(G, B, gram.shape[-1]))
+        return torch.gather(rows, 2, cols[:, None, :].expand(G, B, B))
+    X = stats.samples.cpu()
+    x = torch.gather(X, 2, cols[None].expand(X.shape[0], G, B)).double()  # [N, G, B]
+    return torch.einsum("ngd,nge->gde", x, x) / max(1, x.shape[0])
+
+
+def sample_products(samples: torch.Tensor, groups: int, mats: List[torch.Tensor]) -> List[torch.Tensor]:
+    """For each ``m`` [C, D] of ``mats`` (rows in ``groups`` consecutive groups): the products
+    x_n . m_j with the kept input rows ``samples`` [N, groups, D], float64 [N, C], so that
+    mean_n (x_n . u_j)(x_n . v_j) = u_j^T H v_j. The rows go to float64 a chunk at a time: no
+    array grows with C x N x D or D^2."""
+    N, G, D = samples.shape
+    ms = [m.double().cpu().reshape(G, -1, D).transpose(1, 2) for m in mats]  # [G, D, C/G]
+    outs = [torch.empty(N, m.shape[0], dtype=torch.float64) for m in mats]
+    step = max(1, CHUNK_BYTES // (8 * G * D))
+    for r in range(0, N, step):
+        x = samples[r : r + step].cpu().double().transpose(0, 1)  # [G, n, D]
+        for m, out in zip(ms, outs):
+            out[r : r + step] = torch.bmm(x, m).transpose(0, 1).reshape(x.shape[1], -1)
+    return outs
 
 
 def weighted_error(delta: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
