@@ -1,10 +1,10 @@
-"""All weight quantizers side by side on three real models (ALGORITHM.md section 5).
+"""All weight quantizers side by side on three real models (docs/ALGORITHM.md section 5).
 
     python benchmarks/compare_methods.py                       # all models, all settings
     python benchmarks/compare_methods.py --models fashion --settings W4A16 --only rtn multipoint
     python benchmarks/compare_methods.py --only multipoint --merge    # re-run rows into the tables
 
-Models and data (all offline, ASSETS.md):
+Models and data (all offline, docs/ASSETS.md):
 - ``lite0``: EfficientNet-Lite0 (ImageNet weights); 64 seeded crops of the bundled photos for
   calibration (``mpq.demo``); top-1 on the 20 labelled ImageNet photos, top-1 agreement and
   KL(FP32 || model) on those plus 17 bundled photos.

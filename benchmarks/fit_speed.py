@@ -9,7 +9,7 @@ Weights: torchvision resnet50(weights=None), random init under a fixed seed (the
 fit does not depend on training; no download needed). Each layer's weight is one [C_out, D]
 matrix, D = C_in/groups * kh * kw. Fast mode (the default solver) is timed after a warm-up
 as the median of --runs passes; exact mode (breakpoint sweep) once, for comparison.
-Target (PERF): fast mode, 4 bits, 4 points, under 10 s for all of ResNet-50 on a 2-core CPU.
+Target (docs/PERF.md): fast mode, 4 bits, 4 points, under 10 s for all of ResNet-50 on a 2-core CPU.
 
 --device cuda: each pass starts from the float32 weights in host memory and ends with the codes,
 scales and errors back in host memory (end to end, wall clock, synchronized); CUDA events split it
@@ -18,7 +18,7 @@ kernel time) and the copy back. Then, on the host, mpq.allocate.allocate_points 
 errors (4.5 bits per weight, relative sensitivity) is timed once. The same run fits every weight
 on this machine's CPU (the results compared code for code, then one timed pass) and reads the
 2-core build machine's result (benchmarks/results/fit_speed_cpu.json) for the comparison.
-Target (PERF): under 1 s end to end on the H100 for ResNet-50 at 4 bits, 4 points.
+Target (docs/PERF.md): under 1 s end to end on the H100 for ResNet-50 at 4 bits, 4 points.
 --check-on-cpu runs that code on the CPU (wall clock for the events) for the first 10 layers.
 
 Exits with status 2 and a message when --device cuda finds no GPU (or no mpq CUDA kernels),

@@ -50,7 +50,7 @@ against the same quantized model in float32 on the GPU (generic path, TF32 off):
 top-1 agreement; every one of its 54 layers against float64 on the layer's own input in that
 forward (first --ref-images images); the CUDA graph's output against the eager one.
 
-Method (shared/docs/PERF.md): fresh random inputs from fixed seeds, never zeros; every variant's
+Method (docs/PERF.md): fresh random inputs from fixed seeds, never zeros; every variant's
 output against a float64 reference computed on the GPU, as ||out - ref|| / ||ref|| (for the int8
 variants the reference of the int8-quantized input; for convolutions on the first --ref-images
 images of the batch), outputs poisoned with NaN first; timing with CUDA events around each call
@@ -95,7 +95,7 @@ MS = [1, 16, 128, 4096]
 BATCHES = [1, 32, 256]  # conv and resnet50 sections
 COPIES = 3
 SEED = 0
-# H100 SXM figures for the predictions (shared/docs/PERF.md, benchmarks/NOTES.md).
+# H100 SXM figures for the predictions (docs/PERF.md, benchmarks/NOTES.md).
 HBM_BYTES_PER_S = 3.35e12
 FP16_MMA_FLOPS = 989e12  # dense fp16 tensor-core peak (wgmma); mma.sync reaches about half
 INT8_MMA_FLOPS = 1979e12

@@ -7,7 +7,7 @@ input and Python's output on it, and prints Python's top-5 for comparison.
 
 Calibration: seeded random crops of the bundled photos (mpq.demo.load_demo_data); the input is
 the first labelled ImageNet photo, preprocessed like ImageNet evaluation. Works offline with
-the assets of ASSETS.md.
+the assets of docs/ASSETS.md.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-tensor activation quantizer ranges from calibration (ALGORITHM.md section 3)."""
+"""Per-tensor activation quantizer ranges from calibration (docs/ALGORITHM.md section 3)."""
 from __future__ import annotations
 
 from typing import Tuple

@@ -1,4 +1,4 @@
-"""Adaptive number of points per channel (ALGORITHM.md section 2).
+"""Adaptive number of points per channel (docs/ALGORITHM.md section 2).
 
 Every channel starts with one point; one more point at a time goes to the channel whose next
 point buys the largest weighted output-error reduction per bit, until the average-bits budget is

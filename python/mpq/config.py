@@ -65,7 +65,7 @@ class QuantConfig:
     calibration H), on the weight error (``"weight"``), or keep the greedy scales (``"none"``).
     ``point_rounding`` (multipoint): ``"nearest"`` = the paper's greedy points (each rounds the
     residual to nearest); ``"gptq"`` (default) = also a second, output-aware point sequence whose
-    codes come from GPTQ column sweeps with error feedback (ALGORITHM.md section 1, "beyond the
+    codes come from GPTQ column sweeps with error feedback (docs/ALGORITHM.md section 1, "beyond the
     paper"; dampening ``point_damp`` of the mean diagonal of H, ``gptq_act_order`` applies), and
     each channel keeps whichever sequence has the lower output error at its allocated count.
     Measured on EfficientNet-Lite0 (KL to FP32, benchmarks/compare_methods.py): W4A8 0.096 -> 0.035,
@@ -86,7 +86,7 @@ class QuantConfig:
     ``method``: a registered weight quantizer (``mpq.methods.available()``): ``"multipoint"``, or
     ``"rtn"`` (one point per channel, range ``rtn_range``).
 
-    The baselines (ALGORITHM.md section 5), one point per channel on the same symmetric per-channel
+    The baselines (docs/ALGORITHM.md section 5), one point per channel on the same symmetric per-channel
     grid, whose scale follows ``rtn_range`` (min-max or MSE-optimal) for all of them:
     ``"gptq"`` (dampening ``gptq_damp`` of the mean diagonal of H, columns in act-order when
     ``gptq_act_order``); ``"adaround"`` (``adaround_iters`` Adam steps at ``adaround_lr``,

@@ -1,4 +1,4 @@
-"""The project's own Fashion-MNIST ResNet: a real network trained by mpq (ASSETS.md), with its data.
+"""The project's own Fashion-MNIST ResNet: a real network trained by mpq (docs/ASSETS.md), with its data.
 
 - Data: Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/*-ubyte.gz``,
   60k train + 10k test); the ``foolbox`` wheel's 20 ``fashionmnist_XX_LABEL.png`` as a fallback.

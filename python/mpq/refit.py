@@ -1,4 +1,4 @@
-"""Joint least-squares refit of a channel's point scales (ALGORITHM.md section 1, "beyond the
+"""Joint least-squares refit of a channel's point scales (docs/ALGORITHM.md section 1, "beyond the
 paper"): once the greedy codes q_1..q_n of channel j are fixed, re-solve all its scales a_1..a_n
 at once, either for the weight error ||w - sum a_k q_k||^2 or for the layer-output error
 (w - sum a_k q_k)^T H (w - sum a_k q_k) with H = E[x x^T] from calibration. An n x n system per

@@ -206,7 +206,7 @@ TEST_CASE("fit_row: errors never increase and decay with points", "[fit]") {
         INFO("bits " << bits << " exact " << exact << " trial " << trial);
         REQUIRE(f.sq_errors[0] < w2);
         for (int p = 1; p < 6; ++p) REQUIRE(f.sq_errors[p] <= f.sq_errors[p - 1]);
-        // Point 4 is well below point 1 (ALGORITHM.md: roughly geometric decay).
+        // Point 4 is well below point 1 (docs/ALGORITHM.md: roughly geometric decay).
         REQUIRE(f.sq_errors[3] < 0.1 * f.sq_errors[0]);
       }
     }

@@ -1,6 +1,6 @@
 """Float64 references for every mpq op, written independently of csrc/ (no mpq import).
 
-Contracts: ALGORITHM.md sections 1 and 3, the schemas in csrc/registration.cpp.
+Contracts: docs/ALGORITHM.md sections 1 and 3, the schemas in csrc/registration.cpp.
 
 - ``greedy_step_exact``: the exact optimum of one greedy step by sorting all breakpoints
   (vectorised with torch: one sort and two cumulative sums, no heap merge as in the C++).

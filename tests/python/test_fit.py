@@ -331,7 +331,7 @@ def test_errors_never_increase_and_decay(exact: bool) -> None:
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_spec_example_decay(bits: int) -> None:
-    """ALGORITHM.md section 1: relative L2 error after 1..4 exact points on one 576-dim
+    """docs/ALGORITHM.md section 1: relative L2 error after 1..4 exact points on one 576-dim
     standard Gaussian vector (one draw). Averaged over 16 draws here, the spec's numbers
     sit inside the spread; measured averages (64 draws): 2 bits 0.433 0.202 0.129 0.078,
     3 bits 0.214 0.065 0.034 0.017, 4 bits 0.110 0.023 0.0092 0.0045 (the spec's 4-bit

@@ -1,4 +1,4 @@
-"""The baseline weight quantizers (ALGORITHM.md section 5): GPTQ, AdaRound, OCS, bias correction,
+"""The baseline weight quantizers (docs/ALGORITHM.md section 5): GPTQ, AdaRound, OCS, bias correction,
 ILP bit allocation, AdaQuant, the companding (post-training LCQ) quantizer and BatchNorm
 re-estimation. Exact properties on small problems, then each method against RTN on the real
 EfficientNet-Lite0 where its paper says it should win, with measured margins.

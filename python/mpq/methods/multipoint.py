@@ -1,4 +1,4 @@
-"""Multipoint: max_points greedy points per channel (ALGORITHM.md section 1)."""
+"""Multipoint: max_points greedy points per channel (docs/ALGORITHM.md section 1)."""
 from __future__ import annotations
 
 import torch
@@ -27,7 +27,7 @@ class MultipointQuantizer(WeightQuantizer):
 
 
 def gptq_points(ctx: LayerContext):
-    """Multipoint joined with GPTQ (ALGORITHM.md section 1, beyond the paper): nested points
+    """Multipoint joined with GPTQ (docs/ALGORITHM.md section 1, beyond the paper): nested points
     (codes int8 [C, P, D], scales float32 [C, P]) fitted to the layer-output error.
 
     Point k approximates the residual R_k = W - sum_{i<k} a_i q_i. Its grid is the greedy step's

@@ -2,7 +2,7 @@
 symmetric grid, its scale, and the layer's input second moment H (whole, when it fits
 ``config.hessian_budget_mb``; else blocks of it, or products with the kept input rows).
 
-Grid for ``b`` bits: ``{-K, ..., K}``, ``K = 2^(b-1) - 1`` (ALGORITHM.md section 1), one scale
+Grid for ``b`` bits: ``{-K, ..., K}``, ``K = 2^(b-1) - 1`` (docs/ALGORITHM.md section 1), one scale
 per output channel.
 """
 from __future__ import annotations
