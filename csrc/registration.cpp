@@ -100,6 +100,34 @@ TORCH_LIBRARY(mpq, m) {
       "Tensor? act_qparams, int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "str kernel=\"auto\") -> Tensor");
 
+  // The stored form of a multipoint weight (what files hold): only the points in use
+  // (k < num_points[j]), channel-major, each point's D codes bit-packed at w_bits bits (code i at
+  // bits i*w_bits.. of its row, LSB first, two's complement): point_codes uint8[T, ceil(D*w_bits/8)],
+  // point_scales float32[T], T = sum(num_points). codes int8[C, P, ...] (D = prod of the trailing dims).
+  m.def("pack_points(Tensor codes, Tensor scales, Tensor num_points, int w_bits) -> (Tensor point_codes, Tensor point_scales)");
+
+  // The inverse of pack_points: codes int8[C, max_points, D] (zero beyond each channel's count),
+  // scales float32[C, max_points].
+  m.def(
+      "unpack_points(Tensor point_codes, Tensor point_scales, Tensor num_points, int w_bits, int in_features, "
+      "int max_points) -> (Tensor codes, Tensor scales)");
+
+  // multipoint_linear on the stored form: fq(input) @ W^T + bias -> [..., C], C = num_points.size(0).
+  // On the CPU: int8 activations run oneDNN's int8 inner product on the points (act_qparams with at
+  // most 256 integer levels, float32 input), float activations the dense weight decoded once; both
+  // prepared once per weight (csrc/cpu/multipoint_stored.cpp).
+  m.def(
+      "multipoint_linear_stored(Tensor input, Tensor point_codes, Tensor point_scales, Tensor num_points, "
+      "int w_bits, int in_features, Tensor? bias, Tensor? act_qparams) -> Tensor");
+
+  // multipoint_conv2d on the stored form (code_shape = [C_in/groups, kh, kw]); CPU kernels as
+  // multipoint_linear_stored (oneDNN int8 convolution). The CPU kernel's output is channels_last
+  // (oneDNN's layout: the next layer reads it without a reorder).
+  m.def(
+      "multipoint_conv2d_stored(Tensor input, Tensor point_codes, Tensor point_scales, Tensor num_points, "
+      "int w_bits, int[3] code_shape, Tensor? bias, Tensor? act_qparams, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups) -> Tensor");
+
   // Build facts (mpq version, torch version, CUDA kernels and architectures) as a JSON string.
   m.def("_build_info() -> str", &mpq::build_info);
 }

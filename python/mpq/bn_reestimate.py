@@ -157,8 +157,11 @@ def _apply(module: nn.Module, a: torch.Tensor, c: torch.Tensor) -> None:
     """z -> a z + c on a layer's output: scale its weight (or point scales), bias -> a b + c."""
     with torch.no_grad():
         if isinstance(module, _MultipointBase):
-            module.scales.mul_(a.to(module.scales)[:, None])
-            target = module.scales
+            # The stored form holds num_points[j] consecutive point scales per channel j.
+            per_point = a.to(module.point_scales).repeat_interleave(module.num_points.long().to(a.device))
+            module.point_scales.mul_(per_point.to(module.point_scales.device))
+            module._drop_packed()
+            target = module.point_scales
         elif isinstance(module, nn.Conv2d):
             module.weight.mul_(a.to(module.weight).view(-1, 1, 1, 1))
             target = module.weight

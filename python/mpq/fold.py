@@ -7,6 +7,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from mpq.simulate import output_difference
+
 logger = logging.getLogger("mpq")
 
 __all__ = ["find_conv_bn_pairs", "fold_batchnorm"]
@@ -98,7 +100,7 @@ def fold_batchnorm(
         _set_submodule(model, bn, nn.Identity())
     with torch.no_grad():
         after = model(example)
-    err = _relative_error(before, after)
+    err = output_difference(before, after)
     if not err <= rtol:
         for conv, bn in pairs:  # undo
             c = modules[conv]
@@ -112,16 +114,6 @@ def fold_batchnorm(
     if originals is not None:
         originals.update({conv: modules[bn] for conv, bn in pairs})
     return pairs
-
-
-def _relative_error(a, b) -> float:
-    if isinstance(a, torch.Tensor):
-        return float((a.double() - b.double()).norm() / a.double().norm().clamp_min(1e-30))
-    if isinstance(a, (tuple, list)):
-        return max((_relative_error(x, y) for x, y in zip(a, b)), default=0.0)
-    if isinstance(a, dict):
-        return max((_relative_error(a[k], b[k]) for k in a), default=0.0)
-    return 0.0
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -51,7 +51,9 @@ from mpq.nn.modules import MultipointConv2d, MultipointLinear, _MultipointBase
 __all__ = ["save", "load", "read_metadata", "build_architecture", "FORMAT_VERSION"]
 
 FORMAT = "mpq"
-FORMAT_VERSION = 1
+# 2: multipoint layers hold the stored form (point_codes, point_scales: only the points in use,
+# bit-packed codes); 1: codes [C, P, ...] int8 and scales [C, P], converted when loaded.
+FORMAT_VERSION = 2
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 PathLike = Union[str, os.PathLike]
@@ -474,6 +476,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
         if isinstance(weight, torch.Tensor):
             q = q.to(weight.device)
         _set_submodule(target, name, q)
+        _stored_form_from_file(name, q, tensors, meta["format_version"])
     modules = dict(target.named_modules())
     folded = []
     for name in meta.get("folded_batchnorms", meta.get("identity_modules", [])):
@@ -520,6 +523,24 @@ def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     loaded_meta["folded_batchnorms"] = folded
     _LOADED[target] = loaded_meta
     return target
+
+
+def _stored_form_from_file(name: str, q: _MultipointBase, tensors: Dict[str, torch.Tensor], version: int) -> None:
+    """Fits layer ``q`` to the file's stored form: version-1 files hold codes [C, P, ...] and
+    scales [C, P], packed here; the number of stored points (rows of point_codes) is the file's."""
+    codes, scales, counts = f"{name}.codes", f"{name}.scales", f"{name}.num_points"
+    if version == 1 and codes in tensors and scales in tensors and counts in tensors:
+        c, s, n = tensors.pop(codes), tensors.pop(scales), tensors[counts]
+        if c.dtype != torch.int8 or s.shape != c.shape[:2] or n.shape != c.shape[:1]:
+            raise ValueError(f"mpq.load: layer {name!r}: the version-1 codes, scales and num_points do not fit each other")
+        keep = torch.arange(c.shape[1])[None, :] < n.long()[:, None]
+        tensors[f"{name}.point_codes"], tensors[f"{name}.point_scales"] = torch.ops.mpq.pack_points(
+            c, torch.where(keep, s.float(), torch.zeros(())), n.int(), q.w_bits
+        )
+    for buf in ("point_codes", "point_scales"):
+        t, mine = tensors.get(f"{name}.{buf}"), getattr(q, buf)
+        if t is not None and t.dim() == mine.dim() and t.shape[1:] == mine.shape[1:]:
+            setattr(q, buf, torch.empty(t.shape, dtype=mine.dtype, device=mine.device))
 
 
 def loaded_metadata(model: nn.Module) -> Optional[Dict[str, Any]]:

@@ -21,6 +21,10 @@ __all__ = [
     "multipoint_linear_packed",
     "conv_codes_nhwc",
     "multipoint_conv2d_packed",
+    "pack_points",
+    "unpack_points",
+    "multipoint_linear_stored",
+    "multipoint_conv2d_stored",
 ]
 
 
@@ -189,6 +193,73 @@ def multipoint_conv2d_packed(
     )
 
 
+def pack_points(
+    codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, w_bits: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The stored form of a multipoint weight (what files hold): only the points in use
+    (``k < num_points[j]``), channel-major, each point's D codes bit-packed at ``w_bits`` bits.
+
+    Args:
+        codes (Tensor[C, P, ...], int8, the codes in use within -2^(w_bits-1)..2^(w_bits-1)-1),
+        scales (Tensor[C, P], float32), num_points (Tensor[C], int32 in 0..P), w_bits: 2..8.
+    Returns:
+        point_codes (Tensor[T, ceil(D * w_bits / 8)], uint8), point_scales (Tensor[T], float32),
+        T = sum(num_points), D = prod(codes.shape[2:]).
+    """
+    return torch.ops.mpq.pack_points(codes, scales, num_points, w_bits)
+
+
+def unpack_points(
+    point_codes: torch.Tensor, point_scales: torch.Tensor, num_points: torch.Tensor, w_bits: int, in_features: int,
+    max_points: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`pack_points`: codes (Tensor[C, max_points, in_features], int8, zero
+    beyond each channel's count) and scales (Tensor[C, max_points], float32)."""
+    return torch.ops.mpq.unpack_points(point_codes, point_scales, num_points, w_bits, in_features, max_points)
+
+
+def multipoint_linear_stored(
+    input: torch.Tensor,
+    point_codes: torch.Tensor,
+    point_scales: torch.Tensor,
+    num_points: torch.Tensor,
+    w_bits: int,
+    in_features: int,
+    bias: Optional[torch.Tensor] = None,
+    act_qparams: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`multipoint_linear` on the stored form (:func:`pack_points`) -> [..., C].
+
+    On the CPU with a float32 input: int8 activations (``act_qparams`` with at most 256 integer
+    levels) run oneDNN's int8 inner product on the points, float activations a dense weight
+    decoded once; both prepared once per weight and cached by the ops library."""
+    return torch.ops.mpq.multipoint_linear_stored(
+        input, point_codes, point_scales, num_points, w_bits, in_features, bias, act_qparams
+    )
+
+
+def multipoint_conv2d_stored(
+    input: torch.Tensor,
+    point_codes: torch.Tensor,
+    point_scales: torch.Tensor,
+    num_points: torch.Tensor,
+    w_bits: int,
+    code_shape: List[int],
+    bias: Optional[torch.Tensor],
+    act_qparams: Optional[torch.Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+) -> torch.Tensor:
+    """:func:`multipoint_conv2d` on the stored form, ``code_shape = [C_in/groups, kh, kw]``; kernels
+    as :func:`multipoint_linear_stored` (oneDNN's int8 convolution). The CPU output is channels_last."""
+    return torch.ops.mpq.multipoint_conv2d_stored(
+        input, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams, stride, padding,
+        dilation, groups,
+    )
+
+
 # ---- fake kernels: shapes and dtypes only, for tracing -------------------------------------
 
 
@@ -251,6 +322,42 @@ def _multipoint_conv2d_fake(input, codes, scales, num_points, bias, act_qparams,
     oh = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return input.new_empty((N, codes.shape[0], oh, ow)).contiguous(memory_format=_conv_output_format(input))
+
+
+@torch.library.register_fake("mpq::pack_points")
+def _pack_points_fake(codes, scales, num_points, w_bits):
+    torch._check(2 <= w_bits <= 8, lambda: f"mpq::pack_points: expected w_bits in 2..8, got {w_bits}")
+    D = 1
+    for v in codes.shape[2:]:
+        D *= v
+    points = torch.library.get_ctx().new_dynamic_size()  # sum(num_points): data-dependent
+    return (codes.new_empty((points, (D * w_bits + 7) // 8), dtype=torch.uint8),
+            scales.new_empty((points,), dtype=torch.float32))
+
+
+@torch.library.register_fake("mpq::unpack_points")
+def _unpack_points_fake(point_codes, point_scales, num_points, w_bits, in_features, max_points):
+    C = num_points.shape[0]
+    return (point_codes.new_empty((C, max_points, in_features), dtype=torch.int8),
+            point_scales.new_empty((C, max_points), dtype=torch.float32))
+
+
+@torch.library.register_fake("mpq::multipoint_linear_stored")
+def _multipoint_linear_stored_fake(input, point_codes, point_scales, num_points, w_bits, in_features, bias, act_qparams):
+    torch._check(input.shape[-1] == in_features, lambda: "mpq::multipoint_linear_stored: input and in_features disagree")
+    return input.new_empty((*input.shape[:-1], num_points.shape[0]))
+
+
+@torch.library.register_fake("mpq::multipoint_conv2d_stored")
+def _multipoint_conv2d_stored_fake(
+    input, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams, stride, padding, dilation, groups
+):
+    N, _, H, W = input.shape
+    kh, kw = code_shape[1], code_shape[2]
+    oh = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    fmt = torch.channels_last if input.device.type == "cpu" else _conv_output_format(input)
+    return input.new_empty((N, num_points.shape[0], oh, ow)).contiguous(memory_format=fmt)
 
 
 @torch.library.register_fake("mpq::pack_multipoint")

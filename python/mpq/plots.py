@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -59,7 +60,7 @@ def plot_allocation(qmodel: nn.Module, path: PathLike, title: Optional[str] = No
             names.append(name or "(model)")
             fractions.append((hist / max(1, n.numel())).tolist())
             bpw.append(float(m.bits_per_weight()))
-            weights.append(int(m.codes.shape[0] * m.codes[0, 0].numel()))
+            weights.append(int(m.num_points.shape[0] * math.prod(m.code_shape)))
     if not names:
         raise ValueError("mpq.plot_allocation: qmodel has no multipoint layer; expected the output of mpq.quantize")
     avg = sum(b * w for b, w in zip(bpw, weights)) / sum(weights)

@@ -21,7 +21,7 @@ from mpq.methods import FittedWeight, LayerContext, corrected_bias, get_method
 from mpq.methods.companding import build_companded
 from mpq.nn import MultipointConv2d, MultipointLinear
 from mpq.refit import refit_scales
-from mpq.simulate import check_simulation
+from mpq.simulate import SimulationCheck, check_simulation
 
 logger = logging.getLogger("mpq")
 
@@ -47,7 +47,9 @@ class QuantReport:
     layers: List[LayerReport] = field(default_factory=list)
     float_layers: List[Tuple[str, str]] = field(default_factory=list)
     folded_batchnorm_names: List[str] = field(default_factory=list)  # BatchNorms folded and replaced by Identity
-    simulation_error: float = float("nan")  # kernels vs float simulation on a calibration batch
+    # "simulation = deployment" (mpq.simulate.check_simulation), after packing, on the model's device:
+    simulation_error: float = float("nan")  # end-to-end relative L2, deployed vs simulated (reported, not checked)
+    simulation_checks: List["SimulationCheck"] = field(default_factory=list)  # per layer, per checked dtype
     seconds: Dict[str, float] = field(default_factory=dict)
 
     @property
@@ -256,9 +258,9 @@ def quantize(
             new_bias = corrected_bias(t.weight_matrix().cpu(), wq, base, stats[t.name].mean)
         q = _build_module(t, points, bits, has_bias=new_bias is not None or t.module.bias is not None, codebook=codebooks.get(t.name))
         q.set_weight(
-            codes.reshape(q.codes.shape).to(q.codes.device),
-            scales.to(q.scales.device),
-            n.to(q.codes.device),
+            codes.reshape([C, q.max_points] + q.code_shape),
+            scales,
+            n,
             new_bias if new_bias is not None else t.module.bias,
         )
         a_bits = cfg.a_bits if t.role == "inner" or cfg.a_bits is None else 8
@@ -280,12 +282,17 @@ def quantize(
         float_modules = {t.name: t.module for t in targets} if cfg.bn_reference == "float" else None
         reestimate_batchnorm(qmodel, bn_originals, batches[: max(1, cfg.sensitivity_batches)], float_modules)
         report.seconds["bn_reestimation"] = time.perf_counter() - t0
-    if cfg.verify:
-        report.simulation_error = check_simulation(qmodel, batches[0])
     report.float_layers = skipped
     for mod in qmodel.modules():  # on a GPU: the packed weights of the fused kernels, once, here
-        if isinstance(mod, (MultipointLinear, MultipointConv2d)) and mod.codes.is_cuda and mod._packable():
+        if isinstance(mod, (MultipointLinear, MultipointConv2d)) and mod.point_codes.is_cuda and mod._packable():
             mod.pack_()
+    if cfg.verify:  # the deployed model as it will run: after packing, on its device
+        t0 = time.perf_counter()
+        report.simulation_checks.append(check_simulation(qmodel, batches[0]))
+        if device.type == "cuda" and batches[0].is_floating_point():  # the fused float16 kernels
+            report.simulation_checks.append(check_simulation(qmodel, batches[0], dtype=torch.float16))
+        report.simulation_error = report.simulation_checks[0].end_to_end
+        report.seconds["verify"] = time.perf_counter() - t0
     if skipped:
         logger.warning("mpq: %d weighted layers stay in float: %s", len(skipped), "; ".join(f"{n} ({r})" for n, r in skipped))
     report.seconds["total"] = time.perf_counter() - t_start

@@ -24,14 +24,14 @@ def summary(qmodel: nn.Module) -> str:
     floats = []
     for name, m in qmodel.named_modules():
         if isinstance(m, _MultipointBase):
-            C = m.codes.shape[0]
-            D = m.codes[0, 0].numel()
+            C = m.num_points.shape[0]
+            D = math.prod(m.code_shape)
             hist = torch.bincount(m.num_points.long().cpu(), minlength=m.max_points + 1)[1:].tolist()
             bpw = m.bits_per_weight()
             total_bits += bpw * C * D
             total_weights += C * D
             sqnr = "-" if math.isnan(m.output_sqnr_db) else f"{m.output_sqnr_db:.1f}"
-            kind = "conv" if m.codes.dim() == 5 else "linear"
+            kind = "conv" if len(m.code_shape) == 3 else "linear"
             rows.append([name, kind, f"{C}x{D}", str(m.w_bits), "/".join(map(str, hist)), f"{bpw:.2f}", sqnr])
         elif isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2:
             floats.append(f"{name} ({type(m).__name__})")
@@ -52,7 +52,7 @@ def model_size_bytes(model: nn.Module) -> int:
     seen = set()
     for m in model.modules():
         if isinstance(m, _MultipointBase):
-            D = m.codes[0, 0].numel()
+            D = math.prod(m.code_shape)
             bits += int(m.num_points.sum()) * (D * m.w_bits + 32) + m.num_points.numel() * 8
             for t in (m.bias, m.act_qparams):
                 if t is not None:

@@ -24,7 +24,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _CUDA, reaso
 _CXX = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 needs_cxx = pytest.mark.skipif(_CXX is None, reason="no C++ compiler on PATH: Inductor cannot build its CPU kernels")
 
-MPQ_OPS = {torch.ops.mpq.multipoint_conv2d.default, torch.ops.mpq.multipoint_linear.default}
+MPQ_OPS = {torch.ops.mpq.multipoint_conv2d_stored.default, torch.ops.mpq.multipoint_linear_stored.default}
 
 
 @pytest.fixture(autouse=True)
@@ -193,7 +193,7 @@ def test_aoti_package_calls_the_mpq_ops_through_the_proxy_executor(tmp_path):
     with zipfile.ZipFile(path) as z:
         extern = [json.loads(z.read(n)) for n in z.namelist() if n.endswith(".wrapper.json")]
     targets = [node["node"]["target"] for doc in extern for node in doc["nodes"]]
-    assert targets.count("mpq::multipoint_conv2d") == 3 and targets.count("mpq::multipoint_linear") == 1
+    assert targets.count("mpq::multipoint_conv2d_stored") == 3 and targets.count("mpq::multipoint_linear_stored") == 1
     runner = torch._inductor.aoti_load_package(path)
     for n in (4, 1, 9):
         xn = torch.randn(n, 3, 8, 8)

@@ -166,13 +166,34 @@ def _rewrite_metadata(path, edit) -> None:
     save_file(load_file(str(path)), str(path), metadata={"mpq": json.dumps(meta)})
 
 
+def test_format_version_1_files_load(small_quantized, saved):
+    """Files written before the stored form hold codes [C, P, ...] and scales [C, P]: still read."""
+    from safetensors.torch import load_file, save_file
+
+    qmodel, _ = small_quantized["W4A8-float-first"]
+    x = torch.randn(4, 3, 16, 16)
+    tensors = load_file(str(saved))
+    for name, m in qmodel.named_modules():
+        if isinstance(m, (mpq.nn.MultipointConv2d, mpq.nn.MultipointLinear)):
+            codes, scales = m.unpacked()
+            del tensors[f"{name}.point_codes"], tensors[f"{name}.point_scales"]
+            tensors[f"{name}.codes"], tensors[f"{name}.scales"] = codes.contiguous(), scales.contiguous()
+    meta = mpq.io.read_metadata(saved)
+    meta.update(format_version=1, tensors_sha256=mpq.io._checksum(tensors))
+    save_file(tensors, str(saved), metadata={"mpq": json.dumps(meta)})
+    old = mpq.load(saved, small_cnn())
+    with torch.no_grad():
+        assert torch.equal(old(x), qmodel(x))
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), qmodel.state_dict().values()))
+
+
 def _untouched(model: nn.Module) -> bool:
     return isinstance(model[1], nn.BatchNorm2d) and type(model[3]) is nn.Conv2d and type(model[10]) is nn.Linear
 
 
 def test_newer_format_version_is_refused(saved):
     _rewrite_metadata(saved, lambda m: m.update(format_version=mpq.io.FORMAT_VERSION + 1, mpq_version="9.0"))
-    with pytest.raises(ValueError, match=r"mpq.load: .*written by a newer mpq \(9.0, file format version 2\).*upgrade"):
+    with pytest.raises(ValueError, match=r"mpq.load: .*written by a newer mpq \(9.0, file format version 3\).*upgrade"):
         mpq.load(saved, small_cnn())
 
 

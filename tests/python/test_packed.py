@@ -349,7 +349,7 @@ def test_module_packed_buffers_stay_out_of_state_dict():
     m = _module()
     m.pack_()
     assert m.tile_offsets.numel() > 1 and m.packed.numel() > 0
-    assert set(m.state_dict()) == {"codes", "scales", "num_points", "bias"}
+    assert set(m.state_dict()) == {"point_codes", "point_scales", "num_points", "bias"}
     x = torch.randn(3, 37)
     # The packed copy computes what the module computes (CPU: the unpacked op).
     got = multipoint_linear_packed(x, m.packed, m.packed_scales, m.perm, m.tile_offsets, m.row_sums, 70, m.bias,
@@ -549,8 +549,14 @@ def test_conv_module_packs_in_nhwc_order_and_picks_its_kernel(act, groups, kerne
     got = multipoint_conv2d_packed(x, m.packed, m.packed_scales, m.perm, m.tile_offsets, m.row_sums, m.out_channels,
                                    m.kernel_size, m.bias, m.act_qparams, m.stride, m.padding, m.dilation, m.groups,
                                    m.packed_kernel)
-    assert torch.equal(got, m(x))
-    assert set(m.state_dict()) == {"codes", "scales", "num_points", "bias"} | ({"act_qparams"} if act else set())
+    # The packed op's CPU kernel is the reference path; the module runs the stored-form kernels
+    # (oneDNN int8 / a decoded dense weight): both within the simulation check's bound of float64.
+    from mpq.simulate import layer_bound
+
+    ref, bound, _ = layer_bound(m, x)
+    for y in (got, m(x)):
+        assert bool(((y.double() - ref).abs() <= bound).all())
+    assert set(m.state_dict()) == {"point_codes", "point_scales", "num_points", "bias"} | ({"act_qparams"} if act else set())
 
 
 def test_conv_module_packability():

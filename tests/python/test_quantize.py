@@ -207,12 +207,15 @@ def test_simulation_equals_deployment_and_a_broken_kernel_is_caught():
     from mpq.simulate import check_simulation
 
     _, qmodel, calib = _quantize_small("W4A8")
-    assert mpq.last_report(qmodel).simulation_error < 1e-6  # measured by quantize itself
-    assert check_simulation(qmodel, calib[0]) < 1e-6
+    report = mpq.last_report(qmodel)
+    assert [c.dtype for c in report.simulation_checks] == ["float32"]  # run by quantize itself, per layer
+    assert len(report.simulation_checks[0].layers) == len(report.layers)
+    assert report.simulation_error == report.simulation_checks[0].end_to_end < 1e-2
+    assert check_simulation(qmodel, calib[0]).max_ratio <= 1.0
     layer = qmodel[3]
     original = layer.forward
     layer.forward = lambda x: original(x) * 1.01  # a kernel that is 1% off
-    with pytest.raises(RuntimeError, match="kernels and its float simulation disagree"):
+    with pytest.raises(RuntimeError, match=r"layer '3' \(Multipoint\w+\) disagrees with its float64 recomputation"):
         check_simulation(qmodel, calib[0])
 
 

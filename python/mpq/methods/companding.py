@@ -232,9 +232,10 @@ class _CompandedBase(_MultipointBase):
 
     @torch.jit.export
     def dequantized_weight(self) -> torch.Tensor:
-        w = self.codebook[(self.codes[:, 0].long() + self.levels).clamp(0, 2 * self.levels)]
+        codes, scales = self.unpacked()
+        w = self.codebook[(codes[:, 0].long() + self.levels).clamp(0, 2 * self.levels)]
         shape = [-1] + [1] * (w.dim() - 1)
-        return w * (self.scales[:, 0] * (self.num_points > 0).float()).view(shape)
+        return w * (scales[:, 0] * (self.num_points > 0).float()).view(shape)
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         qp = self.act_qparams
@@ -244,8 +245,8 @@ class _CompandedBase(_MultipointBase):
 
     def bits_per_weight(self) -> float:
         """b bits per code, a 32-bit scale per channel and the 32-bit codebook, per weight."""
-        C = self.codes.shape[0]
-        D = self.codes[0, 0].numel()
+        C = self.num_points.shape[0]
+        D = math.prod(self.code_shape)
         return (C * (D * self.w_bits + 32) + self.codebook.numel() * 32) / (C * D)
 
 

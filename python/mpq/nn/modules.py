@@ -1,16 +1,24 @@
 """MultipointLinear / MultipointConv2d: what ``mpq.quantize`` swaps in.
 
-State (buffers): ``codes`` (int8[C, P, ...]), ``scales`` (float32[C, P]), ``num_points``
-(int32[C]), ``bias`` (float32[C] or None), ``act_qparams`` (float32[4] = scale, zero_point,
-qmin, qmax, or None for float activations). The forward is one ``torch.ops.mpq`` call, so the
-module runs under TorchScript and in C++ with the ops library.
+State (buffers, what files hold): the *stored form* of the weight (``mpq::pack_points``): only the
+points in use, channel-major, codes bit-packed at ``w_bits`` bits, ``point_codes`` (uint8[T,
+ceil(D * w_bits / 8)], T = sum(num_points)), ``point_scales`` (float32[T]), ``num_points``
+(int32[C]); ``bias`` (float32[C] or None), ``act_qparams`` (float32[4] = scale, zero_point, qmin,
+qmax, or None for float activations). A 4-bit layer with 1.25 points per channel is 5 bits per
+weight on disk, in ``state_dict()``, TorchScript files and ``mpq.save`` files alike. ``codes``
+(int8[C, P, ...]) and ``scales`` (float32[C, P]) are decoded on demand (``unpacked()``).
+
+The forward is one ``torch.ops.mpq`` call, so the module runs under TorchScript and in C++ with the
+ops library. On the CPU, ``mpq::multipoint_{linear,conv2d}_stored`` run int8 activations on
+oneDNN's int8 kernels (VNNI / AMX) and float activations on a dense weight decoded once; the
+prepared weights live in the ops library's cache, never in the module (csrc/cpu/multipoint_stored.cpp).
 
 On a GPU with float16/bfloat16 inputs both modules run fused kernels on a packed copy of the
-weight (``mpq::pack_multipoint``; non-persistent buffers, the codes stay the source of truth):
-packed once when the module moves to a GPU (``.to``/``.cuda``), at the end of ``mpq.quantize`` on a
-GPU, or, for TorchScript/C++ callers, on the first such forward. ``.half()``/``.to(dtype)`` keep
-the weight's float32 buffers (scales, bias, act_qparams) in float32 (the ops' format): the layer
-then takes inputs of the new dtype and returns outputs of that dtype.
+weight (``mpq::pack_multipoint``; non-persistent buffers): packed once when the module moves to a
+GPU (``.to``/``.cuda``), at the end of ``mpq.quantize`` on a GPU, or, for TorchScript/C++ callers,
+on the first such forward. ``.half()``/``.to(dtype)`` keep the weight's float32 buffers
+(point_scales, bias, act_qparams) in float32 (the ops' format): the layer then takes inputs of the
+new dtype and returns outputs of that dtype.
 """
 import math
 from typing import List, Optional, Tuple
@@ -44,6 +52,13 @@ _PACKED_BUFFERS = (
 
 
 class _MultipointBase(nn.Module):
+    # state_dict version: 2 = the stored form (point_codes, point_scales); 1 = codes [C, P, ...] and
+    # scales [C, P], converted on load (_load_from_state_dict).
+    _version = 2
+    __jit_unused_properties__ = ["codes", "scales"]
+
+    code_shape: List[int]
+
     def __init__(self, out_channels: int, max_points: int, code_shape: List[int], w_bits: int, bias: bool):
         name = type(self).__name__
         for arg, value, lo, hi in (("w_bits", w_bits, 2, 8), ("max_points", max_points, 1, 64)):
@@ -52,9 +67,12 @@ class _MultipointBase(nn.Module):
         super().__init__()
         self.w_bits = w_bits
         self.max_points = max_points
+        self.code_shape = [int(v) for v in code_shape]
         self.output_sqnr_db = float("nan")  # measured on calibration data by mpq.quantize
-        self.register_buffer("codes", torch.zeros([out_channels, max_points] + code_shape, dtype=torch.int8))
-        self.register_buffer("scales", torch.zeros(out_channels, max_points, dtype=torch.float32))
+        D = math.prod(self.code_shape)
+        # One zero point per channel until set_weight (the stored form of an all-zero weight).
+        self.register_buffer("point_codes", torch.zeros(out_channels, (D * w_bits + 7) // 8, dtype=torch.uint8))
+        self.register_buffer("point_scales", torch.zeros(out_channels, dtype=torch.float32))
         self.register_buffer("num_points", torch.ones(out_channels, dtype=torch.int32))
         if bias:
             self.register_buffer("bias", torch.zeros(out_channels, dtype=torch.float32))
@@ -65,6 +83,34 @@ class _MultipointBase(nn.Module):
         for name, dtype in _PACKED_BUFFERS:
             self.register_buffer(name, torch.empty(0, dtype=dtype), persistent=False)
 
+    # ---- the weight ----
+
+    @torch.jit.export
+    def unpacked(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(codes int8[C, max_points, *code_shape], scales float32[C, max_points]), decoded from the
+        stored form, zero beyond each channel's count."""
+        D = 1
+        for v in self.code_shape:
+            D *= v
+        codes, scales = torch.ops.mpq.unpack_points(
+            self.point_codes, self.point_scales, self.num_points, self.w_bits, D, self.max_points
+        )
+        return codes.view([codes.shape[0], self.max_points] + self.code_shape), scales
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """int8[C, max_points, *code_shape], decoded (a new tensor: writing to it changes nothing)."""
+        return self.unpacked()[0]
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """float32[C, max_points], decoded (a new tensor: use ``point_scales`` to change the weight)."""
+        return self.unpacked()[1]
+
+    def stored_bytes(self) -> int:
+        """Bytes of the stored weight: point codes, point scales and point counts."""
+        return sum(t.numel() * t.element_size() for t in (self.point_codes, self.point_scales, self.num_points))
+
     # ---- the packed weight of the fused CUDA kernels ----
 
     def _packable(self) -> bool:
@@ -74,7 +120,8 @@ class _MultipointBase(nn.Module):
 
     def _pack_args(self) -> Tuple[torch.Tensor, int, int]:
         """(codes [C, P, D] in the packed column order, groups, D) for mpq::pack_multipoint."""
-        codes = self.codes.reshape(self.codes.shape[0], self.codes.shape[1], -1)
+        codes = self.unpacked()[0]
+        codes = codes.reshape(codes.shape[0], codes.shape[1], -1)
         return codes, 1, codes.shape[2]
 
     def _int8_kernel_fits(self) -> bool:
@@ -103,7 +150,7 @@ class _MultipointBase(nn.Module):
             )
         codes, groups, _ = self._pack_args()
         packed, packed_scales, perm, tile_offsets, row_sums = torch.ops.mpq.pack_multipoint(
-            codes, self.scales, self.num_points, self.w_bits, groups
+            codes, self.unpacked()[1], self.num_points, self.w_bits, groups
         )
         self.packed = packed
         self.packed_scales = packed_scales
@@ -114,12 +161,12 @@ class _MultipointBase(nn.Module):
 
     def _drop_packed(self) -> None:
         for name, dtype in _PACKED_BUFFERS:
-            setattr(self, name, torch.empty(0, dtype=dtype, device=self.codes.device))
+            setattr(self, name, torch.empty(0, dtype=dtype, device=self.point_codes.device))
         self.packed_kernel = "auto"
 
     def _ensure_packed(self) -> None:
         """Packs unless a packed weight for the codes' device is already there (it follows .to())."""
-        if self.tile_offsets.numel() == 0 or self.tile_offsets.device != self.codes.device:
+        if self.tile_offsets.numel() == 0 or self.tile_offsets.device != self.point_codes.device:
             self.pack_()
 
     def _use_packed(self, x: torch.Tensor) -> bool:
@@ -132,21 +179,14 @@ class _MultipointBase(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         # Device moves apply as usual; dtype casts (.half(), .to(dtype)) leave the float32 buffers
         # as they are (moved to the new device only): the ops take float32 scales, bias, act_qparams.
-        # .to(memory_format=torch.channels_last) converts 4-D and 5-D tensors and refuses the 5-D
-        # conv codes [C, P, C_in/g, kh, kw] (not an image batch): they only follow the device.
         def keep_dtype(t: torch.Tensor) -> torch.Tensor:
-            try:
-                out = fn(t)
-            except RuntimeError:
-                if t.dim() != 5:
-                    raise
-                out = t.to(device=fn(t.new_empty(0)).device)
+            out = fn(t)
             if t.is_floating_point() and out.dtype != t.dtype:
                 out = t.to(device=out.device)
             return out
 
         super()._apply(keep_dtype, recurse)
-        if self.codes.is_cuda and self._packable():
+        if self.point_codes.is_cuda and self._packable():
             self._ensure_packed()  # once per device (e.g. not again for .half() after .cuda())
         elif self.tile_offsets.numel() > 0:
             self._drop_packed()
@@ -155,7 +195,7 @@ class _MultipointBase(nn.Module):
     def set_weight(
         self, codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, bias: Optional[torch.Tensor]
     ) -> None:
-        """Load a fitted multipoint weight; codes beyond a channel's count are zeroed.
+        """Load a fitted multipoint weight into the stored form (only the points in use are kept).
 
         Args:
             codes (Tensor[C, P, ...], int8), scales (Tensor[C, P], floating, finite),
@@ -163,12 +203,13 @@ class _MultipointBase(nn.Module):
             Any device and layout: the values are copied into the module's buffers.
         """
         self._check_weight(codes, scales, num_points, bias)
-        num_points = num_points.to(codes.device)
-        keep = torch.arange(self.max_points, device=codes.device)[None, :] < num_points[:, None]
-        shape = list(keep.shape) + [1] * (codes.dim() - 2)
-        scales = scales.to(codes.device)
-        self.codes.copy_(torch.where(keep.view(shape), codes, torch.zeros_like(codes)))
-        self.scales.copy_(torch.where(keep, scales, torch.zeros_like(scales)))
+        device = self.point_codes.device
+        point_codes, point_scales = torch.ops.mpq.pack_points(
+            codes.detach().cpu().contiguous(), scales.detach().cpu().to(torch.float32).contiguous(),
+            num_points.detach().cpu().to(torch.int32), self.w_bits,
+        )
+        self.point_codes = point_codes.to(device)
+        self.point_scales = point_scales.to(device)
         self.num_points.copy_(num_points.to(torch.int32))
         if bias is not None:
             self.bias.copy_(bias.detach().to(torch.float32))
@@ -179,7 +220,8 @@ class _MultipointBase(nn.Module):
     ) -> None:
         """set_weight's argument checks, all before any buffer changes."""
         where = f"{type(self).__name__}.set_weight"
-        C = self.codes.shape[0]
+        C = self.num_points.shape[0]
+        expected_codes = tuple([C, self.max_points] + self.code_shape)
         for arg, value in (("codes", codes), ("scales", scales), ("num_points", num_points), ("bias", bias)):
             if not isinstance(value, torch.Tensor) and not (arg == "bias" and value is None):
                 raise TypeError(f"{where}: expected {arg} to be a tensor, got {type(value).__name__}")
@@ -189,10 +231,10 @@ class _MultipointBase(nn.Module):
             raise TypeError(f"{where}: expected scales to be a floating tensor, got {scales.dtype}")
         if num_points.is_floating_point() or num_points.is_complex() or num_points.dtype == torch.bool:
             raise TypeError(f"{where}: expected num_points to be an integer tensor, got {num_points.dtype}")
-        if codes.shape != self.codes.shape or scales.shape != self.scales.shape:
+        if tuple(codes.shape) != expected_codes or tuple(scales.shape) != (C, self.max_points):
             raise ValueError(
-                f"{where}: expected codes {tuple(self.codes.shape)} and scales "
-                f"{tuple(self.scales.shape)}, got {tuple(codes.shape)} and {tuple(scales.shape)}"
+                f"{where}: expected codes {expected_codes} and scales "
+                f"{(C, self.max_points)}, got {tuple(codes.shape)} and {tuple(scales.shape)}"
             )
         if tuple(num_points.shape) != (C,):
             raise ValueError(f"{where}: expected num_points of shape ({C},), got {tuple(num_points.shape)}")
@@ -229,24 +271,39 @@ class _MultipointBase(nn.Module):
         if not qmin <= zero_point <= qmax:
             raise ValueError(f"{where}: expected zero_point in qmin..qmax ({qmin}..{qmax}), got {zero_point}")
         self.act_qparams = torch.tensor(
-            [scale, zero_point, qmin, qmax], dtype=torch.float32, device=self.scales.device
+            [scale, zero_point, qmin, qmax], dtype=torch.float32, device=self.point_scales.device
         )
         self._drop_packed()
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        old_codes, old_scales, counts = prefix + "codes", prefix + "scales", prefix + "num_points"
+        if old_codes in state_dict and old_scales in state_dict and counts in state_dict:  # version 1: unpacked
+            codes, scales = state_dict.pop(old_codes), state_dict.pop(old_scales)
+            keep = torch.arange(codes.shape[1])[None, :] < state_dict[counts].cpu().long()[:, None]
+            state_dict[prefix + "point_codes"], state_dict[prefix + "point_scales"] = torch.ops.mpq.pack_points(
+                codes.cpu(), torch.where(keep, scales.cpu().float(), torch.zeros(())), state_dict[counts].cpu().int(), self.w_bits
+            )
+        if prefix + "act_qparams" in state_dict and self.act_qparams is None:  # a module built before set_act_qparams
+            self.act_qparams = torch.zeros(4, dtype=torch.float32, device=self.point_scales.device)
+        for name in ("point_codes", "point_scales"):  # the stored form's length is the number of points in use
+            t = state_dict.get(prefix + name)
+            mine = getattr(self, name)
+            if isinstance(t, torch.Tensor) and t.dim() == mine.dim() and t.shape[1:] == mine.shape[1:]:
+                setattr(self, name, torch.empty(t.shape, dtype=mine.dtype, device=mine.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self._drop_packed()
 
     @torch.jit.export
     def dequantized_weight(self) -> torch.Tensor:
         """The dense float32 weight sum_k scales[j,k] codes[j,k]."""
-        return torch.ops.mpq.dequantize_multipoint(self.codes, self.scales, self.num_points, torch.float32)
+        codes, scales = self.unpacked()
+        return torch.ops.mpq.dequantize_multipoint(codes, scales, self.num_points, torch.float32)
 
     def bits_per_weight(self) -> float:
         """Codes and scales of the points in use, per weight."""
-        per_channel = self.codes[0, 0].numel()
+        per_channel = math.prod(self.code_shape)
         total_points = int(self.num_points.sum())
-        return total_points * (per_channel * self.w_bits + 32) / (self.codes.shape[0] * per_channel)
+        return total_points * (per_channel * self.w_bits + 32) / (self.num_points.shape[0] * per_channel)
 
 
 class MultipointLinear(_MultipointBase):
@@ -275,7 +332,9 @@ class MultipointLinear(_MultipointBase):
                 x, self.packed, self.packed_scales, self.perm, self.tile_offsets, self.row_sums,
                 self.out_features, self.bias, self.act_qparams, self.packed_kernel,
             )
-        return torch.ops.mpq.multipoint_linear(x, self.codes, self.scales, self.num_points, self.bias, self.act_qparams)
+        return torch.ops.mpq.multipoint_linear_stored(
+            x, self.point_codes, self.point_scales, self.num_points, self.w_bits, self.in_features, self.bias, self.act_qparams
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, max_points={self.max_points}"
@@ -340,7 +399,8 @@ class MultipointConv2d(_MultipointBase):
 
     def _pack_args(self) -> Tuple[torch.Tensor, int, int]:
         # Columns in NHWC order (kh, kw, c): mpq.ops.conv_codes_nhwc.
-        codes = self.codes.permute(0, 1, 3, 4, 2).reshape(self.codes.shape[0], self.codes.shape[1], -1)
+        codes = self.unpacked()[0]
+        codes = codes.permute(0, 1, 3, 4, 2).reshape(codes.shape[0], codes.shape[1], -1)
         return codes, self.groups, codes.shape[2]
 
     def _int8_shape_fits(self) -> bool:
@@ -358,17 +418,9 @@ class MultipointConv2d(_MultipointBase):
                 self.kernel_size, self.bias, self.act_qparams, self.stride, self.padding, self.dilation, self.groups,
                 self.packed_kernel,
             )
-        return torch.ops.mpq.multipoint_conv2d(
-            x,
-            self.codes,
-            self.scales,
-            self.num_points,
-            self.bias,
-            self.act_qparams,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
+        return torch.ops.mpq.multipoint_conv2d_stored(
+            x, self.point_codes, self.point_scales, self.num_points, self.w_bits, self.code_shape, self.bias,
+            self.act_qparams, self.stride, self.padding, self.dilation, self.groups,
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,238 @@
+"""CPU deployment, side by side in one run: latency and file size of FP32, mpq and PyTorch's own int8.
+
+    python benchmarks/cpu.py                                  # ResNet-50 and EfficientNet-Lite0, batch 1 and 16
+    python benchmarks/cpu.py --models lite0 --batches 1 --repeats 5 --json build/cpu.json
+
+Rows per model and batch (``torch.set_num_threads(--threads)``, median of ``--repeats`` timed calls
+after two warm-up calls, the same input tensor for every row):
+- ``fp32``: the float model, eager, default layout (NCHW); ``fp32 channels_last``: the same with
+  model and input in channels_last (oneDNN's own layout: the fair FP32 baseline; ``speedup`` columns
+  divide by the faster of the two);
+- ``mpq W4A8`` / ``mpq W4A16`` / ``mpq W8A8``: ``mpq.quantize`` with the preset (defaults, seed 0),
+  then ``torch.jit.script`` + save + load: the artifact a user deploys, timed as loaded;
+- ``torch int8 (FX, x86)``: PyTorch's own static int8 (``prepare_fx`` / ``convert_fx``, x86 engine,
+  W8A8 per-channel weights), calibrated on the same batches.
+Sizes: the FP32 ``state_dict`` file, mpq's TorchScript file and ``mpq.save`` file, PyTorch int8's
+TorchScript file, and what ``mpq.summary.model_size_bytes`` reports.
+Models: ``lite0`` (EfficientNet-Lite0, its ImageNet weights, calibration on the bundled photos;
+fidelity to FP32 on the demo's evaluation photos), ``resnet50`` (torchvision's architecture with
+random weights: no pretrained weights offline; its speed does not depend on them; calibration on
+seeded random images).
+The JSON records the command, commit, CPU model, ATen's and oneDNN's ISA, threads, versions and seed.
+"""
+import argparse
+import copy
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import torch
+
+import mpq
+from fit_speed import cpu_model  # noqa: E402  (benchmarks/ is the script's directory)
+from mpq.summary import model_size_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.* deprecation notices
+warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao")
+
+
+def cpu_flags() -> List[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(f for f in flags if f.startswith(("avx512_vnni", "avx_vnni", "amx", "avx512f", "avx2")))
+    except OSError:
+        pass
+    return []
+
+
+def median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    with torch.no_grad():
+        fn()
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+def file_bytes(save: Callable[[str], None]) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model")
+        save(path)
+        return os.path.getsize(path)
+
+
+def to_torchscript(model: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """torch.jit.script, or torch.jit.trace where the model's own code is not scriptable
+    (efficientnet_lite_pytorch keeps block arguments in a namedtuple TorchScript cannot compile)."""
+    try:
+        return torch.jit.script(model)
+    except RuntimeError:
+        with torch.no_grad():
+            return torch.jit.trace(model, example, check_trace=False)
+
+
+def scripted(model: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """The deployed artifact: TorchScript, saved, loaded back."""
+    buf = io.BytesIO()
+    torch.jit.save(to_torchscript(model, example), buf)
+    buf.seek(0)
+    return torch.jit.load(buf)
+
+
+def load_task(name: str, seed: int):
+    """(model, calibration batches, evaluation images or None, quality(out, ref) or None)."""
+    if name == "lite0":
+        from mpq import assets
+        from mpq.demo import fidelity, load_demo_data
+
+        data = load_demo_data(calib_images=64, batch_size=16, seed=seed)
+        return assets.load_efficientnet_lite0().eval(), data.calib_batches, data.eval_images, \
+            lambda out, ref: fidelity(out, ref, data.labels)
+    if name == "resnet50":
+        import torchvision
+
+        torch.manual_seed(seed)
+        model = torchvision.models.resnet50(weights=None).eval()
+        g = torch.Generator().manual_seed(seed)
+        calib = [torch.randn(16, 3, 224, 224, generator=g) for _ in range(4)]
+        return model, calib, None, None
+    raise ValueError(f"unknown model {name!r}")
+
+
+def torch_int8_fx(model: torch.nn.Module, calib: List[torch.Tensor]) -> torch.nn.Module:
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (calib[0][:1],))
+    with torch.no_grad():
+        for x in calib:
+            prepared(x)
+    return convert_fx(prepared)
+
+
+def run_model(name: str, batches: List[int], repeats: int, presets: List[str], seed: int, fx: bool) -> Dict[str, Any]:
+    model, calib, eval_images, quality = load_task(name, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    inputs = {b: torch.randn(b, 3, 224, 224, generator=g) for b in batches}
+    variants: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    sizes: Dict[str, int] = {"fp32 state_dict": file_bytes(lambda p: torch.save(model.state_dict(), p))}
+    fidelity: Dict[str, Any] = {}
+    quant_seconds: Dict[str, float] = {}
+    variants["fp32"] = model
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    variants["fp32 channels_last"] = lambda x: model_cl(x.contiguous(memory_format=torch.channels_last))
+    ref = None
+    if eval_images is not None:
+        with torch.no_grad():
+            ref = model(eval_images)
+    for preset in presets:
+        t = time.perf_counter()
+        q = mpq.quantize(model, calib, mpq.QuantConfig.preset(preset, seed=seed))
+        quant_seconds[preset] = time.perf_counter() - t
+        s = scripted(q, calib[0][:1])
+        variants[f"mpq {preset}"] = s
+        sizes[f"mpq {preset} TorchScript"] = file_bytes(lambda p: torch.jit.save(to_torchscript(q, calib[0][:1]), p))
+        sizes[f"mpq {preset} mpq.save"] = file_bytes(lambda p: mpq.save(q, p + ".mpq.safetensors") or
+                                                     os.replace(p + ".mpq.safetensors", p))
+        sizes[f"mpq {preset} reported (model_size_bytes)"] = model_size_bytes(q)
+        if ref is not None:
+            with torch.no_grad():
+                fidelity[f"mpq {preset}"] = quality(s(eval_images), ref)
+    if fx:
+        try:
+            qfx = torch_int8_fx(model, calib)
+            sfx = torch.jit.freeze(to_torchscript(qfx, calib[0][:1]).eval())
+            variants["torch int8 (FX, x86)"] = sfx
+            sizes["torch int8 (FX, x86) TorchScript"] = file_bytes(lambda p: torch.jit.save(to_torchscript(qfx, calib[0][:1]), p))
+            if ref is not None:
+                with torch.no_grad():
+                    fidelity["torch int8 (FX, x86)"] = quality(sfx(eval_images), ref)
+        except Exception as e:  # noqa: BLE001 - recorded in the JSON, the other rows still run
+            fidelity["torch int8 (FX, x86) error"] = f"{type(e).__name__}: {e}"
+    rows = []
+    for b in batches:
+        x = inputs[b]
+        times = {label: median_ms(lambda: fn(x), repeats) for label, fn in variants.items()}
+        fp32_best = min(times["fp32"], times["fp32 channels_last"])
+        fx_ms = times.get("torch int8 (FX, x86)")
+        for label, ms in times.items():
+            rows.append({"model": name, "batch": b, "variant": label, "ms": ms,
+                         "speedup_vs_fp32": fp32_best / ms,
+                         "speed_vs_torch_int8": (fx_ms / ms) if fx_ms else None})
+    return {"rows": rows, "sizes_bytes": sizes, "fidelity": fidelity, "quantize_seconds": quant_seconds}
+
+
+def format_table(results: Dict[str, Any]) -> str:
+    lines = ["| model | batch | variant | ms | x FP32 (best layout) | x torch int8 |", "|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        vs = f"{r['speed_vs_torch_int8']:.2f}" if r["speed_vs_torch_int8"] else "-"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['ms']:.1f} | {r['speedup_vs_fp32']:.2f} | {vs} |")
+    lines += ["", "| model | file | MB |", "|---|---|---|"]
+    for model, sizes in results["sizes_bytes"].items():
+        for k, v in sizes.items():
+            lines.append(f"| {model} | {k} | {v / 1e6:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["resnet50", "lite0"], choices=["resnet50", "lite0"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--presets", nargs="+", default=["W4A8", "W4A16", "W8A8"])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-fx", action="store_true", help="skip PyTorch's own int8 path")
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "cpu.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    out: Dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, "benchmarks/cpu.py", *(argv if argv is not None else sys.argv[1:])]),
+        "commit": commit,
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "(default: all the CPU has)"),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "versions": {"torch": torch.__version__, "mpq": mpq.__version__, "python": platform.python_version()},
+        "rows": [],
+        "sizes_bytes": {},
+        "fidelity": {},
+        "quantize_seconds": {},
+    }
+    for name in args.models:
+        r = run_model(name, args.batches, args.repeats, args.presets, args.seed, not args.no_fx)
+        out["rows"] += r["rows"]
+        for key in ("sizes_bytes", "fidelity", "quantize_seconds"):
+            out[key][name] = r[key]
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    print(format_table(out))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
