@@ -82,8 +82,10 @@ std::tuple<at::Tensor, at::Tensor> pack_points(const at::Tensor& codes, const at
 
 namespace {
 
+// The stored form's dtypes, shapes and device; with `values` also the point counts (their sum is
+// the number of stored points; a read of num_points, made once per weight by the layer ops).
 void check_stored(const char* op, const at::Tensor& point_codes, const at::Tensor& point_scales,
-                  const at::Tensor& num_points, int64_t w_bits, int64_t D) {
+                  const at::Tensor& num_points, int64_t w_bits, int64_t D, bool values = true) {
   check_w_bits(op, w_bits);
   TORCH_CHECK(point_codes.scalar_type() == at::kByte && point_codes.dim() == 2, op,
               ": expected point_codes to be uint8 [points, bytes], got ", point_codes.scalar_type(),
@@ -98,6 +100,7 @@ void check_stored(const char* op, const at::Tensor& point_codes, const at::Tenso
               ": expected point_codes, point_scales and num_points on one device");
   TORCH_CHECK(D >= 0 && point_codes.size(1) == stored_row_bytes(D, w_bits), op, ": expected point_codes rows of ",
               stored_row_bytes(D, w_bits), " bytes (", D, " codes of ", w_bits, " bits), got ", point_codes.size(1));
+  if (!values) return;
   const int64_t total = num_points.numel() ? num_points.sum().item<int64_t>() : 0;  // NB: syncs on CUDA
   TORCH_CHECK(total == point_codes.size(0), op, ": expected as many stored points as sum(num_points) = ", total,
               ", got ", point_codes.size(0));
@@ -248,9 +251,58 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void quantize_level
   }
 }
 
+// The float levels of fake_quantize_activation in one pass: (L - zp) * s, L as in quantize_levels.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void fake_quantize_levels(
+    const float* x, float* out, int64_t n, float scale, float zp, float qmin, float qmax) {
+  const float lo = qmin - zp - 1.0f, hi = qmax - zp + 1.0f, magic = 12582912.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    float v = x[i] / scale;
+    v = v < lo ? lo : (v > hi ? hi : v);
+    float q = ((v + magic) - magic) + zp;
+    q = q < qmin ? qmin : (q > qmax ? qmax : q);
+    out[i] = (q - zp) * scale;
+  }
+}
+
+template <typename T>
+at::Tensor scratch(at::IntArrayRef sizes, at::MemoryFormat format);
+
+// fake_quantize_activation of a float32 input, in its own memory format (channels_last stays so),
+// in the calling thread's scratch (consumed by the layer inside the op).
+at::Tensor fake_quantize_input(const at::Tensor& input, const c10::optional<at::Tensor>& act_qparams,
+                               const ActQuant& q) {
+  if (!act_qparams.has_value()) return input;
+  const auto format = input.suggest_memory_format();
+  const auto x = input.contiguous(format);
+  auto out = scratch<float>(x.sizes(), format);
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t b, int64_t e) {
+    fake_quantize_levels(src + b, dst + b, e - b, float(q.scale), float(q.zero_point), float(q.qmin), float(q.qmax));
+  });
+  return out;
+}
+
+// Per-thread scratch for tensors consumed inside one op call (the quantized input): reusing it
+// saves the page faults of a fresh allocation per call, which cost as much as the pass itself on a
+// machine where the allocator hands large blocks back to the OS. NB: never returned to the caller.
+template <typename T>
+at::Tensor scratch(at::IntArrayRef sizes, at::MemoryFormat format) {
+  thread_local at::Tensor buf;
+  const int64_t n = c10::multiply_integers(sizes);
+  if (!buf.defined() || buf.numel() < n || buf.scalar_type() != c10::CppTypeToScalarType<T>::value) {
+    buf = at::empty({std::max<int64_t>(n, 1)}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  }
+  if (format == at::MemoryFormat::ChannelsLast && sizes.size() == 4) {
+    return buf.as_strided(sizes, c10::get_channels_last_strides_2d(sizes));
+  }
+  return buf.narrow(0, 0, n).view(sizes);
+}
+
+// The input's uint8 levels (quantize_levels) in `format`, in the calling thread's scratch.
 at::Tensor quantize_input(const at::Tensor& input, const ActQuant& q, at::MemoryFormat format) {
   const auto x = input.contiguous(format);
-  auto out = at::empty(x.sizes(), x.options().dtype(at::kByte), format);
+  auto out = scratch<uint8_t>(x.sizes(), format);
   const float* src = x.data_ptr<float>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   const float s = static_cast<float>(q.scale);
@@ -260,90 +312,87 @@ at::Tensor quantize_input(const at::Tensor& input, const ActQuant& q, at::Memory
   return out;
 }
 
-// The expanded int8 layer of a multipoint weight, prepared once.
-struct PreparedInt8 {
-  at::Tensor weight;         // oneDNN's prepacked int8 weight [groups * R, C_in/g, kh, kw] or [R, K]
-  at::Tensor w_scales;       // float32 [groups * R]: the point scales (1 on padding rows)
+// One oneDNN int8 layer over rows of points.
+struct Int8Rows {
+  at::Tensor weight;         // oneDNN's prepacked int8 weight [rows, C_in/g, kh, kw] or [rows, K]
+  at::Tensor w_scales;       // float32 [rows]: the point scales (1 on rows without a point)
   at::Tensor w_zero_points;  // int64 zeros
-  at::Tensor bias;           // float32 [groups * R]: the channel's bias on its first row, or undefined
-  at::Tensor primary;        // int64 [C]: the row of each channel's first point
-  at::Tensor extra_row, extra_channel;  // int64 [E]: rows of the further points and their channels
-  int64_t rows = 0;          // groups * R
-  bool identity = false;     // one row per channel, in channel order: no reduction needed
+  c10::optional<at::Tensor> bias;
 };
 
-// Rows of the expanded layer: per group, its channels' first points, then their further points,
-// then zero rows up to the largest group (oneDNN's groups all have R output channels).
+// A multipoint weight as two int8 layers: `primary` has one row per channel (its first point,
+// zero codes when it has none) and the bias, so its output is the layer's output when no channel
+// has a second point; `extra` holds the further points, per group Re rows (zero rows pad the
+// groups to one size, as grouped convolutions need), and `extra_channel` maps each extra row to the
+// channel it adds into (-1: padding).
+struct PreparedInt8 {
+  Int8Rows primary, extra;
+  at::Tensor extra_channel;  // int64 [groups * Re]
+  bool has_extra = false;
+};
+
+Int8Rows make_rows(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& used,
+                   at::IntArrayRef code_shape, c10::optional<at::Tensor> bias) {
+  Int8Rows r;
+  std::vector<int64_t> wshape = {codes.size(0)};
+  for (auto s : code_shape) wshape.push_back(s);
+  r.weight = (codes * used.unsqueeze(1).to(at::kChar)).reshape(wshape).contiguous();
+  r.w_scales = at::where(used, scales, at::ones({}, scales.options())).to(at::kFloat).contiguous();
+  r.w_zero_points = at::zeros({codes.size(0)}, at::kLong);
+  r.bias = std::move(bias);
+  return r;
+}
+
 PreparedInt8 expand_points(const at::Tensor& point_codes, const at::Tensor& point_scales, const at::Tensor& num_points,
                            int64_t w_bits, at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias,
                            int64_t groups) {
   const int64_t C = num_points.size(0), D = c10::multiply_integers(code_shape);
   const int64_t P = C ? std::max<int64_t>(1, num_points.max().item<int64_t>()) : 1;
-  auto [codes, scales] = unpack_points(point_codes, point_scales, num_points, w_bits, D, P);
+  auto [codes, scales] = unpack_points(point_codes, point_scales, num_points, w_bits, D, P);  // [C, P, D]
   const auto n = num_points.contiguous();
   const int* counts = n.data_ptr<int>();
+  PreparedInt8 p;
+  c10::optional<at::Tensor> b;
+  if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
+  p.primary = make_rows(codes.select(1, 0), scales.select(1, 0), n > 0, code_shape, b);
   const int64_t Cg = C / groups;
-  int64_t R = 0;
-  for (int64_t g = 0; g < groups; ++g) {
-    int64_t r = Cg;
-    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) r += std::max(0, counts[c] - 1);
-    R = std::max(R, r);
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> per_group(groups);  // (channel, point)
+  int64_t Re = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t k = 1; k < counts[c]; ++k) per_group[c / Cg].emplace_back(c, k);
   }
-  std::vector<int64_t> row_channel(groups * R, -1), row_point(groups * R, 0), extra_row, extra_channel;
-  std::vector<int64_t> primary(C);
+  for (const auto& g : per_group) Re = std::max<int64_t>(Re, g.size());
+  p.has_extra = Re > 0;
+  if (!p.has_extra) return p;
+  std::vector<int64_t> channel(groups * Re, -1), point(groups * Re, 0);
   for (int64_t g = 0; g < groups; ++g) {
-    int64_t next = g * R + Cg;
-    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-      primary[c] = g * R + (c - g * Cg);
-      row_channel[primary[c]] = c;
-      for (int64_t k = 1; k < counts[c]; ++k, ++next) {
-        row_channel[next] = c;
-        row_point[next] = k;
-        extra_row.push_back(next);
-        extra_channel.push_back(c);
-      }
+    for (size_t i = 0; i < per_group[g].size(); ++i) {
+      channel[g * Re + i] = per_group[g][i].first;
+      point[g * Re + i] = per_group[g][i].second;
     }
   }
   const auto long_opts = at::TensorOptions().dtype(at::kLong);
-  const auto rc = at::tensor(row_channel, long_opts), rp = at::tensor(row_point, long_opts);
-  const auto used = rc >= 0;
-  const auto safe_c = rc.clamp_min(0);
-  auto rows_codes = codes.index({safe_c, rp}) * used.unsqueeze(1).to(at::kChar);  // [rows, D]
-  auto rows_scales = at::where(used, scales.index({safe_c, rp}), at::ones({}, scales.options()));
-  // A channel without points (num_points 0) keeps its zero codes on its first row: it outputs its bias.
-  PreparedInt8 p;
-  p.rows = groups * R;
-  std::vector<int64_t> wshape = {p.rows};
-  for (auto s : code_shape) wshape.push_back(s);
-  p.weight = rows_codes.reshape(wshape).contiguous();
-  p.w_scales = rows_scales.to(at::kFloat).contiguous();
-  p.w_zero_points = at::zeros({p.rows}, long_opts);
-  if (bias.has_value()) {
-    auto b = at::zeros({p.rows}, at::kFloat);
-    b.index_put_({at::tensor(primary, long_opts)}, bias->to(at::kFloat));
-    p.bias = b;
-  }
-  p.primary = at::tensor(primary, long_opts);
-  p.extra_row = at::tensor(extra_row, long_opts);
-  p.extra_channel = at::tensor(extra_channel, long_opts);
-  p.identity = groups * R == C && extra_row.empty();
+  p.extra_channel = at::tensor(channel, long_opts);
+  const auto pt = at::tensor(point, long_opts), safe = p.extra_channel.clamp_min(0);
+  p.extra = make_rows(codes.index({safe, pt}), scales.index({safe, pt}), p.extra_channel >= 0, code_shape,
+                      c10::nullopt);
   return p;
 }
 
-// y[p, c] = out[p, primary[c]] + sum of out[p, extra_row[e]] over extra_channel[e] == c, for every
-// pixel (row) p of out [pixels, rows] (channels last).
-void sum_points(const at::Tensor& out, const PreparedInt8& p, int64_t C, int64_t pixels, float* y) {
-  const float* src = out.data_ptr<float>();
-  const int64_t rows = p.rows, E = p.extra_row.numel();
-  const int64_t* prim = p.primary.data_ptr<int64_t>();
-  const int64_t* er = p.extra_row.data_ptr<int64_t>();
-  const int64_t* ec = p.extra_channel.data_ptr<int64_t>();
-  at::parallel_for(0, pixels, 64, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const float* o = src + i * rows;
-      float* d = y + i * C;
-      for (int64_t c = 0; c < C; ++c) d[c] = o[prim[c]];
-      for (int64_t k = 0; k < E; ++k) d[ec[k]] += o[er[k]];
+// y[i, extra_channel[r]] += e[i, r] for every row i (pixel) of e [rows, Re'] and y [rows, C], both
+// row-major (channels last).
+void add_extra_points(const at::Tensor& e, const at::Tensor& extra_channel, at::Tensor& y) {
+  const float* src = e.data_ptr<float>();
+  float* dst = y.data_ptr<float>();
+  const int64_t R = extra_channel.numel(), C = y.size(1), rows = y.size(0);
+  const int64_t* ch = extra_channel.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 64, [&](int64_t b, int64_t end) {
+    for (int64_t i = b; i < end; ++i) {
+      const float* s = src + i * R;
+      float* d = dst + i * C;
+      for (int64_t r = 0; r < R; ++r) {
+        if (ch[r] >= 0) d[ch[r]] += s[r];
+      }
     }
   });
 }
@@ -352,7 +401,7 @@ c10::OperatorHandle onednn_op(const char* name, const char* overload) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
 }
 
-at::Tensor call_qconv(const at::Tensor& qx, double x_scale, int64_t x_zp, const PreparedInt8& p,
+at::Tensor call_qconv(const at::Tensor& qx, double x_scale, int64_t x_zp, const Int8Rows& r,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   static auto op = onednn_op("onednn::qconv2d_pointwise", "")
                        .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor,
@@ -360,22 +409,19 @@ at::Tensor call_qconv(const at::Tensor& qx, double x_scale, int64_t x_zp, const 
                                          torch::List<int64_t>, int64_t, double, int64_t,
                                          std::optional<at::ScalarType>, c10::string_view,
                                          torch::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
-  std::optional<at::Tensor> bias;
-  if (p.bias.defined()) bias = p.bias;
-  return op.call(qx, x_scale, x_zp, p.weight, p.w_scales, p.w_zero_points, bias, torch::List<int64_t>(stride.vec()),
-                 torch::List<int64_t>(padding.vec()), torch::List<int64_t>(dilation.vec()), groups, 1.0, 0,
-                 at::kFloat, "none", torch::List<std::optional<at::Scalar>>(), std::nullopt);
+  return op.call(qx, x_scale, x_zp, r.weight, r.w_scales, r.w_zero_points, r.bias,
+                 torch::List<int64_t>(stride.vec()), torch::List<int64_t>(padding.vec()),
+                 torch::List<int64_t>(dilation.vec()), groups, 1.0, 0, at::kFloat, "none",
+                 torch::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
-at::Tensor call_qlinear(const at::Tensor& qx, double x_scale, int64_t x_zp, const PreparedInt8& p) {
+at::Tensor call_qlinear(const at::Tensor& qx, double x_scale, int64_t x_zp, const Int8Rows& r) {
   static auto op = onednn_op("onednn::qlinear_pointwise", "")
                        .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor,
                                          std::optional<at::Tensor>, double, int64_t, std::optional<at::ScalarType>,
                                          c10::string_view, torch::List<std::optional<at::Scalar>>,
                                          c10::string_view)>();
-  std::optional<at::Tensor> bias;
-  if (p.bias.defined()) bias = p.bias;
-  return op.call(qx, x_scale, x_zp, p.weight, p.w_scales, p.w_zero_points, bias, 1.0, 0, at::kFloat, "none",
+  return op.call(qx, x_scale, x_zp, r.weight, r.w_scales, r.w_zero_points, r.bias, 1.0, 0, at::kFloat, "none",
                  torch::List<std::optional<at::Scalar>>(), "");
 }
 
@@ -403,8 +449,30 @@ at::Tensor dense_from_stored(const at::Tensor& point_codes, const at::Tensor& po
   return dequantize_multipoint_cpu(codes.reshape(shape), scales, num_points, dtype);
 }
 
-bool use_int8(const at::Tensor& input, const c10::optional<at::Tensor>& act_qparams, const ActQuant& q) {
-  return act_qparams.has_value() && input.scalar_type() == at::kFloat && int8_fits(q) && input.numel() > 0;
+enum class CpuKernel { kInt8, kDense, kReference };
+
+// "auto" picks int8 where it wins on this kind of CPU (measured per layer shape, benchmarks/NOTES.md,
+// CPU section): convolutions with a kh x kw > 1 kernel, at least 16 input channels per group and at
+// least kInt8MinOutputsPerInput multiply-adds per input value (3 x 3 dense convs: 3-4x faster than
+// float32); Linear layers of at least kInt8MinLinearMacs multiply-adds (2-3x at 16+ rows). The
+// others are bound by memory traffic (depthwise and 1 x 1 convs, small Linear calls): there the
+// uint8 input pass and the float outputs per point cost more than the float32 layer, so they
+// fake-quantize the input in one pass and run the weight decoded once.
+constexpr int64_t kInt8MinOutputsPerInput = 128;
+constexpr int64_t kInt8MinLinearMacs = int64_t(1) << 23;
+
+CpuKernel choose_kernel(const char* op, c10::string_view kernel, const at::Tensor& input,
+                        const c10::optional<at::Tensor>& act_qparams, const ActQuant& q, bool int8_wins, int64_t C) {
+  TORCH_CHECK(kernel == "auto" || kernel == "int8" || kernel == "dense", op,
+              ": expected kernel \"auto\", \"int8\" or \"dense\", got \"", std::string(kernel), "\"");
+  const bool int8_ok = act_qparams.has_value() && input.scalar_type() == at::kFloat && int8_fits(q);
+  TORCH_CHECK(kernel != "int8" || int8_ok, op,
+              ": kernel \"int8\" needs a float32 input and act_qparams with at most 256 integer levels");
+  TORCH_CHECK(kernel != "dense" || input.scalar_type() == at::kFloat, op, ": kernel \"dense\" needs a float32 input");
+  if (C == 0 || input.numel() == 0 || input.scalar_type() != at::kFloat) return CpuKernel::kReference;
+  if (kernel == "int8") return CpuKernel::kInt8;
+  if (kernel == "dense") return CpuKernel::kDense;
+  return int8_ok && int8_wins ? CpuKernel::kInt8 : CpuKernel::kDense;
 }
 
 }  // namespace
@@ -412,9 +480,9 @@ bool use_int8(const at::Tensor& input, const c10::optional<at::Tensor>& act_qpar
 at::Tensor multipoint_linear_stored_cpu(const at::Tensor& input, const at::Tensor& point_codes,
                                         const at::Tensor& point_scales, const at::Tensor& num_points, int64_t w_bits,
                                         int64_t in_features, const c10::optional<at::Tensor>& bias,
-                                        const c10::optional<at::Tensor>& act_qparams) {
+                                        const c10::optional<at::Tensor>& act_qparams, c10::string_view kernel) {
   const char* op = "mpq::multipoint_linear_stored";
-  check_stored(op, point_codes, point_scales, num_points, w_bits, in_features);
+  check_stored(op, point_codes, point_scales, num_points, w_bits, in_features, /*values=*/false);
   const int64_t C = num_points.size(0);
   check_bias_and_act(op, input, bias, act_qparams, C);
   TORCH_CHECK(input.dim() >= 1 && input.size(-1) == in_features, op, ": expected input [..., ", in_features,
@@ -423,33 +491,34 @@ at::Tensor multipoint_linear_stored_cpu(const at::Tensor& input, const at::Tenso
   ActQuant q{1.0, 0.0, 0.0, 1.0};
   if (act_qparams.has_value()) q = read_act_qparams(op, *act_qparams);
   const std::vector<int64_t> code_shape = {in_features};
-  if (use_int8(input, act_qparams, q) && C > 0) {
+  const bool int8_wins = input.numel() / std::max<int64_t>(1, in_features) * in_features * C >= kInt8MinLinearMacs;
+  const auto choice = choose_kernel(op, kernel, input, act_qparams, q, int8_wins, C);
+  if (choice == CpuKernel::kInt8) {
     auto p = cache().get<PreparedInt8>(weight_tensors(point_codes, point_scales, num_points, bias),
                                        {0.0, double(w_bits), double(in_features)}, [&] {
+      check_stored(op, point_codes, point_scales, num_points, w_bits, in_features);
       auto e = expand_points(point_codes, point_scales, num_points, w_bits, code_shape, bias, 1);
       static auto prepack = onednn_op("onednn::qlinear_prepack", "")
                                 .typed<at::Tensor(at::Tensor, std::optional<torch::List<int64_t>>)>();
-      e.weight = prepack.call(e.weight, std::nullopt);
+      e.primary.weight = prepack.call(e.primary.weight, std::nullopt);
+      if (e.has_extra) e.extra.weight = prepack.call(e.extra.weight, std::nullopt);
       return e;
     });
     const auto x2 = input.reshape({-1, in_features});
     const auto qx = quantize_input(x2, q, at::MemoryFormat::Contiguous);
-    const auto out = call_qlinear(qx, q.scale, int64_t(q.zero_point - q.qmin), *p);
+    const int64_t zp = int64_t(q.zero_point - q.qmin);
+    auto y = call_qlinear(qx, q.scale, zp, p->primary).contiguous();
+    if (p->has_extra) add_extra_points(call_qlinear(qx, q.scale, zp, p->extra).contiguous(), p->extra_channel, y);
     std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end() - 1);
     shape.push_back(C);
-    if (p->identity) return out.reshape(shape);
-    auto y = at::empty({x2.size(0), C}, out.options());
-    sum_points(out, *p, C, x2.size(0), y.data_ptr<float>());
     return y.reshape(shape);
   }
-  if (input.scalar_type() == at::kFloat) {
+  if (choice == CpuKernel::kDense) {
     auto p = cache().get<PreparedDense>(weight_tensors(point_codes, point_scales, num_points, bias),
                                         {1.0, double(w_bits), double(in_features)}, [&] {
       return PreparedDense{dense_from_stored(point_codes, point_scales, num_points, w_bits, code_shape, at::kFloat)};
     });
-    const auto x = act_qparams.has_value()
-                       ? at::clamp(at::round(input / q.scale) + q.zero_point, q.qmin, q.qmax).sub_(q.zero_point).mul_(q.scale)
-                       : input;
+    const auto x = fake_quantize_input(input, act_qparams, q);
     return at::linear(x, p->weight, bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt);
   }
   const int64_t P = C ? std::max<int64_t>(1, num_points.max().item<int64_t>()) : 1;
@@ -461,19 +530,22 @@ at::Tensor multipoint_conv2d_stored_cpu(const at::Tensor& input, const at::Tenso
                                         const at::Tensor& point_scales, const at::Tensor& num_points, int64_t w_bits,
                                         at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias,
                                         const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
-                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                        c10::string_view kernel) {
   const char* op = "mpq::multipoint_conv2d_stored";
   TORCH_CHECK(code_shape.size() == 3, op, ": expected code_shape [C_in/groups, kh, kw], got ", code_shape);
-  check_stored(op, point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape));
+  check_stored(op, point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape), /*values=*/false);
   const int64_t C = num_points.size(0);
   TORCH_CHECK(groups >= 1 && C % groups == 0, op, ": expected groups (", groups, ") to divide the ", C,
               " output channels");
-  const int64_t P = C ? std::max<int64_t>(1, num_points.max().item<int64_t>()) : 1;
   ActQuant q{1.0, 0.0, 0.0, 1.0};
   if (act_qparams.has_value()) q = read_act_qparams(op, *act_qparams);
-  const bool int8 = use_int8(input, act_qparams, q) && C > 0;
-  const bool dense = !int8 && input.scalar_type() == at::kFloat && C > 0;
+  const int64_t taps = code_shape[1] * code_shape[2];
+  const bool int8_wins = taps > 1 && code_shape[0] >= 16 && (C / groups) * taps >= kInt8MinOutputsPerInput * stride[0] * stride[1];
+  const auto choice = choose_kernel(op, kernel, input, act_qparams, q, int8_wins, C);
+  const bool int8 = choice == CpuKernel::kInt8, dense = choice == CpuKernel::kDense;
   if (!int8 && !dense) {  // the reference path, with its own complete checks
+    const int64_t P = C ? std::max<int64_t>(1, num_points.max().item<int64_t>()) : 1;
     auto [codes, scales] = unpack_points(point_codes, point_scales, num_points, w_bits,
                                          c10::multiply_integers(code_shape), P);
     std::vector<int64_t> shape = {C, P};
@@ -494,9 +566,7 @@ at::Tensor multipoint_conv2d_stored_cpu(const at::Tensor& input, const at::Tenso
     auto p = cache().get<PreparedDense>(weight_tensors(point_codes, point_scales, num_points, bias), geometry, [&] {
       return PreparedDense{dense_from_stored(point_codes, point_scales, num_points, w_bits, code_shape, at::kFloat)};
     });
-    const auto x = act_qparams.has_value()
-                       ? at::clamp(at::round(input / q.scale) + q.zero_point, q.qmin, q.qmax).sub_(q.zero_point).mul_(q.scale)
-                       : input;
+    const auto x = fake_quantize_input(input, act_qparams, q);
     return at::conv2d(x, p->weight, bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt,
                       stride, padding, dilation, groups)
         .contiguous(at::MemoryFormat::ChannelsLast);
@@ -504,22 +574,30 @@ at::Tensor multipoint_conv2d_stored_cpu(const at::Tensor& input, const at::Tenso
   auto values = qparam_values(q);
   geometry.insert(geometry.end(), values.begin(), values.end());
   auto p = cache().get<PreparedInt8>(weight_tensors(point_codes, point_scales, num_points, bias), geometry, [&] {
+    check_stored(op, point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape));
     auto e = expand_points(point_codes, point_scales, num_points, w_bits, code_shape, bias, groups);
     static auto prepack = onednn_op("onednn::qconv_prepack", "")
                               .typed<at::Tensor(at::Tensor, at::Tensor, double, int64_t, torch::List<int64_t>,
                                                 torch::List<int64_t>, torch::List<int64_t>, int64_t,
                                                 std::optional<torch::List<int64_t>>)>();
-    e.weight = prepack.call(e.weight, e.w_scales, q.scale, int64_t(q.zero_point - q.qmin),
-                            torch::List<int64_t>(stride.vec()), torch::List<int64_t>(padding.vec()),
-                            torch::List<int64_t>(dilation.vec()), groups, std::nullopt);
+    for (Int8Rows* r : {&e.primary, &e.extra}) {
+      if (r == &e.extra && !e.has_extra) continue;
+      r->weight = prepack.call(r->weight, r->w_scales, q.scale, int64_t(q.zero_point - q.qmin),
+                               torch::List<int64_t>(stride.vec()), torch::List<int64_t>(padding.vec()),
+                               torch::List<int64_t>(dilation.vec()), groups, std::nullopt);
+    }
     return e;
   });
   const auto qx = quantize_input(input, q, at::MemoryFormat::ChannelsLast);
-  const auto out = call_qconv(qx, q.scale, int64_t(q.zero_point - q.qmin), *p, stride, padding, dilation, groups);
-  if (p->identity) return out;
-  auto y = at::empty(out_shape, out.options(), at::MemoryFormat::ChannelsLast);
-  const auto outc = out.contiguous(at::MemoryFormat::ChannelsLast);
-  sum_points(outc, *p, C, out_shape[0] * out_shape[2] * out_shape[3], y.data_ptr<float>());
+  const int64_t zp = int64_t(q.zero_point - q.qmin);
+  auto y = call_qconv(qx, q.scale, zp, p->primary, stride, padding, dilation, groups)
+               .contiguous(at::MemoryFormat::ChannelsLast);
+  if (p->has_extra) {
+    const auto e = call_qconv(qx, q.scale, zp, p->extra, stride, padding, dilation, groups)
+                       .contiguous(at::MemoryFormat::ChannelsLast);
+    auto rows = y.permute({0, 2, 3, 1}).reshape({-1, C});  // a view: y is channels_last
+    add_extra_points(e, p->extra_channel, rows);
+  }
   return y;
 }
 
@@ -537,7 +615,7 @@ std::tuple<at::Tensor, at::Tensor> unpack_all(const at::Tensor& point_codes, con
 at::Tensor multipoint_linear_stored_any(const at::Tensor& input, const at::Tensor& point_codes,
                                         const at::Tensor& point_scales, const at::Tensor& num_points, int64_t w_bits,
                                         int64_t in_features, const c10::optional<at::Tensor>& bias,
-                                        const c10::optional<at::Tensor>& act_qparams) {
+                                        const c10::optional<at::Tensor>& act_qparams, c10::string_view kernel) {
   auto [codes, scales] = unpack_all(point_codes, point_scales, num_points, w_bits, in_features);
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mpq::multipoint_linear", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -549,7 +627,8 @@ at::Tensor multipoint_conv2d_stored_any(const at::Tensor& input, const at::Tenso
                                         const at::Tensor& point_scales, const at::Tensor& num_points, int64_t w_bits,
                                         at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias,
                                         const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
-                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                        c10::string_view kernel) {
   TORCH_CHECK(code_shape.size() == 3, "mpq::multipoint_conv2d_stored: expected code_shape [C_in/groups, kh, kw], got ",
               code_shape);
   auto [codes, scales] = unpack_all(point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape));

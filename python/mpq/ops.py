@@ -227,14 +227,16 @@ def multipoint_linear_stored(
     in_features: int,
     bias: Optional[torch.Tensor] = None,
     act_qparams: Optional[torch.Tensor] = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """:func:`multipoint_linear` on the stored form (:func:`pack_points`) -> [..., C].
 
-    On the CPU with a float32 input: int8 activations (``act_qparams`` with at most 256 integer
-    levels) run oneDNN's int8 inner product on the points, float activations a dense weight
-    decoded once; both prepared once per weight and cached by the ops library."""
+    On the CPU with a float32 input, ``kernel`` "int8" runs oneDNN's int8 inner product on the
+    points (``act_qparams`` with at most 256 integer levels), "dense" a weight decoded once on the
+    fake-quantized input, "auto" picks by the layer's shape; both are prepared once per weight and
+    cached by the ops library. Every choice computes the same function."""
     return torch.ops.mpq.multipoint_linear_stored(
-        input, point_codes, point_scales, num_points, w_bits, in_features, bias, act_qparams
+        input, point_codes, point_scales, num_points, w_bits, in_features, bias, act_qparams, kernel
     )
 
 
@@ -251,12 +253,13 @@ def multipoint_conv2d_stored(
     padding: List[int],
     dilation: List[int],
     groups: int,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """:func:`multipoint_conv2d` on the stored form, ``code_shape = [C_in/groups, kh, kw]``; kernels
     as :func:`multipoint_linear_stored` (oneDNN's int8 convolution). The CPU output is channels_last."""
     return torch.ops.mpq.multipoint_conv2d_stored(
         input, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams, stride, padding,
-        dilation, groups,
+        dilation, groups, kernel,
     )
 
 
@@ -343,14 +346,17 @@ def _unpack_points_fake(point_codes, point_scales, num_points, w_bits, in_featur
 
 
 @torch.library.register_fake("mpq::multipoint_linear_stored")
-def _multipoint_linear_stored_fake(input, point_codes, point_scales, num_points, w_bits, in_features, bias, act_qparams):
+def _multipoint_linear_stored_fake(
+    input, point_codes, point_scales, num_points, w_bits, in_features, bias, act_qparams, kernel="auto"
+):
     torch._check(input.shape[-1] == in_features, lambda: "mpq::multipoint_linear_stored: input and in_features disagree")
     return input.new_empty((*input.shape[:-1], num_points.shape[0]))
 
 
 @torch.library.register_fake("mpq::multipoint_conv2d_stored")
 def _multipoint_conv2d_stored_fake(
-    input, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams, stride, padding, dilation, groups
+    input, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams, stride, padding, dilation, groups,
+    kernel="auto",
 ):
     N, _, H, W = input.shape
     kh, kw = code_shape[1], code_shape[2]

@@ -51,6 +51,10 @@ def test_pack_refuses_codes_outside_the_bit_width():
         mpq.ops.unpack_points(point_codes[1:], point_scales[1:], counts, 4, 5, 2)
     with pytest.raises(RuntimeError, match=r"mpq::multipoint_linear_stored: expected point_codes rows of"):
         mpq.ops.multipoint_linear_stored(torch.randn(2, 9), point_codes, point_scales, counts, 4, 9)
+    with pytest.raises(RuntimeError, match=r'mpq::multipoint_linear_stored: kernel "int8" needs .* act_qparams'):
+        mpq.ops.multipoint_linear_stored(torch.randn(2, 5), point_codes, point_scales, counts, 4, 5, None, None, "int8")
+    with pytest.raises(RuntimeError, match=r'mpq::multipoint_linear_stored: expected kernel "auto", "int8" or "dense"'):
+        mpq.ops.multipoint_linear_stored(torch.randn(2, 5), point_codes, point_scales, counts, 4, 5, None, None, "mma")
 
 
 # Layer geometries: (kind, C_in, C_out, kernel, stride, padding, dilation, groups).
@@ -91,7 +95,15 @@ def test_stored_layers_equal_the_float64_reference_element_wise(layer, grid):
     if grid is not None and grid[2] >= 0:
         x = x.relu()
     with torch.no_grad():
-        y = m(x)
+        ys = {"module (auto)": m(x)}
+        for kernel in ("int8", "dense") if grid is not None else ("dense",):
+            if kind == "linear":
+                ys[kernel] = mpq.ops.multipoint_linear_stored(x, m.point_codes, m.point_scales, m.num_points, m.w_bits,
+                                                              m.in_features, m.bias, m.act_qparams, kernel)
+            else:
+                ys[kernel] = mpq.ops.multipoint_conv2d_stored(x, m.point_codes, m.point_scales, m.num_points, m.w_bits,
+                                                              m.code_shape, m.bias, m.act_qparams, m.stride, m.padding,
+                                                              m.dilation, m.groups, kernel)
         ref, bound, _ = layer_bound(m, x)
         # The same layer through the reference op in float64 (dequantize per call).
         codes, scales = m.unpacked()
@@ -100,11 +112,12 @@ def test_stored_layers_equal_the_float64_reference_element_wise(layer, grid):
         else:
             ref_op = mpq.ops.multipoint_conv2d(x.double(), codes, scales, m.num_points, m.bias, m.act_qparams,
                                                m.stride, m.padding, m.dilation, m.groups)
-    assert y.dtype == torch.float32 and y.shape == ref.shape
     assert torch.allclose(ref, ref_op, rtol=1e-12, atol=1e-12)
-    assert bool(((y.double() - ref).abs() <= bound).all()), float(((y.double() - ref).abs() / bound).max())
-    if kind == "conv":
-        assert y.is_contiguous(memory_format=torch.channels_last)
+    for kernel, y in ys.items():
+        assert y.dtype == torch.float32 and y.shape == ref.shape, kernel
+        assert bool(((y.double() - ref).abs() <= bound).all()), (kernel, float(((y.double() - ref).abs() / bound).max()))
+        if kind == "conv":
+            assert y.is_contiguous(memory_format=torch.channels_last), kernel
 
 
 _ISA_CHILD = textwrap.dedent(
@@ -131,7 +144,7 @@ def test_int8_kernels_agree_on_every_onednn_isa(isa):
 
 
 def test_the_prepared_weight_follows_in_place_changes_and_new_weights():
-    m = _layer("conv", 16, 40, 3, 1, 1, 1, 1)
+    m = _layer("conv", 16, 40, 3, 1, 1, 1, 1)  # a 3 x 3 dense conv: the int8 kernel
     m.set_act_qparams(0.05, 0, -128, 127)
     x = torch.randn(2, 16, 9, 9)
     with torch.no_grad():
