@@ -178,11 +178,68 @@ def run_model(name: str, batches: List[int], repeats: int, presets: List[str], s
     return {"rows": rows, "sizes_bytes": sizes, "fidelity": fidelity, "quantize_seconds": quant_seconds}
 
 
+# Layer shapes of ResNet-50, EfficientNet-Lite0 and MiniLM: (kind, batch or rows, C_in, C_out, H, kernel, stride, groups).
+LAYER_SHAPES = [
+    ("conv", 16, 64, 64, 56, 3, 1, 1), ("conv", 1, 64, 64, 56, 3, 1, 1), ("conv", 16, 256, 256, 14, 3, 1, 1),
+    ("conv", 16, 64, 256, 56, 1, 1, 1), ("conv", 16, 256, 64, 56, 1, 1, 1), ("conv", 16, 112, 672, 14, 1, 1, 1),
+    ("conv", 16, 672, 112, 14, 1, 1, 1), ("conv", 16, 96, 96, 112, 3, 2, 96), ("conv", 16, 3, 32, 224, 3, 2, 1),
+    ("linear", 1, 384, 1536, None, None, None, None), ("linear", 16, 384, 1536, None, None, None, None),
+    ("linear", 16, 384, 384, None, None, None, None), ("linear", 512, 1536, 384, None, None, None, None),
+]
+
+
+def run_layers(repeats: int, seed: int) -> List[Dict[str, Any]]:
+    """Each stored-form kernel ("int8", "dense", and what "auto" picks) against the float32 layer
+    with the same decoded weight, on the shapes above: 4-bit points, a quarter of the channels with
+    a second point, an unsigned 8-bit input grid. The evidence for "auto"'s rule."""
+    rows = []
+    g = torch.Generator().manual_seed(seed)
+    for kind, n, cin, cout, h, k, s, groups in LAYER_SHAPES:
+        if kind == "conv":
+            m = mpq.nn.MultipointConv2d(cin, cout, [k, k], 2, 4, [s, s], [k // 2] * 2, [1, 1], groups)
+            shape = [cin // groups, k, k]
+            x = torch.randn(n, cin, h, h, generator=g).relu().contiguous(memory_format=torch.channels_last)
+        else:
+            m = mpq.nn.MultipointLinear(cin, cout, 2, 4)
+            shape = [cin]
+            x = torch.randn(n, cin, generator=g).relu()
+        counts = torch.ones(cout, dtype=torch.int32)
+        counts[: cout // 4] = 2
+        codes = torch.randint(-7, 8, (cout, 2, *shape), generator=g).to(torch.int8)
+        m.set_weight(codes, torch.rand(cout, 2, generator=g) * 0.01, counts, torch.randn(cout, generator=g))
+        m.set_act_qparams(0.02, 0, 0, 255)
+        w = m.dequantized_weight()
+        if kind == "conv":
+            def run(kernel, m=m, x=x):
+                return mpq.ops.multipoint_conv2d_stored(x, m.point_codes, m.point_scales, m.num_points, 4, m.code_shape,
+                                                        m.bias, m.act_qparams, m.stride, m.padding, m.dilation,
+                                                        m.groups, kernel)
+            fp32 = lambda m=m, x=x, w=w: torch.nn.functional.conv2d(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups)  # noqa: E731
+        else:
+            def run(kernel, m=m, x=x):
+                return mpq.ops.multipoint_linear_stored(x, m.point_codes, m.point_scales, m.num_points, 4, cin, m.bias,
+                                                        m.act_qparams, kernel)
+            fp32 = lambda m=m, x=x, w=w: torch.nn.functional.linear(x, w, m.bias)  # noqa: E731
+        row = {"kind": kind, "batch_or_rows": n, "c_in": cin, "c_out": cout, "size": h, "kernel": k, "stride": s,
+               "groups": groups, "fp32_ms": median_ms(fp32, repeats)}
+        for kernel in ("int8", "dense", "auto"):
+            row[f"{kernel}_ms"] = median_ms(lambda kernel=kernel: run(kernel), repeats)
+        rows.append(row)
+    return rows
+
+
 def format_table(results: Dict[str, Any]) -> str:
     lines = ["| model | batch | variant | ms | x FP32 (best layout) | x torch int8 |", "|---|---|---|---|---|---|"]
     for r in results["rows"]:
         vs = f"{r['speed_vs_torch_int8']:.2f}" if r["speed_vs_torch_int8"] else "-"
         lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['ms']:.1f} | {r['speedup_vs_fp32']:.2f} | {vs} |")
+    if results.get("layers"):
+        lines += ["", "| layer | fp32 ms | int8 ms | dense ms | auto ms |", "|---|---|---|---|---|"]
+        for r in results["layers"]:
+            name = (f"conv {r['c_in']}->{r['c_out']} {r['kernel']}x{r['kernel']}/{r['stride']} g{r['groups']} "
+                    f"{r['size']}px, batch {r['batch_or_rows']}" if r["kind"] == "conv"
+                    else f"linear {r['c_in']}->{r['c_out']}, {r['batch_or_rows']} rows")
+            lines.append(f"| {name} | {r['fp32_ms']:.2f} | {r['int8_ms']:.2f} | {r['dense_ms']:.2f} | {r['auto_ms']:.2f} |")
     lines += ["", "| model | file | MB |", "|---|---|---|"]
     for model, sizes in results["sizes_bytes"].items():
         for k, v in sizes.items():
@@ -192,13 +249,15 @@ def format_table(results: Dict[str, Any]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["resnet50", "lite0"], choices=["resnet50", "lite0"])
+    p.add_argument("--models", nargs="*", default=["resnet50", "lite0"], choices=["resnet50", "lite0"],
+                   help="models to time end to end (none: only --layers)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     p.add_argument("--presets", nargs="+", default=["W4A8", "W4A16", "W8A8"])
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-fx", action="store_true", help="skip PyTorch's own int8 path")
+    p.add_argument("--layers", action="store_true", help="also time the stored-form kernels per layer shape")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "cpu.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -222,6 +281,8 @@ def main(argv=None) -> int:
         "fidelity": {},
         "quantize_seconds": {},
     }
+    if args.layers:
+        out["layers"] = run_layers(args.repeats, args.seed)
     for name in args.models:
         r = run_model(name, args.batches, args.repeats, args.presets, args.seed, not args.no_fx)
         out["rows"] += r["rows"]

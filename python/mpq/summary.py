@@ -42,6 +42,15 @@ def summary(qmodel: nn.Module) -> str:
     avg = total_bits / total_weights if total_weights else float("nan")
     out.append(f"{len(rows)} multipoint layers, {int(total_weights)} weights, {avg:.3f} bits per weight on average")
     out.append(f"{len(floats)} layers in float" + (f": {', '.join(floats)}" if floats else ""))
+    from mpq.quantize import last_report
+
+    report = last_report(qmodel)
+    for check in report.simulation_checks if report is not None else []:
+        out.append(
+            f"simulation check ({check.dtype}): {len(check.layers)} layers within their float64 bound "
+            f"(largest error / bound {check.max_ratio:.2f}); end-to-end difference to the float simulation "
+            f"{check.end_to_end:.2e} (relative L2)"
+        )
     return "\n".join(out)
 
 

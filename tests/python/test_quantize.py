@@ -120,6 +120,7 @@ def test_budget_is_respected():
     text = mpq.summary(qmodel)
     for layer in report.layers:
         assert layer.name in text
+    assert f"simulation check (float32): {len(report.layers)} layers within their float64 bound" in text
 
 
 def test_allocation_greedy_is_exact_on_a_toy_problem():
