@@ -452,12 +452,14 @@ at::Tensor dense_from_stored(const at::Tensor& point_codes, const at::Tensor& po
 enum class CpuKernel { kInt8, kDense, kReference };
 
 // "auto" picks the faster of the two on this kind of CPU, measured per layer shape against each other
-// (benchmarks/cpu.py --layers, benchmarks/results/cpu_layers.json): int8 for convolutions with at
-// least kInt8MinGroupChannels input and output channels per group (3 x 3 dense convs 3-7x faster
-// than float32; 1 x 1 convs about even with float32 and faster than the float path, which must
-// fake-quantize its input in an extra pass) and for Linear calls of at least kInt8MinLinearMacs
-// multiply-adds (3x at 512 rows); the float path for depthwise convs, stems with few input
-// channels and small Linear calls, where oneDNN's int8 kernels or their fixed cost lose.
+// (benchmarks/cpu.py --layers, the "layers" rows of benchmarks/results/cpu.json): int8 for
+// convolutions with at least kInt8MinGroupChannels input and output channels per group, a kernel
+// larger than 1 x 1 (3 x 3 dense convs 3-9x faster than float32) or fewer outputs than inputs (1 x 1
+// projections: faster than float32 and than the float path, which fake-quantizes its input in an
+// extra pass), and for Linear calls of at least kInt8MinLinearMacs multiply-adds (3x at 512 rows);
+// the float path for depthwise convs, stems with few input channels, 1 x 1 expansions (their float
+// outputs per point dominate) and small Linear calls, where oneDNN's int8 kernels or their fixed
+// cost lose.
 constexpr int64_t kInt8MinGroupChannels = 16;
 constexpr int64_t kInt8MinLinearMacs = int64_t(1) << 23;
 
@@ -541,7 +543,8 @@ at::Tensor multipoint_conv2d_stored_cpu(const at::Tensor& input, const at::Tenso
   ActQuant q{1.0, 0.0, 0.0, 1.0};
   if (act_qparams.has_value()) q = read_act_qparams(op, *act_qparams);
   const int64_t taps = code_shape[1] * code_shape[2];
-  const bool int8_wins = code_shape[0] >= kInt8MinGroupChannels && C / groups >= kInt8MinGroupChannels;
+  const bool int8_wins = code_shape[0] >= kInt8MinGroupChannels && C / groups >= kInt8MinGroupChannels &&
+                         (taps > 1 || C / groups <= code_shape[0]);
   const auto choice = choose_kernel(op, kernel, input, act_qparams, q, int8_wins, C);
   const bool int8 = choice == CpuKernel::kInt8, dense = choice == CpuKernel::kDense;
   if (!int8 && !dense) {  // the reference path, with its own complete checks
