@@ -4,13 +4,13 @@
 // each point's D codes bit-packed at w_bits bits (code i at bits i*w_bits.. of the row, LSB
 // first, two's complement), plus one float32 scale per point and the point counts.
 //
-// CPU kernels of the stored-form layers:
-// - int8 activations (act_qparams with at most 256 integer levels, float32 input): the points are
-//   rows of one "expanded" int8 layer run by oneDNN's int8 convolution / inner product (VNNI and
-//   AMX where the CPU has them; torch.ops.onednn, as PyTorch's own x86 int8 path) with float32
-//   output scaled by activation scale x point scale; a second pass adds each channel's extra
-//   points into its first (the paper's "expanded layer whose extra outputs are summed back").
-// - float activations (float32): the dense weight sum_k a_k q_k, decoded once.
+// CPU kernels of the stored-form layers (kernel "int8" or "dense", or "auto": chosen per layer shape):
+// - int8: the input quantized to uint8 in one pass; each channel's first point (with the bias) is
+//   one oneDNN int8 convolution / inner product (VNNI and AMX where the CPU has them; the ops of
+//   PyTorch's own x86 int8 path) with float32 output scaled by activation scale x point scale,
+//   the further points a second one whose outputs are added into their channels (the paper's
+//   "expanded layer whose extra outputs are summed back").
+// - dense: the input fake-quantized in one pass, then the dense weight sum_k a_k q_k, decoded once.
 // - anything else (float64, float16/bfloat16 on the CPU): the reference ops on the unpacked weight.
 // The prepared forms (oneDNN's prepacked weight, the decoded dense weight) are made once per
 // weight and kept in a process-wide cache keyed by the stored tensors (weak references and
@@ -23,7 +23,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
 #include <memory>
 #include <mutex>
 #include <tuple>

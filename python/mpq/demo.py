@@ -69,6 +69,7 @@ def run_demo(configs: Optional[Dict[str, QuantConfig]] = None, json_path: Option
     """Quantize EfficientNet-Lite0 with each config and print one table row per model."""
     if configs is None:
         configs = _rtn_and_multipoint(("W4A8", "W3A16"), seed)
+    started = time.perf_counter()
     model = assets.load_efficientnet_lite0()
     data = load_demo_data(seed=seed)
     with torch.no_grad():
@@ -93,8 +94,30 @@ def run_demo(configs: Optional[Dict[str, QuantConfig]] = None, json_path: Option
         import mpq
 
         with open(json_path, "w") as f:
-            json.dump({"rows": rows, "minilm_rows": text_rows, "build": mpq.build_info(), "seed": seed}, f, indent=2)
+            json.dump({"command": f"python -m mpq demo --seed {seed} --json {json_path}", **_provenance(),
+                       "torch_threads": torch.get_num_threads(), "seconds_total": time.perf_counter() - started,
+                       "rows": rows, "minilm_rows": text_rows, "build": mpq.build_info(), "seed": seed}, f, indent=2)
     return rows
+
+
+def _provenance() -> dict:
+    """The git commit of the source tree (when run from a checkout) and the CPU model."""
+    import platform
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"commit": commit or None, "cpu": cpu, "torch": torch.__version__}
 
 
 def _quantize_each(model: torch.nn.Module, calib: List[torch.Tensor], configs: Dict[str, QuantConfig], evaluate) -> List[dict]:

@@ -312,8 +312,8 @@ class MultipointLinear(_MultipointBase):
     On a GPU with a float16/bfloat16 input, the forward runs ``mpq::multipoint_linear_packed`` on
     the packed weight (module docstring): fused kernels that read the 4-bit codes directly, with
     int8 tensor cores when ``act_qparams`` has integer levels that fit int8 (``packed_kernel`` says
-    which). Other inputs run ``mpq::multipoint_linear``. NB: move the model to the GPU (or call
-    ``pack_()``) before ``torch.compile``/``torch.export``, so that tracing does not meet the packing.
+    which). Other inputs run ``mpq::multipoint_linear_stored`` (on the CPU: oneDNN int8 or a
+    decoded weight). NB: move the model to the GPU (or call ``pack_()``) before ``torch.compile``/``torch.export``, so that tracing does not meet the packing.
     """
 
     packed_kernel: str
@@ -351,7 +351,7 @@ class MultipointConv2d(_MultipointBase):
     (module docstring): an implicit GEMM over the NHWC input (channels_last in, channels_last out),
     with int8 activations and int8 tensor cores when ``act_qparams`` fit int8 and
     in_channels/groups is a multiple of 16. Grouped convolutions with fewer than 64 output channels
-    per group keep ``mpq::multipoint_conv2d`` (a packed tile holds 64 channels of one group): a
+    per group keep ``mpq::multipoint_conv2d_stored`` (a packed tile holds 64 channels of one group): a
     direct kernel for depthwise ones on channels_last inputs, dequantize then cuDNN otherwise.
     """
 
