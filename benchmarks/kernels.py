@@ -897,7 +897,7 @@ def run_resnet50(args, env: Env) -> Tuple[dict, List[str]]:
             torch.cuda.empty_cache()
     doc = {"image": image, "batches": batches, "quantization": quant, "checks": checks, "results": rows,
            "target": "mpq_w4a8 >= 1.2x fp16_cudnn images/s at batch 32 and 256, >= 1.0x at batch 1 "
-                     "(CUDA graphs allowed for both; shared/docs/PERF.md)"}
+                     "(CUDA graphs allowed for both; docs/PERF.md)"}
     return doc, failed
 
 

@@ -1,5 +1,5 @@
 // CUDA kernel of mpq::fit_multipoint: the greedy multipoint fit of csrc/kernels/greedy_fit.cpp
-// (ALGORITHM.md section 1) for every row at once, with the CPU's arithmetic step for step, so
+// (docs/ALGORITHM.md section 1) for every row at once, with the CPU's arithmetic step for step, so
 // that codes agree with the CPU kernel except at exact ties and errors to rounding.
 //
 // Fast mode (fit_fast_kernel): one block of kFastGridPoints = 128 threads per row, all points in

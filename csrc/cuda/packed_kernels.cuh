@@ -33,7 +33,7 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kElementwiseThreads = 256;
 constexpr int64_t kMaxSplits = 16;
 constexpr int64_t kGemvMaxM = 16;     // one m16 tile: memory bound, the "gemv" kernel
-constexpr int64_t kDenseMinM = 1024;  // from here on, decode once and run cuBLAS (PERF.md allows it)
+constexpr int64_t kDenseMinM = 1024;  // from here on, decode once and run cuBLAS (docs/PERF.md allows it)
 // int32 accumulators of the int8 kernel: |v| <= 128, |q| <= 128, so K < 2^31 / 2^14; halved for margin.
 constexpr int64_t kInt8MaxK = 65536;
 

@@ -1,5 +1,5 @@
 // Greedy multipoint fitting of one weight row, on raw pointers (no torch), so that Catch2
-// tests it directly and the CPU op is a thin loop over rows. Algorithm: ALGORITHM.md section 1.
+// tests it directly and the CPU op is a thin loop over rows. Algorithm: docs/ALGORITHM.md section 1.
 #pragma once
 
 #include <cstdint>
