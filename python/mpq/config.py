@@ -80,8 +80,11 @@ class QuantConfig:
     of H that together fit the budget, with one log line naming the layer; the methods that need
     the whole H (adaround, adaquant, companding, ilp) raise instead.
 
-    ``verify``: after quantizing, run one calibration batch through the kernels and through a
-    plain-PyTorch float simulation of the same quantized model, and raise if they disagree.
+    ``verify``: after quantizing (and packing), run one calibration batch through the deployed
+    model and check every quantized layer against its float64 recomputation from its own input,
+    element-wise within a worst-case rounding bound (``mpq.simulate.check_simulation``); raise
+    naming the layer and the element if one disagrees. The end-to-end difference to the float
+    simulation is reported (``QuantReport.simulation_error``), not checked.
 
     ``method``: a registered weight quantizer (``mpq.methods.available()``): ``"multipoint"``, or
     ``"rtn"`` (one point per channel, range ``rtn_range``).
