@@ -113,13 +113,14 @@ TORCH_LIBRARY(mpq, m) {
       "int max_points) -> (Tensor codes, Tensor scales)");
 
   // multipoint_linear on the stored form: fq(input) @ W^T + bias -> [..., C], C = num_points.size(0),
-  // the same function whichever kernel runs it. On the CPU, kernel "int8" runs oneDNN's int8 inner
+  // the same function whichever kernel runs it. On the CPU, path "int8" runs oneDNN's int8 inner
   // product on the points (float32 input, act_qparams with at most 256 integer levels), "dense" the
   // weight decoded once after fake-quantizing the input, "auto" picks by the layer's shape; both
   // prepared once per weight (csrc/cpu/multipoint_stored.cpp). Other backends: the reference op.
+  // NB: not named "kernel": Inductor's fallback kernels take that keyword themselves.
   m.def(
       "multipoint_linear_stored(Tensor input, Tensor point_codes, Tensor point_scales, Tensor num_points, "
-      "int w_bits, int in_features, Tensor? bias, Tensor? act_qparams, str kernel=\"auto\") -> Tensor");
+      "int w_bits, int in_features, Tensor? bias, Tensor? act_qparams, str path=\"auto\") -> Tensor");
 
   // multipoint_conv2d on the stored form (code_shape = [C_in/groups, kh, kw]); CPU kernels as
   // multipoint_linear_stored (oneDNN int8 convolution). The CPU kernel's output is channels_last
@@ -127,7 +128,7 @@ TORCH_LIBRARY(mpq, m) {
   m.def(
       "multipoint_conv2d_stored(Tensor input, Tensor point_codes, Tensor point_scales, Tensor num_points, "
       "int w_bits, int[3] code_shape, Tensor? bias, Tensor? act_qparams, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, str kernel=\"auto\") -> Tensor");
+      "int[2] dilation, int groups, str path=\"auto\") -> Tensor");
 
   // Build facts (mpq version, torch version, CUDA kernels and architectures) as a JSON string.
   m.def("_build_info() -> str", &mpq::build_info);

@@ -4,7 +4,7 @@
 // each point's D codes bit-packed at w_bits bits (code i at bits i*w_bits.. of the row, LSB
 // first, two's complement), plus one float32 scale per point and the point counts.
 //
-// CPU kernels of the stored-form layers (kernel "int8" or "dense", or "auto": chosen per layer shape):
+// CPU kernels of the stored-form layers (path "int8" or "dense", or "auto": chosen per layer shape):
 // - int8: the input quantized to uint8 in one pass; each channel's first point (with the bias) is
 //   one oneDNN int8 convolution / inner product (VNNI and AMX where the CPU has them; the ops of
 //   PyTorch's own x86 int8 path) with float32 output scaled by activation scale x point scale,
@@ -465,11 +465,11 @@ constexpr int64_t kInt8MinLinearMacs = int64_t(1) << 23;
 CpuKernel choose_kernel(const char* op, c10::string_view kernel, const at::Tensor& input,
                         const c10::optional<at::Tensor>& act_qparams, const ActQuant& q, bool int8_wins, int64_t C) {
   TORCH_CHECK(kernel == "auto" || kernel == "int8" || kernel == "dense", op,
-              ": expected kernel \"auto\", \"int8\" or \"dense\", got \"", std::string(kernel), "\"");
+              ": expected path \"auto\", \"int8\" or \"dense\", got \"", std::string(kernel), "\"");
   const bool int8_ok = act_qparams.has_value() && input.scalar_type() == at::kFloat && int8_fits(q);
   TORCH_CHECK(kernel != "int8" || int8_ok, op,
-              ": kernel \"int8\" needs a float32 input and act_qparams with at most 256 integer levels");
-  TORCH_CHECK(kernel != "dense" || input.scalar_type() == at::kFloat, op, ": kernel \"dense\" needs a float32 input");
+              ": path \"int8\" needs a float32 input and act_qparams with at most 256 integer levels");
+  TORCH_CHECK(kernel != "dense" || input.scalar_type() == at::kFloat, op, ": path \"dense\" needs a float32 input");
   if (C == 0 || input.numel() == 0 || input.scalar_type() != at::kFloat) return CpuKernel::kReference;
   if (kernel == "int8") return CpuKernel::kInt8;
   if (kernel == "dense") return CpuKernel::kDense;

@@ -227,16 +227,16 @@ def multipoint_linear_stored(
     in_features: int,
     bias: Optional[torch.Tensor] = None,
     act_qparams: Optional[torch.Tensor] = None,
-    kernel: str = "auto",
+    path: str = "auto",
 ) -> torch.Tensor:
     """:func:`multipoint_linear` on the stored form (:func:`pack_points`) -> [..., C].
 
-    On the CPU with a float32 input, ``kernel`` "int8" runs oneDNN's int8 inner product on the
+    On the CPU with a float32 input, ``path`` "int8" runs oneDNN's int8 inner product on the
     points (``act_qparams`` with at most 256 integer levels), "dense" a weight decoded once on the
     fake-quantized input, "auto" picks by the layer's shape; both are prepared once per weight and
     cached by the ops library. Every choice computes the same function."""
     return torch.ops.mpq.multipoint_linear_stored(
-        input, point_codes, point_scales, num_points, w_bits, in_features, bias, act_qparams, kernel
+        input, point_codes, point_scales, num_points, w_bits, in_features, bias, act_qparams, path
     )
 
 
@@ -253,13 +253,13 @@ def multipoint_conv2d_stored(
     padding: List[int],
     dilation: List[int],
     groups: int,
-    kernel: str = "auto",
+    path: str = "auto",
 ) -> torch.Tensor:
     """:func:`multipoint_conv2d` on the stored form, ``code_shape = [C_in/groups, kh, kw]``; kernels
     as :func:`multipoint_linear_stored` (oneDNN's int8 convolution). The CPU output is channels_last."""
     return torch.ops.mpq.multipoint_conv2d_stored(
         input, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams, stride, padding,
-        dilation, groups, kernel,
+        dilation, groups, path,
     )
 
 
@@ -347,7 +347,7 @@ def _unpack_points_fake(point_codes, point_scales, num_points, w_bits, in_featur
 
 @torch.library.register_fake("mpq::multipoint_linear_stored")
 def _multipoint_linear_stored_fake(
-    input, point_codes, point_scales, num_points, w_bits, in_features, bias, act_qparams, kernel="auto"
+    input, point_codes, point_scales, num_points, w_bits, in_features, bias, act_qparams, path="auto"
 ):
     torch._check(input.shape[-1] == in_features, lambda: "mpq::multipoint_linear_stored: input and in_features disagree")
     return input.new_empty((*input.shape[:-1], num_points.shape[0]))
@@ -356,7 +356,7 @@ def _multipoint_linear_stored_fake(
 @torch.library.register_fake("mpq::multipoint_conv2d_stored")
 def _multipoint_conv2d_stored_fake(
     input, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams, stride, padding, dilation, groups,
-    kernel="auto",
+    path="auto",
 ):
     N, _, H, W = input.shape
     kh, kw = code_shape[1], code_shape[2]

@@ -168,8 +168,15 @@ def test_hessian_budget_is_validated(bad):
 
 _RSS_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     import torch, mpq
+
+    def high_water_kib():
+        # VmHWM: this address space's peak RSS. NB: not getrusage's ru_maxrss, which Linux carries
+        # over from the forking parent (a pytest run of 2.5 GB made every child look 2.5 GB big).
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
     torch.set_num_threads(1)
     torch.manual_seed(0)
     # An audio-like conv, 512 input channels and a 16 x 1 kernel (D = 8192 > calib_samples; its H
@@ -182,9 +189,9 @@ _RSS_SCRIPT = textwrap.dedent(
     calib = [torch.randn(16, 512, 79, 1, generator=g) for _ in range(2)]  # 1024 rows per batch per conv
     cfg = mpq.QuantConfig.preset("W4A8", calib_batches=2, calib_samples=2048, sensitivity_batches=1,
                                  hessian_budget_mb=64)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = high_water_kib()
     q = mpq.quantize(model, calib, cfg)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = high_water_kib()
     r = mpq.last_report(q)
     # What the old code would have asked for: the refit's [m, N, D] float64 rows of the channels
     # with the most common point count, and the GPTQ point sequence's whole H with its factor.
