@@ -233,34 +233,30 @@ bool int8_fits(const ActQuant& q) {
   return integral(q.zero_point) && integral(q.qmin) && integral(q.qmax) && q.qmax - q.qmin <= 255.0;
 }
 
-// u = clamp(round_half_even(x / s) + zp, qmin, qmax) - qmin as uint8 (the levels shifted to 0..255,
-// zero point zp - qmin): the levels of fake_quantize_activation, exactly.
+// L = clamp(round_half_even(x / s) + zp, qmin, qmax), the level of fake_quantize_activation,
+// exactly. Clamping x/s to [qmin - zp - 1, qmax - zp + 1] before rounding changes no level and keeps
+// |v| < 2^22, where adding and subtracting 1.5 * 2^23 rounds half to even. NB: SSE/AVX arithmetic
+// has no wider intermediates and, without -ffast-math, no reassociation.
+__attribute__((always_inline)) inline float activation_level(float x, float scale, float zp, float qmin, float qmax) {
+  const float lo = qmin - zp - 1.0f, hi = qmax - zp + 1.0f, magic = 12582912.0f;
+  float v = x / scale;
+  v = v < lo ? lo : (v > hi ? hi : v);
+  const float q = ((v + magic) - magic) + zp;
+  return q < qmin ? qmin : (q > qmax ? qmax : q);
+}
+
+// u = L - qmin as uint8 (the levels shifted to 0..255, zero point zp - qmin).
 __attribute__((target_clones("avx512f", "avx2", "default"))) void quantize_levels(
     const float* x, uint8_t* out, int64_t n, float scale, float zp, float qmin, float qmax) {
-  // Clamping x/s to [qmin - zp - 1, qmax - zp + 1] before rounding changes no level and keeps
-  // |v| < 2^22, where adding and subtracting 1.5 * 2^23 rounds half to even.
-  const float lo = qmin - zp - 1.0f, hi = qmax - zp + 1.0f, magic = 12582912.0f;
   for (int64_t i = 0; i < n; ++i) {
-    float v = x[i] / scale;
-    v = v < lo ? lo : (v > hi ? hi : v);
-    // NB: SSE/AVX arithmetic has no wider intermediates and, without -ffast-math, no reassociation.
-    float q = ((v + magic) - magic) + zp;
-    q = q < qmin ? qmin : (q > qmax ? qmax : q);
-    out[i] = static_cast<uint8_t>(static_cast<int>(q - qmin));
+    out[i] = static_cast<uint8_t>(static_cast<int>(activation_level(x[i], scale, zp, qmin, qmax) - qmin));
   }
 }
 
-// The float levels of fake_quantize_activation in one pass: (L - zp) * s, L as in quantize_levels.
+// The float levels of fake_quantize_activation in one pass: (L - zp) * s.
 __attribute__((target_clones("avx512f", "avx2", "default"))) void fake_quantize_levels(
     const float* x, float* out, int64_t n, float scale, float zp, float qmin, float qmax) {
-  const float lo = qmin - zp - 1.0f, hi = qmax - zp + 1.0f, magic = 12582912.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    float v = x[i] / scale;
-    v = v < lo ? lo : (v > hi ? hi : v);
-    float q = ((v + magic) - magic) + zp;
-    q = q < qmin ? qmin : (q > qmax ? qmax : q);
-    out[i] = (q - zp) * scale;
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = (activation_level(x[i], scale, zp, qmin, qmax) - zp) * scale;
 }
 
 template <typename T>
