@@ -427,6 +427,31 @@ std::vector<at::Tensor> weight_tensors(const at::Tensor& point_codes, const at::
   return {point_codes, point_scales, num_points, bias.has_value() ? *bias : at::Tensor()};
 }
 
+// oneDNN's prepacked int8 rows of a convolution's points (made once per weight and geometry).
+std::shared_ptr<PreparedInt8> prepared_int8_conv(const char* op, const at::Tensor& point_codes,
+                                                 const at::Tensor& point_scales, const at::Tensor& num_points,
+                                                 int64_t w_bits, at::IntArrayRef code_shape,
+                                                 const c10::optional<at::Tensor>& bias, const ActQuant& q,
+                                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 at::IntArrayRef dilation, int64_t groups,
+                                                 const std::vector<double>& geometry) {
+  return cache().get<PreparedInt8>(weight_tensors(point_codes, point_scales, num_points, bias), geometry, [&] {
+    check_stored(op, point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape));
+    auto e = expand_points(point_codes, point_scales, num_points, w_bits, code_shape, bias, groups);
+    static auto prepack = onednn_op("onednn::qconv_prepack", "")
+                              .typed<at::Tensor(at::Tensor, at::Tensor, double, int64_t, torch::List<int64_t>,
+                                                torch::List<int64_t>, torch::List<int64_t>, int64_t,
+                                                std::optional<torch::List<int64_t>>)>();
+    for (Int8Rows* r : {&e.primary, &e.extra}) {
+      if (r == &e.extra && !e.has_extra) continue;
+      r->weight = prepack.call(r->weight, r->w_scales, q.scale, int64_t(q.zero_point - q.qmin),
+                               torch::List<int64_t>(stride.vec()), torch::List<int64_t>(padding.vec()),
+                               torch::List<int64_t>(dilation.vec()), groups, std::nullopt);
+    }
+    return e;
+  });
+}
+
 // ---- float activations ---------------------------------------------------------------------------
 
 struct PreparedDense {
@@ -571,21 +596,8 @@ at::Tensor multipoint_conv2d_stored_cpu(const at::Tensor& input, const at::Tenso
   }
   auto values = qparam_values(q);
   geometry.insert(geometry.end(), values.begin(), values.end());
-  auto p = cache().get<PreparedInt8>(weight_tensors(point_codes, point_scales, num_points, bias), geometry, [&] {
-    check_stored(op, point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape));
-    auto e = expand_points(point_codes, point_scales, num_points, w_bits, code_shape, bias, groups);
-    static auto prepack = onednn_op("onednn::qconv_prepack", "")
-                              .typed<at::Tensor(at::Tensor, at::Tensor, double, int64_t, torch::List<int64_t>,
-                                                torch::List<int64_t>, torch::List<int64_t>, int64_t,
-                                                std::optional<torch::List<int64_t>>)>();
-    for (Int8Rows* r : {&e.primary, &e.extra}) {
-      if (r == &e.extra && !e.has_extra) continue;
-      r->weight = prepack.call(r->weight, r->w_scales, q.scale, int64_t(q.zero_point - q.qmin),
-                               torch::List<int64_t>(stride.vec()), torch::List<int64_t>(padding.vec()),
-                               torch::List<int64_t>(dilation.vec()), groups, std::nullopt);
-    }
-    return e;
-  });
+  auto p = prepared_int8_conv(op, point_codes, point_scales, num_points, w_bits, code_shape, bias, q, stride, padding,
+                              dilation, groups, geometry);
   const auto qx = quantize_input(input, q, at::MemoryFormat::ChannelsLast);
   const int64_t zp = int64_t(q.zero_point - q.qmin);
   auto y = call_qconv(qx, q.scale, zp, p->primary, stride, padding, dilation, groups)
@@ -597,6 +609,231 @@ at::Tensor multipoint_conv2d_stored_cpu(const at::Tensor& input, const at::Tenso
     add_extra_points(e, p->extra_channel, rows);
   }
   return y;
+}
+
+// ---- fused: convolution, + residual, clamp, and the next layer's activation quantizer -----------
+//
+// multipoint_conv2d_fused (registration.cpp) lets int8 activations flow between layers: its input
+// may be the uint8 levels u = L - qmin that the previous fused layer wrote (at this layer's
+// act_qparams), and its output y = clamp(conv + bias + residual, lo, hi) may be written as the
+// levels of the next layer's quantizer (out_qparams) instead of float32. The float32 activation
+// tensor between two layers, its ReLU pass and the next layer's quantizing pass are gone: a third
+// of the memory traffic of an int8 layer at batch 16 (benchmarks/NOTES.md).
+
+namespace {
+
+// The epilogue of one output row (a pixel's C channels), in place on y: + residual, clamp to
+// [lo, hi], then either kept as float32 or written as uint8 levels at `out`.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue_row_float(
+    float* y, const float* residual, int64_t C, float lo, float hi) {
+  if (residual != nullptr) {
+    for (int64_t c = 0; c < C; ++c) y[c] += residual[c];
+  }
+  for (int64_t c = 0; c < C; ++c) y[c] = y[c] < lo ? lo : (y[c] > hi ? hi : y[c]);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue_row_levels(
+    const float* y, const float* residual, uint8_t* out, int64_t C, float lo, float hi, float scale, float zp,
+    float qmin, float qmax) {
+  for (int64_t c = 0; c < C; ++c) {
+    float v = residual != nullptr ? y[c] + residual[c] : y[c];
+    v = v < lo ? lo : (v > hi ? hi : v);
+    out[c] = static_cast<uint8_t>(static_cast<int>(activation_level(v, scale, zp, qmin, qmax) - qmin));
+  }
+}
+
+struct Epilogue {
+  c10::optional<at::Tensor> residual;  // float32, the output's shape, channels_last
+  float lo, hi;
+  c10::optional<ActQuant> out;
+};
+
+// Applies the epilogue to y (float32 channels_last [N, C, H, W]): y itself (float output) or a new
+// uint8 channels_last tensor of levels.
+at::Tensor apply_epilogue(at::Tensor y, const Epilogue& ep) {
+  const int64_t C = y.size(1), rows = y.numel() / std::max<int64_t>(1, C);
+  const float* res = ep.residual.has_value() ? ep.residual->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  if (!ep.out.has_value()) {
+    at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) epilogue_row_float(yp + i * C, res ? res + i * C : nullptr, C, ep.lo, ep.hi);
+    });
+    return y;
+  }
+  auto out = at::empty(y.sizes(), y.options().dtype(at::kByte), at::MemoryFormat::ChannelsLast);
+  uint8_t* op = out.data_ptr<uint8_t>();
+  const ActQuant q = *ep.out;
+  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      epilogue_row_levels(yp + i * C, res ? res + i * C : nullptr, op + i * C, C, ep.lo, ep.hi, float(q.scale),
+                          float(q.zero_point), float(q.qmin), float(q.qmax));
+    }
+  });
+  return out;
+}
+
+// The input as this layer's uint8 levels (channels_last): as given, or quantized in one pass.
+at::Tensor levels_of(const at::Tensor& input, const ActQuant& q) {
+  if (input.scalar_type() == at::kByte) return input.contiguous(at::MemoryFormat::ChannelsLast);
+  return quantize_input(input, q, at::MemoryFormat::ChannelsLast);
+}
+
+// The input's fake-quantized float32 values (L - zp) * s: from the levels or from a float input.
+at::Tensor fake_quantized_of(const at::Tensor& input, const c10::optional<at::Tensor>& act_qparams,
+                             const ActQuant& q) {
+  if (input.scalar_type() != at::kByte) return fake_quantize_input(input, act_qparams, q);
+  // u = L - qmin: (u - (zp - qmin)) * s, exact in float32 for |u - zp'| < 2^24.
+  return input.to(at::kFloat).sub_(q.zero_point - q.qmin).mul_(q.scale);
+}
+
+// Depthwise convolution (groups = C_in = C_out) on uint8 levels, channels_last: per output pixel,
+// acc[c] = sum over taps of w[tap, c] * (u - zp'), y = s * acc + bias. The weight is the dense sum
+// of each channel's points (float32 [taps, C]), so the points cost nothing extra here; padding taps
+// hold the level of 0.0 (u = zp') and contribute nothing, so they are skipped.
+struct PreparedDepthwise {
+  at::Tensor weight;  // float32 [kh * kw, C]
+  at::Tensor bias;    // float32 [C] (zeros without a bias)
+};
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void depthwise_tap(const uint8_t* x, const float* w,
+                                                                                float* acc, int64_t C, float zp) {
+  for (int64_t c = 0; c < C; ++c) acc[c] += w[c] * (static_cast<float>(x[c]) - zp);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void depthwise_finish(float* acc, const float* bias,
+                                                                                   int64_t C, float scale) {
+  for (int64_t c = 0; c < C; ++c) acc[c] = acc[c] * scale + bias[c];
+}
+
+at::Tensor depthwise_levels(const at::Tensor& u, const PreparedDepthwise& p, const ActQuant& q, int64_t kh,
+                            int64_t kw, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                            at::IntArrayRef out_shape) {
+  const int64_t N = u.size(0), C = u.size(1), H = u.size(2), W = u.size(3);
+  const int64_t OH = out_shape[2], OW = out_shape[3];
+  auto y = at::empty(out_shape, u.options().dtype(at::kFloat), at::MemoryFormat::ChannelsLast);
+  const uint8_t* xp = u.data_ptr<uint8_t>();
+  const float* wp = p.weight.data_ptr<float>();
+  const float* bp = p.bias.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float zp = float(q.zero_point - q.qmin), scale = float(q.scale);
+  at::parallel_for(0, N * OH, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / OH, oh = r % OH;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        float* acc = yp + ((n * OH + oh) * OW + ow) * C;
+        std::fill(acc, acc + C, 0.0f);
+        for (int64_t i = 0; i < kh; ++i) {
+          const int64_t ih = oh * stride[0] - padding[0] + i * dilation[0];
+          if (ih < 0 || ih >= H) continue;
+          for (int64_t j = 0; j < kw; ++j) {
+            const int64_t iw = ow * stride[1] - padding[1] + j * dilation[1];
+            if (iw < 0 || iw >= W) continue;
+            depthwise_tap(xp + ((n * H + ih) * W + iw) * C, wp + (i * kw + j) * C, acc, C, zp);
+          }
+        }
+        depthwise_finish(acc, bp, C, scale);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor& point_codes,
+                                       const at::Tensor& point_scales, const at::Tensor& num_points, int64_t w_bits,
+                                       at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias,
+                                       const at::Tensor& act_qparams, at::IntArrayRef stride, at::IntArrayRef padding,
+                                       at::IntArrayRef dilation, int64_t groups,
+                                       const c10::optional<at::Tensor>& residual, double clamp_min, double clamp_max,
+                                       const c10::optional<at::Tensor>& out_qparams, c10::string_view path) {
+  const char* op = "mpq::multipoint_conv2d_fused";
+  TORCH_CHECK(code_shape.size() == 3, op, ": expected code_shape [C_in/groups, kh, kw], got ", code_shape);
+  check_stored(op, point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape), false);
+  TORCH_CHECK(path == "auto" || path == "int8" || path == "dense" || path == "depthwise", op,
+              ": expected path \"auto\", \"int8\", \"dense\" or \"depthwise\", got \"", std::string(path), "\"");
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kByte, op,
+              ": expected a float32 input or uint8 levels, got ", input.scalar_type());
+  TORCH_CHECK(!(clamp_min > clamp_max), op, ": expected clamp_min <= clamp_max, got ", clamp_min, " > ", clamp_max);
+  const int64_t C = num_points.size(0);
+  TORCH_CHECK(groups >= 1 && C % groups == 0, op, ": expected groups (", groups, ") to divide the ", C,
+              " output channels");
+  const ActQuant q = read_act_qparams(op, act_qparams);
+  TORCH_CHECK(input.scalar_type() != at::kByte || int8_fits(q), op,
+              ": a uint8 input needs act_qparams with at most 256 integer levels");
+  Epilogue ep{c10::nullopt, float(clamp_min), float(clamp_max), c10::nullopt};
+  if (out_qparams.has_value()) {
+    ep.out = read_act_qparams(op, *out_qparams);
+    TORCH_CHECK(int8_fits(*ep.out), op, ": out_qparams must have at most 256 integer levels (uint8 output)");
+  }
+  // The checks of the reference op on a float stand-in of the input and a zero-size stand-in of the codes.
+  std::vector<int64_t> shape = {C, 0};
+  for (auto s : code_shape) shape.push_back(s);
+  const auto out_shape = check_multipoint_conv2d_args(
+      at::empty(input.sizes(), input.options().dtype(at::kFloat)), at::empty(shape, point_codes.options().dtype(at::kChar)),
+      at::empty({C, 0}, point_scales.options()), at::zeros({C}, num_points.options()), bias, act_qparams, stride,
+      padding, dilation, groups);
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->sizes() == at::IntArrayRef(out_shape), op,
+                ": expected residual float32 of the output's shape ", at::IntArrayRef(out_shape), ", got ",
+                residual->scalar_type(), residual->sizes());
+    ep.residual = residual->contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  const bool depthwise_ok = groups == C && code_shape[0] == 1 && int8_fits(q);
+  const int64_t taps = code_shape[1] * code_shape[2];
+  const bool int8_ok = int8_fits(q);
+  TORCH_CHECK(path != "int8" || int8_ok, op, ": path \"int8\" needs act_qparams with at most 256 integer levels");
+  TORCH_CHECK(path != "depthwise" || depthwise_ok, op,
+              ": path \"depthwise\" needs groups = in_channels = out_channels and act_qparams that fit uint8");
+  std::string choice(path);
+  if (path == "auto") {
+    // Unlike multipoint_conv2d_stored, 1 x 1 expansions too: the float path would first turn a
+    // uint8 input back into float32, and a uint8 output halves what the int8 path writes.
+    const bool int8_wins = code_shape[0] >= kInt8MinGroupChannels && C / groups >= kInt8MinGroupChannels;
+    choice = depthwise_ok ? "depthwise" : (int8_ok && int8_wins ? "int8" : "dense");
+  }
+  if (C == 0 || input.numel() == 0) choice = "dense";
+  const auto weights = weight_tensors(point_codes, point_scales, num_points, bias);
+  std::vector<double> geometry = {double(w_bits), double(groups)};
+  for (auto v : {stride, padding, dilation}) geometry.insert(geometry.end(), v.begin(), v.end());
+  if (choice == "depthwise") {
+    geometry.insert(geometry.begin(), 3.0);
+    auto p = cache().get<PreparedDepthwise>(weights, geometry, [&] {
+      const auto w = dense_from_stored(point_codes, point_scales, num_points, w_bits, code_shape, at::kFloat);
+      return PreparedDepthwise{w.reshape({C, taps}).t().contiguous(),
+                               bias.has_value() ? bias->to(at::kFloat).contiguous() : at::zeros({C}, at::kFloat)};
+    });
+    auto y = depthwise_levels(levels_of(input, q), *p, q, code_shape[1], code_shape[2], stride, padding, dilation,
+                              out_shape);
+    return apply_epilogue(y, ep);
+  }
+  if (choice == "dense") {
+    geometry.insert(geometry.begin(), 0.0);  // the same key as multipoint_conv2d_stored's paths
+    auto p = cache().get<PreparedDense>(weights, geometry, [&] {
+      return PreparedDense{dense_from_stored(point_codes, point_scales, num_points, w_bits, code_shape, at::kFloat)};
+    });
+    auto y = at::conv2d(fake_quantized_of(input, act_qparams, q), p->weight,
+                        bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt, stride,
+                        padding, dilation, groups)
+                 .contiguous(at::MemoryFormat::ChannelsLast);
+    return apply_epilogue(y, ep);
+  }
+  geometry.insert(geometry.begin(), 1.0);
+  auto values = qparam_values(q);
+  geometry.insert(geometry.end(), values.begin(), values.end());
+  auto p = prepared_int8_conv(op, point_codes, point_scales, num_points, w_bits, code_shape, bias, q, stride, padding,
+                              dilation, groups, geometry);
+  const auto qx = levels_of(input, q);
+  const int64_t zp = int64_t(q.zero_point - q.qmin);
+  auto y = call_qconv(qx, q.scale, zp, p->primary, stride, padding, dilation, groups)
+               .contiguous(at::MemoryFormat::ChannelsLast);
+  if (p->has_extra) {
+    const auto e = call_qconv(qx, q.scale, zp, p->extra, stride, padding, dilation, groups)
+                       .contiguous(at::MemoryFormat::ChannelsLast);
+    auto rows = y.permute({0, 2, 3, 1}).reshape({-1, C});
+    add_extra_points(e, p->extra_channel, rows);
+  }
+  return apply_epilogue(y, ep);
 }
 
 // Other backends (CUDA): unpack, then that backend's reference op (the fused GPU kernels run on
@@ -639,6 +876,28 @@ at::Tensor multipoint_conv2d_stored_any(const at::Tensor& input, const at::Tenso
   return op.call(input, codes.reshape(shape), scales, num_points, bias, act_qparams, stride, padding, dilation, groups);
 }
 
+at::Tensor multipoint_conv2d_fused_any(const at::Tensor& input, const at::Tensor& point_codes,
+                                       const at::Tensor& point_scales, const at::Tensor& num_points, int64_t w_bits,
+                                       at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias,
+                                       const at::Tensor& act_qparams, at::IntArrayRef stride, at::IntArrayRef padding,
+                                       at::IntArrayRef dilation, int64_t groups,
+                                       const c10::optional<at::Tensor>& residual, double clamp_min, double clamp_max,
+                                       const c10::optional<at::Tensor>& out_qparams, c10::string_view path) {
+  const char* op = "mpq::multipoint_conv2d_fused";
+  const ActQuant q = read_act_qparams(op, act_qparams);
+  auto x = input;
+  if (input.scalar_type() == at::kByte) {  // the levels' values; the layer's quantizer gives them back exactly
+    x = input.to(point_scales.dtype()).sub_(q.zero_point - q.qmin).mul_(q.scale);
+  }
+  auto y = multipoint_conv2d_stored_any(x, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams,
+                                        stride, padding, dilation, groups, "auto");
+  if (residual.has_value()) y = y + *residual;
+  y = at::clamp(y, clamp_min, clamp_max);
+  if (!out_qparams.has_value()) return y;
+  const ActQuant o = read_act_qparams(op, *out_qparams);
+  return (at::clamp(at::round(y / o.scale) + o.zero_point, o.qmin, o.qmax) - o.qmin).to(at::kByte);
+}
+
 }  // namespace mpq
 
 TORCH_LIBRARY_IMPL(mpq, CompositeExplicitAutograd, m) {
@@ -646,9 +905,11 @@ TORCH_LIBRARY_IMPL(mpq, CompositeExplicitAutograd, m) {
   m.impl("unpack_points", &mpq::unpack_points);
   m.impl("multipoint_linear_stored", &mpq::multipoint_linear_stored_any);
   m.impl("multipoint_conv2d_stored", &mpq::multipoint_conv2d_stored_any);
+  m.impl("multipoint_conv2d_fused", &mpq::multipoint_conv2d_fused_any);
 }
 
 TORCH_LIBRARY_IMPL(mpq, CPU, m) {
   m.impl("multipoint_linear_stored", &mpq::multipoint_linear_stored_cpu);
   m.impl("multipoint_conv2d_stored", &mpq::multipoint_conv2d_stored_cpu);
+  m.impl("multipoint_conv2d_fused", &mpq::multipoint_conv2d_fused_cpu);
 }

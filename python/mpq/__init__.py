@@ -10,6 +10,7 @@ load_ops_library()
 
 from mpq import assets, integer, nn, ops  # noqa: E402
 from mpq.config import PRESETS, QuantConfig  # noqa: E402
+from mpq.fuse import fuse_activations  # noqa: E402
 from mpq.integer import integer_only  # noqa: E402
 from mpq.io import load, save  # noqa: E402
 from mpq.plots import plot_allocation  # noqa: E402
@@ -23,6 +24,7 @@ __all__ = [
     "QuantConfig",
     "QuantReport",
     "build_info",
+    "fuse_activations",
     "integer",
     "integer_only",
     "last_report",

@@ -25,6 +25,7 @@ __all__ = [
     "unpack_points",
     "multipoint_linear_stored",
     "multipoint_conv2d_stored",
+    "multipoint_conv2d_fused",
 ]
 
 
@@ -263,6 +264,37 @@ def multipoint_conv2d_stored(
     )
 
 
+def multipoint_conv2d_fused(
+    input: torch.Tensor,
+    point_codes: torch.Tensor,
+    point_scales: torch.Tensor,
+    num_points: torch.Tensor,
+    w_bits: int,
+    code_shape: List[int],
+    bias: Optional[torch.Tensor],
+    act_qparams: torch.Tensor,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    residual: Optional[torch.Tensor] = None,
+    clamp_min: float = float("-inf"),
+    clamp_max: float = float("inf"),
+    out_qparams: Optional[torch.Tensor] = None,
+    path: str = "auto",
+) -> torch.Tensor:
+    """:func:`multipoint_conv2d_stored` with int8 activations between layers:
+    ``y = clamp(conv(fq(input)) + bias + residual, clamp_min, clamp_max)``, returned as float32 or,
+    with ``out_qparams`` (the next layer's ``act_qparams``), as that quantizer's uint8 levels
+    ``L - qmin``. ``input`` is float32, or uint8 levels at this layer's ``act_qparams``.
+    ``path``: "auto", "int8" (oneDNN), "depthwise" (mpq's kernel), "dense"; the same function on
+    every path. The CPU output is channels_last."""
+    return torch.ops.mpq.multipoint_conv2d_fused(
+        input, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams, stride, padding,
+        dilation, groups, residual, clamp_min, clamp_max, out_qparams, path,
+    )
+
+
 # ---- fake kernels: shapes and dtypes only, for tracing -------------------------------------
 
 
@@ -364,6 +396,16 @@ def _multipoint_conv2d_stored_fake(
     ow = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     fmt = torch.channels_last if input.device.type == "cpu" else _conv_output_format(input)
     return input.new_empty((N, num_points.shape[0], oh, ow)).contiguous(memory_format=fmt)
+
+
+@torch.library.register_fake("mpq::multipoint_conv2d_fused")
+def _multipoint_conv2d_fused_fake(
+    input, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams, stride, padding, dilation,
+    groups, residual, clamp_min, clamp_max, out_qparams, path="auto",
+):
+    y = _multipoint_conv2d_stored_fake(input.float(), point_codes, point_scales, num_points, w_bits, code_shape, bias,
+                                       act_qparams, stride, padding, dilation, groups)
+    return y if out_qparams is None else y.to(torch.uint8)
 
 
 @torch.library.register_fake("mpq::pack_multipoint")

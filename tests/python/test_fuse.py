@@ -1,0 +1,206 @@
+"""int8 activations between layers: mpq::multipoint_conv2d_fused (convolution + residual + clamp +
+the next layer's quantizer, uint8 or float32 in and out) on every path, against the float64
+recomputation; mpq.fuse_activations on real models (what it fuses, the check it runs, scripting,
+export, the user's model left untouched)."""
+import copy
+import io
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torchvision
+
+import mpq
+from mpq.fuse import _check_one, check_fused
+from mpq.nn.fused import FusedMultipointConv2d
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_stored import GRIDS, _layer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
+
+# (C_in, C_out, kernel, stride, padding, dilation, groups): dense 3x3, depthwise (strided, 5x5,
+# dilated), grouped, 1x1 expansion and projection, a 3-channel stem.
+CONVS = [
+    (16, 40, 3, 1, 1, 1, 1),
+    (24, 24, 3, 2, 1, 1, 24),
+    (32, 32, 5, 1, 2, 1, 32),
+    (16, 16, 3, 1, 2, 2, 16),
+    (12, 18, 3, 1, 2, 2, 3),
+    (16, 64, 1, 1, 0, 1, 1),
+    (64, 16, 1, 1, 0, 1, 1),
+    (3, 16, 5, 2, 2, 1, 1),
+]
+# (clamp_min, clamp_max, residual, next layer's grid or None): the epilogues the rewrite produces.
+EPILOGUES = [
+    (float("-inf"), float("inf"), False, None),
+    (0.0, float("inf"), True, None),
+    (0.0, 6.0, False, (0.04, 0, 0, 255)),
+    (float("-inf"), float("inf"), True, (0.05, 0, -128, 127)),
+    (0.0, float("inf"), False, (0.3, 2, 0, 15)),
+]
+
+
+def _paths(conv):
+    cin, cout, _, _, _, _, groups = conv
+    paths = ["auto", "int8", "dense"]
+    if groups == cin == cout:
+        paths.append("depthwise")
+    return paths
+
+
+def _run(f, x, residual, path):
+    m = f.layer
+    return mpq.ops.multipoint_conv2d_fused(x, m.point_codes, m.point_scales, m.num_points, m.w_bits, m.code_shape,
+                                           m.bias, m.act_qparams, m.stride, m.padding, m.dilation, m.groups, residual,
+                                           f.clamp_min, f.clamp_max, f.out_qparams, path)
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: f"clamp{e[0]},{e[1]}-res{int(e[2])}-out{e[3] and e[3][2:]}")
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[2]}..{g[3]}")
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: "-".join(map(str, c)))
+def test_fused_conv_equals_the_float64_reference(conv, grid, epilogue):
+    """Every path, float32 and uint8 inputs: float outputs within mpq.simulate.layer_bound (+ the
+    residual add's rounding) of the float64 layer, uint8 outputs the float64 levels except one
+    level off where the output is within that bound of a rounding boundary (mpq.fuse._check_one)."""
+    cin, cout, k, stride, pad, dil, groups = conv
+    m = _layer("conv", cin, cout, k, stride, pad, dil, groups)
+    m.set_act_qparams(*grid)
+    lo, hi, with_residual, out_grid = epilogue
+    out_qparams = None if out_grid is None else torch.tensor(out_grid, dtype=torch.float32)
+    f = FusedMultipointConv2d(m, lo, hi, out_qparams)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, cin, 11, 13, generator=g)
+    if grid[2] >= 0:
+        x = x.relu()
+    s, zp, qmin, qmax = grid
+    levels = (torch.round(x / s) + zp).clamp(qmin, qmax).sub(qmin).to(torch.uint8)
+    with torch.no_grad():
+        y_shape = m(x).shape
+        residual = torch.randn(y_shape, generator=g).contiguous(memory_format=torch.channels_last) if with_residual else None
+        for path in _paths(conv):
+            for inp in (x, levels):
+                y = _run(f, inp, residual, path)
+                assert y.dtype == (torch.uint8 if out_grid else torch.float32), path
+                assert y.is_contiguous(memory_format=torch.channels_last), path
+                check = _check_one(path, f, inp, residual, y, max_samples=8)
+                assert check.max_ratio <= 1.0 and check.level_flips <= 1e-3, (path, inp.dtype, check)
+            # The module (its own path choice) equals the op.
+            assert torch.equal(f(levels, residual), _run(f, levels, residual, "auto"))
+
+
+def test_uint8_inputs_are_exactly_the_float_inputs_levels():
+    """A uint8 input and the float input it quantizes give the same output bit for bit on the
+    paths that quantize the input themselves (int8, depthwise): the levels are what they compute."""
+    for conv in [CONVS[0], CONVS[1], CONVS[5]]:
+        m = _layer("conv", *conv[:2], *conv[2:])
+        m.set_act_qparams(0.03, 0, 0, 255)
+        f = FusedMultipointConv2d(m, 0.0, float("inf"), torch.tensor([0.05, 0, 0, 255.0]))
+        x = torch.randn(2, conv[0], 9, 9).relu()
+        u = (torch.round(x / 0.03)).clamp(0, 255).to(torch.uint8)
+        for path in [p for p in _paths(conv) if p in ("int8", "depthwise")]:
+            with torch.no_grad():
+                assert torch.equal(_run(f, x, None, path), _run(f, u, None, path)), (conv, path)
+
+
+_ISA_CHILD = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    import test_fuse as t
+    for conv in t.CONVS:
+        for e in t.EPILOGUES[1:4]:
+            t.test_fused_conv_equals_the_float64_reference(conv, t.GRIDS[1], e)
+    print("ok", torch.backends.cpu.get_cpu_capability())
+    """
+)
+
+
+@pytest.mark.parametrize("isa", ["SSE41", "AVX2", "AVX512_CORE_VNNI", "ALL"])
+def test_fused_kernels_agree_on_every_isa(isa):
+    """oneDNN's int8 kernels per ISA (ONEDNN_MAX_CPU_ISA), mpq's epilogue and depthwise kernels per
+    ATen capability (their function clones follow the CPU; ATEN_CPU_CAPABILITY caps ATen's)."""
+    cap = "default" if isa == "SSE41" else "avx2" if "AVX2" in isa else "avx512"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa, "ATEN_CPU_CAPABILITY": cap}
+    out = subprocess.run([sys.executable, "-c", _ISA_CHILD, os.path.dirname(__file__)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
+
+
+def test_fused_op_refuses_bad_arguments_before_any_work():
+    m = _layer("conv", 16, 40, 3, 1, 1, 1, 1)
+    m.set_act_qparams(0.03, 0, 0, 255)
+    x = torch.rand(1, 16, 8, 8)
+    args = (m.point_codes, m.point_scales, m.num_points, 4, m.code_shape, m.bias)
+    geo = (m.stride, m.padding, m.dilation, 1)
+    op = torch.ops.mpq.multipoint_conv2d_fused
+    inf = float("inf")
+    with pytest.raises(RuntimeError, match=r"mpq::multipoint_conv2d_fused: expected residual float32 of the output's shape"):
+        op(x, *args, m.act_qparams, *geo, torch.zeros(1, 40, 4, 4), -inf, inf, None)
+    with pytest.raises(RuntimeError, match=r"mpq::multipoint_conv2d_fused: expected clamp_min <= clamp_max"):
+        op(x, *args, m.act_qparams, *geo, None, 1.0, 0.0, None)
+    with pytest.raises(RuntimeError, match=r"mpq::multipoint_conv2d_fused: a uint8 input needs act_qparams with at most 256"):
+        op(x.to(torch.uint8), *args, torch.tensor([0.1, 0.5, 0, 255.0]), *geo, None, -inf, inf, None)
+    with pytest.raises(RuntimeError, match=r'mpq::multipoint_conv2d_fused: path "depthwise" needs groups'):
+        op(x, *args, m.act_qparams, *geo, None, -inf, inf, None, "depthwise")
+    with pytest.raises(RuntimeError, match=r"mpq::multipoint_conv2d_fused: out_qparams must have at most 256"):
+        op(x, *args, m.act_qparams, *geo, None, -inf, inf, torch.tensor([0.1, 0, -1000, 1000.0]))
+    with pytest.raises(RuntimeError, match=r"mpq::multipoint_conv2d_fused: expected a float32 input or uint8"):
+        op(x.double(), *args, m.act_qparams, *geo, None, -inf, inf, None)
+    with pytest.raises(TypeError, match=r"mpq.fuse_activations: qmodel must be an nn.Module"):
+        mpq.fuse_activations(lambda x: x, x)
+
+
+@pytest.fixture(scope="module")
+def resnet18_w4a8():
+    """torchvision ResNet-18 (random weights: the structure is what matters here), W4A8."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(4, 3, 96, 96, generator=g)]
+    q = mpq.quantize(model, calib, mpq.QuantConfig.preset("W4A8", seed=0, calib_batches=1))
+    return model, q, calib
+
+
+def test_fuse_resnet18_structure_check_and_artifacts(resnet18_w4a8, tmp_path):
+    model, q, calib = resnet18_w4a8
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    x = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(5))
+    f = mpq.fuse_activations(q, x)
+    fused = {n: m for n, m in f.named_modules() if isinstance(m, FusedMultipointConv2d)}
+    # Every conv (20) is fused. conv1 of each block writes uint8 for conv2 (8 blocks). conv2 (+
+    # residual + ReLU) writes float32 where its users include the next block's add; before a
+    # downsampling block its users are that block's conv1 and downsample conv, so it writes their
+    # uint8 levels when both quantize the same way. The stem (max-pool next) and the downsamples
+    # (the add next) write float32.
+    assert len(fused) == 20
+    uint8_out = {n for n, m in fused.items() if m.out_qparams is not None}
+    conv1 = {f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)}
+    for i in range(1, 4):
+        nxt = q.get_submodule(f"layer{i + 1}.0.conv1"), q.get_submodule(f"layer{i + 1}.0.downsample.0")
+        if torch.equal(nxt[0].act_qparams, nxt[1].act_qparams):
+            conv1.add(f"layer{i}.1.conv2")
+    assert uint8_out == conv1, sorted(uint8_out ^ conv1)
+    assert all(fused[f"layer{i}.{j}.conv2"].clamp_min == 0.0 for i in range(1, 5) for j in range(2))
+    # The user's model is untouched.
+    assert all(isinstance(q.get_submodule(n), mpq.nn.MultipointConv2d) for n in fused)
+    assert all(torch.equal(v, q.state_dict()[k]) for k, v in state.items())
+    check = check_fused(f, x)
+    assert len(check.layers) == 20 and check.max_ratio <= 1.0 and check.level_flips <= 1e-3
+    with torch.no_grad():
+        y_q, y_f = q(x), f(x)
+    # End to end: the rare one-level flips travel; measured 0.0 here (no flip on this input).
+    assert float((y_f - y_q).norm() / y_q.norm()) <= 2e-2
+    scripted = torch.jit.script(f)
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y_f)
+    ep = torch.export.export(f, (x,))
+    with torch.no_grad():
+        assert torch.equal(ep.module()(x), y_f)
