@@ -9,6 +9,8 @@ Contracts: docs/ALGORITHM.md sections 1 and 3, the schemas in csrc/registration.
 - ``fit_multipoint_reference``: nested greedy points with the op's storage rules.
 - ``dequantize_reference``, ``multipoint_linear_reference``, ``multipoint_conv2d_reference``:
   the layers in float64, including the activation fake quantization.
+- ``multipoint_output_bound``: per output element, how far a kernel that reads its input in a
+  float dtype and accumulates in float32 may be from that reference (``assert_within_bound``).
 """
 from itertools import product
 from typing import List, Optional, Sequence, Tuple
@@ -231,6 +233,15 @@ def multipoint_conv2d_reference(
     input [N, C_in, H, W], codes [C_out, P, C_in/groups, kh, kw] -> [N, C_out, OH, OW]."""
     W = dequantize_reference(codes, scales, num_points)  # [C_out, C_in/g, kh, kw]
     x = fake_quantize_reference(input, act_qparams)
+    y = _conv2d64(x, W, stride, padding, dilation, groups)
+    if bias is not None:
+        y = y + bias.to(torch.float64).reshape(1, -1, 1, 1)
+    return y
+
+
+def _conv2d64(x: Tensor, W: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+              groups: int) -> Tensor:
+    """conv2d(x, W) in float64 as im2col (F.unfold) and a per-group product."""
     N, C_in, H, Wd = x.shape
     C_out, cin_g, kh, kw = W.shape
     oh = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -238,10 +249,112 @@ def multipoint_conv2d_reference(
     cols = F.unfold(x, (kh, kw), dilation=tuple(dilation), padding=tuple(padding), stride=tuple(stride))
     cols = cols.reshape(N, groups, cin_g * kh * kw, oh * ow)  # channel-major, as W flattens
     Wg = W.reshape(groups, C_out // groups, cin_g * kh * kw)
-    y = torch.einsum("gok,ngkl->ngol", Wg, cols).reshape(N, C_out, oh, ow)
+    return torch.einsum("gok,ngkl->ngol", Wg, cols).reshape(N, C_out, oh, ow)
+
+
+# Unit roundoff of a float32 accumulation, doubled: tensor cores align the products of one mma and
+# may truncate rather than round their sum.
+_ACC_ROUNDOFF_FLOAT32 = 2.0**-22
+
+
+def multipoint_output_bound(
+    input: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    num_points: Tensor,
+    bias: Optional[Tensor] = None,
+    act_qparams: Optional[Tensor] = None,
+    conv: Optional[Tuple[Sequence[int], Sequence[int], Sequence[int], int]] = None,
+    int8_levels: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """(reference, bound) for a multipoint layer: the float64 reference of
+    ``multipoint_linear_reference`` (``conv`` None) or ``multipoint_conv2d_reference`` (``conv`` =
+    (stride, padding, dilation, groups)), and per output element a bound on |out - reference| for a
+    kernel that reads ``input`` in its dtype T, rounds the weight terms, fq(x) and the bias to T at
+    most once each, accumulates the products in float32 (float64 for float64) in any order and
+    blocking, and writes T. Every packed kernel of mpq (gemv, mma, int8, igemm, the depthwise
+    kernel, the dense decode before a float32-accumulating GEMM) is such a kernel.
+
+    bound = ((P K + 32) u_acc + 4 u_T) S + s (|W| . B) + eta_T (P |1| . |fq(x)| + 1), plus u_T
+    (|reference| + that) for the output's rounding, where
+      |W| = sum_p |a_p| |q_p|: every point's terms count on their own (the kernels sum the points
+        one by one); S = |W| . |fq(x)| + |b| the magnitudes of every term of the output's sum, and
+        with ``int8_levels`` (the int8 kernel, whose levels are v = L - (qmin + 128) and whose
+        epilogue adds (qmin + 128 - zp) row_sum back) also s |qmin + 128 - zp| sum_k |W|_k;
+      P K + 32: the P K products of the sum plus the partial sums of warps and K splits, the
+        epilogue and the bias, each one rounding of u_acc (float32: 2^-22, see
+        _ACC_ROUNDOFF_FLOAT32; float64: 2^-52), the classic worst case of a sum in any order;
+      4 u_T: the roundings to T of a weight term (the point's scale, then the scaled code), of fq(x)
+        and of the bias;
+      s (|W| . B): one level of the activation quantizer wherever x / s lies within
+        (u_T + 2^-24) max(|x / s|, 1) of a rounding boundary (the kernels divide in float32, then
+        round x / s to T, before rounding to an integer), inside the clamp; B is that indicator;
+      eta_T = the smallest subnormal of T: each weight term and the output may be subnormal.
+    A worst case, not an estimate: a correct kernel never exceeds it, and it is element-wise, so
+    one wrong output among millions is seen (a relative L2 norm over all of them is not)."""
+    dtype = input.dtype
+    finfo = torch.finfo(dtype)
+    u = finfo.eps / 2
+    u_acc = 2.0**-52 if dtype == torch.float64 else _ACC_ROUNDOFF_FLOAT32
+    eta = finfo.tiny * finfo.eps
+    C, P = codes.shape[:2]
+    inner = tuple(codes.shape[2:])
+    active = (torch.arange(P)[None, :] < num_points.to(torch.int64)[:, None]).to(torch.float64)
+    coeff = (scales.to(torch.float64).abs() * active).reshape(C, P, *([1] * len(inner)))
+    w_abs = (coeff * codes.to(torch.float64).abs()).sum(1)  # [C, *inner]
+    x = input.to(torch.float64)
+
+    if conv is None:
+        def apply(v: Tensor, w: Tensor) -> Tensor:
+            return torch.matmul(v, w.t())
+
+        def per_channel(v: Tensor) -> Tensor:
+            return v
+    else:
+        stride, padding, dilation, groups = conv
+
+        def apply(v: Tensor, w: Tensor) -> Tensor:
+            return _conv2d64(v, w, stride, padding, dilation, groups)
+
+        def per_channel(v: Tensor) -> Tensor:
+            return v.reshape(1, -1, 1, 1)
+
+    fq = fake_quantize_reference(x, act_qparams)
+    spread = apply(fq.abs(), w_abs)
+    extra = torch.zeros(())
+    if act_qparams is not None:
+        s, zp, qmin, qmax = (float(v) for v in act_qparams.to(torch.float64))
+        t = x / s
+        # the kernel's x / s: divided in float32 (or float64), then rounded to T
+        near = (t - torch.floor(t) - 0.5).abs() <= 1.001 * (u + 2.0**-24) * t.abs().clamp_min(1.0)
+        inside = (t + zp >= qmin - 1) & (t + zp <= qmax + 1)
+        extra = s * apply((near & inside).to(torch.float64), w_abs)
+        if int8_levels:
+            spread = spread + per_channel(s * abs(qmin + 128 - zp) * w_abs.reshape(C, -1).sum(1))
     if bias is not None:
-        y = y + bias.to(torch.float64).reshape(1, -1, 1, 1)
-    return y
+        spread = spread + per_channel(bias.to(torch.float64).abs())
+    K = w_abs[0].numel() if C else 0
+    bound = ((P * K + 32) * u_acc + 4 * u) * spread + extra + eta * (P * apply(fq.abs(), torch.ones_like(w_abs)) + 1)
+    if conv is None:
+        reference = multipoint_linear_reference(input, codes, scales, num_points, bias, act_qparams)
+    else:
+        reference = multipoint_conv2d_reference(input, codes, scales, num_points, bias, act_qparams, *conv)
+    return reference, bound + u * (reference.abs() + bound)
+
+
+def assert_within_bound(got: Tensor, reference: Tensor, bound: Tensor, what: str = "output") -> None:
+    """Every element of ``got`` within ``bound`` of ``reference`` (``multipoint_output_bound``);
+    the message names the worst element."""
+    err = (got.detach().to("cpu", torch.float64) - reference).abs()
+    assert err.shape == bound.shape, (tuple(err.shape), tuple(bound.shape))
+    if err.numel() == 0:
+        return
+    ratio = err / bound
+    worst = tuple(int(i) for i in torch.unravel_index(torch.argmax(torch.nan_to_num(ratio, nan=float("inf"))), ratio.shape))
+    assert bool((err <= bound).all()), (
+        f"{what}: element {worst} is {float(got[worst]):.9g}, the float64 reference {float(reference[worst]):.9g}: "
+        f"|difference| {float(err[worst]):.3e} > bound {float(bound[worst]):.3e} ({float(ratio[worst]):.3g}x)"
+    )
 
 
 def relative_l2(w: Tensor, codes: Tensor, scales: Tensor, points: int) -> float:
@@ -263,5 +376,7 @@ __all__: List[str] = [
     "fake_quantize_reference",
     "multipoint_linear_reference",
     "multipoint_conv2d_reference",
+    "multipoint_output_bound",
+    "assert_within_bound",
     "relative_l2",
 ]

@@ -20,18 +20,31 @@ pytestmark = [
 ops = torch.ops.mpq
 
 
+# float32 accumulation everywhere: no TF32 (cuDNN's float32 default), and no float16 / bfloat16
+# partial sums in cuBLAS's split-K reductions (allowed by default), which the element-wise bounds
+# (reference.multipoint_output_bound) do not allow for.
+_FLOAT32_ACCUMULATION = [
+    (torch.backends.cuda.matmul, "allow_tf32", False),
+    (torch.backends.cudnn, "allow_tf32", False),
+    (torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction", False),
+    (torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False),
+]
+
+
 @pytest.fixture(autouse=True)
 def _no_tf32():
-    """cuDNN convolutions default to TF32 in float32; compare against IEEE float32 instead."""
+    """IEEE float32 accumulation in cuBLAS and cuDNN (see _FLOAT32_ACCUMULATION)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        saved = [(obj, name, getattr(obj, name)) for obj, name, _ in _FLOAT32_ACCUMULATION if hasattr(obj, name)]
+        for obj, name, value in _FLOAT32_ACCUMULATION:
+            if hasattr(obj, name):
+                setattr(obj, name, value)
     yield
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for obj, name, value in saved:
+            setattr(obj, name, value)
 
 
 # ---- fit_multipoint ---------------------------------------------------------------------------
@@ -347,7 +360,9 @@ def test_opcheck_multipoint_conv2d():
 
 # ---- the packed weight (csrc/cuda/multipoint_packed.cu) ---------------------------------------
 # Every kernel of mpq::multipoint_linear_packed against the CPU packed op (which equals
-# mpq::multipoint_linear bit for bit) and the float64 reference, by ||out - ref|| / ||ref||.
+# mpq::multipoint_linear bit for bit) and the float64 reference: element by element within
+# reference.multipoint_output_bound (the worst case of float32 accumulation and the input dtype's
+# roundings: one wrong output among millions fails), and by ||out - ref|| / ||ref||.
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -388,6 +403,14 @@ def _rel_err(got, want):
     return float((got - want).norm() / want.norm().clamp_min(1e-300))
 
 
+def _assert_elementwise(got, want64, bound, want_cpu=None):
+    """Every output within the bound of the float64 reference; the CPU kernel's output, itself
+    within the bound, within twice of it."""
+    ref.assert_within_bound(got, want64, bound, "CUDA vs float64")
+    if want_cpu is not None:
+        ref.assert_within_bound(got, want_cpu.double(), 2 * bound, "CUDA vs CPU")
+
+
 # (M, C, P, D): M = 1 and 16 (gemv), 17..200 (mma); odd C and D, D not a multiple of 64, one tile
 # with a long K (K split across CTAs: the workspace and finalize path), many tiles.
 PACKED_CASES = [
@@ -414,11 +437,12 @@ def test_packed_weight_only_matches_cpu_and_reference(case, w_bits, dtype, kerne
     bias = torch.randn(C, generator=g)
     packed = ops.pack_multipoint(codes, scales, num_points, w_bits)
     want_cpu = ops.multipoint_linear_packed(x, *packed, C, bias, None, kernel)
-    want64 = ref.multipoint_linear_reference(x.double(), codes, scales, num_points, bias, None)
+    want64, bound = ref.multipoint_output_bound(x, codes, scales, num_points, bias, None)
     _poison(M * C, dtype)
     got = ops.multipoint_linear_packed(x.cuda(), *_cuda(*packed), C, bias.cuda(), None, kernel)
     assert got.device.type == "cuda" and got.dtype == dtype and got.shape == (M, C)
     assert not bool(got.isnan().any()), "unwritten (NaN-poisoned) or NaN outputs"
+    _assert_elementwise(got, want64, bound, want_cpu)
     assert _rel_err(got, want64) <= REL_TOL[dtype]
     assert _rel_err(got, want_cpu) <= 2 * REL_TOL[dtype]
 
@@ -437,11 +461,12 @@ def test_packed_int8_matches_cpu_and_reference(case, w_bits, dtype, act, where):
     qp = torch.tensor(PACKED_ACT[act], dtype=torch.float32)
     packed = ops.pack_multipoint(codes, scales, num_points, w_bits)
     want_cpu = ops.multipoint_linear_packed(x, *packed, C, bias, qp, "int8")
-    want64 = ref.multipoint_linear_reference(x.double(), codes, scales, num_points, bias, qp)
+    want64, bound = ref.multipoint_output_bound(x, codes, scales, num_points, bias, qp, int8_levels=True)
     _poison(M * C, dtype)
     got = ops.multipoint_linear_packed(x.cuda(), *_cuda(*packed), C, bias.cuda(), qp if where == "cpu" else qp.cuda(), "int8")
     assert got.dtype == dtype and got.shape == (M, C)
     assert not bool(got.isnan().any())
+    _assert_elementwise(got, want64, bound, want_cpu)
     # The int8 kernel's dot products are exact; the CPU rounds fq(x) to the input dtype first.
     tol = max(REL_TOL[dtype], 1e-4)
     assert _rel_err(got, want_cpu) <= 2 * tol
@@ -483,6 +508,8 @@ def test_packed_empty_and_batched_shapes():
         want = ops.multipoint_linear_packed(x, *packed, 70)
         assert got.shape == want.shape
         if want.numel():
+            want64, bound = ref.multipoint_output_bound(x, codes, scales, num_points)
+            _assert_elementwise(got, want64, bound, want)
             assert _rel_err(got, want) <= 2 * REL_TOL[torch.float16]
 
 
@@ -646,7 +673,7 @@ def test_packed_conv2d_weight_only_matches_cpu_and_reference(case, w_bits, dtype
     g = torch.Generator().manual_seed(11)
     x = torch.randn(N, C, H, W, generator=g).to(dtype)
     bias = torch.randn(O, generator=g)
-    want64 = ref.multipoint_conv2d_reference(x.double(), codes, scales, num_points, bias, None, *geometry[1:])
+    want64, bound = ref.multipoint_output_bound(x, codes, scales, num_points, bias, None, conv=geometry[1:])
     want_cpu = _conv_call(x.float(), packed, O, geometry, bias, None, "auto")
     xc = x.cuda()
     if channels_last:
@@ -657,6 +684,8 @@ def test_packed_conv2d_weight_only_matches_cpu_and_reference(case, w_bits, dtype
     if kernel != "dense":  # the fused kernels write NHWC and return the input's layout
         assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert not bool(got.isnan().any()), "unwritten (NaN-poisoned) or NaN outputs"
+    if kernel != "dense":  # "dense" is cuDNN's, whose Winograd / FFT algorithms are no dot products
+        _assert_elementwise(got, want64, bound, want_cpu)
     assert _rel_err(got, want64) <= REL_TOL[dtype]
     assert _rel_err(got, want_cpu) <= 2 * REL_TOL[dtype]
 
@@ -674,12 +703,13 @@ def test_packed_conv2d_int8_matches_cpu_and_reference(case, w_bits, dtype, act, 
     x = (torch.randn(N, C, H, W, generator=g) * 2).to(dtype)
     bias = torch.randn(O, generator=g)
     qp = torch.tensor(PACKED_ACT[act], dtype=torch.float32)
-    want64 = ref.multipoint_conv2d_reference(x.double(), codes, scales, num_points, bias, qp, *geometry[1:])
+    want64, bound = ref.multipoint_output_bound(x, codes, scales, num_points, bias, qp, conv=geometry[1:], int8_levels=True)
     want_cpu = _conv_call(x, packed, O, geometry, bias, qp, "int8")
     _poison(want64.numel(), dtype)
     got = _conv_call(x.cuda(), _cuda(*packed), O, geometry, bias.cuda(), qp if where == "cpu" else qp.cuda(), "int8")
     assert got.dtype == dtype and got.shape == want64.shape
     assert not bool(got.isnan().any())
+    _assert_elementwise(got, want64, bound, want_cpu)
     # Exact int32 dot products with the level of 0 in the padding; the CPU rounds fq(x) to the dtype.
     tol = max(REL_TOL[dtype], 1e-4)
     assert _rel_err(got, want_cpu) <= 2 * tol
@@ -693,8 +723,11 @@ def test_packed_conv2d_auto_picks_int8_only_where_it_fits():
         codes, scales, num_points, packed, geometry = _packed_conv(case, 4, seed=13)
         x = torch.randn(N, C, H, W).half()
         qp = torch.tensor(PACKED_ACT["uint8"])
-        want64 = ref.multipoint_conv2d_reference(x.double(), codes, scales, num_points, None, qp, *geometry[1:])
+        int8 = (C // geometry[4]) % 16 == 0  # what auto picks here (host qparams with 256 levels)
+        want64, bound = ref.multipoint_output_bound(x, codes, scales, num_points, None, qp, conv=geometry[1:],
+                                                    int8_levels=int8)
         got = _conv_call(x.cuda(), _cuda(*packed), O, geometry, None, qp, "auto")
+        _assert_elementwise(got, want64, bound)
         assert _rel_err(got, want64) <= 2 * REL_TOL[torch.float16]
     with pytest.raises(RuntimeError, match="mpq::multipoint_conv2d_packed: kernel 'int8' expects input channels per group"):
         _conv_call(x.cuda(), _cuda(*packed), O, geometry, None, qp, "int8")
@@ -787,7 +820,7 @@ def test_depthwise_direct_kernel_matches_reference_and_generic_path(case, dtype,
     bias = torch.randn(C, generator=g)
     qp = None if act is None else torch.tensor(PACKED_ACT["uint8"])
     geometry = (list(stride), list(padding), list(dilation), C)
-    want64 = ref.multipoint_conv2d_reference(x.double(), codes, scales, num_points, bias, qp, *geometry)
+    want64, bound = ref.multipoint_output_bound(x, codes, scales, num_points, bias, qp, conv=geometry)
     cuda = _cuda(codes, scales, num_points)
     qpc = None if qp is None else (qp if act == "cpu" else qp.cuda())
     generic = ops.multipoint_conv2d(x.cuda(), *cuda, bias.cuda(), qpc, *geometry)  # NCHW: dequantize + cuDNN
@@ -795,6 +828,7 @@ def test_depthwise_direct_kernel_matches_reference_and_generic_path(case, dtype,
     got = ops.multipoint_conv2d(x.cuda().to(memory_format=torch.channels_last), *cuda, bias.cuda(), qpc, *geometry)
     assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == dtype
     assert not bool(got.isnan().any())
+    _assert_elementwise(got, want64, bound)
     assert _rel_err(got, want64) <= REL_TOL[dtype]
     assert _rel_err(got, generic) <= 2 * REL_TOL[dtype]
 
