@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -17,7 +18,12 @@ namespace cuda_detail {
 template <typename scalar_t>
 using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// Blocks for a grid-stride loop over n elements: at most 32 per multiprocessor.
+// Blocks for a grid-stride loop over n elements: at most 32 per multiprocessor (torch-free: the
+// emulation test, tests/cpp/test_kernel_emulation.cpp, launches with it too).
+inline int64_t grid_for(int64_t n, int threads, int multiprocessors) {
+  return std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, int64_t{multiprocessors} * 32));
+}
+// The same for the current device.
 int64_t grid_for(int64_t n, int threads);
 
 // (scale, zero_point, qmin, qmax), from device memory when `device` is set, else from `host`.

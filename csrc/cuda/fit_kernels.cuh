@@ -7,13 +7,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/shared_memory.cuh"
 #include "kernels/greedy_fit.h"
-
-#if defined(MPQ_SIMT_EMULATION)
-#define MPQ_DYNAMIC_SHARED(name) unsigned char* name = ::mpq_simt::dynamic_shared()
-#else
-#define MPQ_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
-#endif
 
 namespace mpq {
 namespace fit_kernels {
@@ -211,10 +206,10 @@ __global__ void __launch_bounds__(kFastThreads)
     fit_fast_kernel(const scalar_t* __restrict__ w, int64_t C, int64_t D, int P, int K, FitOutputs out,
                     double* r_scratch, float* x_scratch, int smem_mode, FastGrid grid) {
   MPQ_DYNAMIC_SHARED(smem);
-  __shared__ double red[2 * kFastThreads / kWarp];
-  __shared__ float errs[kGridPoints + kLocalPoints];
-  __shared__ double best_a_shared;
-  __shared__ float best_e_shared;
+  MPQ_SHARED(double, red, [2 * kFastThreads / kWarp]);
+  MPQ_SHARED(float, errs, [kGridPoints + kLocalPoints]);
+  MPQ_SHARED(double, best_a_shared, );
+  MPQ_SHARED(float, best_e_shared, );
 
   double* r = smem_mode == 2 ? reinterpret_cast<double*>(smem) : r_scratch + int64_t(blockIdx.x) * D;
   float* x = smem_mode == 2   ? reinterpret_cast<float*>(smem + D * sizeof(double))
@@ -321,7 +316,7 @@ __global__ void __launch_bounds__(kFastThreads)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kExactThreads)
     exact_init_kernel(const scalar_t* __restrict__ w, int64_t D, double* r, double* err) {
-  __shared__ double red[2 * kExactThreads / kWarp];
+  MPQ_SHARED(double, red, [2 * kExactThreads / kWarp]);
   const int64_t b = blockIdx.x;
   double part = 0.0;
   for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
@@ -336,7 +331,7 @@ __global__ void __launch_bounds__(kExactThreads)
 // m[b] = max|r[b]|; keys[b, i*K + k] = (|r_i| / m) / (k + 1/2) (0 for a zero row), vals = i*K + k.
 __global__ void __launch_bounds__(kExactThreads)
     exact_breakpoints_kernel(const double* r, int64_t D, int K, double* m_out, double* keys, int* vals) {
-  __shared__ double red[2 * kExactThreads / kWarp];
+  MPQ_SHARED(double, red, [2 * kExactThreads / kWarp]);
   const int64_t b = blockIdx.x, DK = D * K;
   const double* rr = r + b * D;
   double m = 0.0;
@@ -358,10 +353,12 @@ __global__ void __launch_bounds__(kExactThreads)
     exact_sweep_kernel(double* r, int64_t D, int K, int P, int p, const double* m_in, const double* keys,
                        const int* vals, double* err_io, FitOutputs out) {
   constexpr int kWarps = kExactThreads / kWarp;
-  __shared__ double red[2 * kWarps];
-  __shared__ double warp_rq[kWarps], warp_qq[kWarps];
-  __shared__ double best_gain_w[kWarps], best_a_w[kWarps];
-  __shared__ long long best_t_w[kWarps];
+  MPQ_SHARED(double, red, [2 * kWarps]);
+  MPQ_SHARED(double, warp_rq, [kWarps]);
+  MPQ_SHARED(double, warp_qq, [kWarps]);
+  MPQ_SHARED(double, best_gain_w, [kWarps]);
+  MPQ_SHARED(double, best_a_w, [kWarps]);
+  MPQ_SHARED(long long, best_t_w, [kWarps]);
 
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t b = blockIdx.x, DK = D * K;

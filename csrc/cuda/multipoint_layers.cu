@@ -32,7 +32,7 @@ namespace cuda_detail {
 int64_t grid_for(int64_t n, int threads) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  return std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, int64_t{sms} * 32));
+  return grid_for(n, threads, sms);
 }
 
 }  // namespace cuda_detail

@@ -54,6 +54,7 @@
 #include "checks.h"
 #include "cuda/act_quant.cuh"
 #include "cuda/packed_kernels.cuh"
+#include "cuda/packed_launch.cuh"
 
 namespace mpq {
 namespace {
@@ -125,40 +126,27 @@ bool int8_levels_fit(const float* v) {
          qmax - qmin <= 255.0f;
 }
 
-template <class Op, int MT, int WARPS_K, int U>
-void launch_fused(const typename Op::Args& args, const Operands& o, int64_t M, int64_t D, const ActParams& act,
-                  bool int8_act, const float* bias, at::Tensor& out, cudaStream_t stream) {
-  constexpr int64_t BM = 16 * MT * (kWarps / WARPS_K);
-  const PackedWeight& w = o.w;
-  const LaunchPlan plan = plan_launch(w.num_tiles, M, w.slabs, BM, WARPS_K, multiprocessors());
-  const int64_t m_blocks = plan.m_blocks, splits = plan.splits, split_slabs = plan.split_slabs;
-
-  at::Tensor workspace;
-  if (splits > 1) workspace = at::empty({splits, M, int64_t{w.num_tiles} * kTileN}, out.options().dtype(at::kFloat));
-  const dim3 grid(static_cast<unsigned>(w.num_tiles), static_cast<unsigned>(plan.grid_y), static_cast<unsigned>(splits));
-  packed_linear_kernel<Op, MT, WARPS_K, U><<<grid, kThreads, 0, stream>>>(
-      args, w, M, D, m_blocks, split_slabs, bias, act, out.data_ptr(), out_type(out.scalar_type()),
-      splits > 1 ? workspace.data_ptr<float>() : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) {
-    const int64_t n = M * int64_t{w.num_tiles} * kTileN;
-    finalize_kernel<<<static_cast<unsigned>(cuda_detail::grid_for(n, kElementwiseThreads)), kElementwiseThreads, 0,
-                      stream>>>(workspace.data_ptr<float>(), static_cast<int>(splits), M, w, int8_act, Op::kZeroLevel, bias, act,
-                                out.data_ptr(), out_type(out.scalar_type()));
+// The Launcher of packed_launch.cuh: the current stream, a workspace from the caching allocator
+// (freed when the host function returns; stream order keeps it until the kernels are done).
+class CudaLauncher {
+ public:
+  explicit CudaLauncher(const at::Tensor& like) : options_(like.options().dtype(at::kFloat)) {}
+  int multiprocessors() const { return mpq::multiprocessors(); }
+  float* workspace(int64_t n) {
+    workspaces_.push_back(at::empty({n}, options_));
+    return workspaces_.back().data_ptr<float>();
+  }
+  template <class Kernel, class... Args>
+  void operator()(dim3 grid, dim3 block, size_t shared_bytes, Kernel kernel, Args... args) const {
+    kernel<<<grid, block, shared_bytes, stream_>>>(args...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-}
 
-// The two configurations of the main loop: M <= 16 (warps split K) and larger M (warps split M).
-template <class Op>
-void launch_config(bool small_m, const typename Op::Args& args, const Operands& o, int64_t M, int64_t D,
-                   const ActParams& act, bool int8_act, const float* bias, at::Tensor& out, cudaStream_t stream) {
-  if (small_m) {
-    launch_fused<Op, 1, kWarps, 4 / Op::kStepSlabs>(args, o, M, D, act, int8_act, bias, out, stream);
-  } else {
-    launch_fused<Op, 2, 1, 2 / Op::kStepSlabs>(args, o, M, D, act, int8_act, bias, out, stream);
-  }
-}
+ private:
+  at::TensorOptions options_;
+  cudaStream_t stream_ = c10::cuda::getCurrentCUDAStream();
+  std::vector<at::Tensor> workspaces_;
+};
 
 at::Tensor decode_dense(const Operands& o, int64_t D, at::ScalarType dtype) {
   if (dtype != at::kDouble && dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) {
@@ -167,30 +155,22 @@ at::Tensor decode_dense(const Operands& o, int64_t D, at::ScalarType dtype) {
   auto out = at::empty({int64_t{o.w.out_features}, D}, o.packed.options().dtype(dtype));
   const int64_t n = int64_t{o.w.num_tiles} * kTileN * D;
   if (out.numel() == 0 || n == 0) return out;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  CudaLauncher launch(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mpq::multipoint_linear_packed_decode", [&] {
-    decode_dense_kernel<scalar_t>
-        <<<static_cast<unsigned>(cuda_detail::grid_for(n, kElementwiseThreads)), kElementwiseThreads, 0, stream>>>(
-            o.w, o.bits, D, out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_decode_dense(launch, o.w, o.bits, D, out.data_ptr<scalar_t>());
   });
   return out;
 }
 
 // The int8 levels of x [rows, D] (float16, bfloat16 or float32) as int8 [rows, kp], each 16 columns
 // in the slot order of the int8 mma operands (quantize_int8_kernel).
-at::Tensor quantize_int8(const at::Tensor& x, int64_t rows, int64_t D, int64_t kp, const ActParams& act,
-                         cudaStream_t stream) {
+at::Tensor quantize_int8(const at::Tensor& x, int64_t rows, int64_t D, int64_t kp, const ActParams& act) {
   auto xq = at::empty({rows, kp}, x.options().dtype(at::kChar));
-  const int64_t n = rows * kp / 4;
-  if (n == 0) return xq;
+  CudaLauncher launch(x);
   const auto quantize = [&](auto tag) {
     using scalar_t = decltype(tag);
-    quantize_int8_kernel<scalar_t>
-        <<<static_cast<unsigned>(cuda_detail::grid_for(n, kElementwiseThreads)), kElementwiseThreads, 0, stream>>>(
-            reinterpret_cast<const scalar_t*>(x.data_ptr()), rows, D, kp, act,
-            reinterpret_cast<uint32_t*>(xq.data_ptr<int8_t>()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_quantize_int8(launch, reinterpret_cast<const scalar_t*>(x.data_ptr()), rows, D, kp, act,
+                         xq.data_ptr<int8_t>());
   };
   if (x.scalar_type() == at::kHalf) {
     quantize(at::Half{});
@@ -280,18 +260,20 @@ at::Tensor multipoint_linear_packed_cuda(const at::Tensor& input, const at::Tens
   if (M == 0 || out_features == 0) return out.reshape(out_shape);
   const at::Tensor bias_f = bias_float32(bias, dtype);
   const float* bias_ptr = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  CudaLauncher launch(out);
+  const OutType type = out_type(dtype);
 
   if (k == PackedKernel::kInt8) {
     at::Tensor qp;
     const ActParams act = cuda_detail::act_params(kLinearOp, *act_qparams, qp);
     const auto x = input.reshape({M, D}).contiguous();
-    const auto xq = quantize_int8(x, M, D, kp, act, stream);
+    const auto xq = quantize_int8(x, M, D, kp, act);
     const bool small_m = M <= kGemvMaxM;
+    const int8_t* levels = xq.data_ptr<int8_t>();
     if (o.bits == 4) {
-      launch_config<Int8Act<4>>(small_m, {xq.data_ptr<int8_t>(), kp}, o, M, D, act, true, bias_ptr, out, stream);
+      launch_config<Int8Act<4>>(launch, small_m, {levels, kp}, o.w, M, D, act, true, bias_ptr, out.data_ptr(), type);
     } else {
-      launch_config<Int8Act<8>>(small_m, {xq.data_ptr<int8_t>(), kp}, o, M, D, act, true, bias_ptr, out, stream);
+      launch_config<Int8Act<8>>(launch, small_m, {levels, kp}, o.w, M, D, act, true, bias_ptr, out.data_ptr(), type);
     }
     return out.reshape(out_shape);
   }
@@ -305,9 +287,11 @@ at::Tensor multipoint_linear_packed_cuda(const at::Tensor& input, const at::Tens
     using T = decltype(tag);
     const T* xp = reinterpret_cast<const T*>(x.data_ptr());
     if (o.bits == 4) {
-      launch_config<WeightOnly<T, 4>>(small_m, {xp, vec}, o, M, D, none, false, bias_ptr, out, stream);
+      launch_config<WeightOnly<T, 4>>(launch, small_m, {xp, vec}, o.w, M, D, none, false, bias_ptr, out.data_ptr(),
+                                      type);
     } else {
-      launch_config<WeightOnly<T, 8>>(small_m, {xp, vec}, o, M, D, none, false, bias_ptr, out, stream);
+      launch_config<WeightOnly<T, 8>>(launch, small_m, {xp, vec}, o.w, M, D, none, false, bias_ptr, out.data_ptr(),
+                                      type);
     }
   };
   if (dtype == at::kHalf) {
@@ -403,7 +387,8 @@ at::Tensor multipoint_conv2d_packed_cuda(const at::Tensor& input, const at::Tens
   if (M == 0 || out_channels == 0) return out.contiguous(format);
   const at::Tensor bias_f = bias_float32(bias, dtype);
   const float* bias_ptr = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  CudaLauncher launch(out);
+  const OutType type = out_type(dtype);
   const ConvShape shape{M,
                         D,
                         static_cast<int>(H),
@@ -427,12 +412,14 @@ at::Tensor multipoint_conv2d_packed_cuda(const at::Tensor& input, const at::Tens
     const ActParams act = cuda_detail::act_params(kConvOp, *act_qparams, qp);
     // NHWC levels: the rows of quantize_int8 are the pixels, its columns the channels.
     const auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
-    const auto xq = quantize_int8(x, N * H * W, C, C, act, stream);
+    const auto xq = quantize_int8(x, N * H * W, C, C, act);
     const int8_t* levels = xq.data_ptr<int8_t>();
     if (o.bits == 4) {
-      launch_config<ConvInt8<4>>(small_m, {levels, shape, act, 0, 0u}, o, M, D, act, true, bias_ptr, out, stream);
+      launch_config<ConvInt8<4>>(launch, small_m, {levels, shape, act, 0, 0u}, o.w, M, D, act, true, bias_ptr,
+                                 out.data_ptr(), type);
     } else {
-      launch_config<ConvInt8<8>>(small_m, {levels, shape, act, 0, 0u}, o, M, D, act, true, bias_ptr, out, stream);
+      launch_config<ConvInt8<8>>(launch, small_m, {levels, shape, act, 0, 0u}, o.w, M, D, act, true, bias_ptr,
+                                 out.data_ptr(), type);
     }
     return out.contiguous(format);
   }
@@ -446,9 +433,11 @@ at::Tensor multipoint_conv2d_packed_cuda(const at::Tensor& input, const at::Tens
     using T = decltype(tag);
     const T* xp = reinterpret_cast<const T*>(x.data_ptr());
     if (o.bits == 4) {
-      launch_config<ConvWeightOnly<T, 4>>(small_m, {xp, shape, 0, vec}, o, M, D, none, false, bias_ptr, out, stream);
+      launch_config<ConvWeightOnly<T, 4>>(launch, small_m, {xp, shape, 0, vec}, o.w, M, D, none, false, bias_ptr,
+                                          out.data_ptr(), type);
     } else {
-      launch_config<ConvWeightOnly<T, 8>>(small_m, {xp, shape, 0, vec}, o, M, D, none, false, bias_ptr, out, stream);
+      launch_config<ConvWeightOnly<T, 8>>(launch, small_m, {xp, shape, 0, vec}, o.w, M, D, none, false, bias_ptr,
+                                          out.data_ptr(), type);
     }
   };
   if (dtype == at::kHalf) {

@@ -16,6 +16,7 @@
 #endif
 
 #include "cuda/act_quant.cuh"
+#include "cuda/shared_memory.cuh"
 #include "kernels/conv_layout.h"
 #include "kernels/packed_layout.h"
 
@@ -551,7 +552,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int BM = 16 * MT * kWarpsM;
   constexpr int SS = Op::kStepSlabs;
   constexpr int CH = Op::kChunks;
-  __shared__ float partial[WARPS_K > 1 ? WARPS_K * BM * kTileN : 1];
+  MPQ_SHARED(float, partial, [WARPS_K > 1 ? WARPS_K * BM * kTileN : 1]);
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int wm = warp % kWarpsM, wk = warp / kWarpsM;

@@ -14,6 +14,22 @@
 // asynchronous copies (mpq's kernels use none). Under AddressSanitizer (-fsanitize=address) the
 // fiber switches are announced to it, so that the kernels' out-of-bounds accesses are reported
 // (the host analogue of compute-sanitizer's memcheck).
+//
+// What the device would do to a wrong kernel, done here too:
+// - __ldg of 2, 4, 8 or 16 bytes (uint4 is 16-byte aligned, as CUDA's) from an address that is not
+//   a multiple of its size aborts with the address, as the GPU's misaligned address error does.
+//   Plain loads and stores through typed pointers are checked by -fsanitize=alignment where the
+//   test is built with it (tests/cpp/CMakeLists.txt).
+// - Shared memory, static (MPQ_SHARED of csrc/cuda/shared_memory.cuh: registered when a thread first
+//   reaches its declaration) and dynamic, is filled with 0xFF bytes (NaN in every float type, -1 in
+//   every integer type) before every CTA and at its registration: a value read before it is written
+//   in the same CTA is garbage, not the previous CTA's nor zero. A plain __shared__ does not compile
+//   here (GCC ignores a section attribute on the static locals of templates, so a registry it is).
+// - FMA: nvcc contracts a * b + c into one fused multiply-add by default (--fmad=true); the test
+//   compiles the kernels with -ffp-contract=fast (and FMA instructions, tests/cpp/CMakeLists.txt),
+//   so that a kernel that depends on a product being rounded before a sum fails here too. The
+//   correctly rounded intrinsics (__fmul_rn, __fadd_rn, ...) are never contracted, on the GPU and
+//   here (their operands and result pass through opaque()).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -32,6 +48,7 @@
 #include <functional>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #define MPQ_SIMT_EMULATION 1
@@ -40,17 +57,18 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+// Kernels declare shared memory with MPQ_SHARED / MPQ_DYNAMIC_SHARED (csrc/cuda/shared_memory.cuh).
+#define __shared__ mpq_simt_emulation_needs_MPQ_SHARED_instead_of___shared__
 #define __align__(n) alignas(n)
 
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-struct uint4 {
+struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
-struct double2 {
+struct alignas(16) double2 {  // as CUDA's
   double x, y;
 };
 inline double2 make_double2(double x, double y) { return {x, y}; }
@@ -65,18 +83,47 @@ template <class T>
 inline T max(T a, T b) {
   return a < b ? b : a;
 }
+namespace mpq_simt {
+// A misaligned access is an error on the GPU ("misaligned address"); on x86 it would just work.
+[[noreturn]] inline void misaligned(const void* p, size_t bytes) {
+  std::fprintf(stderr, "simt_emulator: misaligned %zu-byte access at address %p (not a multiple of %zu)\n", bytes, p,
+               bytes);
+  std::abort();
+}
+template <class T>
+inline void check_aligned(const T* p) {
+  constexpr size_t n = sizeof(T);
+  if constexpr (n == 2 || n == 4 || n == 8 || n == 16) {
+    if (reinterpret_cast<uintptr_t>(p) % n != 0) misaligned(p, n);
+  }
+}
+// The value through an empty asm statement: the compiler cannot fuse the operation that made it
+// with the one that uses it (no FMA contraction across a correctly rounded intrinsic).
+template <class T>
+inline T opaque(T v) {
+  asm volatile("" : "+m"(v));
+  return v;
+}
+}  // namespace mpq_simt
+
 template <class T>
 inline T __ldg(const T* p) {
+  ::mpq_simt::check_aligned(p);
   return *p;
 }
-// Correctly rounded IEEE operations (the test compiles with -ffp-contract=off: no FMA contraction).
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline double __ddiv_rn(double a, double b) { return a / b; }
-inline double __dsub_rn(double a, double b) { return a - b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
+// Correctly rounded IEEE operations, never contracted into an FMA (on the GPU: by definition).
+#define MPQ_SIMT_RN(NAME, T, OP)                                                   \
+  inline T NAME(T a, T b) {                                                        \
+    return ::mpq_simt::opaque(::mpq_simt::opaque(a) OP ::mpq_simt::opaque(b));     \
+  }
+MPQ_SIMT_RN(__fdiv_rn, float, /)
+MPQ_SIMT_RN(__fadd_rn, float, +)
+MPQ_SIMT_RN(__fsub_rn, float, -)
+MPQ_SIMT_RN(__fmul_rn, float, *)
+MPQ_SIMT_RN(__ddiv_rn, double, /)
+MPQ_SIMT_RN(__dsub_rn, double, -)
+MPQ_SIMT_RN(__dmul_rn, double, *)
+#undef MPQ_SIMT_RN
 [[noreturn]] inline void __trap() {
   std::fprintf(stderr, "simt_emulator: __trap()\n");
   std::abort();
@@ -174,7 +221,35 @@ inline Machine& machine() {
 
 inline const dim3& thread_idx() { return machine().fibers[machine().current].thread_idx; }
 
-inline unsigned char* dynamic_shared() { return machine().dynamic_shared.data(); }
+// Dynamic shared memory, 16-byte aligned as CUDA's (extern __shared__ __align__(16)).
+inline unsigned char* dynamic_shared() {
+  auto* p = machine().dynamic_shared.data();
+  return p + (16 - reinterpret_cast<uintptr_t>(p) % 16) % 16;
+}
+
+constexpr unsigned char kSharedPoison = 0xFF;  // NaN in every float type, -1 in every integer type
+
+// The static shared arrays seen so far (MPQ_SHARED): address and size.
+inline std::vector<std::pair<void*, size_t>>& shared_variables() {
+  static std::vector<std::pair<void*, size_t>> v;
+  return v;
+}
+
+// MPQ_SHARED's registration, at every thread's pass over the declaration: poisoned at the first.
+inline void shared_variable(void* p, size_t bytes) {
+  auto& v = shared_variables();
+  for (const auto& [q, n] : v) {
+    if (q == p) return;
+  }
+  v.emplace_back(p, bytes);
+  std::memset(p, kSharedPoison, bytes);
+}
+
+// Garbage in all shared memory, static and dynamic, as a CTA finds it on the device.
+inline void poison_shared(size_t dynamic_bytes) {
+  std::memset(dynamic_shared(), kSharedPoison, dynamic_bytes);
+  for (const auto& [p, n] : shared_variables()) std::memset(p, kSharedPoison, n);
+}
 
 // Stack switches, announced to AddressSanitizer when it is on.
 inline void switch_to_scheduler(bool finished) {
@@ -294,7 +369,7 @@ inline void set_reverse_order(bool reverse) { machine().reverse = reverse; }
 template <class Kernel, class... Args>
 void launch_shared(dim3 grid, dim3 block, size_t shared_bytes, Kernel kernel, Args... args) {
   Machine& m = machine();
-  m.dynamic_shared.assign(shared_bytes + 16, 0xA5);  // garbage, as on the device
+  m.dynamic_shared.assign(shared_bytes + 16, kSharedPoison);  // + 16: room to align
   m.grid_dim = grid;
   m.block_dim = block;
   const std::function<void()> body = [&] { kernel(args...); };
@@ -302,6 +377,7 @@ void launch_shared(dim3 grid, dim3 block, size_t shared_bytes, Kernel kernel, Ar
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         m.block_idx = dim3(x, y, z);
+        poison_shared(shared_bytes);
         run_cta(body);
       }
 }

@@ -5,6 +5,8 @@
 // int8 W4A8 path with its quantize kernel, K split across CTAs with the finalize kernel, the
 // implicit-GEMM convolutions, the dense decode) runs on packed weights from mpq::pack_multipoint
 // and is compared with mpq's CPU ops and a float64 reference, outputs poisoned with NaN first.
+// The launches (grids, blocks, the K split, its workspace) are the library's own code
+// (csrc/cuda/packed_launch.cuh), given the emulator as the launcher.
 // What a GPU must still show: that the intrinsics, the memory system and the launch behave as
 // emulated here (tests/python/test_cuda.py), and the speed (benchmarks/kernels.py).
 #include <ATen/ATen.h>
@@ -19,11 +21,14 @@
 
 #include "catch_compat.h"
 #include "simt_emulator.h"  // after the torch headers, before the kernels
+#include "cuda/layer_kernels.cuh"
 #include "cuda/packed_kernels.cuh"
+#include "cuda/packed_launch.cuh"
 
 namespace {
 
 namespace pk = mpq::packed_kernels;
+namespace lk = mpq::layer_kernels;
 using Packed = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 constexpr int kEmulatedSms = 4;  // few "multiprocessors": small problems take the split-K path too
@@ -87,44 +92,62 @@ pk::ActParams host_act(const std::vector<float>& q) {
   return act;
 }
 
-// The launches of multipoint_packed.cu's launch_fused for one configuration of the main loop.
-template <class Op, int MT, int WARPS_K, int U>
-void launch_fused(const typename Op::Args& args, const pk::PackedWeight& w, int64_t M, int64_t D,
-                  const pk::ActParams& act, bool int8_act, const float* bias, at::Tensor& out) {
-  constexpr int64_t BM = 16 * MT * (pk::kWarps / WARPS_K);
-  const pk::LaunchPlan plan = pk::plan_launch(w.num_tiles, M, w.slabs, BM, WARPS_K, kEmulatedSms);
-  at::Tensor workspace;
-  if (plan.splits > 1) workspace = at::full({plan.splits, M, int64_t{w.num_tiles} * pk::kTileN}, NAN);
-  const dim3 grid(static_cast<unsigned>(w.num_tiles), static_cast<unsigned>(plan.grid_y),
-                  static_cast<unsigned>(plan.splits));
-  mpq_simt::launch(grid, dim3(pk::kThreads), pk::packed_linear_kernel<Op, MT, WARPS_K, U>, args, w, M, D,
-                   plan.m_blocks, plan.split_slabs, bias, act, out.data_ptr(), out_type(out.scalar_type()),
-                   plan.splits > 1 ? workspace.data_ptr<float>() : static_cast<float*>(nullptr));
-  if (plan.splits > 1) {
-    mpq_simt::launch(dim3(2), dim3(pk::kElementwiseThreads), pk::finalize_kernel, workspace.data_ptr<float>(),
-                     static_cast<int>(plan.splits), M, w, int8_act, Op::kZeroLevel, bias, act, out.data_ptr(),
-                     out_type(out.scalar_type()));
+// The Launcher of csrc/cuda/packed_launch.cuh: the emulator, a few multiprocessors, workspaces
+// poisoned with NaN (a partial sum the main kernel does not write reaches the output as NaN).
+struct EmulatedLauncher {
+  std::vector<at::Tensor> workspaces;
+  int multiprocessors() const { return kEmulatedSms; }
+  float* workspace(int64_t n) {
+    workspaces.push_back(at::full({n}, NAN));
+    return workspaces.back().data_ptr<float>();
   }
-}
+  template <class Kernel, class... Args>
+  void operator()(dim3 grid, dim3 block, size_t shared_bytes, Kernel kernel, Args... args) const {
+    mpq_simt::launch_shared(grid, block, shared_bytes, kernel, args...);
+  }
+};
 
+// multipoint_packed.cu's launches of one configuration of the main loop into out.
 template <class Op>
 void launch_config(bool small_m, const typename Op::Args& args, const pk::PackedWeight& w, int64_t M, int64_t D,
                    const pk::ActParams& act, bool int8_act, const float* bias, at::Tensor& out) {
-  if (small_m) {
-    launch_fused<Op, 1, pk::kWarps, 4 / Op::kStepSlabs>(args, w, M, D, act, int8_act, bias, out);
-  } else {
-    launch_fused<Op, 2, 1, 2 / Op::kStepSlabs>(args, w, M, D, act, int8_act, bias, out);
-  }
+  EmulatedLauncher launch;
+  pk::launch_config<Op>(launch, small_m, args, w, M, D, act, int8_act, bias, out.data_ptr(),
+                        out_type(out.scalar_type()));
 }
 
-// xq [rows, kp] of quantize_int8_kernel, emulated.
+// xq [rows, kp] of quantize_int8_kernel, emulated, poisoned first.
 template <typename scalar_t>
 at::Tensor quantize_int8(const at::Tensor& x, int64_t rows, int64_t D, int64_t kp, const pk::ActParams& act) {
   auto xq = at::full({rows, kp}, 0x55, at::TensorOptions().dtype(at::kChar));
-  mpq_simt::launch(dim3(3), dim3(pk::kElementwiseThreads), pk::quantize_int8_kernel<scalar_t>,
-                   reinterpret_cast<const scalar_t*>(x.data_ptr()), rows, D, kp, act,
-                   reinterpret_cast<uint32_t*>(xq.data_ptr<int8_t>()));
+  EmulatedLauncher launch;
+  pk::launch_quantize_int8(launch, reinterpret_cast<const scalar_t*>(x.data_ptr()), rows, D, kp, act,
+                           xq.data_ptr<int8_t>());
   return xq;
+}
+
+// The weight sum_p scale_p code_p in float32 by layer_kernels.cuh's dequantize_kernel, emulated.
+at::Tensor emulated_dequantize(const Weight& wt) {
+  const int64_t C = wt.codes.size(0), P = wt.codes.size(1), D = wt.codes.size(2);
+  auto out = at::full({C, D}, NAN);
+  mpq_simt::launch(dim3(3), dim3(lk::kThreads), lk::dequantize_kernel<float>,
+                   static_cast<const int8_t*>(wt.codes.data_ptr<int8_t>()),
+                   static_cast<const float*>(wt.scales.data_ptr<float>()),
+                   static_cast<const int*>(wt.num_points.data_ptr<int>()), C, static_cast<int>(P), D,
+                   out.data_ptr<float>());
+  return out;
+}
+
+// A float32 weight against the CPU's dequantize: with FMA contraction (nvcc's default, emulated
+// here) the kernels round each partial sum once where the CPU rounds the product too, so they
+// agree to 2 P u sum_p |scale_p code_p| (u = 2^-24), not bit for bit.
+void require_dequantized(const at::Tensor& got, const Weight& wt) {
+  const auto cpu = dequantize(wt.codes, wt.scales, wt.num_points, at::kFloat).to(at::kDouble);
+  const int64_t P = wt.codes.size(1);
+  const auto active = (at::arange(P, at::kInt).unsqueeze(0) < wt.num_points.unsqueeze(1)).to(at::kDouble);
+  const auto spread = ((wt.scales.to(at::kDouble) * active).abs().unsqueeze(2) * wt.codes.to(at::kDouble).abs()).sum(1);
+  const auto excess = (got.to(at::kDouble) - cpu).abs() - 2.0 * static_cast<double>(P) * std::ldexp(1.0, -24) * spread;
+  REQUIRE(excess.max().item<double>() <= 0.0);
 }
 
 double rel_err(const at::Tensor& got, const at::Tensor& want) {
@@ -228,13 +251,16 @@ TEST_CASE("emulated int8 (W4A8) linear kernels match the float64 reference", "[e
   }
 }
 
-TEST_CASE("the emulated dense decode equals the generic dequantize", "[emulation][linear]") {
+TEST_CASE("the emulated dense decode equals the generic dequantize kernel", "[emulation][linear]") {
   const Weight wt = random_weight(130, 3, 70, 4, 300);
   const Packed p = pack(wt.codes, wt.scales, wt.num_points, 4);
   auto out = at::full({130, 70}, NAN);
-  mpq_simt::launch(dim3(2), dim3(pk::kElementwiseThreads), pk::decode_dense_kernel<float>, view(p, 130), 4,
-                   int64_t{70}, out.data_ptr<float>());
-  REQUIRE(at::equal(out, dequantize(wt.codes, wt.scales, wt.num_points, at::kFloat)));
+  EmulatedLauncher launch;
+  pk::launch_decode_dense(launch, view(p, 130), 4, int64_t{70}, out.data_ptr<float>());
+  // Bit for bit: the same float32 sums, each product fused into its sum alike (nvcc's FMA
+  // contraction, emulated); the CPU's dequantize rounds every product first (see below).
+  REQUIRE(at::equal(out, emulated_dequantize(wt)));
+  require_dequantized(out, wt);
 }
 
 namespace {
@@ -252,19 +278,44 @@ const ConvCase kConvCases[] = {
     {1, 6, 5, 5, 12, 2, 2, 1, 1, 0, 1, 1, 1, 3},
 };
 
-// NHWC output [N, OH, OW, O] as an NCHW view.
+// The implicit GEMM of a case: M = N * OH * OW rows, D = KH * KW * Cg columns.
+pk::ConvShape conv_shape(const ConvCase& cc) {
+  const int64_t cg = cc.C / cc.groups;
+  const int64_t OH = (cc.H + 2 * cc.ph - cc.dh * (cc.KH - 1) - 1) / cc.sh + 1;
+  const int64_t OW = (cc.W + 2 * cc.pw - cc.dw * (cc.KW - 1) - 1) / cc.sw + 1;
+  return pk::ConvShape{cc.N * OH * OW,
+                       cc.KH * cc.KW * cg,
+                       static_cast<int>(cc.H),
+                       static_cast<int>(cc.W),
+                       static_cast<int>(cc.C),
+                       static_cast<int>(OH),
+                       static_cast<int>(OW),
+                       static_cast<int>(cc.KW),
+                       static_cast<int>(cg),
+                       static_cast<int>(cc.sh),
+                       static_cast<int>(cc.sw),
+                       static_cast<int>(cc.ph),
+                       static_cast<int>(cc.pw),
+                       static_cast<int>(cc.dh),
+                       static_cast<int>(cc.dw),
+                       static_cast<int>(cc.O / cc.groups)};
+}
+
+// The outputs of every configuration that runs M rows (the small-M one only for M <= 16), each
+// into its own NaN-poisoned NHWC tensor [N, OH, OW, O], returned as NCHW views: (small_m, output).
 template <class Op>
-at::Tensor run_conv(const ConvCase& cc, const typename Op::Args& args, const pk::PackedWeight& w,
-                    const pk::ActParams& act, bool int8_act, const float* bias, at::ScalarType dtype, int64_t OH,
-                    int64_t OW) {
+std::vector<std::pair<bool, at::Tensor>> run_conv(const ConvCase& cc, const typename Op::Args& args,
+                                                  const pk::PackedWeight& w, const pk::ActParams& act, bool int8_act,
+                                                  const float* bias, at::ScalarType dtype, int64_t OH, int64_t OW) {
   const int64_t M = cc.N * OH * OW;
-  auto out = at::full({cc.N, OH, OW, cc.O}, NAN, at::TensorOptions().dtype(dtype));
+  std::vector<std::pair<bool, at::Tensor>> outs;
   for (const bool small_m : {true, false}) {
-    if (small_m && M > 16) continue;
-    out.fill_(NAN);
+    if (small_m && M > pk::kGemvMaxM) continue;
+    auto out = at::full({cc.N, OH, OW, cc.O}, NAN, at::TensorOptions().dtype(dtype));
     launch_config<Op>(small_m, args, w, M, args.s.D, act, int8_act, bias, out);
+    outs.emplace_back(small_m, out.permute({0, 3, 1, 2}));
   }
-  return out.permute({0, 3, 1, 2});
+  return outs;
 }
 
 }  // namespace
@@ -272,26 +323,8 @@ at::Tensor run_conv(const ConvCase& cc, const typename Op::Args& args, const pk:
 TEST_CASE("emulated implicit-GEMM conv kernels match the float64 reference", "[emulation][conv]") {
   const std::vector<float> q = {0.02f, 128.0f, 0.0f, 255.0f};
   for (const auto& cc : kConvCases) {
-    const int64_t cg = cc.C / cc.groups;
-    const int64_t D = cc.KH * cc.KW * cg;
-    const int64_t OH = (cc.H + 2 * cc.ph - cc.dh * (cc.KH - 1) - 1) / cc.sh + 1;
-    const int64_t OW = (cc.W + 2 * cc.pw - cc.dw * (cc.KW - 1) - 1) / cc.sw + 1;
-    const pk::ConvShape shape{cc.N * OH * OW,
-                              D,
-                              static_cast<int>(cc.H),
-                              static_cast<int>(cc.W),
-                              static_cast<int>(cc.C),
-                              static_cast<int>(OH),
-                              static_cast<int>(OW),
-                              static_cast<int>(cc.KW),
-                              static_cast<int>(cg),
-                              static_cast<int>(cc.sh),
-                              static_cast<int>(cc.sw),
-                              static_cast<int>(cc.ph),
-                              static_cast<int>(cc.pw),
-                              static_cast<int>(cc.dh),
-                              static_cast<int>(cc.dw),
-                              static_cast<int>(cc.O / cc.groups)};
+    const pk::ConvShape shape = conv_shape(cc);
+    const int64_t cg = shape.Cg, D = shape.D, OH = shape.OH, OW = shape.OW;
     for (const int w_bits : {4, 8}) {
       const Weight wt = random_weight(cc.O, 3, D, w_bits, 400 + cc.C * cc.O + w_bits);
       // The module's codes [O, P, Cg, kh, kw] and their NHWC columns (mpq.ops.conv_codes_nhwc).
@@ -313,25 +346,34 @@ TEST_CASE("emulated implicit-GEMM conv kernels match the float64 reference", "[e
         const auto* xp = reinterpret_cast<const __half*>(x_nhwc.data_ptr());
         const bool vec = cg % 2 == 0 && cc.C % 2 == 0;
         const auto none = host_act({});
-        const at::Tensor out =
-            w_bits == 4
-                ? run_conv<pk::ConvWeightOnly<__half, 4>>(cc, {xp, shape, 0, vec}, w, none, false,
-                                                          bias.data_ptr<float>(), at::kHalf, OH, OW)
-                : run_conv<pk::ConvWeightOnly<__half, 8>>(cc, {xp, shape, 0, vec}, w, none, false,
-                                                          bias.data_ptr<float>(), at::kHalf, OH, OW);
-        REQUIRE_FALSE(at::isnan(out).any().item<bool>());
-        REQUIRE(rel_err(out, conv64(x.to(at::kDouble))) <= tolerance(at::kHalf));
+        const auto outs = w_bits == 4
+                              ? run_conv<pk::ConvWeightOnly<__half, 4>>(cc, {xp, shape, 0, vec}, w, none, false,
+                                                                        bias.data_ptr<float>(), at::kHalf, OH, OW)
+                              : run_conv<pk::ConvWeightOnly<__half, 8>>(cc, {xp, shape, 0, vec}, w, none, false,
+                                                                        bias.data_ptr<float>(), at::kHalf, OH, OW);
+        REQUIRE(outs.size() == (shape.M <= pk::kGemvMaxM ? 2u : 1u));
+        const auto want = conv64(x.to(at::kDouble));
+        for (const auto& [small_m, out] : outs) {
+          INFO("weight-only, small_m " << small_m);
+          REQUIRE_FALSE(at::isnan(out).any().item<bool>());
+          REQUIRE(rel_err(out, want) <= tolerance(at::kHalf));
+        }
       }
       if (cg % pk::kSlabK == 0) {  // int8 activations: NHWC levels, the level of 0 in the padding
         const auto act = host_act(q);
         const auto xq = quantize_int8<at::Half>(x_nhwc, cc.N * cc.H * cc.W, cc.C, cc.C, act);
         const typename pk::ConvInt8<4>::Args args{xq.data_ptr<int8_t>(), shape, act, 0, 0u};
-        const at::Tensor out =
+        const auto outs =
             w_bits == 4 ? run_conv<pk::ConvInt8<4>>(cc, args, w, act, true, bias.data_ptr<float>(), at::kHalf, OH, OW)
                         : run_conv<pk::ConvInt8<8>>(cc, {args.xq, shape, act, 0, 0u}, w, act, true,
                                                     bias.data_ptr<float>(), at::kHalf, OH, OW);
-        REQUIRE_FALSE(at::isnan(out).any().item<bool>());
-        REQUIRE(rel_err(out, conv64(fake_quantize64(x, q))) <= 2e-3);
+        REQUIRE(outs.size() == (shape.M <= pk::kGemvMaxM ? 2u : 1u));
+        const auto want = conv64(fake_quantize64(x, q));
+        for (const auto& [small_m, out] : outs) {
+          INFO("int8, small_m " << small_m);
+          REQUIRE_FALSE(at::isnan(out).any().item<bool>());
+          REQUIRE(rel_err(out, want) <= 2e-3);
+        }
       }
     }
   }
@@ -503,11 +545,7 @@ TEST_CASE("emulated exact fit_multipoint kernels match the CPU kernel", "[emulat
 
 // ---- the generic layers' kernels (csrc/cuda/layer_kernels.cuh) ---------------------------------
 
-#include "cuda/layer_kernels.cuh"
-
 namespace {
-
-namespace lk = mpq::layer_kernels;
 
 at::Tensor fake_quantize_cpu(const at::Tensor& x, const std::vector<float>& q) {
   // mpq's CPU fake quantization, each step in x's dtype (csrc/cpu/multipoint_layers.cpp).
@@ -517,15 +555,9 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x, const std::vector<float>& q) {
 
 }  // namespace
 
-TEST_CASE("emulated dequantize and fake-quantize kernels equal the CPU kernels", "[emulation][layers]") {
+TEST_CASE("emulated dequantize and fake-quantize kernels match the CPU kernels", "[emulation][layers]") {
   const Weight wt = random_weight(70, 3, 45, 4, 700);
-  auto out = at::full({70, 45}, NAN);
-  mpq_simt::launch(dim3(3), dim3(lk::kThreads), lk::dequantize_kernel<float>,
-                   static_cast<const int8_t*>(wt.codes.data_ptr<int8_t>()),
-                   static_cast<const float*>(wt.scales.data_ptr<float>()),
-                   static_cast<const int*>(wt.num_points.data_ptr<int>()), int64_t{70}, 3, int64_t{45},
-                   out.data_ptr<float>());
-  REQUIRE(at::equal(out, dequantize(wt.codes, wt.scales, wt.num_points, at::kFloat)));
+  require_dequantized(emulated_dequantize(wt), wt);
 
   auto gen = at::make_generator<at::CPUGeneratorImpl>(10);
   for (const auto dtype : {at::kFloat, at::kHalf}) {
@@ -629,6 +661,53 @@ TEST_CASE("emulated kernels give bit-identical outputs when the threads run in r
                                   bias.data_ptr<float>(), out);
     return out;
   }));
+  // The int8 quantize kernel.
+  REQUIRE(both_orders([&] { return quantize_int8<at::Half>(x, 17, 200, 256, host_act(q)); }));
+  // Implicit-GEMM conv, weight-only and int8, each configuration (M = 12: the small-M one too).
+  const ConvCase cc{1, 48, 5, 6, 192, 3, 2, 2, 1, 1, 0, 1, 2, 3};
+  const pk::ConvShape shape = conv_shape(cc);
+  REQUIRE(shape.M <= pk::kGemvMaxM);
+  const Weight cw = random_weight(cc.O, 3, shape.D, 4, 903);
+  const Packed cp = pack(cw.codes, cw.scales, cw.num_points, 4, cc.groups);
+  const pk::PackedWeight cv = view(cp, cc.O);
+  const auto image = (at::randn({cc.N, cc.H, cc.W, cc.C}, gen) * 2).to(at::kHalf);  // NHWC
+  const auto image_q = quantize_int8<at::Half>(image, cc.N * cc.H * cc.W, cc.C, cc.C, host_act(q));
+  const auto conv_bias = at::randn({cc.O}, gen);
+  for (const bool small_m : {true, false}) {
+    INFO("conv, small_m " << small_m);
+    REQUIRE(both_orders([&] {
+      auto out = at::full({shape.M, cc.O}, NAN, at::TensorOptions().dtype(at::kHalf));
+      launch_config<pk::ConvWeightOnly<__half, 4>>(small_m, {reinterpret_cast<const __half*>(image.data_ptr()), shape,
+                                                             0, true},
+                                                   cv, shape.M, shape.D, host_act({}), false,
+                                                   conv_bias.data_ptr<float>(), out);
+      return out;
+    }));
+    REQUIRE(both_orders([&] {
+      auto out = at::full({shape.M, cc.O}, NAN, at::TensorOptions().dtype(at::kHalf));
+      launch_config<pk::ConvInt8<4>>(small_m, {image_q.data_ptr<int8_t>(), shape, host_act(q), 0, 0u}, cv, shape.M,
+                                     shape.D, host_act(q), true, conv_bias.data_ptr<float>(), out);
+      return out;
+    }));
+  }
+  // The depthwise kernel, with and without the activation quantizer.
+  const Weight dw = random_weight(24, 3, 25, 4, 904);
+  const auto dx = (at::randn({2, 7, 8, 24}, gen) * 2).to(at::kHalf);  // NHWC
+  const lk::DepthwiseShape ds{2, 7, 8, 24, 4, 4, 5, 5, 2, 2, 2, 2, 1, 1, 3};
+  for (const bool quantize : {false, true}) {
+    INFO("depthwise, quantize " << quantize);
+    REQUIRE(both_orders([&] {
+      auto out = at::full({2, 4, 4, 24}, NAN, at::TensorOptions().dtype(at::kHalf));
+      mpq_simt::launch(dim3(3), dim3(lk::kThreads), lk::depthwise_conv_kernel<at::Half>,
+                       static_cast<const at::Half*>(dx.data_ptr<at::Half>()),
+                       static_cast<const int8_t*>(dw.codes.data_ptr<int8_t>()),
+                       static_cast<const float*>(dw.scales.data_ptr<float>()),
+                       static_cast<const int*>(dw.num_points.data_ptr<int>()),
+                       static_cast<const float*>(conv_bias.data_ptr<float>()),
+                       host_act(quantize ? q : std::vector<float>{}), quantize, ds, out.data_ptr<at::Half>());
+      return out;
+    }));
+  }
   // fit_multipoint: block reductions (fast) and block scans (exact).
   const auto fw = fit_weight(6, 700, 901);
   REQUIRE(both_orders([&] { return std::get<0>(emulated_fit_fast(fw, 4, 3, 2, 6)); }));
