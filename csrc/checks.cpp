@@ -172,6 +172,31 @@ std::vector<int64_t> check_multipoint_conv2d_args(const at::Tensor& input, const
   return conv2d_output_shape(op, input, codes.size(0), codes.size(3), codes.size(4), stride, padding, dilation);
 }
 
+std::vector<int64_t> check_stored_conv2d_args(const char* op, const at::Tensor& input, int64_t out_channels,
+                                              at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias,
+                                              const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
+                                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(code_shape.size() == 3 && code_shape[1] >= 1 && code_shape[2] >= 1, op,
+              ": expected code_shape [C_in/groups, kh, kw] with a kernel of at least 1 x 1, got ", code_shape);
+  TORCH_CHECK(input.dim() == 4, op, ": expected input [N, C_in, H, W], got shape ", input.sizes());
+  TORCH_CHECK(groups >= 1 && out_channels % groups == 0, op, ": expected groups >= 1 dividing the ", out_channels,
+              " output channels, got groups = ", groups);
+  TORCH_CHECK(input.size(1) == code_shape[0] * groups, op, ": expected input with ", code_shape[0] * groups,
+              " channels (code_shape ", code_shape, " with groups = ", groups, "), got shape ", input.sizes());
+  TORCH_CHECK(input.device() == (bias.has_value() ? bias->device() : input.device()), op, ": expected bias on ",
+              input.device());
+  if (bias.has_value()) {
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()) && bias->dim() == 1 && bias->size(0) == out_channels, op,
+                ": expected bias floating [", out_channels, "], got ", bias->scalar_type(), bias->sizes());
+  }
+  if (act_qparams.has_value()) {
+    TORCH_CHECK(act_qparams->scalar_type() == at::kFloat && act_qparams->dim() == 1 && act_qparams->size(0) == 4, op,
+                ": expected act_qparams to be float32[4] (scale, zero_point, qmin, qmax), got ",
+                act_qparams->scalar_type(), act_qparams->sizes());
+  }
+  return conv2d_output_shape(op, input, out_channels, code_shape[1], code_shape[2], stride, padding, dilation);
+}
+
 // ---- the packed weight ----------------------------------------------------------------------------
 
 void check_pack_multipoint_args(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,

@@ -52,6 +52,14 @@ std::vector<int64_t> check_multipoint_conv2d_args(const at::Tensor& input, const
                                                   const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
                                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
+// The geometry of a convolution on the stored form (code_shape = [C_in/groups, kh, kw], C output
+// channels), bias and act_qparams' shapes, without making or reading a tensor (the stored-form ops
+// check these on every call); the input may be float or uint8 levels. Returns the output shape.
+std::vector<int64_t> check_stored_conv2d_args(const char* op, const at::Tensor& input, int64_t out_channels,
+                                              at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias,
+                                              const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
+                                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
 // ---- the packed weight (csrc/kernels/packed_layout.h) -------------------------------------------
 
 // mpq::pack_multipoint: codes int8[C, P, D], scales, num_points as check_multipoint_weight, w_bits in

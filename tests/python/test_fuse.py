@@ -204,3 +204,22 @@ def test_fuse_resnet18_structure_check_and_artifacts(resnet18_w4a8, tmp_path):
     ep = torch.export.export(f, (x,))
     with torch.no_grad():
         assert torch.equal(ep.module()(x), y_f)
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: f"clamp{e[0]},{e[1]}-res{int(e[2])}-out{e[3] and e[3][2:]}")
+def test_one_point_layers_where_onednn_writes_the_levels(epilogue):
+    """One point per channel (the W8A8 preset): with no further points to add, a ReLU or no clamp
+    and a 256-level output, oneDNN writes the uint8 levels itself; the same bounds hold."""
+    lo, hi, with_residual, out_grid = epilogue
+    for conv in [CONVS[0], CONVS[5], CONVS[6]]:
+        cin, cout, k, stride, pad, dil, groups = conv
+        m = _layer("conv", cin, cout, k, stride, pad, dil, groups, bits=8, points=1)
+        m.set_act_qparams(0.03, 0, 0, 255)
+        f = FusedMultipointConv2d(m, lo, hi, None if out_grid is None else torch.tensor(out_grid, dtype=torch.float32))
+        x = torch.randn(2, cin, 10, 10, generator=torch.Generator().manual_seed(3)).relu()
+        with torch.no_grad():
+            residual = torch.randn(m(x).shape).contiguous(memory_format=torch.channels_last) if with_residual else None
+            for path in ("auto", "int8"):
+                y = _run(f, x, residual, path)
+                check = _check_one(path, f, x, residual, y, max_samples=8)
+                assert check.max_ratio <= 1.0 and check.level_flips <= 1e-3, (conv, path, check)
