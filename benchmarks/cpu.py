@@ -9,7 +9,9 @@ after two warm-up calls, the same input tensor for every row):
   model and input in channels_last (oneDNN's own layout: the fair FP32 baseline; ``speedup`` columns
   divide by the faster of the two);
 - ``mpq W4A8`` / ``mpq W4A16`` / ``mpq W8A8``: ``mpq.quantize`` with the preset (defaults, seed 0),
-  then ``torch.jit.script`` + save + load: the artifact a user deploys, timed as loaded;
+  ``mpq.fuse_activations`` (uint8 activations between layers), then ``torch.jit.script`` + save +
+  load: the artifact a user deploys, timed as loaded; ``mpq W4A8 unfused``: the same without
+  ``fuse_activations`` (float32 between layers);
 - ``torch int8 (FX, x86)``: PyTorch's own static int8 (``prepare_fx`` / ``convert_fx``, x86 engine,
   W8A8 per-channel weights), calibrated on the same batches.
 Sizes: the FP32 ``state_dict`` file, mpq's TorchScript file and ``mpq.save`` file, PyTorch int8's
@@ -145,9 +147,12 @@ def run_model(name: str, batches: List[int], repeats: int, presets: List[str], s
         t = time.perf_counter()
         q = mpq.quantize(model, calib, mpq.QuantConfig.preset(preset, seed=seed))
         quant_seconds[preset] = time.perf_counter() - t
-        s = scripted(q, calib[0][:1])
+        fused = mpq.fuse_activations(q, calib[0][:1])
+        s = scripted(fused, calib[0][:1])
         variants[f"mpq {preset}"] = s
-        sizes[f"mpq {preset} TorchScript"] = file_bytes(lambda p: torch.jit.save(to_torchscript(q, calib[0][:1]), p))
+        if preset == presets[0]:  # the same model with float32 between layers: what the fusion gains
+            variants[f"mpq {preset} unfused"] = scripted(q, calib[0][:1])
+        sizes[f"mpq {preset} TorchScript"] = file_bytes(lambda p: torch.jit.save(to_torchscript(fused, calib[0][:1]), p))
         sizes[f"mpq {preset} mpq.save"] = file_bytes(lambda p: mpq.save(q, p + ".mpq.safetensors") or
                                                      os.replace(p + ".mpq.safetensors", p))
         sizes[f"mpq {preset} reported (model_size_bytes)"] = model_size_bytes(q)
