@@ -660,23 +660,20 @@ struct RowLayout {
   std::vector<int64_t> extra_src, extra_dst;
 };
 
-// The epilogue on y (float32 channels_last [N, T, H, W], T = groups * layout.stride), in place
-// where the output has y's channels: the extra points added into their channels, then + residual,
-// clamp, and float32 or uint8 levels out ([N, groups * layout.channels, H, W], channels_last).
-at::Tensor apply_epilogue(at::Tensor y, const Epilogue& ep, const RowLayout& layout) {
+// The epilogue on y (float32 channels_last [n, T, H, W], T = groups * layout.stride) into `out`
+// ([n, groups * layout.channels, H, W], channels_last, float32 or uint8 levels): the further
+// points added into their channels (in place in y), then + residual (rows of the output's width,
+// or null), clamp, quantize.
+void epilogue_into(const at::Tensor& y, const float* res, const Epilogue& ep, const RowLayout& layout,
+                   const at::Tensor& out) {
   const int64_t T = y.size(1), rows = y.numel() / std::max<int64_t>(1, T);
   const int64_t C = layout.groups * layout.channels, E = int64_t(layout.extra_src.size());
-  const float* res = ep.residual.has_value() ? ep.residual->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  at::Tensor out;
-  if (ep.out.has_value()) {
-    out = at::empty({y.size(0), C, y.size(2), y.size(3)}, y.options().dtype(at::kByte), at::MemoryFormat::ChannelsLast);
-  } else {
-    out = T == C ? y : at::empty({y.size(0), C, y.size(2), y.size(3)}, y.options(), at::MemoryFormat::ChannelsLast);
-  }
   const int64_t* src = layout.extra_src.data();
   const int64_t* dst = layout.extra_dst.data();
   const c10::optional<ActQuant> q = ep.out;
+  uint8_t* out_levels = q.has_value() ? out.data_ptr<uint8_t>() : nullptr;
+  float* out_float = q.has_value() ? nullptr : out.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       float* row = yp + i * T;
@@ -686,21 +683,44 @@ at::Tensor apply_epilogue(at::Tensor y, const Epilogue& ep, const RowLayout& lay
         const float* rr = res ? res + i * C + g * layout.channels : nullptr;
         const int64_t o = i * C + g * layout.channels;
         if (q.has_value()) {
-          epilogue_row_levels(yr, rr, out.data_ptr<uint8_t>() + o, layout.channels, ep.lo, ep.hi, float(q->scale),
+          epilogue_row_levels(yr, rr, out_levels + o, layout.channels, ep.lo, ep.hi, float(q->scale),
                               float(q->zero_point), float(q->qmin), float(q->qmax));
         } else {
-          epilogue_row_float(yr, rr, out.data_ptr<float>() + o, layout.channels, ep.lo, ep.hi);
+          epilogue_row_float(yr, rr, out_float + o, layout.channels, ep.lo, ep.hi);
         }
       }
     }
   });
+}
+
+// A float32 output per chunk of images stays in cache when it is at most this large: the
+// epilogue then reads it from there, and the allocator reuses one block instead of mapping fresh
+// pages per call. Measured (benchmarks/NOTES.md): a 256 -> 205 1 x 1 int8 conv at 56 x 56 with float
+// output, 16 images at once 15.2 ms, in chunks of 2 images 2.6 ms.
+constexpr int64_t kChunkBytes = int64_t(8) << 20;
+
+// `layer(n0, n)` (float32 [n, T, OH, OW] for images n0..n0+n-1) in chunks of images, each followed
+// by the epilogue into the output [N, C, OH, OW] (channels_last, float32 or uint8 levels).
+template <typename Layer>
+at::Tensor run_chunked(at::IntArrayRef out_shape, int64_t T, const Epilogue& ep, const RowLayout& layout,
+                       const at::TensorOptions& options, Layer layer) {
+  const int64_t N = out_shape[0], pixels = out_shape[2] * out_shape[3], C = out_shape[1];
+  auto out = at::empty(out_shape, options.dtype(ep.out.has_value() ? at::kByte : at::kFloat),
+                       at::MemoryFormat::ChannelsLast);
+  const float* res = ep.residual.has_value() ? ep.residual->data_ptr<float>() : nullptr;
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, pixels * T * 4));
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t n = std::min(chunk, N - n0);
+    const auto y = layer(n0, n).contiguous(at::MemoryFormat::ChannelsLast);
+    epilogue_into(y, res ? res + n0 * pixels * C : nullptr, ep, layout, out.narrow(0, n0, n));
+  }
   return out;
 }
 
-at::Tensor apply_epilogue(at::Tensor y, const Epilogue& ep) {
+RowLayout plain_layout(int64_t C) {
   RowLayout plain;
-  plain.stride = plain.channels = y.size(1);
-  return apply_epilogue(std::move(y), ep, plain);
+  plain.stride = plain.channels = C;
+  return plain;
 }
 
 // All of a convolution's points as one oneDNN int8 convolution: per group, its channels' first
@@ -870,12 +890,18 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
               ": path \"depthwise\" needs groups = in_channels = out_channels and act_qparams that fit uint8");
   std::string choice(path);
   if (path == "auto") {
-    // Unlike multipoint_conv2d_stored, 1 x 1 expansions too: the float path would first turn a
-    // uint8 input back into float32, and a uint8 output halves what the int8 path writes.
-    const bool int8_wins = code_shape[0] >= kInt8MinGroupChannels && C / groups >= kInt8MinGroupChannels;
+    // Measured per shape (2 threads, AMX, batch 16 unless said; ms int8 / float path / FP32 conv;
+    // benchmarks/NOTES.md): the int8 path wins once the reduction has K = C_in/g * kh * kw >= 32
+    // terms and at least 16 outputs per group: 3 -> 64 7 x 7 stem 25 / 33 / 30, 32 -> 16 1 x 1
+    // 3.6 / 4.3, 256 -> 1024 1 x 1 2.5 / 7.4, 64 -> 256 1 x 1 with float output 27 / 27; below,
+    // the float path: 3 -> 32 3 x 3 stem 5.7 / 3.8, 16 -> 96 1 x 1 at 112 px 37 / 31.
+    const bool int8_wins = c10::multiply_integers(code_shape) >= 32 && C / groups >= kInt8MinGroupChannels;
     choice = depthwise_ok ? "depthwise" : (int8_ok && int8_wins ? "int8" : "dense");
   }
-  if (C == 0 || input.numel() == 0) choice = "dense";
+  if (C == 0 || input.numel() == 0) {  // nothing to compute: an empty output
+    return at::empty(out_shape, input.options().dtype(ep.out.has_value() ? at::kByte : at::kFloat),
+                     at::MemoryFormat::ChannelsLast);
+  }
   const auto weights = weight_tensors(point_codes, point_scales, num_points, bias);
   std::vector<double> geometry = {double(w_bits), double(groups)};
   for (auto v : {stride, padding, dilation}) geometry.insert(geometry.end(), v.begin(), v.end());
@@ -886,20 +912,24 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
       return PreparedDepthwise{w.reshape({C, taps}).t().contiguous(),
                                bias.has_value() ? bias->to(at::kFloat).contiguous() : at::zeros({C}, at::kFloat)};
     });
-    auto y = depthwise_levels(levels_of(input, q), *p, q, code_shape[1], code_shape[2], stride, padding, dilation,
-                              out_shape);
-    return apply_epilogue(y, ep);
+    const auto u = levels_of(input, q);
+    return run_chunked(out_shape, C, ep, plain_layout(C), input.options(), [&](int64_t n0, int64_t n) {
+      auto shape = out_shape;
+      shape[0] = n;
+      return depthwise_levels(u.narrow(0, n0, n), *p, q, code_shape[1], code_shape[2], stride, padding, dilation,
+                              shape);
+    });
   }
   if (choice == "dense") {
     geometry.insert(geometry.begin(), 0.0);  // the same key as multipoint_conv2d_stored's paths
     auto p = cache().get<PreparedDense>(weights, geometry, [&] {
       return PreparedDense{dense_from_stored(point_codes, point_scales, num_points, w_bits, code_shape, at::kFloat)};
     });
-    auto y = at::conv2d(fake_quantized_of(input, act_qparams, q), p->weight,
-                        bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt, stride,
-                        padding, dilation, groups)
-                 .contiguous(at::MemoryFormat::ChannelsLast);
-    return apply_epilogue(y, ep);
+    const auto b = bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt;
+    return run_chunked(out_shape, C, ep, plain_layout(C), input.options(), [&](int64_t n0, int64_t n) {
+      return at::conv2d(fake_quantized_of(input.narrow(0, n0, n), act_qparams, q), p->weight, b, stride, padding,
+                        dilation, groups);
+    });
   }
   geometry.insert(geometry.begin(), 2.0);
   auto values = qparam_values(q);
@@ -922,9 +952,9 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
                       int64_t(ep.out->zero_point - ep.out->qmin), relu)
         .contiguous(at::MemoryFormat::ChannelsLast);
   }
-  auto y = call_qconv(qx, q.scale, zp, p->rows, stride, padding, dilation, groups)
-               .contiguous(at::MemoryFormat::ChannelsLast);
-  return apply_epilogue(y, ep, p->layout);
+  return run_chunked(out_shape, p->rows.w_scales.size(0), ep, p->layout, input.options(), [&](int64_t n0, int64_t n) {
+    return call_qconv(qx.narrow(0, n0, n), q.scale, zp, p->rows, stride, padding, dilation, groups);
+  });
 }
 
 // Other backends (CUDA): unpack, then that backend's reference op (the fused GPU kernels run on
