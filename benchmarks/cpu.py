@@ -8,7 +8,8 @@ after two warm-up calls, the same input tensor for every row):
 - ``fp32``: the float model, eager, default layout (NCHW); ``fp32 channels_last``: the same with
   model and input in channels_last (oneDNN's own layout: the fair FP32 baseline; ``speedup`` columns
   divide by the faster of the two);
-- ``mpq W4A8`` / ``mpq W4A16`` / ``mpq W8A8``: ``mpq.quantize`` with the preset (defaults, seed 0),
+- ``mpq W4A8`` / ``mpq W4A16`` / ``mpq W8A8``: ``mpq.quantize`` with the preset (defaults, seed 0;
+  ``W8A8-1pt``: W8A8 with ``max_points=1``, per-channel int8 as PyTorch's own, no further points),
   ``mpq.fuse_activations`` (uint8 activations between layers), then ``torch.jit.script`` + save +
   load: the artifact a user deploys, timed as loaded; ``mpq W4A8 unfused``: the same without
   ``fuse_activations`` (float32 between layers);
@@ -145,7 +146,9 @@ def run_model(name: str, batches: List[int], repeats: int, presets: List[str], s
             ref = model(eval_images)
     for preset in presets:
         t = time.perf_counter()
-        q = mpq.quantize(model, calib, mpq.QuantConfig.preset(preset, seed=seed))
+        name, _, one = preset.partition("-")  # "W8A8-1pt": the preset with one point per channel
+        cfg = mpq.QuantConfig.preset(name, seed=seed, **({"max_points": 1} if one == "1pt" else {}))
+        q = mpq.quantize(model, calib, cfg)
         quant_seconds[preset] = time.perf_counter() - t
         fused = mpq.fuse_activations(q, calib[0][:1])
         s = scripted(fused, calib[0][:1])
@@ -257,7 +260,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="*", default=["resnet50", "lite0"], choices=["resnet50", "lite0"],
                    help="models to time end to end (none: only --layers)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
-    p.add_argument("--presets", nargs="+", default=["W4A8", "W4A16", "W8A8"])
+    p.add_argument("--presets", nargs="+", default=["W4A8", "W4A16", "W8A8", "W8A8-1pt"],
+                   help="mpq presets; NAME-1pt: the preset with max_points=1 (one point per channel, no further points)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
