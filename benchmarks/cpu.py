@@ -146,8 +146,8 @@ def run_model(name: str, batches: List[int], repeats: int, presets: List[str], s
             ref = model(eval_images)
     for preset in presets:
         t = time.perf_counter()
-        name, _, one = preset.partition("-")  # "W8A8-1pt": the preset with one point per channel
-        cfg = mpq.QuantConfig.preset(name, seed=seed, **({"max_points": 1} if one == "1pt" else {}))
+        base, _, one = preset.partition("-")  # "W8A8-1pt": the preset with one point per channel
+        cfg = mpq.QuantConfig.preset(base, seed=seed, **({"max_points": 1} if one == "1pt" else {}))
         q = mpq.quantize(model, calib, cfg)
         quant_seconds[preset] = time.perf_counter() - t
         fused = mpq.fuse_activations(q, calib[0][:1])
