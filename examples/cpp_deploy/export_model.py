@@ -3,6 +3,7 @@ input and Python's output on it, and prints Python's top-5 for comparison.
 
     python examples/cpp_deploy/export_model.py --out build/deploy-example
     # -> build/deploy-example/efficientnet_lite0_mpq.pt   the quantized model (TorchScript)
+    #    build/deploy-example/efficientnet_lite0_fp32.pt  the float model (TorchScript, traced)
     #    build/deploy-example/input.pt                    buffers `input` [1, 3, 224, 224] and `output` [1, 1000]
 
 Calibration: seeded random crops of the bundled photos (mpq.demo.load_demo_data); the input is
@@ -99,6 +100,11 @@ def main(argv=None) -> int:
         y = loaded(x)
         y_fp32 = model(x)
         y_eager = deployed(x)
+    # The float model as TorchScript too (traced: the package's code does not script), so that the
+    # C++ example times FP32 and mpq side by side in one run.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.jit.trace(model, x, check_trace=False).save(str(args.out / "efficientnet_lite0_fp32.pt"))
     input_path = args.out / "input.pt"
     torch.jit.script(TensorFile(input=x, output=y)).save(str(input_path))
 

@@ -71,7 +71,12 @@ step "4. run it"
 "$OUT/build/mpq_deploy" "$OUT/efficientnet_lite0_mpq.pt" --input "$OUT/input.pt" \
   --device "${MPQ_DEVICE:-cpu}" --runs "${MPQ_RUNS:-20}" | tee "$OUT/run.log"
 "$OUT/build/mpq_deploy" "$OUT/efficientnet_lite0_mpq.pt" --shape 1,3,224,224 --seed 0 \
-  --device "${MPQ_DEVICE:-cpu}" --runs 5 | grep -E "^input|^  1\.|^latency"
+  --device "${MPQ_DEVICE:-cpu}" --runs "${MPQ_RUNS:-20}" | tee "$OUT/run_mpq_noise.log" | grep -E "^input|^  1\.|^latency"
+# FP32 in the same program on the same input, for the latency side by side.
+"$OUT/build/mpq_deploy" "$OUT/efficientnet_lite0_fp32.pt" --shape 1,3,224,224 --seed 0 \
+  --device "${MPQ_DEVICE:-cpu}" --runs "${MPQ_RUNS:-20}" >"$OUT/run_fp32_noise.log"
+ms() { sed -n 's/^latency: median \([0-9.]*\) ms.*/\1/p' "$1" | head -1; }
+"$PY" -c "f, q = float('$(ms "$OUT/run_fp32_noise.log")'), float('$(ms "$OUT/run_mpq_noise.log")'); print(f'C++ latency, batch 1, median of ${MPQ_RUNS:-20}: FP32 {f:.2f} ms, mpq {q:.2f} ms ({f / q:.2f}x)')"
 grep -q "$PREFIX/lib/libmpq_ops.so" "$OUT/run.log" \
   || { echo "run_example: mpq_deploy did not load $PREFIX/lib/libmpq_ops.so" >&2; exit 1; }
 # On the CPU the same kernels run in both: C++ must reproduce Python's output.
