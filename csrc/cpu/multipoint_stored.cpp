@@ -22,10 +22,12 @@
 #include <c10/core/StorageImpl.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <tuple>
 #include <unordered_map>
 #include <vector>
@@ -316,12 +318,55 @@ at::Tensor quantize_input(const at::Tensor& input, const ActQuant& q, at::Memory
   return out;
 }
 
+// oneDNN's prepacked forms of one int8 convolution weight, one per input shape seen (up to
+// kMaxPackedShapes, then one packed for no particular shape). oneDNN picks the weight's blocking
+// for the input shape it is told at prepacking; a weight packed for another shape is reordered on
+// every call (measured, ResNet-50 W4A8 at batch 1: 6 such reorders, 1.8 ms of its 23 ms), and the
+// blocking it wants depends on the batch too (512 -> 576 at 7 x 7: batch 1 and 16 differ).
+constexpr size_t kMaxPackedShapes = 8;
+
+struct ConvPacks {
+  at::Tensor plain;  // int8 [rows, C_in/g, kh, kw], kept to pack for a further shape
+  at::Tensor w_scales;
+  double x_scale;
+  int64_t x_zp, groups;
+  std::vector<int64_t> stride, padding, dilation;
+  std::mutex mutex;
+  std::vector<std::pair<std::vector<int64_t>, at::Tensor>> by_shape;
+  at::Tensor any_shape;
+
+  at::Tensor pack(c10::optional<at::IntArrayRef> sizes) const {
+    static auto prepack = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("onednn::qconv_prepack", "")
+                              .typed<at::Tensor(at::Tensor, at::Tensor, double, int64_t, torch::List<int64_t>,
+                                                torch::List<int64_t>, torch::List<int64_t>, int64_t,
+                                                std::optional<torch::List<int64_t>>)>();
+    std::optional<torch::List<int64_t>> shape;
+    if (sizes.has_value()) shape = torch::List<int64_t>(sizes->vec());
+    return prepack.call(plain, w_scales, x_scale, x_zp, torch::List<int64_t>(stride),
+                        torch::List<int64_t>(padding), torch::List<int64_t>(dilation), groups, shape);
+  }
+  at::Tensor for_input(at::IntArrayRef sizes) {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (const auto& [shape, packed] : by_shape) {
+      if (at::IntArrayRef(shape) == sizes) return packed;
+    }
+    if (by_shape.size() < kMaxPackedShapes) {
+      by_shape.emplace_back(sizes.vec(), pack(sizes));
+      return by_shape.back().second;
+    }
+    if (!any_shape.defined()) any_shape = pack(c10::nullopt);
+    return any_shape;
+  }
+};
+
 // One oneDNN int8 layer over rows of points.
 struct Int8Rows {
-  at::Tensor weight;         // oneDNN's prepacked int8 weight [rows, C_in/g, kh, kw] or [rows, K]
+  at::Tensor weight;         // int8 [rows, C_in/g, kh, kw], or oneDNN's prepacked [rows, K] for Linear
   at::Tensor w_scales;       // float32 [rows]: the point scales (1 on rows without a point)
   at::Tensor w_zero_points;  // int64 zeros
   c10::optional<at::Tensor> bias;
+  std::shared_ptr<ConvPacks> packs;  // convolutions: prepack_conv
 };
 
 // A multipoint weight as two int8 layers: `primary` has one row per channel (its first point,
@@ -415,7 +460,7 @@ at::Tensor call_qconv(const at::Tensor& qx, double x_scale, int64_t x_zp, const 
                                          torch::List<int64_t>, int64_t, double, int64_t,
                                          std::optional<at::ScalarType>, c10::string_view,
                                          torch::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
-  return op.call(qx, x_scale, x_zp, r.weight, r.w_scales, r.w_zero_points, r.bias,
+  return op.call(qx, x_scale, x_zp, r.packs->for_input(qx.sizes()), r.w_scales, r.w_zero_points, r.bias,
                  torch::List<int64_t>(stride.vec()), torch::List<int64_t>(padding.vec()),
                  torch::List<int64_t>(dilation.vec()), groups, out_scale > 0.0 ? out_scale : 1.0, out_zp,
                  out_scale > 0.0 ? std::optional<at::ScalarType>(at::kByte) : std::optional<at::ScalarType>(at::kFloat),
@@ -439,16 +484,19 @@ std::vector<at::Tensor> weight_tensors(const at::Tensor& point_codes, const at::
   return {point_codes, point_scales, num_points, bias.has_value() ? *bias : at::Tensor()};
 }
 
-// oneDNN's prepacked form of int8 convolution rows.
-at::Tensor prepack_conv(const Int8Rows& r, const ActQuant& q, at::IntArrayRef stride, at::IntArrayRef padding,
-                        at::IntArrayRef dilation, int64_t groups) {
-  static auto prepack = onednn_op("onednn::qconv_prepack", "")
-                            .typed<at::Tensor(at::Tensor, at::Tensor, double, int64_t, torch::List<int64_t>,
-                                              torch::List<int64_t>, torch::List<int64_t>, int64_t,
-                                              std::optional<torch::List<int64_t>>)>();
-  return prepack.call(r.weight, r.w_scales, q.scale, int64_t(q.zero_point - q.qmin),
-                      torch::List<int64_t>(stride.vec()), torch::List<int64_t>(padding.vec()),
-                      torch::List<int64_t>(dilation.vec()), groups, std::nullopt);
+// oneDNN's prepacked forms of int8 convolution rows (packed per input shape on first use).
+std::shared_ptr<ConvPacks> prepack_conv(const Int8Rows& r, const ActQuant& q, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  auto p = std::make_shared<ConvPacks>();
+  p->plain = r.weight;
+  p->w_scales = r.w_scales;
+  p->x_scale = q.scale;
+  p->x_zp = int64_t(q.zero_point - q.qmin);
+  p->groups = groups;
+  p->stride = stride.vec();
+  p->padding = padding.vec();
+  p->dilation = dilation.vec();
+  return p;
 }
 
 // ---- float activations ---------------------------------------------------------------------------
@@ -598,8 +646,8 @@ at::Tensor multipoint_conv2d_stored_cpu(const at::Tensor& input, const at::Tenso
   auto p = cache().get<PreparedInt8>(weight_tensors(point_codes, point_scales, num_points, bias), geometry, [&] {
     check_stored(op, point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape));
     auto e = expand_points(point_codes, point_scales, num_points, w_bits, code_shape, bias, groups);
-    e.primary.weight = prepack_conv(e.primary, q, stride, padding, dilation, groups);
-    if (e.has_extra) e.extra.weight = prepack_conv(e.extra, q, stride, padding, dilation, groups);
+    e.primary.packs = prepack_conv(e.primary, q, stride, padding, dilation, groups);
+    if (e.has_extra) e.extra.packs = prepack_conv(e.extra, q, stride, padding, dilation, groups);
     return e;
   });
   const auto qx = quantize_input(input, q, at::MemoryFormat::ChannelsLast);
@@ -626,24 +674,44 @@ at::Tensor multipoint_conv2d_stored_cpu(const at::Tensor& input, const at::Tenso
 
 namespace {
 
-// The epilogue of one output row (a pixel's C channels), in place on y: + residual, clamp to
-// [lo, hi], then either kept as float32 or written as uint8 levels at `out`.
+// The epilogue of one output row (a pixel's C channels): out[c] = clamp(y[c] + residual[c], lo, hi)
+// (no residual: null), kept as float32 or written as uint8 levels. The loops are written so that
+// the compiler vectorizes them (no pointer tests inside, restrict, min/max for the clamp; as
+// (v < lo ? lo : v) and (hi < v ? hi : v), NaN passes through as in at::clamp).
 __attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue_row_float(
-    const float* y, const float* residual, float* out, int64_t C, float lo, float hi) {
-  for (int64_t c = 0; c < C; ++c) {
-    float v = residual != nullptr ? y[c] + residual[c] : y[c];
-    out[c] = v < lo ? lo : (v > hi ? hi : v);
+    const float* __restrict y, const float* __restrict residual, float* __restrict out, int64_t C, float lo,
+    float hi) {
+  if (residual != nullptr) {
+    for (int64_t c = 0; c < C; ++c) out[c] = std::min(std::max(y[c] + residual[c], lo), hi);
+  } else {
+    for (int64_t c = 0; c < C; ++c) out[c] = std::min(std::max(y[c], lo), hi);
   }
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue_row_levels(
-    const float* y, const float* residual, uint8_t* out, int64_t C, float lo, float hi, float scale, float zp,
-    float qmin, float qmax) {
-  for (int64_t c = 0; c < C; ++c) {
-    float v = residual != nullptr ? y[c] + residual[c] : y[c];
-    v = v < lo ? lo : (v > hi ? hi : v);
-    out[c] = static_cast<uint8_t>(static_cast<int>(activation_level(v, scale, zp, qmin, qmax) - qmin));
+    const float* __restrict y, const float* __restrict residual, uint8_t* __restrict out, int64_t C, float lo,
+    float hi, float scale, float zp, float qmin, float qmax) {
+  auto level = [&](float v) {
+    v = std::min(std::max(v, lo), hi);
+    return static_cast<uint8_t>(static_cast<int>(activation_level(v, scale, zp, qmin, qmax) - qmin));
+  };
+  if (residual != nullptr) {
+    for (int64_t c = 0; c < C; ++c) out[c] = level(y[c] + residual[c]);
+  } else {
+    for (int64_t c = 0; c < C; ++c) out[c] = level(y[c]);
   }
+}
+
+// out[c] = y[at[c]]: a row's channels in channel order.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void gather_row(
+    const float* __restrict y, const int32_t* __restrict at, float* __restrict out, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) out[c] = y[at[c]];
+}
+
+// y[i] += x[i], i < n (x and y do not overlap).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void add_into(float* __restrict y,
+                                                                           const float* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
 }
 
 struct Epilogue {
@@ -652,34 +720,47 @@ struct Epilogue {
   c10::optional<ActQuant> out;
 };
 
-// Which columns of a convolution's output rows (channels last) are the layer's channels: per group
-// g, `width` columns from g * stride, of which the first `width` - extra are channels g * (width -
-// extra) ...; and where further points' columns add in (src -> dst) before the epilogue.
+// Where a layer's channels are in a convolution's output rows (channels last). Per group g, the
+// row holds `stride` columns from g * stride: first one column per channel (its first point), then
+// the further points. The channels' columns are ordered by point count, most first, so the
+// further points add in as contiguous runs: run k (k = 1, 2, ...: every channel's (k+1)-th point)
+// holds runs[g][k-1] columns, added into the first runs[g][k-1] columns. Channel c of the group
+// then is at column `at[c]` (no `at`: column c, the order of the channels).
 struct RowLayout {
   int64_t groups = 1, stride = 0, channels = 0;  // channels per group
-  std::vector<int64_t> extra_src, extra_dst;
+  std::vector<std::vector<int64_t>> runs;        // per group; empty: no further points
+  std::vector<int32_t> at;                       // [groups * channels], or empty
 };
 
 // The epilogue on y (float32 channels_last [n, T, H, W], T = groups * layout.stride) into `out`
 // ([n, groups * layout.channels, H, W], channels_last, float32 or uint8 levels): the further
 // points added into their channels (in place in y), then + residual (rows of the output's width,
-// or null), clamp, quantize.
+// or null), clamp, quantize. The sums are the reference's: a channel's points in order.
 void epilogue_into(const at::Tensor& y, const float* res, const Epilogue& ep, const RowLayout& layout,
                    const at::Tensor& out) {
   const int64_t T = y.size(1), rows = y.numel() / std::max<int64_t>(1, T);
-  const int64_t C = layout.groups * layout.channels, E = int64_t(layout.extra_src.size());
+  const int64_t C = layout.groups * layout.channels;
   float* yp = y.data_ptr<float>();
-  const int64_t* src = layout.extra_src.data();
-  const int64_t* dst = layout.extra_dst.data();
   const c10::optional<ActQuant> q = ep.out;
   uint8_t* out_levels = q.has_value() ? out.data_ptr<uint8_t>() : nullptr;
   float* out_float = q.has_value() ? nullptr : out.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+    std::vector<float> ordered(layout.at.empty() ? 0 : layout.channels);
     for (int64_t i = b; i < e; ++i) {
       float* row = yp + i * T;
-      for (int64_t k = 0; k < E; ++k) row[dst[k]] += row[src[k]];
       for (int64_t g = 0; g < layout.groups; ++g) {
-        const float* yr = row + g * layout.stride;
+        float* yr = row + g * layout.stride;
+        if (!layout.runs.empty()) {
+          int64_t from = layout.channels;
+          for (const int64_t n : layout.runs[g]) {
+            add_into(yr, yr + from, n);
+            from += n;
+          }
+        }
+        if (!layout.at.empty()) {  // the channels in their order, in this thread's row buffer
+          gather_row(yr, layout.at.data() + g * layout.channels, ordered.data(), layout.channels);
+          yr = ordered.data();
+        }
         const float* rr = res ? res + i * C + g * layout.channels : nullptr;
         const int64_t o = i * C + g * layout.channels;
         if (q.has_value()) {
@@ -744,38 +825,60 @@ PreparedCombined combine_points(PreparedInt8 e, int64_t C, int64_t groups) {
     p.rows = std::move(e.primary);
     return p;
   }
-  int64_t Re = e.extra.weight.size(0) / groups;
+  // Rows are picked from [primary rows (C), extra rows (groups * Re), one zero row].
+  const int64_t Re = e.extra.weight.size(0) / groups, zero_row = C + groups * Re;
+  int64_t padded = Re;
   if (groups == 1) {
     // oneDNN's int8 kernels want whole blocks of 64 output channels: 2048 -> 515 runs ~500x slower
     // than 2048 -> 576 (AMX, 7 x 7 pixels). Pad the further points with zero rows up to one.
-    const int64_t padded = (Cg + Re + 63) / 64 * 64 - Cg;
-    e.extra.weight = at::constant_pad_nd(e.extra.weight.reshape({Re, -1}), {0, 0, 0, padded - Re})
-                         .reshape([&] { auto v = e.extra.weight.sizes().vec(); v[0] = padded; return v; }());
-    e.extra.w_scales = at::constant_pad_nd(e.extra.w_scales, {0, padded - Re}, 1.0);
-    e.extra_channel = at::constant_pad_nd(e.extra_channel, {0, padded - Re}, -1);
-    Re = padded;
+    padded = (Cg + Re + 63) / 64 * 64 - Cg;
   }
-  p.layout.stride = Cg + Re;
-  auto per_group = [&](const at::Tensor& a, const at::Tensor& b) {
-    auto av = a.reshape({groups, Cg, -1}), bv = b.reshape({groups, Re, -1});
-    return at::cat({av, bv}, 1).reshape({groups * (Cg + Re), -1});
-  };
-  auto wshape = e.primary.weight.sizes().vec();
-  wshape[0] = groups * (Cg + Re);
-  p.rows.weight = per_group(e.primary.weight, e.extra.weight).reshape(wshape).contiguous();
-  p.rows.w_scales = per_group(e.primary.w_scales, e.extra.w_scales).reshape({-1}).contiguous();
-  p.rows.w_zero_points = at::zeros({groups * (Cg + Re)}, at::kLong);
-  if (e.primary.bias.has_value()) {
-    p.rows.bias = per_group(*e.primary.bias, at::zeros({groups * Re}, at::kFloat)).reshape({-1}).contiguous();
-  }
+  p.layout.stride = Cg + padded;
+  p.layout.at.resize(C);
+  p.layout.runs.resize(groups);
+  std::vector<int64_t> pick;
   const int64_t* ch = e.extra_channel.data_ptr<int64_t>();
   for (int64_t g = 0; g < groups; ++g) {
+    std::vector<std::vector<int64_t>> further(Cg);  // per channel of the group: its extra rows, in point order
     for (int64_t i = 0; i < Re; ++i) {
-      const int64_t c = ch[g * Re + i];
-      if (c < 0) continue;
-      p.layout.extra_src.push_back(g * (Cg + Re) + Cg + i);
-      p.layout.extra_dst.push_back(g * (Cg + Re) + c % Cg);
+      if (ch[g * Re + i] >= 0) further[ch[g * Re + i] - g * Cg].push_back(C + g * Re + i);
     }
+    std::vector<int64_t> order(Cg);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return further[a].size() > further[b].size(); });
+    for (int64_t i = 0; i < Cg; ++i) {
+      pick.push_back(g * Cg + order[i]);
+      p.layout.at[g * Cg + order[i]] = int32_t(i);
+    }
+    int64_t placed = 0;
+    for (size_t k = 0;; ++k) {
+      int64_t m = 0;
+      while (m < Cg && further[order[m]].size() > k) pick.push_back(further[order[m++]][k]);
+      if (m == 0) break;
+      p.layout.runs[g].push_back(m);
+      placed += m;
+    }
+    pick.insert(pick.end(), padded - placed, zero_row);
+  }
+  const auto index = at::tensor(pick, at::TensorOptions().dtype(at::kLong));
+  auto flat = [&](const at::Tensor& a, const at::Tensor& b, const at::Tensor& zero) {
+    return at::cat({a.reshape({a.size(0), -1}), b.reshape({b.size(0), -1}), zero.reshape({1, -1}).to(a.dtype())})
+        .index_select(0, index);
+  };
+  auto wshape = e.primary.weight.sizes().vec();
+  wshape[0] = groups * (Cg + padded);
+  p.rows.weight = flat(e.primary.weight, e.extra.weight, at::zeros({1, e.extra.weight[0].numel()}, at::kChar))
+                      .reshape(wshape)
+                      .contiguous();
+  p.rows.w_scales = flat(e.primary.w_scales.unsqueeze(1), e.extra.w_scales.unsqueeze(1), at::ones({1}))
+                        .reshape({-1})
+                        .contiguous();
+  p.rows.w_zero_points = at::zeros({groups * (Cg + padded)}, at::kLong);
+  if (e.primary.bias.has_value()) {
+    p.rows.bias = flat(e.primary.bias->unsqueeze(1), at::zeros({groups * Re, 1}), at::zeros({1}))
+                      .reshape({-1})
+                      .contiguous();
   }
   return p;
 }
@@ -938,7 +1041,7 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
     check_stored(op, point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape));
     auto c = combine_points(expand_points(point_codes, point_scales, num_points, w_bits, code_shape, bias, groups), C,
                             groups);
-    c.rows.weight = prepack_conv(c.rows, q, stride, padding, dilation, groups);
+    c.rows.packs = prepack_conv(c.rows, q, stride, padding, dilation, groups);
     return c;
   });
   const auto qx = levels_of(input, q);

@@ -106,6 +106,26 @@ def test_uint8_inputs_are_exactly_the_float_inputs_levels():
                 assert torch.equal(_run(f, x, None, path), _run(f, u, None, path)), (conv, path)
 
 
+def test_int8_path_on_many_input_shapes():
+    """oneDNN's weight is packed per input shape (8 shapes, then one packed for any shape): every
+    batch size and image size, the packed ones and those beyond, stays within the bound, and an
+    image's output does not depend on the batch it came in (int32 sums, the same scaling)."""
+    m = _layer("conv", *CONVS[0][:2], *CONVS[0][2:])
+    m.set_act_qparams(0.03, 0, 0, 255)
+    f = FusedMultipointConv2d(m, 0.0, float("inf"), None)
+    g = torch.Generator().manual_seed(5)
+    full = torch.randn(12, CONVS[0][0], 9, 9, generator=g).relu()
+    with torch.no_grad():
+        ref = _run(f, full, None, "int8")
+        for n in range(1, 13):  # 12 batch sizes: past the 8 packed shapes
+            y = _run(f, full[:n], None, "int8")
+            assert torch.equal(y, ref[:n]), n
+        for hw in [(7, 7), (9, 13), (16, 5)]:
+            x = torch.randn(2, CONVS[0][0], *hw, generator=g).relu()
+            check = _check_one("int8", f, x, None, _run(f, x, None, "int8"), max_samples=8)
+            assert check.max_ratio <= 1.0, (hw, check)
+
+
 _ISA_CHILD = textwrap.dedent(
     """
     import sys, torch
