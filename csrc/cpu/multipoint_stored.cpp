@@ -18,6 +18,7 @@
 // a C++ program and eager Python all prepare once and never per forward; files never hold them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/StorageImpl.h>
 #include <torch/library.h>
@@ -34,6 +35,7 @@
 
 #include "checks.h"
 #include "cpu/multipoint_layers.h"
+#include "kernels/activation_levels.h"
 
 namespace mpq {
 
@@ -256,12 +258,16 @@ __attribute__((always_inline)) inline float activation_level(float x, float scal
   return q < qmin ? qmin : (q > qmax ? qmax : q);
 }
 
-// u = L - qmin as uint8 (the levels shifted to 0..255, zero point zp - qmin).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void quantize_levels(
-    const float* x, uint8_t* out, int64_t n, float scale, float zp, float qmin, float qmax) {
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = static_cast<uint8_t>(static_cast<int>(activation_level(x[i], scale, zp, qmin, qmax) - qmin));
-  }
+// The int8 path's level kernels (csrc/kernels/activation_levels.h): AVX-512 where ATen runs its
+// AVX-512 kernels (so ATEN_CPU_CAPABILITY forces either path, as for ATen's own), else the scalar
+// loop; both give the same bytes.
+kernels::LevelIsa level_isa() {
+  static const bool avx512 = at::get_cpu_capability() == "AVX512";  // ATen's choice, read once as ATen does
+  return avx512 ? kernels::LevelIsa::kAvx512 : kernels::LevelIsa::kScalar;
+}
+
+kernels::LevelGrid level_grid(const ActQuant& q) {
+  return {float(q.scale), float(q.zero_point), float(q.qmin), float(q.qmax)};
 }
 
 // The float levels of fake_quantize_activation in one pass: (L - zp) * s.
@@ -311,9 +317,11 @@ at::Tensor quantize_input(const at::Tensor& input, const ActQuant& q, at::Memory
   auto out = scratch<uint8_t>(x.sizes(), format);
   const float* src = x.data_ptr<float>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  const float s = static_cast<float>(q.scale);
+  const auto grid = level_grid(q);
+  const auto isa = level_isa();
+  const float inf = std::numeric_limits<float>::infinity();
   at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t b, int64_t e) {
-    quantize_levels(src + b, dst + b, e - b, s, float(q.zero_point), float(q.qmin), float(q.qmax));
+    kernels::epilogue_levels(src + b, nullptr, dst + b, e - b, -inf, inf, grid, isa);
   });
   return out;
 }
@@ -674,10 +682,10 @@ at::Tensor multipoint_conv2d_stored_cpu(const at::Tensor& input, const at::Tenso
 
 namespace {
 
-// The epilogue of one output row (a pixel's C channels): out[c] = clamp(y[c] + residual[c], lo, hi)
-// (no residual: null), kept as float32 or written as uint8 levels. The loops are written so that
-// the compiler vectorizes them (no pointer tests inside, restrict, min/max for the clamp; as
-// (v < lo ? lo : v) and (hi < v ? hi : v), NaN passes through as in at::clamp).
+// The float epilogue of C values: out[c] = clamp(y[c] + residual[c], lo, hi) (no residual: null);
+// the uint8 one is kernels::epilogue_levels. Written so that the compiler vectorizes it (no pointer
+// tests inside, restrict; std::max / std::min are (v < lo ? lo : v) and (hi < v ? hi : v), NaN
+// passing through as in at::clamp).
 __attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue_row_float(
     const float* __restrict y, const float* __restrict residual, float* __restrict out, int64_t C, float lo,
     float hi) {
@@ -685,20 +693,6 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue_row_f
     for (int64_t c = 0; c < C; ++c) out[c] = std::min(std::max(y[c] + residual[c], lo), hi);
   } else {
     for (int64_t c = 0; c < C; ++c) out[c] = std::min(std::max(y[c], lo), hi);
-  }
-}
-
-__attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue_row_levels(
-    const float* __restrict y, const float* __restrict residual, uint8_t* __restrict out, int64_t C, float lo,
-    float hi, float scale, float zp, float qmin, float qmax) {
-  auto level = [&](float v) {
-    v = std::min(std::max(v, lo), hi);
-    return static_cast<uint8_t>(static_cast<int>(activation_level(v, scale, zp, qmin, qmax) - qmin));
-  };
-  if (residual != nullptr) {
-    for (int64_t c = 0; c < C; ++c) out[c] = level(y[c] + residual[c]);
-  } else {
-    for (int64_t c = 0; c < C; ++c) out[c] = level(y[c]);
   }
 }
 
@@ -744,6 +738,21 @@ void epilogue_into(const at::Tensor& y, const float* res, const Epilogue& ep, co
   const c10::optional<ActQuant> q = ep.out;
   uint8_t* out_levels = q.has_value() ? out.data_ptr<uint8_t>() : nullptr;
   float* out_float = q.has_value() ? nullptr : out.data_ptr<float>();
+  const auto grid = q.has_value() ? level_grid(*q) : kernels::LevelGrid{1.0f, 0.0f, 0.0f, 255.0f};
+  const auto isa = level_isa();
+  auto finish = [&](const float* y_rows, const float* res_rows, int64_t o, int64_t n) {  // n values from o
+    if (q.has_value()) {
+      kernels::epilogue_levels(y_rows, res_rows, out_levels + o, n, ep.lo, ep.hi, grid, isa);
+    } else {
+      epilogue_row_float(y_rows, res_rows, out_float + o, n, ep.lo, ep.hi);
+    }
+  };
+  if (layout.runs.empty() && layout.at.empty() && T == C) {  // the rows are the output's: one pass per block
+    at::parallel_for(0, rows, 256, [&](int64_t b, int64_t e) {
+      finish(yp + b * C, res ? res + b * C : nullptr, b * C, (e - b) * C);
+    });
+    return;
+  }
   at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
     std::vector<float> ordered(layout.at.empty() ? 0 : layout.channels);
     for (int64_t i = b; i < e; ++i) {
@@ -761,14 +770,8 @@ void epilogue_into(const at::Tensor& y, const float* res, const Epilogue& ep, co
           gather_row(yr, layout.at.data() + g * layout.channels, ordered.data(), layout.channels);
           yr = ordered.data();
         }
-        const float* rr = res ? res + i * C + g * layout.channels : nullptr;
         const int64_t o = i * C + g * layout.channels;
-        if (q.has_value()) {
-          epilogue_row_levels(yr, rr, out_levels + o, layout.channels, ep.lo, ep.hi, float(q->scale),
-                              float(q->zero_point), float(q->qmin), float(q->qmax));
-        } else {
-          epilogue_row_float(yr, rr, out_float + o, layout.channels, ep.lo, ep.hi);
-        }
+        finish(yr, res ? res + o : nullptr, o, layout.channels);
       }
     }
   });
@@ -906,14 +909,35 @@ struct PreparedDepthwise {
   at::Tensor bias;    // float32 [C] (zeros without a bias)
 };
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void depthwise_tap(const uint8_t* x, const float* w,
-                                                                                float* acc, int64_t C, float zp) {
-  for (int64_t c = 0; c < C; ++c) acc[c] += w[c] * (static_cast<float>(x[c]) - zp);
+// The float values v = u - zp' of n levels.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void levels_to_float(const uint8_t* __restrict u,
+                                                                                  float* __restrict v, int64_t n,
+                                                                                  float zp) {
+  for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(u[i]) - zp;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void depthwise_finish(float* acc, const float* bias,
-                                                                                   int64_t C, float scale) {
-  for (int64_t c = 0; c < C; ++c) acc[c] = acc[c] * scale + bias[c];
+// One output row of a depthwise convolution: out[ow, c] = scale * sum over taps of w[tap, c] *
+// rows[i][iw, c] + bias[c], taps in (i, j) order; rows[i] is input row oh * sh - ph + i * dh as
+// float values u - zp' ([W, C]), or null outside the image. The channel loop is innermost and
+// contiguous, so it runs on full vectors; the accumulator row stays in L1.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void depthwise_row(
+    const float* const* rows, const float* __restrict w, const float* __restrict bias, float* __restrict out,
+    int64_t OW, int64_t W, int64_t C, int64_t kh, int64_t kw, int64_t sw, int64_t pw, int64_t dw, float scale) {
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    float* __restrict acc = out + ow * C;
+    for (int64_t c = 0; c < C; ++c) acc[c] = 0.0f;
+    for (int64_t i = 0; i < kh; ++i) {
+      if (rows[i] == nullptr) continue;
+      for (int64_t j = 0; j < kw; ++j) {
+        const int64_t iw = ow * sw - pw + j * dw;
+        if (iw < 0 || iw >= W) continue;
+        const float* __restrict x = rows[i] + iw * C;
+        const float* __restrict wt = w + (i * kw + j) * C;
+        for (int64_t c = 0; c < C; ++c) acc[c] += wt[c] * x[c];
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) acc[c] = acc[c] * scale + bias[c];
+  }
 }
 
 at::Tensor depthwise_levels(const at::Tensor& u, const PreparedDepthwise& p, const ActQuant& q, int64_t kh,
@@ -928,22 +952,29 @@ at::Tensor depthwise_levels(const at::Tensor& u, const PreparedDepthwise& p, con
   float* yp = y.data_ptr<float>();
   const float zp = float(q.zero_point - q.qmin), scale = float(q.scale);
   at::parallel_for(0, N * OH, 1, [&](int64_t b, int64_t e) {
+    // Input rows as float values, one slot per kernel row; with dilation 1, input row ih sits in
+    // slot ih % kh and is converted once for the kh output rows (stride 1) that read it.
+    std::vector<float> buf(kh * W * C);
+    std::vector<int64_t> held(kh, -1);  // (image, row) index held by each slot
+    std::vector<const float*> rows(kh);
     for (int64_t r = b; r < e; ++r) {
       const int64_t n = r / OH, oh = r % OH;
-      for (int64_t ow = 0; ow < OW; ++ow) {
-        float* acc = yp + ((n * OH + oh) * OW + ow) * C;
-        std::fill(acc, acc + C, 0.0f);
-        for (int64_t i = 0; i < kh; ++i) {
-          const int64_t ih = oh * stride[0] - padding[0] + i * dilation[0];
-          if (ih < 0 || ih >= H) continue;
-          for (int64_t j = 0; j < kw; ++j) {
-            const int64_t iw = ow * stride[1] - padding[1] + j * dilation[1];
-            if (iw < 0 || iw >= W) continue;
-            depthwise_tap(xp + ((n * H + ih) * W + iw) * C, wp + (i * kw + j) * C, acc, C, zp);
-          }
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t ih = oh * stride[0] - padding[0] + i * dilation[0];
+        if (ih < 0 || ih >= H) {
+          rows[i] = nullptr;
+          continue;
         }
-        depthwise_finish(acc, bp, C, scale);
+        const int64_t slot = dilation[0] == 1 ? ih % kh : i;
+        float* dst = buf.data() + slot * W * C;
+        if (held[slot] != n * H + ih) {
+          levels_to_float(xp + (n * H + ih) * W * C, dst, W * C, zp);
+          held[slot] = n * H + ih;
+        }
+        rows[i] = dst;
       }
+      depthwise_row(rows.data(), wp, bp, yp + (n * OH + oh) * OW * C, OW, W, C, kh, kw, stride[1], padding[1],
+                    dilation[1], scale);
     }
   });
   return y;
