@@ -36,6 +36,7 @@
 #include "checks.h"
 #include "cpu/multipoint_layers.h"
 #include "kernels/activation_levels.h"
+#include "kernels/depthwise.h"
 
 namespace mpq {
 
@@ -261,9 +262,9 @@ __attribute__((always_inline)) inline float activation_level(float x, float scal
 // The int8 path's level kernels (csrc/kernels/activation_levels.h): AVX-512 where ATen runs its
 // AVX-512 kernels (so ATEN_CPU_CAPABILITY forces either path, as for ATen's own), else the scalar
 // loop; both give the same bytes.
-kernels::LevelIsa level_isa() {
+kernels::CpuIsa cpu_isa() {
   static const bool avx512 = at::get_cpu_capability() == "AVX512";  // ATen's choice, read once as ATen does
-  return avx512 ? kernels::LevelIsa::kAvx512 : kernels::LevelIsa::kScalar;
+  return avx512 ? kernels::CpuIsa::kAvx512 : kernels::CpuIsa::kScalar;
 }
 
 kernels::LevelGrid level_grid(const ActQuant& q) {
@@ -318,7 +319,7 @@ at::Tensor quantize_input(const at::Tensor& input, const ActQuant& q, at::Memory
   const float* src = x.data_ptr<float>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   const auto grid = level_grid(q);
-  const auto isa = level_isa();
+  const auto isa = cpu_isa();
   const float inf = std::numeric_limits<float>::infinity();
   at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t b, int64_t e) {
     kernels::epilogue_levels(src + b, nullptr, dst + b, e - b, -inf, inf, grid, isa);
@@ -739,7 +740,7 @@ void epilogue_into(const at::Tensor& y, const float* res, const Epilogue& ep, co
   uint8_t* out_levels = q.has_value() ? out.data_ptr<uint8_t>() : nullptr;
   float* out_float = q.has_value() ? nullptr : out.data_ptr<float>();
   const auto grid = q.has_value() ? level_grid(*q) : kernels::LevelGrid{1.0f, 0.0f, 0.0f, 255.0f};
-  const auto isa = level_isa();
+  const auto isa = cpu_isa();
   auto finish = [&](const float* y_rows, const float* res_rows, int64_t o, int64_t n) {  // n values from o
     if (q.has_value()) {
       kernels::epilogue_levels(y_rows, res_rows, out_levels + o, n, ep.lo, ep.hi, grid, isa);
@@ -916,30 +917,6 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void levels_to_floa
   for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(u[i]) - zp;
 }
 
-// One output row of a depthwise convolution: out[ow, c] = scale * sum over taps of w[tap, c] *
-// rows[i][iw, c] + bias[c], taps in (i, j) order; rows[i] is input row oh * sh - ph + i * dh as
-// float values u - zp' ([W, C]), or null outside the image. The channel loop is innermost and
-// contiguous, so it runs on full vectors; the accumulator row stays in L1.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void depthwise_row(
-    const float* const* rows, const float* __restrict w, const float* __restrict bias, float* __restrict out,
-    int64_t OW, int64_t W, int64_t C, int64_t kh, int64_t kw, int64_t sw, int64_t pw, int64_t dw, float scale) {
-  for (int64_t ow = 0; ow < OW; ++ow) {
-    float* __restrict acc = out + ow * C;
-    for (int64_t c = 0; c < C; ++c) acc[c] = 0.0f;
-    for (int64_t i = 0; i < kh; ++i) {
-      if (rows[i] == nullptr) continue;
-      for (int64_t j = 0; j < kw; ++j) {
-        const int64_t iw = ow * sw - pw + j * dw;
-        if (iw < 0 || iw >= W) continue;
-        const float* __restrict x = rows[i] + iw * C;
-        const float* __restrict wt = w + (i * kw + j) * C;
-        for (int64_t c = 0; c < C; ++c) acc[c] += wt[c] * x[c];
-      }
-    }
-    for (int64_t c = 0; c < C; ++c) acc[c] = acc[c] * scale + bias[c];
-  }
-}
-
 at::Tensor depthwise_levels(const at::Tensor& u, const PreparedDepthwise& p, const ActQuant& q, int64_t kh,
                             int64_t kw, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                             at::IntArrayRef out_shape) {
@@ -951,6 +928,7 @@ at::Tensor depthwise_levels(const at::Tensor& u, const PreparedDepthwise& p, con
   const float* bp = p.bias.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float zp = float(q.zero_point - q.qmin), scale = float(q.scale);
+  const auto isa = cpu_isa();
   at::parallel_for(0, N * OH, 1, [&](int64_t b, int64_t e) {
     // Input rows as float values, one slot per kernel row; with dilation 1, input row ih sits in
     // slot ih % kh and is converted once for the kh output rows (stride 1) that read it.
@@ -973,8 +951,8 @@ at::Tensor depthwise_levels(const at::Tensor& u, const PreparedDepthwise& p, con
         }
         rows[i] = dst;
       }
-      depthwise_row(rows.data(), wp, bp, yp + (n * OH + oh) * OW * C, OW, W, C, kh, kw, stride[1], padding[1],
-                    dilation[1], scale);
+      const kernels::DepthwiseRow row{rows.data(), wp, bp, scale, W, C, OW, kh, kw, stride[1], padding[1], dilation[1]};
+      kernels::depthwise_row(row, yp + (n * OH + oh) * OW * C, isa);
     }
   });
   return y;

@@ -55,14 +55,9 @@ __attribute__((target("avx512f"))) void levels_avx512(const float* __restrict y,
 
 }  // namespace
 
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
-
 void epilogue_levels(const float* y, const float* r, uint8_t* u, int64_t n, float lo, float hi, const LevelGrid& g,
-                     LevelIsa isa) {
-  if (isa == LevelIsa::kAvx512 && cpu_has_avx512()) {
+                     CpuIsa isa) {
+  if (isa == CpuIsa::kAvx512 && cpu_has_avx512()) {
     levels_avx512(y, r, u, n, lo, hi, g);
   } else {
     levels_scalar(y, r, u, n, lo, hi, g);

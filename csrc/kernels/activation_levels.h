@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "kernels/cpu_isa.h"
+
 namespace mpq {
 namespace kernels {
 
@@ -17,16 +19,11 @@ struct LevelGrid {
   float scale, zero_point, qmin, qmax;  // integral zero point and range, qmax - qmin <= 255
 };
 
-enum class LevelIsa { kScalar, kAvx512 };
-
-// Whether this CPU runs the AVX-512 path (AVX-512F).
-bool cpu_has_avx512();
-
 // u[i] = L(clamp(y[i] + r[i], lo, hi)) - qmin, i < n; r may be null (no residual); lo = -inf,
 // hi = inf: no clamp (quantizing an input). The clamp is (v < lo ? lo : v), then (hi < v ? hi : v),
 // NaN passing through as in at::clamp. Every path gives the same bytes.
 void epilogue_levels(const float* y, const float* r, uint8_t* u, int64_t n, float lo, float hi, const LevelGrid& g,
-                     LevelIsa isa);
+                     CpuIsa isa);
 
 }  // namespace kernels
 }  // namespace mpq

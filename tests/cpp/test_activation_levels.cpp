@@ -53,10 +53,10 @@ TEST_CASE("scalar levels equal the definition, with residual and clamp", "[level
     const auto r = probe_values(g, 4000, 2);
     std::vector<uint8_t> u(y.size());
     const float inf = std::numeric_limits<float>::infinity();
-    k::epilogue_levels(y.data(), nullptr, u.data(), int64_t(y.size()), -inf, inf, g, k::LevelIsa::kScalar);
+    k::epilogue_levels(y.data(), nullptr, u.data(), int64_t(y.size()), -inf, inf, g, k::CpuIsa::kScalar);
     for (size_t i = 0; i < y.size(); ++i) REQUIRE(int(u[i]) == int(level(y[i], g)));
     const float lo = 0.0f, hi = 6.0f;
-    k::epilogue_levels(y.data(), r.data(), u.data(), int64_t(y.size()), lo, hi, g, k::LevelIsa::kScalar);
+    k::epilogue_levels(y.data(), r.data(), u.data(), int64_t(y.size()), lo, hi, g, k::CpuIsa::kScalar);
     for (size_t i = 0; i < y.size(); ++i) {
       float v = y[i] + r[i];
       v = v < lo ? lo : v;
@@ -77,8 +77,8 @@ TEST_CASE("AVX-512 levels are the scalar levels, byte for byte", "[levels]") {
         for (auto [lo, hi] : {std::pair<float, float>{-inf, inf}, {0.0f, inf}, {-1.0f, 6.0f}}) {
           std::vector<uint8_t> a(n), b(n);
           const float* rp = with_r ? r.data() : nullptr;
-          k::epilogue_levels(y.data(), rp, a.data(), n, lo, hi, g, k::LevelIsa::kScalar);
-          k::epilogue_levels(y.data(), rp, b.data(), n, lo, hi, g, k::LevelIsa::kAvx512);
+          k::epilogue_levels(y.data(), rp, a.data(), n, lo, hi, g, k::CpuIsa::kScalar);
+          k::epilogue_levels(y.data(), rp, b.data(), n, lo, hi, g, k::CpuIsa::kAvx512);
           REQUIRE(a == b);
         }
       }

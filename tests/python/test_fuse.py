@@ -23,10 +23,12 @@ from test_stored import GRIDS, _layer  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 # (C_in, C_out, kernel, stride, padding, dilation, groups): dense 3x3, depthwise (strided, 5x5,
-# dilated), grouped, 1x1 expansion and projection, a 3-channel stem.
+# dilated, 72 channels: a full 64-channel register block and a masked rest), grouped, 1x1
+# expansion and projection, a 3-channel stem.
 CONVS = [
     (16, 40, 3, 1, 1, 1, 1),
     (24, 24, 3, 2, 1, 1, 24),
+    (72, 72, 3, 1, 1, 1, 72),
     (32, 32, 5, 1, 2, 1, 32),
     (16, 16, 3, 1, 2, 2, 16),
     (12, 18, 3, 1, 2, 2, 3),
@@ -95,7 +97,7 @@ def test_fused_conv_equals_the_float64_reference(conv, grid, epilogue):
 def test_uint8_inputs_are_exactly_the_float_inputs_levels():
     """A uint8 input and the float input it quantizes give the same output bit for bit on the
     paths that quantize the input themselves (int8, depthwise): the levels are what they compute."""
-    for conv in [CONVS[0], CONVS[1], CONVS[5]]:
+    for conv in [CONVS[0], CONVS[1], CONVS[2], CONVS[6]]:
         m = _layer("conv", *conv[:2], *conv[2:])
         m.set_act_qparams(0.03, 0, 0, 255)
         f = FusedMultipointConv2d(m, 0.0, float("inf"), torch.tensor([0.05, 0, 0, 255.0]))
@@ -231,7 +233,7 @@ def test_one_point_layers_where_onednn_writes_the_levels(epilogue):
     """One point per channel (the W8A8 preset): with no further points to add, a ReLU or no clamp
     and a 256-level output, oneDNN writes the uint8 levels itself; the same bounds hold."""
     lo, hi, with_residual, out_grid = epilogue
-    for conv in [CONVS[0], CONVS[5], CONVS[6]]:
+    for conv in [CONVS[0], CONVS[6], CONVS[7]]:
         cin, cout, k, stride, pad, dil, groups = conv
         m = _layer("conv", cin, cout, k, stride, pad, dil, groups, bits=8, points=1)
         m.set_act_qparams(0.03, 0, 0, 255)

@@ -1,0 +1,14 @@
+// Which vector path a torch-free CPU kernel runs. The ops pass ATen's choice (at::get_cpu_capability,
+// which ATEN_CPU_CAPABILITY caps), so that tests force each path as they do for ATen's kernels.
+#pragma once
+
+namespace mpq {
+namespace kernels {
+
+enum class CpuIsa { kScalar, kAvx512 };
+
+// Whether this CPU runs AVX-512F code.
+bool cpu_has_avx512();
+
+}  // namespace kernels
+}  // namespace mpq
