@@ -14,13 +14,16 @@ after two warm-up calls, the same input tensor for every row):
   load: the artifact a user deploys, timed as loaded; ``mpq W4A8 unfused``: the same without
   ``fuse_activations`` (float32 between layers);
 - ``torch int8 (FX, x86)``: PyTorch's own static int8 (``prepare_fx`` / ``convert_fx``, x86 engine,
-  W8A8 per-channel weights), calibrated on the same batches.
+  W8A8 per-channel weights), calibrated on the same batches; for MiniLM ``torch int8 (dynamic)``,
+  ``quantize_dynamic`` of its Linear layers (how PyTorch users run such encoders in int8).
 Sizes: the FP32 ``state_dict`` file, mpq's TorchScript file and ``mpq.save`` file, PyTorch int8's
 TorchScript file, and what ``mpq.summary.model_size_bytes`` reports.
 Models: ``lite0`` (EfficientNet-Lite0, its ImageNet weights, calibration on the bundled photos;
 fidelity to FP32 on the demo's evaluation photos), ``resnet50`` (torchvision's architecture with
 random weights: no pretrained weights offline; its speed does not depend on them; calibration on
-2 x 8 seeded random images).
+2 x 8 seeded random images), ``minilm`` (all-MiniLM-L6-v2's 36 Linear layers, calibrated on the
+demo's calibration sentences; timed on its 32 evaluation sentences at once and on the first alone;
+every variant traced: ``run_minilm``).
 The JSON records the command, commit, CPU model, ATen's and oneDNN's ISA, threads, versions and seed.
 """
 import argparse
@@ -186,6 +189,65 @@ def run_model(name: str, batches: List[int], repeats: int, presets: List[str], s
     return {"rows": rows, "sizes_bytes": sizes, "fidelity": fidelity, "quantize_seconds": quant_seconds}
 
 
+def traced(model: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """torch.jit.trace (the Hugging Face encoder does not script), saved and loaded back."""
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.jit.save(torch.jit.trace(model, example, check_trace=False, strict=False), buf)
+    buf.seek(0)
+    return torch.jit.load(buf)
+
+
+def run_minilm(repeats: int, presets: List[str], seed: int, int8_peer: bool) -> Dict[str, Any]:
+    """all-MiniLM-L6-v2 (its 36 Linear layers quantized; the embedding tables stay float): the
+    README's 32 evaluation sentences at once (21 tokens) and the first alone, every variant traced
+    with TorchScript, saved and loaded back. PyTorch's own int8 path for such models is dynamic
+    quantization (``quantize_dynamic``, int8 weights, activations quantized per call)."""
+    from mpq import assets, text
+
+    model, tokenizer = assets.load_minilm()
+    model.eval()
+    calib = text.calibration_batches(tokenizer, text.calibration_sentences())
+    sentences = text.tokenize(tokenizer, text.evaluation_sentences())
+    with torch.no_grad():
+        ref = model(sentences)
+    variants: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"fp32": traced(model, sentences)}
+    sizes: Dict[str, int] = {"fp32 state_dict": file_bytes(lambda p: torch.save(model.state_dict(), p))}
+    fidelity: Dict[str, Any] = {}
+    quant_seconds: Dict[str, float] = {}
+    for preset in presets:
+        t = time.perf_counter()
+        base, _, one = preset.partition("-")
+        cfg = mpq.QuantConfig.preset(base, seed=seed, **({"max_points": 1} if one == "1pt" else {}))
+        q = mpq.quantize(model, calib, cfg)
+        quant_seconds[preset] = time.perf_counter() - t
+        variants[f"mpq {preset}"] = traced(q, sentences)
+        with torch.no_grad():
+            sizes[f"mpq {preset} TorchScript"] = file_bytes(
+                lambda p: torch.jit.save(torch.jit.trace(q, sentences, check_trace=False, strict=False), p))
+            fidelity[f"mpq {preset}"] = text.embedding_fidelity(variants[f"mpq {preset}"](sentences), ref)
+        sizes[f"mpq {preset} mpq.save"] = file_bytes(lambda p: mpq.save(q, p + ".mpq.safetensors") or
+                                                     os.replace(p + ".mpq.safetensors", p))
+        sizes[f"mpq {preset} reported (model_size_bytes)"] = model_size_bytes(q)
+    peer = "torch int8 (dynamic)"
+    if int8_peer:
+        dq = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+        variants[peer] = traced(dq, sentences)
+        with torch.no_grad():
+            fidelity[peer] = text.embedding_fidelity(variants[peer](sentences), ref)
+            sizes[f"{peer} TorchScript"] = file_bytes(
+                lambda p: torch.jit.save(torch.jit.trace(dq, sentences, check_trace=False, strict=False), p))
+    rows = []
+    for b in (1, sentences.shape[0]):
+        x = sentences[:b]
+        times = {label: median_ms(lambda: fn(x), repeats) for label, fn in variants.items()}
+        peer_ms = times.get(peer)
+        for label, ms in times.items():
+            rows.append({"model": "minilm", "batch": b, "variant": label, "ms": ms, "speedup_vs_fp32": times["fp32"] / ms,
+                         "speed_vs_torch_int8": (peer_ms / ms) if peer_ms else None})
+    return {"rows": rows, "sizes_bytes": sizes, "fidelity": fidelity, "quantize_seconds": quant_seconds}
+
+
 # Layer shapes of ResNet-50, EfficientNet-Lite0 and MiniLM: (kind, batch or rows, C_in, C_out, H, kernel, stride, groups).
 LAYER_SHAPES = [
     ("conv", 16, 64, 64, 56, 3, 1, 1), ("conv", 1, 64, 64, 56, 3, 1, 1), ("conv", 16, 256, 256, 14, 3, 1, 1),
@@ -257,9 +319,9 @@ def format_table(results: Dict[str, Any]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="*", default=["resnet50", "lite0"], choices=["resnet50", "lite0"],
+    p.add_argument("--models", nargs="*", default=["resnet50", "lite0", "minilm"], choices=["resnet50", "lite0", "minilm"],
                    help="models to time end to end (none: only --layers)")
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16], help="CNN batch sizes (minilm: 1 and 32 sentences)")
     p.add_argument("--presets", nargs="+", default=["W4A8", "W4A16", "W8A8", "W8A8-1pt"],
                    help="mpq presets; NAME-1pt: the preset with max_points=1 (one point per channel, no further points)")
     p.add_argument("--repeats", type=int, default=10)
@@ -293,7 +355,10 @@ def main(argv=None) -> int:
     if args.layers:
         out["layers"] = run_layers(args.repeats, args.seed)
     for name in args.models:
-        r = run_model(name, args.batches, args.repeats, args.presets, args.seed, not args.no_fx)
+        if name == "minilm":
+            r = run_minilm(args.repeats, args.presets, args.seed, not args.no_fx)
+        else:
+            r = run_model(name, args.batches, args.repeats, args.presets, args.seed, not args.no_fx)
         out["rows"] += r["rows"]
         for key in ("sizes_bytes", "fidelity", "quantize_seconds"):
             out[key][name] = r[key]
