@@ -4,9 +4,13 @@ Their GPU runs are rare (one session with an H100 runs them once), so the Python
 is exercised here: ``kernels.py --check-on-cpu`` runs the linear, conv and resnet50 sections at tiny
 sizes with the CPU kernels and checks every output; ``fit_speed.py --check-on-cpu`` runs the
 ``--device cuda`` code on the CPU; ``fit_speed.py --layers 10`` is the CPU benchmark's smoke run.
+``gpu_check.sh --dry-run`` (the one command of a GPU session) runs its steps' CPU stand-ins and
+writes its summary; its time boxes kill a step that outlives its box and skip steps once the
+budget is spent.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +113,65 @@ def test_fit_speed_device_code_on_cpu(tmp_path):
     assert doc["exact"]["s"] > 0 and doc["allocation"]["s"] >= 0 and abs(doc["allocation"]["avg_bits"] - 4.5) < 0.05
     assert doc["speedup_vs_cpu_same_machine"] > 0 and doc["comparison"]
     assert doc["meets_target"] is None  # part of the model: no verdict
+
+
+# ---- benchmarks/gpu_check.sh: the one command of a GPU session, dry run ----------------------------
+
+GPU_CHECK_STEPS = ["build", "pytest", "ctest", "memcheck", "racecheck", "kernels", "fit_speed"]
+
+
+def run_gpu_check(out: Path, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env_extra}
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run"],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+
+
+def gpu_check_summary(out: Path) -> dict:
+    """summary.json, after checking OUTDIR's limits: at most 8 plain files with flat, plain names,
+    each under 16 MB, all listed in the summary."""
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files
+    for name in files:
+        assert re.fullmatch(r"[A-Za-z0-9._-]+", name) and (out / name).is_file(), name
+        assert (out / name).stat().st_size < 16 * 2**20, name
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["files"] == files
+    assert [s["name"] for s in doc["steps"]] == GPU_CHECK_STEPS
+    return doc
+
+
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "gpu"
+    r = run_gpu_check(out)
+    assert r.returncode == 0, output_of(r)
+    doc = gpu_check_summary(out)
+    assert doc["dry_run"] is True and doc["budget_s"] == 540 and doc["elapsed_s"] < 120
+    steps = {s["name"]: s for s in doc["steps"]}
+    # no GPU step ran for real: each is skipped with its reason, after its CPU stand-in passed
+    assert all(s["status"] == "skipped" and s["reason"] for s in steps.values()), steps
+    assert steps["build"]["reason"].startswith("dry run: no build")
+    for name in GPU_CHECK_STEPS[1:]:
+        if name == "ctest" and "no build tree" in steps[name]["reason"]:
+            continue  # no C++ build tree on this machine: nothing to list
+        assert steps[name]["reason"].startswith("dry run: ") and "(stand-in ok, exit 0)" in steps[name]["reason"]
+        assert 0 < steps[name]["limit_s"] <= 540 and steps[name]["seconds"] <= steps[name]["limit_s"]
+    assert [steps[n]["box_s"] for n in GPU_CHECK_STEPS] == [180, 100, 60, 40, 40, "rest of the budget", 45]
+    assert {"build.log", "pytest.log", "ctest.log", "sanitize.log", "bench.log", "kernels.json",
+            "fit_speed.json"} <= set(doc["files"])
+    assert "0 of 16 calls failed on cpu" in (out / "sanitize.log").read_text()
+    assert json.loads((out / "kernels.json").read_text())["check_on_cpu"] is True
+    assert json.loads((out / "fit_speed.json").read_text())["agreement"]["check"] == "ok"
+
+
+def test_gpu_check_time_boxes(tmp_path):
+    # a step that outlives its box is killed and reported, and the script fails
+    r = run_gpu_check(tmp_path / "box", MPQ_GPU_CHECK_ONLY="pytest", MPQ_GPU_CHECK_BOX_pytest="1")
+    assert r.returncode == 1, output_of(r)
+    steps = {s["name"]: s for s in gpu_check_summary(tmp_path / "box")["steps"]}
+    assert "(stand-in timeout, exit 124)" in steps["pytest"]["reason"] and steps["pytest"]["limit_s"] == 1
+    assert all(steps[n]["reason"].startswith("not selected") for n in GPU_CHECK_STEPS[2:])
+    # with the budget spent, every later step is skipped and says why; the summary is still written
+    r = run_gpu_check(tmp_path / "late", MPQ_GPU_CHECK_BUDGET="1")
+    assert r.returncode == 0, output_of(r)
+    steps = gpu_check_summary(tmp_path / "late")["steps"]
+    assert all(s["status"] == "skipped" and s["reason"].startswith("not enough time") for s in steps[1:]), steps
