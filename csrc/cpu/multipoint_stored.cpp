@@ -787,14 +787,76 @@ void epilogue_into(const at::Tensor& y, const float* res, const Epilogue& ep, co
 // output, 16 images at once 15.2 ms, in chunks of 2 images 2.6 ms.
 constexpr int64_t kChunkBytes = int64_t(8) << 20;
 
+// Large layer outputs from a cache of freed blocks. glibc maps allocations above 32 MB afresh each
+// time and unmaps them on free, so a layer's output at batch 16 (ResNet-50's 256 x 56 x 56 float32:
+// 51 MB) paid its page faults on every call, more than the layer's arithmetic (measured, ResNet-50
+// W8A8 one point per channel at batch 16: 211 ms, 145 ms with glibc told to keep such blocks). A
+// freed block of at least kPooledMinBytes returns here and serves the next output of its exact size
+// (the same shapes recur every forward); at most kPooledMaxBytes are kept, beyond which blocks are
+// freed as usual. The tensor owns its block through its deleter; nothing else changes for users.
+constexpr size_t kPooledMinBytes = size_t(16) << 20;
+constexpr size_t kPooledMaxBytes = size_t(1) << 30;
+
+class BlockPool {
+ public:
+  void* get(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(bytes);
+      if (it != free_.end() && !it->second.empty()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        cached_ -= bytes;
+        return p;
+      }
+    }
+    void* p = nullptr;
+    TORCH_CHECK(posix_memalign(&p, 64, bytes) == 0, "mpq: out of memory allocating ", bytes, " bytes");
+    return p;
+  }
+  void put(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_ + bytes <= kPooledMaxBytes) {
+        free_[bytes].push_back(p);
+        cached_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t cached_ = 0;
+};
+
+// NB: never destroyed (tensors may outlive static destruction at exit).
+BlockPool& block_pool() {
+  static auto* pool = new BlockPool();
+  return *pool;
+}
+
+// at::empty(sizes, dtype, channels_last), large ones from block_pool().
+at::Tensor output_tensor(at::IntArrayRef sizes, at::ScalarType dtype) {
+  const size_t bytes = size_t(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
+  if (bytes < kPooledMinBytes) return at::empty(sizes, at::TensorOptions().dtype(dtype), at::MemoryFormat::ChannelsLast);
+  void* p = block_pool().get(bytes);
+  return at::for_blob(p, sizes)
+      .strides(c10::get_channels_last_strides_2d(sizes))
+      .deleter([bytes](void* q) { block_pool().put(q, bytes); })
+      .options(at::TensorOptions().dtype(dtype))
+      .make_tensor();
+}
+
 // `layer(n0, n)` (float32 [n, T, OH, OW] for images n0..n0+n-1) in chunks of images, each followed
 // by the epilogue into the output [N, C, OH, OW] (channels_last, float32 or uint8 levels).
 template <typename Layer>
 at::Tensor run_chunked(at::IntArrayRef out_shape, int64_t T, const Epilogue& ep, const RowLayout& layout,
-                       const at::TensorOptions& options, Layer layer) {
+                       Layer layer) {
   const int64_t N = out_shape[0], pixels = out_shape[2] * out_shape[3], C = out_shape[1];
-  auto out = at::empty(out_shape, options.dtype(ep.out.has_value() ? at::kByte : at::kFloat),
-                       at::MemoryFormat::ChannelsLast);
+  auto out = output_tensor(out_shape, ep.out.has_value() ? at::kByte : at::kFloat);
   const float* res = ep.residual.has_value() ? ep.residual->data_ptr<float>() : nullptr;
   const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, pixels * T * 4));
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
@@ -1028,7 +1090,7 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
                                bias.has_value() ? bias->to(at::kFloat).contiguous() : at::zeros({C}, at::kFloat)};
     });
     const auto u = levels_of(input, q);
-    return run_chunked(out_shape, C, ep, plain_layout(C), input.options(), [&](int64_t n0, int64_t n) {
+    return run_chunked(out_shape, C, ep, plain_layout(C), [&](int64_t n0, int64_t n) {
       auto shape = out_shape;
       shape[0] = n;
       return depthwise_levels(u.narrow(0, n0, n), *p, q, code_shape[1], code_shape[2], stride, padding, dilation,
@@ -1041,7 +1103,7 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
       return PreparedDense{dense_from_stored(point_codes, point_scales, num_points, w_bits, code_shape, at::kFloat)};
     });
     const auto b = bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt;
-    return run_chunked(out_shape, C, ep, plain_layout(C), input.options(), [&](int64_t n0, int64_t n) {
+    return run_chunked(out_shape, C, ep, plain_layout(C), [&](int64_t n0, int64_t n) {
       return at::conv2d(fake_quantized_of(input.narrow(0, n0, n), act_qparams, q), p->weight, b, stride, padding,
                         dilation, groups);
     });
@@ -1067,7 +1129,7 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
                       int64_t(ep.out->zero_point - ep.out->qmin), relu)
         .contiguous(at::MemoryFormat::ChannelsLast);
   }
-  return run_chunked(out_shape, p->rows.w_scales.size(0), ep, p->layout, input.options(), [&](int64_t n0, int64_t n) {
+  return run_chunked(out_shape, p->rows.w_scales.size(0), ep, p->layout, [&](int64_t n0, int64_t n) {
     return call_qconv(qx.narrow(0, n0, n), q.scale, zp, p->rows, stride, padding, dilation, groups);
   });
 }

@@ -128,6 +128,25 @@ def test_int8_path_on_many_input_shapes():
             assert check.max_ratio <= 1.0, (hw, check)
 
 
+def test_large_outputs_reuse_their_blocks():
+    """Outputs of 16 MB and more come from mpq's cache of freed blocks (no fresh pages per call):
+    a freed output's block serves the next output of its size, and its values are the layer's."""
+    m = _layer("conv", 64, 64, 1, 1, 0, 1, 1)
+    m.set_act_qparams(0.03, 0, 0, 255)
+    f = FusedMultipointConv2d(m, 0.0, float("inf"), None)
+    x = torch.randn(16, 64, 64, 64, generator=torch.Generator().manual_seed(3)).relu()
+    with torch.no_grad():
+        y = _run(f, x, None, "int8")
+        assert y.numel() * 4 >= 16 << 20
+        first, expected = y.data_ptr(), y.clone()
+        del y
+        y = _run(f, x, None, "int8")
+        assert y.data_ptr() == first
+        assert torch.equal(y, expected)
+        check = _check_one("int8", f, x, None, y, max_samples=4)
+        assert check.max_ratio <= 1.0, check
+
+
 _ISA_CHILD = textwrap.dedent(
     """
     import sys, torch
