@@ -958,12 +958,28 @@ at::Tensor levels_of(const at::Tensor& input, const ActQuant& q) {
   return quantize_input(input, q, at::MemoryFormat::ChannelsLast);
 }
 
+// The values of n levels: (u - zp') * s, exact in float32 for |u - zp'| < 2^24 (as ATen's
+// to(float).sub_(zp').mul_(s), bit for bit).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void level_values(const uint8_t* __restrict u,
+                                                                               float* __restrict v, int64_t n,
+                                                                               float zp, float scale) {
+  for (int64_t i = 0; i < n; ++i) v[i] = (static_cast<float>(u[i]) - zp) * scale;
+}
+
 // The input's fake-quantized float32 values (L - zp) * s: from the levels or from a float input.
 at::Tensor fake_quantized_of(const at::Tensor& input, const c10::optional<at::Tensor>& act_qparams,
                              const ActQuant& q) {
   if (input.scalar_type() != at::kByte) return fake_quantize_input(input, act_qparams, q);
-  // u = L - qmin: (u - (zp - qmin)) * s, exact in float32 for |u - zp'| < 2^24.
-  return input.to(at::kFloat).sub_(q.zero_point - q.qmin).mul_(q.scale);
+  // u = L - qmin: (u - (zp - qmin)) * s in one pass, into the calling thread's scratch.
+  const auto format = input.suggest_memory_format();
+  const auto u = input.contiguous(format);
+  auto out = scratch<float>(u.sizes(), format);
+  const uint8_t* src = u.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, u.numel(), 1 << 14, [&](int64_t b, int64_t e) {
+    level_values(src + b, dst + b, e - b, float(q.zero_point - q.qmin), float(q.scale));
+  });
+  return out;
 }
 
 // Depthwise convolution (groups = C_in = C_out) on uint8 levels, channels_last: per output pixel,
