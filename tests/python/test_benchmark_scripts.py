@@ -62,6 +62,7 @@ def test_kernels_check_on_cpu_runs_every_section(tmp_path):
     expected = {"cudnn_fp16", "mpq_dense", "mpq_int8", "mpq_auto"} | ({"mpq_igemm"} if half else set())
     assert {row["variant"] for row in ran} == expected
     assert len(ran) == 23 * len(expected) - 1  # no int8 on the 3-channel stem
+    assert {row["variant"] for row in conv["results"] if "skipped" in row} == {"mpq_int8", "int8_cudnn"}
     assert [row["shape"] for row in conv["results"] if row["variant"] == "mpq_int8" and "skipped" in row] == [
         "7x7 3->64 32x32 s2"
     ]
@@ -82,6 +83,9 @@ def test_kernels_check_on_cpu_runs_every_section(tmp_path):
     eager = [row for row in res["results"] if row["mode"] == "eager"]
     assert {row["model"] for row in eager} == {"fp16_cudnn", "fp16_cudnn_folded", "mpq_w4a8"}
     assert all(row["ms"] > 0 and row["images_per_s"] > 0 and row["vs_fp16"] > 0 for row in eager)
+    # ratios against the baseline with BatchNorm folded, as the mpq model has it
+    assert res["baseline"] == "fp16_cudnn_folded"
+    assert all(row["vs_fp16"] == 1.0 for row in eager if row["model"] == "fp16_cudnn_folded")
     assert all("skipped" in row for row in res["results"] if row["mode"] == "cuda_graph")
 
 
