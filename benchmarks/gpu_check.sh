@@ -32,6 +32,12 @@
 # two files, ctest lists the tests of build/python (-N), gpu_sanitize.py runs its calls on the CPU,
 # kernels.py --check-on-cpu runs its linear section and fit_speed.py --check-on-cpu its device code
 # on the CPU (the full kernels.py --check-on-cpu is tests/python/test_benchmark_scripts.py's own test).
+#
+# Environment: PYTHON (the Python with torch; default python3, .venv/bin/python in a dry run),
+# MPQ_GPU_BUILD_DIR (default build/gpu_check: a rerun rebuilds only what changed),
+# MPQ_GPU_CHECK_BUDGET (seconds, default 540), MPQ_GPU_CHECK_BOX_<step> (a step's box, seconds),
+# MPQ_GPU_CHECK_ONLY ("pytest kernels": a rerun of some steps; the build always runs).
+# Exit status 0 when every step that ran passed (in a dry run: every stand-in), else 1.
 set -uo pipefail
 
 usage() { echo "usage: $0 OUTDIR [--dry-run]" >&2; exit 2; }
@@ -55,7 +61,7 @@ DEADLINE=$((START + BUDGET))
 MIN_STEP=15      # a step with less time left than this is skipped
 RESERVE=5        # kept for the last summary
 LOG_LIMIT=$((15 * 1024 * 1024))
-JOBS=$(nproc 2>/dev/null || echo 4)
+JOBS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 4)  # nproc obeys OMP_NUM_THREADS
 if [ -z "${PYTHON:-}" ]; then
   if [ "$DRY" = 1 ] && [ -x "$ROOT/.venv/bin/python" ]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -255,8 +261,12 @@ for c in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer
          "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x)")/compute-sanitizer"; do
   [ -n "$SANITIZER" ] || { [ -x "$c" ] && SANITIZER=$c; }
 done
-FILTER=()  # only mpq's kernels are checked (all are in namespace mpq): torch's are not ours, and slow
-if [ -n "$SANITIZER" ] && "$SANITIZER" --help 2>&1 | grep -q -- '--kernel-name '; then FILTER=(--kernel-name kns=mpq); fi
+# Options this compute-sanitizer lists in its --help: only mpq's kernels are checked (all are in
+# namespace mpq; torch's are not ours, and slow under racecheck), at most 50 reports printed.
+SAN_OPTS=()
+SAN_HELP=$([ -z "$SANITIZER" ] || "$SANITIZER" --help 2>&1)
+[[ "$SAN_HELP" != *--kernel-name* ]] || SAN_OPTS+=(--kernel-name kns=mpq)
+[[ "$SAN_HELP" != *--print-limit* ]] || SAN_OPTS+=(--print-limit 50)
 for tool in memcheck racecheck; do
   if [ "$BUILT" = 0 ]; then skip $tool "$NOBUILD"
   elif [ "$DRY" = 1 ]; then
@@ -265,8 +275,8 @@ for tool in memcheck racecheck; do
   elif [ -z "$SANITIZER" ]; then skip $tool "compute-sanitizer not found (PATH, /usr/local/cuda)"
   else
     # No caching allocator: an access past a tensor's end must leave its allocation to be seen.
-    run_step $tool env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool $tool "${FILTER[@]}" \
-      --error-exitcode 3 --print-limit 50 "$PYTHON" benchmarks/gpu_sanitize.py
+    run_step $tool env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool $tool "${SAN_OPTS[@]}" \
+      --error-exitcode 3 "$PYTHON" benchmarks/gpu_sanitize.py
   fi
 done
 
@@ -280,8 +290,12 @@ elif [ "$DRY" = 1 ]; then
 else
   # kernels.py gets what is left after fit_speed's box: time the build did not use goes to it.
   left=$((DEADLINE - $(date +%s) - RESERVE - BOX[fit_speed]))
-  BOX[kernels]=$(( left > 300 ? 300 : (left > 0 ? left : 1) ))
-  run_step kernels "$PYTHON" benchmarks/kernels.py --quick --warmup 3 --json "$OUT/kernels.json"
+  if [ "$left" -lt "$MIN_STEP" ]; then
+    skip kernels "not enough time: ${left} s left once fit_speed's ${BOX[fit_speed]} s are kept"
+  else
+    BOX[kernels]=$(( left > 300 ? 300 : left ))
+    run_step kernels "$PYTHON" benchmarks/kernels.py --quick --warmup 3 --json "$OUT/kernels.json"
+  fi
   run_step fit_speed "$PYTHON" benchmarks/fit_speed.py --device cuda --runs 3 --out "$OUT/fit_speed.json"
 fi
 write_summary
