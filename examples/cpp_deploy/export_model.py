@@ -1,14 +1,18 @@
-"""Quantizes EfficientNet-Lite0 with mpq, saves it as TorchScript for mpq_deploy (C++), with an
-input and Python's output on it, and prints Python's top-5 for comparison.
+"""Quantizes EfficientNet-Lite0 (or ResNet-50) with mpq, saves it as TorchScript for mpq_deploy
+(C++), with an input and Python's output on it, and prints Python's top-5 for comparison.
 
     python examples/cpp_deploy/export_model.py --out build/deploy-example
     # -> build/deploy-example/efficientnet_lite0_mpq.pt   the quantized model (TorchScript)
-    #    build/deploy-example/efficientnet_lite0_fp32.pt  the float model (TorchScript, traced)
+    #    build/deploy-example/efficientnet_lite0_fp32.pt  the float model (TorchScript)
     #    build/deploy-example/input.pt                    buffers `input` [1, 3, 224, 224] and `output` [1, 1000]
+    python examples/cpp_deploy/export_model.py --model resnet50 --out build/deploy-example
+    # -> resnet50_mpq.pt, resnet50_fp32.pt, input_resnet50.pt
 
-Calibration: seeded random crops of the bundled photos (mpq.demo.load_demo_data); the input is
-the first labelled ImageNet photo, preprocessed like ImageNet evaluation. Works offline with
-the assets of docs/ASSETS.md.
+EfficientNet-Lite0: its ImageNet weights, calibration on seeded random crops of the bundled photos
+(mpq.demo.load_demo_data); the input is the first labelled ImageNet photo, preprocessed like
+ImageNet evaluation. ResNet-50: torchvision's architecture with seeded random weights (no
+pretrained weights offline; its speed does not depend on them), calibration on 2 x 8 seeded
+random images, a seeded random input. Works offline with the assets of docs/ASSETS.md.
 """
 from __future__ import annotations
 
@@ -68,6 +72,7 @@ def print_top5(title: str, logits: torch.Tensor) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("build/deploy-example"), help="output directory")
+    parser.add_argument("--model", choices=("efficientnet_lite0", "resnet50"), default="efficientnet_lite0")
     parser.add_argument("--config", default="W4A8", help="mpq preset (W4A8, W4A16, W3A16, W2A16, W8A8)")
     parser.add_argument("--calib-images", type=int, default=64, help="calibration crops (default 64)")
     parser.add_argument("--torchscript", choices=("auto", "script", "trace"), default="auto")
@@ -80,11 +85,21 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    model = assets.load_efficientnet_lite0()
-    data = load_demo_data(calib_images=args.calib_images, seed=args.seed)
-    x = data.eval_images[:1].clone()  # the first labelled ImageNet photo
-    label = int(data.labels[0])
-    qmodel = mpq.quantize(model, data.calib_batches, mpq.QuantConfig.preset(args.config, seed=args.seed))
+    if args.model == "resnet50":
+        import torchvision
+
+        torch.manual_seed(args.seed)
+        model = torchvision.models.resnet50(weights=None).eval()
+        g = torch.Generator().manual_seed(args.seed)
+        calib = [torch.randn(8, 3, 224, 224, generator=g) for _ in range(2)]
+        x, label = torch.randn(1, 3, 224, 224, generator=g), None
+    else:
+        model = assets.load_efficientnet_lite0()
+        data = load_demo_data(calib_images=args.calib_images, seed=args.seed)
+        calib = data.calib_batches
+        x = data.eval_images[:1].clone()  # the first labelled ImageNet photo
+        label = int(data.labels[0])
+    qmodel = mpq.quantize(model, calib, mpq.QuantConfig.preset(args.config, seed=args.seed))
     report = mpq.last_report(qmodel)
     t_quant = time.perf_counter() - t0
 
@@ -92,7 +107,7 @@ def main(argv=None) -> int:
     # layer on x). The torch.fx GraphModule it returns is scriptable, unlike the model's own code.
     deployed = qmodel if args.no_fuse else mpq.fuse_activations(qmodel, x)
     scripted = to_torchscript(deployed, x, args.torchscript)
-    model_path = args.out / "efficientnet_lite0_mpq.pt"
+    model_path = args.out / f"{args.model}_mpq.pt"
     scripted.save(str(model_path))
     # Python's output from the saved file: what the C++ program loads.
     loaded = torch.jit.load(str(model_path))
@@ -100,18 +115,18 @@ def main(argv=None) -> int:
         y = loaded(x)
         y_fp32 = model(x)
         y_eager = deployed(x)
-    # The float model as TorchScript too (traced: the package's code does not script), so that the
-    # C++ example times FP32 and mpq side by side in one run.
+    # The float model as TorchScript too (Lite0 traced: the package's code does not script), so that
+    # the C++ example times FP32 and mpq side by side in one run.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.jit.trace(model, x, check_trace=False).save(str(args.out / "efficientnet_lite0_fp32.pt"))
-    input_path = args.out / "input.pt"
+        torch.jit.trace(model, x, check_trace=False).save(str(args.out / f"{args.model}_fp32.pt"))
+    input_path = args.out / ("input.pt" if args.model == "efficientnet_lite0" else f"input_{args.model}.pt")
     torch.jit.script(TensorFile(input=x, output=y)).save(str(input_path))
 
     print(f"mpq {args.config}: {len(report.layers)} layers, {report.avg_bits:.2f} bits per weight, quantized in {t_quant:.1f}s")
     print(f"wrote {model_path} ({model_path.stat().st_size / 1e6:.1f} MB) and {input_path} (input {tuple(x.shape)})")
     print(f"ops library: {mpq.library_path()}")
-    print(f"input: the first labelled ImageNet photo, label {label}")
+    print(f"input: the first labelled ImageNet photo, label {label}" if label is not None else "input: seeded noise")
     print_top5(f"Python top-5 (mpq {args.config}, saved TorchScript)", y)
     print_top5("Python top-5 (FP32)", y_fp32)
     rel = float((y - y_eager).abs().max() / y_eager.abs().max())

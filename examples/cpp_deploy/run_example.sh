@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole C++ deployment flow (README.md beside this file), for CI and for trying it out:
 #   1. build mpq's ops library with CMake and install it (with its CMake package) into build/deploy-install;
-#   2. quantize EfficientNet-Lite0 in Python and save it as TorchScript (export_model.py);
+#   2. quantize EfficientNet-Lite0 and ResNet-50 in Python and save them as TorchScript (export_model.py);
 #   3. build this example against the installed package (find_package(mpq));
-#   4. run it on the exported input and on seeded noise, and check C++ against Python's output.
+#   4. run it on the exported input (checking C++ against Python's output) and, for the latency of
+#      FP32 and mpq side by side, on seeded noise with both models.
 # Environment: MPQ_VENV (default .venv; its Python must import mpq, e.g. after scripts/setup.sh),
 # MPQ_ENABLE_CUDA=1 to compile the CUDA kernels (off by default: slower, and the CPU run needs
 # none), MPQ_DEVICE=cuda to run on a GPU, MPQ_RUNS (default 20), MPQ_TOLERANCE (default 1e-5),
@@ -56,8 +57,9 @@ cuda=OFF; [ "${MPQ_ENABLE_CUDA:-0}" = 1 ] && cuda=ON
 "$CMAKE" --build "$BUILD" --parallel "$JOBS"
 "$CMAKE" --install "$BUILD" --prefix "$PREFIX" | grep -v "^-- Up-to-date" || true
 
-step "2. quantize EfficientNet-Lite0 in Python and save it as TorchScript"
+step "2. quantize EfficientNet-Lite0 and ResNet-50 in Python and save them as TorchScript"
 "$PY" examples/cpp_deploy/export_model.py --out "$OUT" --calib-images "${MPQ_CALIB_IMAGES:-32}"
+"$PY" examples/cpp_deploy/export_model.py --model resnet50 --out "$OUT" | grep -E "^mpq|^wrote|^saved"
 
 step "3. build the example against the installed package"
 # Only mpq's prefix: its package finds the Torch (and CUDA hints) mpq was built with.
@@ -70,19 +72,25 @@ grep "^-- mpq " "$OUT/cmake.log" || true
 step "4. run it"
 "$OUT/build/mpq_deploy" "$OUT/efficientnet_lite0_mpq.pt" --input "$OUT/input.pt" \
   --device "${MPQ_DEVICE:-cpu}" --runs "${MPQ_RUNS:-20}" | tee "$OUT/run.log"
-"$OUT/build/mpq_deploy" "$OUT/efficientnet_lite0_mpq.pt" --shape 1,3,224,224 --seed 0 \
-  --device "${MPQ_DEVICE:-cpu}" --runs "${MPQ_RUNS:-20}" | tee "$OUT/run_mpq_noise.log" | grep -E "^input|^  1\.|^latency"
-# FP32 in the same program on the same input, for the latency side by side.
-"$OUT/build/mpq_deploy" "$OUT/efficientnet_lite0_fp32.pt" --shape 1,3,224,224 --seed 0 \
-  --device "${MPQ_DEVICE:-cpu}" --runs "${MPQ_RUNS:-20}" >"$OUT/run_fp32_noise.log"
+# FP32 in the same program on the same input, for the latency side by side; then ResNet-50.
 ms() { sed -n 's/^latency: median \([0-9.]*\) ms.*/\1/p' "$1" | head -1; }
-"$PY" -c "f, q = float('$(ms "$OUT/run_fp32_noise.log")'), float('$(ms "$OUT/run_mpq_noise.log")'); print(f'C++ latency, batch 1, median of ${MPQ_RUNS:-20}: FP32 {f:.2f} ms, mpq {q:.2f} ms ({f / q:.2f}x)')"
+for model in efficientnet_lite0 resnet50; do
+  for kind in fp32 mpq; do
+    "$OUT/build/mpq_deploy" "$OUT/${model}_${kind}.pt" --shape 1,3,224,224 --seed 0 \
+      --device "${MPQ_DEVICE:-cpu}" --runs "${MPQ_RUNS:-20}" >"$OUT/run_${model}_${kind}_noise.log"
+  done
+  "$PY" -c "f, q = float('$(ms "$OUT/run_${model}_fp32_noise.log")'), float('$(ms "$OUT/run_${model}_mpq_noise.log")'); print(f'C++ latency, ${model}, batch 1, median of ${MPQ_RUNS:-20}: FP32 {f:.2f} ms, mpq {q:.2f} ms ({f / q:.2f}x)')"
+done
+"$OUT/build/mpq_deploy" "$OUT/resnet50_mpq.pt" --input "$OUT/input_resnet50.pt" \
+  --device "${MPQ_DEVICE:-cpu}" --runs 3 >"$OUT/run_resnet50.log"
 grep -q "$PREFIX/lib/libmpq_ops.so" "$OUT/run.log" \
   || { echo "run_example: mpq_deploy did not load $PREFIX/lib/libmpq_ops.so" >&2; exit 1; }
 # On the CPU the same kernels run in both: C++ must reproduce Python's output.
 tol=${MPQ_TOLERANCE:-1e-5}
 [ "${MPQ_DEVICE:-cpu}" = cpu ] || tol=${MPQ_TOLERANCE:-1e-3}
-rel=$(sed -n 's/.*max |C++ - Python| \/ max |Python| = //p' "$OUT/run.log")
-"$PY" -c "import sys; r, t = float('$rel'), float('$tol'); print(f'C++ vs Python: {r:.2e} (tolerance {t:.0e})'); sys.exit(r > t)" \
-  || { echo "run_example: C++ and Python outputs differ" >&2; exit 1; }
+for log in run.log run_resnet50.log; do
+  rel=$(sed -n 's/.*max |C++ - Python| \/ max |Python| = //p' "$OUT/$log")
+  "$PY" -c "import sys; r, t = float('$rel'), float('$tol'); print(f'C++ vs Python ($log): {r:.2e} (tolerance {t:.0e})'); sys.exit(r > t)" \
+    || { echo "run_example: C++ and Python outputs differ ($log)" >&2; exit 1; }
+done
 step "done"
