@@ -179,3 +179,19 @@ def test_gpu_check_time_boxes(tmp_path):
     assert r.returncode == 0, output_of(r)
     steps = gpu_check_summary(tmp_path / "late")["steps"]
     assert all(s["status"] == "skipped" and s["reason"].startswith("not enough time") for s in steps[1:]), steps
+
+
+def test_point_damp_holdout_smoke_run(tmp_path):
+    # issue 12, section 3: the held-out sweep (Fashion-MNIST only: its calibration and selection images
+    # come from the training set, the tables evaluate on the test set) writes its tables and its choice
+    r = run_script("point_damp.py", "--holdout", "--models", "fashion", "--settings", "W4A16", "--damps", "0.03", "0.1",
+                   "--out-dir", str(tmp_path))
+    assert r.returncode == 0, output_of(r)
+    doc = json.loads((tmp_path / "point_damp_holdout.json").read_text())
+    assert [(x["model"], x["setting"], x["point_damp"]) for x in doc["rows"]] == [("fashion", "W4A16", 0.03), ("fashion", "W4A16", 0.1)]
+    assert doc["complete_cells"] == 1 and doc["chosen_point_damp"] in (0.03, 0.1) and doc["default_point_damp"] == 0.1
+    assert doc["commit"] and doc["cpu"] and doc["seed"] == 0 and "next 10,000 training images" in doc["data"]["fashion"]
+    ranks = doc["mean_ranks"]["primary"]
+    assert sorted(ranks.values()) == [1.0, 2.0] or sorted(ranks.values()) == [1.5, 1.5]
+    md = (tmp_path / "point_damp_holdout.md").read_text()
+    assert f"Held-out choice: point_damp = {doc['chosen_point_damp']}" in md and "Rule (fixed before the run)" in md
