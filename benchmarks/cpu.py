@@ -12,7 +12,9 @@ after two warm-up calls, the same input tensor for every row):
   ``W8A8-1pt``: W8A8 with ``max_points=1``, per-channel int8 as PyTorch's own, no further points),
   ``mpq.fuse_activations`` (uint8 activations between layers), then ``torch.jit.script`` + save +
   load: the artifact a user deploys, timed as loaded; ``mpq W4A8 unfused``: the same without
-  ``fuse_activations`` (float32 between layers);
+  ``fuse_activations`` (float32 between layers); ``mpq W4A8 q-residual``: with
+  ``fuse_activations(quantize_residuals=True)`` (uint8 skip connections: a changed function, its
+  fidelity recorded);
 - ``torch int8 (FX, x86)``: PyTorch's own static int8 (``prepare_fx`` / ``convert_fx``, x86 engine,
   W8A8 per-channel weights), calibrated on the same batches; for MiniLM ``torch int8 (dynamic)``,
   ``quantize_dynamic`` of its Linear layers (how PyTorch users run such encoders in int8).
@@ -158,6 +160,12 @@ def run_model(name: str, batches: List[int], repeats: int, presets: List[str], s
         variants[f"mpq {preset}"] = s
         if preset == presets[0]:  # the same model with float32 between layers: what the fusion gains
             variants[f"mpq {preset} unfused"] = scripted(q, calib[0][:1])
+            # uint8 skip connections too (fuse_activations(quantize_residuals=True): a changed function)
+            qres = scripted(mpq.fuse_activations(q, calib[0][:1], quantize_residuals=True), calib[0][:1])
+            variants[f"mpq {preset} q-residual"] = qres
+            if ref is not None:
+                with torch.no_grad():
+                    fidelity[f"mpq {preset} q-residual"] = quality(qres(eval_images), ref)
         sizes[f"mpq {preset} TorchScript"] = file_bytes(lambda p: torch.jit.save(to_torchscript(fused, calib[0][:1]), p))
         sizes[f"mpq {preset} mpq.save"] = file_bytes(lambda p: mpq.save(q, p + ".mpq.safetensors") or
                                                      os.replace(p + ".mpq.safetensors", p))

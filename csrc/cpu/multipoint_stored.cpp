@@ -709,10 +709,40 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void add_into(float
   for (int64_t i = 0; i < n; ++i) y[i] += x[i];
 }
 
+// The values of n levels: (u - zp') * s, exact in float32 for |u - zp'| < 2^24 (as ATen's
+// to(float).sub_(zp').mul_(s), bit for bit).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void level_values(const uint8_t* __restrict u,
+                                                                               float* __restrict v, int64_t n,
+                                                                               float zp, float scale) {
+  for (int64_t i = 0; i < n; ++i) v[i] = (static_cast<float>(u[i]) - zp) * scale;
+}
+
 struct Epilogue {
-  c10::optional<at::Tensor> residual;  // float32, the output's shape, channels_last
+  c10::optional<at::Tensor> residual;  // float32, or uint8 levels at residual_grid; the output's shape, channels_last
   float lo, hi;
   c10::optional<ActQuant> out;
+  c10::optional<ActQuant> residual_grid;
+};
+
+// The residual's values for n consecutive output values from o: float32 in place, uint8 levels
+// converted into `buf` (the thread's), (u - (zp - qmin)) * s exactly as the reference dequantizes.
+struct ResidualRows {
+  const float* values = nullptr;
+  const uint8_t* levels = nullptr;
+  float zp = 0.0f, scale = 1.0f;
+
+  const float* at(int64_t o, int64_t n, std::vector<float>& buf) const {
+    if (levels == nullptr) return values == nullptr ? nullptr : values + o;
+    buf.resize(n);
+    level_values(levels + o, buf.data(), n, zp, scale);
+    return buf.data();
+  }
+  ResidualRows shifted(int64_t o) const {
+    ResidualRows r = *this;
+    if (r.values != nullptr) r.values += o;
+    if (r.levels != nullptr) r.levels += o;
+    return r;
+  }
 };
 
 // Where a layer's channels are in a convolution's output rows (channels last). Per group g, the
@@ -731,7 +761,7 @@ struct RowLayout {
 // ([n, groups * layout.channels, H, W], channels_last, float32 or uint8 levels): the further
 // points added into their channels (in place in y), then + residual (rows of the output's width,
 // or null), clamp, quantize. The sums are the reference's: a channel's points in order.
-void epilogue_into(const at::Tensor& y, const float* res, const Epilogue& ep, const RowLayout& layout,
+void epilogue_into(const at::Tensor& y, const ResidualRows& res, const Epilogue& ep, const RowLayout& layout,
                    const at::Tensor& out) {
   const int64_t T = y.size(1), rows = y.numel() / std::max<int64_t>(1, T);
   const int64_t C = layout.groups * layout.channels;
@@ -741,7 +771,8 @@ void epilogue_into(const at::Tensor& y, const float* res, const Epilogue& ep, co
   float* out_float = q.has_value() ? nullptr : out.data_ptr<float>();
   const auto grid = q.has_value() ? level_grid(*q) : kernels::LevelGrid{1.0f, 0.0f, 0.0f, 255.0f};
   const auto isa = cpu_isa();
-  auto finish = [&](const float* y_rows, const float* res_rows, int64_t o, int64_t n) {  // n values from o
+  auto finish = [&](const float* y_rows, int64_t o, int64_t n, std::vector<float>& buf) {  // n values from o
+    const float* res_rows = res.at(o, n, buf);
     if (q.has_value()) {
       kernels::epilogue_levels(y_rows, res_rows, out_levels + o, n, ep.lo, ep.hi, grid, isa);
     } else {
@@ -753,12 +784,13 @@ void epilogue_into(const at::Tensor& y, const float* res, const Epilogue& ep, co
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, T));
   if (layout.runs.empty() && layout.at.empty() && T == C) {  // the rows are the output's: one pass per block
     at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
-      finish(yp + b * C, res ? res + b * C : nullptr, b * C, (e - b) * C);
+      std::vector<float> buf;
+      finish(yp + b * C, b * C, (e - b) * C, buf);
     });
     return;
   }
   at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
-    std::vector<float> ordered(layout.at.empty() ? 0 : layout.channels);
+    std::vector<float> ordered(layout.at.empty() ? 0 : layout.channels), buf;
     for (int64_t i = b; i < e; ++i) {
       float* row = yp + i * T;
       for (int64_t g = 0; g < layout.groups; ++g) {
@@ -774,8 +806,7 @@ void epilogue_into(const at::Tensor& y, const float* res, const Epilogue& ep, co
           gather_row(yr, layout.at.data() + g * layout.channels, ordered.data(), layout.channels);
           yr = ordered.data();
         }
-        const int64_t o = i * C + g * layout.channels;
-        finish(yr, res ? res + o : nullptr, o, layout.channels);
+        finish(yr, i * C + g * layout.channels, layout.channels, buf);
       }
     }
   });
@@ -857,12 +888,19 @@ at::Tensor run_chunked(at::IntArrayRef out_shape, int64_t T, const Epilogue& ep,
                        Layer layer) {
   const int64_t N = out_shape[0], pixels = out_shape[2] * out_shape[3], C = out_shape[1];
   auto out = output_tensor(out_shape, ep.out.has_value() ? at::kByte : at::kFloat);
-  const float* res = ep.residual.has_value() ? ep.residual->data_ptr<float>() : nullptr;
+  ResidualRows res;
+  if (ep.residual.has_value() && ep.residual->scalar_type() == at::kByte) {
+    res.levels = ep.residual->data_ptr<uint8_t>();
+    res.zp = float(ep.residual_grid->zero_point - ep.residual_grid->qmin);
+    res.scale = float(ep.residual_grid->scale);
+  } else if (ep.residual.has_value()) {
+    res.values = ep.residual->data_ptr<float>();
+  }
   const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, pixels * T * 4));
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t n = std::min(chunk, N - n0);
     const auto y = layer(n0, n).contiguous(at::MemoryFormat::ChannelsLast);
-    epilogue_into(y, res ? res + n0 * pixels * C : nullptr, ep, layout, out.narrow(0, n0, n));
+    epilogue_into(y, res.shifted(n0 * pixels * C), ep, layout, out.narrow(0, n0, n));
   }
   return out;
 }
@@ -958,14 +996,6 @@ at::Tensor levels_of(const at::Tensor& input, const ActQuant& q) {
   return quantize_input(input, q, at::MemoryFormat::ChannelsLast);
 }
 
-// The values of n levels: (u - zp') * s, exact in float32 for |u - zp'| < 2^24 (as ATen's
-// to(float).sub_(zp').mul_(s), bit for bit).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void level_values(const uint8_t* __restrict u,
-                                                                               float* __restrict v, int64_t n,
-                                                                               float zp, float scale) {
-  for (int64_t i = 0; i < n; ++i) v[i] = (static_cast<float>(u[i]) - zp) * scale;
-}
-
 // The input's fake-quantized float32 values (L - zp) * s: from the levels or from a float input.
 at::Tensor fake_quantized_of(const at::Tensor& input, const c10::optional<at::Tensor>& act_qparams,
                              const ActQuant& q) {
@@ -1047,7 +1077,8 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
                                        const at::Tensor& act_qparams, at::IntArrayRef stride, at::IntArrayRef padding,
                                        at::IntArrayRef dilation, int64_t groups,
                                        const c10::optional<at::Tensor>& residual, double clamp_min, double clamp_max,
-                                       const c10::optional<at::Tensor>& out_qparams, c10::string_view path) {
+                                       const c10::optional<at::Tensor>& out_qparams, c10::string_view path,
+                                       const c10::optional<at::Tensor>& residual_qparams) {
   const char* op = "mpq::multipoint_conv2d_fused";
   TORCH_CHECK(code_shape.size() == 3, op, ": expected code_shape [C_in/groups, kh, kw], got ", code_shape);
   check_stored(op, point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape), false);
@@ -1070,9 +1101,16 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
   const auto out_shape = check_stored_conv2d_args(op, input, C, code_shape, bias, act_qparams, stride, padding,
                                                   dilation, groups);
   if (residual.has_value()) {
-    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->sizes() == at::IntArrayRef(out_shape), op,
-                ": expected residual float32 of the output's shape ", at::IntArrayRef(out_shape), ", got ",
-                residual->scalar_type(), residual->sizes());
+    TORCH_CHECK((residual->scalar_type() == at::kFloat || residual->scalar_type() == at::kByte) &&
+                    residual->sizes() == at::IntArrayRef(out_shape),
+                op, ": expected residual float32 or uint8 levels of the output's shape ", at::IntArrayRef(out_shape),
+                ", got ", residual->scalar_type(), residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == at::kFloat || residual_qparams.has_value(), op,
+                ": a uint8 residual needs residual_qparams (the quantizer of its levels)");
+    if (residual->scalar_type() == at::kByte) {
+      ep.residual_grid = read_act_qparams(op, *residual_qparams);
+      TORCH_CHECK(int8_fits(*ep.residual_grid), op, ": residual_qparams must have at most 256 integer levels");
+    }
     ep.residual = residual->contiguous(at::MemoryFormat::ChannelsLast);
   }
   const bool depthwise_ok = groups == C && code_shape[0] == 1 && int8_fits(q);
@@ -1196,7 +1234,8 @@ at::Tensor multipoint_conv2d_fused_any(const at::Tensor& input, const at::Tensor
                                        const at::Tensor& act_qparams, at::IntArrayRef stride, at::IntArrayRef padding,
                                        at::IntArrayRef dilation, int64_t groups,
                                        const c10::optional<at::Tensor>& residual, double clamp_min, double clamp_max,
-                                       const c10::optional<at::Tensor>& out_qparams, c10::string_view path) {
+                                       const c10::optional<at::Tensor>& out_qparams, c10::string_view path,
+                                       const c10::optional<at::Tensor>& residual_qparams) {
   const char* op = "mpq::multipoint_conv2d_fused";
   const ActQuant q = read_act_qparams(op, act_qparams);
   auto x = input;
@@ -1205,7 +1244,13 @@ at::Tensor multipoint_conv2d_fused_any(const at::Tensor& input, const at::Tensor
   }
   auto y = multipoint_conv2d_stored_any(x, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams,
                                         stride, padding, dilation, groups, "auto");
-  if (residual.has_value()) y = y + *residual;
+  if (residual.has_value() && residual->scalar_type() == at::kByte) {
+    TORCH_CHECK(residual_qparams.has_value(), op, ": a uint8 residual needs residual_qparams (the quantizer of its levels)");
+    const ActQuant r = read_act_qparams(op, *residual_qparams);
+    y = y + residual->to(y.scalar_type()).sub_(r.zero_point - r.qmin).mul_(r.scale);
+  } else if (residual.has_value()) {
+    y = y + *residual;
+  }
   y = at::clamp(y, clamp_min, clamp_max);
   if (!out_qparams.has_value()) return y;
   const ActQuant o = read_act_qparams(op, *out_qparams);

@@ -108,7 +108,21 @@ def _residual_of(node: torch.fx.Node, src: torch.fx.Node) -> Optional[torch.fx.N
     return other if tuple(meta_src.shape) == tuple(meta_other.shape) else None
 
 
-def fuse_activations(qmodel: nn.Module, example: torch.Tensor, check: bool = True) -> torch.fx.GraphModule:
+def _fused_residual_add(u: torch.fx.Node, src: torch.fx.Node, eligible: set, modules: Dict[str, nn.Module]) -> bool:
+    """Whether ``u`` is ``src + other`` where ``other`` is an eligible convolution's single-use chain
+    (through Identity modules): an add that the rewrite will fuse into that convolution, with
+    ``src`` as its residual."""
+    other = _residual_of(u, src)
+    if other is None or len(other.users) != 1:
+        return False
+    p = other
+    while p.op == "call_module" and isinstance(modules[p.target], nn.Identity) and len(p.users) == 1 and p.args:
+        p = p.args[0]
+    return p in eligible and len(p.users) == 1 and len(p.args) == 1 and not p.kwargs
+
+
+def fuse_activations(qmodel: nn.Module, example: torch.Tensor, check: bool = True,
+                     quantize_residuals: bool = False) -> torch.fx.GraphModule:
     """The deployable form of a quantized model with int8 activations between its layers.
 
     Traces ``qmodel`` with torch.fx (mpq's layers as leaves), fuses every multipoint convolution
@@ -116,6 +130,14 @@ def fuse_activations(qmodel: nn.Module, example: torch.Tensor, check: bool = Tru
     ``+ residual`` (same shape), then one ReLU / ReLU6 / Hardtanh / clamp, then, when every user of
     the result is such a convolution with the same ``act_qparams``, that quantizer (uint8 output).
     Layers that do not fit (float activations, Linear layers, CUDA) are left as they are.
+
+    ``quantize_residuals``: also write uint8 levels where the other users of a result are residual
+    adds fused into later convolutions (ResNet's and MBConv's skip connections): those adds then
+    read the tensor's values at the convolutions' quantizer instead of float32, as PyTorch's own
+    int8 path does, and no float32 tensor is left between blocks. NB: this changes the function
+    (the skip path is rounded, and clipped to the quantizer's range), which ``mpq.quantize``'s
+    simulation does not model: measure the fused model's accuracy (``check`` still verifies each
+    layer against its float64 recomputation from the inputs it got). Off by default.
 
     ``example``: an input on which shapes are propagated and, with ``check``, the fused model is
     checked layer by layer (:func:`check_fused`; raises naming the layer on a disagreement).
@@ -137,29 +159,34 @@ def fuse_activations(qmodel: nn.Module, example: torch.Tensor, check: bool = Tru
         ShapeProp(gm).propagate(example)
     modules = dict(gm.named_modules())
     eligible = {n for n in gm.graph.nodes if n.op == "call_module" and _eligible(modules[n.target])}
+    residual_grid: Dict[torch.fx.Node, torch.Tensor] = {}  # add node -> the quantizer of its uint8 residual
     for n in list(gm.graph.nodes):
         if n not in eligible or len(n.args) != 1 or n.kwargs:
             continue
         layer: MultipointConv2d = modules[n.target]
         chain: List[torch.fx.Node] = []
-        cur, residual, lo, hi = n, None, -_INF, _INF
+        cur, residual, residual_qparams, lo, hi = n, None, None, -_INF, _INF
         nxt = _only_user(cur)
         while nxt is not None and nxt.op == "call_module" and isinstance(modules[nxt.target], nn.Identity):
             chain.append(nxt)
             cur, nxt = nxt, _only_user(nxt)
         if nxt is not None and (other := _residual_of(nxt, cur)) is not None:
             chain.append(nxt)
+            residual_qparams = residual_grid.get(nxt)
             residual, cur, nxt = other, nxt, _only_user(nxt)
         if nxt is not None and (bounds := _clamp_of(nxt, modules, cur)) is not None:
             chain.append(nxt)
             (lo, hi), cur = bounds, nxt
         users = list(cur.users)
+        convs = [u for u in users if u in eligible and u.args and u.args[0] is cur and len(u.args) == 1]
+        adds = [u for u in users if quantize_residuals and u not in convs and _fused_residual_add(u, cur, eligible, modules)]
         out_qparams = None
-        if users and all(u in eligible and u.args and u.args[0] is cur and len(u.args) == 1 for u in users):
-            qps = [modules[u.target].act_qparams for u in users]
+        if convs and len(convs) + len(adds) == len(users):
+            qps = [modules[u.target].act_qparams for u in convs]
             if all(torch.equal(qps[0], q) for q in qps[1:]):
                 out_qparams = qps[0]
-        fused = FusedMultipointConv2d(layer, lo, hi, out_qparams)
+                residual_grid.update({u: out_qparams for u in adds})
+        fused = FusedMultipointConv2d(layer, lo, hi, out_qparams, residual_qparams)
         gm.add_submodule(n.target, fused)  # gm's own container: qmodel keeps its layer
         modules[n.target] = fused
         with gm.graph.inserting_after(cur):
@@ -210,7 +237,11 @@ def _check_one(name: str, f: FusedMultipointConv2d, x: torch.Tensor, residual: O
         x = (x.float() - (zp - qmin)) * s
     ref, bound, _ = layer_bound(m, x)
     if residual is not None:
-        r = residual[:max_samples].double()
+        r = residual[:max_samples]
+        if r.dtype == torch.uint8:  # the levels' values, in float32 as the kernels compute them
+            rs, rzp, rqmin, _ = [float(v) for v in f.residual_qparams.tolist()]
+            r = (r.float() - (rzp - rqmin)) * rs
+        r = r.double()
         ref = ref + r
         bound = bound + 2.0**-24 * ref.abs()  # the add's rounding
     ref = ref.clamp(f.clamp_min, f.clamp_max)

@@ -282,16 +282,18 @@ def multipoint_conv2d_fused(
     clamp_max: float = float("inf"),
     out_qparams: Optional[torch.Tensor] = None,
     path: str = "auto",
+    residual_qparams: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`multipoint_conv2d_stored` with int8 activations between layers:
     ``y = clamp(conv(fq(input)) + bias + residual, clamp_min, clamp_max)``, returned as float32 or,
     with ``out_qparams`` (the next layer's ``act_qparams``), as that quantizer's uint8 levels
-    ``L - qmin``. ``input`` is float32, or uint8 levels at this layer's ``act_qparams``.
+    ``L - qmin``. ``input`` is float32, or uint8 levels at this layer's ``act_qparams``;
+    ``residual`` float32, or uint8 levels at ``residual_qparams`` (their values are added).
     ``path``: "auto", "int8" (oneDNN), "depthwise" (mpq's kernel), "dense"; the same function on
     every path. The CPU output is channels_last."""
     return torch.ops.mpq.multipoint_conv2d_fused(
         input, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams, stride, padding,
-        dilation, groups, residual, clamp_min, clamp_max, out_qparams, path,
+        dilation, groups, residual, clamp_min, clamp_max, out_qparams, path, residual_qparams,
     )
 
 
@@ -401,7 +403,7 @@ def _multipoint_conv2d_stored_fake(
 @torch.library.register_fake("mpq::multipoint_conv2d_fused")
 def _multipoint_conv2d_fused_fake(
     input, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams, stride, padding, dilation,
-    groups, residual, clamp_min, clamp_max, out_qparams, path="auto",
+    groups, residual, clamp_min, clamp_max, out_qparams, path="auto", residual_qparams=None,
 ):
     y = _multipoint_conv2d_stored_fake(input.float(), point_codes, point_scales, num_points, w_bits, code_shape, bias,
                                        act_qparams, stride, padding, dilation, groups)

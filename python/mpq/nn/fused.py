@@ -17,7 +17,8 @@ class FusedMultipointConv2d(nn.Module):
     ``out_qparams`` as the uint8 levels ``L - qmin`` of that quantizer (the next layer's input).
 
     ``x`` is float32 or uint8 levels at ``layer.act_qparams`` (what a fused layer before it wrote);
-    the layer's weight is shared with ``layer``, not copied. Static or 'same' pre-padding of a uint8
+    the layer's weight is shared with ``layer``, not copied. ``residual`` is float32, or with
+    ``residual_qparams`` uint8 levels of that quantizer. Static or 'same' pre-padding of a uint8
     input pads with the level of 0.0, as padding the float input with zeros would."""
 
     pre_padding: List[int]
@@ -28,6 +29,7 @@ class FusedMultipointConv2d(nn.Module):
         clamp_min: float = float("-inf"),
         clamp_max: float = float("inf"),
         out_qparams: Optional[torch.Tensor] = None,
+        residual_qparams: Optional[torch.Tensor] = None,
     ):
         super().__init__()
         if layer.act_qparams is None:
@@ -36,6 +38,9 @@ class FusedMultipointConv2d(nn.Module):
         self.clamp_min = float(clamp_min)
         self.clamp_max = float(clamp_max)
         self.register_buffer("out_qparams", None if out_qparams is None else out_qparams.detach().float().clone())
+        # The quantizer of a uint8 residual (mpq.fuse_activations(quantize_residuals=True)).
+        self.register_buffer(
+            "residual_qparams", None if residual_qparams is None else residual_qparams.detach().float().clone())
         s, zp, qmin, qmax = [float(v) for v in layer.act_qparams.tolist()]
         self.zero_level = zp - qmin  # the uint8 level of 0.0
         self.pre_padding = list(layer.pre_padding)
@@ -52,7 +57,8 @@ class FusedMultipointConv2d(nn.Module):
         assert act_qparams is not None
         return torch.ops.mpq.multipoint_conv2d_fused(
             x, m.point_codes, m.point_scales, m.num_points, m.w_bits, m.code_shape, m.bias, act_qparams, m.stride,
-            m.padding, m.dilation, m.groups, residual, self.clamp_min, self.clamp_max, self.out_qparams,
+            m.padding, m.dilation, m.groups, residual, self.clamp_min, self.clamp_max, self.out_qparams, "auto",
+            self.residual_qparams,
         )
 
     def extra_repr(self) -> str:
@@ -61,4 +67,6 @@ class FusedMultipointConv2d(nn.Module):
             parts.append(f"clamp=({self.clamp_min}, {self.clamp_max})")
         if self.out_qparams is not None:
             parts.append("uint8 output")
+        if self.residual_qparams is not None:
+            parts.append("uint8 residual")
         return ", ".join(parts)
