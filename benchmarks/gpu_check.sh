@@ -156,20 +156,28 @@ skip() {  # skip STEP REASON
   write_summary
 }
 
-# run_step STEP COMMAND...: runs COMMAND under timeout, its output appended to the step's log.
-# Returns 0 when it ran and passed. In a dry run the caller marks the GPU step skipped afterwards.
-run_step() {
-  local step=$1; shift
-  local now left limit t0 t1 rc
+# gate STEP: skips STEP and returns 1 when it is not selected (MPQ_GPU_CHECK_ONLY) or too little of
+# the budget is left; checked before a step's own prerequisites, so its reason is always these.
+gate() {
+  local step=$1 left
   if [ -n "$ONLY" ] && [ "$step" != build ] && [[ " $ONLY " != *" $step "* ]]; then
     skip "$step" "not selected (MPQ_GPU_CHECK_ONLY=$ONLY)"
     return 1
   fi
-  now=$(date +%s); left=$((DEADLINE - now - RESERVE))
+  left=$((DEADLINE - $(date +%s) - RESERVE))
   if [ "$left" -lt "$MIN_STEP" ]; then
     skip "$step" "not enough time: ${left} s left of the ${BUDGET} s budget (a step needs ${MIN_STEP} s)"
     return 1
   fi
+}
+
+# run_step STEP COMMAND...: runs COMMAND under timeout, its output appended to the step's log.
+# Returns 0 when it ran and passed. In a dry run the caller marks the GPU step skipped afterwards.
+run_step() {
+  local step=$1; shift
+  local left limit t0 t1 rc
+  gate "$step" || return 1
+  left=$((DEADLINE - $(date +%s) - RESERVE))
   limit=${BOX[$step]}
   [ "$limit" -gt 0 ] && [ "$limit" -lt "$left" ] || limit=$left
   STATUS[$step]=running; LIMIT[$step]=$limit; write_summary
@@ -246,6 +254,7 @@ fi
 
 # ---- ctest ----------------------------------------------------------------------------------------
 if [ "$BUILT" = 0 ]; then skip ctest "$NOBUILD"
+elif ! gate ctest; then :
 elif [ ! -f "$BUILD/CTestTestfile.cmake" ]; then skip ctest "no build tree with tests at $BUILD"
 elif [ "$DRY" = 1 ]; then
   run_step ctest "$CTEST" --test-dir "$BUILD" -N
