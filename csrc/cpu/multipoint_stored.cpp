@@ -476,6 +476,26 @@ at::Tensor call_qconv(const at::Tensor& qx, double x_scale, int64_t x_zp, const 
                  relu ? "relu" : "none", torch::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
+// uint8 output at (out_scale, out_zp) of conv + the uint8 levels `accum` at (accum_scale, accum_zp),
+// ReLU first with `relu`: oneDNN's sum post-op, which writes into accum (callers pass a copy).
+at::Tensor call_qconv_sum(const at::Tensor& qx, double x_scale, int64_t x_zp, const Int8Rows& r,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                          at::Tensor accum, double accum_scale, int64_t accum_zp, double out_scale, int64_t out_zp,
+                          bool relu) {
+  static auto op = onednn_op("onednn::qconv2d_pointwise", "binary")
+                       .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                         std::optional<at::Tensor>, torch::List<int64_t>, torch::List<int64_t>,
+                                         torch::List<int64_t>, int64_t, double, int64_t,
+                                         std::optional<at::ScalarType>, double, int64_t, c10::string_view,
+                                         std::optional<at::Scalar>, std::optional<c10::string_view>,
+                                         torch::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
+  return op.call(qx, x_scale, x_zp, r.packs->for_input(qx.sizes()), r.w_scales, r.w_zero_points, accum, r.bias,
+                 torch::List<int64_t>(stride.vec()), torch::List<int64_t>(padding.vec()),
+                 torch::List<int64_t>(dilation.vec()), groups, out_scale, out_zp, at::kByte, accum_scale, accum_zp,
+                 "sum", at::Scalar(1.0), relu ? std::optional<c10::string_view>("relu") : std::nullopt,
+                 torch::List<std::optional<at::Scalar>>(), std::nullopt);
+}
+
 at::Tensor call_qlinear(const at::Tensor& qx, double x_scale, int64_t x_zp, const Int8Rows& r) {
   static auto op = onednn_op("onednn::qlinear_pointwise", "")
                        .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor,
@@ -1176,12 +1196,21 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
   const int64_t zp = int64_t(q.zero_point - q.qmin);
   const bool relu = ep.lo == 0.0f && ep.hi == std::numeric_limits<float>::infinity();
   const bool plain = ep.lo == -std::numeric_limits<float>::infinity() && ep.hi == std::numeric_limits<float>::infinity();
-  if (!p->has_extra && !ep.residual.has_value() && ep.out.has_value() && (relu || plain) &&
-      ep.out->qmax - ep.out->qmin == 255.0) {
-    // Nothing to add: oneDNN writes the levels itself (its ReLU and output scale and zero point).
-    return call_qconv(qx, q.scale, zp, p->rows, stride, padding, dilation, groups, ep.out->scale,
-                      int64_t(ep.out->zero_point - ep.out->qmin), relu)
-        .contiguous(at::MemoryFormat::ChannelsLast);
+  if (!p->has_extra && ep.out.has_value() && (relu || plain) && ep.out->qmax - ep.out->qmin == 255.0) {
+    // No further points: oneDNN writes the levels itself (its ReLU, output scale and zero point),
+    // adding a uint8 residual with its sum post-op (on a copy: the op writes into its accumulator).
+    const int64_t out_zp = int64_t(ep.out->zero_point - ep.out->qmin);
+    if (!ep.residual.has_value()) {
+      return call_qconv(qx, q.scale, zp, p->rows, stride, padding, dilation, groups, ep.out->scale, out_zp, relu)
+          .contiguous(at::MemoryFormat::ChannelsLast);
+    }
+    if (ep.residual_grid.has_value()) {
+      const auto& g = *ep.residual_grid;
+      return call_qconv_sum(qx, q.scale, zp, p->rows, stride, padding, dilation, groups,
+                            ep.residual->clone(at::MemoryFormat::ChannelsLast), g.scale, int64_t(g.zero_point - g.qmin),
+                            ep.out->scale, out_zp, relu)
+          .contiguous(at::MemoryFormat::ChannelsLast);
+    }
   }
   return run_chunked(out_shape, p->rows.w_scales.size(0), ep, p->layout, [&](int64_t n0, int64_t n) {
     return call_qconv(qx.narrow(0, n0, n), q.scale, zp, p->rows, stride, padding, dilation, groups);

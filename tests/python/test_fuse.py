@@ -322,17 +322,30 @@ def test_fuse_resnet18_with_quantized_residuals(resnet18_w4a8):
 @pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: f"clamp{e[0]},{e[1]}-res{int(e[2])}-out{e[3] and e[3][2:]}")
 def test_one_point_layers_where_onednn_writes_the_levels(epilogue):
     """One point per channel (the W8A8 preset): with no further points to add, a ReLU or no clamp
-    and a 256-level output, oneDNN writes the uint8 levels itself; the same bounds hold."""
+    and a 256-level output, oneDNN writes the uint8 levels itself, adding a uint8 residual with its
+    sum post-op (float32 and uint8 residuals, two residual grids); the same bounds hold, and the
+    caller's residual is left as it was."""
     lo, hi, with_residual, out_grid = epilogue
+    g = torch.Generator().manual_seed(3)
     for conv in [CONVS[0], CONVS[6], CONVS[7]]:
         cin, cout, k, stride, pad, dil, groups = conv
         m = _layer("conv", cin, cout, k, stride, pad, dil, groups, bits=8, points=1)
         m.set_act_qparams(0.03, 0, 0, 255)
-        f = FusedMultipointConv2d(m, lo, hi, None if out_grid is None else torch.tensor(out_grid, dtype=torch.float32))
-        x = torch.randn(2, cin, 10, 10, generator=torch.Generator().manual_seed(3)).relu()
+        x = torch.randn(2, cin, 10, 10, generator=g).relu()
         with torch.no_grad():
-            residual = torch.randn(m(x).shape).contiguous(memory_format=torch.channels_last) if with_residual else None
-            for path in ("auto", "int8"):
-                y = _run(f, x, residual, path)
-                check = _check_one(path, f, x, residual, y, max_samples=8)
-                assert check.max_ratio <= 1.0 and check.level_flips <= 1e-3, (conv, path, check)
+            y_shape = m(x).shape
+        residuals = [(None, None)]
+        if with_residual:
+            residuals = [(torch.randn(y_shape, generator=g).contiguous(memory_format=torch.channels_last), None)]
+            for grid in [(0.05, 0, 0, 255), (0.04, 3, -128, 127)]:
+                u = torch.randint(0, 256, y_shape, dtype=torch.uint8, generator=g)
+                residuals.append((u.contiguous(memory_format=torch.channels_last), torch.tensor(grid)))
+        for residual, rq in residuals:
+            f = FusedMultipointConv2d(m, lo, hi, None if out_grid is None else torch.tensor(out_grid), rq)
+            kept = None if residual is None else residual.clone()
+            with torch.no_grad():
+                for path in ("auto", "int8"):
+                    y = _run(f, x, residual, path)
+                    check = _check_one(path, f, x, residual, y, max_samples=8)
+                    assert check.max_ratio <= 1.0 and check.level_flips <= 1e-3, (conv, path, check)
+            assert kept is None or torch.equal(residual, kept)
