@@ -54,20 +54,20 @@ void linear_scalar(const WeightOnlyWeight& w, const float* x, int64_t rows, cons
 
 // x[r * D + d0 .. + 15] for r < R (lanes at or beyond `mask` read as zero) times `c`, into acc[r].
 template <int R>
-__attribute__((target("avx512f"), always_inline)) inline void fma_rows(__m512* acc, const float* x, int64_t D,
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline void fma_rows(__m512* acc, const float* x, int64_t D,
                                                                        int64_t d0, __m512 c, __mmask16 mask) {
   for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + r * D + d0), c, acc[r]);
 }
 
 template <int R>
-__attribute__((target("avx512f"), always_inline)) inline void fma_rows_full(__m512* acc, const float* x, int64_t D,
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline void fma_rows_full(__m512* acc, const float* x, int64_t D,
                                                                             int64_t d0, __m512 c) {
   for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * D + d0), c, acc[r]);
 }
 
 // Channel j for x rows 0..R-1 (x, y already offset to the block's first row).
 template <int R>
-__attribute__((target("avx512f"), always_inline)) inline void channel_avx512(const WeightOnlyWeight& w, int64_t j,
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline void channel_avx512(const WeightOnlyWeight& w, int64_t j,
                                                                              const float* x, float bias, float* y) {
   const int64_t D = w.in_features;
   // Nibble -> two's complement value; vpermps reads the low 4 bits of each index lane.
@@ -80,17 +80,28 @@ __attribute__((target("avx512f"), always_inline)) inline void channel_avx512(con
     if (w.nibbles) {
       const __m512 scaled = _mm512_mul_ps(table, scale);  // scale_t * code, rounded once per point
       const int64_t full = D / kBlockCodes;
+      // Nibble k of every word into its low 4 bits: v for k = 0, v >> 4 for k = 1, and byte k / 2
+      // of v or v >> 4 moved to byte 0 for k >= 2. The byte moves (vpshufb) run on the shuffle port
+      // beside the table lookups, the shifts on the FMA port: with one row (FMA-light) nibbles 2 and
+      // 3 are shifted, to balance the two; with more rows every move is a vpshufb.
+      // vpshufb controls: byte 0 of word l <- byte 4 (l % 4) + j of its 128-bit lane, bytes 1..3 <- 0.
+      const __m512i word = _mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0);
+      const __m512i at1 = _mm512_add_epi32(word, _mm512_set1_epi32(int(0x80808001u))),
+                    at2 = _mm512_add_epi32(word, _mm512_set1_epi32(int(0x80808002u))),
+                    at3 = _mm512_add_epi32(word, _mm512_set1_epi32(int(0x80808003u)));
       for (int64_t b = 0; b < full; ++b) {
-        const __m512i v = _mm512_loadu_si512(row + b * 64);
+        const __m512i v = _mm512_loadu_si512(row + b * 64), v4 = _mm512_srli_epi32(v, 4);
         const int64_t d0 = b * kBlockCodes;
         fma_rows_full<R>(acc, x, D, d0 + 0, _mm512_permutexvar_ps(v, scaled));
-        fma_rows_full<R>(acc, x, D, d0 + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), scaled));
-        fma_rows_full<R>(acc, x, D, d0 + 32, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), scaled));
-        fma_rows_full<R>(acc, x, D, d0 + 48, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), scaled));
-        fma_rows_full<R>(acc, x, D, d0 + 64, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 16), scaled));
-        fma_rows_full<R>(acc, x, D, d0 + 80, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 20), scaled));
-        fma_rows_full<R>(acc, x, D, d0 + 96, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 24), scaled));
-        fma_rows_full<R>(acc, x, D, d0 + 112, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 28), scaled));
+        fma_rows_full<R>(acc, x, D, d0 + 16, _mm512_permutexvar_ps(v4, scaled));
+        const __m512i n2 = R == 1 ? _mm512_srli_epi32(v, 8) : _mm512_shuffle_epi8(v, at1);
+        const __m512i n3 = R == 1 ? _mm512_srli_epi32(v, 12) : _mm512_shuffle_epi8(v4, at1);
+        fma_rows_full<R>(acc, x, D, d0 + 32, _mm512_permutexvar_ps(n2, scaled));
+        fma_rows_full<R>(acc, x, D, d0 + 48, _mm512_permutexvar_ps(n3, scaled));
+        fma_rows_full<R>(acc, x, D, d0 + 64, _mm512_permutexvar_ps(_mm512_shuffle_epi8(v, at2), scaled));
+        fma_rows_full<R>(acc, x, D, d0 + 80, _mm512_permutexvar_ps(_mm512_shuffle_epi8(v4, at2), scaled));
+        fma_rows_full<R>(acc, x, D, d0 + 96, _mm512_permutexvar_ps(_mm512_shuffle_epi8(v, at3), scaled));
+        fma_rows_full<R>(acc, x, D, d0 + 112, _mm512_permutexvar_ps(_mm512_shuffle_epi8(v4, at3), scaled));
       }
       if (full * kBlockCodes < D) {  // the last block: x read under a mask, sub-vectors past D skipped
         const __m512i v = _mm512_loadu_si512(row + full * 64);
@@ -119,7 +130,7 @@ __attribute__((target("avx512f"), always_inline)) inline void channel_avx512(con
 }
 
 template <int R>
-__attribute__((target("avx512f"))) void channels_avx512(const WeightOnlyWeight& w, const float* x, const float* bias,
+__attribute__((target("avx512f,avx512bw"))) void channels_avx512(const WeightOnlyWeight& w, const float* x, const float* bias,
                                                         float* y, int64_t c_begin, int64_t c_end) {
   for (int64_t j = c_begin; j < c_end; ++j) channel_avx512<R>(w, j, x, bias ? bias[j] : 0.0f, y);
 }
@@ -182,7 +193,8 @@ WeightOnlyWeight prepare_weight_only(const uint8_t* point_codes, const float* po
 void weight_only_linear(const WeightOnlyWeight& w, const float* x, int64_t rows, const float* bias, float* y,
                         int64_t c_begin, int64_t c_end, CpuIsa isa) {
   if (rows <= 0 || c_begin >= c_end) return;
-  if (isa == CpuIsa::kAvx512 && cpu_has_avx512()) {
+  static const bool avx512bw = cpu_has_avx512() && __builtin_cpu_supports("avx512bw");  // vpshufb on zmm
+  if (isa == CpuIsa::kAvx512 && avx512bw) {
     linear_avx512(w, x, rows, bias, y, c_begin, c_end);
   } else {
     linear_scalar(w, x, rows, bias, y, c_begin, c_end);
