@@ -555,9 +555,18 @@ enum class CpuKernel { kInt8, kDense, kWeightOnly, kReference };
 // the float path for depthwise convs, stems with few input channels, 1 x 1 expansions (their float
 // outputs per point dominate) and small Linear calls, where oneDNN's int8 kernels or their fixed
 // cost lose.
+// Linear at few rows (below the int8 rule's size) with ATen's AVX-512 kernels: "weight_only" up to
+// kWeightOnlyMaxRows rows, else "dense". Measured (benchmarks/cpu.py --w4a16-layers --w4a16-rows 1 2 4
+// 8 16 32 64, MiniLM's 384x384, 384x1536, 1536x384, 4-bit, 1/4 of the channels with 2 points, 1
+// thread on a shared 2-core AVX-512 machine, where 2-thread medians were swamped by the other
+// load), weight_only / dense time with the weights out of cache (copies of the layer run in turn,
+// as a model's layers are): rows 1-8 0.38-0.74 on every shape (1.4-2.6x faster), 16 rows 0.78-1.0,
+// 32-64 rows 1.2-2.0 (slower: the FMAs, not the weight bytes, bound it there); with one layer
+// repeated (its float weight held in L2) weight_only wins 1.5-2.4x on the 1536-wide shapes at 1-8
+// rows and loses up to 1.3x on 384x384 at 2-8 rows.
 constexpr int64_t kInt8MinGroupChannels = 16;
 constexpr int64_t kInt8MinLinearMacs = int64_t(1) << 23;
-constexpr int64_t kWeightOnlyMaxRows = 16;
+constexpr int64_t kWeightOnlyMaxRows = 8;
 
 // weight_only_wins: Linear only (convolutions pass nullopt: no such path).
 CpuKernel choose_kernel(const char* op, c10::string_view kernel, const at::Tensor& input,
