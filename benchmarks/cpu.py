@@ -306,6 +306,53 @@ def run_layers(repeats: int, seed: int) -> List[Dict[str, Any]]:
     return rows
 
 
+# all-MiniLM-L6-v2's Linear shapes (in_features, out_features) and the decode-like row counts of the
+# W·A16 rows.
+MINILM_LINEAR_SHAPES = [(384, 384), (384, 1536), (1536, 384)]
+W4A16_ROWS = [1, 4, 16]
+# "weights out of cache": enough copies of a layer that their float32 weights fill this many bytes
+# (4x this machine's L2), run in turn, so each call reads its weight from L3 or memory as a model's
+# layers do, rather than from the L2 that a repeated call of one layer keeps it in.
+COLD_BYTES = 16 << 20
+
+
+def run_weight_only_layers(repeats: int, seed: int, row_counts: List[int] = W4A16_ROWS) -> List[Dict[str, Any]]:
+    """W·A16 (float activations, no act_qparams) Linear at few rows: float32 at::linear on the decoded
+    weight vs the stored-form paths "dense" (that weight decoded once, then at::linear) and
+    "weight_only" (the 4-bit codes decoded in registers) and what "auto" picks. 4-bit points, a
+    quarter of the channels with a second point. "hot": one layer called again and again (its weight
+    stays in L2); "cold": COLD_BYTES of copies of the layer called in turn (ms per call)."""
+    rows = []
+    g = torch.Generator().manual_seed(seed)
+    for cin, cout in MINILM_LINEAR_SHAPES:
+        copies = max(1, -(-COLD_BYTES // (4 * cin * cout)))
+        layers = []
+        for _ in range(copies):
+            m = mpq.nn.MultipointLinear(cin, cout, 2, 4)
+            counts = torch.ones(cout, dtype=torch.int32)
+            counts[: cout // 4] = 2
+            codes = torch.randint(-8, 8, (cout, 2, cin), generator=g).to(torch.int8)
+            m.set_weight(codes, torch.rand(cout, 2, generator=g) * 0.01, counts, torch.randn(cout, generator=g))
+            layers.append((m, m.dequantized_weight()))
+        for n in row_counts:
+            x = torch.randn(n, cin, generator=g)
+
+            def fns(m, w, x=x):
+                out = {"fp32": lambda: torch.nn.functional.linear(x, w, m.bias)}
+                for path in ("dense", "weight_only", "auto"):
+                    out[path] = lambda path=path: mpq.ops.multipoint_linear_stored(
+                        x, m.point_codes, m.point_scales, m.num_points, 4, cin, m.bias, None, path)
+                return out
+
+            row = {"c_in": cin, "c_out": cout, "rows": n, "cold_copies": copies}
+            for name in ("fp32", "dense", "weight_only", "auto"):
+                row[f"{name}_ms"] = median_ms(fns(*layers[0])[name], repeats)
+                passes = [fns(m, w)[name] for m, w in layers]
+                row[f"{name}_cold_ms"] = median_ms(lambda passes=passes: [f() for f in passes], max(5, repeats // copies)) / copies
+            rows.append(row)
+    return rows
+
+
 def format_table(results: Dict[str, Any]) -> str:
     lines = ["| model | batch | variant | ms | x FP32 (best layout) | x torch int8 |", "|---|---|---|---|---|---|"]
     for r in results["rows"]:
@@ -318,6 +365,15 @@ def format_table(results: Dict[str, Any]) -> str:
                     f"{r['size']}px, batch {r['batch_or_rows']}" if r["kind"] == "conv"
                     else f"linear {r['c_in']}->{r['c_out']}, {r['batch_or_rows']} rows")
             lines.append(f"| {name} | {r['fp32_ms']:.2f} | {r['int8_ms']:.2f} | {r['dense_ms']:.2f} | {r['auto_ms']:.2f} |")
+    if results.get("w4a16_layers"):
+        lines += ["", "| W·A16 linear | rows | fp32 ms | dense ms | weight_only ms | x FP32 | x dense | auto ms "
+                  "| cold: fp32 ms | dense ms | weight_only ms | x FP32 | x dense |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in results["w4a16_layers"]:
+            lines.append(f"| {r['c_in']}->{r['c_out']} | {r['rows']} | {r['fp32_ms']:.4f} | {r['dense_ms']:.4f} | "
+                         f"{r['weight_only_ms']:.4f} | {r['fp32_ms'] / r['weight_only_ms']:.2f} | "
+                         f"{r['dense_ms'] / r['weight_only_ms']:.2f} | {r['auto_ms']:.4f} | {r['fp32_cold_ms']:.4f} | "
+                         f"{r['dense_cold_ms']:.4f} | {r['weight_only_cold_ms']:.4f} | "
+                         f"{r['fp32_cold_ms'] / r['weight_only_cold_ms']:.2f} | {r['dense_cold_ms'] / r['weight_only_cold_ms']:.2f} |")
     lines += ["", "| model | file | MB |", "|---|---|---|"]
     for model, sizes in results["sizes_bytes"].items():
         for k, v in sizes.items():
@@ -336,7 +392,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-fx", action="store_true", help="skip PyTorch's own int8 path")
-    p.add_argument("--layers", action="store_true", help="also time the stored-form kernels per layer shape")
+    p.add_argument("--layers", action="store_true",
+                   help="also time the stored-form kernels per layer shape (with the --w4a16-layers rows)")
+    p.add_argument("--w4a16-layers", action="store_true",
+                   help="also time W·A16 Linear at 1, 4, 16 rows on MiniLM's shapes: fp32 vs dense vs weight_only")
+    p.add_argument("--w4a16-rows", nargs="+", type=int, default=W4A16_ROWS, help="row counts of the W·A16 rows")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "cpu.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -362,6 +422,8 @@ def main(argv=None) -> int:
     }
     if args.layers:
         out["layers"] = run_layers(args.repeats, args.seed)
+    if args.layers or args.w4a16_layers:
+        out["w4a16_layers"] = run_weight_only_layers(args.repeats, args.seed, args.w4a16_rows)
     for name in args.models:
         if name == "minilm":
             r = run_minilm(args.repeats, args.presets, args.seed, not args.no_fx)

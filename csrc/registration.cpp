@@ -115,8 +115,11 @@ TORCH_LIBRARY(mpq, m) {
   // multipoint_linear on the stored form: fq(input) @ W^T + bias -> [..., C], C = num_points.size(0),
   // the same function whichever kernel runs it. On the CPU, path "int8" runs oneDNN's int8 inner
   // product on the points (float32 input, act_qparams with at most 256 integer levels), "dense" the
-  // weight decoded once after fake-quantizing the input, "auto" picks by the layer's shape; both
-  // prepared once per weight (csrc/cpu/multipoint_stored.cpp). Other backends: the reference op.
+  // weight decoded once after fake-quantizing the input, "weight_only" the codes kept packed and
+  // decoded in registers after fake-quantizing the input (csrc/kernels/weight_only_linear.h: for few
+  // rows, float32 activations with 4-bit codes read 1/8 of the float weight's bytes), "auto" picks by
+  // the layer's shape; each prepared once per weight (csrc/cpu/multipoint_stored.cpp). Other
+  // backends: the reference op.
   // NB: not named "kernel": Inductor's fallback kernels take that keyword themselves.
   m.def(
       "multipoint_linear_stored(Tensor input, Tensor point_codes, Tensor point_scales, Tensor num_points, "

@@ -4,15 +4,19 @@
 // each point's D codes bit-packed at w_bits bits (code i at bits i*w_bits.. of the row, LSB
 // first, two's complement), plus one float32 scale per point and the point counts.
 //
-// CPU kernels of the stored-form layers (path "int8" or "dense", or "auto": chosen per layer shape):
+// CPU kernels of the stored-form layers (path "int8", "dense" or, for Linear, "weight_only", or
+// "auto": chosen per layer shape):
 // - int8: the input quantized to uint8 in one pass; each channel's first point (with the bias) is
 //   one oneDNN int8 convolution / inner product (VNNI and AMX where the CPU has them; the ops of
 //   PyTorch's own x86 int8 path) with float32 output scaled by activation scale x point scale,
 //   the further points a second one whose outputs are added into their channels (the paper's
 //   "expanded layer whose extra outputs are summed back").
 // - dense: the input fake-quantized in one pass, then the dense weight sum_k a_k q_k, decoded once.
+// - weight_only (Linear): the input fake-quantized in one pass (if act_qparams), then
+//   csrc/kernels/weight_only_linear.h on the codes kept packed (4-bit stays 4-bit), decoded in
+//   registers per use: for few input rows the layer reads w_bits/32 of the float weight's bytes.
 // - anything else (float64, float16/bfloat16 on the CPU): the reference ops on the unpacked weight.
-// The prepared forms (oneDNN's prepacked weight, the decoded dense weight) are made once per
+// The prepared forms (oneDNN's prepacked weight, the decoded dense weight, the weight-only layout) are made once per
 // weight and kept in a process-wide cache keyed by the stored tensors (weak references and
 // version counters: a freed or modified weight is never served stale), so a TorchScript module,
 // a C++ program and eager Python all prepare once and never per forward; files never hold them.
@@ -25,11 +29,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>
 #include <numeric>
 #include <tuple>
+#include <utility>
 #include <unordered_map>
 #include <vector>
 
@@ -37,6 +43,7 @@
 #include "cpu/multipoint_layers.h"
 #include "kernels/activation_levels.h"
 #include "kernels/depthwise.h"
+#include "kernels/weight_only_linear.h"
 
 namespace mpq {
 
@@ -178,11 +185,14 @@ struct Entry {
   std::shared_ptr<void> prepared;
 };
 
+// One entry per weight (the storage of its first tensor) and path tag (values[0]): a Linear whose
+// "auto" picks "weight_only" for few rows and "dense" or "int8" for many keeps both prepared forms
+// instead of preparing again whenever the row count crosses the rule's bound.
 class PreparedCache {
  public:
   template <typename T, typename Make>
   std::shared_ptr<T> get(const std::vector<at::Tensor>& tensors, const std::vector<double>& values, Make make) {
-    const void* key = tensors[0].storage().unsafeGetStorageImpl();
+    const Key key{tensors[0].storage().unsafeGetStorageImpl(), values.empty() ? 0.0 : values[0]};
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = entries_.find(key);
@@ -211,8 +221,12 @@ class PreparedCache {
     }
     return true;
   }
+  using Key = std::pair<const void*, double>;
+  struct KeyHash {
+    size_t operator()(const Key& k) const { return std::hash<const void*>()(k.first) ^ std::hash<double>()(k.second); }
+  };
   std::mutex mutex_;
-  std::unordered_map<const void*, Entry> entries_;
+  std::unordered_map<Key, Entry, KeyHash> entries_;
 };
 
 PreparedCache& cache() {
@@ -545,7 +559,12 @@ at::Tensor dense_from_stored(const at::Tensor& point_codes, const at::Tensor& po
   return dequantize_multipoint_cpu(codes.reshape(shape), scales, num_points, dtype);
 }
 
-enum class CpuKernel { kInt8, kDense, kReference };
+// The weight-only layout of a Linear weight (csrc/kernels/weight_only_linear.h).
+struct PreparedWeightOnly {
+  kernels::WeightOnlyWeight weight;
+};
+
+enum class CpuKernel { kInt8, kDense, kWeightOnly, kReference };
 
 // "auto" picks the faster of the two on this kind of CPU, measured per layer shape against each other
 // (benchmarks/cpu.py --layers, the "layers" rows of benchmarks/results/cpu.json): int8 for
@@ -556,21 +575,43 @@ enum class CpuKernel { kInt8, kDense, kReference };
 // the float path for depthwise convs, stems with few input channels, 1 x 1 expansions (their float
 // outputs per point dominate) and small Linear calls, where oneDNN's int8 kernels or their fixed
 // cost lose.
+// Linear at few rows (below the int8 rule's size) with ATen's AVX-512 kernels: "weight_only" up to
+// kWeightOnlyMaxRows rows, else "dense". Measured (benchmarks/cpu.py --w4a16-layers --w4a16-rows 1 2 4
+// 8 16 32 64, MiniLM's 384x384, 384x1536, 1536x384, 4-bit, 1/4 of the channels with 2 points, 1
+// thread on a shared 2-core AVX-512 machine, where 2-thread medians were swamped by the other
+// load), weight_only / dense time with the weights out of cache (copies of the layer run in turn,
+// as a model's layers are): rows 1-8 0.38-0.74 on every shape (1.4-2.6x faster), 16 rows 0.78-1.0,
+// 32-64 rows 1.2-2.0 (slower: the FMAs, not the weight bytes, bound it there); with one layer
+// repeated (its float weight held in L2) weight_only wins 1.5-2.4x on the 1536-wide shapes at 1-8
+// rows and loses up to 1.3x on 384x384 at 2-8 rows.
 constexpr int64_t kInt8MinGroupChannels = 16;
 constexpr int64_t kInt8MinLinearMacs = int64_t(1) << 23;
+constexpr int64_t kWeightOnlyMaxRows = 8;
 
+// weight_only_wins: Linear only (convolutions pass nullopt: no such path).
 CpuKernel choose_kernel(const char* op, c10::string_view kernel, const at::Tensor& input,
-                        const c10::optional<at::Tensor>& act_qparams, const ActQuant& q, bool int8_wins, int64_t C) {
-  TORCH_CHECK(kernel == "auto" || kernel == "int8" || kernel == "dense", op,
-              ": expected path \"auto\", \"int8\" or \"dense\", got \"", std::string(kernel), "\"");
+                        const c10::optional<at::Tensor>& act_qparams, const ActQuant& q, bool int8_wins, int64_t C,
+                        c10::optional<bool> weight_only_wins = c10::nullopt) {
+  if (weight_only_wins.has_value()) {
+    TORCH_CHECK(kernel == "auto" || kernel == "int8" || kernel == "dense" || kernel == "weight_only", op,
+                ": expected path \"auto\", \"int8\", \"dense\" or \"weight_only\", got \"", std::string(kernel),
+                "\"");
+  } else {
+    TORCH_CHECK(kernel == "auto" || kernel == "int8" || kernel == "dense", op,
+                ": expected path \"auto\", \"int8\" or \"dense\", got \"", std::string(kernel), "\"");
+  }
   const bool int8_ok = act_qparams.has_value() && input.scalar_type() == at::kFloat && int8_fits(q);
   TORCH_CHECK(kernel != "int8" || int8_ok, op,
               ": path \"int8\" needs a float32 input and act_qparams with at most 256 integer levels");
   TORCH_CHECK(kernel != "dense" || input.scalar_type() == at::kFloat, op, ": path \"dense\" needs a float32 input");
+  TORCH_CHECK(kernel != "weight_only" || input.scalar_type() == at::kFloat, op,
+              ": path \"weight_only\" needs a float32 input");
   if (C == 0 || input.numel() == 0 || input.scalar_type() != at::kFloat) return CpuKernel::kReference;
   if (kernel == "int8") return CpuKernel::kInt8;
   if (kernel == "dense") return CpuKernel::kDense;
-  return int8_ok && int8_wins ? CpuKernel::kInt8 : CpuKernel::kDense;
+  if (kernel == "weight_only") return CpuKernel::kWeightOnly;
+  if (int8_ok && int8_wins) return CpuKernel::kInt8;
+  return weight_only_wins.value_or(false) ? CpuKernel::kWeightOnly : CpuKernel::kDense;
 }
 
 }  // namespace
@@ -589,8 +630,10 @@ at::Tensor multipoint_linear_stored_cpu(const at::Tensor& input, const at::Tenso
   ActQuant q{1.0, 0.0, 0.0, 1.0};
   if (act_qparams.has_value()) q = read_act_qparams(op, *act_qparams);
   const std::vector<int64_t> code_shape = {in_features};
-  const bool int8_wins = input.numel() / std::max<int64_t>(1, in_features) * in_features * C >= kInt8MinLinearMacs;
-  const auto choice = choose_kernel(op, kernel, input, act_qparams, q, int8_wins, C);
+  const int64_t rows = input.numel() / std::max<int64_t>(1, in_features);
+  const bool int8_wins = rows * in_features * C >= kInt8MinLinearMacs;
+  const bool weight_only_wins = rows <= kWeightOnlyMaxRows && cpu_isa() == kernels::CpuIsa::kAvx512;
+  const auto choice = choose_kernel(op, kernel, input, act_qparams, q, int8_wins, C, weight_only_wins);
   if (choice == CpuKernel::kInt8) {
     auto p = cache().get<PreparedInt8>(weight_tensors(point_codes, point_scales, num_points, bias),
                                        {0.0, double(w_bits), double(in_features)}, [&] {
@@ -618,6 +661,31 @@ at::Tensor multipoint_linear_stored_cpu(const at::Tensor& input, const at::Tenso
     });
     const auto x = fake_quantize_input(input, act_qparams, q);
     return at::linear(x, p->weight, bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt);
+  }
+  if (choice == CpuKernel::kWeightOnly) {
+    auto p = cache().get<PreparedWeightOnly>(weight_tensors(point_codes, point_scales, num_points, bias),
+                                             {4.0, double(w_bits), double(in_features)}, [&] {
+      check_stored(op, point_codes, point_scales, num_points, w_bits, in_features);  // the counts, read once
+      const auto codes = point_codes.contiguous(), scales = point_scales.contiguous(), counts = num_points.contiguous();
+      return PreparedWeightOnly{kernels::prepare_weight_only(codes.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                                                             counts.data_ptr<int32_t>(), C, in_features, w_bits)};
+    });
+    const auto x = fake_quantize_input(input, act_qparams, q).reshape({rows, in_features}).contiguous();
+    const auto b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    auto y = at::empty({rows, C}, input.options());
+    const float* xp = x.data_ptr<float>();
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    const auto isa = cpu_isa();
+    // Channels split over the threads, at least about 2^14 multiply-adds per task.
+    const int64_t points = int64_t(p->weight.scales.size());
+    const int64_t per_channel = std::max<int64_t>(1, rows * in_features * std::max<int64_t>(1, points / C));
+    at::parallel_for(0, C, std::max<int64_t>(1, (int64_t(1) << 14) / per_channel), [&](int64_t c0, int64_t c1) {
+      kernels::weight_only_linear(p->weight, xp, rows, bp, yp, c0, c1, isa);
+    });
+    std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end() - 1);
+    shape.push_back(C);
+    return y.reshape(shape);
   }
   const int64_t P = C ? std::max<int64_t>(1, num_points.max().item<int64_t>()) : 1;
   auto [codes, scales] = unpack_points(point_codes, point_scales, num_points, w_bits, in_features, P);

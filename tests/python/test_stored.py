@@ -53,7 +53,7 @@ def test_pack_refuses_codes_outside_the_bit_width():
         mpq.ops.multipoint_linear_stored(torch.randn(2, 9), point_codes, point_scales, counts, 4, 9)
     with pytest.raises(RuntimeError, match=r'mpq::multipoint_linear_stored: path "int8" needs .* act_qparams'):
         mpq.ops.multipoint_linear_stored(torch.randn(2, 5), point_codes, point_scales, counts, 4, 5, None, None, "int8")
-    with pytest.raises(RuntimeError, match=r'mpq::multipoint_linear_stored: expected path "auto", "int8" or "dense"'):
+    with pytest.raises(RuntimeError, match=r'mpq::multipoint_linear_stored: expected path "auto", "int8", "dense" or "weight_only"'):
         mpq.ops.multipoint_linear_stored(torch.randn(2, 5), point_codes, point_scales, counts, 4, 5, None, None, "mma")
 
 
