@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -208,11 +209,53 @@ class LayerStats:
     act_max: float
     order: int  # position of the layer's first call in the forward pass
     mean: Optional[torch.Tensor] = None  # [groups, D] float64, mean input row (bias correction)
+    # The first layer (in forward order) that reads the same input tensor as this one, itself when
+    # none does (see ``SharedInputs``): layers reading one tensor share one activation quantizer.
+    input_leader: Optional[str] = None
+
+
+class SharedInputs:
+    """Which target layers read the very same input tensor (the same Python object in one forward
+    pass, as a ResNet block's first conv and its downsample do): union-find over the calibration
+    batches. Such layers get one activation quantizer, computed from the leader's sample, so that
+    the tensor is quantized once (one grid: a deployment can pass it on as uint8 levels) rather
+    than twice on grids that differ only through which values each layer happened to sample."""
+
+    def __init__(self) -> None:
+        self._seen: Dict[int, Tuple[weakref.ref, str]] = {}
+        self._parent: Dict[str, str] = {}
+
+    def new_batch(self) -> None:
+        self._seen.clear()
+
+    def record(self, name: str, x: torch.Tensor) -> None:
+        self._parent.setdefault(name, name)
+        prev = self._seen.get(id(x))
+        if prev is not None and prev[0]() is x:
+            a, b = self._root(prev[1]), self._root(name)
+            if a != b:
+                self._parent[b] = a
+        else:
+            self._seen[id(x)] = (weakref.ref(x), name)
+
+    def _root(self, name: str) -> str:
+        while self._parent[name] != name:
+            name = self._parent[name]
+        return name
+
+    def leaders(self, order: Dict[str, int]) -> Dict[str, str]:
+        """Each recorded layer's leader: the member of its group called first."""
+        groups: Dict[str, List[str]] = {}
+        for name in self._parent:
+            groups.setdefault(self._root(name), []).append(name)
+        return {n: min(members, key=lambda m: order[m]) for members in groups.values() for n in members}
 
 
 class _Recorder:
-    def __init__(self, target: QuantTarget, capacity: int, generator: torch.Generator, order_counter: List[int]):
+    def __init__(self, target: QuantTarget, capacity: int, generator: torch.Generator, order_counter: List[int],
+                 shared: SharedInputs):
         self.target = target
+        self.shared = shared
         D = target.weight_matrix().shape[1]
         self.use_gram = D <= capacity
         self.gram: Optional[torch.Tensor] = None
@@ -229,6 +272,7 @@ class _Recorder:
         self.order_counter = order_counter
 
     def __call__(self, module: nn.Module, args) -> None:
+        self.shared.record(self.target.name, args[0])
         x = args[0].detach()
         if self.order < 0:
             self.order = self.order_counter[0]
@@ -310,11 +354,13 @@ def calibrate(
     """Run the calibration batches once with hooks on every target layer (one pass: ``batches``
     may be a stream such as ``CalibrationBatches``)."""
     counter = [0]
-    recorders = {t.name: _Recorder(t, config.calib_samples, generator, counter) for t in targets}
+    shared = SharedInputs()
+    recorders = {t.name: _Recorder(t, config.calib_samples, generator, counter, shared) for t in targets}
     handles = [t.module.register_forward_pre_hook(recorders[t.name]) for t in targets]
     try:
         with torch.no_grad():
             for i, x in enumerate(batches):
+                shared.new_batch()
                 try:
                     model(x)
                 except torch.cuda.OutOfMemoryError:
@@ -337,6 +383,9 @@ def calibrate(
             logger.warning("mpq: layer %r was never called during calibration; it stays in float", t.name)
             continue
         stats[t.name] = st
+    leaders = shared.leaders({name: st.order for name, st in stats.items()})
+    for name, st in stats.items():
+        st.input_leader = leaders.get(name, name)
     return stats
 
 

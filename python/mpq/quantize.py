@@ -265,7 +265,7 @@ def quantize(
         )
         a_bits = cfg.a_bits if t.role == "inner" or cfg.a_bits is None else 8
         if a_bits is not None:
-            s = stats[t.name]
+            s = stats[stats[t.name].input_leader or t.name]  # one quantizer per input tensor
             q.set_act_qparams(*activation_qparams(s.act_values, s.act_min, s.act_max, a_bits, cfg.act_range))
         noise = float(errors[t.name].errors[torch.arange(C), (n.long() - 1).clamp_min(0)].sum())
         q.output_sqnr_db = float(10 * torch.log10(torch.tensor(max(float(energy.sum()), 1e-30) / max(noise, 1e-30))))

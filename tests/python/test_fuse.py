@@ -247,17 +247,16 @@ def test_fuse_resnet18_structure_check_and_artifacts(resnet18_w4a8, tmp_path):
     fused = {n: m for n, m in f.named_modules() if isinstance(m, FusedMultipointConv2d)}
     # Every conv (20) is fused. conv1 of each block writes uint8 for conv2 (8 blocks). conv2 (+
     # residual + ReLU) writes float32 where its users include the next block's add; before a
-    # downsampling block its users are that block's conv1 and downsample conv, so it writes their
-    # uint8 levels when both quantize the same way. The stem (max-pool next) and the downsamples
-    # (the add next) write float32.
+    # downsampling block its users are that block's conv1 and downsample conv, which read the same
+    # tensor and so share one quantizer (mpq.calibrate.SharedInputs): it writes their uint8 levels.
+    # The stem (max-pool next) and the downsamples (the add next) write float32.
     assert len(fused) == 20
     uint8_out = {n for n, m in fused.items() if m.out_qparams is not None}
-    conv1 = {f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)}
-    for i in range(1, 4):
-        nxt = q.get_submodule(f"layer{i + 1}.0.conv1"), q.get_submodule(f"layer{i + 1}.0.downsample.0")
-        if torch.equal(nxt[0].act_qparams, nxt[1].act_qparams):
-            conv1.add(f"layer{i}.1.conv2")
-    assert uint8_out == conv1, sorted(uint8_out ^ conv1)
+    expected = {f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)} | {f"layer{i}.1.conv2" for i in range(1, 4)}
+    for i in range(1, 5):
+        assert torch.equal(q.get_submodule(f"layer{i}.0.conv1").act_qparams,
+                           q.get_submodule(f"layer{i}.0.downsample.0" if i > 1 else "layer1.0.conv1").act_qparams)
+    assert uint8_out == expected, sorted(uint8_out ^ expected)
     assert all(fused[f"layer{i}.{j}.conv2"].clamp_min == 0.0 for i in range(1, 5) for j in range(2))
     # The user's model is untouched.
     assert all(isinstance(q.get_submodule(n), mpq.nn.MultipointConv2d) for n in fused)

@@ -275,3 +275,43 @@ def test_fisher_sensitivity_with_in_place_relu_equals_out_of_place():
     assert set(in_place) == set(out_of_place) == {t.name for t in targets}
     for name in in_place:
         torch.testing.assert_close(in_place[name], out_of_place[name], rtol=1e-5, atol=0)
+
+
+# ---- one activation quantizer per input tensor ---------------------------------------------------
+
+
+class _TwoReaders(nn.Module):
+    """``a`` and ``b`` read the same tensor; ``c`` reads a copy of it (another tensor, equal values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a, self.b, self.c = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        return self.a(h) + self.b(h) + self.c(h.clone())
+
+
+def test_layers_reading_one_tensor_share_its_activation_quantizer():
+    """The quantizer of a tensor read by several layers is computed once, from the sample of the
+    layer called first: equal act_qparams, as the leader's alone would be; a layer reading another
+    tensor (a copy) keeps its own sample. The grouping is seen across batches of any size."""
+    torch.manual_seed(0)
+    model = _TwoReaders().eval()
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(4, 3, 12, 12, generator=g) for _ in range(3)]
+    q = mpq.quantize(model, calib, mpq.QuantConfig.preset("W4A8", seed=0))
+    a, b, c = (q.get_submodule(n).act_qparams for n in "abc")
+    assert torch.equal(a, b)
+    assert a[0] > 0 and not torch.equal(a, c)  # c sampled other values of the same distribution
+
+    from mpq.calibrate import SharedInputs
+    shared = SharedInputs()
+    x, y = torch.zeros(2), torch.zeros(2)
+    for _ in range(2):
+        shared.new_batch()
+        shared.record("p", x)
+        shared.record("q", y)
+        shared.record("r", x)
+    assert shared.leaders({"p": 0, "q": 1, "r": 2}) == {"p": "p", "q": "q", "r": "p"}
