@@ -145,6 +145,13 @@ TORCH_LIBRARY(mpq, m) {
       "int[2] dilation, int groups, Tensor? residual, float clamp_min, float clamp_max, Tensor? out_qparams, "
       "str path=\"auto\", Tensor? residual_qparams=None) -> Tensor");
 
+  // Max pooling of uint8 activation levels [N, C, H, W] (PyTorch's max_pool2d arguments): exactly the
+  // levels of the max-pooled values, since quantizing is monotone; what a fused model runs between a
+  // convolution that writes levels and the convolutions that read them (python/mpq/fuse.py).
+  // CPU output is channels_last.
+  m.def("max_pool2d_levels(Tensor levels, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+        "bool ceil_mode) -> Tensor");
+
   // Build facts (mpq version, torch version, CUDA kernels and architectures) as a JSON string.
   m.def("_build_info() -> str", &mpq::build_info);
 }

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.fx
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -91,6 +92,19 @@ def _clamp_of(node: torch.fx.Node, modules: Dict[str, nn.Module], src: torch.fx.
     return None
 
 
+def _max_pool_of(node: torch.fx.Node, modules: Dict[str, nn.Module], src: torch.fx.Node) -> Optional[List[Any]]:
+    """The arguments of ``mpq::max_pool2d_levels`` (kernel_size, stride, padding, dilation,
+    ceil_mode) when ``node`` is an ``nn.MaxPool2d`` (no indices) applied to ``src``, else None."""
+    if node.op != "call_module" or not node.args or node.args[0] is not src or len(node.args) != 1 or node.kwargs:
+        return None
+    m = modules[node.target]
+    if type(m) is not nn.MaxPool2d or m.return_indices:
+        return None
+    kernel = list(_pair(m.kernel_size))
+    stride = list(_pair(m.stride if m.stride is not None else m.kernel_size))
+    return [kernel, stride, list(_pair(m.padding)), list(_pair(m.dilation)), bool(m.ceil_mode)]
+
+
 def _residual_of(node: torch.fx.Node, src: torch.fx.Node) -> Optional[torch.fx.Node]:
     """The other operand when ``node`` is ``src + other`` (same shape, float32), else None."""
     is_add = (node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)) or (
@@ -129,6 +143,8 @@ def fuse_activations(qmodel: nn.Module, example: torch.Tensor, check: bool = Tru
     whose ``act_qparams`` have integer levels (at most 256) with the single-use chain after it:
     ``+ residual`` (same shape), then one ReLU / ReLU6 / Hardtanh / clamp, then, when every user of
     the result is such a convolution with the same ``act_qparams``, that quantizer (uint8 output).
+    A ``nn.MaxPool2d`` between such a convolution and its readers then pools the uint8 levels
+    (``mpq::max_pool2d_levels``: exact, since quantizing is monotone).
     Layers that do not fit (float activations, Linear layers, CUDA) are left as they are.
 
     ``quantize_residuals``: also write uint8 levels where the other users of a result are residual
@@ -177,9 +193,15 @@ def fuse_activations(qmodel: nn.Module, example: torch.Tensor, check: bool = Tru
         if nxt is not None and (bounds := _clamp_of(nxt, modules, cur)) is not None:
             chain.append(nxt)
             (lo, hi), cur = bounds, nxt
-        users = list(cur.users)
-        convs = [u for u in users if u in eligible and u.args and u.args[0] is cur and len(u.args) == 1]
-        adds = [u for u in users if quantize_residuals and u not in convs and _fused_residual_add(u, cur, eligible, modules)]
+        # A max pool next (a ResNet stem's) runs on the levels when convolutions read its result.
+        pool = _only_user(cur)
+        pool_args = _max_pool_of(pool, modules, cur) if pool is not None else None
+        if pool_args is None:
+            pool = None
+        src = cur if pool is None else pool
+        users = list(src.users)
+        convs = [u for u in users if u in eligible and u.args and u.args[0] is src and len(u.args) == 1]
+        adds = [u for u in users if quantize_residuals and u not in convs and _fused_residual_add(u, src, eligible, modules)]
         out_qparams = None
         if convs and len(convs) + len(adds) == len(users):
             qps = [modules[u.target].act_qparams for u in convs]
@@ -195,6 +217,12 @@ def fuse_activations(qmodel: nn.Module, example: torch.Tensor, check: bool = Tru
         cur.replace_all_uses_with(new)
         for old in reversed([n] + chain):
             gm.graph.erase_node(old)
+        if pool is not None and out_qparams is not None:
+            with gm.graph.inserting_after(pool):
+                pooled = gm.graph.call_function(torch.ops.mpq.max_pool2d_levels, (new, *pool_args))
+            pooled.meta = dict(pool.meta)
+            pool.replace_all_uses_with(pooled)
+            gm.graph.erase_node(pool)
         eligible.discard(n)
         eligible.add(new)
     gm.graph.lint()

@@ -24,6 +24,7 @@ __all__ = [
     "pack_points",
     "unpack_points",
     "multipoint_linear_stored",
+    "max_pool2d_levels",
     "multipoint_conv2d_stored",
     "multipoint_conv2d_fused",
 ]
@@ -297,6 +298,13 @@ def multipoint_conv2d_fused(
     )
 
 
+def max_pool2d_levels(levels: torch.Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
+                      dilation: List[int], ceil_mode: bool = False) -> torch.Tensor:
+    """Max pooling of uint8 activation levels ``[N, C, H, W]``: exactly the levels of the pooled
+    values (quantizing is monotone). The CPU output is channels_last."""
+    return torch.ops.mpq.max_pool2d_levels(levels, kernel_size, stride, padding, dilation, ceil_mode)
+
+
 # ---- fake kernels: shapes and dtypes only, for tracing -------------------------------------
 
 
@@ -408,6 +416,15 @@ def _multipoint_conv2d_fused_fake(
     y = _multipoint_conv2d_stored_fake(input.float(), point_codes, point_scales, num_points, w_bits, code_shape, bias,
                                        act_qparams, stride, padding, dilation, groups)
     return y if out_qparams is None else y.to(torch.uint8)
+
+
+@torch.library.register_fake("mpq::max_pool2d_levels")
+def _max_pool2d_levels_fake(levels, kernel_size, stride, padding, dilation, ceil_mode):
+    torch._check(levels.dtype == torch.uint8 and levels.dim() == 4,
+                 lambda: "mpq::max_pool2d_levels: expected levels uint8 [N, C, H, W]")
+    y = torch.nn.functional.max_pool2d(levels.new_empty(levels.shape, dtype=torch.float32), kernel_size, stride,
+                                       padding, dilation, ceil_mode)
+    return y.to(torch.uint8).contiguous(memory_format=torch.channels_last)
 
 
 @torch.library.register_fake("mpq::pack_multipoint")

@@ -11,7 +11,9 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
+from torch import nn
 
 import mpq
 from mpq.fuse import _check_one, check_fused
@@ -291,15 +293,17 @@ def test_fuse_resnet18_with_quantized_residuals(resnet18_w4a8):
     assert len(fused) == 20
     expected_out = {f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)}
     expected_out |= {f"layer{i}.0.conv2" for i in range(1, 5)}  # the next block's conv1 and add
-    for i in range(1, 4):  # before a downsampling block: its conv1 and downsample conv, if one quantizer
-        nxt = q.get_submodule(f"layer{i + 1}.0.conv1"), q.get_submodule(f"layer{i + 1}.0.downsample.0")
-        if torch.equal(nxt[0].act_qparams, nxt[1].act_qparams):
-            expected_out.add(f"layer{i}.1.conv2")
+    expected_out |= {f"layer{i}.1.conv2" for i in range(1, 4)}  # a downsampling block's conv1 and downsample
+    expected_out.add("conv1")  # the stem: the max pool runs on its levels, read by layer1.0's conv1 and add
     assert {n for n, m in fused.items() if m.out_qparams is not None} == expected_out
-    # The second block of each stage adds the first block's uint8 output.
-    assert {n for n, m in fused.items() if m.residual_qparams is not None} == {f"layer{i}.1.conv2" for i in range(1, 5)}
+    assert [n.target for n in f.graph.nodes if n.op == "call_function" and "max_pool2d" in str(n.target)] == [
+        torch.ops.mpq.max_pool2d_levels]
+    # The second block of each stage adds the first block's uint8 output; layer1.0 the pooled stem's.
+    assert {n for n, m in fused.items() if m.residual_qparams is not None} == {
+        f"layer{i}.1.conv2" for i in range(1, 5)} | {"layer1.0.conv2"}
     for i in range(1, 5):
         assert torch.equal(fused[f"layer{i}.1.conv2"].residual_qparams, fused[f"layer{i}.0.conv2"].out_qparams)
+    assert torch.equal(fused["layer1.0.conv2"].residual_qparams, fused["conv1"].out_qparams)
     check = check_fused(f, x)
     assert len(check.layers) == 20 and check.max_ratio <= 1.0 and check.level_flips <= 1e-3
     with torch.no_grad():
@@ -348,3 +352,58 @@ def test_one_point_layers_where_onednn_writes_the_levels(epilogue):
                     check = _check_one(path, f, x, residual, y, max_samples=8)
                     assert check.max_ratio <= 1.0 and check.level_flips <= 1e-3, (conv, path, check)
             assert kept is None or torch.equal(residual, kept)
+
+
+class _StemPoolTwoReaders(nn.Module):
+    """A ResNet-50-like entry: stem conv + ReLU + max pool, read by two convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, stride=2, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.a, self.b = nn.Conv2d(32, 32, 3, padding=1), nn.Conv2d(32, 32, 1)
+
+    def forward(self, x):
+        h = self.pool(self.relu(self.stem(x)))
+        return self.a(h) + self.b(h)
+
+
+def test_max_pool_between_fused_convolutions_runs_on_levels():
+    """The stem writes uint8 levels and the max pool pools them (mpq::max_pool2d_levels, exactly
+    the levels of the pooled values), read by both convolutions; the per-layer check holds, the
+    output stays within the simulation's margin, and TorchScript and torch.export give the same."""
+    torch.manual_seed(0)
+    model = _StemPoolTwoReaders().eval()
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)]
+    q = mpq.quantize(model, calib, mpq.QuantConfig.preset("W4A8", seed=0))
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    f = mpq.fuse_activations(q, x)
+    assert f.stem.out_qparams is not None and torch.equal(f.stem.out_qparams, q.a.act_qparams)
+    assert [n.target for n in f.graph.nodes if n.op == "call_function"] == [torch.ops.mpq.max_pool2d_levels]
+    assert not any(n.op == "call_module" and isinstance(f.get_submodule(n.target), nn.MaxPool2d) for n in f.graph.nodes)
+    check = check_fused(f, x)
+    assert len(check.layers) == 3 and check.max_ratio <= 1.0 and check.level_flips <= 1e-3
+    with torch.no_grad():
+        y_q, y_f = q(x), f(x)
+        assert float((y_f - y_q).norm() / y_q.norm()) <= 2e-2
+        buf = io.BytesIO()
+        torch.jit.save(torch.jit.script(f), buf)
+        buf.seek(0)
+        assert torch.equal(torch.jit.load(buf)(x), y_f)
+        assert torch.equal(torch.export.export(f, (x,)).module()(x), y_f)
+
+
+def test_max_pool2d_levels_is_the_pooled_values_levels():
+    g = torch.Generator().manual_seed(2)
+    for shape, k, s, p, d, ceil in [((2, 16, 13, 13), 3, 2, 1, 1, False), ((1, 64, 20, 20), 3, 2, 1, 1, False),
+                                    ((2, 8, 9, 9), 2, 2, 0, 1, True), ((1, 5, 11, 11), 3, 1, 1, 2, False)]:
+        u = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        y = mpq.ops.max_pool2d_levels(u, [k, k], [s, s], [p, p], [d, d], ceil)
+        assert torch.equal(y, F.max_pool2d(u.float(), k, s, p, d, ceil).to(torch.uint8))
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match=r"mpq::max_pool2d_levels: expected levels uint8"):
+        mpq.ops.max_pool2d_levels(torch.zeros(1, 2, 4, 4), [2, 2], [2, 2], [0, 0], [1, 1], False)
+    with pytest.raises(RuntimeError, match=r"mpq::max_pool2d_levels: expected padding"):
+        mpq.ops.max_pool2d_levels(torch.zeros(1, 2, 4, 4, dtype=torch.uint8), [2, 2], [2, 2], [2, 2], [1, 1], False)
