@@ -14,7 +14,7 @@ after two warm-up calls, the same input tensor for every row):
   load: the artifact a user deploys, timed as loaded; ``mpq W4A8 unfused``: the same without
   ``fuse_activations`` (float32 between layers); ``mpq W4A8 q-residual``: with
   ``fuse_activations(quantize_residuals=True)`` (uint8 skip connections: a changed function, its
-  fidelity recorded);
+  fidelity recorded), for the first preset and ``W8A8-1pt``;
 - ``torch int8 (FX, x86)``: PyTorch's own static int8 (``prepare_fx`` / ``convert_fx``, x86 engine,
   W8A8 per-channel weights), calibrated on the same batches; for MiniLM ``torch int8 (dynamic)``,
   ``quantize_dynamic`` of its Linear layers (how PyTorch users run such encoders in int8).
@@ -160,7 +160,9 @@ def run_model(name: str, batches: List[int], repeats: int, presets: List[str], s
         variants[f"mpq {preset}"] = s
         if preset == presets[0]:  # the same model with float32 between layers: what the fusion gains
             variants[f"mpq {preset} unfused"] = scripted(q, calib[0][:1])
-            # uint8 skip connections too (fuse_activations(quantize_residuals=True): a changed function)
+        if preset in (presets[0], "W8A8-1pt"):
+            # uint8 skip connections too (fuse_activations(quantize_residuals=True): a changed
+            # function; W8A8-1pt's is PyTorch int8's: its weight format, its rounded skip path)
             qres = scripted(mpq.fuse_activations(q, calib[0][:1], quantize_residuals=True), calib[0][:1])
             variants[f"mpq {preset} q-residual"] = qres
             if ref is not None:

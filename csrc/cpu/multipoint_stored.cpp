@@ -291,25 +291,6 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void fake_quantize_
   for (int64_t i = 0; i < n; ++i) out[i] = (activation_level(x[i], scale, zp, qmin, qmax) - zp) * scale;
 }
 
-template <typename T>
-at::Tensor scratch(at::IntArrayRef sizes, at::MemoryFormat format);
-
-// fake_quantize_activation of a float32 input, in its own memory format (channels_last stays so),
-// in the calling thread's scratch (consumed by the layer inside the op).
-at::Tensor fake_quantize_input(const at::Tensor& input, const c10::optional<at::Tensor>& act_qparams,
-                               const ActQuant& q) {
-  if (!act_qparams.has_value()) return input;
-  const auto format = input.suggest_memory_format();
-  const auto x = input.contiguous(format);
-  auto out = scratch<float>(x.sizes(), format);
-  const float* src = x.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t b, int64_t e) {
-    fake_quantize_levels(src + b, dst + b, e - b, float(q.scale), float(q.zero_point), float(q.qmin), float(q.qmax));
-  });
-  return out;
-}
-
 // Per-thread scratch for tensors consumed inside one op call (the quantized input): reusing it
 // saves the page faults of a fresh allocation per call, which cost as much as the pass itself on a
 // machine where the allocator hands large blocks back to the OS. NB: never returned to the caller.
@@ -326,19 +307,41 @@ at::Tensor scratch(at::IntArrayRef sizes, at::MemoryFormat format) {
   return buf.narrow(0, 0, n).view(sizes);
 }
 
+// One elementwise pass In -> Out over `input` laid out in `format`, into the calling thread's
+// scratch: pass(src, dst, n) on element blocks split over the threads.
+template <typename In, typename Out, typename Pass>
+at::Tensor scratch_pass(const at::Tensor& input, at::MemoryFormat format, const Pass& pass) {
+  const auto x = input.contiguous(format);
+  auto out = scratch<Out>(x.sizes(), format);
+  const In* src = x.data_ptr<In>();
+  Out* dst = out.template data_ptr<Out>();
+  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t b, int64_t e) { pass(src + b, dst + b, e - b); });
+  return out;
+}
+
+// fake_quantize_activation of a float32 input, in its own memory format (channels_last stays so),
+// in the calling thread's scratch (consumed by the layer inside the op).
+at::Tensor fake_quantize_input(const at::Tensor& input, const c10::optional<at::Tensor>& act_qparams,
+                               const ActQuant& q) {
+  if (!act_qparams.has_value()) return input;
+  return scratch_pass<float, float>(input, input.suggest_memory_format(), [&](const float* x, float* y, int64_t n) {
+    fake_quantize_levels(x, y, n, float(q.scale), float(q.zero_point), float(q.qmin), float(q.qmax));
+  });
+}
+
 // The input's uint8 levels (quantize_levels) in `format`, in the calling thread's scratch.
 at::Tensor quantize_input(const at::Tensor& input, const ActQuant& q, at::MemoryFormat format) {
-  const auto x = input.contiguous(format);
-  auto out = scratch<uint8_t>(x.sizes(), format);
-  const float* src = x.data_ptr<float>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
   const auto grid = level_grid(q);
   const auto isa = cpu_isa();
   const float inf = std::numeric_limits<float>::infinity();
-  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t b, int64_t e) {
-    kernels::epilogue_levels(src + b, nullptr, dst + b, e - b, -inf, inf, grid, isa);
+  return scratch_pass<float, uint8_t>(input, format, [&](const float* x, uint8_t* u, int64_t n) {
+    kernels::epilogue_levels(x, nullptr, u, n, -inf, inf, grid, isa);
   });
-  return out;
+}
+
+// One of oneDNN's ops that PyTorch registers (onednn::qconv_prepack, ...).
+c10::OperatorHandle onednn_op(const char* name, const char* overload) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
 }
 
 // oneDNN's prepacked forms of one int8 convolution weight, one per input shape seen (up to
@@ -359,8 +362,7 @@ struct ConvPacks {
   at::Tensor any_shape;
 
   at::Tensor pack(c10::optional<at::IntArrayRef> sizes) const {
-    static auto prepack = c10::Dispatcher::singleton()
-                              .findSchemaOrThrow("onednn::qconv_prepack", "")
+    static auto prepack = onednn_op("onednn::qconv_prepack", "")
                               .typed<at::Tensor(at::Tensor, at::Tensor, double, int64_t, torch::List<int64_t>,
                                                 torch::List<int64_t>, torch::List<int64_t>, int64_t,
                                                 std::optional<torch::List<int64_t>>)>();
@@ -467,10 +469,6 @@ void add_extra_points(const at::Tensor& e, const at::Tensor& extra_channel, at::
       }
     }
   });
-}
-
-c10::OperatorHandle onednn_op(const char* name, const char* overload) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
 }
 
 // float32 output, or with out_scale > 0 uint8 output (out_zp, ReLU first with `relu`).
@@ -1089,15 +1087,9 @@ at::Tensor fake_quantized_of(const at::Tensor& input, const c10::optional<at::Te
                              const ActQuant& q) {
   if (input.scalar_type() != at::kByte) return fake_quantize_input(input, act_qparams, q);
   // u = L - qmin: (u - (zp - qmin)) * s in one pass, into the calling thread's scratch.
-  const auto format = input.suggest_memory_format();
-  const auto u = input.contiguous(format);
-  auto out = scratch<float>(u.sizes(), format);
-  const uint8_t* src = u.data_ptr<uint8_t>();
-  float* dst = out.data_ptr<float>();
-  at::parallel_for(0, u.numel(), 1 << 14, [&](int64_t b, int64_t e) {
-    level_values(src + b, dst + b, e - b, float(q.zero_point - q.qmin), float(q.scale));
+  return scratch_pass<uint8_t, float>(input, input.suggest_memory_format(), [&](const uint8_t* u, float* y, int64_t n) {
+    level_values(u, y, n, float(q.zero_point - q.qmin), float(q.scale));
   });
-  return out;
 }
 
 // Depthwise convolution (groups = C_in = C_out) on uint8 levels, channels_last: per output pixel,

@@ -89,7 +89,10 @@ __attribute__((target("avx512f"))) void row_avx512(const DepthwiseRow& a, float*
 }  // namespace
 
 void depthwise_row(const DepthwiseRow& a, float* out, CpuIsa isa) {
-  std::vector<const float*> x(a.kh * a.kw), w(a.kh * a.kw);
+  // The taps' pointers, per thread: no allocation per row once a thread has seen this many taps.
+  thread_local std::vector<const float*> x, w;
+  x.resize(a.kh * a.kw);
+  w.resize(a.kh * a.kw);
   if (isa == CpuIsa::kAvx512 && cpu_has_avx512()) {
     row_avx512(a, out, x.data(), w.data());
   } else {
