@@ -134,7 +134,7 @@ TORCH_LIBRARY(mpq, m) {
       "int[2] dilation, int groups, str path=\"auto\") -> Tensor");
 
   // multipoint_conv2d_stored with int8 activations between layers: y = clamp(conv + bias + residual,
-  // clamp_min, clamp_max), returned as float32 or, with out_qparams (the next layer's act_qparams),
+  // clamp_min, clamp_max; None: no bound), returned as float32 or, with out_qparams (the next layer's act_qparams),
   // as that quantizer's uint8 levels u = L - qmin. The input is float32 or such uint8 levels at this
   // layer's act_qparams; the residual float32 or uint8 levels at residual_qparams (its values
   // (u - (zp - qmin)) * s are added). path: "auto", "int8" (oneDNN), "depthwise" (mpq's own kernel
@@ -142,7 +142,7 @@ TORCH_LIBRARY(mpq, m) {
   m.def(
       "multipoint_conv2d_fused(Tensor input, Tensor point_codes, Tensor point_scales, Tensor num_points, "
       "int w_bits, int[3] code_shape, Tensor? bias, Tensor act_qparams, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, Tensor? residual, float clamp_min, float clamp_max, Tensor? out_qparams, "
+      "int[2] dilation, int groups, Tensor? residual, float? clamp_min, float? clamp_max, Tensor? out_qparams, "
       "str path=\"auto\", Tensor? residual_qparams=None) -> Tensor");
 
   // Max pooling of uint8 activation levels [N, C, H, W] (PyTorch's max_pool2d arguments): exactly the

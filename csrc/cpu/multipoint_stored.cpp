@@ -1156,7 +1156,8 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
                                        at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias,
                                        const at::Tensor& act_qparams, at::IntArrayRef stride, at::IntArrayRef padding,
                                        at::IntArrayRef dilation, int64_t groups,
-                                       const c10::optional<at::Tensor>& residual, double clamp_min, double clamp_max,
+                                       const c10::optional<at::Tensor>& residual, c10::optional<double> clamp_min,
+                                       c10::optional<double> clamp_max,
                                        const c10::optional<at::Tensor>& out_qparams, c10::string_view path,
                                        const c10::optional<at::Tensor>& residual_qparams) {
   const char* op = "mpq::multipoint_conv2d_fused";
@@ -1166,14 +1167,17 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
               ": expected path \"auto\", \"int8\", \"dense\" or \"depthwise\", got \"", std::string(path), "\"");
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kByte, op,
               ": expected a float32 input or uint8 levels, got ", input.scalar_type());
-  TORCH_CHECK(!(clamp_min > clamp_max), op, ": expected clamp_min <= clamp_max, got ", clamp_min, " > ", clamp_max);
+  // None: no bound (what ±inf would say; AOTInductor's package format cannot hold an infinite float).
+  const double lo = clamp_min.value_or(-std::numeric_limits<double>::infinity());
+  const double hi = clamp_max.value_or(std::numeric_limits<double>::infinity());
+  TORCH_CHECK(!(lo > hi), op, ": expected clamp_min <= clamp_max, got ", lo, " > ", hi);
   const int64_t C = num_points.size(0);
   TORCH_CHECK(groups >= 1 && C % groups == 0, op, ": expected groups (", groups, ") to divide the ", C,
               " output channels");
   const ActQuant q = read_act_qparams(op, act_qparams);
   TORCH_CHECK(input.scalar_type() != at::kByte || int8_fits(q), op,
               ": a uint8 input needs act_qparams with at most 256 integer levels");
-  Epilogue ep{c10::nullopt, float(clamp_min), float(clamp_max), c10::nullopt};
+  Epilogue ep{c10::nullopt, float(lo), float(hi), c10::nullopt};
   if (out_qparams.has_value()) {
     ep.out = read_act_qparams(op, *out_qparams);
     TORCH_CHECK(int8_fits(*ep.out), op, ": out_qparams must have at most 256 integer levels (uint8 output)");
@@ -1322,7 +1326,8 @@ at::Tensor multipoint_conv2d_fused_any(const at::Tensor& input, const at::Tensor
                                        at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias,
                                        const at::Tensor& act_qparams, at::IntArrayRef stride, at::IntArrayRef padding,
                                        at::IntArrayRef dilation, int64_t groups,
-                                       const c10::optional<at::Tensor>& residual, double clamp_min, double clamp_max,
+                                       const c10::optional<at::Tensor>& residual, c10::optional<double> clamp_min,
+                                       c10::optional<double> clamp_max,
                                        const c10::optional<at::Tensor>& out_qparams, c10::string_view path,
                                        const c10::optional<at::Tensor>& residual_qparams) {
   const char* op = "mpq::multipoint_conv2d_fused";
@@ -1340,7 +1345,8 @@ at::Tensor multipoint_conv2d_fused_any(const at::Tensor& input, const at::Tensor
   } else if (residual.has_value()) {
     y = y + *residual;
   }
-  y = at::clamp(y, clamp_min, clamp_max);
+  y = at::clamp(y, clamp_min.value_or(-std::numeric_limits<double>::infinity()),
+               clamp_max.value_or(std::numeric_limits<double>::infinity()));
   if (!out_qparams.has_value()) return y;
   const ActQuant o = read_act_qparams(op, *out_qparams);
   return (at::clamp(at::round(y / o.scale) + o.zero_point, o.qmin, o.qmax) - o.qmin).to(at::kByte);

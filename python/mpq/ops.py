@@ -279,14 +279,15 @@ def multipoint_conv2d_fused(
     dilation: List[int],
     groups: int,
     residual: Optional[torch.Tensor] = None,
-    clamp_min: float = float("-inf"),
-    clamp_max: float = float("inf"),
+    clamp_min: Optional[float] = None,
+    clamp_max: Optional[float] = None,
     out_qparams: Optional[torch.Tensor] = None,
     path: str = "auto",
     residual_qparams: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`multipoint_conv2d_stored` with int8 activations between layers:
-    ``y = clamp(conv(fq(input)) + bias + residual, clamp_min, clamp_max)``, returned as float32 or,
+    ``y = clamp(conv(fq(input)) + bias + residual, clamp_min, clamp_max)`` (None or an infinite
+    value: no bound), returned as float32 or,
     with ``out_qparams`` (the next layer's ``act_qparams``), as that quantizer's uint8 levels
     ``L - qmin``. ``input`` is float32, or uint8 levels at this layer's ``act_qparams``;
     ``residual`` float32, or uint8 levels at ``residual_qparams`` (their values are added).

@@ -13,6 +13,7 @@ import zipfile
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torch.export import Dim
 
@@ -199,3 +200,26 @@ def test_aoti_package_calls_the_mpq_ops_through_the_proxy_executor(tmp_path):
         xn = torch.randn(n, 3, 8, 8)
         with torch.no_grad():
             torch.testing.assert_close(runner(xn), _eager(qmodel, xn), rtol=1e-6, atol=1e-6)
+
+
+@needs_cxx
+def test_aoti_package_of_a_fused_model(tmp_path):
+    """The deployed form (mpq.fuse_activations: uint8 levels between layers, ReLU bounds, the
+    uint8 max pool) through torch.export and AOTInductor: the package holds the fused ops'
+    arguments (an unbounded clamp as None: the package format has no infinite float) and gives the
+    fused model's output bit for bit, as TorchScript does."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(4, 3, 64, 64, generator=g)]
+    q = mpq.quantize(model, calib, mpq.QuantConfig.preset("W4A8", seed=0, calib_batches=1))
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    f = mpq.fuse_activations(q, x, quantize_residuals=True)
+    path = torch._inductor.aoti_compile_and_package(torch.export.export(f, (x,)), package_path=str(tmp_path / "r18.pt2"))
+    with zipfile.ZipFile(path) as z:
+        extern = [json.loads(z.read(n)) for n in z.namelist() if n.endswith(".wrapper.json")]
+    targets = [node["node"]["target"] for doc in extern for node in doc["nodes"]]
+    assert targets.count("mpq::multipoint_conv2d_fused") == 20 and targets.count("mpq::max_pool2d_levels") == 1
+    runner = torch._inductor.aoti_load_package(path)
+    with torch.no_grad():
+        assert torch.equal(runner(x), f(x))

@@ -1,6 +1,7 @@
 """A multipoint convolution with its epilogue fused in: + residual, clamp (ReLU, ReLU6), and the
 next layer's activation quantizer, so that uint8 levels, not float32 tensors, flow between
 layers (``mpq.fuse_activations`` builds models of them; ``mpq::multipoint_conv2d_fused``)."""
+import math
 from typing import List, Optional
 
 import torch
@@ -10,6 +11,12 @@ from torch import nn
 from mpq.nn.modules import MultipointConv2d, same_padding
 
 __all__ = ["FusedMultipointConv2d"]
+
+
+def _finite_or_none(v: float) -> Optional[float]:
+    """None for an infinite clamp bound: the op's "no bound", which torch.export and AOTInductor
+    packages can hold (their format has no infinite float)."""
+    return None if math.isinf(v) else v
 
 
 class FusedMultipointConv2d(nn.Module):
@@ -57,7 +64,8 @@ class FusedMultipointConv2d(nn.Module):
         assert act_qparams is not None
         return torch.ops.mpq.multipoint_conv2d_fused(
             x, m.point_codes, m.point_scales, m.num_points, m.w_bits, m.code_shape, m.bias, act_qparams, m.stride,
-            m.padding, m.dilation, m.groups, residual, self.clamp_min, self.clamp_max, self.out_qparams, "auto",
+            m.padding, m.dilation, m.groups, residual, _finite_or_none(self.clamp_min), _finite_or_none(self.clamp_max),
+            self.out_qparams, "auto",
             self.residual_qparams,
         )
 
