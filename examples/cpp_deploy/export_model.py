@@ -1,12 +1,15 @@
-"""Quantizes EfficientNet-Lite0 (or ResNet-50) with mpq, saves it as TorchScript for mpq_deploy
-(C++), with an input and Python's output on it, and prints Python's top-5 for comparison.
+"""Quantizes EfficientNet-Lite0 (or ResNet-50) with mpq, saves it as TorchScript and as an
+AOTInductor package for mpq_deploy (C++), with an input and Python's outputs on it, and prints
+Python's top-5 for comparison.
 
     python examples/cpp_deploy/export_model.py --out build/deploy-example
     # -> build/deploy-example/efficientnet_lite0_mpq.pt   the quantized model (TorchScript)
+    #    build/deploy-example/efficientnet_lite0_mpq.pt2  the same model (torch.export + AOTInductor)
     #    build/deploy-example/efficientnet_lite0_fp32.pt  the float model (TorchScript)
-    #    build/deploy-example/input.pt                    buffers `input` [1, 3, 224, 224] and `output` [1, 1000]
+    #    build/deploy-example/input.pt                    buffers `input` [1, 3, 224, 224], `output` and
+    #                                                     `output_aoti` [1, 1000] (Python's, from each file)
     python examples/cpp_deploy/export_model.py --model resnet50 --out build/deploy-example
-    # -> resnet50_mpq.pt, resnet50_fp32.pt, input_resnet50.pt
+    # -> resnet50_mpq.pt, resnet50_mpq.pt2, resnet50_fp32.pt, input_resnet50.pt
 
 EfficientNet-Lite0: its ImageNet weights, calibration on seeded random crops of the bundled photos
 (mpq.demo.load_demo_data); the input is the first labelled ImageNet photo, preprocessed like
@@ -78,6 +81,7 @@ def main(argv=None) -> int:
     parser.add_argument("--torchscript", choices=("auto", "script", "trace"), default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-fuse", action="store_true", help="save the quantized model unfused (float32 between layers)")
+    parser.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor package (TorchScript only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     # torch 2.14 marks TorchScript deprecated on every call; it is still what LibTorch loads.
@@ -120,8 +124,20 @@ def main(argv=None) -> int:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.jit.trace(model, x, check_trace=False).save(str(args.out / f"{args.model}_fp32.pt"))
+    # torch.export + AOTInductor: the path forward from TorchScript (deprecated in torch 2.14). The
+    # package calls the mpq ops through its proxy executor (the dispatcher), so C++ links mpq::ops.
+    outputs = {"output": y}
+    if not args.no_aoti:
+        t1 = time.perf_counter()
+        package = torch._inductor.aoti_compile_and_package(
+            torch.export.export(deployed, (x,)), package_path=str(args.out / f"{args.model}_mpq.pt2"))
+        with torch.no_grad():
+            outputs["output_aoti"] = torch._inductor.aoti_load_package(package)(x)
+        rel_aoti = float((outputs["output_aoti"] - y_eager).abs().max() / y_eager.abs().max())
+        print(f"wrote {package} ({Path(package).stat().st_size / 1e6:.1f} MB, compiled in {time.perf_counter() - t1:.0f}s); "
+              f"vs the eager model: max relative difference {rel_aoti:.2e}")
     input_path = args.out / ("input.pt" if args.model == "efficientnet_lite0" else f"input_{args.model}.pt")
-    torch.jit.script(TensorFile(input=x, output=y)).save(str(input_path))
+    torch.jit.script(TensorFile(input=x, **outputs)).save(str(input_path))
 
     print(f"mpq {args.config}: {len(report.layers)} layers, {report.avg_bits:.2f} bits per weight, quantized in {t_quant:.1f}s")
     print(f"wrote {model_path} ({model_path.stat().st_size / 1e6:.1f} MB) and {input_path} (input {tuple(x.shape)})")

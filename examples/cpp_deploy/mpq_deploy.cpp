@@ -1,14 +1,17 @@
-// mpq_deploy: runs a TorchScript model quantized by mpq from C++ (LibTorch + libmpq_ops.so),
-// prints the top-5 classes and the latency.
+// mpq_deploy: runs a model quantized by mpq from C++ (LibTorch + libmpq_ops.so), a TorchScript
+// file (MODEL.pt) or an AOTInductor package (MODEL.pt2), prints the top-5 classes and the latency.
 //
-//   mpq_deploy MODEL.pt [--input INPUT.pt | --shape 1,3,224,224 --seed 0]
+//   mpq_deploy MODEL.pt|MODEL.pt2 [--input INPUT.pt | --shape 1,3,224,224 --seed 0]
 //              [--device cpu|cuda] [--warmup 5] [--runs 30] [--threads N]
 //
-// INPUT.pt is a TorchScript module holding the buffer `input` (and, optionally, `output`:
-// Python's output on it, which the program compares with its own), as export_model.py writes
-// it. Without --input the input is seeded Gaussian noise of the given shape.
+// INPUT.pt is a TorchScript module holding the buffer `input` (and, optionally, Python's output on
+// it, which the program compares with its own: `output` for a TorchScript model, `output_aoti` for
+// a package), as export_model.py writes it. Without --input the input is seeded Gaussian noise of
+// the given shape. An AOTInductor package calls the mpq ops through its proxy executor, i.e.
+// through the dispatcher: linking mpq::ops (which registers them on load) is all it needs.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/cuda.h>
 #include <torch/script.h>
 
@@ -39,7 +42,7 @@ struct Options {
 
 [[noreturn]] void usage(const std::string& error) {
   std::cerr << "mpq_deploy: " << error << "\n"
-            << "usage: mpq_deploy MODEL.pt [--input INPUT.pt | --shape 1,3,224,224 --seed 0]\n"
+            << "usage: mpq_deploy MODEL.pt|MODEL.pt2 [--input INPUT.pt | --shape 1,3,224,224 --seed 0]\n"
             << "                  [--device cpu|cuda] [--warmup 5] [--runs 30] [--threads N]\n";
   std::exit(2);
 }
@@ -90,7 +93,7 @@ Options parse(int argc, char** argv) {
       usage("unexpected argument " + arg);
     }
   }
-  if (o.model.empty()) usage("missing MODEL.pt");
+  if (o.model.empty()) usage("missing MODEL.pt or MODEL.pt2");
   return o;
 }
 
@@ -142,29 +145,38 @@ int main(int argc, char** argv) {
     }
     if (opt.threads > 0) at::set_num_threads(opt.threads);
 
-    torch::jit::Module model = torch::jit::load(opt.model, device);
-    model.eval();
+    const bool package = opt.model.size() > 4 && opt.model.compare(opt.model.size() - 4, 4, ".pt2") == 0;
+    std::optional<torch::jit::Module> scripted;
+    std::optional<torch::inductor::AOTIModelPackageLoader> aoti;
+    if (package) {
+      aoti.emplace(opt.model);
+    } else {
+      scripted = torch::jit::load(opt.model, device);
+      scripted->eval();
+    }
 
     at::Tensor input;
     std::optional<at::Tensor> python_output;
+    const char* expected = package ? "output_aoti" : "output";
     if (!opt.input.empty()) {
       torch::jit::Module io = torch::jit::load(opt.input);
       if (!io.hasattr("input")) throw std::runtime_error(opt.input + " has no buffer named 'input'");
       input = io.attr("input").toTensor();
-      if (io.hasattr("output")) python_output = io.attr("output").toTensor();
+      if (io.hasattr(expected)) python_output = io.attr(expected).toTensor();
     } else {
       at::manual_seed(opt.seed);
       input = at::randn(opt.shape);
     }
     input = input.to(device);
-    std::cout << "model: " << opt.model << " on " << device << ", " << at::get_num_threads() << " CPU threads\n"
+    std::cout << "model: " << opt.model << (package ? " (AOTInductor package)" : " (TorchScript)") << " on "
+              << device << ", " << at::get_num_threads() << " CPU threads\n"
               << "input: " << input.sizes() << " "
               << (opt.input.empty() ? "seeded noise (seed " + std::to_string(opt.seed) + ")" : "from " + opt.input)
               << "\n";
 
     c10::InferenceMode inference;
     auto run = [&]() {
-      at::Tensor out = model.forward({input}).toTensor();
+      at::Tensor out = package ? aoti->run({input}).at(0) : scripted->forward({input}).toTensor();
       if (device.is_cuda()) torch::cuda::synchronize();
       return out;
     };
@@ -197,7 +209,7 @@ int main(int argc, char** argv) {
     if (python_output) {
       const auto ref = python_output->to(at::kDouble);
       const double rel = (out.to(at::kDouble) - ref).abs().max().item<double>() / ref.abs().max().item<double>();
-      std::cout << std::scientific << std::setprecision(2) << "Python's output (" << opt.input
+      std::cout << std::scientific << std::setprecision(2) << "Python's output (" << opt.input << ", " << expected
                 << "): max |C++ - Python| / max |Python| = " << rel << "\n";
     }
   } catch (const c10::Error& e) {

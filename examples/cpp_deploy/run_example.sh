@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole C++ deployment flow (README.md beside this file), for CI and for trying it out:
 #   1. build mpq's ops library with CMake and install it (with its CMake package) into build/deploy-install;
-#   2. quantize EfficientNet-Lite0 and ResNet-50 in Python and save them as TorchScript (export_model.py);
+#   2. quantize EfficientNet-Lite0 and ResNet-50 in Python and save them as TorchScript and as
+#      AOTInductor packages (export_model.py);
 #   3. build this example against the installed package (find_package(mpq));
-#   4. run it on the exported input (checking C++ against Python's output) and, for the latency of
-#      FP32 and mpq side by side, on seeded noise with both models.
+#   4. run it on the exported input (checking C++ against Python's output, TorchScript and package)
+#      and, for the latency of FP32, mpq TorchScript and mpq AOTInductor side by side, on seeded
+#      noise with both models.
 # Environment: MPQ_VENV (default .venv; its Python must import mpq, e.g. after scripts/setup.sh),
 # MPQ_ENABLE_CUDA=1 to compile the CUDA kernels (off by default: slower, and the CPU run needs
 # none), MPQ_DEVICE=cuda to run on a GPU, MPQ_RUNS (default 20), MPQ_TOLERANCE (default 1e-5),
@@ -57,7 +59,7 @@ cuda=OFF; [ "${MPQ_ENABLE_CUDA:-0}" = 1 ] && cuda=ON
 "$CMAKE" --build "$BUILD" --parallel "$JOBS"
 "$CMAKE" --install "$BUILD" --prefix "$PREFIX" | grep -v "^-- Up-to-date" || true
 
-step "2. quantize EfficientNet-Lite0 and ResNet-50 in Python and save them as TorchScript"
+step "2. quantize EfficientNet-Lite0 and ResNet-50 in Python and save them as TorchScript and AOTInductor packages"
 "$PY" examples/cpp_deploy/export_model.py --out "$OUT" --calib-images "${MPQ_CALIB_IMAGES:-32}"
 "$PY" examples/cpp_deploy/export_model.py --model resnet50 --out "$OUT" | grep -E "^mpq|^wrote|^saved"
 
@@ -74,21 +76,36 @@ step "4. run it"
   --device "${MPQ_DEVICE:-cpu}" --runs "${MPQ_RUNS:-20}" | tee "$OUT/run.log"
 # FP32 in the same program on the same input, for the latency side by side; then ResNet-50.
 ms() { sed -n 's/^latency: median \([0-9.]*\) ms.*/\1/p' "$1" | head -1; }
+# The AOTInductor packages are CPU builds (compiled for this machine's CPU): CPU runs only.
+kinds="fp32.pt mpq.pt"; [ "${MPQ_DEVICE:-cpu}" = cpu ] && kinds="$kinds mpq.pt2"
 for model in efficientnet_lite0 resnet50; do
-  for kind in fp32 mpq; do
-    "$OUT/build/mpq_deploy" "$OUT/${model}_${kind}.pt" --shape 1,3,224,224 --seed 0 \
+  for kind in $kinds; do
+    "$OUT/build/mpq_deploy" "$OUT/${model}_${kind}" --shape 1,3,224,224 --seed 0 \
       --device "${MPQ_DEVICE:-cpu}" --runs "${MPQ_RUNS:-20}" >"$OUT/run_${model}_${kind}_noise.log"
   done
-  "$PY" -c "f, q = float('$(ms "$OUT/run_${model}_fp32_noise.log")'), float('$(ms "$OUT/run_${model}_mpq_noise.log")'); print(f'C++ latency, ${model}, batch 1, median of ${MPQ_RUNS:-20}: FP32 {f:.2f} ms, mpq {q:.2f} ms ({f / q:.2f}x)')"
+  aoti_ms=""; [ -f "$OUT/run_${model}_mpq.pt2_noise.log" ] && aoti_ms=$(ms "$OUT/run_${model}_mpq.pt2_noise.log")
+  "$PY" -c "
+import sys
+model, f, q, a = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+line = f'C++ latency, {model}, batch 1, median of {sys.argv[5]}: FP32 {f:.2f} ms, mpq TorchScript {q:.2f} ms ({f / q:.2f}x)'
+print(line + (f', mpq AOTInductor {float(a):.2f} ms ({f / float(a):.2f}x)' if a else ''))" \
+    "$model" "$(ms "$OUT/run_${model}_fp32.pt_noise.log")" "$(ms "$OUT/run_${model}_mpq.pt_noise.log")" "$aoti_ms" \
+    "${MPQ_RUNS:-20}"
 done
 "$OUT/build/mpq_deploy" "$OUT/resnet50_mpq.pt" --input "$OUT/input_resnet50.pt" \
   --device "${MPQ_DEVICE:-cpu}" --runs 3 >"$OUT/run_resnet50.log"
+logs="run.log run_resnet50.log"
+if [ "${MPQ_DEVICE:-cpu}" = cpu ]; then  # the packages against Python's run of the same package
+  "$OUT/build/mpq_deploy" "$OUT/efficientnet_lite0_mpq.pt2" --input "$OUT/input.pt" --runs 3 >"$OUT/run_aoti.log"
+  "$OUT/build/mpq_deploy" "$OUT/resnet50_mpq.pt2" --input "$OUT/input_resnet50.pt" --runs 3 >"$OUT/run_resnet50_aoti.log"
+  logs="$logs run_aoti.log run_resnet50_aoti.log"
+fi
 grep -q "$PREFIX/lib/libmpq_ops.so" "$OUT/run.log" \
   || { echo "run_example: mpq_deploy did not load $PREFIX/lib/libmpq_ops.so" >&2; exit 1; }
 # On the CPU the same kernels run in both: C++ must reproduce Python's output.
 tol=${MPQ_TOLERANCE:-1e-5}
 [ "${MPQ_DEVICE:-cpu}" = cpu ] || tol=${MPQ_TOLERANCE:-1e-3}
-for log in run.log run_resnet50.log; do
+for log in $logs; do
   rel=$(sed -n 's/.*max |C++ - Python| \/ max |Python| = //p' "$OUT/$log")
   "$PY" -c "import sys; r, t = float('$rel'), float('$tol'); print(f'C++ vs Python ($log): {r:.2e} (tolerance {t:.0e})'); sys.exit(r > t)" \
     || { echo "run_example: C++ and Python outputs differ ($log)" >&2; exit 1; }

@@ -396,9 +396,13 @@ def test_max_pool_between_fused_convolutions_runs_on_levels():
 
 
 def test_max_pool2d_levels_is_the_pooled_values_levels():
+    """Exactly PyTorch's float max pool of the levels (shapes, ceil_mode, dilation, channel counts
+    around the vector width), channels_last; bad arguments named before any work."""
     g = torch.Generator().manual_seed(2)
     for shape, k, s, p, d, ceil in [((2, 16, 13, 13), 3, 2, 1, 1, False), ((1, 64, 20, 20), 3, 2, 1, 1, False),
-                                    ((2, 8, 9, 9), 2, 2, 0, 1, True), ((1, 5, 11, 11), 3, 1, 1, 2, False)]:
+                                    ((2, 8, 9, 9), 2, 2, 0, 1, True), ((1, 5, 11, 11), 3, 1, 1, 2, False),
+                                    ((1, 3, 10, 10), 3, 2, 1, 1, True), ((2, 70, 5, 8), 2, 3, 1, 1, True),
+                                    ((1, 130, 7, 7), 3, 3, 1, 2, True)]:
         u = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
         y = mpq.ops.max_pool2d_levels(u, [k, k], [s, s], [p, p], [d, d], ceil)
         assert torch.equal(y, F.max_pool2d(u.float(), k, s, p, d, ceil).to(torch.uint8))
