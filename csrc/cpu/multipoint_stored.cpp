@@ -690,6 +690,12 @@ at::Tensor multipoint_linear_stored_cpu(const at::Tensor& input, const at::Tenso
   return multipoint_linear_cpu(input, codes, scales, num_points, bias, act_qparams);
 }
 
+at::Tensor int8_conv2d_stored(const char* op, const at::Tensor& input, const at::Tensor& point_codes,
+                              const at::Tensor& point_scales, const at::Tensor& num_points, int64_t w_bits,
+                              at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias, const ActQuant& q,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups, at::IntArrayRef out_shape);
+
 at::Tensor multipoint_conv2d_stored_cpu(const at::Tensor& input, const at::Tensor& point_codes,
                                         const at::Tensor& point_scales, const at::Tensor& num_points, int64_t w_bits,
                                         at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias,
@@ -736,26 +742,8 @@ at::Tensor multipoint_conv2d_stored_cpu(const at::Tensor& input, const at::Tenso
                       stride, padding, dilation, groups)
         .contiguous(at::MemoryFormat::ChannelsLast);
   }
-  auto values = qparam_values(q);
-  geometry.insert(geometry.end(), values.begin(), values.end());
-  auto p = cache().get<PreparedInt8>(weight_tensors(point_codes, point_scales, num_points, bias), geometry, [&] {
-    check_stored(op, point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape));
-    auto e = expand_points(point_codes, point_scales, num_points, w_bits, code_shape, bias, groups);
-    e.primary.packs = prepack_conv(e.primary, q, stride, padding, dilation, groups);
-    if (e.has_extra) e.extra.packs = prepack_conv(e.extra, q, stride, padding, dilation, groups);
-    return e;
-  });
-  const auto qx = quantize_input(input, q, at::MemoryFormat::ChannelsLast);
-  const int64_t zp = int64_t(q.zero_point - q.qmin);
-  auto y = call_qconv(qx, q.scale, zp, p->primary, stride, padding, dilation, groups)
-               .contiguous(at::MemoryFormat::ChannelsLast);
-  if (p->has_extra) {
-    const auto e = call_qconv(qx, q.scale, zp, p->extra, stride, padding, dilation, groups)
-                       .contiguous(at::MemoryFormat::ChannelsLast);
-    auto rows = y.permute({0, 2, 3, 1}).reshape({-1, C});  // a view: y is channels_last
-    add_extra_points(e, p->extra_channel, rows);
-  }
-  return y;
+  return int8_conv2d_stored(op, input, point_codes, point_scales, num_points, w_bits, code_shape, bias, q, stride,
+                            padding, dilation, groups, out_shape);
 }
 
 // ---- fused: convolution, + residual, clamp, and the next layer's activation quantizer -----------
@@ -1149,7 +1137,46 @@ at::Tensor depthwise_levels(const at::Tensor& u, const PreparedDepthwise& p, con
   return y;
 }
 
+// The combined int8 form of a convolution weight (PreparedCombined), prepared once per weight,
+// activation quantizer and geometry and shared by multipoint_conv2d_stored and _fused.
+std::shared_ptr<PreparedCombined> prepared_combined(const char* op, const at::Tensor& point_codes,
+                                                    const at::Tensor& point_scales, const at::Tensor& num_points,
+                                                    int64_t w_bits, at::IntArrayRef code_shape,
+                                                    const c10::optional<at::Tensor>& bias, const ActQuant& q,
+                                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                                    at::IntArrayRef dilation, int64_t groups) {
+  std::vector<double> geometry = {2.0, double(w_bits), double(groups)};
+  for (auto v : {stride, padding, dilation}) geometry.insert(geometry.end(), v.begin(), v.end());
+  const auto values = qparam_values(q);
+  geometry.insert(geometry.end(), values.begin(), values.end());
+  return cache().get<PreparedCombined>(weight_tensors(point_codes, point_scales, num_points, bias), geometry, [&] {
+    check_stored(op, point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape));
+    auto c = combine_points(expand_points(point_codes, point_scales, num_points, w_bits, code_shape, bias, groups),
+                            num_points.size(0), groups);
+    c.rows.packs = prepack_conv(c.rows, q, stride, padding, dilation, groups);
+    return c;
+  });
+}
+
 }  // namespace
+
+// multipoint_conv2d_stored's int8 path: the fused op's, with a float32 output and no epilogue
+// beyond adding the further points.
+at::Tensor int8_conv2d_stored(const char* op, const at::Tensor& input, const at::Tensor& point_codes,
+                              const at::Tensor& point_scales, const at::Tensor& num_points, int64_t w_bits,
+                              at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias, const ActQuant& q,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups, at::IntArrayRef out_shape) {
+  const auto p = prepared_combined(op, point_codes, point_scales, num_points, w_bits, code_shape, bias, q, stride,
+                                   padding, dilation, groups);
+  const auto qx = levels_of(input, q);
+  const int64_t zp = int64_t(q.zero_point - q.qmin);
+  const float inf = std::numeric_limits<float>::infinity();
+  const Epilogue ep{c10::nullopt, -inf, inf, c10::nullopt};
+  return run_chunked(out_shape, p->rows.w_scales.size(0), ep, p->layout, [&](int64_t n0, int64_t n) {
+    return call_qconv(qx.narrow(0, n0, n), q.scale, zp, p->rows, stride, padding, dilation, groups);
+  });
+}
 
 at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor& point_codes,
                                        const at::Tensor& point_scales, const at::Tensor& num_points, int64_t w_bits,
@@ -1246,16 +1273,8 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
                         dilation, groups);
     });
   }
-  geometry.insert(geometry.begin(), 2.0);
-  auto values = qparam_values(q);
-  geometry.insert(geometry.end(), values.begin(), values.end());
-  auto p = cache().get<PreparedCombined>(weights, geometry, [&] {
-    check_stored(op, point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape));
-    auto c = combine_points(expand_points(point_codes, point_scales, num_points, w_bits, code_shape, bias, groups), C,
-                            groups);
-    c.rows.packs = prepack_conv(c.rows, q, stride, padding, dilation, groups);
-    return c;
-  });
+  const auto p = prepared_combined(op, point_codes, point_scales, num_points, w_bits, code_shape, bias, q, stride,
+                                   padding, dilation, groups);
   const auto qx = levels_of(input, q);
   const int64_t zp = int64_t(q.zero_point - q.qmin);
   const bool relu = ep.lo == 0.0f && ep.hi == std::numeric_limits<float>::infinity();
