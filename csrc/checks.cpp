@@ -72,26 +72,30 @@ void check_multipoint_weight(const char* op, const at::Tensor& codes, const at::
   }
 }
 
-void check_bias_and_act(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& bias,
-                        const c10::optional<at::Tensor>& act_qparams, int64_t out_channels) {
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op, ": expected input to be a floating tensor, got ",
-              input.scalar_type());
+void check_bias_and_act_qparams(const char* op, const at::Device& device, const c10::optional<at::Tensor>& bias,
+                                const c10::optional<at::Tensor>& act_qparams, int64_t out_channels) {
   if (bias.has_value()) {
     TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": expected bias to be floating, got ",
                 bias->scalar_type());
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels, op, ": expected bias of shape [",
                 out_channels, "], got ", bias->sizes());
-    TORCH_CHECK(bias->device() == input.device(), op, ": expected bias on ", input.device(), ", got ",
-                bias->device());
+    TORCH_CHECK(bias->device() == device, op, ": expected bias on ", device, ", got ", bias->device());
   }
   if (act_qparams.has_value()) {
     TORCH_CHECK(act_qparams->scalar_type() == at::kFloat && act_qparams->dim() == 1 &&
                     act_qparams->size(0) == 4,
                 op, ": expected act_qparams to be float32[4] (scale, zero_point, qmin, qmax), got ",
                 act_qparams->scalar_type(), act_qparams->sizes());
-    TORCH_CHECK(act_qparams->is_cpu() || act_qparams->device() == input.device(), op,
-                ": expected act_qparams on the CPU or on ", input.device(), ", got ", act_qparams->device());
+    TORCH_CHECK(act_qparams->is_cpu() || act_qparams->device() == device, op,
+                ": expected act_qparams on the CPU or on ", device, ", got ", act_qparams->device());
   }
+}
+
+void check_bias_and_act(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& bias,
+                        const c10::optional<at::Tensor>& act_qparams, int64_t out_channels) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op, ": expected input to be a floating tensor, got ",
+              input.scalar_type());
+  check_bias_and_act_qparams(op, input.device(), bias, act_qparams, out_channels);
 }
 
 void check_act_qparams_values(const char* op, double scale, double zero_point, double qmin, double qmax) {
@@ -183,17 +187,7 @@ std::vector<int64_t> check_stored_conv2d_args(const char* op, const at::Tensor& 
               " output channels, got groups = ", groups);
   TORCH_CHECK(input.size(1) == code_shape[0] * groups, op, ": expected input with ", code_shape[0] * groups,
               " channels (code_shape ", code_shape, " with groups = ", groups, "), got shape ", input.sizes());
-  TORCH_CHECK(input.device() == (bias.has_value() ? bias->device() : input.device()), op, ": expected bias on ",
-              input.device());
-  if (bias.has_value()) {
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()) && bias->dim() == 1 && bias->size(0) == out_channels, op,
-                ": expected bias floating [", out_channels, "], got ", bias->scalar_type(), bias->sizes());
-  }
-  if (act_qparams.has_value()) {
-    TORCH_CHECK(act_qparams->scalar_type() == at::kFloat && act_qparams->dim() == 1 && act_qparams->size(0) == 4, op,
-                ": expected act_qparams to be float32[4] (scale, zero_point, qmin, qmax), got ",
-                act_qparams->scalar_type(), act_qparams->sizes());
-  }
+  check_bias_and_act_qparams(op, input.device(), bias, act_qparams, out_channels);
   return conv2d_output_shape(op, input, out_channels, code_shape[1], code_shape[2], stride, padding, dilation);
 }
 

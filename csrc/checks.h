@@ -28,7 +28,11 @@ void check_fit_multipoint_args(const at::Tensor& weight, int64_t bits, int64_t m
 void check_multipoint_weight(const char* op, const at::Tensor& codes, const at::Tensor& scales,
                              const at::Tensor& num_points, int64_t code_dims);
 
-// Optional bias float[C] and activation qparams float32[4] = (scale, zero_point, qmin, qmax).
+// Optional bias floating [out_channels] on `device` and activation qparams float32[4] = (scale,
+// zero_point, qmin, qmax) on the CPU or on `device`.
+void check_bias_and_act_qparams(const char* op, const at::Device& device, const c10::optional<at::Tensor>& bias,
+                                const c10::optional<at::Tensor>& act_qparams, int64_t out_channels);
+// The same, on a floating input (its device).
 void check_bias_and_act(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& bias,
                         const c10::optional<at::Tensor>& act_qparams, int64_t out_channels);
 
