@@ -453,8 +453,8 @@ PreparedInt8 expand_points(const at::Tensor& point_codes, const at::Tensor& poin
   return p;
 }
 
-// y[i, extra_channel[r]] += e[i, r] for every row i (pixel) of e [rows, Re'] and y [rows, C], both
-// row-major (channels last).
+// y[i, extra_channel[r]] += e[i, r] for every input row i of e [rows, Re'] and y [rows, C], both
+// row-major: the Linear int8 path's further points (convolutions add theirs as runs, combine_points).
 void add_extra_points(const at::Tensor& e, const at::Tensor& extra_channel, at::Tensor& y) {
   const float* src = e.data_ptr<float>();
   float* dst = y.data_ptr<float>();
@@ -519,6 +519,15 @@ at::Tensor call_qlinear(const at::Tensor& qx, double x_scale, int64_t x_zp, cons
 }
 
 std::vector<double> qparam_values(const ActQuant& q) { return {q.scale, q.zero_point, q.qmin, q.qmax}; }
+
+// The cache key values of a convolution's prepared form: its tag (0 dense weight, 2 combined int8
+// rows, 3 depthwise), then w_bits, groups, stride, padding and dilation.
+std::vector<double> conv_key(double tag, int64_t w_bits, int64_t groups, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation) {
+  std::vector<double> key = {tag, double(w_bits), double(groups)};
+  for (auto v : {stride, padding, dilation}) key.insert(key.end(), v.begin(), v.end());
+  return key;
+}
 
 std::vector<at::Tensor> weight_tensors(const at::Tensor& point_codes, const at::Tensor& point_scales,
                                        const at::Tensor& num_points, const c10::optional<at::Tensor>& bias) {
@@ -731,10 +740,9 @@ at::Tensor multipoint_conv2d_stored_cpu(const at::Tensor& input, const at::Tenso
   const auto out_shape = check_multipoint_conv2d_args(
       input, at::empty(shape, point_codes.options().dtype(at::kChar)), at::empty({C, 0}, point_scales.options()),
       at::zeros({C}, num_points.options()), bias, act_qparams, stride, padding, dilation, groups);
-  std::vector<double> geometry = {double(int8), double(w_bits), double(groups)};
-  for (auto v : {stride, padding, dilation}) geometry.insert(geometry.end(), v.begin(), v.end());
   if (dense) {
-    auto p = cache().get<PreparedDense>(weight_tensors(point_codes, point_scales, num_points, bias), geometry, [&] {
+    auto p = cache().get<PreparedDense>(weight_tensors(point_codes, point_scales, num_points, bias),
+                                        conv_key(0.0, w_bits, groups, stride, padding, dilation), [&] {
       return PreparedDense{dense_from_stored(point_codes, point_scales, num_points, w_bits, code_shape, at::kFloat)};
     });
     const auto x = fake_quantize_input(input, act_qparams, q);
@@ -1145,11 +1153,10 @@ std::shared_ptr<PreparedCombined> prepared_combined(const char* op, const at::Te
                                                     const c10::optional<at::Tensor>& bias, const ActQuant& q,
                                                     at::IntArrayRef stride, at::IntArrayRef padding,
                                                     at::IntArrayRef dilation, int64_t groups) {
-  std::vector<double> geometry = {2.0, double(w_bits), double(groups)};
-  for (auto v : {stride, padding, dilation}) geometry.insert(geometry.end(), v.begin(), v.end());
+  auto key = conv_key(2.0, w_bits, groups, stride, padding, dilation);
   const auto values = qparam_values(q);
-  geometry.insert(geometry.end(), values.begin(), values.end());
-  return cache().get<PreparedCombined>(weight_tensors(point_codes, point_scales, num_points, bias), geometry, [&] {
+  key.insert(key.end(), values.begin(), values.end());
+  return cache().get<PreparedCombined>(weight_tensors(point_codes, point_scales, num_points, bias), key, [&] {
     check_stored(op, point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape));
     auto c = combine_points(expand_points(point_codes, point_scales, num_points, w_bits, code_shape, bias, groups),
                             num_points.size(0), groups);
@@ -1245,11 +1252,8 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
                      at::MemoryFormat::ChannelsLast);
   }
   const auto weights = weight_tensors(point_codes, point_scales, num_points, bias);
-  std::vector<double> geometry = {double(w_bits), double(groups)};
-  for (auto v : {stride, padding, dilation}) geometry.insert(geometry.end(), v.begin(), v.end());
   if (choice == "depthwise") {
-    geometry.insert(geometry.begin(), 3.0);
-    auto p = cache().get<PreparedDepthwise>(weights, geometry, [&] {
+    auto p = cache().get<PreparedDepthwise>(weights, conv_key(3.0, w_bits, groups, stride, padding, dilation), [&] {
       const auto w = dense_from_stored(point_codes, point_scales, num_points, w_bits, code_shape, at::kFloat);
       return PreparedDepthwise{w.reshape({C, taps}).t().contiguous(),
                                bias.has_value() ? bias->to(at::kFloat).contiguous() : at::zeros({C}, at::kFloat)};
@@ -1263,8 +1267,8 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
     });
   }
   if (choice == "dense") {
-    geometry.insert(geometry.begin(), 0.0);  // the same key as multipoint_conv2d_stored's paths
-    auto p = cache().get<PreparedDense>(weights, geometry, [&] {
+    // The same key as multipoint_conv2d_stored's dense path: one decoded weight for both ops.
+    auto p = cache().get<PreparedDense>(weights, conv_key(0.0, w_bits, groups, stride, padding, dilation), [&] {
       return PreparedDense{dense_from_stored(point_codes, point_scales, num_points, w_bits, code_shape, at::kFloat)};
     });
     const auto b = bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt;
