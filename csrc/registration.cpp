@@ -2,6 +2,8 @@
 // csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels for tracing live in python/mpq/ops.py.
 #include <torch/library.h>
 
+#include "cpu/multipoint_layers.h"
+
 #include <sstream>
 #include <string>
 
@@ -151,6 +153,10 @@ TORCH_LIBRARY(mpq, m) {
   // CPU output is channels_last.
   m.def("max_pool2d_levels(Tensor levels, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
         "bool ceil_mode) -> Tensor");
+
+  // Whether the CPU int8 paths compute w_bits-bit weight codes exactly here (oneDNN without VNNI
+  // saturates 8-bit codes; csrc/cpu/multipoint_stored.cpp): where not, "auto" takes the float path.
+  m.def("int8_kernels_exact(int w_bits) -> bool", &mpq::int8_kernels_exact);
 
   // Build facts (mpq version, torch version, CUDA kernels and architectures) as a JSON string.
   m.def("_build_info() -> str", &mpq::build_info);

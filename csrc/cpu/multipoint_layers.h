@@ -8,6 +8,11 @@
 
 namespace mpq {
 
+// Whether oneDNN's int8 kernels compute w_bits-bit codes exactly on this CPU (8-bit codes need VNNI:
+// without it their uint8 x int8 pair sums saturate int16). The CPU int8 paths follow it; Python asks
+// through mpq::int8_kernels_exact.
+bool int8_kernels_exact(int64_t w_bits);
+
 at::Tensor dequantize_multipoint_cpu(const at::Tensor& codes, const at::Tensor& scales,
                                      const at::Tensor& num_points, at::ScalarType dtype);
 

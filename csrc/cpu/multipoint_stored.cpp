@@ -28,12 +28,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>
 #include <numeric>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <unordered_map>
@@ -50,6 +53,35 @@ namespace mpq {
 // ---- stored form <-> codes [C, P, D] -------------------------------------------------------------
 
 int64_t stored_row_bytes(int64_t D, int64_t w_bits) { return (D * w_bits + 7) / 8; }
+
+// Whether oneDNN's int8 kernels compute codes of w_bits bits exactly. Without VNNI (AVX2 or
+// AVX-512 CPUs before Cascade Lake, or any CPU under an ONEDNN_MAX_CPU_ISA cap below it) they
+// multiply uint8 levels by int8 codes with vpmaddubsw, which adds each pair of products into a
+// saturating int16: exact only while 2 * 255 * max|code| <= 32767, i.e. for codes of at most 7
+// bits. With VNNI (and AMX) the products accumulate in int32. Measured: the Fashion-MNIST ResNet
+// at W8A8 (RTN) under ONEDNN_MAX_CPU_ISA=AVX2 missed its float64 recomputation by 0.097 (bound
+// 4e-5); 8-bit layers there take the float path instead.
+namespace {
+
+bool onednn_int8_has_vnni() {
+  static const bool vnni = [] {
+    const bool avx512_vnni = __builtin_cpu_supports("avx512vnni");
+    const bool avx_vnni = __builtin_cpu_supports("avxvnni");
+    const char* env = std::getenv("ONEDNN_MAX_CPU_ISA");
+    if (env == nullptr) env = std::getenv("DNNL_MAX_CPU_ISA");
+    std::string cap(env == nullptr ? "" : env);
+    for (auto& ch : cap) ch = char(std::toupper(static_cast<unsigned char>(ch)));
+    if (cap.empty() || cap == "ALL" || cap == "DEFAULT") return avx512_vnni || avx_vnni;
+    if (cap == "SSE41" || cap == "AVX" || cap == "AVX2" || cap == "AVX512_CORE") return false;
+    if (cap.rfind("AVX2_VNNI", 0) == 0) return avx_vnni;  // AVX2_VNNI, AVX2_VNNI_2: no AVX-512
+    return avx512_vnni || avx_vnni;                      // AVX512_CORE_VNNI and every ISA above it
+  }();
+  return vnni;
+}
+
+}  // namespace
+
+bool int8_kernels_exact(int64_t w_bits) { return w_bits <= 7 || onednn_int8_has_vnni(); }
 
 namespace {
 
@@ -597,7 +629,8 @@ constexpr int64_t kWeightOnlyMaxRows = 8;
 
 // weight_only_wins: Linear only (convolutions pass nullopt: no such path).
 CpuKernel choose_kernel(const char* op, c10::string_view kernel, const at::Tensor& input,
-                        const c10::optional<at::Tensor>& act_qparams, const ActQuant& q, bool int8_wins, int64_t C,
+                        const c10::optional<at::Tensor>& act_qparams, const ActQuant& q, int64_t w_bits,
+                        bool int8_wins, int64_t C,
                         c10::optional<bool> weight_only_wins = c10::nullopt) {
   if (weight_only_wins.has_value()) {
     TORCH_CHECK(kernel == "auto" || kernel == "int8" || kernel == "dense" || kernel == "weight_only", op,
@@ -607,9 +640,11 @@ CpuKernel choose_kernel(const char* op, c10::string_view kernel, const at::Tenso
     TORCH_CHECK(kernel == "auto" || kernel == "int8" || kernel == "dense", op,
                 ": expected path \"auto\", \"int8\" or \"dense\", got \"", std::string(kernel), "\"");
   }
-  const bool int8_ok = act_qparams.has_value() && input.scalar_type() == at::kFloat && int8_fits(q);
+  const bool int8_ok =
+      act_qparams.has_value() && input.scalar_type() == at::kFloat && int8_fits(q) && int8_kernels_exact(w_bits);
   TORCH_CHECK(kernel != "int8" || int8_ok, op,
-              ": path \"int8\" needs a float32 input and act_qparams with at most 256 integer levels");
+              ": path \"int8\" needs a float32 input, act_qparams with at most 256 integer levels and, for 8-bit "
+              "codes, a CPU with VNNI (oneDNN's int8 kernels saturate them without it)");
   TORCH_CHECK(kernel != "dense" || input.scalar_type() == at::kFloat, op, ": path \"dense\" needs a float32 input");
   TORCH_CHECK(kernel != "weight_only" || input.scalar_type() == at::kFloat, op,
               ": path \"weight_only\" needs a float32 input");
@@ -640,7 +675,7 @@ at::Tensor multipoint_linear_stored_cpu(const at::Tensor& input, const at::Tenso
   const int64_t rows = input.numel() / std::max<int64_t>(1, in_features);
   const bool int8_wins = rows * in_features * C >= kInt8MinLinearMacs;
   const bool weight_only_wins = rows <= kWeightOnlyMaxRows && cpu_isa() == kernels::CpuIsa::kAvx512;
-  const auto choice = choose_kernel(op, kernel, input, act_qparams, q, int8_wins, C, weight_only_wins);
+  const auto choice = choose_kernel(op, kernel, input, act_qparams, q, w_bits, int8_wins, C, weight_only_wins);
   if (choice == CpuKernel::kInt8) {
     auto p = cache().get<PreparedInt8>(weight_tensors(point_codes, point_scales, num_points, bias),
                                        {0.0, double(w_bits), double(in_features)}, [&] {
@@ -722,7 +757,7 @@ at::Tensor multipoint_conv2d_stored_cpu(const at::Tensor& input, const at::Tenso
   const int64_t taps = code_shape[1] * code_shape[2];
   const bool int8_wins = code_shape[0] >= kInt8MinGroupChannels && C / groups >= kInt8MinGroupChannels &&
                          (taps > 1 || C / groups <= code_shape[0]);
-  const auto choice = choose_kernel(op, kernel, input, act_qparams, q, int8_wins, C);
+  const auto choice = choose_kernel(op, kernel, input, act_qparams, q, w_bits, int8_wins, C);
   const bool int8 = choice == CpuKernel::kInt8, dense = choice == CpuKernel::kDense;
   if (!int8 && !dense) {  // the reference path, with its own complete checks
     const int64_t P = C ? std::max<int64_t>(1, num_points.max().item<int64_t>()) : 1;
@@ -1233,8 +1268,10 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
   }
   const bool depthwise_ok = groups == C && code_shape[0] == 1 && int8_fits(q);
   const int64_t taps = code_shape[1] * code_shape[2];
-  const bool int8_ok = int8_fits(q);
-  TORCH_CHECK(path != "int8" || int8_ok, op, ": path \"int8\" needs act_qparams with at most 256 integer levels");
+  const bool int8_ok = int8_fits(q) && int8_kernels_exact(w_bits);
+  TORCH_CHECK(path != "int8" || int8_ok, op,
+              ": path \"int8\" needs act_qparams with at most 256 integer levels and, for 8-bit codes, a CPU with "
+              "VNNI (oneDNN's int8 kernels saturate them without it)");
   TORCH_CHECK(path != "depthwise" || depthwise_ok, op,
               ": path \"depthwise\" needs groups = in_channels = out_channels and act_qparams that fit uint8");
   std::string choice(path);

@@ -12,6 +12,7 @@ from mpq._loader import load_ops_library
 load_ops_library()
 
 __all__ = [
+    "int8_kernels_exact",
     "fit_multipoint",
     "dequantize_multipoint",
     "multipoint_linear",
@@ -304,6 +305,13 @@ def max_pool2d_levels(levels: torch.Tensor, kernel_size: List[int], stride: List
     """Max pooling of uint8 activation levels ``[N, C, H, W]``: exactly the levels of the pooled
     values (quantizing is monotone). The CPU output is channels_last."""
     return torch.ops.mpq.max_pool2d_levels(levels, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def int8_kernels_exact(w_bits: int) -> bool:
+    """Whether the CPU int8 paths compute ``w_bits``-bit weight codes exactly on this CPU: 8-bit
+    codes need VNNI (oneDNN's kernels without it add pairs of uint8 x int8 products into a
+    saturating int16); where not, the ops' "auto" path takes the float path for them."""
+    return torch.ops.mpq.int8_kernels_exact(w_bits)
 
 
 # ---- fake kernels: shapes and dtypes only, for tracing -------------------------------------

@@ -120,15 +120,41 @@ def test_stored_layers_equal_the_float64_reference_element_wise(layer, grid):
             assert y.is_contiguous(memory_format=torch.channels_last), kernel
 
 
+def test_8_bit_codes_take_int8_kernels_only_where_exact():
+    """8-bit codes at their extremes against full uint8 levels: oneDNN without VNNI would saturate
+    the int16 sum of each pair of products (2 * 255 * 127 > 32767); there path "int8" refuses them
+    and "auto" computes them on the float path, within the float64 bound either way."""
+    m = _layer("conv", 32, 32, 3, 1, 1, 1, 1, bits=8, points=2)
+    codes, scales = m.unpacked()
+    codes = torch.where(codes >= 0, 127, -127).to(torch.int8)  # every product at its largest
+    m.set_weight(codes.reshape(32, 2, 32, 3, 3), scales, m.num_points, m.bias)
+    m.set_act_qparams(0.02, 0, 0, 255)
+    x = torch.full((1, 32, 6, 6), 10.0)  # level 255 everywhere
+    args = (m.point_codes, m.point_scales, m.num_points, 8, m.code_shape, m.bias, m.act_qparams, m.stride, m.padding,
+            m.dilation, m.groups)
+    with torch.no_grad():
+        ref, bound, _ = layer_bound(m, x)
+        y = m(x)
+        assert bool(((y.double() - ref).abs() <= bound).all()), float(((y.double() - ref).abs() / bound).max())
+        if mpq.ops.int8_kernels_exact(8):
+            y8 = mpq.ops.multipoint_conv2d_stored(x, *args, "int8")
+            assert bool(((y8.double() - ref).abs() <= bound).all()), float(((y8.double() - ref).abs() / bound).max())
+        else:
+            with pytest.raises(RuntimeError, match=r'multipoint_conv2d_stored: path "int8" needs .* 8-bit codes, a CPU with VNNI'):
+                mpq.ops.multipoint_conv2d_stored(x, *args, "int8")
+    assert mpq.ops.int8_kernels_exact(7) and mpq.ops.int8_kernels_exact(4)
+
+
 _ISA_CHILD = textwrap.dedent(
     """
     import sys, torch
     sys.path.insert(0, sys.argv[1])
-    import test_stored as t
+    import mpq, test_stored as t
     for layer in t.LAYERS:
         for grid in t.GRIDS:
             t.test_stored_layers_equal_the_float64_reference_element_wise(layer, grid)
-    print("ok", torch.backends.cpu.get_cpu_capability())
+    t.test_8_bit_codes_take_int8_kernels_only_where_exact()
+    print("ok", torch.backends.cpu.get_cpu_capability(), mpq.ops.int8_kernels_exact(8))
     """
 )
 
@@ -141,6 +167,9 @@ def test_int8_kernels_agree_on_every_onednn_isa(isa):
     out = subprocess.run([sys.executable, "-c", _ISA_CHILD, os.path.dirname(__file__)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
+    # This machine has AVX-512 VNNI (and AMX): only the caps below VNNI lose the exact 8-bit int8 path.
+    if mpq.ops.int8_kernels_exact(8):
+        assert out.stdout.split()[-1] == str(isa not in ("SSE41", "AVX2", "AVX512_CORE")), out.stdout
 
 
 def test_the_prepared_weight_follows_in_place_changes_and_new_weights():
