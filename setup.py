@@ -1,10 +1,14 @@
-"""Builds mpq through the project's one CMake description (CMakeLists.txt).
+"""Builds mpq's compiled part through the project's one CMake description (CMakeLists.txt):
+libmpq_ops.so and the stub mpq._C. Everything else (name, version, dependencies, packages,
+package data) is in pyproject.toml.
 
     pip install --no-build-isolation -e .      # editable: libmpq_ops.so and _C land in python/mpq/
+    pip wheel --no-build-isolation --no-deps -w dist .   # a wheel (scripts/wheel_check.sh tests one)
 
 Environment: MPQ_ENABLE_CUDA=0 skips the CUDA kernels; MPQ_CUDA_ARCHITECTURES overrides the
 architecture list (default "90": sm_90 code plus compute_90 PTX); MPQ_BUILD_DIR keeps the CMake
-build tree in a known place (default: build/).
+build tree in a known place (default: build/python, which scripts/setup.sh builds and
+scripts/test.sh and scripts/wheel_check.sh reuse: a second build compiles only what changed).
 """
 import os
 import shutil
@@ -12,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -68,14 +72,6 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    name="mpq",
-    version="0.1.0",
-    description="Multipoint post-training quantization for PyTorch",
-    package_dir={"": "python"},
-    packages=find_packages("python"),
     ext_modules=[CMakeExtension("mpq._C")],
     cmdclass={"build_ext": CMakeBuild},
-    python_requires=">=3.10",
-    install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "tqdm"],
-    entry_points={"console_scripts": ["mpq=mpq.__main__:main"]},
 )
