@@ -10,7 +10,7 @@ top-1 / top-5 on --data next to FP32, plus the top-1 agreement with FP32.
 
 Preprocessing is the model's own (``python -m mpq ... --help`` explains the choices): the
 torchvision weights' ``transforms()`` (resize 256 / center crop 224 / ImageNet mean and std for
-most), ``mpq.assets.efficientnet_lite_transform`` for ``efficientnet_lite0``.
+most), ``mpq.examples.assets.efficientnet_lite_transform`` for ``efficientnet_lite0``.
 
 Class folders map to class indices by ``--class-map``: ``sorted`` (default; the standard ImageNet
 val folder with its 1000 wnid folders), ``index`` (folder names end with the class index, e.g.

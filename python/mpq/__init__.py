@@ -8,7 +8,7 @@ from mpq._loader import build_info, library_path, load_ops_library
 
 load_ops_library()
 
-from mpq import assets, integer, nn, ops  # noqa: E402
+from mpq import integer, nn, ops  # noqa: E402
 from mpq.config import PRESETS, QuantConfig  # noqa: E402
 from mpq.fuse import fuse_activations  # noqa: E402
 from mpq.integer import integer_only  # noqa: E402

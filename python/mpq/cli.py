@@ -87,7 +87,7 @@ def imagenet_transform(resize: int = 256, crop: int = 224):
 
 
 def _preprocess(name: str, default: Callable) -> Callable:
-    from mpq import assets
+    from mpq.examples import assets
 
     if name == "auto":
         return default
@@ -146,7 +146,7 @@ def load_model(spec: str, need_weights: bool = True, preprocess: str = "auto") -
     import torch
 
     import mpq
-    from mpq import assets
+    from mpq.examples import assets
 
     if spec.startswith("torchvision:"):
         m = _torchvision_model(spec, need_weights)
@@ -608,12 +608,12 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import mpq
-    from mpq.demo import run_demo
+    from mpq.examples.assets import AssetMissing
+    from mpq.examples.demo import run_demo
 
     try:
         run_demo(json_path=args.json, seed=args.seed)
-    except mpq.assets.AssetMissing as e:
+    except AssetMissing as e:
         print(f"mpq demo: {e}", file=sys.stderr)
         return 2
     return 0
