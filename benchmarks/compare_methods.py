@@ -6,13 +6,13 @@
 
 Models and data (all offline, docs/ASSETS.md):
 - ``lite0``: EfficientNet-Lite0 (ImageNet weights); 64 seeded crops of the bundled photos for
-  calibration (``mpq.demo``); top-1 on the 20 labelled ImageNet photos, top-1 agreement and
+  calibration (``mpq.examples.demo``); top-1 on the 20 labelled ImageNet photos, top-1 agreement and
   KL(FP32 || model) on those plus 17 bundled photos.
-- ``fashion``: the project's Fashion-MNIST ResNet-14 (``mpq.fashion``, checkpoint and training
+- ``fashion``: the project's Fashion-MNIST ResNet-14 (``mpq.examples.fashion``, checkpoint and training
   script in the repo); 512 seeded training images for calibration; top-1, agreement and KL on the
   10,000 test images.
-- ``minilm``: all-MiniLM-L6-v2 sentence embeddings (``mpq.text``), its 36 Linear layers;
-  calibration and evaluation sentences of ``mpq.text``; cosine similarity to the FP32 embeddings.
+- ``minilm``: all-MiniLM-L6-v2 sentence embeddings (``mpq.examples.text``), its 36 Linear layers;
+  calibration and evaluation sentences of ``mpq.examples.text``; cosine similarity to the FP32 embeddings.
 Every column: ``output SQNR`` = 20 log10(||y|| / ||y - y_q||) of the model output vs FP32 on the
 evaluation inputs. All layers are quantized (first and last included, ``first_last="same"``),
 per-channel symmetric grids.
@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 
 import mpq
-from mpq import assets
-from mpq.demo import fidelity, load_demo_data
+from mpq.examples import assets
+from mpq.examples.demo import fidelity, load_demo_data
 from mpq.methods.ocs import ocs_nominal_bits
 from mpq.summary import model_size_bytes
 
@@ -93,7 +93,7 @@ def load_task(name: str, seed: int) -> Task:
             assets.load_efficientnet_lite0(), data.calib_batches, data.eval_images, _classifier_quality(data.labels), True,
         )
     if name == "fashion":
-        from mpq.fashion import fashion_mnist, load_fashion_resnet
+        from mpq.examples.fashion import fashion_mnist, load_fashion_resnet
 
         xtr, _ = fashion_mnist("train")
         xte, yte = fashion_mnist("test")
@@ -104,7 +104,7 @@ def load_task(name: str, seed: int) -> Task:
             load_fashion_resnet(), list(xtr[idx].split(64)), xte, _classifier_quality(yte), True,
         )
     if name == "minilm":
-        from mpq import text
+        from mpq.examples import text
 
         model, tokenizer = assets.load_minilm()
         calib = text.calibration_batches(tokenizer, text.calibration_sentences())

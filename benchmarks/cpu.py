@@ -105,8 +105,8 @@ def scripted(model: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptM
 def load_task(name: str, seed: int):
     """(model, calibration batches, evaluation images or None, quality(out, ref) or None)."""
     if name == "lite0":
-        from mpq import assets
-        from mpq.demo import fidelity, load_demo_data
+        from mpq.examples import assets
+        from mpq.examples.demo import fidelity, load_demo_data
 
         data = load_demo_data(calib_images=64, batch_size=16, seed=seed)
         return assets.load_efficientnet_lite0().eval(), data.calib_batches, data.eval_images, \
@@ -213,7 +213,7 @@ def run_minilm(repeats: int, presets: List[str], seed: int, int8_peer: bool) -> 
     README's 32 evaluation sentences at once (21 tokens) and the first alone, every variant traced
     with TorchScript, saved and loaded back. PyTorch's own int8 path for such models is dynamic
     quantization (``quantize_dynamic``, int8 weights, activations quantized per call)."""
-    from mpq import assets, text
+    from mpq.examples import assets, text
 
     model, tokenizer = assets.load_minilm()
     model.eval()

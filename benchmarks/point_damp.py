@@ -86,7 +86,7 @@ def _agreement_kl(out: torch.Tensor, ref: torch.Tensor) -> Dict[str, float]:
 def load_holdout_task(name: str, seed: int) -> Task:
     """``name``'s model with a calibration set and a selection set (``eval_inputs``), both disjoint
     from what benchmarks/compare_methods.py and the README evaluate on (module docstring)."""
-    from mpq import assets
+    from mpq.examples import assets
 
     if name == "lite0":
         photos = assets.unlabelled_photos()
@@ -101,7 +101,7 @@ def load_holdout_task(name: str, seed: int) -> Task:
             assets.load_efficientnet_lite0(), list(calib.split(16)), select, _agreement_kl, True,
         )
     if name == "fashion":
-        from mpq.fashion import fashion_mnist, load_fashion_resnet
+        from mpq.examples.fashion import fashion_mnist, load_fashion_resnet
 
         xtr, _ = fashion_mnist("train")
         idx = torch.randperm(xtr.shape[0], generator=torch.Generator().manual_seed(seed))
@@ -112,7 +112,7 @@ def load_holdout_task(name: str, seed: int) -> Task:
             load_fashion_resnet(), list(xtr[idx[:512]].split(64)), xtr[idx[512:10512]], _agreement_kl, True,
         )
     if name == "minilm":
-        from mpq import text
+        from mpq.examples import text
 
         model, tokenizer = assets.load_minilm()
         sentences = text.calibration_sentences()
@@ -128,9 +128,9 @@ def load_holdout_task(name: str, seed: int) -> Task:
 
 
 def _provenance() -> Dict:
-    """The commit, CPU model and torch version (``mpq.demo``'s), and the tracked files under csrc/
+    """The commit, CPU model and torch version (``mpq.examples.demo``'s), and the tracked files under csrc/
     and python/ that differ from the commit at run time."""
-    from mpq.demo import _provenance as commit_and_cpu
+    from mpq.examples.demo import _provenance as commit_and_cpu
 
     try:
         status = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "python"], cwd=ROOT, capture_output=True,

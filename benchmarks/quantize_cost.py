@@ -8,8 +8,8 @@ Models (all offline):
   calibrated on ``--resnet-batches`` batches of 16 random-normal 224 x 224 images (default 4: 64
   images). Its 3 x 3 convolutions of layer3/layer4 have D = 2304 / 4608 > calib_samples, the
   layers that made the old scale refit ask for 38.6 GB.
-- ``lite0``: EfficientNet-Lite0 (``mpq.assets``), the 64 calibration crops of ``mpq.demo``.
-- ``minilm``: all-MiniLM-L6-v2 (``mpq.text``), its calibration sentences.
+- ``lite0``: EfficientNet-Lite0 (``mpq.examples.assets``), the 64 calibration crops of ``mpq.examples.demo``.
+- ``minilm``: all-MiniLM-L6-v2 (``mpq.examples.text``), its calibration sentences.
 
 Each model runs in a fresh child process (so that its peak RSS is its own), at ``--threads``
 torch threads. Per stage of ``mpq.quantize`` (``QuantReport.seconds``: calibrate, sensitivity,
@@ -80,19 +80,19 @@ def load(name: str, resnet_batches: int, seed: int):
         return model, calib, (f"torchvision ResNet-50, random weights (weights=None); {resnet_batches} batches of 16 "
                               f"random-normal 224x224 images")
     if name == "lite0":
-        from mpq import assets
-        from mpq.demo import load_demo_data
+        from mpq.examples import assets
+        from mpq.examples.demo import load_demo_data
 
         data = load_demo_data(calib_images=64, batch_size=16, seed=seed)
         return assets.load_efficientnet_lite0(), data.calib_batches, \
-            "EfficientNet-Lite0 (ImageNet weights, mpq.assets); 64 calibration crops of the bundled photos (mpq.demo), batches of 16"
+            "EfficientNet-Lite0 (ImageNet weights, mpq.examples.assets); 64 calibration crops of the bundled photos (mpq.examples.demo), batches of 16"
     if name == "minilm":
-        from mpq import assets, text
+        from mpq.examples import assets, text
 
         model, tokenizer = assets.load_minilm()
         calib = text.calibration_batches(tokenizer, text.calibration_sentences())
-        return model, calib, (f"all-MiniLM-L6-v2 (mpq.assets), its 36 Linear layers; {len(text.calibration_sentences())} "
-                              f"calibration sentences of mpq.text in {len(calib)} batches by length")
+        return model, calib, (f"all-MiniLM-L6-v2 (mpq.examples.assets), its 36 Linear layers; {len(text.calibration_sentences())} "
+                              f"calibration sentences of mpq.examples.text in {len(calib)} batches by length")
     raise ValueError(f"unknown model {name!r}")
 
 

@@ -1,4 +1,4 @@
-"""Trains the Fashion-MNIST ResNet-14 that mpq ships (python/mpq/data/fashion_resnet14.pt).
+"""Trains the Fashion-MNIST ResNet-14 that mpq ships (python/mpq/examples/data/fashion_resnet14.pt).
 
     python scripts/train_fashion_resnet.py            # ~10 min on 2 idle CPU cores
 Needs `apt-get install dataset-fashion-mnist`. Writes the checkpoint and a JSON record beside it
@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mpq.fashion import CHECKPOINT, FashionResNet, fashion_mnist
+from mpq.examples.fashion import CHECKPOINT, FashionResNet, fashion_mnist
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -12,7 +12,7 @@ Python's top-5 for comparison.
     # -> resnet50_mpq.pt, resnet50_mpq.pt2, resnet50_fp32.pt, input_resnet50.pt
 
 EfficientNet-Lite0: its ImageNet weights, calibration on seeded random crops of the bundled photos
-(mpq.demo.load_demo_data); the input is the first labelled ImageNet photo, preprocessed like
+(mpq.examples.demo.load_demo_data); the input is the first labelled ImageNet photo, preprocessed like
 ImageNet evaluation. ResNet-50: torchvision's architecture with seeded random weights (no
 pretrained weights offline; its speed does not depend on them), calibration on 2 x 8 seeded
 random images, a seeded random input. Works offline with the assets of docs/ASSETS.md.
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 import mpq
-from mpq import assets
-from mpq.demo import load_demo_data
+from mpq.examples import assets
+from mpq.examples.demo import load_demo_data
 
 
 class TensorFile(nn.Module):

@@ -1,4 +1,4 @@
-"""``python -m mpq``: the command line (``mpq.cli``).
+"""``python -m mpq``: the command line (``mpq.cli``, ``main`` in ``mpq.cli.commands``).
 
     python -m mpq quantize --model MODEL --calib DIR --config W4A8 --out PATH
     python -m mpq eval     --model MODEL --data DIR [--quantized PATH]
@@ -8,7 +8,7 @@
 """
 import sys
 
-from mpq.cli import main
+from mpq.cli.commands import main
 
 if __name__ == "__main__":
     sys.exit(main())

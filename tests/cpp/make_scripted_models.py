@@ -10,7 +10,7 @@ scripted container module with buffers ``input`` and ``output`` and the int attr
 - ``small_resnet_w3a8`` / ``small_resnet_w4a16``: a small ResNet-style CNN with BatchNorm
   (folded by mpq), residual adds, a grouped and a depthwise convolution, a strided 1x1
   shortcut and a Linear head; 8-bit and float activations, up to 4 points per channel.
-- ``efficientnet_lite0_w4a8``: EfficientNet-Lite0 with its ImageNet weights (mpq.assets) on
+- ``efficientnet_lite0_w4a8``: EfficientNet-Lite0 with its ImageNet weights (mpq.examples.assets) on
   two real photos, traced (torch.jit.trace; the package's model is not scriptable). When the offline assets are missing, ``efficientnet_lite0_w4a8.skip`` holds
   the reason instead and the C++ test reports the skip.
 
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import mpq
-from mpq import assets
+from mpq.examples import assets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 from small_models import randomize_batchnorm  # noqa: E402  (tests/python/small_models.py)
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     skip.unlink(missing_ok=True)
     try:
         lite0 = assets.load_efficientnet_lite0()
-        from mpq.demo import load_demo_data
+        from mpq.examples.demo import load_demo_data
 
         # A small calibration set: the test checks C++ against Python, not accuracy.
         data = load_demo_data(calib_images=16, batch_size=8)

@@ -23,8 +23,8 @@ def one_intraop_thread():
 @pytest.fixture(scope="session")
 def lite0():
     """(EfficientNet-Lite0, demo data with 32 calibration crops, FP32 logits on the eval images)."""
-    from mpq import assets
-    from mpq.demo import load_demo_data
+    from mpq.examples import assets
+    from mpq.examples.demo import load_demo_data
 
     try:
         model = assets.load_efficientnet_lite0()

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import mpq
-from mpq import assets, cli
+from mpq import cli
+from mpq.examples import assets
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,12 +1,12 @@
-"""The project's Fashion-MNIST ResNet-14 (python/mpq/fashion.py): the committed checkpoint is the
+"""The project's Fashion-MNIST ResNet-14 (python/mpq/examples/fashion.py): the committed checkpoint is the
 one its training record describes, and multipoint beats the one-point methods on it."""
 import pytest
 import torch
 
 import mpq
-from mpq.assets import AssetMissing
-from mpq.demo import fidelity
-from mpq.fashion import checkpoint_info, fashion_mnist, load_fashion_resnet
+from mpq.examples.assets import AssetMissing
+from mpq.examples.demo import fidelity
+from mpq.examples.fashion import checkpoint_info, fashion_mnist, load_fashion_resnet
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 

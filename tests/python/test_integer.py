@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_leaves
 from torchvision.models.resnet import BasicBlock
 
 import mpq
-from mpq.demo import fidelity
+from mpq.examples.demo import fidelity
 from mpq.integer import dyadic, dyadic_tensor, layerwise_differences, round_shift, simulate_integer
 from mpq.integer.modules import IntegerAdd, IntegerClamp, IntegerConv2d, IntegerLinear, IntegerMean, IntegerRequant
 from small_models import randomize_batchnorm, small_cnn

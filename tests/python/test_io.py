@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import mpq
-from mpq import assets
+from mpq.examples import assets
 from small_models import randomize_batchnorm, small_cnn
 
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import mpq
-from mpq import assets
+from mpq.examples import assets
 from mpq.calibrate import calibrate, find_targets
-from mpq.demo import fidelity, load_demo_data
+from mpq.examples.demo import fidelity, load_demo_data
 from mpq.fold import fold_batchnorm
 from mpq.methods import LayerContext, get_method
 from mpq.bn_reestimate import reestimate_batchnorm

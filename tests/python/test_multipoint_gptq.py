@@ -60,7 +60,7 @@ def test_best_sequences_takes_each_channels_lower_error_at_its_count():
 
 
 def test_gptq_points_lower_the_kl_of_efficientnet_lite0_at_3_bits(lite0):
-    from mpq.demo import fidelity
+    from mpq.examples.demo import fidelity
 
     model, data, ref = lite0
     kl = {}

@@ -13,7 +13,7 @@ from torch import nn
 import mpq
 from small_models import randomize_batchnorm, small_cnn
 from mpq.allocate import LayerErrors, allocate_points
-from mpq.demo import fidelity
+from mpq.examples.demo import fidelity
 from mpq.fold import fold_batchnorm
 
 

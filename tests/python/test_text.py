@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import mpq
-from mpq import assets, text
+from mpq.examples import assets, text
 from mpq.calibrate import find_targets, fisher_sensitivity
 
 

@@ -64,9 +64,9 @@ def compute() -> Dict[str, Dict[str, str]]:
     import torch
 
     import mpq
-    from mpq import assets, text
-    from mpq.demo import load_demo_data
-    from mpq.fashion import fashion_mnist, load_fashion_resnet
+    from mpq.examples import assets, text
+    from mpq.examples.demo import load_demo_data
+    from mpq.examples.fashion import fashion_mnist, load_fashion_resnet
 
     torch.set_num_threads(2)
     results = {}

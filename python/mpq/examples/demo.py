@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from mpq import assets
 from mpq.config import QuantConfig
+from mpq.examples import assets
 from mpq.quantize import last_report, quantize
 from mpq.summary import model_size_bytes
 
@@ -152,9 +152,9 @@ class _DropFloatLayerWarning(logging.Filter):
 
 def run_text_demo(configs: Optional[Dict[str, QuantConfig]] = None, seed: int = 0) -> List[dict]:
     """Quantize the Linear layers of all-MiniLM-L6-v2 with each config, calibrated on
-    ``mpq.text.calibration_sentences()``, and print the cosine similarity of the embeddings of
-    ``mpq.text.evaluation_sentences()`` to FP32's (mean and minimum), one row per model."""
-    from mpq import text
+    ``mpq.examples.text.calibration_sentences()``, and print the cosine similarity of the embeddings of
+    ``mpq.examples.text.evaluation_sentences()`` to FP32's (mean and minimum), one row per model."""
+    from mpq.examples import text
 
     if configs is None:
         configs = _rtn_and_multipoint(("W4A16", "W3A16", "W4A8"), seed)

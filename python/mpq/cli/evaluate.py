@@ -1,0 +1,88 @@
+"""Top-1 / top-5 of a model on ``EvalData``, quantize-then-evaluate rows, and the versions a
+result records."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from mpq.cli.errors import UserError
+from mpq.cli.images import EvalData
+
+__all__ = ["evaluate", "quantize_and_evaluate", "versions"]
+
+
+def evaluate(model, data: EvalData, quiet: bool = True, class_map: str = "sorted", desc: str = "evaluating") -> Dict[str, Any]:
+    """Top-1 / top-5 of ``model`` on ``data``: {"top1", "top5", "correct1", "correct5", "images",
+    "seconds", "predictions" (top-1 class per image, a tensor)}."""
+    import torch
+
+    t0 = time.perf_counter()
+    c1 = c5 = n = 0
+    preds = []
+    with torch.no_grad():
+        for x, y in data.batches(quiet, desc):
+            out = model(x)
+            if not isinstance(out, torch.Tensor) or out.dim() != 2:
+                raise UserError("the model's output is not [N, classes] logits")
+            if int(y.max()) >= out.shape[1]:
+                raise UserError(
+                    f"class index {int(y.max())} is out of range for a model with {out.shape[1]} outputs (see --class-map)"
+                )
+            top = out.topk(min(5, out.shape[1]), dim=1).indices
+            c1 += int((top[:, 0] == y).sum())
+            c5 += int((top == y[:, None]).any(dim=1).sum())
+            n += y.numel()
+            preds.append(top[:, 0])
+            classes = out.shape[1]
+    if class_map == "sorted" and data.num_classes_found != classes:
+        print(
+            f"mpq: note: {data.num_classes_found} class folders for a model with {classes} outputs; with --class-map "
+            f"sorted the k-th folder counts as class k (use --class-map index or a JSON map for a subset of classes)",
+            file=sys.stderr,
+        )
+    return {"top1": c1 / n, "top5": c5 / n, "correct1": c1, "correct5": c5, "images": n,
+            "seconds": time.perf_counter() - t0, "predictions": torch.cat(preds)}
+
+
+def quantize_and_evaluate(model, calib: List[Any], cfg, data: Optional[EvalData], quiet: bool = True,
+                          reference: Optional[Any] = None, class_map: str = "sorted") -> Tuple[Any, Dict[str, Any]]:
+    """Quantize ``model`` with ``cfg`` on ``calib`` and evaluate it on ``data``: (qmodel, row)."""
+    import mpq
+
+    t0 = time.perf_counter()
+    qmodel = mpq.quantize(model, calib, cfg)
+    seconds = time.perf_counter() - t0
+    report = mpq.last_report(qmodel)
+    row: Dict[str, Any] = {
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "target_bits": cfg.budget_bits,
+        "avg_bits": report.avg_bits,
+        "size_mb": mpq.model_size_bytes(qmodel) / 1e6,
+        "quantize_seconds": seconds,
+        "float_layers": [n for n, _ in report.float_layers],
+    }
+    if data is not None:
+        res = evaluate(qmodel, data, quiet, class_map, desc=f"evaluating {cfg.method}")
+        preds = res.pop("predictions")
+        row.update(res)
+        row["eval_seconds"] = row.pop("seconds")
+        if reference is not None:
+            row["agreement"] = float((preds == reference).double().mean())
+    return qmodel, row
+
+
+def versions() -> Dict[str, Any]:
+    """{"versions": mpq, torch, torchvision, Python and platform; "build": ``mpq.build_info()``}: what a
+    result file records beside its numbers."""
+    import platform
+
+    import torch
+    import torchvision
+
+    import mpq
+
+    return {"versions": {"mpq": mpq.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                         "python": platform.python_version(), "platform": platform.platform()},
+            "build": mpq.build_info()}
