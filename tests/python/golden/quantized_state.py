@@ -61,6 +61,8 @@ def _digest(model) -> Dict[str, str]:
 
 
 def compute() -> Dict[str, Dict[str, str]]:
+    import time
+
     import torch
 
     import mpq
@@ -70,16 +72,24 @@ def compute() -> Dict[str, Dict[str, str]]:
 
     torch.set_num_threads(2)
     results = {}
+    t0 = time.perf_counter()
+
+    def done(case: str, model) -> None:
+        nonlocal t0
+        results[case] = _digest(model)
+        print(f"{case}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        t0 = time.perf_counter()
+
     lite0 = assets.load_efficientnet_lite0()
-    results["efficientnet_lite0/W4A8"] = _digest(mpq.quantize(lite0, load_demo_data(calib_images=32).calib_batches, "W4A8"))
+    done("efficientnet_lite0/W4A8", mpq.quantize(lite0, load_demo_data(calib_images=32).calib_batches, "W4A8"))
     minilm, tokenizer = assets.load_minilm()
     calib = text.calibration_batches(tokenizer, text.calibration_sentences())
-    results["minilm/W4A16"] = _digest(mpq.quantize(minilm, calib, "W4A16"))
+    done("minilm/W4A16", mpq.quantize(minilm, calib, "W4A16"))
     fashion = load_fashion_resnet()
     xtr, _ = fashion_mnist("train")
     calib = list(xtr[torch.randperm(xtr.shape[0], generator=torch.Generator().manual_seed(0))[:256]].split(64))
     for case, fields in FASHION_CASES.items():
-        results[f"fashion_resnet/{case}"] = _digest(mpq.quantize(fashion, calib, mpq.QuantConfig(**fields)))
+        done(f"fashion_resnet/{case}", mpq.quantize(fashion, calib, mpq.QuantConfig(**fields)))
     return results
 
 
