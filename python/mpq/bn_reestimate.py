@@ -49,7 +49,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from mpq.fold import _set_submodule
+from mpq.fold import set_submodule
 from mpq.nn.modules import _MultipointBase
 
 logger = logging.getLogger("mpq")
@@ -205,11 +205,11 @@ def reestimate_batchnorm(
         swapped = {n: modules[n] for n in names if n in float_modules}
         try:
             for n in swapped:
-                _set_submodule(qmodel, n, float_modules[n])
+                set_submodule(qmodel, n, float_modules[n])
             reference = output_moments(qmodel, names, batches)
         finally:
             for n, m in swapped.items():
-                _set_submodule(qmodel, n, m)
+                set_submodule(qmodel, n, m)
 
     def normalise(name: str, moments: Moments, out: torch.Tensor) -> torch.Tensor:  # train mode: this batch's statistics
         a, c = bn_affine(originals[name], *moments, reference.get(name))

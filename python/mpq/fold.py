@@ -97,7 +97,7 @@ def fold_batchnorm(
     had_bias = {conv: modules[conv].bias is not None for conv, _ in pairs}
     for conv, bn in pairs:
         _fold_into(modules[conv], modules[bn])
-        _set_submodule(model, bn, nn.Identity())
+        set_submodule(model, bn, nn.Identity())
     with torch.no_grad():
         after = model(example)
     err = output_difference(before, after)
@@ -107,7 +107,7 @@ def fold_batchnorm(
             if not had_bias[conv]:
                 c.bias = None
             c.load_state_dict(saved[conv])
-            _set_submodule(model, bn, modules[bn])
+            set_submodule(model, bn, modules[bn])
         logger.warning("mpq: BatchNorm folding changed the output by %.2e; left %d BatchNorms unfolded", err, len(pairs))
         return []
     logger.info("mpq: folded %d BatchNorm layers (output change %.1e)", len(pairs), err)
@@ -116,7 +116,8 @@ def fold_batchnorm(
     return pairs
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Puts ``module`` at the dotted path ``name`` of ``model`` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)

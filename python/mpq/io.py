@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from mpq.config import QuantConfig
-from mpq.fold import _set_submodule
+from mpq.fold import set_submodule
 from mpq.nn.modules import MultipointConv2d, MultipointLinear, _MultipointBase
 
 __all__ = ["save", "load", "read_metadata", "build_architecture", "FORMAT_VERSION"]
@@ -475,14 +475,14 @@ def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
         weight = getattr(old, "weight", None)
         if isinstance(weight, torch.Tensor):
             q = q.to(weight.device)
-        _set_submodule(target, name, q)
+        set_submodule(target, name, q)
         _stored_form_from_file(name, q, tensors, meta["format_version"])
     modules = dict(target.named_modules())
     folded = []
     for name in meta.get("folded_batchnorms", meta.get("identity_modules", [])):
         m = modules.get(name)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            _set_submodule(target, name, nn.Identity())
+            set_submodule(target, name, nn.Identity())
             folded.append(name)
     # A conv or linear kept in float may have gained a bias from BatchNorm folding.
     modules = dict(target.named_modules())

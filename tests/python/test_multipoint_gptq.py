@@ -11,7 +11,7 @@ from mpq.allocate import output_errors
 from mpq.calibrate import LayerStats
 from mpq.methods.base import LayerContext
 from mpq.methods.multipoint import gptq_points
-from mpq.quantize import _best_sequences
+from mpq.pipeline import best_sequences
 
 
 def _layer(groups: int = 2, C: int = 32, D: int = 48, seed: int = 5):
@@ -53,7 +53,7 @@ def test_best_sequences_takes_each_channels_lower_error_at_its_count():
     paths = [(torch.randint(-7, 8, (C, P, D), generator=g, dtype=torch.int8), torch.rand(C, P, generator=g)) for _ in range(2)]
     errors = torch.rand(2, C, P, generator=g, dtype=torch.float64)
     counts = torch.tensor([1, 2, 3, 3, 2, 1], dtype=torch.int32)
-    codes, scales = _best_sequences(paths, errors, counts)
+    codes, scales = best_sequences(paths, errors, counts)
     for j in range(C):
         best = int(errors[:, j, counts[j] - 1].argmin())
         assert torch.equal(codes[j], paths[best][0][j]) and torch.equal(scales[j], paths[best][1][j])

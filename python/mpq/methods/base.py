@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Tuple, Type
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
+from torch import nn
+
+from mpq.nn import MultipointConv2d, MultipointLinear
 
 if TYPE_CHECKING:  # pragma: no cover
     from mpq.calibrate import LayerStats, QuantTarget
@@ -50,13 +53,48 @@ class FittedWeight:
 
 class WeightQuantizer:
     """Base class: ``fit`` one layer. ``multipoint`` methods return nested points that
-    ``mpq.quantize`` allocates under the average-bits budget."""
+    ``mpq.quantize`` allocates under the average-bits budget.
+
+    The pipeline's hooks (``mpq.pipeline``), each with a default a method may override:
+    ``choose_bits`` (a bit width per layer before fitting), ``uses_sensitivity`` (whether the
+    Fisher sensitivity is measured for it) and ``build_module`` (the layer that runs the fit)."""
 
     name: ClassVar[str] = ""
     multipoint: ClassVar[bool] = False
 
     def fit(self, ctx: LayerContext) -> FittedWeight:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @property
+    def uses_sensitivity(self) -> bool:
+        """Whether the method weighs layers by the Fisher sensitivity (the point allocation does)."""
+        return self.multipoint
+
+    def choose_bits(
+        self,
+        targets: Sequence["QuantTarget"],
+        stats: Dict[str, "LayerStats"],
+        config: "QuantConfig",
+        sensitivity: Optional[Dict[str, torch.Tensor]] = None,
+    ) -> Dict[str, int]:
+        """Bits per layer name, chosen before fitting; layers left out get ``config.w_bits``."""
+        return {}
+
+    def build_module(
+        self, target: "QuantTarget", points: int, bits: int, has_bias: bool, codebook: Optional[torch.Tensor] = None
+    ) -> nn.Module:
+        """The empty quantized layer that replaces ``target``'s module (``set_weight`` and
+        ``set_act_qparams`` fill it): a multipoint layer with room for ``points`` points."""
+        m = target.module
+        # Built on the layer's device (no .to(): a move to a GPU would pack the still empty weight).
+        with torch.device(m.weight.device):
+            if target.kind == "linear":
+                return MultipointLinear(m.in_features, m.out_features, points, bits, bias=has_bias)
+            return MultipointConv2d(
+                m.in_channels, m.out_channels, list(m.kernel_size), points, bits, list(m.stride), list(m.padding),
+                list(m.dilation), m.groups, bias=has_bias, pre_padding=target.pre_padding,
+                same_padding=target.same_padding,
+            )
 
 
 _REGISTRY: Dict[str, Type[WeightQuantizer]] = {}

@@ -211,6 +211,12 @@ class CompandingQuantizer(WeightQuantizer):
         )
         return FittedWeight(codes[:, None, :], scales.float()[:, None], codebook=codebook.float())
 
+    def build_module(self, target, points: int, bits: int, has_bias: bool, codebook: Optional[torch.Tensor] = None) -> nn.Module:
+        """A codebook layer (``CompandedConv2d`` / ``CompandedLinear``) holding the fit's levels."""
+        if codebook is None:
+            raise ValueError(f"mpq: method 'companding' needs the fit's codebook to build layer {target.name!r}")
+        return build_companded(target, bits, codebook, has_bias)
+
 
 # ---- the layers that run it ----------------------------------------------------------------------
 

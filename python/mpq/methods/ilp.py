@@ -120,6 +120,10 @@ class ILPQuantizer(WeightQuantizer):
                 self._fits[key] = get_method(config.ilp_rounding).fit(LayerContext(target, w, stats, bits, 1, config))
         return self._fits[key]
 
+    @property
+    def uses_sensitivity(self) -> bool:
+        return True  # the integer program weighs each layer's output error by it
+
     def choose_bits(
         self,
         targets: Sequence["QuantTarget"],

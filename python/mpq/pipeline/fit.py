@@ -1,0 +1,84 @@
+"""Stage 3, fit: the per-channel weights of the output errors (Fisher sensitivity), then every
+layer fitted once by the configured method with up to ``max_points`` points (the first k points
+are the k-point fit), with the output error of each channel at each point count."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from mpq.allocate import LayerErrors, output_energy, output_errors
+from mpq.calibrate import QuantTarget, fisher_sensitivity
+from mpq.config import QuantConfig
+from mpq.methods import FittedWeight, LayerContext, WeightQuantizer
+from mpq.pipeline.prepare import Prepared
+from mpq.pipeline.statistics import Calibrated
+
+logger = logging.getLogger("mpq")
+
+__all__ = ["LayerFit", "layer_sensitivity", "fit_layers"]
+
+
+@dataclass
+class LayerFit:
+    """One layer's fit: its points, their output errors and what the allocation weighs them by."""
+
+    target: QuantTarget
+    weight: torch.Tensor  # [C, D] float32, BatchNorm folded
+    bits: int  # code width
+    fitted: FittedWeight  # codes [C, P, D], scales [C, P], optional bias / counts / alternatives / codebook
+    errors: LayerErrors  # output error per channel and point count, cost, sensitivity
+    energy: torch.Tensor  # [C] float64: the channels' output energy (SQNR)
+    # Point sequences [(codes, scales)] (the fit's own first) and their output errors [S, C, P],
+    # when the method offers alternatives: each channel keeps the best at its allocated count.
+    paths: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+    path_errors: Optional[torch.Tensor] = None
+    seconds: float = 0.0
+
+    @property
+    def points(self) -> int:
+        return self.fitted.codes.shape[1]
+
+
+def layer_sensitivity(prep: Prepared, cal: Calibrated, cfg: QuantConfig, method: WeightQuantizer) -> Optional[Dict[str, torch.Tensor]]:
+    """Per layer, the weight [C] of each output channel's error in the model's output (diagonal
+    Fisher), where the method allocates by it; None: relative sensitivity (1 / layer energy)."""
+    if not method.uses_sensitivity or cfg.sensitivity == "relative":
+        return None
+    output = "gaussian" if cfg.sensitivity == "fisher_gaussian" else "auto"
+    sensitivity = fisher_sensitivity(prep.model, cal.targets, prep.batches[: cfg.sensitivity_batches], output, prep.generator)
+    if sensitivity is None:
+        logger.info("mpq: the model's output has no floating tensor; using relative sensitivity")
+    return sensitivity
+
+
+def fit_layers(
+    cal: Calibrated, cfg: QuantConfig, method: WeightQuantizer, sensitivity: Optional[Dict[str, torch.Tensor]]
+) -> List[LayerFit]:
+    # A method may choose each layer's bit width before fitting (ILP bit allocation).
+    chosen_bits = method.choose_bits(cal.targets, cal.stats, cfg, sensitivity)
+    fits = []
+    for t in cal.targets:
+        tl = time.perf_counter()
+        w = t.weight_matrix().to(torch.float32)
+        special = t.role != "inner"
+        bits = 8 if special else chosen_bits.get(t.name, cfg.w_bits)
+        s = cal.stats[t.name]
+        fit = method.fit(LayerContext(t, w, s, bits, 1 if special else cfg.max_points, cfg))
+        e = output_errors(w.cpu(), fit.levels().cpu(), fit.scales.cpu(), s, t.groups)
+        paths = path_errors = None
+        if fit.alternatives:  # each channel will keep the sequence that is best at its count
+            paths = [(fit.codes, fit.scales)] + list(fit.alternatives)
+            path_errors = torch.stack([e] + [output_errors(w.cpu(), c.cpu(), a.cpu(), s, t.groups) for c, a in fit.alternatives])
+            e = path_errors.amin(0)
+        energy = output_energy(w.cpu(), s, t.groups)
+        if sensitivity is not None and t.name in sensitivity:
+            sens = sensitivity[t.name].double()
+        else:
+            sens = torch.full((w.shape[0],), 1.0 / max(float(energy.sum()), 1e-30), dtype=torch.float64)
+        errors = LayerErrors(e, w.shape[1], w.shape[1] * bits + cfg.scale_bits, sens)
+        fits.append(LayerFit(t, w, bits, fit, errors, energy, paths, path_errors, time.perf_counter() - tl))
+    return fits

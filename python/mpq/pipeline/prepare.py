@@ -1,0 +1,72 @@
+"""Stage 1, prepare: check the arguments, open the calibration data, find the quantizable layers
+and copy the model (unless in place) onto the device where calibration and fitting run."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Iterable, List, Tuple, Union
+
+import torch
+from torch import nn
+
+from mpq.calibrate import CalibrationBatches, QuantTarget, collect_batches, find_targets
+from mpq.config import QuantConfig
+
+__all__ = ["Prepared", "prepare", "resolve_device"]
+
+
+@dataclass
+class Prepared:
+    model: nn.Module  # the model being quantized: the user's copy (or the model itself, in place), eval, on device
+    targets: List[QuantTarget]  # its quantizable layers
+    skipped: List[Tuple[str, str]]  # weighted layers that stay in float: (name, reason)
+    batches: CalibrationBatches  # the calibration inputs, read in one pass
+    device: torch.device
+    generator: torch.Generator  # seeded by config.seed: every random draw of the pipeline
+
+
+def resolve_device(model: nn.Module, device: Union[str, torch.device, None]) -> torch.device:
+    """``device``, or the model's (its first parameter's; the CPU without parameters)."""
+    params = list(model.parameters())
+    inferred = device is None
+    if device is None:
+        device = params[0].device if params else torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"mpq.quantize: expected device to be a torch.device or a device string, got {device!r} ({e})") from None
+    if device.type == "meta":
+        raise ValueError(
+            "mpq.quantize: expected device to hold data, got the meta device"
+            + (" (where the model's parameters are: load its weights first)" if inferred else "")
+        )
+    return device
+
+
+def prepare(
+    model: nn.Module, calib_loader: Iterable, cfg: QuantConfig, *, inplace: bool, device: Union[str, torch.device, None]
+) -> Prepared:
+    """Checks everything before any work: the model, ``inplace``, ``device``, the first calibration
+    batch and the model's parameters; then copies the model (unless ``inplace``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"mpq.quantize: expected model to be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"mpq.quantize: expected inplace to be a bool, got {type(inplace).__name__}")
+    device = resolve_device(model, device)
+    batches = collect_batches(calib_loader, cfg.calib_batches, device, keep=cfg.sensitivity_batches)
+    # The trial search for quantizable layers runs on the user's model without touching it.
+    targets, skipped = find_targets(model, cfg)
+    if not targets:
+        raise ValueError(
+            "mpq.quantize: the model has no quantizable layer (Conv2d or Linear)"
+            + (f"; kept in float: {skipped}" if skipped else "")
+        )
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            raise ValueError(f"mpq.quantize: parameter {name!r} of model is on the meta device (it holds no values)")
+        if not torch.isfinite(p).all():
+            raise ValueError(f"mpq.quantize: parameter {name!r} of model contains NaN or inf")
+    qmodel = model if inplace else copy.deepcopy(model)
+    qmodel.eval().to(device)
+    targets, skipped = find_targets(qmodel, cfg)
+    return Prepared(qmodel, targets, skipped, batches, device, torch.Generator().manual_seed(cfg.seed))
