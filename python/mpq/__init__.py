@@ -12,6 +12,7 @@ models and data (``mpq.examples``) only when imported by name.
 from typing import TYPE_CHECKING
 
 from mpq._loader import build_info, library_path, load_ops_library
+from mpq.version import __version__
 
 load_ops_library()
 
@@ -27,7 +28,6 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from mpq.integer import integer_only
     from mpq.plots import plot_allocation
 
-__version__ = "0.1.0"
 
 # name -> (module, attribute of that module or None for the module itself), imported on first use
 _LAZY = {

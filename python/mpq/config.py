@@ -186,7 +186,7 @@ class QuantConfig:
         ):
             if getattr(self, name) not in allowed:
                 fail(name, f"to be one of {allowed}")
-        from mpq.methods import available  # the registry: methods may be added by plugins
+        from mpq.methods.base import available  # the registry: methods may be added by plugins
 
         if self.method not in available():
             fail("method", f"to be one of {available()}")

@@ -47,6 +47,8 @@ from torch import nn
 from mpq.config import QuantConfig
 from mpq.fold import set_submodule
 from mpq.nn.modules import MultipointConv2d, MultipointLinear, _MultipointBase
+from mpq.pipeline.report import last_report
+from mpq.version import __version__
 
 __all__ = ["save", "load", "read_metadata", "build_architecture", "FORMAT_VERSION"]
 
@@ -221,9 +223,6 @@ def save(
     """
     from safetensors.torch import save_file
 
-    import mpq
-    from mpq.quantize import last_report
-
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"mpq.save: expected qmodel to be a torch.nn.Module, got {type(qmodel).__name__}")
     if isinstance(qmodel, torch.jit.ScriptModule):
@@ -266,7 +265,7 @@ def save(
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "mpq_version": mpq.__version__,
+        "mpq_version": __version__,
         "torch_version": torch.__version__,
         "config": config.to_dict() if config is not None else None,
         "seed": config.seed if config is not None else None,

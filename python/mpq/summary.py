@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mpq.nn.modules import _MultipointBase
+from mpq.pipeline.report import last_report
 
 __all__ = ["summary", "model_size_bytes"]
 
@@ -42,8 +43,6 @@ def summary(qmodel: nn.Module) -> str:
     avg = total_bits / total_weights if total_weights else float("nan")
     out.append(f"{len(rows)} multipoint layers, {int(total_weights)} weights, {avg:.3f} bits per weight on average")
     out.append(f"{len(floats)} layers in float" + (f": {', '.join(floats)}" if floats else ""))
-    from mpq.quantize import last_report
-
     report = last_report(qmodel)
     for check in report.simulation_checks if report is not None else []:
         out.append(

@@ -75,3 +75,19 @@ def test_examples_and_cli_import_on_demand():
         "                  'demo': 'mpq.examples.demo' in sys.modules, 'main': callable(main)}))\n"
     )
     assert out == {"checkpoint": True, "demo": False, "main": True}
+
+
+def test_imports_flow_one_way():
+    """The package's import graph (every import statement, also inside functions, except under
+    TYPE_CHECKING) has no cycle: scripts/import_graph.py draws it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("import_graph", Path(__file__).parents[2] / "scripts" / "import_graph.py")
+    graph_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph_module)
+    graph = graph_module.import_graph()
+    assert {"mpq", "mpq.quantize", "mpq.pipeline.fit", "mpq.config", "mpq.methods.base"} <= set(graph)
+    assert "mpq.methods.base" in graph["mpq.config"]  # the registry, found by the graph
+    assert graph_module.cycles(graph) == []
+    # a cycle is found: the check itself works
+    assert graph_module.cycles({**graph, "mpq.ops": graph["mpq.ops"] | {"mpq.quantize"}}) != []
