@@ -174,7 +174,7 @@ def collect_batches(
     return CalibrationBatches(calib_loader, max_batches, keep, device)
 
 
-class _Reservoir:
+class Reservoir:
     """Uniform sample of at most ``capacity`` rows over a stream: every row gets a random key and
     the rows with the smallest keys are kept."""
 
@@ -262,8 +262,8 @@ class _Recorder:
         self.count = 0
         self.row_sum: Optional[torch.Tensor] = None  # [groups, D] float64, over all sampled rows
         self.row_count = 0
-        self.rows = _Reservoir(capacity, generator)
-        self.values = _Reservoir(ACT_SAMPLE_SIZE, generator)
+        self.rows = Reservoir(capacity, generator)
+        self.values = Reservoir(ACT_SAMPLE_SIZE, generator)
         self.generator = generator
         self.capacity = capacity
         self.lo = float("inf")

@@ -295,7 +295,8 @@ def _check_architecture_spec(spec: str) -> None:
 # ---- load ----------------------------------------------------------------------------------------
 
 
-def _is_torchscript(path: Path) -> bool:
+def is_torchscript_file(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip file) rather than an mpq.save file."""
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"  # TorchScript archives are zip files
 
@@ -422,7 +423,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"mpq.load: {path}: no such file")
-    if _is_torchscript(path):
+    if is_torchscript_file(path):
         if model is not None:
             raise ValueError(
                 f"mpq.load: {path} is a TorchScript archive, which holds its own architecture; "

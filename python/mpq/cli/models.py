@@ -115,7 +115,7 @@ def load_model(spec: str, need_weights: bool = True, preprocess: str = "auto") -
         path = Path(spec)
         if not path.is_file():
             raise UserError(f"--model {spec}: a folder, expected a model file")
-        if mpq.io._is_torchscript(path):
+        if mpq.io.is_torchscript_file(path):
             module = mpq.load(path)  # TorchScript: code and tensors, no architecture needed
             m = LoadedModel(module, imagenet_transform(), f"{path.name} (TorchScript)", None, "torchscript")
         else:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from mpq.activation import activation_qparams
-from mpq.calibrate import ACT_SAMPLE_SIZE, _Reservoir
+from mpq.calibrate import ACT_SAMPLE_SIZE, Reservoir
 from mpq.integer.dyadic import common_shift
 from mpq.integer.modules import (
     DequantizeOutput,
@@ -97,7 +97,7 @@ class _NodeStats:
     def __init__(self, generator: torch.Generator):
         self.lo = math.inf
         self.hi = -math.inf
-        self.values = _Reservoir(ACT_SAMPLE_SIZE, generator)
+        self.values = Reservoir(ACT_SAMPLE_SIZE, generator)
         self.generator = generator
 
     def add(self, t: torch.Tensor) -> None:

@@ -56,9 +56,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from mpq.methods.adaround import _factor
 from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, register
-from mpq.methods.uniform import channel_scales, grid_max, layer_hessian
+from mpq.methods.uniform import channel_scales, grid_max, layer_hessian, low_rank_factor
 
 __all__ = ["AdaQuantQuantizer", "adaquant_quantize", "centred_moment", "layer_problem"]
 
@@ -88,7 +87,7 @@ def layer_problem(
     W = w.float().cpu().reshape(G, C // G, D)
     s = scale.float().cpu().reshape(G, C // G, 1)
     live = s > 0
-    F = _factor(H)  # H = F F^T, [G, D, r], or None: use H
+    F = low_rank_factor(H)  # H = F F^T, [G, D, r], or None: use H
     Hf = H.float().cpu()
 
     def times_h(d: torch.Tensor) -> torch.Tensor:

@@ -31,36 +31,17 @@ output error per weight is far above lambda (std-1 weights), raise ``adaround_la
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
 from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, register
-from mpq.methods.uniform import channel_scales, grid_max, layer_hessian
+from mpq.methods.uniform import channel_scales, grid_max, layer_hessian, low_rank_factor
 
 __all__ = ["AdaRoundQuantizer", "adaround_quantize"]
 
 ZETA, GAMMA = 1.1, -0.1
 WARMUP = 0.2
 BETA_START, BETA_END = 20.0, 2.0
-
-
-def _factor(H: torch.Tensor) -> Optional[torch.Tensor]:
-    """F [G, D, r] float32 with F F^T = H (eigenvalues below 1e-9 of the largest dropped) when
-    r <= D / 4, else None. The gradient dW F F^T then costs 2 C D r instead of C D^2 per step:
-    much less where the calibration rows are fewer than D (a classifier fed one pooled row per
-    image has rank <= the number of calibration images)."""
-    D = H.shape[-1]
-    if D < 64:
-        return None
-    evals, evecs = torch.linalg.eigh(H.double().cpu())
-    keep = evals > 1e-9 * evals.amax(dim=-1, keepdim=True).clamp_min(1e-300)
-    r = max(1, int(keep.sum(-1).max()))
-    if r > D // 4:
-        return None
-    # eigh sorts ascending: the r largest are the last r (zeroed where a group has fewer).
-    lam = (evals * keep).clamp_min(0)[:, -r:]
-    return (evecs[:, :, -r:] * lam.sqrt()[:, None, :]).float()
 
 
 def adaround_quantize(
@@ -98,7 +79,7 @@ def adaround_quantize(
     # h(V0) = rest: sigmoid(V0) = (rest - gamma) / (zeta - gamma)
     V = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
     V.grad = torch.zeros_like(V)
-    F = _factor(H)  # H = F F^T, [G, D, r], or None: use H
+    F = low_rank_factor(H)  # H = F F^T, [G, D, r], or None: use H
     Hf = H.float().cpu()
     opt = torch.optim.Adam([V], lr=lr)
     warm = int(WARMUP * iters)

@@ -156,3 +156,21 @@ def weighted_error(delta: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     C, D = delta.shape
     d = delta.double().reshape(G, C // G, D)
     return torch.einsum("grd,gde,gre->gr", d, H, d).reshape(C)
+
+
+def low_rank_factor(H: torch.Tensor) -> Optional[torch.Tensor]:
+    """F [G, D, r] float32 with F F^T = H (eigenvalues below 1e-9 of the largest dropped) when
+    r <= D / 4, else None. The gradient dW F F^T then costs 2 C D r instead of C D^2 per step:
+    much less where the calibration rows are fewer than D (a classifier fed one pooled row per
+    image has rank <= the number of calibration images)."""
+    D = H.shape[-1]
+    if D < 64:
+        return None
+    evals, evecs = torch.linalg.eigh(H.double().cpu())
+    keep = evals > 1e-9 * evals.amax(dim=-1, keepdim=True).clamp_min(1e-300)
+    r = max(1, int(keep.sum(-1).max()))
+    if r > D // 4:
+        return None
+    # eigh sorts ascending: the r largest are the last r (zeroed where a group has fewer).
+    lam = (evals * keep).clamp_min(0)[:, -r:]
+    return (evecs[:, :, -r:] * lam.sqrt()[:, None, :]).float()
