@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "python"))  # a source build (python/mpq) before a
 
 import mpq  # noqa: E402
 from mpq.allocate import LayerErrors, allocate_points  # noqa: E402
+from mpq.layout import point_bits  # noqa: E402
 from mpq.ops import fit_multipoint  # noqa: E402
 
 CPU_REFERENCE = ROOT / "benchmarks" / "results" / "fit_speed_cpu.json"
@@ -137,13 +138,13 @@ def allocation_seconds(weights: List[Tuple[str, torch.Tensor]], host, bits: int)
     for (name, w), (_, _, sq_errors) in zip(weights, host):
         C, D = w.shape
         energy = float(w.double().pow(2).sum())
-        layers[name] = LayerErrors(sq_errors.double(), D, D * bits + 32,
+        layers[name] = LayerErrors(sq_errors.double(), D, point_bits(D, bits),
                                    torch.full((C,), 1.0 / max(energy, 1e-30), dtype=torch.float64))
     t0 = time.perf_counter()
     counts = allocate_points(layers, bits + 0.5, "model")
     seconds = time.perf_counter() - t0
     total = sum(w.numel() for _, w in weights)
-    used = sum(float(counts[name].sum()) * (w.shape[1] * bits + 32) for name, w in weights)
+    used = sum(float(counts[name].sum()) * point_bits(w.shape[1], bits) for name, w in weights)
     return seconds, used / total
 
 

@@ -547,6 +547,7 @@ def build_conv_variants(s: ConvShape, env: Env, act: Dict[str, object]):
     ``act`` holds the current input's act_qparams ("device" and "host" copies, "scale" its s as a
     float) and "out_scale", int8_cudnn's output scale."""
     import mpq
+    from mpq.layout import SLAB_K
 
     copies = [conv_multipoint_weight(s, SEED + c, env.device) for c in range(COPIES)]
     D = s.c_in * s.k * s.k
@@ -556,7 +557,7 @@ def build_conv_variants(s: ConvShape, env: Env, act: Dict[str, object]):
     packed = [torch.ops.mpq.pack_multipoint(mpq.ops.conv_codes_nhwc(codes), scales, num_points, 4, 1)
               for codes, scales, num_points in copies]
     packed_bytes = sum(t.numel() * t.element_size() for t in packed[0])
-    int8_fits = s.c_in % 16 == 0
+    int8_fits = s.c_in % SLAB_K == 0  # whole slabs of input channels (mpq::packed_int8_fits)
 
     def moved_bytes(kind: str):
         """bytes(n) a variant must move: its weight, the float16 input and output, and its own
@@ -577,7 +578,7 @@ def build_conv_variants(s: ConvShape, env: Env, act: Dict[str, object]):
     for kernel in ["dense", "igemm", "int8", "auto"]:
         name = f"mpq_{kernel}"
         if kernel == "int8" and not int8_fits:
-            variants[name] = {"skipped": f"C_in = {s.c_in}: the int8 kernel needs C_in % 16 == 0"}
+            variants[name] = {"skipped": f"C_in = {s.c_in}: the int8 kernel needs C_in % {SLAB_K} == 0"}
             continue
         if kernel == "igemm" and not env.half_input():
             variants[name] = {"skipped": "kernel 'igemm' needs float16/bfloat16 input"}

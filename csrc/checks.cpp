@@ -7,9 +7,20 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/layout.h"
 #include "kernels/packed_layout.h"
 
 namespace mpq {
+
+void check_w_bits(const char* op, int64_t w_bits, const char* name) {
+  TORCH_CHECK(w_bits >= layout::kMinWBits && w_bits <= layout::kMaxWBits, op, ": expected ", name, " in ",
+              layout::kMinWBits, "..", layout::kMaxWBits, ", got ", w_bits);
+}
+
+void check_max_points(const char* op, int64_t max_points) {
+  TORCH_CHECK(max_points >= 1 && max_points <= layout::kMaxPoints, op, ": expected max_points in 1..",
+              layout::kMaxPoints, ", got ", max_points);
+}
 
 void check_fit_multipoint_args(const at::Tensor& weight, int64_t bits, int64_t max_points) {
   TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
@@ -18,9 +29,8 @@ void check_fit_multipoint_args(const at::Tensor& weight, int64_t bits, int64_t m
               weight.sizes());
   TORCH_CHECK(weight.size(1) >= 1, "mpq::fit_multipoint: expected weight to have D >= 1 columns, got shape ",
               weight.sizes());
-  TORCH_CHECK(bits >= 2 && bits <= 8, "mpq::fit_multipoint: expected bits in 2..8, got ", bits);
-  TORCH_CHECK(max_points >= 1 && max_points <= 64, "mpq::fit_multipoint: expected max_points in 1..64, got ",
-              max_points);
+  check_w_bits("mpq::fit_multipoint", bits, "bits");
+  check_max_points("mpq::fit_multipoint", max_points);
   if (weight.numel() > 0) {
     TORCH_CHECK(at::isfinite(weight).all().item<bool>(),
                 "mpq::fit_multipoint: weight contains NaN or inf");
@@ -197,7 +207,7 @@ void check_pack_multipoint_args(const at::Tensor& codes, const at::Tensor& scale
                                 int64_t w_bits, int64_t groups) {
   constexpr const char* op = "mpq::pack_multipoint";
   check_multipoint_weight(op, codes, scales, num_points, 3);
-  TORCH_CHECK(w_bits >= 2 && w_bits <= 8, op, ": expected w_bits in 2..8, got ", w_bits);
+  check_w_bits(op, w_bits);
   TORCH_CHECK(groups >= 1 && codes.size(0) % groups == 0, op, ": expected groups >= 1 dividing the ",
               codes.size(0), " output channels, got groups = ", groups);
   TORCH_CHECK(codes.size(0) <= (int64_t{1} << 30), op, ": expected at most 2^30 output channels, got ",

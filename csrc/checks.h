@@ -10,11 +10,18 @@
 
 namespace mpq {
 
-// fit_multipoint: weight float32/float64 [C, D] without NaN/inf, bits in 2..8, max_points in 1..64,
-// and every row's squared norm sum_d w[j, d]^2 (in float64) at most kMaxRowSquaredNorm: sq_errors are
-// float32 and the greedy errors never exceed the row's squared norm, so none overflows to inf (nor
-// do the scales, least-squares scales at most max|residual| <= ||w_j||). Syncs the device on CUDA
-// (a one-off op).
+// The code width of a multipoint weight (argument `name` of op `op`): w_bits in
+// layout::kMinWBits..kMaxWBits (csrc/kernels/layout.h).
+void check_w_bits(const char* op, int64_t w_bits, const char* name = "w_bits");
+// Points per channel: max_points in 1..layout::kMaxPoints, the bound QuantConfig and the modules
+// read through mpq::layout_constants.
+void check_max_points(const char* op, int64_t max_points);
+
+// fit_multipoint: weight float32/float64 [C, D] without NaN/inf, bits as check_w_bits, max_points as
+// check_max_points, and every row's squared norm sum_d w[j, d]^2 (in float64) at most
+// kMaxRowSquaredNorm: sq_errors are float32 and the greedy errors never exceed the row's squared
+// norm, so none overflows to inf (nor do the scales, least-squares scales at most max|residual| <=
+// ||w_j||). Syncs the device on CUDA (a one-off op).
 constexpr double kMaxRowSquaredNorm = 3.4028234663852886e38;  // FLT_MAX
 void check_fit_multipoint_args(const at::Tensor& weight, int64_t bits, int64_t max_points);
 
@@ -66,9 +73,9 @@ std::vector<int64_t> check_stored_conv2d_args(const char* op, const at::Tensor& 
 
 // ---- the packed weight (csrc/kernels/packed_layout.h) -------------------------------------------
 
-// mpq::pack_multipoint: codes int8[C, P, D], scales, num_points as check_multipoint_weight, w_bits in
-// 2..8, groups >= 1 dividing C; on the CPU also the codes of the points in use within the storage
-// range (-8..7 for w_bits <= 4).
+// mpq::pack_multipoint: codes int8[C, P, D], scales, num_points as check_multipoint_weight, w_bits
+// as check_w_bits, groups >= 1 dividing C; on the CPU also the codes of the points in use within
+// the storage range (-8..7 for w_bits <= 4).
 void check_pack_multipoint_args(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
                                 int64_t w_bits, int64_t groups);
 

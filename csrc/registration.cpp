@@ -160,4 +160,22 @@ TORCH_LIBRARY(mpq, m) {
 
   // Build facts (mpq version, torch version, CUDA kernels and architectures) as a JSON string.
   m.def("_build_info() -> str", &mpq::build_info);
+
+  // The layout rules that Python shares with the kernels (csrc/kernels/layout.h, packed_layout.h;
+  // python/mpq/layout.py reads them once), so that no rule is written twice. Any backend
+  // (csrc/cpu/layout.cpp). The constants by name: min_w_bits, max_w_bits (code widths), max_points
+  // (points per channel: 1..max_points), scale_bits, count_bits (stored point scales float32,
+  // point counts int32), int8_levels (levels of an int8 activation quantizer), and of the packed
+  // weight packed_format_version, tile_n (rows per tile), slab_k (columns per slab), k_align (Kp is
+  // D rounded up to a multiple), nibble_max_w_bits (the widest codes stored as nibbles),
+  // slab_bytes_nibble, slab_bytes_int8 (a slab's bytes), int8_max_k (the int8 kernels' largest Kp).
+  m.def("layout_constants() -> Dict(str, int)");
+  // Whether the int8 paths represent act_qparams float32[4] = (scale, zero_point, qmin, qmax)
+  // exactly: valid, integer zero point and range, at most int8_levels levels (read on the host).
+  m.def("int8_levels_fit(Tensor act_qparams) -> bool");
+  // Whether the packed int8 CUDA kernel (multipoint_{linear,conv2d}_packed, kernel "int8") computes a
+  // layer: act_qparams as int8_levels_fit, Kp <= int8_max_k, and for a convolution (code_shape
+  // [C_in/groups, kh, kw]; a Linear layer's is [in_features]) C_in/groups a multiple of slab_k and
+  // qmin <= zero_point <= qmin + int8_levels - 1. What the modules ask once when they pack.
+  m.def("packed_int8_fits(Tensor act_qparams, int[] code_shape) -> bool");
 }

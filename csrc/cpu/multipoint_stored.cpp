@@ -46,13 +46,14 @@
 #include "cpu/multipoint_layers.h"
 #include "kernels/activation_levels.h"
 #include "kernels/depthwise.h"
+#include "kernels/layout.h"
 #include "kernels/weight_only_linear.h"
 
 namespace mpq {
 
 // ---- stored form <-> codes [C, P, D] -------------------------------------------------------------
 
-int64_t stored_row_bytes(int64_t D, int64_t w_bits) { return (D * w_bits + 7) / 8; }
+int64_t stored_row_bytes(int64_t D, int64_t w_bits) { return layout::stored_row_bytes(D, w_bits); }
 
 // Whether oneDNN's int8 kernels compute codes of w_bits bits exactly. Without VNNI (AVX2 or
 // AVX-512 CPUs before Cascade Lake, or any CPU under an ONEDNN_MAX_CPU_ISA cap below it) they
@@ -84,10 +85,6 @@ bool onednn_int8_has_vnni() {
 bool int8_kernels_exact(int64_t w_bits) { return w_bits <= 7 || onednn_int8_has_vnni(); }
 
 namespace {
-
-void check_w_bits(const char* op, int64_t w_bits) {
-  TORCH_CHECK(w_bits >= 2 && w_bits <= 8, op, ": expected w_bits in 2..8, got ", w_bits);
-}
 
 // Byte index and shift of code i's lowest bit, for every code of a row of D codes.
 std::pair<at::Tensor, at::Tensor> code_bit_positions(int64_t D, int64_t w_bits, const at::Device& device) {

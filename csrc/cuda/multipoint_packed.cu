@@ -55,6 +55,7 @@
 #include "cuda/act_quant.cuh"
 #include "cuda/packed_kernels.cuh"
 #include "cuda/packed_launch.cuh"
+#include "kernels/layout.h"
 
 namespace mpq {
 namespace {
@@ -118,13 +119,8 @@ bool fused_kernels_available() {
   return known[device] == 1;
 }
 
-// Levels of act_qparams that the int8 kernel represents exactly (host values).
-bool int8_levels_fit(const float* v) {
-  const float scale = v[0], zp = v[1], qmin = v[2], qmax = v[3];
-  return scale > 0.0f && std::isfinite(scale) && std::isfinite(zp) && std::isfinite(qmin) && std::isfinite(qmax) &&
-         qmin < qmax && qmin == std::rint(qmin) && qmax == std::rint(qmax) && zp == std::rint(zp) &&
-         qmax - qmin <= 255.0f;
-}
+// Levels of act_qparams that the int8 kernel represents exactly (host values; csrc/kernels/layout.h).
+bool int8_levels_fit(const float* v) { return layout::int8_levels_fit(v[0], v[1], v[2], v[3]); }
 
 // The Launcher of packed_launch.cuh: the current stream, a workspace from the caching allocator
 // (freed when the host function returns; stream order keeps it until the kernels are done).
@@ -205,8 +201,8 @@ PackedKernel resolve_kernel(PackedKernel asked, c10::string_view name, const at:
   if (asked != PackedKernel::kAuto) {
     if (asked != PackedKernel::kDense) check_fused_available(kLinearOp, name);
     if (asked == PackedKernel::kInt8) {
-      TORCH_CHECK(kp <= kInt8MaxK, kLinearOp, ": kernel 'int8' supports in_features up to ", kInt8MaxK,
-                  " (int32 accumulators), got Kp = ", kp);
+      TORCH_CHECK(layout::packed_int8_k_fits(kp), kLinearOp, ": kernel 'int8' supports in_features up to ",
+                  kInt8MaxK, " (int32 accumulators), got Kp = ", kp);
       if (act_qparams->is_cpu()) {
         const auto v = act_qparams->contiguous();
         TORCH_CHECK(int8_levels_fit(v.data_ptr<float>()), kLinearOp,
@@ -220,7 +216,7 @@ PackedKernel resolve_kernel(PackedKernel asked, c10::string_view name, const at:
   const auto dt = input.scalar_type();
   if (!fused || (dt != at::kHalf && dt != at::kBFloat16)) return PackedKernel::kDense;
   // act_qparams on the host can be checked without a sync; on the device the caller says "int8".
-  if (act_qparams.has_value() && act_qparams->is_cpu() && kp <= kInt8MaxK &&
+  if (act_qparams.has_value() && act_qparams->is_cpu() && layout::packed_int8_k_fits(kp) &&
       int8_levels_fit(act_qparams->contiguous().data_ptr<float>())) {
     return PackedKernel::kInt8;
   }
@@ -309,12 +305,13 @@ namespace {
 constexpr const char* kConvOp = "mpq::multipoint_conv2d_packed";
 
 // The int8 kernel also needs the level of 0 in int8 (qmin <= zp <= qmin + 255) and whole slabs of
-// one pixel (16 | Cg).
+// one pixel (16 | Cg): layout::packed_int8_fits, the rule the modules ask (mpq::packed_int8_fits).
 bool conv_int8_fits(const at::Tensor& act_qparams, int64_t cg, int64_t kp) {
-  if (!act_qparams.is_cpu() || cg % kSlabK != 0 || kp > kInt8MaxK) return false;
+  if (!act_qparams.is_cpu()) return false;
   const auto v = act_qparams.contiguous();
   const float* p = v.data_ptr<float>();
-  return int8_levels_fit(p) && p[1] >= p[2] && p[1] - p[2] <= 255.0f;
+  const double q[4] = {p[0], p[1], p[2], p[3]};
+  return layout::packed_int8_fits(q, kp, /*conv=*/true, cg);
 }
 
 PackedKernel resolve_conv_kernel(PackedKernel asked, c10::string_view name, const at::Tensor& input, int64_t cg,
@@ -323,10 +320,11 @@ PackedKernel resolve_conv_kernel(PackedKernel asked, c10::string_view name, cons
   if (asked != PackedKernel::kAuto) {
     check_fused_available(kConvOp, name);
     if (asked == PackedKernel::kInt8) {
-      TORCH_CHECK(cg % kSlabK == 0, kConvOp, ": kernel 'int8' expects input channels per group (C_in / groups) ",
-                  "divisible by 16, got ", cg);
-      TORCH_CHECK(kp <= kInt8MaxK, kConvOp, ": kernel 'int8' supports kh * kw * C_in / groups up to ", kInt8MaxK,
-                  " (int32 accumulators), got Kp = ", kp);
+      TORCH_CHECK(layout::packed_int8_conv_channels_fit(cg), kConvOp,
+                  ": kernel 'int8' expects input channels per group (C_in / groups) divisible by ", kSlabK, ", got ",
+                  cg);
+      TORCH_CHECK(layout::packed_int8_k_fits(kp), kConvOp, ": kernel 'int8' supports kh * kw * C_in / groups up to ",
+                  kInt8MaxK, " (int32 accumulators), got Kp = ", kp);
       if (act_qparams->is_cpu()) {
         const auto v = act_qparams->contiguous();
         const float* p = v.data_ptr<float>();

@@ -18,6 +18,7 @@
 #include "cuda/act_quant.cuh"
 #include "cuda/shared_memory.cuh"
 #include "kernels/conv_layout.h"
+#include "kernels/layout.h"
 #include "kernels/packed_layout.h"
 
 namespace mpq {
@@ -35,8 +36,7 @@ constexpr int kElementwiseThreads = 256;
 constexpr int64_t kMaxSplits = 16;
 constexpr int64_t kGemvMaxM = 16;     // one m16 tile: memory bound, the "gemv" kernel
 constexpr int64_t kDenseMinM = 1024;  // from here on, decode once and run cuBLAS (docs/PERF.md allows it)
-// int32 accumulators of the int8 kernel: |v| <= 128, |q| <= 128, so K < 2^31 / 2^14; halved for margin.
-constexpr int64_t kInt8MaxK = 65536;
+// kInt8MaxK (the int8 kernel's largest Kp): csrc/kernels/packed_layout.h.
 
 // ---- the launch ------------------------------------------------------------------------------
 
@@ -105,11 +105,14 @@ __device__ __forceinline__ Epilogue weight_only_epilogue() { return {1.0f, 0.0f,
 // The int8 levels v = q - (qmin + 128) fit int8 when qmax - qmin <= 255 with integer qmin, qmax, zp.
 // The convolution also stores the level of 0 (v = zp - qmin - 128) in its zero padding, so it
 // needs qmin <= zp <= qmin + 255 (`zero_level`).
+// (The device-side form of layout::int8_levels_fit and int8_zero_level_fits, csrc/kernels/layout.h,
+// for act_qparams on the GPU, which the host does not read.)
 __device__ __forceinline__ Epilogue int8_epilogue(const ActParams& act, bool zero_level) {
+  constexpr float kMaxLevel = mpq::layout::kInt8Levels - 1;
   const auto q = cuda_detail::load_qparams<float>(act);
   const bool valid = q.valid && q.qmin == rintf(q.qmin) && q.qmax == rintf(q.qmax) &&
-                     q.zero_point == rintf(q.zero_point) && q.qmax - q.qmin <= 255.0f &&
-                     (!zero_level || (q.zero_point >= q.qmin && q.zero_point - q.qmin <= 255.0f));
+                     q.zero_point == rintf(q.zero_point) && q.qmax - q.qmin <= kMaxLevel &&
+                     (!zero_level || (q.zero_point >= q.qmin && q.zero_point - q.qmin <= kMaxLevel));
   return {q.scale, q.qmin + 128.0f - q.zero_point, valid};
 }
 

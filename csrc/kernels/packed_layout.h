@@ -58,6 +58,9 @@ constexpr int kSlabK = 16;       // columns per slab
 constexpr int kKAlign = 64;      // Kp is a multiple of this
 constexpr int kChunkBytes = 512; // one 16-byte vector per lane of a warp
 constexpr int kLaneBytes = 16;
+// The int8 kernels (mma.sync.m16n8k32.s8) accumulate in int32: |v| <= 128, |q| <= 128, so K < 2^31 / 2^14;
+// halved for margin. Kp is at most this for "int8".
+constexpr int64_t kInt8MaxK = 65536;
 
 MPQ_HOST_DEVICE int storage_bits(int w_bits) { return w_bits <= 4 ? 4 : 8; }
 MPQ_HOST_DEVICE int slab_bytes(int bits) { return bits == 4 ? kChunkBytes : 2 * kChunkBytes; }

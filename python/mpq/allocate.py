@@ -26,7 +26,7 @@ class LayerErrors:
 
     errors: torch.Tensor  # [C, P] float64: E_j(k) = mean over calibration rows of (x . (w_j - w_j^(k)))^2
     weights_per_channel: int  # D
-    point_bits: int  # bits of one point: D * w_bits + scale_bits
+    point_bits: int  # bits of one point in the budget: mpq.layout.point_bits(D, w_bits, config.scale_bits)
     sensitivity: torch.Tensor  # [C] float64 weight of channel j's output error
 
 

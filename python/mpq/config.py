@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
 
+from mpq.layout import MAX_W_BITS, MIN_W_BITS, SCALE_BITS, check_max_points, check_w_bits, point_bits
+
 __all__ = ["QuantConfig", "PRESETS"]
 
 CONFIG_VERSION = 1
@@ -27,17 +29,30 @@ _SCALE_REFITS = ("output", "weight", "none")
 _POINT_ROUNDINGS = ("nearest", "gptq")
 _ILP_ROUNDINGS = ("rtn", "gptq", "adaround", "adaquant")  # one-point uniform methods
 _BN_REFERENCES = ("running", "float")
+# The price of a point's scale in the budget: as stored (float32), or as a float16 deployment would.
+_SCALE_BITS = (SCALE_BITS, 16)
 
 
 @dataclass
 class QuantConfig:
     """Configuration of ``mpq.quantize``.
 
-    Weights: ``w_bits``-bit symmetric codes, up to ``max_points`` points per output channel,
-    points allocated under an average of ``avg_bits`` bits per weight (codes and 32-bit scales
-    counted; default ``w_bits + 0.5``). ``scope="model"`` lets all layers compete for the budget,
-    ``"layer"`` gives each layer the same average. ``sensitivity`` weighs the layers' output
-    errors: ``"fisher"`` (a diagonal Fisher per output channel: for [N, classes] logits the mean
+    Weights: ``w_bits``-bit symmetric codes (``mpq.layout.MIN_W_BITS``..``MAX_W_BITS``), up to
+    ``max_points`` points per output channel (1..``mpq.layout.MAX_POINTS``: the ops' bounds), points
+    allocated under an average of ``avg_bits`` bits per weight (codes and scales counted; default
+    ``w_bits + 0.5``): one point of a channel of D weights costs ``D * w_bits + scale_bits`` bits
+    (``mpq.layout.point_bits``).
+
+    ``scale_bits`` (32 or 16) is the price of a point's scale in that budget (and in ``ilp``'s), and
+    nothing else: the stored form, ``mpq.save`` files and TorchScript files hold float32 scales
+    whatever it says, and the report (``QuantReport.avg_bits``, each module's ``bits_per_weight``),
+    ``mpq.summary`` and ``mpq.model_size_bytes`` count what is stored, 32 bits per scale. With
+    ``scale_bits=16`` the allocation buys more points than ``avg_bits`` pays for at 32-bit scales,
+    and the reported average is about ``avg_bits + 16 * points / weights``: it plans for a
+    deployment that converts the scales to float16 itself.
+
+    ``scope="model"`` lets all layers compete for the budget, ``"layer"`` gives each layer the same
+    average. ``sensitivity`` weighs the layers' output errors: ``"fisher"`` (a diagonal Fisher per output channel: for [N, classes] logits the mean
     squared gradient of the cross-entropy to the model's own predictions; for any other output,
     e.g. embeddings with rows of unit norm, that of a Gaussian output model, the diagonal of
     J^T J for the squared output error), ``"fisher_gaussian"`` (the Gaussian one whatever the
@@ -116,7 +131,7 @@ class QuantConfig:
     a_bits: Optional[int] = 8
     max_points: int = 4
     avg_bits: Optional[float] = None
-    scale_bits: int = 32
+    scale_bits: int = SCALE_BITS
     scope: str = "model"
     sensitivity: str = "fisher"
     first_last: str = "same"
@@ -162,19 +177,19 @@ class QuantConfig:
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        if not is_int(self.w_bits) or not 2 <= self.w_bits <= 8:
-            fail("w_bits", "to be an int in 2..8")
+        check_w_bits("mpq.QuantConfig", self.w_bits)
         if self.a_bits is not None and (not is_int(self.a_bits) or not 2 <= self.a_bits <= 16):
             fail("a_bits", "to be None or an int in 2..16")
-        if not is_int(self.max_points) or not 1 <= self.max_points <= 16:
-            fail("max_points", "to be an int in 1..16")
+        check_max_points("mpq.QuantConfig", self.max_points)
+        if self.scale_bits not in _SCALE_BITS:
+            fail("scale_bits", f"to be one of {_SCALE_BITS}")
         if self.avg_bits is not None:
             if isinstance(self.avg_bits, bool) or not isinstance(self.avg_bits, (int, float)):
                 fail("avg_bits", "to be None or a number")
-            if not self.w_bits <= float(self.avg_bits) <= self.max_points * (self.w_bits + self.scale_bits):
-                fail("avg_bits", f"to lie between w_bits ({self.w_bits}) and max_points * (w_bits + scale_bits)")
-        if self.scale_bits not in (16, 32):
-            fail("scale_bits", "to be 16 or 32")
+            # The most a point costs per weight: a channel of one weight (D = 1).
+            most = self.max_points * point_bits(1, self.w_bits, self.scale_bits)
+            if not self.w_bits <= float(self.avg_bits) <= most:
+                fail("avg_bits", f"to lie between w_bits ({self.w_bits}) and max_points * (w_bits + scale_bits) ({most})")
         for name, allowed in (
             ("scope", _SCOPES),
             ("sensitivity", _SENSITIVITIES),
@@ -247,10 +262,10 @@ class QuantConfig:
         if (
             not isinstance(self.ilp_bits, tuple)
             or not self.ilp_bits
-            or not all(is_int(b) and 2 <= b <= 8 for b in self.ilp_bits)
+            or not all(is_int(b) and MIN_W_BITS <= b <= MAX_W_BITS for b in self.ilp_bits)
             or len(set(self.ilp_bits)) != len(self.ilp_bits)
         ):
-            fail("ilp_bits", "to be a non-empty tuple of distinct ints in 2..8")
+            fail("ilp_bits", f"to be a non-empty tuple of distinct ints in {MIN_W_BITS}..{MAX_W_BITS}")
         if self.ilp_rounding not in _ILP_ROUNDINGS:
             fail("ilp_rounding", f"to be one of {_ILP_ROUNDINGS}")
         if self.bn_reference not in _BN_REFERENCES:

@@ -28,6 +28,7 @@ from torch.nn.modules.utils import _pair
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from mpq.layout import int8_levels_fit
 from mpq.nn.fused import FusedMultipointConv2d
 from mpq.nn.modules import MultipointConv2d, _MultipointBase
 from mpq.simulate import layer_bound
@@ -45,10 +46,8 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 def _int8_levels(qp: Optional[torch.Tensor]) -> bool:
-    if qp is None:
-        return False
-    s, zp, qmin, qmax = [float(v) for v in qp.tolist()]
-    return all(float(v).is_integer() for v in (zp, qmin, qmax)) and qmax - qmin <= 255 and s > 0
+    """Whether the fused op's int8 paths take act_qparams ``qp`` (the ops' rule: ``mpq::int8_levels_fit``)."""
+    return qp is not None and int8_levels_fit(qp)
 
 
 def _eligible(m: Any) -> bool:

@@ -11,6 +11,17 @@ from mpq._loader import load_ops_library
 
 load_ops_library()
 
+from mpq.layout import (  # noqa: E402  (the shapes of the fake kernels follow the C++ layout rules)
+    MAX_POINTS,
+    MAX_W_BITS,
+    MIN_W_BITS,
+    SLAB_K,
+    TILE_N,
+    padded_k,
+    slab_bytes,
+    stored_row_bytes,
+)
+
 __all__ = [
     "int8_kernels_exact",
     "fit_multipoint",
@@ -339,8 +350,10 @@ def _check_one_device(op: str, input: Optional[torch.Tensor], codes: torch.Tenso
 @torch.library.register_fake("mpq::fit_multipoint")
 def _fit_multipoint_fake(weight, bits, max_points, exact):
     torch._check(weight.dim() == 2, lambda: "mpq::fit_multipoint: expected weight to be 2-D [C, D]")
-    torch._check(2 <= bits <= 8, lambda: f"mpq::fit_multipoint: expected bits in 2..8, got {bits}")
-    torch._check(max_points >= 1, lambda: f"mpq::fit_multipoint: expected max_points >= 1, got {max_points}")
+    torch._check(MIN_W_BITS <= bits <= MAX_W_BITS,
+                 lambda: f"mpq::fit_multipoint: expected bits in {MIN_W_BITS}..{MAX_W_BITS}, got {bits}")
+    torch._check(1 <= max_points <= MAX_POINTS,
+                 lambda: f"mpq::fit_multipoint: expected max_points in 1..{MAX_POINTS}, got {max_points}")
     C, D = weight.shape
     codes = weight.new_empty((C, max_points, D), dtype=torch.int8)
     scales = weight.new_empty((C, max_points), dtype=torch.float32)
@@ -380,12 +393,13 @@ def _multipoint_conv2d_fake(input, codes, scales, num_points, bias, act_qparams,
 
 @torch.library.register_fake("mpq::pack_points")
 def _pack_points_fake(codes, scales, num_points, w_bits):
-    torch._check(2 <= w_bits <= 8, lambda: f"mpq::pack_points: expected w_bits in 2..8, got {w_bits}")
+    torch._check(MIN_W_BITS <= w_bits <= MAX_W_BITS,
+                 lambda: f"mpq::pack_points: expected w_bits in {MIN_W_BITS}..{MAX_W_BITS}, got {w_bits}")
     D = 1
     for v in codes.shape[2:]:
         D *= v
     points = torch.library.get_ctx().new_dynamic_size()  # sum(num_points): data-dependent
-    return (codes.new_empty((points, (D * w_bits + 7) // 8), dtype=torch.uint8),
+    return (codes.new_empty((points, stored_row_bytes(D, w_bits)), dtype=torch.uint8),
             scales.new_empty((points,), dtype=torch.float32))
 
 
@@ -439,17 +453,17 @@ def _max_pool2d_levels_fake(levels, kernel_size, stride, padding, dilation, ceil
 @torch.library.register_fake("mpq::pack_multipoint")
 def _pack_multipoint_fake(codes, scales, num_points, w_bits, groups=1):
     torch._check(codes.dim() == 3, lambda: "mpq::pack_multipoint: expected codes [C, P, D]")
-    torch._check(2 <= w_bits <= 8, lambda: f"mpq::pack_multipoint: expected w_bits in 2..8, got {w_bits}")
+    torch._check(MIN_W_BITS <= w_bits <= MAX_W_BITS,
+                 lambda: f"mpq::pack_multipoint: expected w_bits in {MIN_W_BITS}..{MAX_W_BITS}, got {w_bits}")
     # The numbers of blocks and tiles depend on the point counts' values.
     ctx = torch.library.get_ctx()
     blocks = ctx.new_dynamic_size()
     tiles = ctx.new_dynamic_size()
-    kp = (codes.shape[2] + 63) // 64 * 64
-    packed = codes.new_empty((blocks, kp // 16, 512 if w_bits <= 4 else 1024), dtype=torch.uint8)
-    packed_scales = scales.new_empty((blocks, 64), dtype=torch.float32)
-    perm = num_points.new_empty((tiles * 64,), dtype=torch.int32)
+    packed = codes.new_empty((blocks, padded_k(codes.shape[2]) // SLAB_K, slab_bytes(w_bits)), dtype=torch.uint8)
+    packed_scales = scales.new_empty((blocks, TILE_N), dtype=torch.float32)
+    perm = num_points.new_empty((tiles * TILE_N,), dtype=torch.int32)
     tile_offsets = num_points.new_empty((tiles + 1,), dtype=torch.int32)
-    return packed, packed_scales, perm, tile_offsets, scales.new_empty((tiles * 64,), dtype=torch.float32)
+    return packed, packed_scales, perm, tile_offsets, scales.new_empty((tiles * TILE_N,), dtype=torch.float32)
 
 
 @torch.library.register_fake("mpq::unpack_multipoint")
@@ -464,7 +478,7 @@ def _multipoint_linear_packed_fake(
     input, packed, packed_scales, perm, tile_offsets, row_sums, out_features, bias, act_qparams, kernel="auto"
 ):
     torch._check(
-        (input.shape[-1] + 63) // 64 * 64 == packed.shape[1] * 16,
+        padded_k(input.shape[-1]) == packed.shape[1] * SLAB_K,
         lambda: "mpq::multipoint_linear_packed: input and packed disagree on D",
     )
     return input.new_empty((*input.shape[:-1], out_features))
@@ -478,7 +492,7 @@ def _multipoint_conv2d_packed_fake(
     N, C, H, W = input.shape
     kh, kw = kernel_size
     torch._check(
-        (kh * kw * (C // groups) + 63) // 64 * 64 == packed.shape[1] * 16,
+        padded_k(kh * kw * (C // groups)) == packed.shape[1] * SLAB_K,
         lambda: "mpq::multipoint_conv2d_packed: input, kernel_size and packed disagree on kh * kw * C_in / groups",
     )
     oh = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1

@@ -17,6 +17,7 @@
 
 #include "catch_compat.h"
 #include "kernels/conv_layout.h"
+#include "kernels/layout.h"
 #include "kernels/packed_layout.h"
 
 namespace {
@@ -115,6 +116,35 @@ TEST_CASE("padded_k and storage widths", "[packed_layout]") {
   CHECK(pk::storage_bits(4) == 4);
   CHECK(pk::storage_bits(5) == 8);
   CHECK(pk::storage_bits(8) == 8);
+}
+
+// The rules of csrc/kernels/layout.h, the ones Python reads through mpq::layout_constants and the
+// predicate ops (tests/python/test_layout.py checks that every Python site agrees with them).
+TEST_CASE("layout rules: stored rows and int8 eligibility", "[packed_layout][layout]") {
+  namespace ly = mpq::layout;
+  CHECK(ly::stored_row_bytes(0, 4) == 0);
+  CHECK(ly::stored_row_bytes(1, 2) == 1);
+  CHECK(ly::stored_row_bytes(5, 3) == 2);  // 15 bits
+  CHECK(ly::stored_row_bytes(8, 8) == 8);
+  CHECK(ly::stored_row_bytes(27, 4) == 14);
+
+  CHECK(ly::int8_levels_fit(0.1, 0.0, 0.0, 255.0));
+  CHECK(ly::int8_levels_fit(0.1, 0.0, -128.0, 127.0));
+  CHECK(ly::int8_levels_fit(0.1, 300.0, 0.0, 15.0));  // any integer zero point
+  CHECK_FALSE(ly::int8_levels_fit(0.1, 0.0, 0.0, 256.0));  // 257 levels
+  CHECK_FALSE(ly::int8_levels_fit(0.1, 0.5, 0.0, 255.0));
+  CHECK_FALSE(ly::int8_levels_fit(0.1, 0.0, 0.0, 254.5));
+  CHECK_FALSE(ly::int8_levels_fit(0.0, 0.0, 0.0, 255.0));
+  CHECK_FALSE(ly::int8_levels_fit(std::nan(""), 0.0, 0.0, 255.0));
+  CHECK_FALSE(ly::int8_levels_fit(0.1, 0.0, 7.0, 7.0));
+
+  const double ok[4] = {0.1, 3.0, 0.0, 255.0}, far_zero[4] = {0.1, 300.0, 0.0, 255.0};
+  CHECK(ly::packed_int8_fits(ok, 65536, false, 0));
+  CHECK_FALSE(ly::packed_int8_fits(ok, 65537, false, 0));  // Kp = 65600 > kInt8MaxK
+  CHECK(ly::packed_int8_fits(far_zero, 100, false, 0));      // Linear: no zero padding
+  CHECK(ly::packed_int8_fits(ok, 16 * 9, true, 16));
+  CHECK_FALSE(ly::packed_int8_fits(ok, 17 * 9, true, 17));  // not whole slabs of one pixel
+  CHECK_FALSE(ly::packed_int8_fits(far_zero, 16 * 9, true, 16));  // the level of 0 outside int8
 }
 
 TEST_CASE("host emulations of prmt and vsub4", "[packed_layout]") {

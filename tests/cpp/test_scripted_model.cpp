@@ -17,6 +17,8 @@
 #include <string>
 
 #include "catch_compat.h"  // MPQ_SKIP: ctest reports the test as skipped
+#include "kernels/layout.h"
+#include "kernels/packed_layout.h"
 
 #ifndef MPQ_SCRIPTED_MODELS_DIR
 #error "MPQ_SCRIPTED_MODELS_DIR must name the directory make_scripted_models.py writes into"
@@ -131,6 +133,29 @@ TEST_CASE("mpq ops are registered with the dispatcher", "[dispatcher]") {
   const auto schema = linear_op().schema();
   CHECK(schema.arguments().size() == 6);
   CHECK(schema.arguments()[4].name() == "bias");
+}
+
+TEST_CASE("mpq::layout_constants from C++ are the library's constants, without a tensor", "[dispatcher]") {
+  auto op = c10::Dispatcher::singleton()
+                .findSchemaOrThrow("mpq::layout_constants", "")
+                .typed<c10::Dict<std::string, int64_t>()>();
+  const auto c = op.call();
+  CHECK(c.at("min_w_bits") == mpq::layout::kMinWBits);
+  CHECK(c.at("max_w_bits") == mpq::layout::kMaxWBits);
+  CHECK(c.at("max_points") == mpq::layout::kMaxPoints);
+  CHECK(c.at("scale_bits") == mpq::layout::kScaleBits);
+  CHECK(c.at("tile_n") == mpq::packed::kTileN);
+  CHECK(c.at("slab_k") == mpq::packed::kSlabK);
+  CHECK(c.at("int8_max_k") == mpq::packed::kInt8MaxK);
+  CHECK(c.at("slab_bytes_nibble") == mpq::packed::slab_bytes(4));
+  // The predicates answer on the values, as Python's modules ask them.
+  auto fits = c10::Dispatcher::singleton()
+                  .findSchemaOrThrow("mpq::packed_int8_fits", "")
+                  .typed<bool(const at::Tensor&, c10::IntArrayRef)>();
+  const auto qp = at::tensor({0.05f, 0.0f, 0.0f, 255.0f});
+  CHECK(fits.call(qp, {16, 3, 3}));
+  CHECK_FALSE(fits.call(qp, {15, 3, 3}));
+  CHECK_FALSE(fits.call(at::tensor({0.05f, 0.0f, 0.0f, 256.0f}), {64}));
 }
 
 TEST_CASE("mpq::dequantize_multipoint from C++ equals the weight written out", "[dispatcher]") {

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpq.activation import fake_quantize
+from mpq.layout import point_bits
 from mpq.methods.adaquant import centred_moment, layer_problem
 from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, register
 from mpq.methods.uniform import channel_scales, grid_max, layer_hessian
@@ -250,10 +251,12 @@ class _CompandedBase(_MultipointBase):
         return fake_quantize(x, float(qp[0]), int(qp[1]), int(qp[2]), int(qp[3]))
 
     def bits_per_weight(self) -> float:
-        """b bits per code, a 32-bit scale per channel and the 32-bit codebook, per weight."""
+        """b bits per code, a 32-bit scale per channel (one point each: ``mpq.layout.point_bits``)
+        and the float32 codebook, per weight."""
         C = self.num_points.shape[0]
         D = math.prod(self.code_shape)
-        return (C * (D * self.w_bits + 32) + self.codebook.numel() * 32) / (C * D)
+        codebook_bits = self.codebook.numel() * self.codebook.element_size() * 8
+        return (C * point_bits(D, self.w_bits) + codebook_bits) / (C * D)
 
 
 class CompandedLinear(_CompandedBase):

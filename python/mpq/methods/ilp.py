@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from mpq.layout import point_bits
 from mpq.methods.adaquant import centred_moment
 from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, get_method, register
 from mpq.methods.uniform import channel_scales, layer_hessian, round_to_grid, weighted_error
@@ -155,7 +156,7 @@ class ILPQuantizer(WeightQuantizer):
                 centred = config.bias_correction or fit.bias is not None  # the bias removes the mean shift
                 Hb = centred_moment(H, stats[t.name].mean) if centred else H
                 costs[i, k] = float((sens * weighted_error(w - wq, Hb)).sum())
-                sizes[i, k] = C * (D * b + config.scale_bits)
+                sizes[i, k] = C * point_bits(D, b, config.scale_bits)
                 self.program[t.name][b] = costs[i, k]
         budget = int(np.floor(config.budget_bits * total_weights + 1e-6))
         choice = solve_bit_allocation(costs, sizes, budget)

@@ -37,6 +37,7 @@ from typing import List, Tuple
 
 import torch
 
+from mpq.layout import SCALE_BITS, point_bits
 from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, register
 from mpq.methods.uniform import channel_scales, grid_max, round_to_grid
 
@@ -48,11 +49,14 @@ def ocs_num_split(in_channels: int, expand_ratio: float) -> int:
     return int(math.ceil(expand_ratio * in_channels - 1e-9))
 
 
-def ocs_nominal_bits(out_channels: int, in_channels: int, kernel: int, bits: int, expand_ratio: float, scale_bits: int = 32) -> float:
-    """Bits per original weight of OCS's widened layer: (C_in + n_split) * k codes and one scale per
-    output channel, over C_in * k weights (C_in = input channels per group, k = kh * kw)."""
+def ocs_nominal_bits(
+    out_channels: int, in_channels: int, kernel: int, bits: int, expand_ratio: float, scale_bits: int = SCALE_BITS
+) -> float:
+    """Bits per original weight of OCS's widened layer: one point per output channel of
+    (C_in + n_split) * k codes and a scale, over C_in * k weights (C_in = input channels per group,
+    k = kh * kw)."""
     width = in_channels + ocs_num_split(in_channels, expand_ratio)
-    return out_channels * (width * kernel * bits + scale_bits) / (out_channels * in_channels * kernel)
+    return out_channels * point_bits(width * kernel, bits, scale_bits) / (out_channels * in_channels * kernel)
 
 
 def ocs_split(

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mpq.ops  # noqa: F401  (registers torch.ops.mpq)
+from mpq import layout
+from mpq.layout import check_max_points, check_w_bits, point_bits, stored_row_bytes
 
 
 def same_padding(x: torch.Tensor, kernel_size: List[int], stride: List[int], dilation: List[int]) -> List[int]:
@@ -60,10 +62,8 @@ class _MultipointBase(nn.Module):
     code_shape: List[int]
 
     def __init__(self, out_channels: int, max_points: int, code_shape: List[int], w_bits: int, bias: bool):
-        name = type(self).__name__
-        for arg, value, lo, hi in (("w_bits", w_bits, 2, 8), ("max_points", max_points, 1, 64)):
-            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-                raise ValueError(f"{name}: expected {arg} to be an int in {lo}..{hi} (as mpq::fit_multipoint), got {value!r}")
+        check_w_bits(type(self).__name__, w_bits)  # the bounds of the ops (mpq.layout)
+        check_max_points(type(self).__name__, max_points)
         super().__init__()
         self.w_bits = w_bits
         self.max_points = max_points
@@ -71,7 +71,7 @@ class _MultipointBase(nn.Module):
         self.output_sqnr_db = float("nan")  # measured on calibration data by mpq.quantize
         D = math.prod(self.code_shape)
         # One zero point per channel until set_weight (the stored form of an all-zero weight).
-        self.register_buffer("point_codes", torch.zeros(out_channels, (D * w_bits + 7) // 8, dtype=torch.uint8))
+        self.register_buffer("point_codes", torch.zeros(out_channels, stored_row_bytes(D, w_bits), dtype=torch.uint8))
         self.register_buffer("point_scales", torch.zeros(out_channels, dtype=torch.float32))
         self.register_buffer("num_points", torch.ones(out_channels, dtype=torch.int32))
         if bias:
@@ -125,18 +125,13 @@ class _MultipointBase(nn.Module):
         return codes, 1, codes.shape[2]
 
     def _int8_kernel_fits(self) -> bool:
-        """Whether act_qparams (read on the host) and the shape suit the int8 kernel."""
+        """Whether act_qparams (read on the host) and the shape suit the packed int8 kernel: the
+        kernels' own rule, ``mpq::packed_int8_fits`` (levels, Kp, and for a convolution whole
+        slabs of input channels per group)."""
         qp = self.act_qparams
         if qp is None:
             return False
-        v = qp.detach().cpu().double()
-        zp, qmin, qmax = float(v[1]), float(v[2]), float(v[3])
-        fits = zp == float(round(zp)) and qmin == float(round(qmin)) and qmax == float(round(qmax))
-        kp = (self._pack_args()[2] + 63) // 64 * 64  # int32 accumulators: Kp <= 65536
-        return fits and qmax - qmin <= 255.0 and kp <= 65536 and self._int8_shape_fits()
-
-    def _int8_shape_fits(self) -> bool:
-        return True
+        return torch.ops.mpq.packed_int8_fits(qp, self.code_shape)
 
     @torch.jit.export
     def pack_(self) -> None:
@@ -146,7 +141,7 @@ class _MultipointBase(nn.Module):
         if not self._packable():
             raise RuntimeError(
                 "pack_: this layer has no fused kernels (codebook layers, grouped convolutions with fewer than "
-                "64 output channels per group)"
+                + str(layout.TILE_N) + " output channels per group: a packed tile's rows)"
             )
         codes, groups, _ = self._pack_args()
         packed, packed_scales, perm, tile_offsets, row_sums = torch.ops.mpq.pack_multipoint(
@@ -300,10 +295,11 @@ class _MultipointBase(nn.Module):
         return torch.ops.mpq.dequantize_multipoint(codes, scales, self.num_points, torch.float32)
 
     def bits_per_weight(self) -> float:
-        """Codes and scales of the points in use, per weight."""
+        """Codes and scales of the points in use, per weight, as stored (``mpq.layout.point_bits``:
+        float32 scales, whatever ``QuantConfig.scale_bits`` priced them at in the budget)."""
         per_channel = math.prod(self.code_shape)
         total_points = int(self.num_points.sum())
-        return total_points * (per_channel * self.w_bits + 32) / (self.num_points.shape[0] * per_channel)
+        return total_points * point_bits(per_channel, self.w_bits) / (self.num_points.shape[0] * per_channel)
 
 
 class MultipointLinear(_MultipointBase):
@@ -350,8 +346,9 @@ class MultipointConv2d(_MultipointBase):
     On a GPU with a float16/bfloat16 input, the forward runs ``mpq::multipoint_conv2d_packed``
     (module docstring): an implicit GEMM over the NHWC input (channels_last in, channels_last out),
     with int8 activations and int8 tensor cores when ``act_qparams`` fit int8 and
-    in_channels/groups is a multiple of 16. Grouped convolutions with fewer than 64 output channels
-    per group keep ``mpq::multipoint_conv2d_stored`` (a packed tile holds 64 channels of one group): a
+    in_channels/groups is a whole number of slabs (``mpq::packed_int8_fits``; ``mpq.layout.SLAB_K``
+    channels). Grouped convolutions with fewer than ``mpq.layout.TILE_N`` output channels per group
+    keep ``mpq::multipoint_conv2d_stored`` (a packed tile holds that many channels of one group): a
     direct kernel for depthwise ones on channels_last inputs, dequantize then cuDNN otherwise.
     """
 
@@ -395,17 +392,14 @@ class MultipointConv2d(_MultipointBase):
         self.same_padding = same_padding
 
     def _packable(self) -> bool:
-        return self.groups == 1 or self.out_channels // self.groups >= 64
+        # A packed tile holds TILE_N channels of one group: fewer per group would be mostly padding.
+        return self.groups == 1 or self.out_channels // self.groups >= layout.TILE_N
 
     def _pack_args(self) -> Tuple[torch.Tensor, int, int]:
         # Columns in NHWC order (kh, kw, c): mpq.ops.conv_codes_nhwc.
         codes = self.unpacked()[0]
         codes = codes.permute(0, 1, 3, 4, 2).reshape(codes.shape[0], codes.shape[1], -1)
         return codes, self.groups, codes.shape[2]
-
-    def _int8_shape_fits(self) -> bool:
-        # Whole 16-channel slabs per pixel (csrc/cuda/multipoint_packed.cu, ConvInt8).
-        return (self.in_channels // self.groups) % 16 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.same_padding:
