@@ -82,7 +82,7 @@ bool onednn_int8_has_vnni() {
 
 }  // namespace
 
-bool int8_kernels_exact(int64_t w_bits) { return w_bits <= 7 || onednn_int8_has_vnni(); }
+bool int8_kernels_exact(int64_t w_bits) { return w_bits <= layout::kMaxWBitsWithoutVnni || onednn_int8_has_vnni(); }
 
 namespace {
 
@@ -285,10 +285,7 @@ ActQuant read_act_qparams(const char* op, const at::Tensor& act_qparams) {
 }
 
 // Whether the int8 kernels compute this layer: integer zero point and range, at most 256 levels.
-bool int8_fits(const ActQuant& q) {
-  auto integral = [](double v) { return std::nearbyint(v) == v; };
-  return integral(q.zero_point) && integral(q.qmin) && integral(q.qmax) && q.qmax - q.qmin <= 255.0;
-}
+bool int8_fits(const ActQuant& q) { return layout::int8_levels_fit(q.scale, q.zero_point, q.qmin, q.qmax); }
 
 // L = clamp(round_half_even(x / s) + zp, qmin, qmax), the level of fake_quantize_activation,
 // exactly. Clamping x/s to [qmin - zp - 1, qmax - zp + 1] before rounding changes no level and keeps
@@ -1317,7 +1314,7 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
   const int64_t zp = int64_t(q.zero_point - q.qmin);
   const bool relu = ep.lo == 0.0f && ep.hi == std::numeric_limits<float>::infinity();
   const bool plain = ep.lo == -std::numeric_limits<float>::infinity() && ep.hi == std::numeric_limits<float>::infinity();
-  if (!p->has_extra && ep.out.has_value() && (relu || plain) && ep.out->qmax - ep.out->qmin == 255.0) {
+  if (!p->has_extra && ep.out.has_value() && (relu || plain) && ep.out->qmax - ep.out->qmin == layout::kInt8Levels - 1) {
     // No further points: oneDNN writes the levels itself (its ReLU, output scale and zero point),
     // adding a uint8 residual with its sum post-op (on a copy: the op writes into its accumulator).
     const int64_t out_zp = int64_t(ep.out->zero_point - ep.out->qmin);

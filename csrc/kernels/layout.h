@@ -48,6 +48,12 @@ constexpr int64_t stored_row_bytes(int64_t d, int64_t w_bits) { return (d * w_bi
 // the GPU.
 constexpr int kInt8Levels = 256;
 
+// oneDNN's CPU int8 kernels without VNNI add each pair of uint8 x int8 products into a saturating
+// int16 (vpmaddubsw): exact while 2 * (kInt8Levels - 1) * max|code| <= 32767, i.e. for codes of at
+// most 7 bits (csrc/cpu/multipoint_stored.cpp: int8_kernels_exact).
+constexpr int kMaxWBitsWithoutVnni = 7;
+static_assert(2 * (kInt8Levels - 1) * ((1 << (kMaxWBitsWithoutVnni - 1)) - 1) <= 32767, "int16 pair sums");
+
 inline bool int8_levels_fit(double scale, double zero_point, double qmin, double qmax) {
   const auto integral = [](double v) { return std::nearbyint(v) == v; };
   return scale > 0.0 && std::isfinite(scale) && std::isfinite(zero_point) && std::isfinite(qmin) &&

@@ -13,6 +13,7 @@ import torch
 from mpq.allocate import LayerErrors, output_energy, output_errors
 from mpq.calibrate import QuantTarget, fisher_sensitivity
 from mpq.config import QuantConfig
+from mpq.layout import point_bits
 from mpq.methods import FittedWeight, LayerContext, WeightQuantizer
 from mpq.pipeline.prepare import Prepared
 from mpq.pipeline.statistics import Calibrated
@@ -79,6 +80,6 @@ def fit_layers(
             sens = sensitivity[t.name].double()
         else:
             sens = torch.full((w.shape[0],), 1.0 / max(float(energy.sum()), 1e-30), dtype=torch.float64)
-        errors = LayerErrors(e, w.shape[1], w.shape[1] * bits + cfg.scale_bits, sens)
+        errors = LayerErrors(e, w.shape[1], point_bits(w.shape[1], bits, cfg.scale_bits), sens)
         fits.append(LayerFit(t, w, bits, fit, errors, energy, paths, path_errors, time.perf_counter() - tl))
     return fits
