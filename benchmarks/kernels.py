@@ -803,7 +803,7 @@ def quantize_resnet50(env: Env, image: int, calib_batches: int, calib_images: in
     import torchvision
 
     import mpq
-    from mpq.nn.modules import _MultipointBase
+    from mpq.nn.modules import MultipointLayer
     from mpq.simulate import check_simulation
 
     torch.manual_seed(SEED)
@@ -836,7 +836,7 @@ def quantize_resnet50(env: Env, image: int, calib_batches: int, calib_images: in
     finally:
         torch.backends.cudnn.benchmark = benchmark
     report = mpq.last_report(qmodel)
-    layers = [m for m in qmodel.modules() if isinstance(m, _MultipointBase)]
+    layers = [m for m in qmodel.modules() if isinstance(m, MultipointLayer)]
     points = Counter()
     for m in layers:
         points.update(m.num_points.cpu().tolist())
@@ -914,7 +914,7 @@ def capture_graph(model: torch.nn.Module, x: torch.Tensor):
 def run_resnet50(args, env: Env) -> Tuple[dict, List[str]]:
     """The resnet50 section: (its JSON, failures)."""
     from mpq.fold import fold_batchnorm
-    from mpq.nn.modules import _MultipointBase
+    from mpq.nn.modules import MultipointLayer
 
     image = 32 if env.check_on_cpu else 224
     calib_batches = 2 if env.check_on_cpu else RESNET50_CONFIG["calib_batches"]
@@ -936,7 +936,7 @@ def run_resnet50(args, env: Env) -> Tuple[dict, List[str]]:
         }
     del folded
     quant["kernels"] = dict(Counter(m.packed_kernel for m in models["mpq_w4a8"].modules()
-                                    if isinstance(m, _MultipointBase) and m.tile_offsets.numel() > 0))
+                                    if isinstance(m, MultipointLayer) and m.tile_offsets.numel() > 0))
     for m in [base32, q32, *models.values()]:
         m.requires_grad_(False)
 

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from mpq.fold import set_submodule
-from mpq.nn.modules import _MultipointBase
+from mpq.nn.modules import MultipointLayer
 
 logger = logging.getLogger("mpq")
 
@@ -156,7 +156,7 @@ def output_moments(model: nn.Module, names: List[str], batches: Iterable[torch.T
 def _apply(module: nn.Module, a: torch.Tensor, c: torch.Tensor) -> None:
     """z -> a z + c on a layer's output: scale its weight (or point scales), bias -> a b + c."""
     with torch.no_grad():
-        if isinstance(module, _MultipointBase):
+        if isinstance(module, MultipointLayer):
             # The stored form holds num_points[j] consecutive point scales per channel j.
             per_point = a.to(module.point_scales).repeat_interleave(module.num_points.long().to(a.device))
             module.point_scales.mul_(per_point.to(module.point_scales.device))

@@ -30,7 +30,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from mpq.layout import int8_levels_fit
 from mpq.nn.fused import FusedMultipointConv2d
-from mpq.nn.modules import MultipointConv2d, _MultipointBase
+from mpq.nn.modules import MultipointConv2d, MultipointLayer
 from mpq.simulate import layer_bound
 
 __all__ = ["fuse_activations", "check_fused", "FusedCheck"]
@@ -42,7 +42,7 @@ class _LeafTracer(torch.fx.Tracer):
     """Keeps mpq's quantized layers as single call_module nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (_MultipointBase, FusedMultipointConv2d)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (MultipointLayer, FusedMultipointConv2d)) or super().is_leaf_module(m, qualname)
 
 
 def _int8_levels(qp: Optional[torch.Tensor]) -> bool:

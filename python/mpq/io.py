@@ -9,9 +9,9 @@ parameters and buffers) and, in the safetensors header's ``__metadata__["mpq"]``
 - ``config`` (the ``QuantConfig`` as a dict, or null when unknown) and ``seed``;
 - ``architecture``: how to rebuild the float model without the user's help
   (``"torchvision:<name>"``, ``"efficientnet_lite0"``), or null;
-- ``layers``: per multipoint layer its constructor arguments (kind, shapes, stride, padding,
-  dilation, groups, pre_padding, same_padding, w_bits, max_points), ``output_sqnr_db`` and
-  whether ``bias`` / ``act_qparams`` exist;
+- ``layers``: per quantized layer its spec (``to_spec``, owned by each layer type of ``mpq.nn``:
+  ``kind`` ("linear", "conv", "codebook_linear", "codebook_conv"), constructor arguments,
+  ``output_sqnr_db``, whether ``bias`` / ``act_qparams`` exist);
 - ``folded_batchnorms``: the BatchNorms that ``mpq.quantize`` folded into their convolutions
   (``nn.Identity`` in the quantized model; from its ``QuantReport``, or from the file it was
   loaded from). Files written before this key hold ``identity_modules`` (every ``nn.Identity``
@@ -34,7 +34,6 @@ import copy
 import hashlib
 import io as _io
 import json
-import math
 import os
 import struct
 import weakref
@@ -46,7 +45,7 @@ from torch import nn
 
 from mpq.config import QuantConfig
 from mpq.fold import set_submodule
-from mpq.nn.modules import MultipointConv2d, MultipointLinear, _MultipointBase
+from mpq.nn.modules import MultipointLayer
 from mpq.pipeline.report import last_report
 from mpq.version import __version__
 
@@ -62,90 +61,6 @@ PathLike = Union[str, os.PathLike]
 
 # Metadata of the models this process loaded, so that saving them again keeps their config.
 _LOADED: "weakref.WeakKeyDictionary[nn.Module, Dict[str, Any]]" = weakref.WeakKeyDictionary()
-
-
-# ---- layer specs ---------------------------------------------------------------------------------
-
-
-def layer_spec(m: _MultipointBase) -> Dict[str, Any]:
-    """The constructor arguments and the non-tensor state of a multipoint module, as JSON data."""
-    sqnr = float(m.output_sqnr_db)
-    spec: Dict[str, Any] = {
-        "w_bits": int(m.w_bits),
-        "max_points": int(m.max_points),
-        "output_sqnr_db": None if math.isnan(sqnr) else sqnr,
-        "has_bias": m.bias is not None,
-        "has_act_qparams": m.act_qparams is not None,
-    }
-    if isinstance(m, MultipointConv2d):
-        spec.update(
-            kind="conv",
-            in_channels=int(m.in_channels),
-            out_channels=int(m.out_channels),
-            kernel_size=[int(k) for k in m.kernel_size],
-            stride=[int(s) for s in m.stride],
-            padding=[int(p) for p in m.padding],
-            dilation=[int(d) for d in m.dilation],
-            groups=int(m.groups),
-            pre_padding=[int(p) for p in m.pre_padding],
-            same_padding=bool(m.same_padding),
-        )
-    elif isinstance(m, MultipointLinear):
-        spec.update(kind="linear", in_features=int(m.in_features), out_features=int(m.out_features))
-    else:
-        raise ValueError(f"mpq.save: unsupported multipoint module type {type(m).__name__}")
-    return spec
-
-
-def module_from_spec(name: str, spec: Dict[str, Any]) -> _MultipointBase:
-    """A multipoint module built from ``layer_spec``'s output (tensors zero, to be loaded)."""
-
-    def get(key: str, kind: type) -> Any:
-        if key not in spec:
-            raise ValueError(f"mpq.load: layer {name!r}: the metadata lacks {key!r}")
-        v = spec[key]
-        ok = isinstance(v, kind) and not (kind is int and isinstance(v, bool))
-        if kind is list:
-            ok = ok and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
-        if not ok:
-            raise ValueError(f"mpq.load: layer {name!r}: expected {key} to be {kind.__name__}, got {v!r}")
-        return v
-
-    if not isinstance(spec, dict):
-        raise ValueError(f"mpq.load: layer {name!r}: expected a JSON object, got {spec!r}")
-    kind = spec.get("kind")
-    try:
-        if kind == "conv":
-            m: _MultipointBase = MultipointConv2d(
-                get("in_channels", int),
-                get("out_channels", int),
-                get("kernel_size", list),
-                get("max_points", int),
-                get("w_bits", int),
-                get("stride", list),
-                get("padding", list),
-                get("dilation", list),
-                get("groups", int),
-                bias=get("has_bias", bool),
-                pre_padding=get("pre_padding", list),
-                same_padding=get("same_padding", bool),
-            )
-        elif kind == "linear":
-            m = MultipointLinear(
-                get("in_features", int), get("out_features", int), get("max_points", int), get("w_bits", int),
-                bias=get("has_bias", bool),
-            )
-        else:
-            raise ValueError(f"mpq.load: layer {name!r}: unknown kind {kind!r} (expected 'conv' or 'linear')")
-    except (RuntimeError, IndexError) as e:  # e.g. negative sizes from a damaged header
-        raise ValueError(f"mpq.load: layer {name!r}: invalid layer arguments in the metadata ({e})") from None
-    if get("has_act_qparams", bool):
-        m.act_qparams = torch.zeros(4, dtype=torch.float32)
-    sqnr = spec.get("output_sqnr_db")
-    if sqnr is not None and not isinstance(sqnr, (int, float)):
-        raise ValueError(f"mpq.load: layer {name!r}: expected output_sqnr_db to be a number or null, got {sqnr!r}")
-    m.output_sqnr_db = float("nan") if sqnr is None else float(sqnr)
-    return m
 
 
 # ---- architectures -------------------------------------------------------------------------------
@@ -228,7 +143,7 @@ def save(
     if isinstance(qmodel, torch.jit.ScriptModule):
         raise TypeError("mpq.save: qmodel is a TorchScript module; save it with its own .save(path)")
     check_output_path("mpq.save", path)
-    layers = {name: layer_spec(m) for name, m in qmodel.named_modules() if isinstance(m, _MultipointBase)}
+    layers = {name: m.to_spec() for name, m in qmodel.named_modules() if isinstance(m, MultipointLayer)}
     if not layers:
         raise ValueError("mpq.save: qmodel has no multipoint layer; expected the output of mpq.quantize")
     previous = _LOADED.get(qmodel, {})
@@ -376,8 +291,7 @@ def _describe(m: nn.Module) -> str:
 
 def _check_float_layer(name: str, m: nn.Module, spec: Dict[str, Any], model_class: str) -> None:
     """The float layer that a multipoint layer replaces must have its shape."""
-    kind = spec.get("kind")
-    if kind == "conv":
+    if "in_channels" in spec:  # a convolution's spec (multipoint or codebook)
         ok = isinstance(m, nn.Conv2d) and (
             [m.in_channels, m.out_channels, list(m.kernel_size), m.groups]
             == [spec.get("in_channels"), spec.get("out_channels"), spec.get("kernel_size"), spec.get("groups")]
@@ -470,7 +384,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
                 f"expected the float architecture the file was saved from ({model_class})"
             )
         old = modules[name]
-        q = module_from_spec(name, spec)  # checks the metadata first
+        q = MultipointLayer.from_spec(spec, name, "mpq.load")  # checks the metadata first
         _check_float_layer(name, old, spec, model_class)
         weight = getattr(old, "weight", None)
         if isinstance(weight, torch.Tensor):
@@ -525,7 +439,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     return target
 
 
-def _stored_form_from_file(name: str, q: _MultipointBase, tensors: Dict[str, torch.Tensor], version: int) -> None:
+def _stored_form_from_file(name: str, q: MultipointLayer, tensors: Dict[str, torch.Tensor], version: int) -> None:
     """Fits layer ``q`` to the file's stored form: version-1 files hold codes [C, P, ...] and
     scales [C, P], packed here; the number of stored points (rows of point_codes) is the file's."""
     codes, scales, counts = f"{name}.codes", f"{name}.scales", f"{name}.num_points"

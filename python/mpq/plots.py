@@ -40,7 +40,7 @@ def plot_allocation(qmodel: nn.Module, path: PathLike, title: Optional[str] = No
     "avg_bits": float}``.
     """
     from mpq.io import check_output_path
-    from mpq.nn.modules import _MultipointBase
+    from mpq.nn.modules import MultipointLayer
 
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"mpq.plot_allocation: expected qmodel to be a torch.nn.Module, got {type(qmodel).__name__}")
@@ -51,10 +51,10 @@ def plot_allocation(qmodel: nn.Module, path: PathLike, title: Optional[str] = No
     weights: List[int] = []
     max_p = 1
     for name, m in qmodel.named_modules():
-        if isinstance(m, _MultipointBase):
+        if isinstance(m, MultipointLayer):
             max_p = max(max_p, int(m.max_points))
     for name, m in qmodel.named_modules():
-        if isinstance(m, _MultipointBase):
+        if isinstance(m, MultipointLayer):
             n = m.num_points.long().cpu()
             hist = torch.bincount(n, minlength=max_p + 1)[1 : max_p + 1].double()
             names.append(name or "(model)")

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpq.activation import fake_quantize
-from mpq.nn.modules import MultipointConv2d, MultipointLinear, _MultipointBase, same_padding
+from mpq.nn.modules import MultipointConv2d, MultipointLinear, MultipointLayer, same_padding
 
 __all__ = ["simulate", "check_simulation", "SimulationCheck", "LayerCheck", "output_difference"]
 
 
-def _dense_weight(m: _MultipointBase) -> torch.Tensor:
+def _dense_weight(m: MultipointLayer) -> torch.Tensor:
     """sum_{k < n_j} scales[j, k] codes[j, k] with torch ops only, in float32."""
     keep = (torch.arange(m.max_points, device=m.scales.device)[None, :] < m.num_points[:, None]).float()
     coeff = (m.scales * keep).reshape(*m.scales.shape, *([1] * (m.codes.dim() - 2)))
@@ -34,7 +34,7 @@ def _dense_weight(m: _MultipointBase) -> torch.Tensor:
 
 
 class _Simulated(nn.Module):
-    def __init__(self, m: _MultipointBase):
+    def __init__(self, m: MultipointLayer):
         super().__init__()
         self.source = m
         self.register_buffer("weight", _dense_weight(m))
@@ -115,7 +115,7 @@ def _accumulation_roundoff(x: torch.Tensor, kind: str) -> float:
     return 2.0**-24
 
 
-def _padded_input(m: _MultipointBase, x: torch.Tensor) -> torch.Tensor:
+def _padded_input(m: MultipointLayer, x: torch.Tensor) -> torch.Tensor:
     if isinstance(m, MultipointLinear) or not hasattr(m, "kernel_size"):
         return x
     if m.same_padding:
@@ -125,14 +125,14 @@ def _padded_input(m: _MultipointBase, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _apply_layer(m: _MultipointBase, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+def _apply_layer(m: MultipointLayer, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
     if x.dim() >= 3 and hasattr(m, "kernel_size"):
         return F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)
     return F.linear(x, w, b)
 
 
 def layer_bound(
-    m: _MultipointBase, x: torch.Tensor
+    m: MultipointLayer, x: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """(reference, bound, boundary fraction) for layer ``m`` on its input ``x`` (before padding).
 
@@ -190,7 +190,7 @@ def _bias_view(b: torch.Tensor, ref: torch.Tensor, kind: str) -> torch.Tensor:
     return b.abs().expand_as(ref)
 
 
-def _check_layer(name: str, m: _MultipointBase, x: torch.Tensor, y: torch.Tensor, max_samples: int) -> LayerCheck:
+def _check_layer(name: str, m: MultipointLayer, x: torch.Tensor, y: torch.Tensor, max_samples: int) -> LayerCheck:
     if x.dim() >= 2:  # the first items of the batch (rows of a Linear's 2-D input)
         x, y = x[:max_samples], y[:max_samples]
     ref, bound, frac = layer_bound(m, x)
@@ -266,7 +266,7 @@ def check_simulation(
                 failures.append(e)
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, _MultipointBase)]
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, MultipointLayer)]
     try:
         with torch.no_grad():
             deployed = model(example)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mpq.layout import point_bits
-from mpq.nn.modules import _MultipointBase
+from mpq.nn.modules import MultipointLayer
 from mpq.pipeline.report import last_report
 
 __all__ = ["summary", "model_size_bytes"]
@@ -25,7 +25,7 @@ def summary(qmodel: nn.Module) -> str:
     total_bits = total_weights = 0.0
     floats = []
     for name, m in qmodel.named_modules():
-        if isinstance(m, _MultipointBase):
+        if isinstance(m, MultipointLayer):
             C = m.num_points.shape[0]
             D = math.prod(m.code_shape)
             hist = torch.bincount(m.num_points.long().cpu(), minlength=m.max_points + 1)[1:].tolist()
@@ -62,7 +62,7 @@ def model_size_bytes(model: nn.Module) -> int:
     bits = 0
     seen = set()
     for m in model.modules():
-        if isinstance(m, _MultipointBase):
+        if isinstance(m, MultipointLayer):
             D = math.prod(m.code_shape)
             bits += int(m.num_points.sum()) * point_bits(D, m.w_bits) + m.num_points.numel() * 8
             for t in (m.bias, m.act_qparams):

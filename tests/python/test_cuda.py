@@ -790,7 +790,7 @@ def test_quantize_on_cuda_packs_every_fused_layer():
     data = [torch.randn(4, 3, 16, 16, device="cuda") for _ in range(2)]
     qmodel = mpq.quantize(model, data, "W4A8")
     layers = [m for m in qmodel.modules() if isinstance(m, (MultipointConv2d, MultipointLinear))]
-    assert layers and all(m.tile_offsets.numel() > 1 for m in layers if m._packable())
+    assert layers and all(m.tile_offsets.numel() > 1 for m in layers if m.packable())
     x = data[0]
     want = qmodel(x)  # float32: the generic path
     got = qmodel.half()(x.half())

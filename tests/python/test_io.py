@@ -31,6 +31,8 @@ def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
 CASES = {
     "W4A8-float-first": (dict(w_bits=4, a_bits=8, avg_bits=5.5, ignore=("0",)), True),
     "W3A16-no-linear-bias": (dict(w_bits=3, a_bits=None, avg_bits=4.0), False),
+    # codebook layers (non-uniform levels): their own spec kinds and the codebook buffer
+    "companding-W3A8": (dict(method="companding", w_bits=3, a_bits=8, companding_iters=10), True),
 }
 
 
@@ -68,13 +70,44 @@ def test_small_cnn_round_trip_is_bit_exact(small_quantized, tmp_path, case):
     assert meta["torch_version"] == torch.__version__
     cfg = mpq.QuantConfig(**CASES[case][0])
     assert meta["config"] == cfg.to_dict() and meta["seed"] == cfg.seed
-    assert set(meta["layers"]) == {n for n, m in qmodel.named_modules() if isinstance(m, mpq.nn.MultipointConv2d)
-                                   or isinstance(m, mpq.nn.MultipointLinear)}
+    assert set(meta["layers"]) == {n for n, m in qmodel.named_modules() if isinstance(m, mpq.nn.MultipointLayer)}
+    assert {spec["kind"] for spec in meta["layers"].values()} == (
+        {"codebook_conv", "codebook_linear"} if case.startswith("companding") else {"conv", "linear"})
     assert mpq.io.loaded_metadata(loaded)["folded_batchnorms"] == ["1", "4"]
     # saving the loaded model again keeps the config and gives the same tensors
     mpq.save(loaded, tmp_path / "again.mpq.safetensors")
     again = mpq.io.read_metadata(tmp_path / "again.mpq.safetensors")
     assert again["config"] == meta["config"] and again["tensors_sha256"] == meta["tensors_sha256"]
+
+
+def _layer_of_kind(kind: str) -> mpq.nn.MultipointLayer:
+    conv = dict(in_channels=8, out_channels=12, kernel_size=[3, 1], stride=[2, 1], padding=[1, 0], dilation=[1, 2],
+                groups=4, bias=False, pre_padding=[0, 1, 1, 0], same_padding=False)
+    return {
+        "linear": lambda: mpq.nn.MultipointLinear(10, 6, 3, 4),
+        "conv": lambda: mpq.nn.MultipointConv2d(max_points=2, w_bits=5, **conv),
+        "codebook_linear": lambda: mpq.nn.CodebookLinear(10, 6, 3, bias=False),
+        "codebook_conv": lambda: mpq.nn.CodebookConv2d(w_bits=4, **conv),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", sorted(mpq.nn.LAYER_KINDS))
+def test_every_layer_kind_owns_its_spec(kind):
+    """to_spec -> JSON -> MultipointLayer.from_spec gives the same layer type, arguments and state
+    shapes, for every registered layer kind."""
+    m = _layer_of_kind(kind)
+    m.set_act_qparams(0.1, 0, 0, 255)
+    m.output_sqnr_db = 21.5
+    spec = json.loads(json.dumps(m.to_spec()))
+    assert spec["kind"] == kind
+    rebuilt = mpq.nn.MultipointLayer.from_spec(spec, "layer")
+    assert type(rebuilt) is type(m) and rebuilt.to_spec() == spec
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
+    assert rebuilt.bits_per_weight() == m.bits_per_weight()
+    with pytest.raises(ValueError, match=r"mpq.load: layer 'layer': the metadata lacks 'w_bits'"):
+        mpq.nn.MultipointLayer.from_spec({k: v for k, v in spec.items() if k != "w_bits"}, "layer")
+    with pytest.raises(ValueError, match=r"mpq.load: layer 'layer': unknown kind 'lstm'"):
+        mpq.nn.MultipointLayer.from_spec({**spec, "kind": "lstm"}, "layer")
 
 
 def test_torchscript_is_the_architecture_free_format(small_quantized, tmp_path):

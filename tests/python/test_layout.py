@@ -168,8 +168,8 @@ def test_modules_ask_the_ops_int8_rule():
     scripted = torch.jit.script(cases[0][0])
     assert scripted._int8_kernel_fits() is False  # act_qparams 257 levels, as the eager module
     conv = MultipointConv2d(slab, layout.TILE_N, [1, 1], 1, 4, [1, 1], [0, 0], [1, 1], groups=2)
-    assert not conv._packable()  # fewer than TILE_N channels per group
-    assert MultipointConv2d(2 * slab, 2 * layout.TILE_N, [1, 1], 1, 4, [1, 1], [0, 0], [1, 1], groups=2)._packable()
+    assert not conv.packable()  # fewer than TILE_N channels per group
+    assert MultipointConv2d(2 * slab, 2 * layout.TILE_N, [1, 1], 1, 4, [1, 1], [0, 0], [1, 1], groups=2).packable()
 
 
 def test_point_bits_is_the_one_cost():

@@ -24,7 +24,8 @@ from mpq.bn_reestimate import reestimate_batchnorm
 from mpq.methods.adaquant import adaquant_quantize, centred_moment
 from mpq.methods.adaround import adaround_quantize
 from mpq.methods.bias_correction import corrected_bias
-from mpq.methods.companding import CompandedConv2d, CompandedLinear, compand, compand_inverse, companding_quantize
+from mpq.methods.companding import compand, compand_inverse, companding_quantize
+from mpq.nn import CodebookConv2d, CodebookLinear
 from mpq.methods.gptq import gptq_quantize
 from mpq.methods.ilp import solve_bit_allocation
 from mpq.methods.ocs import ocs_fold_codes, ocs_nominal_bits, ocs_split
@@ -312,7 +313,7 @@ def test_every_method_runs_through_quantize(method):
     )
     q = mpq.quantize(model, calib, cfg)
     report = mpq.last_report(q)
-    kinds = (CompandedConv2d, CompandedLinear) if method == "companding" else (mpq.nn.MultipointConv2d, mpq.nn.MultipointLinear)
+    kinds = (CodebookConv2d, CodebookLinear) if method == "companding" else (mpq.nn.MultipointConv2d, mpq.nn.MultipointLinear)
     layers = [m for m in q.modules() if isinstance(m, kinds)]
     assert len(layers) == 4 and layers[-1].bias is not None  # bias correction gave the Linear a bias
     if method == "ilp":
@@ -338,7 +339,7 @@ def test_companded_layers_store_codes_scales_and_a_codebook(tmp_path):
     model = _small_model()
     calib = [torch.randn(8, 3, 12, 12) for _ in range(2)]
     q = mpq.quantize(model, calib, mpq.QuantConfig(method="companding", w_bits=3, a_bits=8, companding_iters=30))
-    layers = [m for m in q.modules() if isinstance(m, (CompandedConv2d, CompandedLinear))]
+    layers = [m for m in q.modules() if isinstance(m, (CodebookConv2d, CodebookLinear))]
     assert len(layers) == 4
     for m in layers:
         C, D = m.codes.shape[0], m.codes[0, 0].numel()
@@ -351,8 +352,12 @@ def test_companded_layers_store_codes_scales_and_a_codebook(tmp_path):
         out = q(x)
         torch.testing.assert_close(torch.jit.script(q)(x), out)
     assert "companding" not in mpq.summary(q) and "4 multipoint layers" in mpq.summary(q)
-    with pytest.raises(ValueError, match="unsupported multipoint module"):
-        mpq.save(q, tmp_path / "companding.mpq.safetensors")
+    # saved and loaded like the multipoint layers (their own spec kinds), bit for bit
+    mpq.save(q, tmp_path / "companding.mpq.safetensors")
+    loaded = mpq.load(tmp_path / "companding.mpq.safetensors", _small_model())
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in q.modules()]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
 
 
 def test_adaquant_bias_tuning_is_bias_correction():
@@ -362,7 +367,7 @@ def test_adaquant_bias_tuning_is_bias_correction():
     calib = [torch.randn(8, 3, 12, 12) for _ in range(2)]
     cfg = mpq.QuantConfig(method="adaquant", w_bits=3, a_bits=None, adaquant_iters=30)
     q1, q2 = mpq.quantize(model, calib, cfg), mpq.quantize(model, calib, cfg.replace(bias_correction=True))
-    l1, l2 = ([m for m in q.modules() if isinstance(m, mpq.nn.modules._MultipointBase)] for q in (q1, q2))
+    l1, l2 = ([m for m in q.modules() if isinstance(m, mpq.nn.modules.MultipointLayer)] for q in (q1, q2))
     for a, b in zip(l1, l2):
         assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
         torch.testing.assert_close(a.bias, b.bias, rtol=1e-5, atol=1e-6)

@@ -565,12 +565,12 @@ def test_conv_module_packs_in_nhwc_order_and_picks_its_kernel(act, groups, kerne
 
 
 def test_conv_module_packability():
-    assert _conv_module(groups=1)._packable()
+    assert _conv_module(groups=1).packable()
     depthwise = MultipointConv2d(64, 64, [3, 3], 2, 4, [1, 1], [1, 1], [1, 1], groups=64)
-    assert not depthwise._packable()  # one channel per group: a 64-row tile would be 63/64 padding
+    assert not depthwise.packable()  # one channel per group: a 64-row tile would be 63/64 padding
     with pytest.raises(RuntimeError, match="pack_: this layer has no fused kernels"):
         depthwise.pack_()
-    assert MultipointConv2d(256, 256, [3, 3], 2, 4, [1, 1], [1, 1], [1, 1], groups=4)._packable()
+    assert MultipointConv2d(256, 256, [3, 3], 2, 4, [1, 1], [1, 1], [1, 1], groups=4).packable()
 
 
 @pytest.mark.parametrize("cast", ["half", "bfloat16", "double", "to_float16"])

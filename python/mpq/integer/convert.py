@@ -53,7 +53,7 @@ from mpq.integer.modules import (
     QuantizeInput,
     storage_dtype,
 )
-from mpq.nn.modules import MultipointConv2d, MultipointLinear, _MultipointBase
+from mpq.nn.modules import MultipointConv2d, MultipointLinear, MultipointLayer
 
 __all__ = ["integer_only", "simulate_integer", "layerwise_differences", "Grid"]
 
@@ -80,14 +80,14 @@ class Grid(NamedTuple):
         return self.zero_point + int(round(real / self.scale))
 
 
-def _act_grid(m: _MultipointBase) -> Grid:
+def _act_grid(m: MultipointLayer) -> Grid:
     s, zp, qmin, qmax = m.act_qparams.tolist()
     return Grid(float(s), int(zp), int(qmin), int(qmax))
 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _MultipointBase) or super().is_leaf_module(m, qualname)
+        return isinstance(m, MultipointLayer) or super().is_leaf_module(m, qualname)
 
 
 # ---- calibration ------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def _classify(n: fx.Node, gm: fx.GraphModule, values: Dict[str, Any]) -> _Kind:
     args = n.args
     if n.op == "call_module":
         m = gm.get_submodule(n.target)
-        if isinstance(m, _MultipointBase):
+        if isinstance(m, MultipointLayer):
             if m.act_qparams is None:
                 raise ValueError(
                     f"mpq.integer_only: layer {n.target!r} has float activations (a_bits=None); integer-only inference "
@@ -338,7 +338,7 @@ def _fixed_point(
 
 
 def _weighted_module(
-    m: _MultipointBase, x_grid: Grid, out: Grid, lo: int, hi: int, res_grid: Optional[Grid], bits: int, name: str
+    m: MultipointLayer, x_grid: Grid, out: Grid, lo: int, hi: int, res_grid: Optional[Grid], bits: int, name: str
 ) -> nn.Module:
     codes = m.codes.detach().cpu()
     C, P = m.scales.shape
@@ -450,7 +450,7 @@ def integer_only(
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"mpq.integer_only: expected qmodel to be a torch.nn.Module, got {type(qmodel).__name__}")
-    layers = [name for name, m in qmodel.named_modules() if isinstance(m, _MultipointBase)]
+    layers = [name for name, m in qmodel.named_modules() if isinstance(m, MultipointLayer)]
     if not layers:
         raise ValueError("mpq.integer_only: qmodel has no multipoint layer; quantize it with mpq.quantize first")
     for name, v in (("aux_bits", aux_bits), ("output_bits", output_bits)):

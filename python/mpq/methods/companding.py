@@ -27,7 +27,7 @@ and the classifier.
 
 Storage, honestly: the levels are non-uniform, so they are not codes times one scale and cannot
 run in the multipoint kernels (writing them as sums of uniform points would take up to K points
-per channel). The layer is swapped for ``CompandedConv2d`` / ``CompandedLinear``: b-bit codes
+per channel). The layer is swapped for ``mpq.nn.CodebookConv2d`` / ``CodebookLinear``: b-bit codes
 (int8 indices into the codebook, in [-K, K]), one 32-bit scale per channel and the layer's
 codebook of 2^b - 1 float32 levels; its forward looks the levels up and runs the float
 convolution (dequantize, then ATen, like the multipoint CPU path), with the same per-tensor
@@ -39,23 +39,18 @@ work), and no fused or CUDA kernel exists for it.
 """
 
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mpq.activation import fake_quantize
-from mpq.layout import point_bits
 from mpq.methods.adaquant import centred_moment, layer_problem
 from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, register
 from mpq.methods.uniform import channel_scales, grid_max, layer_hessian
-from mpq.nn.modules import _MultipointBase, same_padding
+from mpq.nn.codebook import CodebookConv2d, CodebookLayer, CodebookLinear
 
 __all__ = [
     "CompandingQuantizer",
-    "CompandedConv2d",
-    "CompandedLinear",
     "compand",
     "compand_inverse",
     "companding_quantize",
@@ -192,7 +187,7 @@ def companding_quantize(
 class CompandingQuantizer(WeightQuantizer):
     """Post-training LCQ: a per-layer companding function and per-channel scales
     (``config.companding_breakpoints``, ``companding_iters``, ``companding_lr``; start from the
-    ``config.rtn_range`` grid). Runs as ``CompandedConv2d`` / ``CompandedLinear``."""
+    ``config.rtn_range`` grid). Runs as ``CodebookConv2d`` / ``CodebookLinear``."""
 
     name = "companding"
 
@@ -213,107 +208,23 @@ class CompandingQuantizer(WeightQuantizer):
         return FittedWeight(codes[:, None, :], scales.float()[:, None], codebook=codebook.float())
 
     def build_module(self, target, points: int, bits: int, has_bias: bool, codebook: Optional[torch.Tensor] = None) -> nn.Module:
-        """A codebook layer (``CompandedConv2d`` / ``CompandedLinear``) holding the fit's levels."""
+        """A codebook layer (``CodebookConv2d`` / ``CodebookLinear``) holding the fit's levels."""
         if codebook is None:
             raise ValueError(f"mpq: method 'companding' needs the fit's codebook to build layer {target.name!r}")
         return build_companded(target, bits, codebook, has_bias)
 
 
-# ---- the layers that run it ----------------------------------------------------------------------
-
-
-class _CompandedBase(_MultipointBase):
-    """One point per channel whose int8 codes index the layer's ``codebook`` (float32 [2^b - 1]):
-    weight[j] = scales[j, 0] * codebook[codes[j, 0] + K]. ``set_weight`` / ``set_act_qparams`` as
-    for the multipoint layers."""
-
-    def __init__(self, out_channels: int, code_shape: List[int], w_bits: int, bias: bool):
-        super().__init__(out_channels, 1, code_shape, w_bits, bias)
-        self.levels = 2 ** (w_bits - 1) - 1
-        self.register_buffer("codebook", torch.zeros(2 * self.levels + 1, dtype=torch.float32))
-
-    def set_codebook(self, codebook: torch.Tensor) -> None:
-        if codebook.shape != self.codebook.shape:
-            raise ValueError(f"{type(self).__name__}.set_codebook: expected {tuple(self.codebook.shape)} levels, got {tuple(codebook.shape)}")
-        self.codebook.copy_(codebook.to(torch.float32))
-
-    @torch.jit.export
-    def dequantized_weight(self) -> torch.Tensor:
-        codes, scales = self.unpacked()
-        w = self.codebook[(codes[:, 0].long() + self.levels).clamp(0, 2 * self.levels)]
-        shape = [-1] + [1] * (w.dim() - 1)
-        return w * (scales[:, 0] * (self.num_points > 0).float()).view(shape)
-
-    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        qp = self.act_qparams
-        if qp is None:
-            return x
-        return fake_quantize(x, float(qp[0]), int(qp[1]), int(qp[2]), int(qp[3]))
-
-    def bits_per_weight(self) -> float:
-        """b bits per code, a 32-bit scale per channel (one point each: ``mpq.layout.point_bits``)
-        and the float32 codebook, per weight."""
-        C = self.num_points.shape[0]
-        D = math.prod(self.code_shape)
-        codebook_bits = self.codebook.numel() * self.codebook.element_size() * 8
-        return (C * point_bits(D, self.w_bits) + codebook_bits) / (C * D)
-
-
-class CompandedLinear(_CompandedBase):
-    """Linear layer with a companding-quantized weight (codes int8[out, 1, in]), the size of ``linear``."""
-
-    def __init__(self, linear: nn.Linear, w_bits: int, bias: bool = True):
-        super().__init__(linear.out_features, [linear.in_features], w_bits, bias)
-        self.in_features = int(linear.in_features)
-        self.out_features = int(linear.out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(self._quantize_input(x), self.dequantized_weight().to(x.dtype), b)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, companding"
-
-
-class CompandedConv2d(_CompandedBase):
-    """Conv2d with a companding-quantized weight (codes int8[out, 1, in/groups, kh, kw]), built
-    with the geometry of the float ``conv`` it replaces; padding as ``MultipointConv2d``."""
-
-    pre_padding: List[int]  # for TorchScript, which cannot type an empty list
-
-    def __init__(
-        self, conv: nn.Conv2d, w_bits: int, bias: bool = True, pre_padding: Optional[List[int]] = None, same_padding: bool = False
-    ):
-        super().__init__(conv.out_channels, [conv.in_channels // conv.groups] + list(conv.kernel_size), w_bits, bias)
-        for name in ("in_channels", "out_channels", "groups"):  # the geometry of the float conv it replaces
-            setattr(self, name, int(getattr(conv, name)))
-        for name in ("kernel_size", "stride", "padding", "dilation"):
-            setattr(self, name, [int(v) for v in getattr(conv, name)])
-        self.pre_padding = list(pre_padding) if pre_padding is not None else []
-        self.same_padding = same_padding
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = same_padding(x, self.kernel_size, self.stride, self.dilation) if self.same_padding else self.pre_padding
-        if len(pads) > 0:  # TF-style 'same' padding, dynamic or static
-            x = F.pad(x, pads)
-        b = self.bias.to(x.dtype) if self.bias is not None else None
-        w = self.dequantized_weight().to(x.dtype)
-        return F.conv2d(self._quantize_input(x), w, b, self.stride, self.padding, self.dilation, self.groups)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, stride={tuple(self.stride)}, "
-            f"padding={tuple(self.padding)}, groups={self.groups}, w_bits={self.w_bits}, companding"
-        )
-
-
 def build_companded(target, bits: int, codebook: torch.Tensor, has_bias: bool) -> nn.Module:
-    """The companded layer replacing ``target``'s module (``mpq.quantize`` then calls
+    """The codebook layer replacing ``target``'s module (``mpq.quantize`` then calls
     ``set_weight`` and ``set_act_qparams`` on it as on a multipoint layer)."""
     m = target.module
-    if target.kind == "linear":
-        q: _CompandedBase = CompandedLinear(m, bits, bias=has_bias)
-    else:
-        q = CompandedConv2d(m, bits, bias=has_bias, pre_padding=target.pre_padding, same_padding=target.same_padding)
+    with torch.device(m.weight.device):
+        if target.kind == "linear":
+            q: CodebookLayer = CodebookLinear(m.in_features, m.out_features, bits, bias=has_bias)
+        else:
+            q = CodebookConv2d(
+                m.in_channels, m.out_channels, list(m.kernel_size), bits, list(m.stride), list(m.padding),
+                list(m.dilation), m.groups, bias=has_bias, pre_padding=target.pre_padding, same_padding=target.same_padding,
+            )
     q.set_codebook(codebook)
-    return q.to(m.weight.device)
+    return q

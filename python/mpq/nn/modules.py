@@ -21,7 +21,7 @@ on the first such forward. ``.half()``/``.to(dtype)`` keep the weight's float32 
 new dtype and returns outputs of that dtype.
 """
 import math
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,11 @@ _PACKED_BUFFERS = (
 )
 
 
-class _MultipointBase(nn.Module):
+class MultipointLayer(nn.Module):
+    """The base of every quantized layer of mpq (MultipointConv2d, MultipointLinear, the codebook
+    layers): the stored form of the points (``point_codes``, ``point_scales``, ``num_points``),
+    ``w_bits``, the optional bias and activation quantizer, and the packed GPU copy."""
+
     # state_dict version: 2 = the stored form (point_codes, point_scales); 1 = codes [C, P, ...] and
     # scales [C, P], converted on load (_load_from_state_dict).
     _version = 2
@@ -113,7 +117,7 @@ class _MultipointBase(nn.Module):
 
     # ---- the packed weight of the fused CUDA kernels ----
 
-    def _packable(self) -> bool:
+    def packable(self) -> bool:
         """Whether fused kernels serve this layer: MultipointLinear, MultipointConv2d except
         depthwise-like convolutions; not the codebook layers that share this base."""
         return False
@@ -138,7 +142,7 @@ class _MultipointBase(nn.Module):
         """Builds the packed weight (``mpq::pack_multipoint``) on the codes' device and picks the
         kernel: "int8" when act_qparams has integer zero point and range of at most 256 levels
         (read once on the host here, so that the forward never syncs), else "auto"."""
-        if not self._packable():
+        if not self.packable():
             raise RuntimeError(
                 "pack_: this layer has no fused kernels (codebook layers, grouped convolutions with fewer than "
                 + str(layout.TILE_N) + " output channels per group: a packed tile's rows)"
@@ -166,7 +170,7 @@ class _MultipointBase(nn.Module):
 
     def _use_packed(self, x: torch.Tensor) -> bool:
         """The fused path: a float16/bfloat16 input on a GPU (packing first if needed)."""
-        if not (x.is_cuda and (x.dtype == torch.float16 or x.dtype == torch.bfloat16) and self._packable()):
+        if not (x.is_cuda and (x.dtype == torch.float16 or x.dtype == torch.bfloat16) and self.packable()):
             return False
         self._ensure_packed()
         return True
@@ -181,7 +185,7 @@ class _MultipointBase(nn.Module):
             return out
 
         super()._apply(keep_dtype, recurse)
-        if self.point_codes.is_cuda and self._packable():
+        if self.point_codes.is_cuda and self.packable():
             self._ensure_packed()  # once per device (e.g. not again for .half() after .cuda())
         elif self.tile_offsets.numel() > 0:
             self._drop_packed()
@@ -301,8 +305,140 @@ class _MultipointBase(nn.Module):
         total_points = int(self.num_points.sum())
         return total_points * point_bits(per_channel, self.w_bits) / (self.num_points.shape[0] * per_channel)
 
+    # ---- the layer as JSON data (mpq.save's metadata) ----
 
-class MultipointLinear(_MultipointBase):
+    def to_spec(self) -> Dict[str, Any]:
+        """The layer's type (``kind``, a key of ``LAYER_KINDS``), constructor arguments and
+        non-tensor state as JSON data: ``MultipointLayer.from_spec`` rebuilds it (tensors zero,
+        for a file's to be loaded into)."""
+        kinds = [k for k, cls in LAYER_KINDS.items() if cls is type(self)]
+        if not kinds:
+            raise ValueError(f"{type(self).__name__}.to_spec: the layer type is not registered (mpq.nn.register_layer_kind)")
+        sqnr = float(self.output_sqnr_db)
+        spec: Dict[str, Any] = {
+            "kind": kinds[0],
+            "w_bits": int(self.w_bits),
+            "max_points": int(self.max_points),
+            "output_sqnr_db": None if math.isnan(sqnr) else sqnr,
+            "has_bias": self.bias is not None,
+            "has_act_qparams": self.act_qparams is not None,
+        }
+        spec.update(self.spec_arguments())
+        return spec
+
+    def spec_arguments(self) -> Dict[str, Any]:
+        """The layer type's own constructor arguments (shapes, geometry) as JSON data."""
+        raise NotImplementedError(f"{type(self).__name__}.spec_arguments")
+
+    @classmethod
+    def from_spec_arguments(cls, spec: "SpecReader", w_bits: int, max_points: int, bias: bool) -> "MultipointLayer":
+        """The layer built from ``spec_arguments``' data (read through ``spec``, which checks types)."""
+        raise NotImplementedError(f"{cls.__name__}.from_spec_arguments")
+
+    @staticmethod
+    def from_spec(spec: Dict[str, Any], name: str = "?", where: str = "mpq.load") -> "MultipointLayer":
+        """The layer that ``to_spec`` described, its tensors zero; errors name ``where`` and the
+        layer ``name``."""
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where}: layer {name!r}: expected a JSON object, got {spec!r}")
+        kind = spec.get("kind")
+        cls = LAYER_KINDS.get(kind) if isinstance(kind, str) else None
+        if cls is None:
+            raise ValueError(f"{where}: layer {name!r}: unknown kind {kind!r} (expected one of {sorted(LAYER_KINDS)})")
+        r = SpecReader(spec, name, where)
+        try:
+            m = cls.from_spec_arguments(r, r.get("w_bits", int), r.get("max_points", int), r.get("has_bias", bool))
+        except (RuntimeError, IndexError) as e:  # e.g. negative sizes from a damaged header
+            raise ValueError(f"{where}: layer {name!r}: invalid layer arguments in the metadata ({e})") from None
+        if r.get("has_act_qparams", bool):
+            m.act_qparams = torch.zeros(4, dtype=torch.float32)
+        sqnr = spec.get("output_sqnr_db")
+        if sqnr is not None and not isinstance(sqnr, (int, float)):
+            raise ValueError(f"{where}: layer {name!r}: expected output_sqnr_db to be a number or null, got {sqnr!r}")
+        m.output_sqnr_db = float("nan") if sqnr is None else float(sqnr)
+        return m
+
+
+class SpecReader:
+    """Typed reads of a layer spec's values, with errors that name the layer and the key."""
+
+    def __init__(self, spec: Dict[str, Any], name: str, where: str):
+        self.spec, self.name, self.where = spec, name, where
+
+    def get(self, key: str, kind: type) -> Any:
+        if key not in self.spec:
+            raise ValueError(f"{self.where}: layer {self.name!r}: the metadata lacks {key!r}")
+        v = self.spec[key]
+        ok = isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+        if kind is list:
+            ok = ok and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        if not ok:
+            raise ValueError(f"{self.where}: layer {self.name!r}: expected {key} to be {kind.__name__}, got {v!r}")
+        return v
+
+
+# kind (the "kind" of a layer spec) -> layer type: what mpq.save can write and mpq.load rebuild.
+LAYER_KINDS: Dict[str, Type[MultipointLayer]] = {}
+
+
+def register_layer_kind(kind: str, cls: Type[MultipointLayer]) -> Type[MultipointLayer]:
+    """Makes layer type ``cls`` saveable under ``kind`` (its ``to_spec`` / ``from_spec``)."""
+    if kind in LAYER_KINDS and LAYER_KINDS[kind] is not cls:
+        raise ValueError(f"mpq.nn.register_layer_kind: kind {kind!r} is taken by {LAYER_KINDS[kind].__name__}")
+    LAYER_KINDS[kind] = cls
+    return cls
+
+
+def linear_spec_arguments(m: nn.Module) -> Dict[str, Any]:
+    return {"in_features": int(m.in_features), "out_features": int(m.out_features)}
+
+
+def conv_code_shape(layer: str, in_channels: int, out_channels: int, kernel_size: List[int], groups: int) -> List[int]:
+    """[in_channels / groups, kh, kw], the codes of one output channel of a convolution layer."""
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"{layer}: expected groups ({groups}) to divide in_channels ({in_channels}) and out_channels ({out_channels})"
+        )
+    return [in_channels // groups, kernel_size[0], kernel_size[1]]
+
+
+def set_conv_geometry(m: nn.Module, in_channels: int, out_channels: int, kernel_size: List[int], stride: List[int],
+                      padding: List[int], dilation: List[int], groups: int, pre_padding: Optional[List[int]],
+                      same_padding: bool) -> None:
+    """The geometry attributes of a convolution layer (those of the float Conv2d it replaces, plus
+    the padding it applies first: ``pre_padding`` static, ``same_padding`` TF-style at run time)."""
+    m.in_channels, m.out_channels, m.groups = int(in_channels), int(out_channels), int(groups)
+    m.kernel_size = [int(v) for v in kernel_size]
+    m.stride = [int(v) for v in stride]
+    m.padding = [int(v) for v in padding]
+    m.dilation = [int(v) for v in dilation]
+    m.pre_padding = [int(v) for v in pre_padding] if pre_padding is not None else []
+    m.same_padding = bool(same_padding)
+
+
+def conv_geometry_from_spec(spec: "SpecReader") -> Dict[str, Any]:
+    """The keyword arguments of a convolution layer's geometry, read from its spec."""
+    g = spec.get
+    return dict(in_channels=g("in_channels", int), out_channels=g("out_channels", int), kernel_size=g("kernel_size", list),
+                stride=g("stride", list), padding=g("padding", list), dilation=g("dilation", list), groups=g("groups", int),
+                pre_padding=g("pre_padding", list), same_padding=g("same_padding", bool))
+
+
+def conv_spec_arguments(m: nn.Module) -> Dict[str, Any]:
+    return {
+        "in_channels": int(m.in_channels),
+        "out_channels": int(m.out_channels),
+        "kernel_size": [int(k) for k in m.kernel_size],
+        "stride": [int(v) for v in m.stride],
+        "padding": [int(v) for v in m.padding],
+        "dilation": [int(v) for v in m.dilation],
+        "groups": int(m.groups),
+        "pre_padding": [int(v) for v in m.pre_padding],
+        "same_padding": bool(m.same_padding),
+    }
+
+
+class MultipointLinear(MultipointLayer):
     """Linear layer with a multipoint weight: codes int8[out_features, max_points, in_features].
 
     On a GPU with a float16/bfloat16 input, the forward runs ``mpq::multipoint_linear_packed`` on
@@ -319,8 +455,15 @@ class MultipointLinear(_MultipointBase):
         self.in_features = in_features
         self.out_features = out_features
 
-    def _packable(self) -> bool:
+    def packable(self) -> bool:
         return True
+
+    def spec_arguments(self) -> Dict[str, Any]:
+        return linear_spec_arguments(self)
+
+    @classmethod
+    def from_spec_arguments(cls, spec: SpecReader, w_bits: int, max_points: int, bias: bool) -> "MultipointLinear":
+        return cls(spec.get("in_features", int), spec.get("out_features", int), max_points, w_bits, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_packed(x):
@@ -336,7 +479,7 @@ class MultipointLinear(_MultipointBase):
         return f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, max_points={self.max_points}"
 
 
-class MultipointConv2d(_MultipointBase):
+class MultipointConv2d(MultipointLayer):
     """Conv2d with a multipoint weight: codes int8[out_channels, max_points, in_channels/groups, kh, kw].
 
     ``pre_padding`` (left, right, top, bottom) zero-pads the input before the convolution, as
@@ -376,24 +519,21 @@ class MultipointConv2d(_MultipointBase):
         pre_padding: Optional[List[int]] = None,
         same_padding: bool = False,
     ):
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"MultipointConv2d: expected groups ({groups}) to divide in_channels ({in_channels}) and out_channels ({out_channels})"
-            )
-        super().__init__(out_channels, max_points, [in_channels // groups, kernel_size[0], kernel_size[1]], w_bits, bias)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = list(kernel_size)
-        self.stride = list(stride)
-        self.padding = list(padding)
-        self.dilation = list(dilation)
-        self.groups = groups
-        self.pre_padding = list(pre_padding) if pre_padding is not None else []
-        self.same_padding = same_padding
+        code_shape = conv_code_shape("MultipointConv2d", in_channels, out_channels, kernel_size, groups)
+        super().__init__(out_channels, max_points, code_shape, w_bits, bias)
+        set_conv_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pre_padding,
+                          same_padding)
 
-    def _packable(self) -> bool:
+    def packable(self) -> bool:
         # A packed tile holds TILE_N channels of one group: fewer per group would be mostly padding.
         return self.groups == 1 or self.out_channels // self.groups >= layout.TILE_N
+
+    def spec_arguments(self) -> Dict[str, Any]:
+        return conv_spec_arguments(self)
+
+    @classmethod
+    def from_spec_arguments(cls, spec: SpecReader, w_bits: int, max_points: int, bias: bool) -> "MultipointConv2d":
+        return cls(max_points=max_points, w_bits=w_bits, bias=bias, **conv_geometry_from_spec(spec))
 
     def _pack_args(self) -> Tuple[torch.Tensor, int, int]:
         # Columns in NHWC order (kh, kw, c): mpq.ops.conv_codes_nhwc.
@@ -422,3 +562,7 @@ class MultipointConv2d(_MultipointBase):
             f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, stride={tuple(self.stride)}, "
             f"padding={tuple(self.padding)}, groups={self.groups}, w_bits={self.w_bits}, max_points={self.max_points}"
         )
+
+
+register_layer_kind("linear", MultipointLinear)
+register_layer_kind("conv", MultipointConv2d)

@@ -27,7 +27,7 @@ def reestimate_batchnorms(prep: Prepared, cal: Calibrated, cfg: QuantConfig, flo
 def pack_for_device(model: nn.Module) -> None:
     """On a GPU: the packed weights of the fused kernels, once, here."""
     for mod in model.modules():
-        if isinstance(mod, (MultipointLinear, MultipointConv2d)) and mod.point_codes.is_cuda and mod._packable():
+        if isinstance(mod, (MultipointLinear, MultipointConv2d)) and mod.point_codes.is_cuda and mod.packable():
             mod.pack_()
 
 
