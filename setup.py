@@ -10,6 +10,7 @@ architecture list (default "90": sm_90 code plus compute_90 PTX); MPQ_BUILD_DIR 
 build tree in a known place (default: build/python, which scripts/setup.sh builds and
 scripts/test.sh and scripts/wheel_check.sh reuse: a second build compiles only what changed).
 """
+
 import os
 import shutil
 import subprocess

@@ -34,16 +34,16 @@ Rows per setting (W4A8, W4A16, W3A16, W2A16; A16 = float activations):
 (``QuantReport.avg_bits``); ``nominal`` is OCS's own widened layer (``mpq/methods/ocs.py``).
 ``quant s`` is the wall time of ``mpq.quantize`` (calibration included) on this machine's CPU.
 """
+
 import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 import mpq
 from mpq.examples import assets
@@ -64,14 +64,14 @@ class Task:
     title: str
     data_note: str
     model: torch.nn.Module
-    calib: List[torch.Tensor]
+    calib: list[torch.Tensor]
     eval_inputs: torch.Tensor
-    quality: Callable[[torch.Tensor, torch.Tensor], Dict[str, float]]  # (output, FP32 output) -> columns
+    quality: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]  # (output, FP32 output) -> columns
     has_batchnorm: bool
 
 
 def _classifier_quality(labels: torch.Tensor):
-    def quality(out: torch.Tensor, ref: torch.Tensor) -> Dict[str, float]:
+    def quality(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
         return fidelity(out, ref, labels)
 
     return quality
@@ -79,7 +79,7 @@ def _classifier_quality(labels: torch.Tensor):
 
 def _batched(model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([model(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
+        return torch.cat([model(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
 
 
 def load_task(name: str, seed: int) -> Task:
@@ -87,10 +87,15 @@ def load_task(name: str, seed: int) -> Task:
         data = load_demo_data(seed=seed)
         n_lab, n_all = data.labels.numel(), data.eval_images.shape[0]
         return Task(
-            "lite0", "EfficientNet-Lite0 (ImageNet weights)",
+            "lite0",
+            "EfficientNet-Lite0 (ImageNet weights)",
             f"{sum(b.shape[0] for b in data.calib_batches)} calibration crops of the bundled photos; top-1 on {n_lab} "
             f"labelled ImageNet photos; agreement and KL(FP32 || model) on {n_all} photos",
-            assets.load_efficientnet_lite0(), data.calib_batches, data.eval_images, _classifier_quality(data.labels), True,
+            assets.load_efficientnet_lite0(),
+            data.calib_batches,
+            data.eval_images,
+            _classifier_quality(data.labels),
+            True,
         )
     if name == "fashion":
         from mpq.examples.fashion import fashion_mnist, load_fashion_resnet
@@ -99,9 +104,14 @@ def load_task(name: str, seed: int) -> Task:
         xte, yte = fashion_mnist("test")
         idx = torch.randperm(xtr.shape[0], generator=torch.Generator().manual_seed(seed))[:512]
         return Task(
-            "fashion", "Fashion-MNIST ResNet-14 (trained by scripts/train_fashion_resnet.py)",
+            "fashion",
+            "Fashion-MNIST ResNet-14 (trained by scripts/train_fashion_resnet.py)",
             "512 seeded training images for calibration (8 batches of 64); top-1, agreement and KL on the 10,000 test images",
-            load_fashion_resnet(), list(xtr[idx].split(64)), xte, _classifier_quality(yte), True,
+            load_fashion_resnet(),
+            list(xtr[idx].split(64)),
+            xte,
+            _classifier_quality(yte),
+            True,
         )
     if name == "minilm":
         from mpq.examples import text
@@ -110,15 +120,20 @@ def load_task(name: str, seed: int) -> Task:
         calib = text.calibration_batches(tokenizer, text.calibration_sentences())
         ev = text.tokenize(tokenizer, text.evaluation_sentences())
         return Task(
-            "minilm", "all-MiniLM-L6-v2 sentence embeddings (36 Linear layers)",
+            "minilm",
+            "all-MiniLM-L6-v2 sentence embeddings (36 Linear layers)",
             f"{sum(b.shape[0] for b in calib)} calibration sentences; cosine similarity to the FP32 embedding on "
             f"{ev.shape[0]} other sentences",
-            model, calib, ev, text.embedding_fidelity, False,
+            model,
+            calib,
+            ev,
+            text.embedding_fidelity,
+            False,
         )
     raise ValueError(f"unknown model {name!r}")
 
 
-def configs(setting: str, task: Task) -> List[Tuple[str, mpq.QuantConfig]]:
+def configs(setting: str, task: Task) -> list[tuple[str, mpq.QuantConfig]]:
     """(row name, config) for one setting."""
     w_bits, a_bits = mpq.PRESETS[setting]
     base = dict(w_bits=w_bits, a_bits=a_bits)
@@ -129,8 +144,12 @@ def configs(setting: str, task: Task) -> List[Tuple[str, mpq.QuantConfig]]:
         ("rtn+bc", mpq.QuantConfig(method="rtn", bias_correction=True, **mse)),
     ]
     if task.has_batchnorm:
-        rows.append(("rtn+bnre(paper)", mpq.QuantConfig(method="rtn", bn_reestimation=True, bn_reference="running", **mse)))
-        rows.append(("rtn+bnre(float)", mpq.QuantConfig(method="rtn", bn_reestimation=True, bn_reference="float", **mse)))
+        rows.append(
+            ("rtn+bnre(paper)", mpq.QuantConfig(method="rtn", bn_reestimation=True, bn_reference="running", **mse))
+        )
+        rows.append(
+            ("rtn+bnre(float)", mpq.QuantConfig(method="rtn", bn_reestimation=True, bn_reference="float", **mse))
+        )
     rows += [
         ("gptq", mpq.QuantConfig(method="gptq", **mse)),
         ("gptq+bc", mpq.QuantConfig(method="gptq", bias_correction=True, **mse)),
@@ -138,9 +157,22 @@ def configs(setting: str, task: Task) -> List[Tuple[str, mpq.QuantConfig]]:
         ("adaquant", mpq.QuantConfig(method="adaquant", **mse)),
     ]
     if task.has_batchnorm:
-        rows.append(("adaquant+bnre(paper)+bc", mpq.QuantConfig(method="adaquant", bn_reestimation=True, bn_reference="running", bias_correction=True, **mse)))
-        rows.append(("adaquant+bnre(float)+bc", mpq.QuantConfig(
-            method="adaquant", bn_reestimation=True, bn_reference="float", bias_correction=True, **mse)))
+        rows.append(
+            (
+                "adaquant+bnre(paper)+bc",
+                mpq.QuantConfig(
+                    method="adaquant", bn_reestimation=True, bn_reference="running", bias_correction=True, **mse
+                ),
+            )
+        )
+        rows.append(
+            (
+                "adaquant+bnre(float)+bc",
+                mpq.QuantConfig(
+                    method="adaquant", bn_reestimation=True, bn_reference="float", bias_correction=True, **mse
+                ),
+            )
+        )
     rows += [
         ("ocs", mpq.QuantConfig(method="ocs", **mse)),
         ("companding", mpq.QuantConfig(method="companding", **mse)),
@@ -177,31 +209,55 @@ def output_sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(20 * torch.log10(ref.double().norm() / (out.double() - ref.double()).norm().clamp_min(1e-30)))
 
 
-def _fmt(r: Dict, key: str, spec: str) -> str:
+def _fmt(r: dict, key: str, spec: str) -> str:
     v = r.get(key)
     return "–" if v is None else format(v, spec)
 
 
 COLUMNS = [  # (key, header, format)
-    ("avg_bits", "avg bits", ".3f"), ("nominal_bits", "nominal", ".3f"), ("size_mb", "size MB", ".2f"),
-    ("top1", "top-1", ".1%"), ("agreement", "agree", ".1%"), ("kl", "KL", ".4f"),
-    ("cos_mean", "cos mean", ".5f"), ("cos_min", "cos min", ".5f"), ("sqnr_db", "SQNR dB", ".1f"), ("seconds", "quant s", ".1f"),
+    ("avg_bits", "avg bits", ".3f"),
+    ("nominal_bits", "nominal", ".3f"),
+    ("size_mb", "size MB", ".2f"),
+    ("top1", "top-1", ".1%"),
+    ("agreement", "agree", ".1%"),
+    ("kl", "KL", ".4f"),
+    ("cos_mean", "cos mean", ".5f"),
+    ("cos_min", "cos min", ".5f"),
+    ("sqnr_db", "SQNR dB", ".1f"),
+    ("seconds", "quant s", ".1f"),
 ]
 
 
-def run_task(task: Task, settings: List[str], only: Optional[List[str]], seed: int,
-             on_row: Callable[[List[Dict]], None] = lambda rows: None) -> List[Dict]:
+def run_task(
+    task: Task,
+    settings: list[str],
+    only: list[str] | None,
+    seed: int,
+    on_row: Callable[[list[dict]], None] = lambda rows: None,
+) -> list[dict]:
     """Every configured row of ``task``; ``on_row(rows so far)`` after each (the tables are
     rewritten as rows arrive, so an interrupted run keeps what it measured)."""
     reference = _batched(task.model, task.eval_inputs)
-    rows: List[Dict] = [{"setting": "FP32", "method": "fp32", "avg_bits": 32.0, "nominal_bits": 32.0,
-                         "size_mb": model_size_bytes(task.model) / 1e6, **task.quality(reference, reference),
-                         "sqnr_db": float("inf"), "seconds": 0.0}]
+    rows: list[dict] = [
+        {
+            "setting": "FP32",
+            "method": "fp32",
+            "avg_bits": 32.0,
+            "nominal_bits": 32.0,
+            "size_mb": model_size_bytes(task.model) / 1e6,
+            **task.quality(reference, reference),
+            "sqnr_db": float("inf"),
+            "seconds": 0.0,
+        }
+    ]
     cols = [c for c in COLUMNS if c[0] in rows[0] or c[0] in ("sqnr_db", "seconds")]
-    print(f"\n{task.title}: {task.data_note}; CPU, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"\n{task.title}: {task.data_note}; CPU, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     print(f"{'setting':<7} {'method':<26}" + "".join(f"{h:>10}" for _, h, _ in cols), flush=True)
 
-    def show(r: Dict) -> None:
+    def show(r: dict) -> None:
         print(f"{r['setting']:<7} {r['method']:<26}" + "".join(f"{_fmt(r, k, f):>10}" for k, _, f in cols), flush=True)
 
     show(rows[0])
@@ -215,14 +271,18 @@ def run_task(task: Task, settings: List[str], only: Optional[List[str]], seed: i
             seconds = time.perf_counter() - t0
             out = _batched(qmodel, task.eval_inputs)
             report = mpq.last_report(qmodel)
-            bits_hist: Dict[int, int] = {}
+            bits_hist: dict[int, int] = {}
             for layer in report.layers:
                 bits_hist[layer.w_bits] = bits_hist.get(layer.w_bits, 0) + 1
             r = {
-                "setting": setting, "method": name, "avg_bits": report.avg_bits,
+                "setting": setting,
+                "method": name,
+                "avg_bits": report.avg_bits,
                 "nominal_bits": ocs_nominal(qmodel, report, cfg) if cfg.method == "ocs" else report.avg_bits,
-                "size_mb": model_size_bytes(qmodel) / 1e6, **task.quality(out, reference),
-                "sqnr_db": output_sqnr_db(out, reference), "seconds": seconds,
+                "size_mb": model_size_bytes(qmodel) / 1e6,
+                **task.quality(out, reference),
+                "sqnr_db": output_sqnr_db(out, reference),
+                "seconds": seconds,
                 "layers_per_bit_width": {str(k): v for k, v in sorted(bits_hist.items())},
                 "config": cfg.to_dict(),
             }
@@ -232,26 +292,38 @@ def run_task(task: Task, settings: List[str], only: Optional[List[str]], seed: i
     return rows
 
 
-def write_results(task: Task, rows: List[Dict], args: argparse.Namespace, command: str) -> None:
+def write_results(task: Task, rows: list[dict], args: argparse.Namespace, command: str) -> None:
     result = {
-        "benchmark": "compare_methods", "model": task.title, "data": task.data_note, "command": command,
-        "torch_version": torch.__version__, "torch_num_threads": torch.get_num_threads(), "mpq_build": mpq.build_info(),
-        "seed": args.seed, "load_average_1min_end": os.getloadavg()[0], "note": args.note, "rows": rows,
+        "benchmark": "compare_methods",
+        "model": task.title,
+        "data": task.data_note,
+        "command": command,
+        "torch_version": torch.__version__,
+        "torch_num_threads": torch.get_num_threads(),
+        "mpq_build": mpq.build_info(),
+        "seed": args.seed,
+        "load_average_1min_end": os.getloadavg()[0],
+        "note": args.note,
+        "rows": rows,
     }
     out = args.out_dir / f"compare_methods_{task.name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
-    md = [
-        f"# {task.title}: weight quantizers side by side",
-        "",
-        f"{task.data_note}. All layers quantized (first and last included), per-channel symmetric grids. A16 = float "
-        "activations. `avg bits`: codes + 32-bit scales stored by the mpq layers; `nominal`: OCS's own widened layer; "
-        "`SQNR`: of the model output vs FP32. Written by `" + command + "`; times from this machine's CPU.",
-        "",
-    ] + ([args.note, ""] if args.note else []) + [
-        "| setting | method | " + " | ".join(h for _, h, _ in cols) + " |",
-        "|---|---|" + "---:|" * len(cols),
-    ]
+    md = (
+        [
+            f"# {task.title}: weight quantizers side by side",
+            "",
+            f"{task.data_note}. All layers quantized (first and last included), per-channel symmetric grids. A16 = float "
+            "activations. `avg bits`: codes + 32-bit scales stored by the mpq layers; `nominal`: OCS's own widened layer; "
+            "`SQNR`: of the model output vs FP32. Written by `" + command + "`; times from this machine's CPU.",
+            "",
+        ]
+        + ([args.note, ""] if args.note else [])
+        + [
+            "| setting | method | " + " | ".join(h for _, h, _ in cols) + " |",
+            "|---|---|" + "---:|" * len(cols),
+        ]
+    )
     for r in rows:
         md.append(f"| {r['setting']} | {r['method']} | " + " | ".join(_fmt(r, k, f) for k, _, f in cols) + " |")
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
@@ -265,13 +337,18 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--note", default="", help="a line about this run, written into the JSON and markdown")
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the rows of the existing tables, replacing those this run measures again")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of the existing tables, replacing those this run measures again",
+    )
     args = parser.parse_args()
     command = "python benchmarks/compare_methods.py " + " ".join(
         [f"--models {' '.join(args.models)}", f"--settings {' '.join(args.settings)}"]
-        + ([f"--only {' '.join(repr(o) for o in args.only)}"] if args.only else []) + [f"--seed {args.seed}"]
-        + (["--merge"] if args.merge else []))
+        + ([f"--only {' '.join(repr(o) for o in args.only)}"] if args.only else [])
+        + [f"--seed {args.seed}"]
+        + (["--merge"] if args.merge else [])
+    )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         task = load_task(name, args.seed)
@@ -282,13 +359,15 @@ def main() -> None:
             old_rows, old_command = old["rows"], old["command"]
         run_command = f"{old_command}; then {command}" if old_command else command
 
-        def write(rows: List[Dict], task: Task = task, old_rows: List[Dict] = old_rows, run_command: str = run_command) -> None:
+        def write(
+            rows: list[dict], task: Task = task, old_rows: list[dict] = old_rows, run_command: str = run_command
+        ) -> None:
             write_results(task, merge_rows(old_rows, rows), args, run_command)
 
         run_task(task, args.settings, args.only, args.seed, write)
 
 
-def merge_rows(old: List[Dict], new: List[Dict]) -> List[Dict]:
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     """``old`` with each row that ``new`` measured again (same setting and method) replaced in place;
     rows only ``new`` has are appended."""
     fresh = {(r["setting"], r["method"]): r for r in new}

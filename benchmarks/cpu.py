@@ -28,6 +28,7 @@ demo's calibration sentences; timed on its 32 evaluation sentences at once and o
 every variant traced: ``run_minilm``).
 The JSON records the command, commit, CPU model, ATen's and oneDNN's ISA, threads, versions and seed.
 """
+
 import argparse
 import copy
 import io
@@ -39,13 +40,14 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any
 
 import torch
+from fit_speed import cpu_model  # noqa: E402  (benchmarks/ is the script's directory)
 
 import mpq
-from fit_speed import cpu_model  # noqa: E402  (benchmarks/ is the script's directory)
 from mpq.summary import model_size_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +55,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.* depreca
 warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao")
 
 
-def cpu_flags() -> List[str]:
+def cpu_flags() -> list[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -109,8 +111,12 @@ def load_task(name: str, seed: int):
         from mpq.examples.demo import fidelity, load_demo_data
 
         data = load_demo_data(calib_images=64, batch_size=16, seed=seed)
-        return assets.load_efficientnet_lite0().eval(), data.calib_batches, data.eval_images, \
-            lambda out, ref: fidelity(out, ref, data.labels)
+        return (
+            assets.load_efficientnet_lite0().eval(),
+            data.calib_batches,
+            data.eval_images,
+            lambda out, ref: fidelity(out, ref, data.labels),
+        )
     if name == "resnet50":
         import torchvision
 
@@ -122,7 +128,7 @@ def load_task(name: str, seed: int):
     raise ValueError(f"unknown model {name!r}")
 
 
-def torch_int8_fx(model: torch.nn.Module, calib: List[torch.Tensor]) -> torch.nn.Module:
+def torch_int8_fx(model: torch.nn.Module, calib: list[torch.Tensor]) -> torch.nn.Module:
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -134,14 +140,14 @@ def torch_int8_fx(model: torch.nn.Module, calib: List[torch.Tensor]) -> torch.nn
     return convert_fx(prepared)
 
 
-def run_model(name: str, batches: List[int], repeats: int, presets: List[str], seed: int, fx: bool) -> Dict[str, Any]:
+def run_model(name: str, batches: list[int], repeats: int, presets: list[str], seed: int, fx: bool) -> dict[str, Any]:
     model, calib, eval_images, quality = load_task(name, seed)
     g = torch.Generator().manual_seed(seed + 1)
     inputs = {b: torch.randn(b, 3, 224, 224, generator=g) for b in batches}
-    variants: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-    sizes: Dict[str, int] = {"fp32 state_dict": file_bytes(lambda p: torch.save(model.state_dict(), p))}
-    fidelity: Dict[str, Any] = {}
-    quant_seconds: Dict[str, float] = {}
+    variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    sizes: dict[str, int] = {"fp32 state_dict": file_bytes(lambda p: torch.save(model.state_dict(), p))}
+    fidelity: dict[str, Any] = {}
+    quant_seconds: dict[str, float] = {}
     variants["fp32"] = model
     model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     variants["fp32 channels_last"] = lambda x: model_cl(x.contiguous(memory_format=torch.channels_last))
@@ -168,9 +174,12 @@ def run_model(name: str, batches: List[int], repeats: int, presets: List[str], s
             if ref is not None:
                 with torch.no_grad():
                     fidelity[f"mpq {preset} q-residual"] = quality(qres(eval_images), ref)
-        sizes[f"mpq {preset} TorchScript"] = file_bytes(lambda p: torch.jit.save(to_torchscript(fused, calib[0][:1]), p))
-        sizes[f"mpq {preset} mpq.save"] = file_bytes(lambda p: mpq.save(q, p + ".mpq.safetensors") or
-                                                     os.replace(p + ".mpq.safetensors", p))
+        sizes[f"mpq {preset} TorchScript"] = file_bytes(
+            lambda p: torch.jit.save(to_torchscript(fused, calib[0][:1]), p)
+        )
+        sizes[f"mpq {preset} mpq.save"] = file_bytes(
+            lambda p: mpq.save(q, p + ".mpq.safetensors") or os.replace(p + ".mpq.safetensors", p)
+        )
         sizes[f"mpq {preset} reported (model_size_bytes)"] = model_size_bytes(q)
         if ref is not None:
             with torch.no_grad():
@@ -180,7 +189,9 @@ def run_model(name: str, batches: List[int], repeats: int, presets: List[str], s
             qfx = torch_int8_fx(model, calib)
             sfx = torch.jit.freeze(to_torchscript(qfx, calib[0][:1]).eval())
             variants["torch int8 (FX, x86)"] = sfx
-            sizes["torch int8 (FX, x86) TorchScript"] = file_bytes(lambda p: torch.jit.save(to_torchscript(qfx, calib[0][:1]), p))
+            sizes["torch int8 (FX, x86) TorchScript"] = file_bytes(
+                lambda p: torch.jit.save(to_torchscript(qfx, calib[0][:1]), p)
+            )
             if ref is not None:
                 with torch.no_grad():
                     fidelity["torch int8 (FX, x86)"] = quality(sfx(eval_images), ref)
@@ -193,9 +204,16 @@ def run_model(name: str, batches: List[int], repeats: int, presets: List[str], s
         fp32_best = min(times["fp32"], times["fp32 channels_last"])
         fx_ms = times.get("torch int8 (FX, x86)")
         for label, ms in times.items():
-            rows.append({"model": name, "batch": b, "variant": label, "ms": ms,
-                         "speedup_vs_fp32": fp32_best / ms,
-                         "speed_vs_torch_int8": (fx_ms / ms) if fx_ms else None})
+            rows.append(
+                {
+                    "model": name,
+                    "batch": b,
+                    "variant": label,
+                    "ms": ms,
+                    "speedup_vs_fp32": fp32_best / ms,
+                    "speed_vs_torch_int8": (fx_ms / ms) if fx_ms else None,
+                }
+            )
     return {"rows": rows, "sizes_bytes": sizes, "fidelity": fidelity, "quantize_seconds": quant_seconds}
 
 
@@ -208,7 +226,7 @@ def traced(model: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptMod
     return torch.jit.load(buf)
 
 
-def run_minilm(repeats: int, presets: List[str], seed: int, int8_peer: bool) -> Dict[str, Any]:
+def run_minilm(repeats: int, presets: list[str], seed: int, int8_peer: bool) -> dict[str, Any]:
     """all-MiniLM-L6-v2 (its 36 Linear layers quantized; the embedding tables stay float): the
     README's 32 evaluation sentences at once (21 tokens) and the first alone, every variant traced
     with TorchScript, saved and loaded back. PyTorch's own int8 path for such models is dynamic
@@ -221,10 +239,10 @@ def run_minilm(repeats: int, presets: List[str], seed: int, int8_peer: bool) -> 
     sentences = text.tokenize(tokenizer, text.evaluation_sentences())
     with torch.no_grad():
         ref = model(sentences)
-    variants: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"fp32": traced(model, sentences)}
-    sizes: Dict[str, int] = {"fp32 state_dict": file_bytes(lambda p: torch.save(model.state_dict(), p))}
-    fidelity: Dict[str, Any] = {}
-    quant_seconds: Dict[str, float] = {}
+    variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"fp32": traced(model, sentences)}
+    sizes: dict[str, int] = {"fp32 state_dict": file_bytes(lambda p: torch.save(model.state_dict(), p))}
+    fidelity: dict[str, Any] = {}
+    quant_seconds: dict[str, float] = {}
     for preset in presets:
         t = time.perf_counter()
         base, _, one = preset.partition("-")
@@ -234,10 +252,12 @@ def run_minilm(repeats: int, presets: List[str], seed: int, int8_peer: bool) -> 
         variants[f"mpq {preset}"] = traced(q, sentences)
         with torch.no_grad():
             sizes[f"mpq {preset} TorchScript"] = file_bytes(
-                lambda p: torch.jit.save(torch.jit.trace(q, sentences, check_trace=False, strict=False), p))
+                lambda p: torch.jit.save(torch.jit.trace(q, sentences, check_trace=False, strict=False), p)
+            )
             fidelity[f"mpq {preset}"] = text.embedding_fidelity(variants[f"mpq {preset}"](sentences), ref)
-        sizes[f"mpq {preset} mpq.save"] = file_bytes(lambda p: mpq.save(q, p + ".mpq.safetensors") or
-                                                     os.replace(p + ".mpq.safetensors", p))
+        sizes[f"mpq {preset} mpq.save"] = file_bytes(
+            lambda p: mpq.save(q, p + ".mpq.safetensors") or os.replace(p + ".mpq.safetensors", p)
+        )
         sizes[f"mpq {preset} reported (model_size_bytes)"] = model_size_bytes(q)
     peer = "torch int8 (dynamic)"
     if int8_peer:
@@ -246,29 +266,46 @@ def run_minilm(repeats: int, presets: List[str], seed: int, int8_peer: bool) -> 
         with torch.no_grad():
             fidelity[peer] = text.embedding_fidelity(variants[peer](sentences), ref)
             sizes[f"{peer} TorchScript"] = file_bytes(
-                lambda p: torch.jit.save(torch.jit.trace(dq, sentences, check_trace=False, strict=False), p))
+                lambda p: torch.jit.save(torch.jit.trace(dq, sentences, check_trace=False, strict=False), p)
+            )
     rows = []
     for b in (1, sentences.shape[0]):
         x = sentences[:b]
         times = {label: median_ms(lambda: fn(x), repeats) for label, fn in variants.items()}
         peer_ms = times.get(peer)
         for label, ms in times.items():
-            rows.append({"model": "minilm", "batch": b, "variant": label, "ms": ms, "speedup_vs_fp32": times["fp32"] / ms,
-                         "speed_vs_torch_int8": (peer_ms / ms) if peer_ms else None})
+            rows.append(
+                {
+                    "model": "minilm",
+                    "batch": b,
+                    "variant": label,
+                    "ms": ms,
+                    "speedup_vs_fp32": times["fp32"] / ms,
+                    "speed_vs_torch_int8": (peer_ms / ms) if peer_ms else None,
+                }
+            )
     return {"rows": rows, "sizes_bytes": sizes, "fidelity": fidelity, "quantize_seconds": quant_seconds}
 
 
 # Layer shapes of ResNet-50, EfficientNet-Lite0 and MiniLM: (kind, batch or rows, C_in, C_out, H, kernel, stride, groups).
 LAYER_SHAPES = [
-    ("conv", 16, 64, 64, 56, 3, 1, 1), ("conv", 1, 64, 64, 56, 3, 1, 1), ("conv", 16, 256, 256, 14, 3, 1, 1),
-    ("conv", 16, 64, 256, 56, 1, 1, 1), ("conv", 16, 256, 64, 56, 1, 1, 1), ("conv", 16, 112, 672, 14, 1, 1, 1),
-    ("conv", 16, 672, 112, 14, 1, 1, 1), ("conv", 16, 96, 96, 112, 3, 2, 96), ("conv", 16, 3, 32, 224, 3, 2, 1),
-    ("linear", 1, 384, 1536, None, None, None, None), ("linear", 16, 384, 1536, None, None, None, None),
-    ("linear", 16, 384, 384, None, None, None, None), ("linear", 512, 1536, 384, None, None, None, None),
+    ("conv", 16, 64, 64, 56, 3, 1, 1),
+    ("conv", 1, 64, 64, 56, 3, 1, 1),
+    ("conv", 16, 256, 256, 14, 3, 1, 1),
+    ("conv", 16, 64, 256, 56, 1, 1, 1),
+    ("conv", 16, 256, 64, 56, 1, 1, 1),
+    ("conv", 16, 112, 672, 14, 1, 1, 1),
+    ("conv", 16, 672, 112, 14, 1, 1, 1),
+    ("conv", 16, 96, 96, 112, 3, 2, 96),
+    ("conv", 16, 3, 32, 224, 3, 2, 1),
+    ("linear", 1, 384, 1536, None, None, None, None),
+    ("linear", 16, 384, 1536, None, None, None, None),
+    ("linear", 16, 384, 384, None, None, None, None),
+    ("linear", 512, 1536, 384, None, None, None, None),
 ]
 
 
-def run_layers(repeats: int, seed: int) -> List[Dict[str, Any]]:
+def run_layers(repeats: int, seed: int) -> list[dict[str, Any]]:
     """Each stored-form kernel ("int8", "dense", and what "auto" picks) against the float32 layer
     with the same decoded weight, on the shapes above: 4-bit points, a quarter of the channels with
     a second point, an unsigned 8-bit input grid. The evidence for "auto"'s rule."""
@@ -290,18 +327,45 @@ def run_layers(repeats: int, seed: int) -> List[Dict[str, Any]]:
         m.set_act_qparams(0.02, 0, 0, 255)
         w = m.dequantized_weight()
         if kind == "conv":
+
             def run(kernel, m=m, x=x):
-                return mpq.ops.multipoint_conv2d_stored(x, m.point_codes, m.point_scales, m.num_points, 4, m.code_shape,
-                                                        m.bias, m.act_qparams, m.stride, m.padding, m.dilation,
-                                                        m.groups, kernel)
-            fp32 = lambda m=m, x=x, w=w: torch.nn.functional.conv2d(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups)  # noqa: E731
+                return mpq.ops.multipoint_conv2d_stored(
+                    x,
+                    m.point_codes,
+                    m.point_scales,
+                    m.num_points,
+                    4,
+                    m.code_shape,
+                    m.bias,
+                    m.act_qparams,
+                    m.stride,
+                    m.padding,
+                    m.dilation,
+                    m.groups,
+                    kernel,
+                )
+
+            def fp32(m=m, x=x, w=w):
+                return torch.nn.functional.conv2d(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups)
         else:
+
             def run(kernel, m=m, x=x):
-                return mpq.ops.multipoint_linear_stored(x, m.point_codes, m.point_scales, m.num_points, 4, cin, m.bias,
-                                                        m.act_qparams, kernel)
+                return mpq.ops.multipoint_linear_stored(
+                    x, m.point_codes, m.point_scales, m.num_points, 4, cin, m.bias, m.act_qparams, kernel
+                )
+
             fp32 = lambda m=m, x=x, w=w: torch.nn.functional.linear(x, w, m.bias)  # noqa: E731
-        row = {"kind": kind, "batch_or_rows": n, "c_in": cin, "c_out": cout, "size": h, "kernel": k, "stride": s,
-               "groups": groups, "fp32_ms": median_ms(fp32, repeats)}
+        row = {
+            "kind": kind,
+            "batch_or_rows": n,
+            "c_in": cin,
+            "c_out": cout,
+            "size": h,
+            "kernel": k,
+            "stride": s,
+            "groups": groups,
+            "fp32_ms": median_ms(fp32, repeats),
+        }
         for kernel in ("int8", "dense", "auto"):
             row[f"{kernel}_ms"] = median_ms(lambda kernel=kernel: run(kernel), repeats)
         rows.append(row)
@@ -318,7 +382,7 @@ W4A16_ROWS = [1, 4, 16]
 COLD_BYTES = 16 << 20
 
 
-def run_weight_only_layers(repeats: int, seed: int, row_counts: List[int] = W4A16_ROWS) -> List[Dict[str, Any]]:
+def run_weight_only_layers(repeats: int, seed: int, row_counts: list[int] = W4A16_ROWS) -> list[dict[str, Any]]:
     """W·A16 (float activations, no act_qparams) Linear at few rows: float32 at::linear on the decoded
     weight vs the stored-form paths "dense" (that weight decoded once, then at::linear) and
     "weight_only" (the 4-bit codes decoded in registers) and what "auto" picks. 4-bit points, a
@@ -343,39 +407,55 @@ def run_weight_only_layers(repeats: int, seed: int, row_counts: List[int] = W4A1
                 out = {"fp32": lambda: torch.nn.functional.linear(x, w, m.bias)}
                 for path in ("dense", "weight_only", "auto"):
                     out[path] = lambda path=path: mpq.ops.multipoint_linear_stored(
-                        x, m.point_codes, m.point_scales, m.num_points, 4, cin, m.bias, None, path)
+                        x, m.point_codes, m.point_scales, m.num_points, 4, cin, m.bias, None, path
+                    )
                 return out
 
             row = {"c_in": cin, "c_out": cout, "rows": n, "cold_copies": copies}
             for name in ("fp32", "dense", "weight_only", "auto"):
                 row[f"{name}_ms"] = median_ms(fns(*layers[0])[name], repeats)
                 passes = [fns(m, w)[name] for m, w in layers]
-                row[f"{name}_cold_ms"] = median_ms(lambda passes=passes: [f() for f in passes], max(5, repeats // copies)) / copies
+                row[f"{name}_cold_ms"] = (
+                    median_ms(lambda passes=passes: [f() for f in passes], max(5, repeats // copies)) / copies
+                )
             rows.append(row)
     return rows
 
 
-def format_table(results: Dict[str, Any]) -> str:
+def format_table(results: dict[str, Any]) -> str:
     lines = ["| model | batch | variant | ms | x FP32 (best layout) | x torch int8 |", "|---|---|---|---|---|---|"]
     for r in results["rows"]:
         vs = f"{r['speed_vs_torch_int8']:.2f}" if r["speed_vs_torch_int8"] else "-"
-        lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['ms']:.1f} | {r['speedup_vs_fp32']:.2f} | {vs} |")
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['variant']} | {r['ms']:.1f} | {r['speedup_vs_fp32']:.2f} | {vs} |"
+        )
     if results.get("layers"):
         lines += ["", "| layer | fp32 ms | int8 ms | dense ms | auto ms |", "|---|---|---|---|---|"]
         for r in results["layers"]:
-            name = (f"conv {r['c_in']}->{r['c_out']} {r['kernel']}x{r['kernel']}/{r['stride']} g{r['groups']} "
-                    f"{r['size']}px, batch {r['batch_or_rows']}" if r["kind"] == "conv"
-                    else f"linear {r['c_in']}->{r['c_out']}, {r['batch_or_rows']} rows")
-            lines.append(f"| {name} | {r['fp32_ms']:.2f} | {r['int8_ms']:.2f} | {r['dense_ms']:.2f} | {r['auto_ms']:.2f} |")
+            name = (
+                f"conv {r['c_in']}->{r['c_out']} {r['kernel']}x{r['kernel']}/{r['stride']} g{r['groups']} "
+                f"{r['size']}px, batch {r['batch_or_rows']}"
+                if r["kind"] == "conv"
+                else f"linear {r['c_in']}->{r['c_out']}, {r['batch_or_rows']} rows"
+            )
+            lines.append(
+                f"| {name} | {r['fp32_ms']:.2f} | {r['int8_ms']:.2f} | {r['dense_ms']:.2f} | {r['auto_ms']:.2f} |"
+            )
     if results.get("w4a16_layers"):
-        lines += ["", "| W·A16 linear | rows | fp32 ms | dense ms | weight_only ms | x FP32 | x dense | auto ms "
-                  "| cold: fp32 ms | dense ms | weight_only ms | x FP32 | x dense |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| W·A16 linear | rows | fp32 ms | dense ms | weight_only ms | x FP32 | x dense | auto ms "
+            "| cold: fp32 ms | dense ms | weight_only ms | x FP32 | x dense |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in results["w4a16_layers"]:
-            lines.append(f"| {r['c_in']}->{r['c_out']} | {r['rows']} | {r['fp32_ms']:.4f} | {r['dense_ms']:.4f} | "
-                         f"{r['weight_only_ms']:.4f} | {r['fp32_ms'] / r['weight_only_ms']:.2f} | "
-                         f"{r['dense_ms'] / r['weight_only_ms']:.2f} | {r['auto_ms']:.4f} | {r['fp32_cold_ms']:.4f} | "
-                         f"{r['dense_cold_ms']:.4f} | {r['weight_only_cold_ms']:.4f} | "
-                         f"{r['fp32_cold_ms'] / r['weight_only_cold_ms']:.2f} | {r['dense_cold_ms'] / r['weight_only_cold_ms']:.2f} |")
+            lines.append(
+                f"| {r['c_in']}->{r['c_out']} | {r['rows']} | {r['fp32_ms']:.4f} | {r['dense_ms']:.4f} | "
+                f"{r['weight_only_ms']:.4f} | {r['fp32_ms'] / r['weight_only_ms']:.2f} | "
+                f"{r['dense_ms'] / r['weight_only_ms']:.2f} | {r['auto_ms']:.4f} | {r['fp32_cold_ms']:.4f} | "
+                f"{r['dense_cold_ms']:.4f} | {r['weight_only_cold_ms']:.4f} | "
+                f"{r['fp32_cold_ms'] / r['weight_only_cold_ms']:.2f} | {r['dense_cold_ms'] / r['weight_only_cold_ms']:.2f} |"
+            )
     lines += ["", "| model | file | MB |", "|---|---|---|"]
     for model, sizes in results["sizes_bytes"].items():
         for k, v in sizes.items():
@@ -385,19 +465,36 @@ def format_table(results: Dict[str, Any]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="*", default=["resnet50", "lite0", "minilm"], choices=["resnet50", "lite0", "minilm"],
-                   help="models to time end to end (none: only --layers)")
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 16], help="CNN batch sizes (minilm: 1 and 32 sentences)")
-    p.add_argument("--presets", nargs="+", default=["W4A8", "W4A16", "W8A8", "W8A8-1pt"],
-                   help="mpq presets; NAME-1pt: the preset with max_points=1 (one point per channel, no further points)")
+    p.add_argument(
+        "--models",
+        nargs="*",
+        default=["resnet50", "lite0", "minilm"],
+        choices=["resnet50", "lite0", "minilm"],
+        help="models to time end to end (none: only --layers)",
+    )
+    p.add_argument(
+        "--batches", nargs="+", type=int, default=[1, 16], help="CNN batch sizes (minilm: 1 and 32 sentences)"
+    )
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        default=["W4A8", "W4A16", "W8A8", "W8A8-1pt"],
+        help="mpq presets; NAME-1pt: the preset with max_points=1 (one point per channel, no further points)",
+    )
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-fx", action="store_true", help="skip PyTorch's own int8 path")
-    p.add_argument("--layers", action="store_true",
-                   help="also time the stored-form kernels per layer shape (with the --w4a16-layers rows)")
-    p.add_argument("--w4a16-layers", action="store_true",
-                   help="also time W·A16 Linear at 1, 4, 16 rows on MiniLM's shapes: fp32 vs dense vs weight_only")
+    p.add_argument(
+        "--layers",
+        action="store_true",
+        help="also time the stored-form kernels per layer shape (with the --w4a16-layers rows)",
+    )
+    p.add_argument(
+        "--w4a16-layers",
+        action="store_true",
+        help="also time W·A16 Linear at 1, 4, 16 rows on MiniLM's shapes: fp32 vs dense vs weight_only",
+    )
     p.add_argument("--w4a16-rows", nargs="+", type=int, default=W4A16_ROWS, help="row counts of the W·A16 rows")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "cpu.json"))
     args = p.parse_args(argv)
@@ -406,8 +503,10 @@ def main(argv=None) -> int:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "unknown"
-    out: Dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name, "benchmarks/cpu.py", *(argv if argv is not None else sys.argv[1:])]),
+    out: dict[str, Any] = {
+        "command": " ".join(
+            [Path(sys.executable).name, "benchmarks/cpu.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "commit": commit,
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),

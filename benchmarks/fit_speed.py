@@ -24,6 +24,7 @@ Target (docs/PERF.md): under 1 s end to end on the H100 for ResNet-50 at 4 bits,
 Exits with status 2 and a message when --device cuda finds no GPU (or no mpq CUDA kernels),
 status 1 when the GPU's fit disagrees with the CPU's.
 """
+
 import argparse
 import json
 import os
@@ -32,7 +33,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import torch
 import torchvision
@@ -48,7 +48,7 @@ from mpq.ops import fit_multipoint  # noqa: E402
 CPU_REFERENCE = ROOT / "benchmarks" / "results" / "fit_speed_cpu.json"
 
 
-def resnet50_weights(seed: int) -> List[Tuple[str, torch.Tensor]]:
+def resnet50_weights(seed: int) -> list[tuple[str, torch.Tensor]]:
     torch.manual_seed(seed)
     model = torchvision.models.resnet50(weights=None)
     out = []
@@ -59,7 +59,7 @@ def resnet50_weights(seed: int) -> List[Tuple[str, torch.Tensor]]:
     return out
 
 
-def fit_all(weights: List[Tuple[str, torch.Tensor]], bits: int, max_points: int, exact: bool) -> Tuple[float, float]:
+def fit_all(weights: list[tuple[str, torch.Tensor]], bits: int, max_points: int, exact: bool) -> tuple[float, float]:
     """(wall seconds, process CPU seconds summed over threads) of one pass over all weights."""
     start, cpu_start = time.perf_counter(), time.process_time()
     for _, w in weights:
@@ -100,8 +100,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def device_pass(weights: List[Tuple[str, torch.Tensor]], device: torch.device, bits: int, max_points: int,
-                exact: bool):
+def device_pass(weights: list[tuple[str, torch.Tensor]], device: torch.device, bits: int, max_points: int, exact: bool):
     """One end-to-end pass on ``device``: host float32 weights -> device -> fit every layer ->
     codes, scales, sq_errors on the host. Returns (times in seconds, per-layer fit seconds, host results)."""
     clock = Stopwatch(device)
@@ -131,15 +130,16 @@ def device_pass(weights: List[Tuple[str, torch.Tensor]], device: torch.device, b
     return times, per_layer, host
 
 
-def allocation_seconds(weights: List[Tuple[str, torch.Tensor]], host, bits: int) -> Tuple[float, float]:
+def allocation_seconds(weights: list[tuple[str, torch.Tensor]], host, bits: int) -> tuple[float, float]:
     """(seconds, average bits) of mpq.allocate.allocate_points over all layers at bits + 0.5 bits
     per weight, on the weight errors of the fit (relative sensitivity: 1 / the layer's energy)."""
     layers = {}
     for (name, w), (_, _, sq_errors) in zip(weights, host):
         C, D = w.shape
         energy = float(w.double().pow(2).sum())
-        layers[name] = LayerErrors(sq_errors.double(), D, point_bits(D, bits),
-                                   torch.full((C,), 1.0 / max(energy, 1e-30), dtype=torch.float64))
+        layers[name] = LayerErrors(
+            sq_errors.double(), D, point_bits(D, bits), torch.full((C,), 1.0 / max(energy, 1e-30), dtype=torch.float64)
+        )
     t0 = time.perf_counter()
     counts = allocate_points(layers, bits + 0.5, "model")
     seconds = time.perf_counter() - t0
@@ -148,7 +148,7 @@ def allocation_seconds(weights: List[Tuple[str, torch.Tensor]], host, bits: int)
     return seconds, used / total
 
 
-def agreement(weights: List[Tuple[str, torch.Tensor]], host, reference) -> dict:
+def agreement(weights: list[tuple[str, torch.Tensor]], host, reference) -> dict:
     """The device's fit against the CPU kernel's, as tests/python/test_cuda.py compares them: codes
     identical except at exact ties (>= 99.9%), errors within 1e-5 relative (floor 1e-10 ||w_j||^2)."""
     equal = codes = within = errors = 0
@@ -164,15 +164,20 @@ def agreement(weights: List[Tuple[str, torch.Tensor]], host, reference) -> dict:
     return out
 
 
-def cpu_reference() -> Optional[dict]:
+def cpu_reference() -> dict | None:
     """The 2-core CPU result in benchmarks/results/fit_speed_cpu.json, when present and complete."""
     try:
         ref = json.loads(CPU_REFERENCE.read_text())
         if ref.get("layers_subset"):
             return None
-        return {"file": str(CPU_REFERENCE.relative_to(ROOT)), "cpu_model": ref.get("cpu_model"),
-                "cpu_count": ref.get("cpu_count"), "torch_num_threads": ref.get("torch_num_threads"),
-                "fast_median_s": ref["fast"]["median_s"], "total_weights": ref.get("total_weights")}
+        return {
+            "file": str(CPU_REFERENCE.relative_to(ROOT)),
+            "cpu_model": ref.get("cpu_model"),
+            "cpu_count": ref.get("cpu_count"),
+            "torch_num_threads": ref.get("torch_num_threads"),
+            "fast_median_s": ref["fast"]["median_s"],
+            "total_weights": ref.get("total_weights"),
+        }
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -183,12 +188,15 @@ def main_device(args) -> int:
     info = mpq.build_info()
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            print("benchmarks/fit_speed.py: no GPU: torch.cuda.is_available() is False (--device cuda)",
-                  file=sys.stderr)
+            print(
+                "benchmarks/fit_speed.py: no GPU: torch.cuda.is_available() is False (--device cuda)", file=sys.stderr
+            )
             return 2
         if not info.get("cuda_kernels"):
-            print(f"benchmarks/fit_speed.py: mpq was built without its CUDA kernels ({info.get('library_path')})",
-                  file=sys.stderr)
+            print(
+                f"benchmarks/fit_speed.py: mpq was built without its CUDA kernels ({info.get('library_path')})",
+                file=sys.stderr,
+            )
             return 2
     weights = resnet50_weights(args.seed)
     if args.layers > 0:
@@ -212,30 +220,41 @@ def main_device(args) -> int:
     agree = agreement(weights, fast_host, cpu_host)
     reference = cpu_reference()
     e2e = fast["end_to_end_s"]
-    speedup_ref = (reference["fast_median_s"] / e2e
-                   if reference and reference.get("total_weights") == total else None)
-    comparison = (f"fit of {len(weights)} weights ({total / 1e6:.2f} M), {args.bits} bits, {args.max_points} points: "
-                  f"{name} {e2e:.3f} s end to end ({fast['kernel_s']:.3f} s in fit_multipoint), this machine's CPU "
-                  f"({torch.get_num_threads()} threads) {cpu_s:.3f} s: {cpu_s / e2e:.1f}x")
+    speedup_ref = reference["fast_median_s"] / e2e if reference and reference.get("total_weights") == total else None
+    comparison = (
+        f"fit of {len(weights)} weights ({total / 1e6:.2f} M), {args.bits} bits, {args.max_points} points: "
+        f"{name} {e2e:.3f} s end to end ({fast['kernel_s']:.3f} s in fit_multipoint), this machine's CPU "
+        f"({torch.get_num_threads()} threads) {cpu_s:.3f} s: {cpu_s / e2e:.1f}x"
+    )
     if speedup_ref is not None:
-        comparison += (f"; the {reference['cpu_count']}-core build machine ({reference['file']}) "
-                       f"{reference['fast_median_s']:.3f} s: {speedup_ref:.1f}x")
+        comparison += (
+            f"; the {reference['cpu_count']}-core build machine ({reference['file']}) "
+            f"{reference['fast_median_s']:.3f} s: {speedup_ref:.1f}x"
+        )
 
     slowest = sorted(zip((n for n, _ in weights), per_layer), key=lambda kv: -kv[1])[:5]
-    print(f"mpq.fit_multipoint on {name}, resnet50 (weights=None, seed {args.seed}): {len(weights)} Conv2d/Linear "
-          f"weights, {total / 1e6:.2f} M weights, {args.bits} bits, max_points {args.max_points}")
-    print(f"{'mode':<6} {'end to end s':>12} {'kernel s':>9} {'fit loop s':>10} {'H2D s':>7} {'D2H s':>7}  "
-          "end-to-end runs")
+    print(
+        f"mpq.fit_multipoint on {name}, resnet50 (weights=None, seed {args.seed}): {len(weights)} Conv2d/Linear "
+        f"weights, {total / 1e6:.2f} M weights, {args.bits} bits, max_points {args.max_points}"
+    )
+    print(
+        f"{'mode':<6} {'end to end s':>12} {'kernel s':>9} {'fit loop s':>10} {'H2D s':>7} {'D2H s':>7}  "
+        "end-to-end runs"
+    )
     modes = [("fast", fast, [r[0]["end_to_end_s"] for r in runs])]
     if exact:
         modes.append(("exact", exact, [exact["end_to_end_s"]]))
     for mode, t, rs in modes:
-        print(f"{mode:<6} {t['end_to_end_s']:>12.3f} {t['kernel_s']:>9.3f} {t['fit_loop_s']:>10.3f} {t['h2d_s']:>7.3f} "
-              f"{t['d2h_s']:>7.3f}  " + ", ".join(f"{r:.3f}" for r in rs))
+        print(
+            f"{mode:<6} {t['end_to_end_s']:>12.3f} {t['kernel_s']:>9.3f} {t['fit_loop_s']:>10.3f} {t['h2d_s']:>7.3f} "
+            f"{t['d2h_s']:>7.3f}  " + ", ".join(f"{r:.3f}" for r in rs)
+        )
     print(f"allocation (host, {alloc_bits:.2f} bits/weight): {alloc_s:.3f} s; fit + allocation {e2e + alloc_s:.3f} s")
     print(comparison)
-    print(f"agreement with the CPU kernel: codes {agree['codes_equal_fraction']:.6f}, errors "
-          f"{agree['sq_errors_within_tol_fraction']:.6f}  {agree['check']}")
+    print(
+        f"agreement with the CPU kernel: codes {agree['codes_equal_fraction']:.6f}, errors "
+        f"{agree['sq_errors_within_tol_fraction']:.6f}  {agree['check']}"
+    )
 
     result = {
         "benchmark": "fit_speed",
@@ -256,15 +275,29 @@ def main_device(args) -> int:
         "total_weights": total,
         "bits": args.bits,
         "max_points": args.max_points,
-        "fast": {"median_s": e2e, "runs_s": [r[0]["end_to_end_s"] for r in runs], "kernel_s": fast["kernel_s"],
-                 "fit_loop_s": fast["fit_loop_s"], "h2d_s": fast["h2d_s"], "d2h_s": fast["d2h_s"],
-                 "mweights_per_s": total / e2e / 1e6},
-        "exact": None if exact is None else {"s": exact["end_to_end_s"], "kernel_s": exact["kernel_s"],
-                                             "mweights_per_s": total / exact["end_to_end_s"] / 1e6},
+        "fast": {
+            "median_s": e2e,
+            "runs_s": [r[0]["end_to_end_s"] for r in runs],
+            "kernel_s": fast["kernel_s"],
+            "fit_loop_s": fast["fit_loop_s"],
+            "h2d_s": fast["h2d_s"],
+            "d2h_s": fast["d2h_s"],
+            "mweights_per_s": total / e2e / 1e6,
+        },
+        "exact": None
+        if exact is None
+        else {
+            "s": exact["end_to_end_s"],
+            "kernel_s": exact["kernel_s"],
+            "mweights_per_s": total / exact["end_to_end_s"] / 1e6,
+        },
         "timing": "end to end: wall clock from host float32 weights to host codes/scales/errors, synchronized; "
-                  "kernel: sum of per-layer fit_multipoint intervals (CUDA events; wall clock on the CPU)",
-        "allocation": {"s": alloc_s, "avg_bits": alloc_bits,
-                       "how": "mpq.allocate.allocate_points on the fit's weight errors, relative sensitivity, host"},
+        "kernel: sum of per-layer fit_multipoint intervals (CUDA events; wall clock on the CPU)",
+        "allocation": {
+            "s": alloc_s,
+            "avg_bits": alloc_bits,
+            "how": "mpq.allocate.allocate_points on the fit's weight errors, relative sensitivity, host",
+        },
         "fit_plus_allocation_s": e2e + alloc_s,
         "slowest_layers_fast_kernel_s": dict(slowest),
         "cpu_same_machine": {"fast_s": cpu_s, "cpu_s": cpu_cpu_s, "torch_num_threads": torch.get_num_threads()},
@@ -285,12 +318,18 @@ def main_device(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None,
-                        help="the JSON (default: benchmarks/results/fit_speed_cpu.json, fit_speed_cuda.json with "
-                             "--device cuda, none with --check-on-cpu; '' for none)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="the JSON (default: benchmarks/results/fit_speed_cpu.json, fit_speed_cuda.json with "
+        "--device cuda, none with --check-on-cpu; '' for none)",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--check-on-cpu", action="store_true",
-                        help="run the --device cuda code on the CPU (first 10 layers unless --layers), to check it")
+    parser.add_argument(
+        "--check-on-cpu",
+        action="store_true",
+        help="run the --device cuda code on the CPU (first 10 layers unless --layers), to check it",
+    )
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--max-points", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3, help="timed passes of fast mode (median reported)")
@@ -327,7 +366,7 @@ def main() -> int:
     load_after = os.getloadavg()
 
     # The slowest layers in fast mode, to see where time goes.
-    per_layer: Dict[str, float] = {}
+    per_layer: dict[str, float] = {}
     for name, w in weights:
         t0 = time.perf_counter()
         fit_multipoint(w, args.bits, args.max_points, exact=False)
@@ -337,16 +376,22 @@ def main() -> int:
     rows = [("fast", fast, fast_cpu, fast_runs)]
     if exact is not None:
         rows.append(("exact", exact, exact_cpu, [exact]))
-    print(f"mpq.fit_multipoint on resnet50 (weights=None, seed {args.seed}): {len(weights)} Conv2d/Linear "
-          f"weights, {total / 1e6:.2f} M weights, {args.bits} bits, max_points {args.max_points}, "
-          f"CPU '{cpu_model()}' ({os.cpu_count()} cores), torch.get_num_threads() = {threads}, "
-          f"load average {load_before[0]:.2f} before / {load_after[0]:.2f} after")
+    print(
+        f"mpq.fit_multipoint on resnet50 (weights=None, seed {args.seed}): {len(weights)} Conv2d/Linear "
+        f"weights, {total / 1e6:.2f} M weights, {args.bits} bits, max_points {args.max_points}, "
+        f"CPU '{cpu_model()}' ({os.cpu_count()} cores), torch.get_num_threads() = {threads}, "
+        f"load average {load_before[0]:.2f} before / {load_after[0]:.2f} after"
+    )
     print(f"{'mode':<6} {'seconds':>9} {'Mweights/s':>11} {'CPU s':>8}  wall-clock runs")
     for mode, seconds, cpu, runs in rows:
-        print(f"{mode:<6} {seconds:>9.3f} {total / seconds / 1e6:>11.2f} {cpu:>8.2f}  "
-              + ", ".join(f"{r:.3f}" for r in runs))
-    print("slowest layers (fast): " + ", ".join(f"{n} {dict(weights)[n].shape[0]}x{dict(weights)[n].shape[1]} "
-                                                f"{t:.3f}s" for n, t in slowest))
+        print(
+            f"{mode:<6} {seconds:>9.3f} {total / seconds / 1e6:>11.2f} {cpu:>8.2f}  "
+            + ", ".join(f"{r:.3f}" for r in runs)
+        )
+    print(
+        "slowest layers (fast): "
+        + ", ".join(f"{n} {dict(weights)[n].shape[0]}x{dict(weights)[n].shape[1]} {t:.3f}s" for n, t in slowest)
+    )
 
     info = mpq.build_info()
     result = {
@@ -366,8 +411,7 @@ def main() -> int:
         "total_weights": total,
         "bits": args.bits,
         "max_points": args.max_points,
-        "fast": {"median_s": fast, "runs_s": fast_runs, "median_cpu_s": fast_cpu,
-                 "mweights_per_s": total / fast / 1e6},
+        "fast": {"median_s": fast, "runs_s": fast_runs, "median_cpu_s": fast_cpu, "mweights_per_s": total / fast / 1e6},
         "exact": None if exact is None else {"s": exact, "cpu_s": exact_cpu, "mweights_per_s": total / exact / 1e6},
         "slowest_layers_fast_s": dict(slowest),
         "target_s": 10.0,

@@ -11,6 +11,7 @@ packed conv2d (implicit GEMM and int8, NCHW and channels_last, stride 2) and the
 kernel. Every output is compared with the CPU op, so a kernel that the sanitizer lets through but
 that computes garbage still fails; exits 1 on any mismatch or exception.
 """
+
 import argparse
 import sys
 import traceback
@@ -55,6 +56,7 @@ def calls(device: str):
             _, _, e_ref = ops.fit_multipoint(w, 4, 3, exact)
             _, _, e = ops.fit_multipoint(w.to(device), 4, 3, exact)
             close(e, e_ref, 1e-4)
+
         return run
 
     for rows, cols in [(7, 33), (32, 576)]:
@@ -63,8 +65,12 @@ def calls(device: str):
 
     def dequantize():
         w = packed_weight(9, 3, 130, 1)
-        close(ops.dequantize_multipoint(*on(device, *w), torch.float16),
-              ops.dequantize_multipoint(*w, torch.float32), 1e-3)
+        close(
+            ops.dequantize_multipoint(*on(device, *w), torch.float16),
+            ops.dequantize_multipoint(*w, torch.float32),
+            1e-3,
+        )
+
     out.append(("dequantize_multipoint 9x3x130", dequantize))
 
     def linear(M, C, P, D, kernel, qp_where=None):
@@ -79,11 +85,17 @@ def calls(device: str):
             qpd = None if qp is None else qp.to(device if qp_where == "device" else "cpu")
             got = ops.multipoint_linear_packed(x.to(device), *on(device, *packed), C, bias.to(device), qpd, kernel)
             close(got, want)
+
         return run
 
-    for case, kernel, qp_where in [((1, 70, 3, 37), "gemv", None), ((17, 65, 4, 1029), "mma", None),
-                                   ((5, 40, 2, 64), "dense", None), ((17, 65, 4, 1029), "int8", "host"),
-                                   ((3, 33, 2, 96), "int8", "device"), ((2, 48, 2, 80), "auto", "host")]:
+    for case, kernel, qp_where in [
+        ((1, 70, 3, 37), "gemv", None),
+        ((17, 65, 4, 1029), "mma", None),
+        ((5, 40, 2, 64), "dense", None),
+        ((17, 65, 4, 1029), "int8", "host"),
+        ((3, 33, 2, 96), "int8", "device"),
+        ((2, 48, 2, 80), "auto", "host"),
+    ]:
         name = f"multipoint_linear_packed M{case[0]} C{case[1]} P{case[2]} D{case[3]} {kernel}"
         out.append((name + (f" act_qparams on {qp_where}" if qp_where else ""), linear(*case, kernel, qp_where)))
 
@@ -101,16 +113,33 @@ def calls(device: str):
             xd = x.to(device)
             if channels_last:
                 xd = xd.contiguous(memory_format=torch.channels_last)
-            got = ops.multipoint_conv2d_packed(xd, *on(device, *packed), O, [k, k], bias.to(device),
-                                               None if qp is None else qp.to(device), *geometry, kernel)
+            got = ops.multipoint_conv2d_packed(
+                xd,
+                *on(device, *packed),
+                O,
+                [k, k],
+                bias.to(device),
+                None if qp is None else qp.to(device),
+                *geometry,
+                kernel,
+            )
             close(got, want)
+
         return run
 
-    for case in [(2, 16, 9, 7, 24, 3, 1, "igemm", False), (1, 16, 8, 8, 32, 3, 2, "igemm", True),
-                 (2, 32, 6, 6, 16, 1, 1, "int8", True), (1, 16, 7, 9, 40, 3, 2, "int8", False)]:
+    for case in [
+        (2, 16, 9, 7, 24, 3, 1, "igemm", False),
+        (1, 16, 8, 8, 32, 3, 2, "igemm", True),
+        (2, 32, 6, 6, 16, 1, 1, "int8", True),
+        (1, 16, 7, 9, 40, 3, 2, "int8", False),
+    ]:
         N, C, H, W, O, k, stride, kernel, cl = case
-        out.append((f"multipoint_conv2d_packed N{N} C{C} {H}x{W} O{O} k{k} s{stride} {kernel} "
-                    f"{'nhwc' if cl else 'nchw'}", conv(*case)))
+        out.append(
+            (
+                f"multipoint_conv2d_packed N{N} C{C} {H}x{W} O{O} k{k} s{stride} {kernel} {'nhwc' if cl else 'nchw'}",
+                conv(*case),
+            )
+        )
 
     def depthwise():
         C = 24
@@ -121,6 +150,7 @@ def calls(device: str):
         want = ops.multipoint_conv2d(x.float(), codes, scales, num_points, None, None, *geometry)
         xd = x.to(device).contiguous(memory_format=torch.channels_last)
         close(ops.multipoint_conv2d(xd, *on(device, codes, scales, num_points), None, None, *geometry), want)
+
     out.append(("multipoint_conv2d depthwise 24ch 3x3 nhwc", depthwise))
     return out
 

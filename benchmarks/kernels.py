@@ -82,6 +82,7 @@ Exits with status 2 and a message when no GPU (or no mpq CUDA kernels) is presen
 --check-on-cpu); status 1 when an mpq variant fails its check or a section stops on an error (the
 JSON, rewritten after each section, keeps the others).
 """
+
 import argparse
 import copy
 import json
@@ -93,9 +94,9 @@ import time
 import traceback
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -117,8 +118,13 @@ TOL = {"float": 5e-3, "int8": 5e-3, "one_point": 0.2}
 # of the 105 s on the 2-core CPU), few calibration batches. verify (kernels vs float simulation,
 # which raises) is run by the section itself and reported, not raised: the section checks the
 # timed float16 path layer by layer.
-RESNET50_CONFIG = {"point_rounding": "nearest", "scale_refit": "none", "calib_batches": 4, "sensitivity_batches": 2,
-                   "verify": False}
+RESNET50_CONFIG = {
+    "point_rounding": "nearest",
+    "scale_refit": "none",
+    "calib_batches": 4,
+    "sensitivity_batches": 2,
+    "verify": False,
+}
 RESNET50_CALIB_IMAGES = 16  # per calibration batch
 # mpq float16 model vs the same model in float32: the 8-bit activation grids turn float16 rounding
 # into one-level flips, which 54 layers amplify (CPU kernels, float16: 6.4e-3 at 224 x 224 and 2e-2
@@ -171,6 +177,7 @@ def fake_quant_levels(x: torch.Tensor, qp: torch.Tensor) -> torch.Tensor:
     """The float64 values of x's int8 levels, (clamp(round(x / s) + zp, qmin, qmax) - zp) * s with
     qp = (s, zp, qmin, qmax) float32, stepped as mpq's kernels do (csrc/cuda/act_quant.cuh): each
     step in float32 with IEEE division (qp is a tensor, so no reciprocal), rounded to x's dtype."""
+
     def step(v: torch.Tensor) -> torch.Tensor:
         return v.to(x.dtype).float()
 
@@ -234,7 +241,7 @@ class Env:
     timer: object  # Timer or WallTimer
     check_on_cpu: bool
     info: dict
-    notes: List[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def cuda(self) -> bool:
@@ -282,7 +289,7 @@ def int8_levels(x: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.round(x / scale).clamp_(-128, 127).to(torch.int8)
 
 
-def int8_weight(W: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def int8_weight(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W [N, K] float as (int8 [K, N] column-major, scale [N] float32): one symmetric scale per row."""
     s = W.abs().amax(1).clamp_min(1e-12) / 127
     return (W / s[:, None]).round().clamp(-127, 127).to(torch.int8).t(), s.float()
@@ -294,7 +301,7 @@ def build_variants(K: int, N: int, seed: int, env: Env):
     it returns; plus the weights."""
     device = env.device
     copies = [multipoint_weight(N, K, seed + c, device) for c in range(COPIES)]
-    variants: Dict[str, dict] = {}
+    variants: dict[str, dict] = {}
 
     dense16 = [dense_weight(*w, env.dtype) for w in copies]
     variants["cublas_fp16"] = {
@@ -316,7 +323,8 @@ def build_variants(K: int, N: int, seed: int, env: Env):
 
         variants[f"mpq_{kernel}"] = {
             "call": call,
-            "bytes": (lambda M: packed_bytes + K * N * 2 * 2 + M * K * 2 + M * N * 2) if kernel == "dense"
+            "bytes": (lambda M: packed_bytes + K * N * 2 * 2 + M * K * 2 + M * N * 2)
+            if kernel == "dense"
             else (lambda M: packed_bytes + M * K * 2 + M * N * 2),
             "ref": "int8" if kernel == "int8" else "float",
             "only_m": (lambda M: M <= 16) if kernel == "gemv" else None,
@@ -365,7 +373,7 @@ def build_variants(K: int, N: int, seed: int, env: Env):
     # cuBLASLt int8 x int8 -> int32 (torch._int_mm), one int8 weight per channel, timed with the
     # activation quantization and the output scaling around it (mpq's int8 kernel does both inside).
     w8 = [int8_weight(dense_weight(*w, torch.float32)) for w in copies]
-    out_scales: List[torch.Tensor] = []
+    out_scales: list[torch.Tensor] = []
 
     def int8_input(x):
         out_scales[:] = [s * act_scale[0] for _, s in w8]  # activation scale x channel scale, per copy
@@ -387,11 +395,11 @@ def build_variants(K: int, N: int, seed: int, env: Env):
     return copies, variants
 
 
-act_qparams: List[torch.Tensor] = []  # the current input's (s, zp, qmin, qmax), on the device
-act_scale: List[float] = []  # its s, on the host (the int8 peer's quantization)
+act_qparams: list[torch.Tensor] = []  # the current input's (s, zp, qmin, qmax), on the device
+act_scale: list[float] = []  # its s, on the host (the int8 peer's quantization)
 
 
-def run_linear(args, env: Env) -> Tuple[dict, List[str]]:
+def run_linear(args, env: Env) -> tuple[dict, list[str]]:
     """The linear section: (its JSON keys, failures)."""
     if env.check_on_cpu:
         shapes, ms = [(256, 384)], args.m or [1, 16, 40]
@@ -402,7 +410,7 @@ def run_linear(args, env: Env) -> Tuple[dict, List[str]]:
     for K, N in shapes:
         copies, variants = build_variants(K, N, SEED, env)
         W64 = dense_weight(*copies[0], torch.float64)
-        W64_one = (copies[0][1][:, 0:1].double() * copies[0][0][:, 0].double())
+        W64_one = copies[0][1][:, 0:1].double() * copies[0][0][:, 0].double()
         for M in ms:
             g = torch.Generator(device=device).manual_seed(SEED + M)
             x = torch.randn(M, K, generator=g, device=device).to(env.dtype)
@@ -445,8 +453,11 @@ def run_linear(args, env: Env) -> Tuple[dict, List[str]]:
                     check="ok" if err <= tol else "FAIL",
                     gb_s=v["bytes"](M) / (ms_ * 1e-3) / 1e9,
                     tflop_s=flops / (ms_ * 1e-3) / 1e12,
-                    predicted_ms=1e3 * max(v["bytes"](M) / HBM_BYTES_PER_S,
-                                           flops / (INT8_MMA_FLOPS if v["ref"] == "int8" else FP16_MMA_FLOPS)),
+                    predicted_ms=1e3
+                    * max(
+                        v["bytes"](M) / HBM_BYTES_PER_S,
+                        flops / (INT8_MMA_FLOPS if v["ref"] == "int8" else FP16_MMA_FLOPS),
+                    ),
                 )
                 if name == "cublas_fp16":
                     base_ms = ms_
@@ -462,10 +473,12 @@ def run_linear(args, env: Env) -> Tuple[dict, List[str]]:
     return doc, failed
 
 
-def print_linear_table(results: List[dict]) -> None:
+def print_linear_table(results: list[dict]) -> None:
     print()
-    print(f"{'K x N':<12} {'M':>5} {'variant':<14} {'time us':>9} {'GB/s':>7} {'TFLOP/s':>8} {'vs cuBLAS':>9} "
-          f"{'pred us':>8} {'rel err':>9} check")
+    print(
+        f"{'K x N':<12} {'M':>5} {'variant':<14} {'time us':>9} {'GB/s':>7} {'TFLOP/s':>8} {'vs cuBLAS':>9} "
+        f"{'pred us':>8} {'rel err':>9} check"
+    )
     for r in results:
         if "skipped" in r:
             print(f"{r['K']}x{r['N']:<7} {r['M']:>5} {r['variant']:<14} skipped: {r['skipped'][:70]}")
@@ -474,8 +487,10 @@ def print_linear_table(results: List[dict]) -> None:
             print(f"{r['K']}x{r['N']:<7} {r['M']:>5} {r['variant']:<14} error: {r['error'][:70]}")
             continue
         ratio = f"{r['vs_cublas']:.2f}x" if r.get("vs_cublas") else "-"
-        print(f"{r['K']}x{r['N']:<7} {r['M']:>5} {r['variant']:<14} {r['ms'] * 1e3:9.1f} {r['gb_s']:7.0f} "
-              f"{r['tflop_s']:8.1f} {ratio:>9} {r['predicted_ms'] * 1e3:8.1f} {r['rel_err']:9.2e} {r['check']}")
+        print(
+            f"{r['K']}x{r['N']:<7} {r['M']:>5} {r['variant']:<14} {r['ms'] * 1e3:9.1f} {r['gb_s']:7.0f} "
+            f"{r['tflop_s']:8.1f} {ratio:>9} {r['predicted_ms'] * 1e3:8.1f} {r['rel_err']:9.2e} {r['check']}"
+        )
 
 
 # ---- section "conv" --------------------------------------------------------------------------------
@@ -499,23 +514,25 @@ class ConvShape:
     def name(self) -> str:
         return f"{self.k}x{self.k} {self.c_in}->{self.c_out} {self.h}x{self.w} s{self.stride}"
 
-    def out_hw(self) -> Tuple[int, int]:
-        return ((self.h + 2 * self.padding - self.k) // self.stride + 1,
-                (self.w + 2 * self.padding - self.k) // self.stride + 1)
+    def out_hw(self) -> tuple[int, int]:
+        return (
+            (self.h + 2 * self.padding - self.k) // self.stride + 1,
+            (self.w + 2 * self.padding - self.k) // self.stride + 1,
+        )
 
     def flops(self, n: int) -> int:
         oh, ow = self.out_hw()
         return 2 * n * oh * ow * self.c_out * self.c_in * self.k * self.k
 
 
-def resnet50_conv_shapes(image: int) -> List[ConvShape]:
+def resnet50_conv_shapes(image: int) -> list[ConvShape]:
     """The distinct Conv2d calls of torchvision's resnet50 on an image x image input, in order of
     first use, with their counts: the model runs on the meta device (no weights, no FLOPs)."""
     import torchvision
 
     with torch.device("meta"):
         model = torchvision.models.resnet50(weights=None).eval()
-    found: Dict[tuple, ConvShape] = {}
+    found: dict[tuple, ConvShape] = {}
 
     def record(name: str):
         def hook(m: torch.nn.Conv2d, args) -> None:
@@ -526,6 +543,7 @@ def resnet50_conv_shapes(image: int) -> List[ConvShape]:
                 found[key].count += 1
             else:
                 found[key] = ConvShape(*key, first=name)
+
         return hook
 
     for name, m in model.named_modules():
@@ -542,7 +560,7 @@ def conv_multipoint_weight(s: ConvShape, seed: int, device: str):
     return codes.view(s.c_out, 2, s.c_in, s.k, s.k), scales, num_points
 
 
-def build_conv_variants(s: ConvShape, env: Env, act: Dict[str, object]):
+def build_conv_variants(s: ConvShape, env: Env, act: dict[str, object]):
     """Per variant: call(x, copy) -> output, the bytes it must move for a batch n, and its reference.
     ``act`` holds the current input's act_qparams ("device" and "host" copies, "scale" its s as a
     float) and "out_scale", int8_cudnn's output scale."""
@@ -554,8 +572,10 @@ def build_conv_variants(s: ConvShape, env: Env, act: Dict[str, object]):
     oh, ow = s.out_hw()
     geometry = ([s.k, s.k], None, [s.stride] * 2, [s.padding] * 2, [1, 1], 1)
 
-    packed = [torch.ops.mpq.pack_multipoint(mpq.ops.conv_codes_nhwc(codes), scales, num_points, 4, 1)
-              for codes, scales, num_points in copies]
+    packed = [
+        torch.ops.mpq.pack_multipoint(mpq.ops.conv_codes_nhwc(codes), scales, num_points, 4, 1)
+        for codes, scales, num_points in copies
+    ]
     packed_bytes = sum(t.numel() * t.element_size() for t in packed[0])
     int8_fits = s.c_in % SLAB_K == 0  # whole slabs of input channels (mpq::packed_int8_fits)
 
@@ -564,11 +584,14 @@ def build_conv_variants(s: ConvShape, env: Env, act: Dict[str, object]):
         traffic: "dense" decodes the weight (written, read again), "int8" writes and reads the int8
         levels of the input, "fq" (igemm with act_qparams) a fake-quantized float16 copy of it."""
         weight = s.c_out * D * 2 if kind == "cudnn" else packed_bytes
-        extra = {"dense": lambda n: 2 * s.c_out * D * 2, "int8": lambda n: 2 * n * s.c_in * s.h * s.w,
-                 "fq": lambda n: 2 * n * s.c_in * s.h * s.w * 2}.get(kind, lambda n: 0)
+        extra = {
+            "dense": lambda n: 2 * s.c_out * D * 2,
+            "int8": lambda n: 2 * n * s.c_in * s.h * s.w,
+            "fq": lambda n: 2 * n * s.c_in * s.h * s.w * 2,
+        }.get(kind, lambda n: 0)
         return lambda n: weight + n * s.c_in * s.h * s.w * 2 + n * s.c_out * oh * ow * 2 + extra(n)
 
-    variants: Dict[str, dict] = {}
+    variants: dict[str, dict] = {}
     dense16 = [dense_weight(*w, env.dtype).contiguous(memory_format=torch.channels_last) for w in copies]
     variants["cudnn_fp16"] = {
         "call": lambda x, c: F.conv2d(x, dense16[c], None, s.stride, s.padding),
@@ -588,13 +611,18 @@ def build_conv_variants(s: ConvShape, env: Env, act: Dict[str, object]):
         def call(x, c, kernel=kernel, qp_key=qp_key):
             qp = act[qp_key] if qp_key else None
             kernel_size, bias, stride, padding, dilation, groups = geometry
-            return torch.ops.mpq.multipoint_conv2d_packed(x, *packed[c], s.c_out, kernel_size, bias, qp, stride,
-                                                          padding, dilation, groups, kernel)
+            return torch.ops.mpq.multipoint_conv2d_packed(
+                x, *packed[c], s.c_out, kernel_size, bias, qp, stride, padding, dilation, groups, kernel
+            )
 
         # what "auto" runs with host act_qparams (csrc/cuda/multipoint_packed.cu, resolve_conv_kernel)
         runs = ("int8" if int8_fits else "fq") if kernel == "auto" else kernel
-        variants[name] = {"call": call, "bytes": moved_bytes(runs), "ref": "int8" if qp_key else "float",
-                          "peak": INT8_MMA_FLOPS if runs == "int8" else FP16_MMA_FLOPS}
+        variants[name] = {
+            "call": call,
+            "bytes": moved_bytes(runs),
+            "ref": "int8" if qp_key else "float",
+            "peak": INT8_MMA_FLOPS if runs == "int8" else FP16_MMA_FLOPS,
+        }
     if env.cuda:
         variants.update(int8_conv_peers(s, copies, act))
     else:
@@ -602,7 +630,7 @@ def build_conv_variants(s: ConvShape, env: Env, act: Dict[str, object]):
     return copies, variants
 
 
-def int8_conv_peers(s: ConvShape, copies, act: Dict[str, object]) -> Dict[str, dict]:
+def int8_conv_peers(s: ConvShape, copies, act: dict[str, object]) -> dict[str, dict]:
     """The W8A8 peers of mpq_int8 on CUDA, timed with their quantization and dequantization:
     int8_cudnn: cuDNN's int8 convolution as torch exposes it (torch.ops.quantized.conv2d on
     QuantizedCUDA): the input quantized per tensor (quantize_per_tensor takes float32 only, so
@@ -611,7 +639,7 @@ def int8_conv_peers(s: ConvShape, copies, act: Dict[str, object]) -> Dict[str, d
     float16. Where this torch cannot run it, its rows say why. int8_cublaslt_1x1: on the 1x1
     convolutions, which are GEMMs on the channels_last input, the int8_cublaslt linear peer
     (per-channel int8 weight, int32 sums scaled to float16)."""
-    peers: Dict[str, dict] = {}
+    peers: dict[str, dict] = {}
     oh, ow = s.out_hw()
     io = lambda n: n * s.c_in * s.h * s.w * 2 + n * s.c_out * oh * ow * 2  # noqa: E731 - float16 in and out
     dense32 = [dense_weight(*w, torch.float32) for w in copies]
@@ -627,41 +655,52 @@ def int8_conv_peers(s: ConvShape, copies, act: Dict[str, object]) -> Dict[str, d
 
         # float32 copy of the input, its int8 levels, the int8 output and its float32 dequantization
         extra = lambda n: n * s.c_in * s.h * s.w * (4 * 2 + 2) + n * s.c_out * oh * ow * (2 + 4 * 2)  # noqa: E731
-        peers["int8_cudnn"] = {"call": int8_cudnn, "ref": "int8", "tol": 3e-2, "peak": INT8_MMA_FLOPS,
-                               "bytes": lambda n: s.c_out * s.c_in * s.k * s.k + io(n) + extra(n)}
+        peers["int8_cudnn"] = {
+            "call": int8_cudnn,
+            "ref": "int8",
+            "tol": 3e-2,
+            "peak": INT8_MMA_FLOPS,
+            "bytes": lambda n: s.c_out * s.c_in * s.k * s.k + io(n) + extra(n),
+        }
     except Exception as e:  # noqa: BLE001 - torch built without it, or a version that dropped it
-        peers["int8_cudnn"] = {"skipped": f"torch has no usable int8 convolution on CUDA here "
-                                          f"(torch.ops.quantized.conv2d_prepack: {type(e).__name__}: {e})"[:300]}
+        peers["int8_cudnn"] = {
+            "skipped": f"torch has no usable int8 convolution on CUDA here "
+            f"(torch.ops.quantized.conv2d_prepack: {type(e).__name__}: {e})"[:300]
+        }
     if s.k == 1 and s.padding == 0:
         w8 = [int8_weight(W.view(s.c_out, s.c_in)) for W in dense32]
-        out_scales: List[torch.Tensor] = []
+        out_scales: list[torch.Tensor] = []
 
         def gemm_input(x):
             out_scales[:] = [sw * act["scale"] for _, sw in w8]  # outside the timed calls
             return x
 
         def int8_gemm_1x1(x, c):
-            xs = x[:, :, ::s.stride, ::s.stride] if s.stride > 1 else x
+            xs = x[:, :, :: s.stride, :: s.stride] if s.stride > 1 else x
             n, _, h, w = xs.shape
             xq = int8_levels(xs, act["scale"])  # channels_last in, channels_last out: [n*h*w, C_in] rows
-            y = (torch._int_mm(xq.permute(0, 2, 3, 1).reshape(n * h * w, s.c_in), w8[c][0]) * out_scales[c])
+            y = torch._int_mm(xq.permute(0, 2, 3, 1).reshape(n * h * w, s.c_in), w8[c][0]) * out_scales[c]
             return y.to(x.dtype).view(n, h, w, s.c_out).permute(0, 3, 1, 2)
 
         peers["int8_cublaslt_1x1"] = {
-            "call": int8_gemm_1x1, "input": gemm_input, "ref": "int8", "tol": 3e-2, "peak": INT8_MMA_FLOPS,
+            "call": int8_gemm_1x1,
+            "input": gemm_input,
+            "ref": "int8",
+            "tol": 3e-2,
+            "peak": INT8_MMA_FLOPS,
             "bytes": lambda n: s.c_out * s.c_in + io(n) + 2 * n * s.c_in * oh * ow + 2 * n * s.c_out * oh * ow * 4,
         }
     return peers
 
 
-def run_conv(args, env: Env) -> Tuple[dict, List[str]]:
+def run_conv(args, env: Env) -> tuple[dict, list[str]]:
     """The conv section: (its JSON, failures)."""
     image = 32 if env.check_on_cpu else 224
     shapes = resnet50_conv_shapes(image)
     batches = conv_batches(args, env)
     device, timer = env.device, env.timer
     results, failed = [], []
-    act: Dict[str, object] = {}
+    act: dict[str, object] = {}
     print(f"conv: {len(shapes)} distinct convolutions of ResNet-50 at {image}x{image}, batches {batches}", flush=True)
     for s in shapes:
         copies, variants = build_conv_variants(s, env, act)
@@ -728,16 +767,28 @@ def run_conv(args, env: Env) -> Tuple[dict, List[str]]:
         "image": image,
         "batches": batches,
         "ref_images": args.ref_images,
-        "shapes": [{"name": s.name, "C_in": s.c_in, "C_out": s.c_out, "kernel": s.k, "stride": s.stride,
-                    "padding": s.padding, "H": s.h, "W": s.w, "count": s.count, "first_layer": s.first}
-                   for s in shapes],
+        "shapes": [
+            {
+                "name": s.name,
+                "C_in": s.c_in,
+                "C_out": s.c_out,
+                "kernel": s.k,
+                "stride": s.stride,
+                "padding": s.padding,
+                "H": s.h,
+                "W": s.w,
+                "count": s.count,
+                "first_layer": s.first,
+            }
+            for s in shapes
+        ],
         "results": results,
         "network": network_sums(results, batches),
     }
     return doc, failed
 
 
-def network_sums(results: List[dict], batches: List[int]) -> List[dict]:
+def network_sums(results: list[dict], batches: list[int]) -> list[dict]:
     """Per batch and variant: the sum of time x occurrences over ResNet-50's convolutions, against
     cudnn_fp16 on the same convolutions (a variant skipped on some, e.g. int8 on the 3-channel stem,
     is summed over the others and names them as missing)."""
@@ -753,21 +804,25 @@ def network_sums(results: List[dict], batches: List[int]) -> List[dict]:
                 continue
             common = [k for k in timed if k in base]
             total, base_total = sum(timed[k] for k in common), sum(base[k] for k in common)
-            out.append({
-                "N": n,
-                "variant": name,
-                "ms": total,
-                "cudnn_fp16_ms": base_total,
-                "vs_cudnn": base_total / total if total > 0 else None,
-                "missing": [k for k in all_shapes if k not in common],
-            })
+            out.append(
+                {
+                    "N": n,
+                    "variant": name,
+                    "ms": total,
+                    "cudnn_fp16_ms": base_total,
+                    "vs_cudnn": base_total / total if total > 0 else None,
+                    "missing": [k for k in all_shapes if k not in common],
+                }
+            )
     return out
 
 
 def print_conv_table(doc: dict) -> None:
     print()
-    print(f"{'convolution':<24} {'x':>2} {'N':>4} {'variant':<11} {'time us':>10} {'TFLOP/s':>8} {'vs cuDNN':>8} "
-          f"{'pred us':>9} {'rel err':>9} check")
+    print(
+        f"{'convolution':<24} {'x':>2} {'N':>4} {'variant':<11} {'time us':>10} {'TFLOP/s':>8} {'vs cuDNN':>8} "
+        f"{'pred us':>9} {'rel err':>9} check"
+    )
     for r in doc["results"]:
         head = f"{r['shape']:<24} {r['count']:>2} {r['N']:>4} {r['variant']:<11}"
         if "skipped" in r:
@@ -776,17 +831,20 @@ def print_conv_table(doc: dict) -> None:
             print(f"{head} error: {r['error'][:70]}")
         else:
             ratio = f"{r['vs_cudnn']:.2f}x" if r.get("vs_cudnn") else "-"
-            print(f"{head} {r['ms'] * 1e3:10.1f} {r['tflop_s']:8.1f} {ratio:>8} {r['predicted_ms'] * 1e3:9.1f} "
-                  f"{r['rel_err']:9.2e} {r['check']}")
-    print(f"\n{'ResNet-50 convolutions, sum':<30} {'N':>4} {'variant':<11} {'time ms':>9} {'cuDNN ms':>9} "
-          f"{'vs cuDNN':>8}")
+            print(
+                f"{head} {r['ms'] * 1e3:10.1f} {r['tflop_s']:8.1f} {ratio:>8} {r['predicted_ms'] * 1e3:9.1f} "
+                f"{r['rel_err']:9.2e} {r['check']}"
+            )
+    print(
+        f"\n{'ResNet-50 convolutions, sum':<30} {'N':>4} {'variant':<11} {'time ms':>9} {'cuDNN ms':>9} {'vs cuDNN':>8}"
+    )
     for r in doc["network"]:
         missing = f"  (without {len(r['missing'])}: {', '.join(r['missing'])})" if r["missing"] else ""
         ratio = f"{r['vs_cudnn']:.2f}x" if r.get("vs_cudnn") else "-"
         print(f"{'':<30} {r['N']:>4} {r['variant']:<11} {r['ms']:9.3f} {r['cudnn_fp16_ms']:9.3f} {ratio:>8}{missing}")
 
 
-def conv_batches(args, env: Env) -> List[int]:
+def conv_batches(args, env: Env) -> list[int]:
     if args.batch:
         return args.batch
     if env.check_on_cpu:
@@ -859,13 +917,13 @@ def quantize_resnet50(env: Env, image: int, calib_batches: int, calib_images: in
     return model, qmodel, info
 
 
-def layer_errors(model: torch.nn.Module, x: torch.Tensor, images: int) -> Dict[str, float]:
+def layer_errors(model: torch.nn.Module, x: torch.Tensor, images: int) -> dict[str, float]:
     """Every multipoint layer of ``model`` against float64 on its own input in a forward of x: the
     layer's output on the first ``images`` images vs conv2d/linear of the dequantized weight on
     the fake-quantized input (fake_quant_levels), ||out - ref|| / ||ref|| per layer."""
     from mpq.nn.modules import MultipointConv2d, MultipointLinear, same_padding
 
-    errors: Dict[str, float] = {}
+    errors: dict[str, float] = {}
 
     def hook(name: str):
         def check(m, args, out) -> None:
@@ -883,10 +941,14 @@ def layer_errors(model: torch.nn.Module, x: torch.Tensor, images: int) -> Dict[s
             else:
                 ref = F.conv2d(inp.contiguous(), w, b, m.stride, m.padding, m.dilation, m.groups)
             errors[name] = rel_err(out[:images], ref)  # before an in-place ReLU changes out
+
         return check
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
-               if isinstance(m, (MultipointConv2d, MultipointLinear))]
+    handles = [
+        m.register_forward_hook(hook(name))
+        for name, m in model.named_modules()
+        if isinstance(m, (MultipointConv2d, MultipointLinear))
+    ]
     try:
         with torch.no_grad():
             model(x)
@@ -911,7 +973,7 @@ def capture_graph(model: torch.nn.Module, x: torch.Tensor):
     return graph, out
 
 
-def run_resnet50(args, env: Env) -> Tuple[dict, List[str]]:
+def run_resnet50(args, env: Env) -> tuple[dict, list[str]]:
     """The resnet50 section: (its JSON, failures)."""
     from mpq.fold import fold_batchnorm
     from mpq.nn.modules import MultipointLayer
@@ -935,8 +997,13 @@ def run_resnet50(args, env: Env) -> Tuple[dict, List[str]]:
             "mpq_w4a8": copy.deepcopy(q32).to(dtype),  # float32 buffers stay (module docstring); repacks on CUDA
         }
     del folded
-    quant["kernels"] = dict(Counter(m.packed_kernel for m in models["mpq_w4a8"].modules()
-                                    if isinstance(m, MultipointLayer) and m.tile_offsets.numel() > 0))
+    quant["kernels"] = dict(
+        Counter(
+            m.packed_kernel
+            for m in models["mpq_w4a8"].modules()
+            if isinstance(m, MultipointLayer) and m.tile_offsets.numel() > 0
+        )
+    )
     for m in [base32, q32, *models.values()]:
         m.requires_grad_(False)
 
@@ -954,17 +1021,26 @@ def run_resnet50(args, env: Env) -> Tuple[dict, List[str]]:
             check = {"N": n, "error": f"{type(e).__name__}: {e}", "check": "FAIL"}
         checks.append(check)
         if "error" not in check:
-            print(f"  N={n:<4} mpq_w4a8 float16 vs float32: rel err {check['rel_err']:.2e}, top-1 agreement "
-                  f"{check['top1_agreement']:.3f} (fp16 baseline: {check['fp16_baseline_rel_err']:.2e}); "
-                  f"layers vs float64: worst {check['layer_rel_err_max']:.2e} ({check['layer_rel_err_worst']})",
-                  flush=True)
+            print(
+                f"  N={n:<4} mpq_w4a8 float16 vs float32: rel err {check['rel_err']:.2e}, top-1 agreement "
+                f"{check['top1_agreement']:.3f} (fp16 baseline: {check['fp16_baseline_rel_err']:.2e}); "
+                f"layers vs float64: worst {check['layer_rel_err_max']:.2e} ({check['layer_rel_err_worst']})",
+                flush=True,
+            )
         if check["check"] != "ok":
-            failed.append(f"resnet50 mpq_w4a8 N={n}: " + check.get("error", (
-                f"rel_err {check['rel_err']:.3g} (tol {RESNET50_TOL}) vs the float32 mpq model; worst layer "
-                f"{check['layer_rel_err_worst']} {check['layer_rel_err_max']:.3g} (tol {TOL['int8']}), "
-                f"{len(check['layer_rel_err'])} of {quant['layers']} layers checked")))
+            failed.append(
+                f"resnet50 mpq_w4a8 N={n}: "
+                + check.get(
+                    "error",
+                    (
+                        f"rel_err {check['rel_err']:.3g} (tol {RESNET50_TOL}) vs the float32 mpq model; worst layer "
+                        f"{check['layer_rel_err_worst']} {check['layer_rel_err_max']:.3g} (tol {TOL['int8']}), "
+                        f"{len(check['layer_rel_err'])} of {quant['layers']} layers checked"
+                    ),
+                )
+            )
 
-        base_ms: Dict[str, float] = {}
+        base_ms: dict[str, float] = {}
         for mode in ("eager", "cuda_graph"):
             for name, m in models.items():
                 row = {"N": n, "model": name, "mode": mode}
@@ -981,17 +1057,24 @@ def run_resnet50(args, env: Env) -> Tuple[dict, List[str]]:
                     continue
                 if name == RESNET50_BASELINE:
                     base_ms[mode] = ms_
-                row.update(ms=ms_, images_per_s=n / (ms_ * 1e-3),
-                           vs_fp16=base_ms[mode] / ms_ if mode in base_ms else None)
+                row.update(
+                    ms=ms_, images_per_s=n / (ms_ * 1e-3), vs_fp16=base_ms[mode] / ms_ if mode in base_ms else None
+                )
                 rows.append(row)
                 print(f"  N={n:<4} {name:<18} {mode:<10} {ms_:9.3f} ms {n / (ms_ * 1e-3):9.0f} img/s", flush=True)
         del x
         if env.cuda:
             torch.cuda.empty_cache()
-    doc = {"image": image, "batches": batches, "quantization": quant, "checks": checks, "results": rows,
-           "baseline": RESNET50_BASELINE,
-           "target": "mpq_w4a8 >= 1.2x fp16_cudnn_folded images/s at batch 32 and 256, >= 1.0x at batch 1 "
-                     "(CUDA graphs allowed for both; docs/PERF.md)"}
+    doc = {
+        "image": image,
+        "batches": batches,
+        "quantization": quant,
+        "checks": checks,
+        "results": rows,
+        "baseline": RESNET50_BASELINE,
+        "target": "mpq_w4a8 >= 1.2x fp16_cudnn_folded images/s at batch 32 and 256, >= 1.0x at batch 1 "
+        "(CUDA graphs allowed for both; docs/PERF.md)",
+    }
     return doc, failed
 
 
@@ -1011,8 +1094,14 @@ def time_model(model: torch.nn.Module, x: torch.Tensor, mode: str, timer, row: d
         return timer.median_ms(lambda c: graph.replay())
 
 
-def check_resnet50(models: Dict[str, torch.nn.Module], q32: torch.nn.Module, base32: torch.nn.Module,
-                   x: torch.Tensor, images: int, num_layers: int) -> dict:
+def check_resnet50(
+    models: dict[str, torch.nn.Module],
+    q32: torch.nn.Module,
+    base32: torch.nn.Module,
+    x: torch.Tensor,
+    images: int,
+    num_layers: int,
+) -> dict:
     """The float16 mpq model on x against the float32 one (and the float16 baseline against its
     float32 model, for scale), and each mpq layer against float64 on its own input."""
     x32 = x.float()  # the same values
@@ -1047,17 +1136,21 @@ def float_model_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modul
 
 def print_resnet50_table(doc: dict) -> None:
     q = doc["quantization"]
-    print(f"\nResNet-50 W4A8 quantization: {q['seconds_wall']:.1f} s wall on {q['device']} "
-          f"(report: {', '.join(f'{k} {v:.1f}s' for k, v in (q['report_seconds'] or {}).items())}); "
-          f"{q['avg_bits']:.2f} bits/weight, {q['avg_points_per_channel']:.2f} points/channel, "
-          f"kernels {q.get('kernels')}")
+    print(
+        f"\nResNet-50 W4A8 quantization: {q['seconds_wall']:.1f} s wall on {q['device']} "
+        f"(report: {', '.join(f'{k} {v:.1f}s' for k, v in (q['report_seconds'] or {}).items())}); "
+        f"{q['avg_bits']:.2f} bits/weight, {q['avg_points_per_channel']:.2f} points/channel, "
+        f"kernels {q.get('kernels')}"
+    )
     for c in doc["checks"]:
         if "error" in c:
             print(f"  N={c['N']:<4} check error: {c['error'][:100]}")
             continue
-        print(f"  N={c['N']:<4} mpq float16 vs float32: rel err {c['rel_err']:.2e}, top-1 agreement "
-              f"{c['top1_agreement']:.3f}; each layer vs float64: worst {c['layer_rel_err_max']:.2e} "
-              f"({c['layer_rel_err_worst']})  {c['check']}")
+        print(
+            f"  N={c['N']:<4} mpq float16 vs float32: rel err {c['rel_err']:.2e}, top-1 agreement "
+            f"{c['top1_agreement']:.3f}; each layer vs float64: worst {c['layer_rel_err_max']:.2e} "
+            f"({c['layer_rel_err_worst']})  {c['check']}"
+        )
     print(f"{'N':>4} {'model':<18} {'mode':<10} {'time ms':>9} {'img/s':>9} {'vs folded fp16':>14}")
     for r in doc["results"]:
         head = f"{r['N']:>4} {r['model']:<18} {r['mode']:<10}"
@@ -1079,10 +1172,18 @@ def setup(args) -> Env:
         import mpq
 
         dtype = torch.float16 if cpu_takes_float16() else torch.float32
-        env = Env("cpu", f"cpu (--check-on-cpu, {platform.machine()})", dtype,
-                  WallTimer(args.warmup, args.repeats), True, mpq.build_info())
-        env.notes.append(f"--check-on-cpu: CPU reference kernels for every variant, {dtype} activations, "
-                         "wall-clock times (meaningless), CUDA graphs and CUDA-only peers skipped")
+        env = Env(
+            "cpu",
+            f"cpu (--check-on-cpu, {platform.machine()})",
+            dtype,
+            WallTimer(args.warmup, args.repeats),
+            True,
+            mpq.build_info(),
+        )
+        env.notes.append(
+            f"--check-on-cpu: CPU reference kernels for every variant, {dtype} activations, "
+            "wall-clock times (meaningless), CUDA graphs and CUDA-only peers skipped"
+        )
         return env
     if not torch.cuda.is_available():
         fail("no GPU: torch.cuda.is_available() is False (these are GPU kernel benchmarks; nothing to measure here)")
@@ -1099,7 +1200,7 @@ def setup(args) -> Env:
     return Env("cuda", torch.cuda.get_device_name(0), torch.float16, Timer(args.warmup, args.repeats), False, info)
 
 
-def run_section(name: str, fn, args, env: Env) -> Tuple[dict, List[str]]:
+def run_section(name: str, fn, args, env: Env) -> tuple[dict, list[str]]:
     """fn(args, env), or, when it raises, {"error": ...} and a failure: a crash in one section still
     leaves the others' results and the JSON."""
     try:
@@ -1114,8 +1215,8 @@ def run(args) -> int:
     env = setup(args)
     sections = ["linear", "conv", "resnet50"] if args.section == "all" else [args.section]
     print(f"{env.name}, torch {torch.__version__}, CUDA {torch.version.cuda}, mpq {env.info}", flush=True)
-    failed: List[str] = []
-    docs: Dict[str, Optional[dict]] = {"linear": None, "conv": None, "resnet50": None}
+    failed: list[str] = []
+    docs: dict[str, dict | None] = {"linear": None, "conv": None, "resnet50": None}
     functions = {"linear": run_linear, "conv": run_conv, "resnet50": run_resnet50}
     for name in sections:
         docs[name], f = run_section(name, functions[name], args, env)
@@ -1144,7 +1245,7 @@ def run(args) -> int:
     return 0
 
 
-def json_doc(args, env: Env, sections: List[str], docs: Dict[str, Optional[dict]], failed: List[str]) -> dict:
+def json_doc(args, env: Env, sections: list[str], docs: dict[str, dict | None], failed: list[str]) -> dict:
     """The JSON: the linear section's keys at the top level (as before the other sections), then
     one key per further section (None when not run)."""
     linear = docs["linear"] or {}
@@ -1176,23 +1277,38 @@ def json_doc(args, env: Env, sections: List[str], docs: Dict[str, Optional[dict]
     }
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", default=None,
-                   help="where to write the JSON (default: benchmarks/results/kernels_h100.json on a GPU, none "
-                        "with --check-on-cpu; '' for none)")
+    p.add_argument(
+        "--json",
+        default=None,
+        help="where to write the JSON (default: benchmarks/results/kernels_h100.json on a GPU, none "
+        "with --check-on-cpu; '' for none)",
+    )
     p.add_argument("--section", choices=["linear", "conv", "resnet50", "all"], default="all")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 50; 3 on the CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10; 1 on the CPU)")
     p.add_argument("--m", type=int, action="append", help="an M to run (repeatable; default 1, 16, 128, 4096)")
-    p.add_argument("--batch", type=int, action="append",
-                   help="a batch size of the conv and resnet50 sections (repeatable; default 1, 32, 256)")
-    p.add_argument("--ref-images", type=int, default=4,
-                   help="images of each conv batch checked against the float64 reference (default 4)")
-    p.add_argument("--quick", action="store_true",
-                   help="only 4096 x 11008 and batch 32, at most 10 repeats: a smoke run")
-    p.add_argument("--check-on-cpu", action="store_true",
-                   help="run every section's code path at tiny sizes on the CPU and check the results")
+    p.add_argument(
+        "--batch",
+        type=int,
+        action="append",
+        help="a batch size of the conv and resnet50 sections (repeatable; default 1, 32, 256)",
+    )
+    p.add_argument(
+        "--ref-images",
+        type=int,
+        default=4,
+        help="images of each conv batch checked against the float64 reference (default 4)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="only 4096 x 11008 and batch 32, at most 10 repeats: a smoke run"
+    )
+    p.add_argument(
+        "--check-on-cpu",
+        action="store_true",
+        help="run every section's code path at tiny sizes on the CPU and check the results",
+    )
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if args.check_on_cpu else 50

@@ -21,6 +21,7 @@ order, from their measured durations. ``ru_maxrss_mib`` is the process's exact p
 model and data included); ``start_rss_mib`` the RSS when ``quantize`` was called. torch's CPU
 tensors are not seen by tracemalloc, hence RSS.
 """
+
 import argparse
 import json
 import os
@@ -33,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from fit_speed import cpu_model  # benchmarks/ (this script's folder) is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,22 +77,37 @@ def load(name: str, resnet_batches: int, seed: int):
         model = torchvision.models.resnet50(weights=None).eval()
         g = torch.Generator().manual_seed(seed)
         calib = [torch.randn(16, 3, 224, 224, generator=g) for _ in range(resnet_batches)]
-        return model, calib, (f"torchvision ResNet-50, random weights (weights=None); {resnet_batches} batches of 16 "
-                              f"random-normal 224x224 images")
+        return (
+            model,
+            calib,
+            (
+                f"torchvision ResNet-50, random weights (weights=None); {resnet_batches} batches of 16 "
+                f"random-normal 224x224 images"
+            ),
+        )
     if name == "lite0":
         from mpq.examples import assets
         from mpq.examples.demo import load_demo_data
 
         data = load_demo_data(calib_images=64, batch_size=16, seed=seed)
-        return assets.load_efficientnet_lite0(), data.calib_batches, \
-            "EfficientNet-Lite0 (ImageNet weights, mpq.examples.assets); 64 calibration crops of the bundled photos (mpq.examples.demo), batches of 16"
+        return (
+            assets.load_efficientnet_lite0(),
+            data.calib_batches,
+            "EfficientNet-Lite0 (ImageNet weights, mpq.examples.assets); 64 calibration crops of the bundled photos (mpq.examples.demo), batches of 16",
+        )
     if name == "minilm":
         from mpq.examples import assets, text
 
         model, tokenizer = assets.load_minilm()
         calib = text.calibration_batches(tokenizer, text.calibration_sentences())
-        return model, calib, (f"all-MiniLM-L6-v2 (mpq.examples.assets), its 36 Linear layers; {len(text.calibration_sentences())} "
-                              f"calibration sentences of mpq.examples.text in {len(calib)} batches by length")
+        return (
+            model,
+            calib,
+            (
+                f"all-MiniLM-L6-v2 (mpq.examples.assets), its 36 Linear layers; {len(text.calibration_sentences())} "
+                f"calibration sentences of mpq.examples.text in {len(calib)} batches by length"
+            ),
+        )
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -108,8 +123,14 @@ def stage_costs(seconds, t_call, samples, start_rss):
         window = [m for ts, m in samples if t <= ts < end]
         # A stage shorter than the sampling interval: the nearest sample before it.
         peak = max(window) if window else max((m for ts, m in samples if ts <= t), default=start_rss)
-        out.append({"stage": stage, "seconds": round(dur, 3), "peak_rss_mib": round(peak, 1),
-                    "peak_over_start_mib": round(peak - start_rss, 1)})
+        out.append(
+            {
+                "stage": stage,
+                "seconds": round(dur, 3),
+                "peak_rss_mib": round(peak, 1),
+                "peak_over_start_mib": round(peak - start_rss, 1),
+            }
+        )
         t = end
     return out
 
@@ -133,13 +154,20 @@ def child(name: str, config: str, resnet_batches: int, seed: int, threads: int) 
     report = mpq.last_report(qmodel)
     slowest = sorted(report.layers, key=lambda l: -l.fit_seconds)[:3]
     return {
-        "model": name, "description": description, "config": config,
-        "weights": sum(l.shape[0] * l.shape[1] for l in report.layers), "layers": len(report.layers),
-        "largest_D": max(l.shape[1] for l in report.layers), "avg_bits": round(report.avg_bits, 4),
-        "wall_seconds": round(wall, 2), "start_rss_mib": round(start_rss, 1),
+        "model": name,
+        "description": description,
+        "config": config,
+        "weights": sum(l.shape[0] * l.shape[1] for l in report.layers),
+        "layers": len(report.layers),
+        "largest_D": max(l.shape[1] for l in report.layers),
+        "avg_bits": round(report.avg_bits, 4),
+        "wall_seconds": round(wall, 2),
+        "start_rss_mib": round(start_rss, 1),
         "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "stages": stage_costs(report.seconds, t_call, sampler.samples, start_rss),
-        "slowest_layer_fits": [{"layer": l.name, "shape": list(l.shape), "seconds": round(l.fit_seconds, 2)} for l in slowest],
+        "slowest_layer_fits": [
+            {"layer": l.name, "shape": list(l.shape), "seconds": round(l.fit_seconds, 2)} for l in slowest
+        ],
     }
 
 
@@ -153,7 +181,9 @@ def _git_commit() -> str:
 def _dirty_files():
     """Tracked files changed in the work tree (the run measured them, not the commit's)."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT).stdout
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT
+        ).stdout
     except OSError:
         return []
     return [line[3:] for line in out.splitlines() if line.strip()]
@@ -163,7 +193,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     p.add_argument("--config", default="W4A8")
-    p.add_argument("--resnet-batches", type=int, default=4, help="ResNet-50 calibration batches of 16 images (default 4: 64 images)")
+    p.add_argument(
+        "--resnet-batches",
+        type=int,
+        default=4,
+        help="ResNet-50 calibration batches of 16 images (default 4: 64 images)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "quantize_cost.json"))
@@ -177,25 +212,54 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     results = []
     for name in args.models:
-        r = subprocess.run([sys.executable, __file__, "--child", name, "--config", args.config, "--resnet-batches",
-                            str(args.resnet_batches), "--threads", str(args.threads), "--seed", str(args.seed)],
-                           capture_output=True, text=True, env=env, cwd=ROOT)
+        r = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--config",
+                args.config,
+                "--resnet-batches",
+                str(args.resnet_batches),
+                "--threads",
+                str(args.threads),
+                "--seed",
+                str(args.seed),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         if r.returncode != 0:
             print(r.stderr[-3000:], file=sys.stderr)
             results.append({"model": name, "error": (r.stderr.strip().splitlines() or ["?"])[-1]})
             continue
         row = json.loads(r.stdout.strip().splitlines()[-1])
         results.append(row)
-        print(f"{name}: {row['layers']} layers, {row['weights'] / 1e6:.1f}M weights, quantize {row['wall_seconds']:.1f} s, "
-              f"RSS at the call {row['start_rss_mib']:.0f} MiB, process peak {row['ru_maxrss_mib']:.0f} MiB")
+        print(
+            f"{name}: {row['layers']} layers, {row['weights'] / 1e6:.1f}M weights, quantize {row['wall_seconds']:.1f} s, "
+            f"RSS at the call {row['start_rss_mib']:.0f} MiB, process peak {row['ru_maxrss_mib']:.0f} MiB"
+        )
         for s in row["stages"]:
-            print(f"  {s['stage']:<16} {s['seconds']:8.2f} s   peak RSS {s['peak_rss_mib']:7.0f} MiB "
-                  f"({s['peak_over_start_mib']:+.0f} over the call's start)")
+            print(
+                f"  {s['stage']:<16} {s['seconds']:8.2f} s   peak RSS {s['peak_rss_mib']:7.0f} MiB "
+                f"({s['peak_over_start_mib']:+.0f} over the call's start)"
+            )
     doc = {
-        "benchmark": "quantize_cost", "command": command, "git_commit": _git_commit(), "uncommitted_changes": _dirty_files(),
-        "note": args.note, "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(), "threads": args.threads, "torch_version": torch.__version__,
-        "python": platform.python_version(), "seed": args.seed, "config": args.config,
+        "benchmark": "quantize_cost",
+        "command": command,
+        "git_commit": _git_commit(),
+        "uncommitted_changes": _dirty_files(),
+        "note": args.note,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "seed": args.seed,
+        "config": args.config,
         "resnet_calibration": f"{args.resnet_batches} batches of 16 images (64 asked by the issue)",
         "how_measured": __doc__.split("\n\n", 1)[1].strip(),
         "results": results,

@@ -25,15 +25,13 @@ void check_max_points(const char* op, int64_t max_points) {
 void check_fit_multipoint_args(const at::Tensor& weight, int64_t bits, int64_t max_points) {
   TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
               "mpq::fit_multipoint: expected weight to be float32 or float64, got ", weight.scalar_type());
-  TORCH_CHECK(weight.dim() == 2, "mpq::fit_multipoint: expected weight to be 2-D [C, D], got shape ",
-              weight.sizes());
+  TORCH_CHECK(weight.dim() == 2, "mpq::fit_multipoint: expected weight to be 2-D [C, D], got shape ", weight.sizes());
   TORCH_CHECK(weight.size(1) >= 1, "mpq::fit_multipoint: expected weight to have D >= 1 columns, got shape ",
               weight.sizes());
   check_w_bits("mpq::fit_multipoint", bits, "bits");
   check_max_points("mpq::fit_multipoint", max_points);
   if (weight.numel() > 0) {
-    TORCH_CHECK(at::isfinite(weight).all().item<bool>(),
-                "mpq::fit_multipoint: weight contains NaN or inf");
+    TORCH_CHECK(at::isfinite(weight).all().item<bool>(), "mpq::fit_multipoint: weight contains NaN or inf");
     // The errors are float64 sums stored in float32, never above the row's squared norm.
     const auto norms = weight.to(at::kDouble).square().sum(1);
     const auto row = norms.argmax().item<int64_t>();
@@ -49,23 +47,22 @@ void check_multipoint_weight(const char* op, const at::Tensor& codes, const at::
   TORCH_CHECK(codes.scalar_type() == at::kChar, op, ": expected codes to be int8, got ", codes.scalar_type());
   TORCH_CHECK(codes.dim() == code_dims, op, ": expected codes to have ", code_dims, " dimensions, got shape ",
               codes.sizes());
-  TORCH_CHECK(scales.scalar_type() == at::kFloat, op, ": expected scales to be float32, got ",
-              scales.scalar_type());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat, op, ": expected scales to be float32, got ", scales.scalar_type());
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1), op,
               ": expected scales of shape [", codes.size(0), ", ", codes.size(1), "] to match codes, got ",
               scales.sizes());
   TORCH_CHECK(num_points.scalar_type() == at::kInt, op, ": expected num_points to be int32, got ",
               num_points.scalar_type());
-  TORCH_CHECK(num_points.dim() == 1 && num_points.size(0) == codes.size(0), op,
-              ": expected num_points of shape [", codes.size(0), "], got ", num_points.sizes());
+  TORCH_CHECK(num_points.dim() == 1 && num_points.size(0) == codes.size(0), op, ": expected num_points of shape [",
+              codes.size(0), "], got ", num_points.sizes());
   TORCH_CHECK(codes.device() == scales.device() && codes.device() == num_points.device(), op,
-              ": expected codes, scales and num_points on one device, got ", codes.device(), ", ",
-              scales.device(), ", ", num_points.device());
+              ": expected codes, scales and num_points on one device, got ", codes.device(), ", ", scales.device(),
+              ", ", num_points.device());
   if (num_points.is_cpu() && num_points.numel() > 0) {
     const auto lo = num_points.min().item<int64_t>();
     const auto hi = num_points.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi <= codes.size(1), op, ": expected num_points in 0..", codes.size(1),
-                ", got values in ", lo, "..", hi);
+    TORCH_CHECK(lo >= 0 && hi <= codes.size(1), op, ": expected num_points in 0..", codes.size(1), ", got values in ",
+                lo, "..", hi);
     // One pass over the scales of the points in use (the others contribute nothing). NB: not on
     // CUDA, where reading them would sync the device; non-finite scales give NaN there (checks.h).
     const auto n = num_points.contiguous();
@@ -87,14 +84,13 @@ void check_bias_and_act_qparams(const char* op, const at::Device& device, const 
   if (bias.has_value()) {
     TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": expected bias to be floating, got ",
                 bias->scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels, op, ": expected bias of shape [",
-                out_channels, "], got ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels, op, ": expected bias of shape [", out_channels,
+                "], got ", bias->sizes());
     TORCH_CHECK(bias->device() == device, op, ": expected bias on ", device, ", got ", bias->device());
   }
   if (act_qparams.has_value()) {
-    TORCH_CHECK(act_qparams->scalar_type() == at::kFloat && act_qparams->dim() == 1 &&
-                    act_qparams->size(0) == 4,
-                op, ": expected act_qparams to be float32[4] (scale, zero_point, qmin, qmax), got ",
+    TORCH_CHECK(act_qparams->scalar_type() == at::kFloat && act_qparams->dim() == 1 && act_qparams->size(0) == 4, op,
+                ": expected act_qparams to be float32[4] (scale, zero_point, qmin, qmax), got ",
                 act_qparams->scalar_type(), act_qparams->sizes());
     TORCH_CHECK(act_qparams->is_cpu() || act_qparams->device() == device, op,
                 ": expected act_qparams on the CPU or on ", device, ", got ", act_qparams->device());
@@ -126,8 +122,8 @@ std::vector<int64_t> conv2d_output_shape(const char* op, const at::Tensor& input
               ": expected stride, padding and dilation of length 2");
   TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
                   padding[1] >= 0,
-              op, ": expected stride >= 1, dilation >= 1 and padding >= 0, got stride ", stride, ", padding ",
-              padding, ", dilation ", dilation);
+              op, ": expected stride >= 1, dilation >= 1 and padding >= 0, got stride ", stride, ", padding ", padding,
+              ", dilation ", dilation);
   std::vector<int64_t> out = {input.size(0), out_channels, 0, 0};
   const int64_t kernel[2] = {kh, kw};
   for (int d = 0; d < 2; ++d) {
@@ -158,8 +154,8 @@ void check_multipoint_linear_args(const at::Tensor& input, const at::Tensor& cod
   constexpr const char* op = "mpq::multipoint_linear";
   check_multipoint_weight(op, codes, scales, num_points, 3);
   check_bias_and_act(op, input, bias, act_qparams, codes.size(0));
-  TORCH_CHECK(input.device() == codes.device(), op, ": expected input on ", codes.device(),
-              " with codes, got ", input.device());
+  TORCH_CHECK(input.device() == codes.device(), op, ": expected input on ", codes.device(), " with codes, got ",
+              input.device());
   TORCH_CHECK(input.dim() >= 1 && input.size(-1) == codes.size(2), op, ": expected input [..., ", codes.size(2),
               "] to match codes [C, P, D], got input shape ", input.sizes());
 }
@@ -175,11 +171,11 @@ std::vector<int64_t> check_multipoint_conv2d_args(const at::Tensor& input, const
               ": expected codes [C_out, P, C_in/groups, kh, kw] with a kernel of at least 1 x 1, got shape ",
               codes.sizes());
   check_bias_and_act(op, input, bias, act_qparams, codes.size(0));
-  TORCH_CHECK(input.device() == codes.device(), op, ": expected input on ", codes.device(),
-              " with codes, got ", input.device());
+  TORCH_CHECK(input.device() == codes.device(), op, ": expected input on ", codes.device(), " with codes, got ",
+              input.device());
   TORCH_CHECK(input.dim() == 4, op, ": expected input [N, C_in, H, W], got shape ", input.sizes());
-  TORCH_CHECK(groups >= 1 && codes.size(0) % groups == 0, op, ": expected groups >= 1 dividing the ",
-              codes.size(0), " output channels, got groups = ", groups);
+  TORCH_CHECK(groups >= 1 && codes.size(0) % groups == 0, op, ": expected groups >= 1 dividing the ", codes.size(0),
+              " output channels, got groups = ", groups);
   TORCH_CHECK(input.size(1) == codes.size(2) * groups, op, ": expected input with ", codes.size(2) * groups,
               " channels (codes [C_out, P, C_in/groups, kh, kw] with groups = ", groups, "), got shape ",
               input.sizes());
@@ -208,14 +204,13 @@ void check_pack_multipoint_args(const at::Tensor& codes, const at::Tensor& scale
   constexpr const char* op = "mpq::pack_multipoint";
   check_multipoint_weight(op, codes, scales, num_points, 3);
   check_w_bits(op, w_bits);
-  TORCH_CHECK(groups >= 1 && codes.size(0) % groups == 0, op, ": expected groups >= 1 dividing the ",
-              codes.size(0), " output channels, got groups = ", groups);
-  TORCH_CHECK(codes.size(0) <= (int64_t{1} << 30), op, ": expected at most 2^30 output channels, got ",
-              codes.size(0));
+  TORCH_CHECK(groups >= 1 && codes.size(0) % groups == 0, op, ": expected groups >= 1 dividing the ", codes.size(0),
+              " output channels, got groups = ", groups);
+  TORCH_CHECK(codes.size(0) <= (int64_t{1} << 30), op, ": expected at most 2^30 output channels, got ", codes.size(0));
   if (codes.is_cpu() && codes.numel() > 0 && w_bits <= 4) {
     // Only the points in use are stored: nibbles hold -8..7.
-    const auto active = (at::arange(codes.size(1), num_points.options()).unsqueeze(0) < num_points.unsqueeze(1))
-                            .unsqueeze(2);
+    const auto active =
+        (at::arange(codes.size(1), num_points.options()).unsqueeze(0) < num_points.unsqueeze(1)).unsqueeze(2);
     const auto used = at::where(active, codes, at::zeros({}, codes.options()));
     const auto lo = used.min().item<int64_t>(), hi = used.max().item<int64_t>();
     TORCH_CHECK(lo >= -8 && hi <= 7, op, ": expected codes of the points in use in -8..7 for w_bits = ", w_bits,
@@ -236,8 +231,8 @@ void check_packed_weight(const char* op, const at::Tensor& packed, const at::Ten
               op, ": expected packed_scales of shape [", packed.size(0), ", ", kTileN, "], got ",
               packed_scales.sizes());
   TORCH_CHECK(perm.scalar_type() == at::kInt, op, ": expected perm to be int32, got ", perm.scalar_type());
-  TORCH_CHECK(perm.dim() == 1 && perm.size(0) % kTileN == 0, op,
-              ": expected perm of shape [num_tiles * 64], got ", perm.sizes());
+  TORCH_CHECK(perm.dim() == 1 && perm.size(0) % kTileN == 0, op, ": expected perm of shape [num_tiles * 64], got ",
+              perm.sizes());
   const int64_t num_tiles = perm.size(0) / kTileN;
   TORCH_CHECK(tile_offsets.scalar_type() == at::kInt, op, ": expected tile_offsets to be int32, got ",
               tile_offsets.scalar_type());
@@ -246,10 +241,10 @@ void check_packed_weight(const char* op, const at::Tensor& packed, const at::Ten
               tile_offsets.sizes());
   TORCH_CHECK(packed.device() == packed_scales.device() && packed.device() == perm.device() &&
                   packed.device() == tile_offsets.device(),
-              op, ": expected packed, packed_scales, perm and tile_offsets on one device, got ", packed.device(),
-              ", ", packed_scales.device(), ", ", perm.device(), ", ", tile_offsets.device());
-  TORCH_CHECK(out_features >= 0 && out_features <= perm.size(0), op, ": expected out_features in 0..",
-              perm.size(0), " (perm's rows), got ", out_features);
+              op, ": expected packed, packed_scales, perm and tile_offsets on one device, got ", packed.device(), ", ",
+              packed_scales.device(), ", ", perm.device(), ", ", tile_offsets.device());
+  TORCH_CHECK(out_features >= 0 && out_features <= perm.size(0), op, ": expected out_features in 0..", perm.size(0),
+              " (perm's rows), got ", out_features);
   if (tile_offsets.is_cpu()) {
     const auto off = tile_offsets.contiguous();
     const int* o = off.data_ptr<int>();
@@ -289,8 +284,8 @@ void check_unpack_multipoint_args(const at::Tensor& packed, const at::Tensor& pa
   TORCH_CHECK(max_points >= 0, op, ": expected max_points >= 0, got ", max_points);
   if (tile_offsets.is_cpu() && tile_offsets.size(0) > 1) {
     const auto most = at::diff(tile_offsets).max().item<int64_t>();
-    TORCH_CHECK(most <= max_points, op, ": expected max_points >= the largest tile's point count ", most,
-                ", got ", max_points);
+    TORCH_CHECK(most <= max_points, op, ": expected max_points >= the largest tile's point count ", most, ", got ",
+                max_points);
   }
 }
 
@@ -318,12 +313,9 @@ void check_packed_operands(const char* op, const at::Tensor& packed, const at::T
 // `kernel` by name, one of `names` (the op's choices), with its dtype preconditions.
 PackedKernel parse_packed_kernel(const char* op, c10::string_view kernel, const std::vector<const char*>& names,
                                  const at::Tensor& input, const c10::optional<at::Tensor>& act_qparams) {
-  static const std::pair<const char*, PackedKernel> all[] = {{"auto", PackedKernel::kAuto},
-                                                             {"dense", PackedKernel::kDense},
-                                                             {"gemv", PackedKernel::kGemv},
-                                                             {"mma", PackedKernel::kMma},
-                                                             {"igemm", PackedKernel::kIgemm},
-                                                             {"int8", PackedKernel::kInt8}};
+  static const std::pair<const char*, PackedKernel> all[] = {
+      {"auto", PackedKernel::kAuto}, {"dense", PackedKernel::kDense}, {"gemv", PackedKernel::kGemv},
+      {"mma", PackedKernel::kMma},   {"igemm", PackedKernel::kIgemm}, {"int8", PackedKernel::kInt8}};
   PackedKernel k = PackedKernel::kAuto;
   bool found = false;
   for (const char* name : names) {
@@ -364,8 +356,8 @@ PackedKernel check_multipoint_linear_packed_args(const at::Tensor& input, const 
   check_bias_and_act(op, input, bias, act_qparams, out_features);
   TORCH_CHECK(input.device() == packed.device(), op, ": expected input on ", packed.device(),
               " with the packed weight, got ", input.device());
-  TORCH_CHECK(input.dim() >= 1 && mpq::packed::padded_k(input.size(-1)) == packed.size(1) * mpq::packed::kSlabK,
-              op, ": expected input [..., D] with D rounded up to a multiple of 64 equal to the packed Kp = ",
+  TORCH_CHECK(input.dim() >= 1 && mpq::packed::padded_k(input.size(-1)) == packed.size(1) * mpq::packed::kSlabK, op,
+              ": expected input [..., D] with D rounded up to a multiple of 64 equal to the packed Kp = ",
               packed.size(1) * mpq::packed::kSlabK, ", got input shape ", input.sizes());
   return parse_packed_kernel(op, kernel, {"auto", "dense", "gemv", "mma", "int8"}, input, act_qparams);
 }
@@ -388,11 +380,11 @@ PackedConv2dArgs check_multipoint_conv2d_packed_args(
               input.size(1), "), got groups = ", groups);
   const int64_t D = kernel_size[0] * kernel_size[1] * (input.size(1) / groups);
   TORCH_CHECK(mpq::packed::padded_k(D) == packed.size(1) * mpq::packed::kSlabK, op,
-              ": expected kh * kw * C_in / groups = ", D, " rounded up to a multiple of 64 to equal the packed Kp = ",
-              packed.size(1) * mpq::packed::kSlabK, " (input shape ", input.sizes(), ", kernel_size ", kernel_size,
-              ", groups ", groups, ")");
-  auto out_shape =
-      conv2d_output_shape(op, input, out_channels, kernel_size[0], kernel_size[1], stride, padding, dilation);
+              ": expected kh * kw * C_in / groups = ", D,
+              " rounded up to a multiple of 64 to equal the packed Kp = ", packed.size(1) * mpq::packed::kSlabK,
+              " (input shape ", input.sizes(), ", kernel_size ", kernel_size, ", groups ", groups, ")");
+  auto out_shape = conv2d_output_shape(op, input, out_channels, kernel_size[0], kernel_size[1], stride, padding,
+                                       dilation);
   return {parse_packed_kernel(op, kernel, {"auto", "dense", "igemm", "int8"}, input, act_qparams), out_shape, D};
 }
 

@@ -101,8 +101,7 @@ PackedKernel check_multipoint_linear_packed_args(const at::Tensor& input, const 
                                                  const at::Tensor& packed_scales, const at::Tensor& perm,
                                                  const at::Tensor& tile_offsets, const at::Tensor& row_sums,
                                                  int64_t out_features, const c10::optional<at::Tensor>& bias,
-                                                 const c10::optional<at::Tensor>& act_qparams,
-                                                 c10::string_view kernel);
+                                                 const c10::optional<at::Tensor>& act_qparams, c10::string_view kernel);
 
 // Every argument of mpq::multipoint_conv2d_packed: the packed weight as for the linear op, input
 // [N, C_in, H, W] on its device, groups dividing C_in and out_channels, kh * kw * C_in / groups

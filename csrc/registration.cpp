@@ -26,8 +26,8 @@ namespace mpq {
 static std::string build_info() {
   std::ostringstream out;
   out << "{\"mpq_version\": \"" << MPQ_VERSION << "\", \"torch_version\": \"" << MPQ_TORCH_VERSION
-      << "\", \"cuda_kernels\": " << (MPQ_WITH_CUDA ? "true" : "false")
-      << ", \"cuda_architectures\": \"" << (MPQ_WITH_CUDA ? MPQ_CUDA_ARCHITECTURES : "") << "\"}";
+      << "\", \"cuda_kernels\": " << (MPQ_WITH_CUDA ? "true" : "false") << ", \"cuda_architectures\": \""
+      << (MPQ_WITH_CUDA ? MPQ_CUDA_ARCHITECTURES : "") << "\"}";
   return out.str();
 }
 
@@ -106,7 +106,9 @@ TORCH_LIBRARY(mpq, m) {
   // (k < num_points[j]), channel-major, each point's D codes bit-packed at w_bits bits (code i at
   // bits i*w_bits.. of its row, LSB first, two's complement): point_codes uint8[T, ceil(D*w_bits/8)],
   // point_scales float32[T], T = sum(num_points). codes int8[C, P, ...] (D = prod of the trailing dims).
-  m.def("pack_points(Tensor codes, Tensor scales, Tensor num_points, int w_bits) -> (Tensor point_codes, Tensor point_scales)");
+  m.def(
+      "pack_points(Tensor codes, Tensor scales, Tensor num_points, int w_bits) -> (Tensor point_codes, Tensor "
+      "point_scales)");
 
   // The inverse of pack_points: codes int8[C, max_points, D] (zero beyond each channel's count),
   // scales float32[C, max_points].
@@ -151,8 +153,9 @@ TORCH_LIBRARY(mpq, m) {
   // levels of the max-pooled values, since quantizing is monotone; what a fused model runs between a
   // convolution that writes levels and the convolutions that read them (python/mpq/fuse.py).
   // CPU output is channels_last.
-  m.def("max_pool2d_levels(Tensor levels, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
-        "bool ceil_mode) -> Tensor");
+  m.def(
+      "max_pool2d_levels(Tensor levels, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool ceil_mode) -> Tensor");
 
   // Whether the CPU int8 paths compute w_bits-bit weight codes exactly here (oneDNN without VNNI
   // saturates 8-bit codes; csrc/cpu/multipoint_stored.cpp): where not, "auto" takes the float path.

@@ -5,13 +5,13 @@ its cycles. Imports flow one way: tests/python/test_imports.py fails on any cycl
     python scripts/import_graph.py            # the layers, bottom up, and any cycle
     python scripts/import_graph.py --dot      # Graphviz source of the graph
 """
+
 from __future__ import annotations
 
 import argparse
 import ast
 import sys
 from pathlib import Path
-from typing import Dict, List, Set
 
 ROOT = Path(__file__).resolve().parents[1] / "python"
 EXTENSION = "mpq._C"  # the compiled stub (CMake builds it): a leaf
@@ -26,11 +26,13 @@ def _module_name(path: Path) -> str:
 
 def _is_type_checking(node: ast.If) -> bool:
     t = node.test
-    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
 
 
-def _imports(tree: ast.AST, name: str, is_package: bool, modules: Set[str]) -> Set[str]:
-    found: Set[str] = set()
+def _imports(tree: ast.AST, name: str, is_package: bool, modules: set[str]) -> set[str]:
+    found: set[str] = set()
 
     def resolve(target: str) -> None:
         while target and target not in modules:  # "mpq.nn.modules.X" -> the module that defines X
@@ -63,24 +65,28 @@ def _imports(tree: ast.AST, name: str, is_package: bool, modules: Set[str]) -> S
     return found
 
 
-def import_graph(root: Path = ROOT) -> Dict[str, Set[str]]:
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     files = {(_module_name(p)): p for p in sorted((root / "mpq").rglob("*.py"))}
     modules = set(files) | {EXTENSION}
     graph = {
-        name: {m for m in _imports(ast.parse(path.read_text()), name, path.name == "__init__.py", modules) if m.startswith("mpq")}
+        name: {
+            m
+            for m in _imports(ast.parse(path.read_text()), name, path.name == "__init__.py", modules)
+            if m.startswith("mpq")
+        }
         for name, path in files.items()
     }
     graph[EXTENSION] = set()
     return graph
 
 
-def cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """The strongly connected components with more than one module (Tarjan)."""
-    index: Dict[str, int] = {}
-    low: Dict[str, int] = {}
-    stack: List[str] = []
-    on_stack: Set[str] = set()
-    out: List[List[str]] = []
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
     sys.setrecursionlimit(10000)
 
     def strong(v: str) -> None:
@@ -110,11 +116,11 @@ def cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
     return out
 
 
-def layers(graph: Dict[str, Set[str]]) -> List[List[str]]:
+def layers(graph: dict[str, set[str]]) -> list[list[str]]:
     """Modules by depth: layer 0 imports no mpq module, layer k only modules of layers < k."""
-    depth: Dict[str, int] = {}
+    depth: dict[str, int] = {}
 
-    def d(v: str, seen: Set[str]) -> int:
+    def d(v: str, seen: set[str]) -> int:
         if v not in depth:
             if v in seen:
                 return 0  # a cycle: reported separately

@@ -4,6 +4,7 @@
 Needs `apt-get install dataset-fashion-mnist`. Writes the checkpoint and a JSON record beside it
 (seed, schedule, torch version, test accuracy, time).
 """
+
 import argparse
 import json
 import math
@@ -20,8 +21,8 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     n = x.shape[0]
     padded = F.pad(x, (2, 2, 2, 2), value=float(x.min()))
     dx, dy = torch.randint(0, 5, (2, n), generator=g)
-    rows = (torch.arange(28)[None, :] + dy[:, None])  # [n, 28]
-    cols = (torch.arange(28)[None, :] + dx[:, None])
+    rows = torch.arange(28)[None, :] + dy[:, None]  # [n, 28]
+    cols = torch.arange(28)[None, :] + dx[:, None]
     out = padded[:, 0][torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]].unsqueeze(1)
     flip = torch.rand(n, generator=g) < 0.5
     out[flip] = out[flip].flip(-1)
@@ -31,7 +32,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, x, y, batch=1000) -> float:
     model.eval()
-    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
     return correct / len(x)
 
 
@@ -58,7 +59,7 @@ def main() -> None:
         perm = torch.randperm(len(xtr), generator=g)
         total = 0.0
         for i in range(0, len(xtr), args.batch_size):
-            idx = perm[i:i + args.batch_size]
+            idx = perm[i : i + args.batch_size]
             loss = F.cross_entropy(model(augment(xtr[idx], g)), ytr[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -66,15 +67,24 @@ def main() -> None:
             sched.step()
             total += loss.item() * len(idx)
         acc = evaluate(model, xte, yte)
-        print(f"epoch {epoch + 1}/{args.epochs}: train loss {total / len(xtr):.4f}, test top-1 {acc:.4f}, {time.time() - t0:.0f}s", flush=True)
+        print(
+            f"epoch {epoch + 1}/{args.epochs}: train loss {total / len(xtr):.4f}, test top-1 {acc:.4f}, {time.time() - t0:.0f}s",
+            flush=True,
+        )
     torch.save(model.state_dict(), args.out)
     record = {
         "model": "FashionResNet (ResNet-14, widths 16/32/64)",
-        "command": "python scripts/train_fashion_resnet.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
-        "epochs": args.epochs, "batch_size": args.batch_size, "max_lr": args.lr, "seed": args.seed,
+        "command": "python scripts/train_fashion_resnet.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "max_lr": args.lr,
+        "seed": args.seed,
         "optimizer": "SGD nesterov momentum 0.9, weight decay 5e-4, OneCycle (15% warm-up), label smoothing 0.05",
         "augmentation": "random crop (pad 2), horizontal flip",
-        "test_top1": acc, "train_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
+        "test_top1": acc,
+        "train_seconds": round(time.time() - t0, 1),
+        "torch": torch.__version__,
     }
     from pathlib import Path
 

@@ -11,9 +11,7 @@ namespace mpq {
 namespace {
 
 // float64 stays float64; every other dtype dequantizes in float32 and is cast afterwards.
-at::ScalarType compute_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType compute_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::Tensor fake_quantize_activation(const char* op, const at::Tensor& input,
                                     const c10::optional<at::Tensor>& act_qparams) {
@@ -47,8 +45,8 @@ at::Tensor dense_weight(const at::Tensor& codes, const at::Tensor& scales, const
 
 }  // namespace
 
-at::Tensor dequantize_multipoint_cpu(const at::Tensor& codes, const at::Tensor& scales,
-                                     const at::Tensor& num_points, at::ScalarType dtype) {
+at::Tensor dequantize_multipoint_cpu(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
+                                     at::ScalarType dtype) {
   check_dequantize_args(codes, scales, num_points, dtype);
   return dense_weight(codes, scales, num_points, dtype);
 }
@@ -70,7 +68,7 @@ at::Tensor multipoint_conv2d_cpu(const at::Tensor& input, const at::Tensor& code
   const auto out_shape = check_multipoint_conv2d_args(input, codes, scales, num_points, bias, act_qparams, stride,
                                                       padding, dilation, groups);
   const auto x = fake_quantize_activation("mpq::multipoint_conv2d", input, act_qparams);  // checks act_qparams
-  if (codes.size(0) == 0) return at::empty(out_shape, input.options());  // ATen refuses C_out = 0
+  if (codes.size(0) == 0) return at::empty(out_shape, input.options());                   // ATen refuses C_out = 0
   const auto w = dense_weight(codes, scales, num_points, input.scalar_type());
   c10::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->to(input.scalar_type());

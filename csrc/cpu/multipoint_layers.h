@@ -13,8 +13,8 @@ namespace mpq {
 // through mpq::int8_kernels_exact.
 bool int8_kernels_exact(int64_t w_bits);
 
-at::Tensor dequantize_multipoint_cpu(const at::Tensor& codes, const at::Tensor& scales,
-                                     const at::Tensor& num_points, at::ScalarType dtype);
+at::Tensor dequantize_multipoint_cpu(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
+                                     at::ScalarType dtype);
 
 at::Tensor multipoint_linear_cpu(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
                                  const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,

@@ -24,9 +24,9 @@ namespace {
 using namespace mpq::packed;
 
 struct Tile {
-  int points;       // point count of every row of the tile
-  int64_t first;    // index of its first row in the sorted channel order
-  int rows;         // rows that hold a channel (the rest are padding)
+  int points;     // point count of every row of the tile
+  int64_t first;  // index of its first row in the sorted channel order
+  int rows;       // rows that hold a channel (the rest are padding)
 };
 
 }  // namespace
@@ -64,8 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_mult
   std::vector<int64_t> offsets(static_cast<size_t>(num_tiles + 1), 0);
   for (int64_t t = 0; t < num_tiles; ++t) offsets[t + 1] = offsets[t] + tiles[t].points;
   const int64_t num_blocks = offsets[num_tiles];
-  TORCH_CHECK(num_blocks <= std::numeric_limits<int32_t>::max(),
-              "mpq::pack_multipoint: the packed weight would have ", num_blocks, " blocks, more than int32 holds");
+  TORCH_CHECK(num_blocks <= std::numeric_limits<int32_t>::max(), "mpq::pack_multipoint: the packed weight would have ",
+              num_blocks, " blocks, more than int32 holds");
 
   // NB: nibble 8 is code 0, so 4-bit storage starts as 0x88 (the padding rows and columns).
   auto packed = at::full({num_blocks, slabs, slab_bytes(bits)}, bits == 4 ? 0x88 : 0, c.options().dtype(at::kByte));
@@ -108,12 +108,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_mult
   return {packed, packed_scales, perm, tile_offsets, row_sums};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> unpack_multipoint_cpu(const at::Tensor& packed,
-                                                                     const at::Tensor& packed_scales,
-                                                                     const at::Tensor& perm,
-                                                                     const at::Tensor& tile_offsets,
-                                                                     int64_t out_features, int64_t in_features,
-                                                                     int64_t max_points) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unpack_multipoint_cpu(
+    const at::Tensor& packed, const at::Tensor& packed_scales, const at::Tensor& perm, const at::Tensor& tile_offsets,
+    int64_t out_features, int64_t in_features, int64_t max_points) {
   check_unpack_multipoint_args(packed, packed_scales, perm, tile_offsets, out_features, in_features, max_points);
   const auto pk = packed.contiguous();
   const auto ps = packed_scales.contiguous();
@@ -171,17 +168,14 @@ at::Tensor multipoint_linear_packed_cpu(const at::Tensor& input, const at::Tenso
   return multipoint_linear_cpu(input, codes, scales, num_points, bias, act_qparams);
 }
 
-at::Tensor multipoint_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& packed,
-                                        const at::Tensor& packed_scales, const at::Tensor& perm,
-                                        const at::Tensor& tile_offsets, const at::Tensor& row_sums,
-                                        int64_t out_channels, at::IntArrayRef kernel_size,
-                                        const c10::optional<at::Tensor>& bias,
-                                        const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
-                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                        c10::string_view kernel) {
+at::Tensor multipoint_conv2d_packed_cpu(
+    const at::Tensor& input, const at::Tensor& packed, const at::Tensor& packed_scales, const at::Tensor& perm,
+    const at::Tensor& tile_offsets, const at::Tensor& row_sums, int64_t out_channels, at::IntArrayRef kernel_size,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, c10::string_view kernel) {
   const auto args = check_multipoint_conv2d_packed_args(input, packed, packed_scales, perm, tile_offsets, row_sums,
-                                                        out_channels, kernel_size, bias, act_qparams, stride,
-                                                        padding, dilation, groups, kernel);
+                                                        out_channels, kernel_size, bias, act_qparams, stride, padding,
+                                                        dilation, groups, kernel);
   if (act_qparams.has_value()) {  // on the CPU here (check_bias_and_act): name this op in the error
     const auto p = act_qparams->to(at::kDouble).contiguous();
     const double* v = p.data_ptr<double>();
@@ -191,9 +185,8 @@ at::Tensor multipoint_conv2d_packed_cpu(const at::Tensor& input, const at::Tenso
   const auto [codes, scales, num_points] = unpack_multipoint_cpu(packed, packed_scales, perm, tile_offsets,
                                                                  out_channels, args.in_features, max_points);
   // Columns (kh, kw, c) back to the module's codes [C_out, P, C_in/groups, kh, kw].
-  const auto conv_codes =
-      codes.view({out_channels, max_points, kernel_size[0], kernel_size[1], input.size(1) / groups})
-          .permute({0, 1, 4, 2, 3});
+  const auto conv_codes = codes.view({out_channels, max_points, kernel_size[0], kernel_size[1], input.size(1) / groups})
+                              .permute({0, 1, 4, 2, 3});
   return multipoint_conv2d_cpu(input, conv_codes, scales, num_points, bias, act_qparams, stride, padding, dilation,
                                groups);
 }

@@ -38,8 +38,8 @@
 #include <numeric>
 #include <string>
 #include <tuple>
-#include <utility>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -75,7 +75,7 @@ bool onednn_int8_has_vnni() {
     if (cap.empty() || cap == "ALL" || cap == "DEFAULT") return avx512_vnni || avx_vnni;
     if (cap == "SSE41" || cap == "AVX" || cap == "AVX2" || cap == "AVX512_CORE") return false;
     if (cap.rfind("AVX2_VNNI", 0) == 0) return avx_vnni;  // AVX2_VNNI, AVX2_VNNI_2: no AVX-512
-    return avx512_vnni || avx_vnni;                      // AVX512_CORE_VNNI and every ISA above it
+    return avx512_vnni || avx_vnni;                       // AVX512_CORE_VNNI and every ISA above it
   }();
   return vnni;
 }
@@ -108,8 +108,8 @@ std::tuple<at::Tensor, at::Tensor> pack_points(const at::Tensor& codes, const at
   const int64_t lo = -(int64_t(1) << (w_bits - 1)), hi = (int64_t(1) << (w_bits - 1)) - 1;
   if (rows.numel() > 0) {
     const auto mn = rows.min().item<int64_t>(), mx = rows.max().item<int64_t>();
-    TORCH_CHECK(mn >= lo && mx <= hi, op, ": expected the codes of the points in use in ", lo, "..", hi,
-                " (w_bits ", w_bits, "), got values in ", mn, "..", mx);
+    TORCH_CHECK(mn >= lo && mx <= hi, op, ": expected the codes of the points in use in ", lo, "..", hi, " (w_bits ",
+                w_bits, "), got values in ", mn, "..", mx);
   }
   const int64_t T = rows.size(0), B = stored_row_bytes(D, w_bits);
   auto [byte, shift] = code_bit_positions(D, w_bits, codes.device());
@@ -182,8 +182,8 @@ namespace {
 
 // A tensor as seen when a prepared form was made: its storage (weakly), offset and version.
 struct Seen {
-  c10::weak_intrusive_ptr<c10::StorageImpl> storage{c10::make_intrusive<c10::StorageImpl>(
-      c10::StorageImpl::use_byte_size_t(), 0, at::DataPtr(), nullptr, false)};
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage{
+      c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(), 0, at::DataPtr(), nullptr, false)};
   const void* storage_key = nullptr;
   int64_t offset = -1;
   int64_t version = -1;
@@ -312,8 +312,9 @@ kernels::LevelGrid level_grid(const ActQuant& q) {
 }
 
 // The float levels of fake_quantize_activation in one pass: (L - zp) * s.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void fake_quantize_levels(
-    const float* x, float* out, int64_t n, float scale, float zp, float qmin, float qmax) {
+__attribute__((target_clones("avx512f", "avx2", "default"))) void fake_quantize_levels(const float* x, float* out,
+                                                                                       int64_t n, float scale, float zp,
+                                                                                       float qmin, float qmax) {
   for (int64_t i = 0; i < n; ++i) out[i] = (activation_level(x[i], scale, zp, qmin, qmax) - zp) * scale;
 }
 
@@ -388,14 +389,14 @@ struct ConvPacks {
   at::Tensor any_shape;
 
   at::Tensor pack(c10::optional<at::IntArrayRef> sizes) const {
-    static auto prepack = onednn_op("onednn::qconv_prepack", "")
-                              .typed<at::Tensor(at::Tensor, at::Tensor, double, int64_t, torch::List<int64_t>,
-                                                torch::List<int64_t>, torch::List<int64_t>, int64_t,
-                                                std::optional<torch::List<int64_t>>)>();
+    static auto prepack =
+        onednn_op("onednn::qconv_prepack", "")
+            .typed<at::Tensor(at::Tensor, at::Tensor, double, int64_t, torch::List<int64_t>, torch::List<int64_t>,
+                              torch::List<int64_t>, int64_t, std::optional<torch::List<int64_t>>)>();
     std::optional<torch::List<int64_t>> shape;
     if (sizes.has_value()) shape = torch::List<int64_t>(sizes->vec());
-    return prepack.call(plain, w_scales, x_scale, x_zp, torch::List<int64_t>(stride),
-                        torch::List<int64_t>(padding), torch::List<int64_t>(dilation), groups, shape);
+    return prepack.call(plain, w_scales, x_scale, x_zp, torch::List<int64_t>(stride), torch::List<int64_t>(padding),
+                        torch::List<int64_t>(dilation), groups, shape);
   }
   at::Tensor for_input(at::IntArrayRef sizes) {
     std::lock_guard<std::mutex> lock(mutex);
@@ -498,15 +499,15 @@ void add_extra_points(const at::Tensor& e, const at::Tensor& extra_channel, at::
 }
 
 // float32 output, or with out_scale > 0 uint8 output (out_zp, ReLU first with `relu`).
-at::Tensor call_qconv(const at::Tensor& qx, double x_scale, int64_t x_zp, const Int8Rows& r,
-                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                      double out_scale = 0.0, int64_t out_zp = 0, bool relu = false) {
-  static auto op = onednn_op("onednn::qconv2d_pointwise", "")
-                       .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor,
-                                         std::optional<at::Tensor>, torch::List<int64_t>, torch::List<int64_t>,
-                                         torch::List<int64_t>, int64_t, double, int64_t,
-                                         std::optional<at::ScalarType>, c10::string_view,
-                                         torch::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
+at::Tensor call_qconv(const at::Tensor& qx, double x_scale, int64_t x_zp, const Int8Rows& r, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double out_scale = 0.0,
+                      int64_t out_zp = 0, bool relu = false) {
+  static auto op =
+      onednn_op("onednn::qconv2d_pointwise", "")
+          .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>,
+                            torch::List<int64_t>, torch::List<int64_t>, torch::List<int64_t>, int64_t, double, int64_t,
+                            std::optional<at::ScalarType>, c10::string_view, torch::List<std::optional<at::Scalar>>,
+                            std::optional<c10::string_view>)>();
   return op.call(qx, x_scale, x_zp, r.packs->for_input(qx.sizes()), r.w_scales, r.w_zero_points, r.bias,
                  torch::List<int64_t>(stride.vec()), torch::List<int64_t>(padding.vec()),
                  torch::List<int64_t>(dilation.vec()), groups, out_scale > 0.0 ? out_scale : 1.0, out_zp,
@@ -516,17 +517,16 @@ at::Tensor call_qconv(const at::Tensor& qx, double x_scale, int64_t x_zp, const 
 
 // uint8 output at (out_scale, out_zp) of conv + the uint8 levels `accum` at (accum_scale, accum_zp),
 // ReLU first with `relu`: oneDNN's sum post-op, which writes into accum (callers pass a copy).
-at::Tensor call_qconv_sum(const at::Tensor& qx, double x_scale, int64_t x_zp, const Int8Rows& r,
-                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                          at::Tensor accum, double accum_scale, int64_t accum_zp, double out_scale, int64_t out_zp,
-                          bool relu) {
-  static auto op = onednn_op("onednn::qconv2d_pointwise", "binary")
-                       .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                         std::optional<at::Tensor>, torch::List<int64_t>, torch::List<int64_t>,
-                                         torch::List<int64_t>, int64_t, double, int64_t,
-                                         std::optional<at::ScalarType>, double, int64_t, c10::string_view,
-                                         std::optional<at::Scalar>, std::optional<c10::string_view>,
-                                         torch::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
+at::Tensor call_qconv_sum(const at::Tensor& qx, double x_scale, int64_t x_zp, const Int8Rows& r, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, at::Tensor accum,
+                          double accum_scale, int64_t accum_zp, double out_scale, int64_t out_zp, bool relu) {
+  static auto op =
+      onednn_op("onednn::qconv2d_pointwise", "binary")
+          .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            std::optional<at::Tensor>, torch::List<int64_t>, torch::List<int64_t>, torch::List<int64_t>,
+                            int64_t, double, int64_t, std::optional<at::ScalarType>, double, int64_t, c10::string_view,
+                            std::optional<at::Scalar>, std::optional<c10::string_view>,
+                            torch::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
   return op.call(qx, x_scale, x_zp, r.packs->for_input(qx.sizes()), r.w_scales, r.w_zero_points, accum, r.bias,
                  torch::List<int64_t>(stride.vec()), torch::List<int64_t>(padding.vec()),
                  torch::List<int64_t>(dilation.vec()), groups, out_scale, out_zp, at::kByte, accum_scale, accum_zp,
@@ -538,8 +538,7 @@ at::Tensor call_qlinear(const at::Tensor& qx, double x_scale, int64_t x_zp, cons
   static auto op = onednn_op("onednn::qlinear_pointwise", "")
                        .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor,
                                          std::optional<at::Tensor>, double, int64_t, std::optional<at::ScalarType>,
-                                         c10::string_view, torch::List<std::optional<at::Scalar>>,
-                                         c10::string_view)>();
+                                         c10::string_view, torch::List<std::optional<at::Scalar>>, c10::string_view)>();
   return op.call(qx, x_scale, x_zp, r.weight, r.w_scales, r.w_zero_points, r.bias, 1.0, 0, at::kFloat, "none",
                  torch::List<std::optional<at::Scalar>>(), "");
 }
@@ -623,19 +622,17 @@ constexpr int64_t kWeightOnlyMaxRows = 8;
 
 // weight_only_wins: Linear only (convolutions pass nullopt: no such path).
 CpuKernel choose_kernel(const char* op, c10::string_view kernel, const at::Tensor& input,
-                        const c10::optional<at::Tensor>& act_qparams, const ActQuant& q, int64_t w_bits,
-                        bool int8_wins, int64_t C,
-                        c10::optional<bool> weight_only_wins = c10::nullopt) {
+                        const c10::optional<at::Tensor>& act_qparams, const ActQuant& q, int64_t w_bits, bool int8_wins,
+                        int64_t C, c10::optional<bool> weight_only_wins = c10::nullopt) {
   if (weight_only_wins.has_value()) {
     TORCH_CHECK(kernel == "auto" || kernel == "int8" || kernel == "dense" || kernel == "weight_only", op,
-                ": expected path \"auto\", \"int8\", \"dense\" or \"weight_only\", got \"", std::string(kernel),
-                "\"");
+                ": expected path \"auto\", \"int8\", \"dense\" or \"weight_only\", got \"", std::string(kernel), "\"");
   } else {
     TORCH_CHECK(kernel == "auto" || kernel == "int8" || kernel == "dense", op,
                 ": expected path \"auto\", \"int8\" or \"dense\", got \"", std::string(kernel), "\"");
   }
-  const bool int8_ok =
-      act_qparams.has_value() && input.scalar_type() == at::kFloat && int8_fits(q) && int8_kernels_exact(w_bits);
+  const bool int8_ok = act_qparams.has_value() && input.scalar_type() == at::kFloat && int8_fits(q) &&
+                       int8_kernels_exact(w_bits);
   TORCH_CHECK(kernel != "int8" || int8_ok, op,
               ": path \"int8\" needs a float32 input, act_qparams with at most 256 integer levels and, for 8-bit "
               "codes, a CPU with VNNI (oneDNN's int8 kernels saturate them without it)");
@@ -660,8 +657,8 @@ at::Tensor multipoint_linear_stored_cpu(const at::Tensor& input, const at::Tenso
   check_stored(op, point_codes, point_scales, num_points, w_bits, in_features, /*values=*/false);
   const int64_t C = num_points.size(0);
   check_bias_and_act(op, input, bias, act_qparams, C);
-  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == in_features, op, ": expected input [..., ", in_features,
-              "], got ", input.sizes());
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == in_features, op, ": expected input [..., ", in_features, "], got ",
+              input.sizes());
   TORCH_CHECK(input.device() == point_codes.device(), op, ": expected input on ", point_codes.device());
   ActQuant q{1.0, 0.0, 0.0, 1.0};
   if (act_qparams.has_value()) q = read_act_qparams(op, *act_qparams);
@@ -675,8 +672,8 @@ at::Tensor multipoint_linear_stored_cpu(const at::Tensor& input, const at::Tenso
                                        {0.0, double(w_bits), double(in_features)}, [&] {
       check_stored(op, point_codes, point_scales, num_points, w_bits, in_features);
       auto e = expand_points(point_codes, point_scales, num_points, w_bits, code_shape, bias, 1);
-      static auto prepack = onednn_op("onednn::qlinear_prepack", "")
-                                .typed<at::Tensor(at::Tensor, std::optional<torch::List<int64_t>>)>();
+      static auto prepack =
+          onednn_op("onednn::qlinear_prepack", "").typed<at::Tensor(at::Tensor, std::optional<torch::List<int64_t>>)>();
       e.primary.weight = prepack.call(e.primary.weight, std::nullopt);
       if (e.has_extra) e.extra.weight = prepack.call(e.extra.weight, std::nullopt);
       return e;
@@ -731,8 +728,8 @@ at::Tensor multipoint_linear_stored_cpu(const at::Tensor& input, const at::Tenso
 at::Tensor int8_conv2d_stored(const char* op, const at::Tensor& input, const at::Tensor& point_codes,
                               const at::Tensor& point_scales, const at::Tensor& num_points, int64_t w_bits,
                               at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias, const ActQuant& q,
-                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                              int64_t groups, at::IntArrayRef out_shape);
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                              at::IntArrayRef out_shape);
 
 at::Tensor multipoint_conv2d_stored_cpu(const at::Tensor& input, const at::Tensor& point_codes,
                                         const at::Tensor& point_scales, const at::Tensor& num_points, int64_t w_bits,
@@ -766,9 +763,10 @@ at::Tensor multipoint_conv2d_stored_cpu(const at::Tensor& input, const at::Tenso
   // The checks of the reference op, on a zero-size stand-in of the codes (no unpacking per call).
   std::vector<int64_t> shape = {C, 0};
   for (auto s : code_shape) shape.push_back(s);
-  const auto out_shape = check_multipoint_conv2d_args(
-      input, at::empty(shape, point_codes.options().dtype(at::kChar)), at::empty({C, 0}, point_scales.options()),
-      at::zeros({C}, num_points.options()), bias, act_qparams, stride, padding, dilation, groups);
+  const auto out_shape = check_multipoint_conv2d_args(input, at::empty(shape, point_codes.options().dtype(at::kChar)),
+                                                      at::empty({C, 0}, point_scales.options()),
+                                                      at::zeros({C}, num_points.options()), bias, act_qparams, stride,
+                                                      padding, dilation, groups);
   if (dense) {
     auto p = cache().get<PreparedDense>(weight_tensors(point_codes, point_scales, num_points, bias),
                                         conv_key(0.0, w_bits, groups, stride, padding, dilation), [&] {
@@ -798,9 +796,10 @@ namespace {
 // the uint8 one is kernels::epilogue_levels. Written so that the compiler vectorizes it (no pointer
 // tests inside, restrict; std::max / std::min are (v < lo ? lo : v) and (hi < v ? hi : v), NaN
 // passing through as in at::clamp).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue_row_float(
-    const float* __restrict y, const float* __restrict residual, float* __restrict out, int64_t C, float lo,
-    float hi) {
+__attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue_row_float(const float* __restrict y,
+                                                                                     const float* __restrict residual,
+                                                                                     float* __restrict out, int64_t C,
+                                                                                     float lo, float hi) {
   if (residual != nullptr) {
     for (int64_t c = 0; c < C; ++c) out[c] = std::min(std::max(y[c] + residual[c], lo), hi);
   } else {
@@ -809,8 +808,9 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue_row_f
 }
 
 // out[c] = y[at[c]]: a row's channels in channel order.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void gather_row(
-    const float* __restrict y, const int32_t* __restrict at, float* __restrict out, int64_t C) {
+__attribute__((target_clones("avx512f", "avx2", "default"))) void gather_row(const float* __restrict y,
+                                                                             const int32_t* __restrict at,
+                                                                             float* __restrict out, int64_t C) {
   for (int64_t c = 0; c < C; ++c) out[c] = y[at[c]];
 }
 
@@ -823,8 +823,8 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void add_into(float
 // The values of n levels: (u - zp') * s, exact in float32 for |u - zp'| < 2^24 (as ATen's
 // to(float).sub_(zp').mul_(s), bit for bit).
 __attribute__((target_clones("avx512f", "avx2", "default"))) void level_values(const uint8_t* __restrict u,
-                                                                               float* __restrict v, int64_t n,
-                                                                               float zp, float scale) {
+                                                                               float* __restrict v, int64_t n, float zp,
+                                                                               float scale) {
   for (int64_t i = 0; i < n; ++i) v[i] = (static_cast<float>(u[i]) - zp) * scale;
 }
 
@@ -983,7 +983,8 @@ BlockPool& block_pool() {
 // at::empty(sizes, dtype, channels_last), large ones from block_pool().
 at::Tensor output_tensor(at::IntArrayRef sizes, at::ScalarType dtype) {
   const size_t bytes = size_t(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
-  if (bytes < kPooledMinBytes) return at::empty(sizes, at::TensorOptions().dtype(dtype), at::MemoryFormat::ChannelsLast);
+  if (bytes < kPooledMinBytes)
+    return at::empty(sizes, at::TensorOptions().dtype(dtype), at::MemoryFormat::ChannelsLast);
   void* p = block_pool().get(bytes);
   return at::for_blob(p, sizes)
       .strides(c10::get_channels_last_strides_2d(sizes))
@@ -995,8 +996,7 @@ at::Tensor output_tensor(at::IntArrayRef sizes, at::ScalarType dtype) {
 // `layer(n0, n)` (float32 [n, T, OH, OW] for images n0..n0+n-1) in chunks of images, each followed
 // by the epilogue into the output [N, C, OH, OW] (channels_last, float32 or uint8 levels).
 template <typename Layer>
-at::Tensor run_chunked(at::IntArrayRef out_shape, int64_t T, const Epilogue& ep, const RowLayout& layout,
-                       Layer layer) {
+at::Tensor run_chunked(at::IntArrayRef out_shape, int64_t T, const Epilogue& ep, const RowLayout& layout, Layer layer) {
   const int64_t N = out_shape[0], pixels = out_shape[2] * out_shape[3], C = out_shape[1];
   auto out = output_tensor(out_shape, ep.out.has_value() ? at::kByte : at::kFloat);
   ResidualRows res;
@@ -1089,14 +1089,12 @@ PreparedCombined combine_points(PreparedInt8 e, int64_t C, int64_t groups) {
   p.rows.weight = flat(e.primary.weight, e.extra.weight, at::zeros({1, e.extra.weight[0].numel()}, at::kChar))
                       .reshape(wshape)
                       .contiguous();
-  p.rows.w_scales = flat(e.primary.w_scales.unsqueeze(1), e.extra.w_scales.unsqueeze(1), at::ones({1}))
-                        .reshape({-1})
-                        .contiguous();
+  p.rows.w_scales =
+      flat(e.primary.w_scales.unsqueeze(1), e.extra.w_scales.unsqueeze(1), at::ones({1})).reshape({-1}).contiguous();
   p.rows.w_zero_points = at::zeros({groups * (Cg + padded)}, at::kLong);
   if (e.primary.bias.has_value()) {
-    p.rows.bias = flat(e.primary.bias->unsqueeze(1), at::zeros({groups * Re, 1}), at::zeros({1}))
-                      .reshape({-1})
-                      .contiguous();
+    p.rows.bias =
+        flat(e.primary.bias->unsqueeze(1), at::zeros({groups * Re, 1}), at::zeros({1})).reshape({-1}).contiguous();
   }
   return p;
 }
@@ -1108,8 +1106,7 @@ at::Tensor levels_of(const at::Tensor& input, const ActQuant& q) {
 }
 
 // The input's fake-quantized float32 values (L - zp) * s: from the levels or from a float input.
-at::Tensor fake_quantized_of(const at::Tensor& input, const c10::optional<at::Tensor>& act_qparams,
-                             const ActQuant& q) {
+at::Tensor fake_quantized_of(const at::Tensor& input, const c10::optional<at::Tensor>& act_qparams, const ActQuant& q) {
   if (input.scalar_type() != at::kByte) return fake_quantize_input(input, act_qparams, q);
   // u = L - qmin: (u - (zp - qmin)) * s in one pass, into the calling thread's scratch.
   return scratch_pass<uint8_t, float>(input, input.suggest_memory_format(), [&](const uint8_t* u, float* y, int64_t n) {
@@ -1133,8 +1130,8 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void levels_to_floa
   for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(u[i]) - zp;
 }
 
-at::Tensor depthwise_levels(const at::Tensor& u, const PreparedDepthwise& p, const ActQuant& q, int64_t kh,
-                            int64_t kw, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+at::Tensor depthwise_levels(const at::Tensor& u, const PreparedDepthwise& p, const ActQuant& q, int64_t kh, int64_t kw,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                             at::IntArrayRef out_shape) {
   const int64_t N = u.size(0), C = u.size(1), H = u.size(2), W = u.size(3);
   const int64_t OH = out_shape[2], OW = out_shape[3];
@@ -1201,8 +1198,8 @@ std::shared_ptr<PreparedCombined> prepared_combined(const char* op, const at::Te
 at::Tensor int8_conv2d_stored(const char* op, const at::Tensor& input, const at::Tensor& point_codes,
                               const at::Tensor& point_scales, const at::Tensor& num_points, int64_t w_bits,
                               at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias, const ActQuant& q,
-                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                              int64_t groups, at::IntArrayRef out_shape) {
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                              at::IntArrayRef out_shape) {
   const auto p = prepared_combined(op, point_codes, point_scales, num_points, w_bits, code_shape, bias, q, stride,
                                    padding, dilation, groups);
   const auto qx = levels_of(input, q);
@@ -1220,9 +1217,8 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
                                        const at::Tensor& act_qparams, at::IntArrayRef stride, at::IntArrayRef padding,
                                        at::IntArrayRef dilation, int64_t groups,
                                        const c10::optional<at::Tensor>& residual, c10::optional<double> clamp_min,
-                                       c10::optional<double> clamp_max,
-                                       const c10::optional<at::Tensor>& out_qparams, c10::string_view path,
-                                       const c10::optional<at::Tensor>& residual_qparams) {
+                                       c10::optional<double> clamp_max, const c10::optional<at::Tensor>& out_qparams,
+                                       c10::string_view path, const c10::optional<at::Tensor>& residual_qparams) {
   const char* op = "mpq::multipoint_conv2d_fused";
   TORCH_CHECK(code_shape.size() == 3, op, ": expected code_shape [C_in/groups, kh, kw], got ", code_shape);
   check_stored(op, point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape), false);
@@ -1313,8 +1309,10 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
   const auto qx = levels_of(input, q);
   const int64_t zp = int64_t(q.zero_point - q.qmin);
   const bool relu = ep.lo == 0.0f && ep.hi == std::numeric_limits<float>::infinity();
-  const bool plain = ep.lo == -std::numeric_limits<float>::infinity() && ep.hi == std::numeric_limits<float>::infinity();
-  if (!p->has_extra && ep.out.has_value() && (relu || plain) && ep.out->qmax - ep.out->qmin == layout::kInt8Levels - 1) {
+  const bool plain = ep.lo == -std::numeric_limits<float>::infinity() &&
+                     ep.hi == std::numeric_limits<float>::infinity();
+  if (!p->has_extra && ep.out.has_value() && (relu || plain) &&
+      ep.out->qmax - ep.out->qmin == layout::kInt8Levels - 1) {
     // No further points: oneDNN writes the levels itself (its ReLU, output scale and zero point),
     // adding a uint8 residual with its sum post-op (on a copy: the op writes into its accumulator).
     const int64_t out_zp = int64_t(ep.out->zero_point - ep.out->qmin);
@@ -1351,7 +1349,8 @@ at::Tensor multipoint_linear_stored_any(const at::Tensor& input, const at::Tenso
                                         int64_t in_features, const c10::optional<at::Tensor>& bias,
                                         const c10::optional<at::Tensor>& act_qparams, c10::string_view kernel) {
   auto [codes, scales] = unpack_all(point_codes, point_scales, num_points, w_bits, in_features);
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mpq::multipoint_linear", "")
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mpq::multipoint_linear", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&)>();
   return op.call(input, codes, scales, num_points, bias, act_qparams);
@@ -1368,7 +1367,8 @@ at::Tensor multipoint_conv2d_stored_any(const at::Tensor& input, const at::Tenso
   auto [codes, scales] = unpack_all(point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape));
   std::vector<int64_t> shape = {codes.size(0), codes.size(1)};
   for (auto s : code_shape) shape.push_back(s);
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mpq::multipoint_conv2d", "")
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mpq::multipoint_conv2d", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
                                          at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t)>();
@@ -1381,9 +1381,8 @@ at::Tensor multipoint_conv2d_fused_any(const at::Tensor& input, const at::Tensor
                                        const at::Tensor& act_qparams, at::IntArrayRef stride, at::IntArrayRef padding,
                                        at::IntArrayRef dilation, int64_t groups,
                                        const c10::optional<at::Tensor>& residual, c10::optional<double> clamp_min,
-                                       c10::optional<double> clamp_max,
-                                       const c10::optional<at::Tensor>& out_qparams, c10::string_view path,
-                                       const c10::optional<at::Tensor>& residual_qparams) {
+                                       c10::optional<double> clamp_max, const c10::optional<at::Tensor>& out_qparams,
+                                       c10::string_view path, const c10::optional<at::Tensor>& residual_qparams) {
   const char* op = "mpq::multipoint_conv2d_fused";
   const ActQuant q = read_act_qparams(op, act_qparams);
   auto x = input;
@@ -1393,14 +1392,15 @@ at::Tensor multipoint_conv2d_fused_any(const at::Tensor& input, const at::Tensor
   auto y = multipoint_conv2d_stored_any(x, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams,
                                         stride, padding, dilation, groups, "auto");
   if (residual.has_value() && residual->scalar_type() == at::kByte) {
-    TORCH_CHECK(residual_qparams.has_value(), op, ": a uint8 residual needs residual_qparams (the quantizer of its levels)");
+    TORCH_CHECK(residual_qparams.has_value(), op,
+                ": a uint8 residual needs residual_qparams (the quantizer of its levels)");
     const ActQuant r = read_act_qparams(op, *residual_qparams);
     y = y + residual->to(y.scalar_type()).sub_(r.zero_point - r.qmin).mul_(r.scale);
   } else if (residual.has_value()) {
     y = y + *residual;
   }
   y = at::clamp(y, clamp_min.value_or(-std::numeric_limits<double>::infinity()),
-               clamp_max.value_or(std::numeric_limits<double>::infinity()));
+                clamp_max.value_or(std::numeric_limits<double>::infinity()));
   if (!out_qparams.has_value()) return y;
   const ActQuant o = read_act_qparams(op, *out_qparams);
   return (at::clamp(at::round(y / o.scale) + o.zero_point, o.qmin, o.qmax) - o.qmin).to(at::kByte);

@@ -20,7 +20,8 @@ int64_t pooled_size(int64_t in, int64_t k, int64_t pad, int64_t stride, int64_t 
 
 // dst[c] = max(dst[c], src[c]): the channel loop, vectorized by the compiler.
 __attribute__((target_clones("arch=skylake-avx512", "avx2", "default"))) void max_into(uint8_t* __restrict dst,
-                                                                          const uint8_t* __restrict src, int64_t n) {
+                                                                                       const uint8_t* __restrict src,
+                                                                                       int64_t n) {
   for (int64_t c = 0; c < n; ++c) dst[c] = std::max(dst[c], src[c]);
 }
 
@@ -31,12 +32,12 @@ __attribute__((target_clones("arch=skylake-avx512", "avx2", "default"))) void ma
 at::Tensor max_pool2d_levels_cpu(const at::Tensor& levels, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
   const char* op = "mpq::max_pool2d_levels";
-  TORCH_CHECK(levels.scalar_type() == at::kByte && levels.dim() == 4, op,
-              ": expected levels uint8 [N, C, H, W], got ", levels.scalar_type(), levels.sizes());
+  TORCH_CHECK(levels.scalar_type() == at::kByte && levels.dim() == 4, op, ": expected levels uint8 [N, C, H, W], got ",
+              levels.scalar_type(), levels.sizes());
   TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] > 0 && kernel_size[1] > 0, op,
               ": expected kernel_size of two positive values, got ", kernel_size);
-  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, op, ": expected stride of two positive values, got ",
-              stride);
+  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, op,
+              ": expected stride of two positive values, got ", stride);
   TORCH_CHECK(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0, op,
               ": expected dilation of two positive values, got ", dilation);
   TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0 && 2 * padding[0] <= kernel_size[0] &&

@@ -149,7 +149,7 @@ __device__ double commit_point(double* r, int8_t* q, int64_t D, double a, double
 
 // The candidate scales, computed on the host with the CPU's expressions so they agree bit for bit.
 struct FastGrid {
-  double grid[kGridPoints];          // lo * ratio^g
+  double grid[kGridPoints];            // lo * ratio^g
   double local_pow[kLocalPoints + 1];  // local_ratio^g
   double ratio;
 };
@@ -370,9 +370,9 @@ __global__ void __launch_bounds__(kExactThreads)
   const double Kd = static_cast<double>(K);
 
   double a = 0.0;
-  if (m > 0.0) {  // the same in every thread
+  if (m > 0.0) {                              // the same in every thread
     double prefix_rq = 0.0, prefix_qq = 0.0;  // sums over the tiles before this one
-    double best_gain = 0.0, best_a = 0.0;      // gains must beat 0, as on the CPU
+    double best_gain = 0.0, best_a = 0.0;     // gains must beat 0, as on the CPU
     long long best_t = LLONG_MAX;
     for (int64_t base = 0; base < DK; base += int64_t{kExactThreads} * kExactItems) {
       const int64_t t0 = base + int64_t{threadIdx.x} * kExactItems;

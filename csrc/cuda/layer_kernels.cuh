@@ -19,7 +19,6 @@ using cuda_detail::compute_t;
 
 constexpr int kThreads = 256;
 
-
 // out[c, s] = sum_{k < num_points[c]} scales[c, k] * codes[c, k, s]. NB: num_points is not
 // range-checked on the device (that would need a host sync): counts are clamped to 0..P; nor are the
 // scales checked for NaN/inf (the CPU kernel rejects them): they propagate as NaN (checks.h).
@@ -29,8 +28,7 @@ __global__ void __launch_bounds__(kThreads)
                       const int* __restrict__ num_points, int64_t C, int P, int64_t S, scalar_t* __restrict__ out) {
   using acc_t = compute_t<scalar_t>;
   const int64_t n = C * S;
-  for (int64_t idx = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; idx < n;
-       idx += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t idx = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; idx < n; idx += int64_t{gridDim.x} * blockDim.x) {
     const int64_t c = idx / S, s = idx - c * S;
     const int points = min(max(num_points[c], 0), P);
     acc_t acc = 0;
@@ -101,7 +99,8 @@ __global__ void __launch_bounds__(kThreads)
         if (iw < 0 || iw >= s.W) continue;
         float w = 0.0f;
         for (int k = 0; k < points; ++k) {
-          w += scales[c * s.P + k] * static_cast<float>(codes[(static_cast<int64_t>(c) * s.P + k) * taps + i * s.KW + j]);
+          w += scales[c * s.P + k] *
+               static_cast<float>(codes[(static_cast<int64_t>(c) * s.P + k) * taps + i * s.KW + j]);
         }
         scalar_t v = x[((n * s.H + ih) * s.W + iw) * s.C + c];
         if (quantize) {

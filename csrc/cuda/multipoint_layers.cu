@@ -71,8 +71,7 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const a
 }
 
 void check_on_cuda(const char* op, const at::Tensor& input, const at::Tensor& codes) {
-  TORCH_CHECK(codes.is_cuda(), op, ": expected codes, scales and num_points on a CUDA device, got ",
-              codes.device());
+  TORCH_CHECK(codes.is_cuda(), op, ": expected codes, scales and num_points on a CUDA device, got ", codes.device());
 }
 
 }  // namespace
@@ -112,7 +111,8 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& codes, co
                              static_cast<int>(dilation[1]),
                              static_cast<int>(codes.size(1))};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "mpq::multipoint_conv2d_depthwise", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "mpq::multipoint_conv2d_depthwise",
+                                  [&] {
     depthwise_conv_kernel<scalar_t><<<static_cast<unsigned>(grid_for(n)), kThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), c.data_ptr<int8_t>(), s.data_ptr<float>(), np.data_ptr<int>(),
         bias.has_value() ? b.data_ptr<float>() : nullptr, params, act_qparams.has_value(), shape,
@@ -163,8 +163,8 @@ at::Tensor fake_quantize_activation(const char* op, const at::Tensor& input,
 
 using cuda_detail::fake_quantize_activation;
 
-at::Tensor dequantize_multipoint_cuda(const at::Tensor& codes, const at::Tensor& scales,
-                                      const at::Tensor& num_points, at::ScalarType dtype) {
+at::Tensor dequantize_multipoint_cuda(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
+                                      at::ScalarType dtype) {
   check_dequantize_args(codes, scales, num_points, dtype);
   TORCH_CHECK(codes.is_cuda(), "mpq::dequantize_multipoint: expected codes on a CUDA device, got ", codes.device());
   c10::cuda::CUDAGuard guard(codes.device());
@@ -198,7 +198,7 @@ at::Tensor multipoint_conv2d_cuda(const at::Tensor& input, const at::Tensor& cod
       input.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
     return depthwise_conv2d(input, codes, scales, num_points, bias, act_qparams, stride, padding, dilation, out_shape);
   }
-  const auto x = fake_quantize_activation(op, input, act_qparams);  // checks act_qparams on the host
+  const auto x = fake_quantize_activation(op, input, act_qparams);       // checks act_qparams on the host
   if (codes.size(0) == 0) return at::empty(out_shape, input.options());  // ATen refuses C_out = 0, as on the CPU
   const auto w = dequantize(codes, scales, num_points, input.scalar_type());
   c10::optional<at::Tensor> b;

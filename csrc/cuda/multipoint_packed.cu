@@ -88,9 +88,15 @@ Operands operands(const at::Tensor& packed, const at::Tensor& packed_scales, con
   o.tile_offsets = tile_offsets.contiguous();
   o.row_sums = row_sums.contiguous();
   o.bits = packed.size(2) == slab_bytes(4) ? 4 : 8;
-  o.w = PackedWeight{o.packed.data_ptr<uint8_t>(), o.scales.data_ptr<float>(), o.perm.data_ptr<int>(),
-                     o.tile_offsets.data_ptr<int>(), o.row_sums.data_ptr<float>(), o.packed.size(0),
-                     o.packed.size(1), static_cast<int>(o.perm.size(0) / kTileN), static_cast<int>(out_features)};
+  o.w = PackedWeight{o.packed.data_ptr<uint8_t>(),
+                     o.scales.data_ptr<float>(),
+                     o.perm.data_ptr<int>(),
+                     o.tile_offsets.data_ptr<int>(),
+                     o.row_sums.data_ptr<float>(),
+                     o.packed.size(0),
+                     o.packed.size(1),
+                     static_cast<int>(o.perm.size(0) / kTileN),
+                     static_cast<int>(out_features)};
   return o;
 }
 
@@ -152,9 +158,8 @@ at::Tensor decode_dense(const Operands& o, int64_t D, at::ScalarType dtype) {
   const int64_t n = int64_t{o.w.num_tiles} * kTileN * D;
   if (out.numel() == 0 || n == 0) return out;
   CudaLauncher launch(out);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mpq::multipoint_linear_packed_decode", [&] {
-    launch_decode_dense(launch, o.w, o.bits, D, out.data_ptr<scalar_t>());
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mpq::multipoint_linear_packed_decode",
+                                  [&] { launch_decode_dense(launch, o.w, o.bits, D, out.data_ptr<scalar_t>()); });
   return out;
 }
 
@@ -195,14 +200,14 @@ void check_fused_available(const char* op, c10::string_view name) {
               device_attribute(cudaDevAttrComputeCapabilityMinor));
 }
 
-PackedKernel resolve_kernel(PackedKernel asked, c10::string_view name, const at::Tensor& input, int64_t M,
-                            int64_t kp, const c10::optional<at::Tensor>& act_qparams) {
+PackedKernel resolve_kernel(PackedKernel asked, c10::string_view name, const at::Tensor& input, int64_t M, int64_t kp,
+                            const c10::optional<at::Tensor>& act_qparams) {
   const bool fused = fused_kernels_available();
   if (asked != PackedKernel::kAuto) {
     if (asked != PackedKernel::kDense) check_fused_available(kLinearOp, name);
     if (asked == PackedKernel::kInt8) {
-      TORCH_CHECK(layout::packed_int8_k_fits(kp), kLinearOp, ": kernel 'int8' supports in_features up to ",
-                  kInt8MaxK, " (int32 accumulators), got Kp = ", kp);
+      TORCH_CHECK(layout::packed_int8_k_fits(kp), kLinearOp, ": kernel 'int8' supports in_features up to ", kInt8MaxK,
+                  " (int32 accumulators), got Kp = ", kp);
       if (act_qparams->is_cpu()) {
         const auto v = act_qparams->contiguous();
         TORCH_CHECK(int8_levels_fit(v.data_ptr<float>()), kLinearOp,
@@ -344,14 +349,11 @@ PackedKernel resolve_conv_kernel(PackedKernel asked, c10::string_view name, cons
 
 }  // namespace
 
-at::Tensor multipoint_conv2d_packed_cuda(const at::Tensor& input, const at::Tensor& packed,
-                                         const at::Tensor& packed_scales, const at::Tensor& perm,
-                                         const at::Tensor& tile_offsets, const at::Tensor& row_sums,
-                                         int64_t out_channels, at::IntArrayRef kernel_size,
-                                         const c10::optional<at::Tensor>& bias,
-                                         const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
-                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                         c10::string_view kernel) {
+at::Tensor multipoint_conv2d_packed_cuda(
+    const at::Tensor& input, const at::Tensor& packed, const at::Tensor& packed_scales, const at::Tensor& perm,
+    const at::Tensor& tile_offsets, const at::Tensor& row_sums, int64_t out_channels, at::IntArrayRef kernel_size,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, c10::string_view kernel) {
   const auto checked = check_multipoint_conv2d_packed_args(input, packed, packed_scales, perm, tile_offsets, row_sums,
                                                            out_channels, kernel_size, bias, act_qparams, stride,
                                                            padding, dilation, groups, kernel);
@@ -374,8 +376,8 @@ at::Tensor multipoint_conv2d_packed_cuda(const at::Tensor& input, const at::Tens
     const auto x = cuda_detail::fake_quantize_activation(kConvOp, input, act_qparams);
     if (out_channels == 0) return at::empty(out_shape, input.options().memory_format(format));
     // Columns (kh, kw, c) back to the [C_out, C_in / groups, kh, kw] of a convolution weight.
-    const auto w = decode_dense(o, D, dtype).view({out_channels, kernel_size[0], kernel_size[1], cg}).permute(
-        {0, 3, 1, 2});
+    const auto w =
+        decode_dense(o, D, dtype).view({out_channels, kernel_size[0], kernel_size[1], cg}).permute({0, 3, 1, 2});
     c10::optional<at::Tensor> b;
     if (bias.has_value()) b = bias->to(dtype);
     return at::conv2d(x, w, b, stride, padding, dilation, groups);
@@ -423,8 +425,8 @@ at::Tensor multipoint_conv2d_packed_cuda(const at::Tensor& input, const at::Tens
   }
 
   // Weight-only ("igemm"): fake-quantized activations (when act_qparams is given) in NHWC.
-  const auto x = cuda_detail::fake_quantize_activation(kConvOp, input, act_qparams)
-                     .contiguous(at::MemoryFormat::ChannelsLast);
+  const auto x =
+      cuda_detail::fake_quantize_activation(kConvOp, input, act_qparams).contiguous(at::MemoryFormat::ChannelsLast);
   const bool vec = cg % 2 == 0 && C % 2 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 == 0;
   const ActParams none{nullptr, {0.0f, 0.0f, 0.0f, 0.0f}};
   const auto run = [&](auto tag) {
@@ -456,8 +458,8 @@ void on_host(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Sta
     if (!v.isTensor()) continue;
     const at::Tensor t = v.toTensor();
     if (!device) device = t.device();
-    TORCH_CHECK(t.device() == *device, op.schema().name(), ": expected every tensor argument on ", *device,
-                ", got ", op.schema().arguments()[i - (stack->size() - args)].name(), " on ", t.device());
+    TORCH_CHECK(t.device() == *device, op.schema().name(), ": expected every tensor argument on ", *device, ", got ",
+                op.schema().arguments()[i - (stack->size() - args)].name(), " on ", t.device());
     v = t.cpu();
   }
   op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), stack);

@@ -196,10 +196,10 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #if defined(MPQ_SIMT_EMULATION)
   ::mpq_simt::mma_m16n8k16<std::is_same_v<T, __nv_bfloat16>>(d, a, b0, b1);
 #elif !defined(MPQ_NO_MMA)
-#define MPQ_MMA_16816(TYPE)                                                                                  \
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                       \
-               ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                   \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                              \
+#define MPQ_MMA_16816(TYPE)                                                             \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                   \
+               ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n" \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                         \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
   if constexpr (std::is_same_v<T, __half>) {
     MPQ_MMA_16816("f16");
@@ -245,7 +245,7 @@ struct WeightOnly {
   using T2 = typename Pair<T>::type;
   static constexpr int kStepSlabs = 1;
   static constexpr bool kZeroLevel = false;  // int8 epilogue only
-  static constexpr int kChunks = BITS / 4;  // 16-byte vectors per lane and slab
+  static constexpr int kChunks = BITS / 4;   // 16-byte vectors per lane and slab
   static constexpr int kSlabBytes = BITS == 4 ? kChunkBytes : 2 * kChunkBytes;
   struct Args {
     const T* x;  // [M, D]
@@ -273,8 +273,7 @@ struct WeightOnly {
     int64_t row0, M, D;
   };
   template <int MT>
-  static __device__ __forceinline__ void rows(const Args&, int64_t M, int64_t D, int64_t row0, int,
-                                              Rows<MT>& r) {
+  static __device__ __forceinline__ void rows(const Args&, int64_t M, int64_t D, int64_t row0, int, Rows<MT>& r) {
     r = {row0, M, D};
   }
 
@@ -389,8 +388,8 @@ struct Int8Act {
   }
 
   template <int MT>
-  static __device__ __forceinline__ void mma_step(float (&)[MT][8][4], PointState<MT>& ps,
-                                                  const uint32_t (&a)[MT][4], const uint4 (&b)[kStepSlabs][kChunks]) {
+  static __device__ __forceinline__ void mma_step(float (&)[MT][8][4], PointState<MT>& ps, const uint32_t (&a)[MT][4],
+                                                  const uint4 (&b)[kStepSlabs][kChunks]) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const uint32_t b0 = codes(b[0], j), b1 = codes(b[1], j);
@@ -457,8 +456,7 @@ struct ConvWeightOnly : WeightOnly<T, BITS> {
     return a;
   }
   template <int MT>
-  static __device__ __forceinline__ void rows(const Args& args, int64_t, int64_t, int64_t row0, int lane,
-                                              Rows<MT>& r) {
+  static __device__ __forceinline__ void rows(const Args& args, int64_t, int64_t, int64_t row0, int lane, Rows<MT>& r) {
     conv_rows(args.s, row0, lane, r);
   }
 
@@ -515,8 +513,7 @@ struct ConvInt8 : Int8Act<BITS> {
     return a;
   }
   template <int MT>
-  static __device__ __forceinline__ void rows(const Args& args, int64_t, int64_t, int64_t row0, int lane,
-                                              Rows<MT>& r) {
+  static __device__ __forceinline__ void rows(const Args& args, int64_t, int64_t, int64_t row0, int lane, Rows<MT>& r) {
     conv_rows(args.s, row0, lane, r);
   }
 

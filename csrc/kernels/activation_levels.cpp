@@ -17,9 +17,8 @@ inline float clamp_to(float v, float lo, float hi) {
 }
 
 __attribute__((target_clones("avx2", "default"))) void levels_scalar(const float* __restrict y,
-                                                                     const float* __restrict r,
-                                                                     uint8_t* __restrict u, int64_t n, float lo,
-                                                                     float hi, LevelGrid g) {
+                                                                     const float* __restrict r, uint8_t* __restrict u,
+                                                                     int64_t n, float lo, float hi, LevelGrid g) {
   const float vlo = g.qmin - g.zero_point - 1.0f, vhi = g.qmax - g.zero_point + 1.0f;
   for (int64_t i = 0; i < n; ++i) {
     float v = clamp_to(r != nullptr ? y[i] + r[i] : y[i], lo, hi);

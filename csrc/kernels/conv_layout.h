@@ -22,11 +22,11 @@ namespace mpq {
 namespace packed {
 
 struct ConvShape {
-  int64_t M;         // N * OH * OW
-  int64_t D;         // KH * KW * Cg
-  int H, W, C;       // input (NHWC), C all channels
-  int OH, OW;        // output
-  int KW, Cg;        // kernel width, input channels per group
+  int64_t M;    // N * OH * OW
+  int64_t D;    // KH * KW * Cg
+  int H, W, C;  // input (NHWC), C all channels
+  int OH, OW;   // output
+  int KW, Cg;   // kernel width, input channels per group
   int sh, sw, ph, pw, dh, dw;
   int out_per_group;  // C_out / groups
 };

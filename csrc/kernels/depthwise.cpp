@@ -27,8 +27,8 @@ int64_t taps_of(const DepthwiseRow& a, int64_t ow, const float** x, const float*
 }
 
 // The channel loop innermost and contiguous (vectorized by the compiler); the sums in out.
-__attribute__((target_clones("avx2", "default"))) void row_scalar(const DepthwiseRow& a, float* out,
-                                                                   const float** x, const float** w) {
+__attribute__((target_clones("avx2", "default"))) void row_scalar(const DepthwiseRow& a, float* out, const float** x,
+                                                                  const float** w) {
   const int64_t C = a.C;
   for (int64_t ow = 0; ow < a.OW; ++ow) {
     float* __restrict acc = out + ow * C;
@@ -47,9 +47,8 @@ __attribute__((target_clones("avx2", "default"))) void row_scalar(const Depthwis
 // (C % 16) under a mask.
 template <int R>
 __attribute__((target("avx512f"), always_inline)) inline void block_avx512(const DepthwiseRow& a, int64_t c,
-                                                                           __mmask16 mask, int64_t n,
-                                                                           const float** x, const float** w,
-                                                                           float* out) {
+                                                                           __mmask16 mask, int64_t n, const float** x,
+                                                                           const float** w, float* out) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; ++t) {

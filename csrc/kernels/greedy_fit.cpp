@@ -75,8 +75,7 @@ double max_abs(const double* r, int64_t n) {
 
 // Least-squares scale for fixed codes, then the codes re-rounded at that scale, as long as
 // the error keeps decreasing (at most `rounds` times). Returns the scale; `codes` hold its codes.
-double refine_least_squares(const double* r, int64_t n, int K, int8_t* codes, int rounds,
-                            GreedyFitWorkspace& ws) {
+double refine_least_squares(const double* r, int64_t n, int K, int8_t* codes, int rounds, GreedyFitWorkspace& ws) {
   double rq = 0.0, qq = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     rq += r[i] * codes[i];
@@ -195,8 +194,8 @@ double greedy_step_fast(const double* r, int64_t n, int bits, int8_t* codes, Gre
 }
 
 template <typename T>
-void fit_row(const T* w, int64_t n, const GreedyFitOptions& options, int8_t* codes, float* scales,
-             float* sq_errors, GreedyFitWorkspace& ws) {
+void fit_row(const T* w, int64_t n, const GreedyFitOptions& options, int8_t* codes, float* scales, float* sq_errors,
+             GreedyFitWorkspace& ws) {
   auto& r = ws.residual;
   r.resize(n);
   double err = 0.0;

@@ -36,7 +36,7 @@ constexpr int kGridLanes = 8;
 #if defined(__CUDACC__)
 __host__ __device__
 #endif
-inline float combine_lanes(const float* acc) {
+    inline float combine_lanes(const float* acc) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
@@ -57,8 +57,8 @@ double greedy_step_fast(const double* r, int64_t n, int bits, int8_t* codes, Gre
 // sq_errors[max_points] (||w - sum of the first k+1 points||^2, scales rounded to float32 as stored).
 // A point that would not reduce the error is stored as zero (scale 0, codes 0).
 template <typename T>
-void fit_row(const T* w, int64_t n, const GreedyFitOptions& options, int8_t* codes, float* scales,
-             float* sq_errors, GreedyFitWorkspace& ws);
+void fit_row(const T* w, int64_t n, const GreedyFitOptions& options, int8_t* codes, float* scales, float* sq_errors,
+             GreedyFitWorkspace& ws);
 
 }  // namespace kernels
 }  // namespace mpq

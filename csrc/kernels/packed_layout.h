@@ -53,10 +53,10 @@ namespace mpq {
 namespace packed {
 
 constexpr int kFormatVersion = 1;
-constexpr int kTileN = 64;       // packed rows (output channels) per tile
-constexpr int kSlabK = 16;       // columns per slab
-constexpr int kKAlign = 64;      // Kp is a multiple of this
-constexpr int kChunkBytes = 512; // one 16-byte vector per lane of a warp
+constexpr int kTileN = 64;        // packed rows (output channels) per tile
+constexpr int kSlabK = 16;        // columns per slab
+constexpr int kKAlign = 64;       // Kp is a multiple of this
+constexpr int kChunkBytes = 512;  // one 16-byte vector per lane of a warp
 constexpr int kLaneBytes = 16;
 // The int8 kernels (mma.sync.m16n8k32.s8) accumulate in int32: |v| <= 128, |q| <= 128, so K < 2^31 / 2^14;
 // halved for margin. Kp is at most this for "int8".
@@ -154,8 +154,8 @@ MPQ_HOST_DEVICE uint32_t byte_pair_half_bits(uint32_t word, int r) {
 // (columns 2t, 2t+1, 2t+8, 2t+9 = nibbles 2jj, 2jj+4, 2jj+1, 2jj+5): one B register of
 // mma.sync.m16n8k32.s8.
 MPQ_HOST_DEVICE uint32_t nibbles_to_s8x4(uint32_t word, int jj) {
-  const uint32_t lo = word & 0x0F0F0F0Fu;          // nibbles 0, 2, 4, 6
-  const uint32_t hi = (word >> 4) & 0x0F0F0F0Fu;   // nibbles 1, 3, 5, 7
+  const uint32_t lo = word & 0x0F0F0F0Fu;         // nibbles 0, 2, 4, 6
+  const uint32_t hi = (word >> 4) & 0x0F0F0F0Fu;  // nibbles 1, 3, 5, 7
   return sub_bytes(byte_perm(lo, hi, jj == 0 ? 0x6420u : 0x7531u), 0x08080808u);
 }
 

@@ -55,20 +55,21 @@ void linear_scalar(const WeightOnlyWeight& w, const float* x, int64_t rows, cons
 // x[r * D + d0 .. + 15] for r < R (lanes at or beyond `mask` read as zero) times `c`, into acc[r].
 template <int R>
 __attribute__((target("avx512f,avx512bw"), always_inline)) inline void fma_rows(__m512* acc, const float* x, int64_t D,
-                                                                       int64_t d0, __m512 c, __mmask16 mask) {
+                                                                                int64_t d0, __m512 c, __mmask16 mask) {
   for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + r * D + d0), c, acc[r]);
 }
 
 template <int R>
-__attribute__((target("avx512f,avx512bw"), always_inline)) inline void fma_rows_full(__m512* acc, const float* x, int64_t D,
-                                                                            int64_t d0, __m512 c) {
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline void fma_rows_full(__m512* acc, const float* x,
+                                                                                     int64_t D, int64_t d0, __m512 c) {
   for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * D + d0), c, acc[r]);
 }
 
 // Channel j for x rows 0..R-1 (x, y already offset to the block's first row).
 template <int R>
-__attribute__((target("avx512f,avx512bw"), always_inline)) inline void channel_avx512(const WeightOnlyWeight& w, int64_t j,
-                                                                             const float* x, float bias, float* y) {
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline void channel_avx512(const WeightOnlyWeight& w,
+                                                                                      int64_t j, const float* x,
+                                                                                      float bias, float* y) {
   const int64_t D = w.in_features;
   // Nibble -> two's complement value; vpermps reads the low 4 bits of each index lane.
   const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
@@ -130,8 +131,9 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) inline void channel_a
 }
 
 template <int R>
-__attribute__((target("avx512f,avx512bw"))) void channels_avx512(const WeightOnlyWeight& w, const float* x, const float* bias,
-                                                        float* y, int64_t c_begin, int64_t c_end) {
+__attribute__((target("avx512f,avx512bw"))) void channels_avx512(const WeightOnlyWeight& w, const float* x,
+                                                                 const float* bias, float* y, int64_t c_begin,
+                                                                 int64_t c_end) {
   for (int64_t j = c_begin; j < c_end; ++j) channel_avx512<R>(w, j, x, bias ? bias[j] : 0.0f, y);
 }
 

@@ -17,6 +17,7 @@ ImageNet evaluation. ResNet-50: torchvision's architecture with seeded random we
 pretrained weights offline; its speed does not depend on them), calibration on 2 x 8 seeded
 random images, a seeded random input. Works offline with the assets of docs/ASSETS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,7 +81,9 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-images", type=int, default=64, help="calibration crops (default 64)")
     parser.add_argument("--torchscript", choices=("auto", "script", "trace"), default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-fuse", action="store_true", help="save the quantized model unfused (float32 between layers)")
+    parser.add_argument(
+        "--no-fuse", action="store_true", help="save the quantized model unfused (float32 between layers)"
+    )
     parser.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor package (TorchScript only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -130,23 +133,30 @@ def main(argv=None) -> int:
     if not args.no_aoti:
         t1 = time.perf_counter()
         package = torch._inductor.aoti_compile_and_package(
-            torch.export.export(deployed, (x,)), package_path=str(args.out / f"{args.model}_mpq.pt2"))
+            torch.export.export(deployed, (x,)), package_path=str(args.out / f"{args.model}_mpq.pt2")
+        )
         with torch.no_grad():
             outputs["output_aoti"] = torch._inductor.aoti_load_package(package)(x)
         rel_aoti = float((outputs["output_aoti"] - y_eager).abs().max() / y_eager.abs().max())
-        print(f"wrote {package} ({Path(package).stat().st_size / 1e6:.1f} MB, compiled in {time.perf_counter() - t1:.0f}s); "
-              f"vs the eager model: max relative difference {rel_aoti:.2e}")
+        print(
+            f"wrote {package} ({Path(package).stat().st_size / 1e6:.1f} MB, compiled in {time.perf_counter() - t1:.0f}s); "
+            f"vs the eager model: max relative difference {rel_aoti:.2e}"
+        )
     input_path = args.out / ("input.pt" if args.model == "efficientnet_lite0" else f"input_{args.model}.pt")
     torch.jit.script(TensorFile(input=x, **outputs)).save(str(input_path))
 
-    print(f"mpq {args.config}: {len(report.layers)} layers, {report.avg_bits:.2f} bits per weight, quantized in {t_quant:.1f}s")
+    print(
+        f"mpq {args.config}: {len(report.layers)} layers, {report.avg_bits:.2f} bits per weight, quantized in {t_quant:.1f}s"
+    )
     print(f"wrote {model_path} ({model_path.stat().st_size / 1e6:.1f} MB) and {input_path} (input {tuple(x.shape)})")
     print(f"ops library: {mpq.library_path()}")
     print(f"input: the first labelled ImageNet photo, label {label}" if label is not None else "input: seeded noise")
     print_top5(f"Python top-5 (mpq {args.config}, saved TorchScript)", y)
     print_top5("Python top-5 (FP32)", y_fp32)
     rel = float((y - y_eager).abs().max() / y_eager.abs().max())
-    print(f"saved TorchScript vs the eager {'quantized' if args.no_fuse else 'fused'} model: max relative difference {rel:.2e}")
+    print(
+        f"saved TorchScript vs the eager {'quantized' if args.no_fuse else 'fused'} model: max relative difference {rel:.2e}"
+    )
     return 0
 
 

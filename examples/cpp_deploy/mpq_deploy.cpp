@@ -168,8 +168,8 @@ int main(int argc, char** argv) {
       input = at::randn(opt.shape);
     }
     input = input.to(device);
-    std::cout << "model: " << opt.model << (package ? " (AOTInductor package)" : " (TorchScript)") << " on "
-              << device << ", " << at::get_num_threads() << " CPU threads\n"
+    std::cout << "model: " << opt.model << (package ? " (AOTInductor package)" : " (TorchScript)") << " on " << device
+              << ", " << at::get_num_threads() << " CPU threads\n"
               << "input: " << input.sizes() << " "
               << (opt.input.empty() ? "seeded noise (seed " + std::to_string(opt.seed) + ")" : "from " + opt.input)
               << "\n";
@@ -198,8 +198,8 @@ int main(int argc, char** argv) {
     for (int64_t n = 0; n < std::min<int64_t>(prob.size(0), 4); ++n) {
       std::cout << "top-" << k << (prob.size(0) > 1 ? " of image " + std::to_string(n) : "") << ":\n";
       for (int64_t j = 0; j < k; ++j) {
-        std::cout << "  " << j + 1 << ". class " << std::setw(4) << top_i[n][j].item<int64_t>() << "  p = " << std::fixed
-                  << std::setprecision(4) << top_p[n][j].item<float>() << "\n";
+        std::cout << "  " << j + 1 << ". class " << std::setw(4) << top_i[n][j].item<int64_t>()
+                  << "  p = " << std::fixed << std::setprecision(4) << top_p[n][j].item<float>() << "\n";
       }
     }
     std::cout << std::fixed << std::setprecision(2) << "latency: median " << median(ms) << " ms over " << opt.runs

@@ -20,6 +20,7 @@ val folder with its 1000 wnid folders), ``index`` (folder names end with the cla
 The JSON holds the command line, every config, the seeds, the calibration files, the versions
 (mpq, torch, torchvision, Python, the ops library build) and the times.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
 
 from mpq.cli.configs import make_config
 from mpq.cli.errors import UserError
@@ -38,23 +38,31 @@ from mpq.cli.images import CLASS_MAP_HELP, EvalData, calibration_batches, image_
 from mpq.cli.models import MODEL_HELP, load_model
 
 
-def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Top-1/top-5 on an ImageNet-style validation folder for FP32 and each quantized config.",
     )
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--data", required=True, metavar="DIR", help="validation images, ImageFolder layout DIR/<class>/<image>")
+    p.add_argument(
+        "--data", required=True, metavar="DIR", help="validation images, ImageFolder layout DIR/<class>/<image>"
+    )
     p.add_argument("--calib", metavar="DIR", help="calibration images (any layout; default: --data)")
-    p.add_argument("--calib-images", type=int, default=1024, metavar="N", help="seeded calibration subset size (default 1024)")
+    p.add_argument(
+        "--calib-images", type=int, default=1024, metavar="N", help="seeded calibration subset size (default 1024)"
+    )
     p.add_argument("--configs", default="W4A8", help="comma-separated presets or JSON config files (default W4A8)")
     p.add_argument("--methods", default="rtn,multipoint", help="comma-separated methods (default rtn,multipoint)")
-    p.add_argument("--avg-bits", type=float, help="average bits per weight of the multipoint methods (default: w_bits + 0.5)")
+    p.add_argument(
+        "--avg-bits", type=float, help="average bits per weight of the multipoint methods (default: w_bits + 0.5)"
+    )
     p.add_argument("--class-map", default="sorted", help=CLASS_MAP_HELP)
     p.add_argument("--preprocess", default="auto", choices=("auto", "imagenet", "tflite"))
     p.add_argument("--seed", type=int, default=0, help="calibration subset and quantization seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--json", metavar="PATH", default="imagenet_eval.json", help="results file (default imagenet_eval.json)")
+    p.add_argument(
+        "--json", metavar="PATH", default="imagenet_eval.json", help="results file (default imagenet_eval.json)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -67,7 +75,9 @@ def run(args: argparse.Namespace) -> dict:
     for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
             avg = args.avg_bits if _is_multipoint(method) else None  # single-point methods have no budget
-            configs.append((name, make_config(name, avg_bits=avg, method=method, seed=args.seed, calib_batches=cal_batches)))
+            configs.append(
+                (name, make_config(name, avg_bits=avg, method=method, seed=args.seed, calib_batches=cal_batches))
+            )
     files = image_files(calib_dir)
     samples, found = labelled_images(args.data, args.class_map)
 
@@ -77,8 +87,9 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--model {args.model} is already quantized; expected a float model")
     load_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    calib, chosen = calibration_batches(files, m.transform, args.calib_images, args.seed, args.batch_size,
-                                        args.workers, args.quiet)
+    calib, chosen = calibration_batches(
+        files, m.transform, args.calib_images, args.seed, args.batch_size, args.workers, args.quiet
+    )
     calib_seconds = time.perf_counter() - t0
     data = EvalData(samples, m.transform, found, args.batch_size, args.workers)
     data.cache(args.quiet)  # small sets are decoded once for all models
@@ -91,9 +102,12 @@ def run(args: argparse.Namespace) -> dict:
         _, row = quantize_and_evaluate(m.module, calib, cfg, data, args.quiet, reference, class_map="-")
         row["name"] = f"{cfg.method} {name}"
         results.append(row)
-        print(f"{row['name']:<24} top-1 {100 * row['top1']:6.2f}%  top-5 {100 * row['top5']:6.2f}%  "
-              f"agreement {100 * row['agreement']:5.1f}%  {row['avg_bits']:.3f} bits/weight  "
-              f"quantize {row['quantize_seconds']:.1f}s", flush=True)
+        print(
+            f"{row['name']:<24} top-1 {100 * row['top1']:6.2f}%  top-5 {100 * row['top5']:6.2f}%  "
+            f"agreement {100 * row['agreement']:5.1f}%  {row['avg_bits']:.3f} bits/weight  "
+            f"quantize {row['quantize_seconds']:.1f}s",
+            flush=True,
+        )
     record = {
         "argv": args.argv,
         "model": m.label,
@@ -104,12 +118,20 @@ def run(args: argparse.Namespace) -> dict:
         "class_map": args.class_map,
         "preprocess": args.preprocess,
         "transform": repr(m.transform),
-        "calibration": {"folder": str(calib_dir), "images": len(chosen), "seed": args.seed,
-                        "from_eval_folder": calib_dir == args.data, "files": [str(p) for p in chosen]},
+        "calibration": {
+            "folder": str(calib_dir),
+            "images": len(chosen),
+            "seed": args.seed,
+            "from_eval_folder": calib_dir == args.data,
+            "files": [str(p) for p in chosen],
+        },
         "seed": args.seed,
         "results": results,
-        "seconds": {"load_model": load_seconds, "calibration_images": calib_seconds,
-                    "total": time.perf_counter() - t_start},
+        "seconds": {
+            "load_model": load_seconds,
+            "calibration_images": calib_seconds,
+            "total": time.perf_counter() - t_start,
+        },
         **versions(),
     }
     if args.json:
@@ -126,7 +148,7 @@ def _is_multipoint(method: str) -> bool:
     return get_method(method).multipoint
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.argv = list(sys.argv if argv is None else ["examples/imagenet/eval.py", *argv])
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

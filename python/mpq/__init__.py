@@ -9,6 +9,7 @@
 when a plot is drawn) are imported on first use; the command line (``mpq.cli``) and the demo's
 models and data (``mpq.examples``) only when imported by name.
 """
+
 from typing import TYPE_CHECKING
 
 from mpq._loader import build_info, library_path, load_ops_library
@@ -58,6 +59,7 @@ def __dir__():
 
 
 __all__ = [
+    "__version__",
     "PRESETS",
     "QuantConfig",
     "QuantReport",

@@ -1,4 +1,5 @@
 """Loads the ops library, so that ``torch.ops.mpq.*`` exists."""
+
 import json
 from pathlib import Path
 

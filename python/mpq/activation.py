@@ -1,7 +1,6 @@
 """Per-tensor activation quantizer ranges from calibration (docs/ALGORITHM.md section 3)."""
-from __future__ import annotations
 
-from typing import Tuple
+from __future__ import annotations
 
 import torch
 
@@ -13,7 +12,9 @@ def fake_quantize(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qma
     return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 
 
-def activation_qparams(values: torch.Tensor, lo: float, hi: float, bits: int, method: str) -> Tuple[float, int, int, int]:
+def activation_qparams(
+    values: torch.Tensor, lo: float, hi: float, bits: int, method: str
+) -> tuple[float, int, int, int]:
     """(scale, zero_point, qmin, qmax) for an input whose calibration range is [lo, hi] and whose
     sampled values are ``values``. Unsigned grid 0..2^b-1 when the input is never negative, else
     the symmetric signed grid; the clipping point by MSE on the sample (``"mse"``), the 99.99th

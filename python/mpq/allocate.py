@@ -4,12 +4,12 @@ Every channel starts with one point; one more point at a time goes to the channe
 point buys the largest weighted output-error reduction per bit, until the average-bits budget is
 spent. All layers compete (scope "model") or each layer gets the same average (scope "layer").
 """
+
 from __future__ import annotations
 
 import heapq
 import logging
 from dataclasses import dataclass
-from typing import Dict, List
 
 import torch
 
@@ -64,13 +64,13 @@ def output_energy(weight: torch.Tensor, stats: LayerStats, groups: int) -> torch
     return _quadratic_form(weight.double(), stats, groups)
 
 
-def allocate_points(layers: Dict[str, LayerErrors], avg_bits: float, scope: str = "model") -> Dict[str, torch.Tensor]:
+def allocate_points(layers: dict[str, LayerErrors], avg_bits: float, scope: str = "model") -> dict[str, torch.Tensor]:
     """Points per channel (int32 [C] per layer) under ``avg_bits`` bits per weight on average.
 
     Greedy by benefit per cost with a heap: gain = sensitivity_j * (E_j(k) - E_j(k+1)), cost = one
     point's bits. If one point everywhere already exceeds the budget, every channel keeps one."""
     if scope == "layer":
-        out: Dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
         for name, layer in layers.items():
             out.update(allocate_points({name: layer}, avg_bits, "model"))
         return out
@@ -80,9 +80,11 @@ def allocate_points(layers: Dict[str, LayerErrors], avg_bits: float, scope: str 
     if budget < 0:
         logger.warning(
             "mpq: one point per channel already costs %.3f bits per weight, above the budget of %.3f; "
-            "every channel keeps one point", avg_bits - budget / total_weights, avg_bits,
+            "every channel keeps one point",
+            avg_bits - budget / total_weights,
+            avg_bits,
         )
-    heap: List = []
+    heap: list = []
     errs = {name: l.errors.tolist() for name, l in layers.items()}
     sens = {name: l.sensitivity.tolist() for name, l in layers.items()}
 

@@ -41,10 +41,11 @@ final statistics; with several, downstream layers see batch-normalised inputs du
 ``mpq.quantize`` uses the calibration batches it keeps in memory (the first
 ``max(1, config.sensitivity_batches)``), after bias correction and before the simulation check.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -56,7 +57,7 @@ logger = logging.getLogger("mpq")
 
 __all__ = ["reestimate_batchnorm", "bn_affine", "output_moments"]
 
-Moments = Tuple[torch.Tensor, torch.Tensor]  # per-channel mean and variance, float64 [C]
+Moments = tuple[torch.Tensor, torch.Tensor]  # per-channel mean and variance, float64 [C]
 
 
 def _beta(bn: nn.Module, device: torch.device) -> torch.Tensor:
@@ -65,7 +66,7 @@ def _beta(bn: nn.Module, device: torch.device) -> torch.Tensor:
     return torch.zeros(bn.running_mean.shape, dtype=torch.float64, device=device)
 
 
-def bn_affine(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor, reference: Optional[Moments] = None) -> Moments:
+def bn_affine(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor, reference: Moments | None = None) -> Moments:
     """(a, c) with z_new = a z_q + c, per channel (float64), from the folded ``bn`` and the mean /
     variance of the folded layer's quantized output z_q: a = sqrt((v_ref + e) / (v + e)),
     c = m_ref - a m with e = eps gamma^2 / sigma^2 (BN's eps in z's units). The reference
@@ -117,10 +118,10 @@ def _channel_view(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def _pass(
     model: nn.Module,
-    names: List[str],
+    names: list[str],
     batches: Iterable[torch.Tensor],
-    transform: Optional[Callable[[str, Moments, torch.Tensor], torch.Tensor]] = None,
-) -> Dict[str, _Moments]:
+    transform: Callable[[str, Moments, torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, _Moments]:
     """Run ``batches`` through ``model`` (eval mode, no grad), accumulating the per-channel output
     moments of the named modules; ``transform(name, batch moments, output)`` may replace each
     output on the way."""
@@ -148,7 +149,7 @@ def _pass(
     return acc
 
 
-def output_moments(model: nn.Module, names: List[str], batches: Iterable[torch.Tensor]) -> Dict[str, Moments]:
+def output_moments(model: nn.Module, names: list[str], batches: Iterable[torch.Tensor]) -> dict[str, Moments]:
     """Mean and variance per output channel of the named modules' outputs over ``batches``."""
     return {n: a.result() for n, a in _pass(model, names, batches).items() if a.n}
 
@@ -180,10 +181,10 @@ def _apply(module: nn.Module, a: torch.Tensor, c: torch.Tensor) -> None:
 
 def reestimate_batchnorm(
     qmodel: nn.Module,
-    originals: Dict[str, nn.Module],
+    originals: dict[str, nn.Module],
     batches: Iterable[torch.Tensor],
-    float_modules: Optional[Dict[str, nn.Module]] = None,
-) -> Dict[str, Moments]:
+    float_modules: dict[str, nn.Module] | None = None,
+) -> dict[str, Moments]:
     """Re-estimate the BatchNorms folded into ``qmodel``'s convolutions, in place.
 
     Args:
@@ -200,7 +201,7 @@ def reestimate_batchnorm(
     modules = dict(qmodel.named_modules())
     names = [n for n in originals if n in modules]
     batches = list(batches)
-    reference: Dict[str, Moments] = {}
+    reference: dict[str, Moments] = {}
     if float_modules:
         swapped = {n: modules[n] for n in names if n in float_modules}
         try:
@@ -211,12 +212,14 @@ def reestimate_batchnorm(
             for n, m in swapped.items():
                 set_submodule(qmodel, n, m)
 
-    def normalise(name: str, moments: Moments, out: torch.Tensor) -> torch.Tensor:  # train mode: this batch's statistics
+    def normalise(
+        name: str, moments: Moments, out: torch.Tensor
+    ) -> torch.Tensor:  # train mode: this batch's statistics
         a, c = bn_affine(originals[name], *moments, reference.get(name))
         return out * _channel_view(a, out) + _channel_view(c, out)
 
     acc = _pass(qmodel, names, batches, normalise)
-    changes: Dict[str, Moments] = {}
+    changes: dict[str, Moments] = {}
     for name in names:
         if acc[name].n == 0:
             logger.warning("mpq: layer %r was not called during BatchNorm re-estimation; left as it was", name)

@@ -4,14 +4,15 @@
 Memory per layer is ``calib_samples * C_in * kh * kw`` floats for the rows and a fixed number of
 activation values, whatever the number of calibration batches.
 """
+
 from __future__ import annotations
 
 import fnmatch
 import logging
 import math
 import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ class QuantTarget:
     name: str
     module: nn.Module
     kind: str  # "linear" or "conv"
-    pre_padding: List[int] = field(default_factory=list)  # static (left, right, top, bottom)
+    pre_padding: list[int] = field(default_factory=list)  # static (left, right, top, bottom)
     same_padding: bool = False  # TF-style 'same' padding computed at run time
     role: str = "inner"  # "first", "last" or "inner" (set from execution order)
 
@@ -54,7 +55,7 @@ class QuantTarget:
         return w.reshape(w.shape[0], -1)
 
 
-def _conv_padding_kind(m: nn.Conv2d) -> Optional[Tuple[List[int], bool]]:
+def _conv_padding_kind(m: nn.Conv2d) -> tuple[list[int], bool] | None:
     """(static pre-padding, dynamic same padding) for the conv classes mpq can swap, else None."""
     if getattr(m, "padding_mode", "zeros") != "zeros" or isinstance(m.padding, str):
         return None
@@ -72,10 +73,10 @@ def _conv_padding_kind(m: nn.Conv2d) -> Optional[Tuple[List[int], bool]]:
     return None
 
 
-def find_targets(model: nn.Module, config: QuantConfig) -> Tuple[List[QuantTarget], List[Tuple[str, str]]]:
+def find_targets(model: nn.Module, config: QuantConfig) -> tuple[list[QuantTarget], list[tuple[str, str]]]:
     """The layers to quantize, and (name, reason) for every weighted layer kept in float."""
-    targets: List[QuantTarget] = []
-    skipped: List[Tuple[str, str]] = []
+    targets: list[QuantTarget] = []
+    skipped: list[tuple[str, str]] = []
     quantized_names = set()
     for name, m in model.named_modules():
         if any(fnmatch.fnmatchcase(name, p) for p in config.ignore):
@@ -111,7 +112,7 @@ class CalibrationBatches:
     ``batches[:k]`` index them, for BatchNorm folding, sensitivity and the simulation check);
     iterating yields every batch once, so the inputs held never exceed ``keep`` batches."""
 
-    def __init__(self, calib_loader: Iterable, max_batches: int, keep: int, device: Optional[torch.device]):
+    def __init__(self, calib_loader: Iterable, max_batches: int, keep: int, device: torch.device | None):
         if isinstance(calib_loader, torch.Tensor) or not hasattr(calib_loader, "__iter__"):
             raise TypeError(
                 f"mpq.quantize: expected calib_loader to be an iterable of tensors or (input, target) pairs, "
@@ -122,11 +123,11 @@ class CalibrationBatches:
         self._keep = max(1, keep)
         self._device = device
         self.read = 0  # batches taken from the loader so far
-        self.kept: List[torch.Tensor] = []
+        self.kept: list[torch.Tensor] = []
         if self._next() is None:  # the first batch, read now: an empty loader fails before any work
             raise ValueError("mpq.quantize: calib_loader yielded no batches")
 
-    def _next(self) -> Optional[torch.Tensor]:
+    def _next(self) -> torch.Tensor | None:
         if self.read >= self._max_batches:
             return None
         item = next(self._items, _END)
@@ -141,7 +142,9 @@ class CalibrationBatches:
                 + (f" whose first element is {type(x).__name__}" if x is not item else "")
             )
         if x.dtype == torch.bool or x.is_complex():  # integers are token ids (embedding models)
-            raise TypeError(f"mpq.quantize: expected calib_loader to yield floating or integer inputs, batch {i} has dtype {x.dtype}")
+            raise TypeError(
+                f"mpq.quantize: expected calib_loader to yield floating or integer inputs, batch {i} has dtype {x.dtype}"
+            )
         if x.numel() == 0:
             raise ValueError(f"mpq.quantize: calib_loader batch {i} is empty (shape {tuple(x.shape)})")
         if not torch.isfinite(x).all():
@@ -165,9 +168,8 @@ class CalibrationBatches:
             yield x
 
 
-
 def collect_batches(
-    calib_loader: Iterable, max_batches: int, device: Optional[torch.device], keep: int = 1
+    calib_loader: Iterable, max_batches: int, device: torch.device | None, keep: int = 1
 ) -> CalibrationBatches:
     """The first ``max_batches`` inputs of the loader, read lazily, of which the first ``keep``
     stay in memory (see ``CalibrationBatches``). Reads and checks the first batch now."""
@@ -181,8 +183,8 @@ class Reservoir:
     def __init__(self, capacity: int, generator: torch.Generator):
         self.capacity = capacity
         self.generator = generator
-        self.keys: Optional[torch.Tensor] = None
-        self.rows: Optional[torch.Tensor] = None
+        self.keys: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
 
     def add(self, rows: torch.Tensor) -> None:
         keys = torch.rand(rows.shape[0], generator=self.generator)
@@ -202,16 +204,16 @@ class LayerStats:
     contribute) or as a uniform sample of at most calib_samples rows X (when D is larger, where
     the sample is the smaller of the two)."""
 
-    gram: Optional[torch.Tensor]  # [groups, D, D] float64, mean of x x^T
-    samples: Optional[torch.Tensor]  # [N, groups, D] float32
+    gram: torch.Tensor | None  # [groups, D, D] float64, mean of x x^T
+    samples: torch.Tensor | None  # [N, groups, D] float32
     act_values: torch.Tensor  # [<= ACT_SAMPLE_SIZE] float32 sample of input values (CPU)
     act_min: float
     act_max: float
     order: int  # position of the layer's first call in the forward pass
-    mean: Optional[torch.Tensor] = None  # [groups, D] float64, mean input row (bias correction)
+    mean: torch.Tensor | None = None  # [groups, D] float64, mean input row (bias correction)
     # The first layer (in forward order) that reads the same input tensor as this one, itself when
     # none does (see ``SharedInputs``): layers reading one tensor share one activation quantizer.
-    input_leader: Optional[str] = None
+    input_leader: str | None = None
 
 
 class SharedInputs:
@@ -222,8 +224,8 @@ class SharedInputs:
     than twice on grids that differ only through which values each layer happened to sample."""
 
     def __init__(self) -> None:
-        self._seen: Dict[int, Tuple[weakref.ref, str]] = {}
-        self._parent: Dict[str, str] = {}
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._parent: dict[str, str] = {}
 
     def new_batch(self) -> None:
         self._seen.clear()
@@ -243,24 +245,30 @@ class SharedInputs:
             name = self._parent[name]
         return name
 
-    def leaders(self, order: Dict[str, int]) -> Dict[str, str]:
+    def leaders(self, order: dict[str, int]) -> dict[str, str]:
         """Each recorded layer's leader: the member of its group called first."""
-        groups: Dict[str, List[str]] = {}
+        groups: dict[str, list[str]] = {}
         for name in self._parent:
             groups.setdefault(self._root(name), []).append(name)
         return {n: min(members, key=lambda m: order[m]) for members in groups.values() for n in members}
 
 
 class _Recorder:
-    def __init__(self, target: QuantTarget, capacity: int, generator: torch.Generator, order_counter: List[int],
-                 shared: SharedInputs):
+    def __init__(
+        self,
+        target: QuantTarget,
+        capacity: int,
+        generator: torch.Generator,
+        order_counter: list[int],
+        shared: SharedInputs,
+    ):
         self.target = target
         self.shared = shared
         D = target.weight_matrix().shape[1]
         self.use_gram = D <= capacity
-        self.gram: Optional[torch.Tensor] = None
+        self.gram: torch.Tensor | None = None
         self.count = 0
-        self.row_sum: Optional[torch.Tensor] = None  # [groups, D] float64, over all sampled rows
+        self.row_sum: torch.Tensor | None = None  # [groups, D] float64, over all sampled rows
         self.row_count = 0
         self.rows = Reservoir(capacity, generator)
         self.values = Reservoir(ACT_SAMPLE_SIZE, generator)
@@ -280,7 +288,9 @@ class _Recorder:
         lo, hi = torch.aminmax(x)
         lo, hi = float(lo), float(hi)
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN and inf reach the min or the max
-            raise ValueError(f"mpq.quantize: the input of layer {self.target.name!r} contains NaN or inf during calibration")
+            raise ValueError(
+                f"mpq.quantize: the input of layer {self.target.name!r} contains NaN or inf during calibration"
+            )
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         flat = x.reshape(-1)
         pick = torch.randint(flat.numel(), (min(flat.numel(), 8192),), generator=self.generator)
@@ -305,7 +315,7 @@ class _Recorder:
             return rows[pick.to(rows.device)].float().unsqueeze(1)
         return sample_patches(x, self.target, n, self.generator)
 
-    def stats(self) -> Optional[LayerStats]:
+    def stats(self) -> LayerStats | None:
         if self.order < 0:
             return None
         gram = (self.gram / self.count).cpu() if self.use_gram else None
@@ -349,8 +359,12 @@ def sample_patches(x: torch.Tensor, target: QuantTarget, count: int, generator: 
 
 
 def calibrate(
-    model: nn.Module, targets: List[QuantTarget], batches: Iterable[torch.Tensor], config: QuantConfig, generator: torch.Generator
-) -> Dict[str, LayerStats]:
+    model: nn.Module,
+    targets: list[QuantTarget],
+    batches: Iterable[torch.Tensor],
+    config: QuantConfig,
+    generator: torch.Generator,
+) -> dict[str, LayerStats]:
     """Run the calibration batches once with hooks on every target layer (one pass: ``batches``
     may be a stream such as ``CalibrationBatches``)."""
     counter = [0]
@@ -376,7 +390,7 @@ def calibrate(
     finally:
         for h in handles:
             h.remove()
-    stats: Dict[str, LayerStats] = {}
+    stats: dict[str, LayerStats] = {}
     for t in targets:
         st = recorders[t.name].stats()
         if st is None:
@@ -389,7 +403,7 @@ def calibrate(
     return stats
 
 
-def _float_tensors(output) -> List[torch.Tensor]:
+def _float_tensors(output) -> list[torch.Tensor]:
     """The floating tensors in a model's output (a tensor, or nested tuples, lists and dicts)."""
     if isinstance(output, torch.Tensor):
         return [output] if output.is_floating_point() else []
@@ -410,11 +424,11 @@ def _is_logits(output) -> bool:
 
 def fisher_sensitivity(
     model: nn.Module,
-    targets: List[QuantTarget],
-    batches: List[torch.Tensor],
+    targets: list[QuantTarget],
+    batches: list[torch.Tensor],
     output: str = "auto",
-    generator: Optional[torch.Generator] = None,
-) -> Optional[Dict[str, torch.Tensor]]:
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor] | None:
     """Per output channel of every target: the mean over samples of the summed (over positions)
     squared gradient, with respect to the layer's output, of the log-likelihood of an output model
     (a diagonal Fisher information): how much an error in that channel moves the model's output.
@@ -433,7 +447,9 @@ def fisher_sensitivity(
     model masks them out of its output. None when the output has no floating tensor.
     """
     if output not in ("auto", "logits", "gaussian"):
-        raise ValueError(f"mpq.fisher_sensitivity: expected output to be 'auto', 'logits' or 'gaussian', got {output!r}")
+        raise ValueError(
+            f"mpq.fisher_sensitivity: expected output to be 'auto', 'logits' or 'gaussian', got {output!r}"
+        )
     sums = {t.name: None for t in targets}
     count = 0
 
@@ -468,7 +484,9 @@ def fisher_sensitivity(
                     kind = "logits" if _is_logits(y) else "gaussian"
                 if kind == "logits":
                     if not (isinstance(y, torch.Tensor) and y.dim() == 2 and y.is_floating_point()):
-                        raise ValueError(f"mpq.fisher_sensitivity: output='logits' needs [N, classes] outputs, got {type(y).__name__}")
+                        raise ValueError(
+                            f"mpq.fisher_sensitivity: output='logits' needs [N, classes] outputs, got {type(y).__name__}"
+                        )
                     loss = F.cross_entropy(y, y.detach().argmax(dim=1), reduction="sum")
                 else:
                     v = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in ys]

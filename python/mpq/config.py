@@ -1,9 +1,10 @@
 """QuantConfig: what ``mpq.quantize`` does, as one validated, serialisable dataclass."""
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any
 
 from mpq.layout import MAX_W_BITS, MIN_W_BITS, SCALE_BITS, check_max_points, check_w_bits, point_bits
 
@@ -12,7 +13,7 @@ __all__ = ["QuantConfig", "PRESETS"]
 CONFIG_VERSION = 1
 
 # name -> (w_bits, a_bits); a_bits None keeps activations in float.
-PRESETS: Dict[str, Tuple[int, Optional[int]]] = {
+PRESETS: dict[str, tuple[int, int | None]] = {
     "W4A8": (4, 8),
     "W4A16": (4, None),
     "W3A16": (3, None),
@@ -128,14 +129,14 @@ class QuantConfig:
     """
 
     w_bits: int = 4
-    a_bits: Optional[int] = 8
+    a_bits: int | None = 8
     max_points: int = 4
-    avg_bits: Optional[float] = None
+    avg_bits: float | None = None
     scale_bits: int = SCALE_BITS
     scope: str = "model"
     sensitivity: str = "fisher"
     first_last: str = "same"
-    ignore: Tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
     act_range: str = "mse"
     calib_batches: int = 32
     calib_samples: int = 2048
@@ -165,7 +166,7 @@ class QuantConfig:
     ocs_split_threshold: float = 0.5
     ocs_grid_aware: bool = False
     bias_correction: bool = False
-    ilp_bits: Tuple[int, ...] = (2, 3, 4, 8)
+    ilp_bits: tuple[int, ...] = (2, 3, 4, 8)
     ilp_rounding: str = "rtn"
     seed: int = 0
     version: int = field(default=CONFIG_VERSION)
@@ -189,7 +190,9 @@ class QuantConfig:
             # The most a point costs per weight: a channel of one weight (D = 1).
             most = self.max_points * point_bits(1, self.w_bits, self.scale_bits)
             if not self.w_bits <= float(self.avg_bits) <= most:
-                fail("avg_bits", f"to lie between w_bits ({self.w_bits}) and max_points * (w_bits + scale_bits) ({most})")
+                fail(
+                    "avg_bits", f"to lie between w_bits ({self.w_bits}) and max_points * (w_bits + scale_bits) ({most})"
+                )
         for name, allowed in (
             ("scope", _SCOPES),
             ("sensitivity", _SENSITIVITIES),
@@ -215,8 +218,11 @@ class QuantConfig:
         for name in ("calib_batches", "calib_samples", "sensitivity_batches"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 fail(name, "to be an int >= 1")
-        if isinstance(self.hessian_budget_mb, bool) or not isinstance(self.hessian_budget_mb, (int, float)) \
-                or not 0 < self.hessian_budget_mb < float("inf"):
+        if (
+            isinstance(self.hessian_budget_mb, bool)
+            or not isinstance(self.hessian_budget_mb, (int, float))
+            or not 0 < self.hessian_budget_mb < float("inf")
+        ):
             fail("hessian_budget_mb", "to be a number > 0 (MiB)")
         if not is_int(self.seed):
             fail("seed", "to be an int")
@@ -279,10 +285,12 @@ class QuantConfig:
         return float(self.avg_bits) if self.avg_bits is not None else self.w_bits + 0.5
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "QuantConfig":
+    def preset(cls, name: str, **overrides: Any) -> QuantConfig:
         """A preset by name ("W4A8", "W4A16", "W3A16", "W2A16", "W8A8") with field overrides."""
         if not isinstance(name, str):
-            raise TypeError(f"mpq.QuantConfig.preset: expected name to be a preset name (str), got {type(name).__name__}")
+            raise TypeError(
+                f"mpq.QuantConfig.preset: expected name to be a preset name (str), got {type(name).__name__}"
+            )
         cls._check_field_names("mpq.QuantConfig.preset", overrides)
         key = name.upper()
         if key not in PRESETS:
@@ -291,7 +299,7 @@ class QuantConfig:
         return cls(**{"w_bits": w_bits, "a_bits": a_bits, **overrides})
 
     @classmethod
-    def from_any(cls, config: Union[str, "QuantConfig", Dict[str, Any], None]) -> "QuantConfig":
+    def from_any(cls, config: str | QuantConfig | dict[str, Any] | None) -> QuantConfig:
         if config is None:
             return cls()
         if isinstance(config, QuantConfig):
@@ -304,27 +312,29 @@ class QuantConfig:
             f"mpq.quantize: expected config to be a preset name, a QuantConfig or a dict, got {type(config).__name__}"
         )
 
-    def replace(self, **changes: Any) -> "QuantConfig":
+    def replace(self, **changes: Any) -> QuantConfig:
         """A validated copy with some fields changed."""
         self._check_field_names("mpq.QuantConfig.replace", changes)
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def _check_field_names(cls, where: str, d: Dict[str, Any]) -> None:
+    def _check_field_names(cls, where: str, d: dict[str, Any]) -> None:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["ignore"] = list(self.ignore)
         d["ilp_bits"] = list(self.ilp_bits)
         return d
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "QuantConfig":
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         if not isinstance(d, dict):
-            raise TypeError(f"mpq.QuantConfig.from_dict: expected d to be a dict of QuantConfig fields, got {type(d).__name__}")
+            raise TypeError(
+                f"mpq.QuantConfig.from_dict: expected d to be a dict of QuantConfig fields, got {type(d).__name__}"
+            )
         cls._check_field_names("mpq.QuantConfig.from_dict", d)
         d = dict(d)
         if "ignore" in d:

@@ -1,8 +1,8 @@
 """Folding BatchNorm into the convolution that feeds it."""
+
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -14,15 +14,15 @@ logger = logging.getLogger("mpq")
 __all__ = ["find_conv_bn_pairs", "fold_batchnorm"]
 
 
-def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, str]]:
+def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
     """(conv name, bn name) for every BatchNorm2d whose input is exactly a Conv2d's output.
 
     Found by running ``example`` with hooks, so it works for models that torch.fx cannot trace.
     A conv or BN called more than once is left alone.
     """
-    outputs: Dict[int, Tuple[str, torch.Tensor]] = {}  # id(output) -> (conv name, output kept alive)
-    calls: Dict[str, int] = {}
-    pairs: Dict[str, str] = {}
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (conv name, output kept alive)
+    calls: dict[str, int] = {}
+    pairs: dict[str, str] = {}
     handles = []
 
     def conv_hook(name):
@@ -53,13 +53,9 @@ def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> List[Tuple[st
         for h in handles:
             h.remove()
     used = {}
-    for bn, conv in pairs.items():
+    for conv in pairs.values():
         used[conv] = used.get(conv, 0) + 1
-    return [
-        (conv, bn)
-        for bn, conv in pairs.items()
-        if calls.get(bn) == 1 and calls.get(conv) == 1 and used[conv] == 1
-    ]
+    return [(conv, bn) for bn, conv in pairs.items() if calls.get(bn) == 1 and calls.get(conv) == 1 and used[conv] == 1]
 
 
 def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -79,8 +75,8 @@ def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 
 def fold_batchnorm(
-    model: nn.Module, example: torch.Tensor, rtol: float = 1e-3, originals: Optional[Dict[str, nn.Module]] = None
-) -> List[Tuple[str, str]]:
+    model: nn.Module, example: torch.Tensor, rtol: float = 1e-3, originals: dict[str, nn.Module] | None = None
+) -> list[tuple[str, str]]:
     """Fold every BatchNorm2d fed directly by a Conv2d into that conv (in place, eval mode) and
     replace the BN by ``nn.Identity``. The model's output on ``example`` is compared before and
     after; if it moved by more than ``rtol`` (relative L2) the folding is undone and a warning names
@@ -108,7 +104,9 @@ def fold_batchnorm(
                 c.bias = None
             c.load_state_dict(saved[conv])
             set_submodule(model, bn, modules[bn])
-        logger.warning("mpq: BatchNorm folding changed the output by %.2e; left %d BatchNorms unfolded", err, len(pairs))
+        logger.warning(
+            "mpq: BatchNorm folding changed the output by %.2e; left %d BatchNorms unfolded", err, len(pairs)
+        )
         return []
     logger.info("mpq: folded %d BatchNorm layers (output change %.1e)", len(pairs), err)
     if originals is not None:

@@ -15,18 +15,19 @@ output lies within its rounding error of a quantizer's rounding boundary): :func
 measures that per layer against a float64 recomputation, and ``fuse_activations`` runs it on the
 example before returning.
 """
+
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.modules.utils import _pair
 
 from mpq.layout import int8_levels_fit
 from mpq.nn.fused import FusedMultipointConv2d
@@ -45,21 +46,21 @@ class _LeafTracer(torch.fx.Tracer):
         return isinstance(m, (MultipointLayer, FusedMultipointConv2d)) or super().is_leaf_module(m, qualname)
 
 
-def _int8_levels(qp: Optional[torch.Tensor]) -> bool:
+def _int8_levels(qp: torch.Tensor | None) -> bool:
     """Whether the fused op's int8 paths take act_qparams ``qp`` (the ops' rule: ``mpq::int8_levels_fit``)."""
     return qp is not None and int8_levels_fit(qp)
 
 
 def _eligible(m: Any) -> bool:
-    return (type(m) is MultipointConv2d and m.point_codes.device.type == "cpu" and _int8_levels(m.act_qparams))
+    return type(m) is MultipointConv2d and m.point_codes.device.type == "cpu" and _int8_levels(m.act_qparams)
 
 
-def _only_user(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
 
 
-def _clamp_of(node: torch.fx.Node, modules: Dict[str, nn.Module], src: torch.fx.Node) -> Optional[Tuple[float, float]]:
+def _clamp_of(node: torch.fx.Node, modules: dict[str, nn.Module], src: torch.fx.Node) -> tuple[float, float] | None:
     """(lo, hi) when ``node`` is a ReLU, ReLU6, Hardtanh or clamp with constant bounds applied to ``src``."""
     if not node.args or node.args[0] is not src:
         return None
@@ -71,8 +72,10 @@ def _clamp_of(node: torch.fx.Node, modules: Dict[str, nn.Module], src: torch.fx.
             return float(m.min_val), float(m.max_val)
         return None
     rest = list(node.args[1:])
-    if node.op == "call_function" and node.target in (F.relu, torch.relu, torch.relu_) or (
-        node.op == "call_method" and node.target in ("relu", "relu_")
+    if (
+        node.op == "call_function"
+        and node.target in (F.relu, torch.relu, torch.relu_)
+        or (node.op == "call_method" and node.target in ("relu", "relu_"))
     ):
         return 0.0, _INF
     if node.op == "call_function" and node.target is F.relu6:
@@ -91,7 +94,7 @@ def _clamp_of(node: torch.fx.Node, modules: Dict[str, nn.Module], src: torch.fx.
     return None
 
 
-def _max_pool_of(node: torch.fx.Node, modules: Dict[str, nn.Module], src: torch.fx.Node) -> Optional[List[Any]]:
+def _max_pool_of(node: torch.fx.Node, modules: dict[str, nn.Module], src: torch.fx.Node) -> list[Any] | None:
     """The arguments of ``mpq::max_pool2d_levels`` (kernel_size, stride, padding, dilation,
     ceil_mode) when ``node`` is an ``nn.MaxPool2d`` (no indices) applied to ``src``, else None."""
     if node.op != "call_module" or not node.args or node.args[0] is not src or len(node.args) != 1 or node.kwargs:
@@ -104,7 +107,7 @@ def _max_pool_of(node: torch.fx.Node, modules: Dict[str, nn.Module], src: torch.
     return [kernel, stride, list(_pair(m.padding)), list(_pair(m.dilation)), bool(m.ceil_mode)]
 
 
-def _residual_of(node: torch.fx.Node, src: torch.fx.Node) -> Optional[torch.fx.Node]:
+def _residual_of(node: torch.fx.Node, src: torch.fx.Node) -> torch.fx.Node | None:
     """The other operand when ``node`` is ``src + other`` (same shape, float32), else None."""
     is_add = (node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)) or (
         node.op == "call_method" and node.target in ("add", "add_")
@@ -121,7 +124,7 @@ def _residual_of(node: torch.fx.Node, src: torch.fx.Node) -> Optional[torch.fx.N
     return other if tuple(meta_src.shape) == tuple(meta_other.shape) else None
 
 
-def _fused_residual_add(u: torch.fx.Node, src: torch.fx.Node, eligible: set, modules: Dict[str, nn.Module]) -> bool:
+def _fused_residual_add(u: torch.fx.Node, src: torch.fx.Node, eligible: set, modules: dict[str, nn.Module]) -> bool:
     """Whether ``u`` is ``src + other`` where ``other`` is an eligible convolution's single-use chain
     (through Identity modules): an add that the rewrite will fuse into that convolution, with
     ``src`` as its residual."""
@@ -134,8 +137,9 @@ def _fused_residual_add(u: torch.fx.Node, src: torch.fx.Node, eligible: set, mod
     return p in eligible and len(p.users) == 1 and len(p.args) == 1 and not p.kwargs
 
 
-def fuse_activations(qmodel: nn.Module, example: torch.Tensor, check: bool = True,
-                     quantize_residuals: bool = False) -> torch.fx.GraphModule:
+def fuse_activations(
+    qmodel: nn.Module, example: torch.Tensor, check: bool = True, quantize_residuals: bool = False
+) -> torch.fx.GraphModule:
     """The deployable form of a quantized model with int8 activations between its layers.
 
     Traces ``qmodel`` with torch.fx (mpq's layers as leaves), fuses every multipoint convolution
@@ -174,12 +178,12 @@ def fuse_activations(qmodel: nn.Module, example: torch.Tensor, check: bool = Tru
         ShapeProp(gm).propagate(example)
     modules = dict(gm.named_modules())
     eligible = {n for n in gm.graph.nodes if n.op == "call_module" and _eligible(modules[n.target])}
-    residual_grid: Dict[torch.fx.Node, torch.Tensor] = {}  # add node -> the quantizer of its uint8 residual
+    residual_grid: dict[torch.fx.Node, torch.Tensor] = {}  # add node -> the quantizer of its uint8 residual
     for n in list(gm.graph.nodes):
         if n not in eligible or len(n.args) != 1 or n.kwargs:
             continue
         layer: MultipointConv2d = modules[n.target]
-        chain: List[torch.fx.Node] = []
+        chain: list[torch.fx.Node] = []
         cur, residual, residual_qparams, lo, hi = n, None, None, -_INF, _INF
         nxt = _only_user(cur)
         while nxt is not None and nxt.op == "call_module" and isinstance(modules[nxt.target], nn.Identity):
@@ -200,7 +204,9 @@ def fuse_activations(qmodel: nn.Module, example: torch.Tensor, check: bool = Tru
         src = cur if pool is None else pool
         users = list(src.users)
         convs = [u for u in users if u in eligible and u.args and u.args[0] is src and len(u.args) == 1]
-        adds = [u for u in users if quantize_residuals and u not in convs and _fused_residual_add(u, src, eligible, modules)]
+        adds = [
+            u for u in users if quantize_residuals and u not in convs and _fused_residual_add(u, src, eligible, modules)
+        ]
         out_qparams = None
         if convs and len(convs) + len(adds) == len(users):
             qps = [modules[u.target].act_qparams for u in convs]
@@ -244,7 +250,7 @@ class FusedLayerCheck:
 
 @dataclass
 class FusedCheck:
-    layers: List[FusedLayerCheck] = field(default_factory=list)
+    layers: list[FusedLayerCheck] = field(default_factory=list)
 
     @property
     def max_ratio(self) -> float:
@@ -255,8 +261,14 @@ class FusedCheck:
         return max((c.level_flips for c in self.layers), default=0.0)
 
 
-def _check_one(name: str, f: FusedMultipointConv2d, x: torch.Tensor, residual: Optional[torch.Tensor],
-               y: torch.Tensor, max_samples: int) -> FusedLayerCheck:
+def _check_one(
+    name: str,
+    f: FusedMultipointConv2d,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    y: torch.Tensor,
+    max_samples: int,
+) -> FusedLayerCheck:
     m = f.layer
     x, y = x[:max_samples], y[:max_samples]
     if x.dtype == torch.uint8:  # the levels' values, in the float32 the kernels compute in (the
@@ -312,10 +324,10 @@ def check_fused(gm: nn.Module, example: torch.Tensor, max_samples: int = 8) -> F
     residual add, the clamp and, for uint8 outputs, the quantizer. Float outputs must be within the
     bound; a uint8 level must be one of the levels of the values within the bound."""
     result = FusedCheck()
-    failures: List[BaseException] = []
+    failures: list[BaseException] = []
 
     def hook(name: str):
-        def fn(mod: nn.Module, inputs: Tuple[Any, ...], output: torch.Tensor) -> None:
+        def fn(mod: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
             if failures:
                 return
             try:
@@ -324,6 +336,7 @@ def check_fused(gm: nn.Module, example: torch.Tensor, max_samples: int = 8) -> F
                     result.layers.append(_check_one(name, mod, inputs[0], res, output, max_samples))
             except RuntimeError as e:
                 failures.append(e)
+
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in gm.named_modules() if isinstance(m, FusedMultipointConv2d)]

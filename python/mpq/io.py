@@ -27,6 +27,7 @@ The architecture-free format is TorchScript: ``torch.jit.script(qmodel).save("mo
 code and tensors and loads with ``torch.jit.load`` (or ``mpq.load("model.pt")``) in Python, or in
 C++ with LibTorch and ``libmpq_ops.so``, with no model class at all.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,7 +39,7 @@ import os
 import struct
 import weakref
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,10 +58,10 @@ FORMAT = "mpq"
 FORMAT_VERSION = 2
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 # Metadata of the models this process loaded, so that saving them again keeps their config.
-_LOADED: "weakref.WeakKeyDictionary[nn.Module, Dict[str, Any]]" = weakref.WeakKeyDictionary()
+_LOADED: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 # ---- architectures -------------------------------------------------------------------------------
@@ -75,7 +76,9 @@ def build_architecture(spec: str) -> nn.Module:
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
-            raise ValueError("mpq.load: the architecture efficientnet_lite0 needs `pip install efficientnet-lite-pytorch`") from None
+            raise ValueError(
+                "mpq.load: the architecture efficientnet_lite0 needs `pip install efficientnet-lite-pytorch`"
+            ) from None
         with contextlib.redirect_stdout(_io.StringIO()):  # the package prints on construction
             return EfficientNet.from_name("efficientnet-lite0").eval()
     if spec.startswith("torchvision:"):
@@ -85,9 +88,7 @@ def build_architecture(spec: str) -> nn.Module:
         if name not in torchvision.models.list_models():
             raise ValueError(f"mpq.load: unknown torchvision model {name!r} (see torchvision.models.list_models())")
         return torchvision.models.get_model(name, weights=None).eval()
-    raise ValueError(
-        f"mpq.load: unknown architecture {spec!r}; expected 'torchvision:<name>' or 'efficientnet_lite0'"
-    )
+    raise ValueError(f"mpq.load: unknown architecture {spec!r}; expected 'torchvision:<name>' or 'efficientnet_lite0'")
 
 
 # ---- save ----------------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
-def _checksum(tensors: Dict[str, torch.Tensor]) -> str:
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):
         t = tensors[k]
@@ -120,8 +121,8 @@ def save(
     qmodel: nn.Module,
     path: PathLike,
     *,
-    config: Optional[QuantConfig] = None,
-    architecture: Optional[str] = None,
+    config: QuantConfig | None = None,
+    architecture: str | None = None,
 ) -> None:
     """Save a quantized model to ``path`` (safetensors tensors + JSON metadata; see the module doc).
 
@@ -166,7 +167,7 @@ def save(
     if architecture is not None:
         _check_architecture_spec(architecture)
 
-    tensors: Dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     seen_storage = set()
     for key, value in qmodel.state_dict().items():
         if not isinstance(value, torch.Tensor):
@@ -216,7 +217,7 @@ def is_torchscript_file(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"  # TorchScript archives are zip files
 
 
-def _read_header(path: Path) -> Dict[str, Any]:
+def _read_header(path: Path) -> dict[str, Any]:
     """The safetensors header of ``path`` with the mpq metadata parsed, after checking that the
     file is complete."""
     where = f"mpq.load: {path}"
@@ -274,7 +275,7 @@ def _read_header(path: Path) -> Dict[str, Any]:
     return meta
 
 
-def read_metadata(path: PathLike) -> Dict[str, Any]:
+def read_metadata(path: PathLike) -> dict[str, Any]:
     """The JSON metadata of an mpq file (format and versions, config, seed, layers), without
     loading its tensors. Raises ``ValueError`` for a file that is not a complete mpq file."""
     return _read_header(Path(path))
@@ -282,24 +283,31 @@ def read_metadata(path: PathLike) -> Dict[str, Any]:
 
 def _describe(m: nn.Module) -> str:
     if isinstance(m, nn.Conv2d):
-        return (f"{type(m).__name__}({m.in_channels}, {m.out_channels}, kernel_size={tuple(m.kernel_size)}, "
-                f"groups={m.groups})")
+        return (
+            f"{type(m).__name__}({m.in_channels}, {m.out_channels}, kernel_size={tuple(m.kernel_size)}, "
+            f"groups={m.groups})"
+        )
     if isinstance(m, nn.Linear):
         return f"{type(m).__name__}({m.in_features}, {m.out_features})"
     return type(m).__name__
 
 
-def _check_float_layer(name: str, m: nn.Module, spec: Dict[str, Any], model_class: str) -> None:
+def _check_float_layer(name: str, m: nn.Module, spec: dict[str, Any], model_class: str) -> None:
     """The float layer that a multipoint layer replaces must have its shape."""
     if "in_channels" in spec:  # a convolution's spec (multipoint or codebook)
         ok = isinstance(m, nn.Conv2d) and (
             [m.in_channels, m.out_channels, list(m.kernel_size), m.groups]
             == [spec.get("in_channels"), spec.get("out_channels"), spec.get("kernel_size"), spec.get("groups")]
         )
-        saved = (f"a conv {spec.get('in_channels')} -> {spec.get('out_channels')}, kernel_size "
-                 f"{tuple(spec.get('kernel_size') or ())}, groups={spec.get('groups')}")
+        saved = (
+            f"a conv {spec.get('in_channels')} -> {spec.get('out_channels')}, kernel_size "
+            f"{tuple(spec.get('kernel_size') or ())}, groups={spec.get('groups')}"
+        )
     else:
-        ok = isinstance(m, nn.Linear) and [m.in_features, m.out_features] == [spec.get("in_features"), spec.get("out_features")]
+        ok = isinstance(m, nn.Linear) and [m.in_features, m.out_features] == [
+            spec.get("in_features"),
+            spec.get("out_features"),
+        ]
         saved = f"a linear {spec.get('in_features')} -> {spec.get('out_features')}"
     if not ok:
         raise ValueError(
@@ -308,12 +316,12 @@ def _check_float_layer(name: str, m: nn.Module, spec: Dict[str, Any], model_clas
         )
 
 
-def _list(names: List[str], limit: int = 5) -> str:
+def _list(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(repr(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
+def load(path: PathLike, model: nn.Module | None = None) -> nn.Module:
     """Load a quantized model saved by ``mpq.save``.
 
     Args:
@@ -439,14 +447,16 @@ def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     return target
 
 
-def _stored_form_from_file(name: str, q: MultipointLayer, tensors: Dict[str, torch.Tensor], version: int) -> None:
+def _stored_form_from_file(name: str, q: MultipointLayer, tensors: dict[str, torch.Tensor], version: int) -> None:
     """Fits layer ``q`` to the file's stored form: version-1 files hold codes [C, P, ...] and
     scales [C, P], packed here; the number of stored points (rows of point_codes) is the file's."""
     codes, scales, counts = f"{name}.codes", f"{name}.scales", f"{name}.num_points"
     if version == 1 and codes in tensors and scales in tensors and counts in tensors:
         c, s, n = tensors.pop(codes), tensors.pop(scales), tensors[counts]
         if c.dtype != torch.int8 or s.shape != c.shape[:2] or n.shape != c.shape[:1]:
-            raise ValueError(f"mpq.load: layer {name!r}: the version-1 codes, scales and num_points do not fit each other")
+            raise ValueError(
+                f"mpq.load: layer {name!r}: the version-1 codes, scales and num_points do not fit each other"
+            )
         keep = torch.arange(c.shape[1])[None, :] < n.long()[:, None]
         tensors[f"{name}.point_codes"], tensors[f"{name}.point_scales"] = torch.ops.mpq.pack_points(
             c, torch.where(keep, s.float(), torch.zeros(())), n.int(), q.w_bits
@@ -457,7 +467,7 @@ def _stored_form_from_file(name: str, q: MultipointLayer, tensors: Dict[str, tor
             setattr(q, buf, torch.empty(t.shape, dtype=mine.dtype, device=mine.device))
 
 
-def loaded_metadata(model: nn.Module) -> Optional[Dict[str, Any]]:
+def loaded_metadata(model: nn.Module) -> dict[str, Any] | None:
     """The metadata of the file ``model`` was loaded from in this process (plus
     ``folded_batchnorms``: the BatchNorms ``load`` replaced by Identity), or None."""
     return _LOADED.get(model)

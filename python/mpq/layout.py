@@ -17,7 +17,6 @@ the names below and write no number of their own.
   ``SLAB_K`` columns per slab, ``K_ALIGN`` (Kp = :func:`padded_k`), :func:`slab_bytes`,
   ``INT8_MAX_K`` (the int8 kernels' largest Kp), ``PACKED_FORMAT_VERSION``.
 """
-from typing import Dict, List
 
 import torch
 
@@ -50,7 +49,7 @@ __all__ = [
 ]
 
 #: Every constant of ``mpq::layout_constants()``, by its C++ name (a copy: changing it changes nothing).
-CONSTANTS: Dict[str, int] = dict(torch.ops.mpq.layout_constants())
+CONSTANTS: dict[str, int] = dict(torch.ops.mpq.layout_constants())
 
 MIN_W_BITS: int = CONSTANTS["min_w_bits"]
 MAX_W_BITS: int = CONSTANTS["max_w_bits"]
@@ -117,7 +116,7 @@ def int8_levels_fit(act_qparams: torch.Tensor) -> bool:
     return bool(torch.ops.mpq.int8_levels_fit(act_qparams))
 
 
-def packed_int8_fits(act_qparams: torch.Tensor, code_shape: List[int]) -> bool:
+def packed_int8_fits(act_qparams: torch.Tensor, code_shape: list[int]) -> bool:
     """Whether the packed int8 CUDA kernel computes a layer with ``act_qparams`` and ``code_shape``
     (``[in_features]``, or ``[C_in/groups, kh, kw]`` for a convolution): ``mpq::packed_int8_fits``."""
     return bool(torch.ops.mpq.packed_int8_fits(act_qparams, [int(v) for v in code_shape]))

@@ -3,7 +3,6 @@
 The schemas live in C++ (``csrc/registration.cpp``); the dispatcher chooses the CPU or CUDA
 kernel from the tensors' device.
 """
-from typing import List, Optional, Tuple
 
 import torch
 
@@ -44,7 +43,7 @@ __all__ = [
 
 def fit_multipoint(
     weight: torch.Tensor, bits: int, max_points: int, exact: bool = False
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy multipoint fit of every row of ``weight``.
 
     Args:
@@ -78,8 +77,8 @@ def multipoint_linear(
     codes: torch.Tensor,
     scales: torch.Tensor,
     num_points: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    act_qparams: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
+    act_qparams: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``fq(input) @ W^T + bias`` with W the multipoint weight (codes int8[C, P, D]).
 
@@ -94,11 +93,11 @@ def multipoint_conv2d(
     codes: torch.Tensor,
     scales: torch.Tensor,
     num_points: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    act_qparams: Optional[torch.Tensor],
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
+    bias: torch.Tensor | None,
+    act_qparams: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
     groups: int,
 ) -> torch.Tensor:
     """``conv2d(fq(input), W, bias, stride, padding, dilation, groups)`` with W the multipoint
@@ -110,7 +109,7 @@ def multipoint_conv2d(
 
 def pack_multipoint(
     codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, w_bits: int, groups: int = 1
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The packed weight of the fused kernels (layout: ``csrc/kernels/packed_layout.h``), made once.
 
     Channels are sorted by point count (descending, stable) into tiles of 64 rows with one count
@@ -140,10 +139,12 @@ def unpack_multipoint(
     out_features: int,
     in_features: int,
     max_points: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The inverse of :func:`pack_multipoint`: codes (Tensor[C, max_points, D], int8, zero beyond
     each channel's count), scales (Tensor[C, max_points], float32), num_points (Tensor[C], int32)."""
-    return torch.ops.mpq.unpack_multipoint(packed, packed_scales, perm, tile_offsets, out_features, in_features, max_points)
+    return torch.ops.mpq.unpack_multipoint(
+        packed, packed_scales, perm, tile_offsets, out_features, in_features, max_points
+    )
 
 
 def multipoint_linear_packed(
@@ -154,8 +155,8 @@ def multipoint_linear_packed(
     tile_offsets: torch.Tensor,
     row_sums: torch.Tensor,
     out_features: int,
-    bias: Optional[torch.Tensor] = None,
-    act_qparams: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
+    act_qparams: torch.Tensor | None = None,
     kernel: str = "auto",
 ) -> torch.Tensor:
     """:func:`multipoint_linear` on a packed weight: ``fq(input) @ W^T + bias`` -> [..., out_features].
@@ -185,12 +186,12 @@ def multipoint_conv2d_packed(
     tile_offsets: torch.Tensor,
     row_sums: torch.Tensor,
     out_channels: int,
-    kernel_size: List[int],
-    bias: Optional[torch.Tensor],
-    act_qparams: Optional[torch.Tensor],
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
+    kernel_size: list[int],
+    bias: torch.Tensor | None,
+    act_qparams: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
     groups: int,
     kernel: str = "auto",
 ) -> torch.Tensor:
@@ -202,14 +203,27 @@ def multipoint_conv2d_packed(
     the same function. The output of the fused kernels is channels_last.
     """
     return torch.ops.mpq.multipoint_conv2d_packed(
-        input, packed, packed_scales, perm, tile_offsets, row_sums, out_channels, kernel_size, bias, act_qparams,
-        stride, padding, dilation, groups, kernel,
+        input,
+        packed,
+        packed_scales,
+        perm,
+        tile_offsets,
+        row_sums,
+        out_channels,
+        kernel_size,
+        bias,
+        act_qparams,
+        stride,
+        padding,
+        dilation,
+        groups,
+        kernel,
     )
 
 
 def pack_points(
     codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, w_bits: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The stored form of a multipoint weight (what files hold): only the points in use
     (``k < num_points[j]``), channel-major, each point's D codes bit-packed at ``w_bits`` bits.
 
@@ -224,9 +238,13 @@ def pack_points(
 
 
 def unpack_points(
-    point_codes: torch.Tensor, point_scales: torch.Tensor, num_points: torch.Tensor, w_bits: int, in_features: int,
+    point_codes: torch.Tensor,
+    point_scales: torch.Tensor,
+    num_points: torch.Tensor,
+    w_bits: int,
+    in_features: int,
     max_points: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of :func:`pack_points`: codes (Tensor[C, max_points, in_features], int8, zero
     beyond each channel's count) and scales (Tensor[C, max_points], float32)."""
     return torch.ops.mpq.unpack_points(point_codes, point_scales, num_points, w_bits, in_features, max_points)
@@ -239,8 +257,8 @@ def multipoint_linear_stored(
     num_points: torch.Tensor,
     w_bits: int,
     in_features: int,
-    bias: Optional[torch.Tensor] = None,
-    act_qparams: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
+    act_qparams: torch.Tensor | None = None,
     path: str = "auto",
 ) -> torch.Tensor:
     """:func:`multipoint_linear` on the stored form (:func:`pack_points`) -> [..., C].
@@ -260,20 +278,31 @@ def multipoint_conv2d_stored(
     point_scales: torch.Tensor,
     num_points: torch.Tensor,
     w_bits: int,
-    code_shape: List[int],
-    bias: Optional[torch.Tensor],
-    act_qparams: Optional[torch.Tensor],
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
+    code_shape: list[int],
+    bias: torch.Tensor | None,
+    act_qparams: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
     groups: int,
     path: str = "auto",
 ) -> torch.Tensor:
     """:func:`multipoint_conv2d` on the stored form, ``code_shape = [C_in/groups, kh, kw]``; kernels
     as :func:`multipoint_linear_stored` (oneDNN's int8 convolution). The CPU output is channels_last."""
     return torch.ops.mpq.multipoint_conv2d_stored(
-        input, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams, stride, padding,
-        dilation, groups, path,
+        input,
+        point_codes,
+        point_scales,
+        num_points,
+        w_bits,
+        code_shape,
+        bias,
+        act_qparams,
+        stride,
+        padding,
+        dilation,
+        groups,
+        path,
     )
 
 
@@ -283,19 +312,19 @@ def multipoint_conv2d_fused(
     point_scales: torch.Tensor,
     num_points: torch.Tensor,
     w_bits: int,
-    code_shape: List[int],
-    bias: Optional[torch.Tensor],
+    code_shape: list[int],
+    bias: torch.Tensor | None,
     act_qparams: torch.Tensor,
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
     groups: int,
-    residual: Optional[torch.Tensor] = None,
-    clamp_min: Optional[float] = None,
-    clamp_max: Optional[float] = None,
-    out_qparams: Optional[torch.Tensor] = None,
+    residual: torch.Tensor | None = None,
+    clamp_min: float | None = None,
+    clamp_max: float | None = None,
+    out_qparams: torch.Tensor | None = None,
     path: str = "auto",
-    residual_qparams: Optional[torch.Tensor] = None,
+    residual_qparams: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`multipoint_conv2d_stored` with int8 activations between layers:
     ``y = clamp(conv(fq(input)) + bias + residual, clamp_min, clamp_max)`` (None or an infinite
@@ -306,13 +335,35 @@ def multipoint_conv2d_fused(
     ``path``: "auto", "int8" (oneDNN), "depthwise" (mpq's kernel), "dense"; the same function on
     every path. The CPU output is channels_last."""
     return torch.ops.mpq.multipoint_conv2d_fused(
-        input, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams, stride, padding,
-        dilation, groups, residual, clamp_min, clamp_max, out_qparams, path, residual_qparams,
+        input,
+        point_codes,
+        point_scales,
+        num_points,
+        w_bits,
+        code_shape,
+        bias,
+        act_qparams,
+        stride,
+        padding,
+        dilation,
+        groups,
+        residual,
+        clamp_min,
+        clamp_max,
+        out_qparams,
+        path,
+        residual_qparams,
     )
 
 
-def max_pool2d_levels(levels: torch.Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
-                      dilation: List[int], ceil_mode: bool = False) -> torch.Tensor:
+def max_pool2d_levels(
+    levels: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    ceil_mode: bool = False,
+) -> torch.Tensor:
     """Max pooling of uint8 activation levels ``[N, C, H, W]``: exactly the levels of the pooled
     values (quantizing is monotone). The CPU output is channels_last."""
     return torch.ops.mpq.max_pool2d_levels(levels, kernel_size, stride, padding, dilation, ceil_mode)
@@ -328,17 +379,25 @@ def int8_kernels_exact(w_bits: int) -> bool:
 # ---- fake kernels: shapes and dtypes only, for tracing -------------------------------------
 
 
-def _check_one_device(op: str, input: Optional[torch.Tensor], codes: torch.Tensor, scales: torch.Tensor,
-                      num_points: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                      act_qparams: Optional[torch.Tensor] = None) -> None:
+def _check_one_device(
+    op: str,
+    input: torch.Tensor | None,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    num_points: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act_qparams: torch.Tensor | None = None,
+) -> None:
     """The device rule of the C++ checks. NB: a meta tensor among CPU tensors dispatches here,
     to the fake kernel, which would otherwise return an uninitialised CPU tensor."""
     named = [("codes", codes), ("scales", scales), ("num_points", num_points), ("input", input), ("bias", bias)]
     devices = {name: t.device for name, t in named if t is not None}
     torch._check(
         len(set(devices.values())) == 1,
-        lambda: f"{op}: expected every tensor argument on one device, got "
-        + ", ".join(f"{name} on {d}" for name, d in devices.items()),
+        lambda: (
+            f"{op}: expected every tensor argument on one device, got "
+            + ", ".join(f"{name} on {d}" for name, d in devices.items())
+        ),
     )
     if act_qparams is not None:
         torch._check(
@@ -350,10 +409,14 @@ def _check_one_device(op: str, input: Optional[torch.Tensor], codes: torch.Tenso
 @torch.library.register_fake("mpq::fit_multipoint")
 def _fit_multipoint_fake(weight, bits, max_points, exact):
     torch._check(weight.dim() == 2, lambda: "mpq::fit_multipoint: expected weight to be 2-D [C, D]")
-    torch._check(MIN_W_BITS <= bits <= MAX_W_BITS,
-                 lambda: f"mpq::fit_multipoint: expected bits in {MIN_W_BITS}..{MAX_W_BITS}, got {bits}")
-    torch._check(1 <= max_points <= MAX_POINTS,
-                 lambda: f"mpq::fit_multipoint: expected max_points in 1..{MAX_POINTS}, got {max_points}")
+    torch._check(
+        MIN_W_BITS <= bits <= MAX_W_BITS,
+        lambda: f"mpq::fit_multipoint: expected bits in {MIN_W_BITS}..{MAX_W_BITS}, got {bits}",
+    )
+    torch._check(
+        1 <= max_points <= MAX_POINTS,
+        lambda: f"mpq::fit_multipoint: expected max_points in 1..{MAX_POINTS}, got {max_points}",
+    )
     C, D = weight.shape
     codes = weight.new_empty((C, max_points, D), dtype=torch.int8)
     scales = weight.new_empty((C, max_points), dtype=torch.float32)
@@ -393,34 +456,53 @@ def _multipoint_conv2d_fake(input, codes, scales, num_points, bias, act_qparams,
 
 @torch.library.register_fake("mpq::pack_points")
 def _pack_points_fake(codes, scales, num_points, w_bits):
-    torch._check(MIN_W_BITS <= w_bits <= MAX_W_BITS,
-                 lambda: f"mpq::pack_points: expected w_bits in {MIN_W_BITS}..{MAX_W_BITS}, got {w_bits}")
+    torch._check(
+        MIN_W_BITS <= w_bits <= MAX_W_BITS,
+        lambda: f"mpq::pack_points: expected w_bits in {MIN_W_BITS}..{MAX_W_BITS}, got {w_bits}",
+    )
     D = 1
     for v in codes.shape[2:]:
         D *= v
     points = torch.library.get_ctx().new_dynamic_size()  # sum(num_points): data-dependent
-    return (codes.new_empty((points, stored_row_bytes(D, w_bits)), dtype=torch.uint8),
-            scales.new_empty((points,), dtype=torch.float32))
+    return (
+        codes.new_empty((points, stored_row_bytes(D, w_bits)), dtype=torch.uint8),
+        scales.new_empty((points,), dtype=torch.float32),
+    )
 
 
 @torch.library.register_fake("mpq::unpack_points")
 def _unpack_points_fake(point_codes, point_scales, num_points, w_bits, in_features, max_points):
     C = num_points.shape[0]
-    return (point_codes.new_empty((C, max_points, in_features), dtype=torch.int8),
-            point_scales.new_empty((C, max_points), dtype=torch.float32))
+    return (
+        point_codes.new_empty((C, max_points, in_features), dtype=torch.int8),
+        point_scales.new_empty((C, max_points), dtype=torch.float32),
+    )
 
 
 @torch.library.register_fake("mpq::multipoint_linear_stored")
 def _multipoint_linear_stored_fake(
     input, point_codes, point_scales, num_points, w_bits, in_features, bias, act_qparams, path="auto"
 ):
-    torch._check(input.shape[-1] == in_features, lambda: "mpq::multipoint_linear_stored: input and in_features disagree")
+    torch._check(
+        input.shape[-1] == in_features, lambda: "mpq::multipoint_linear_stored: input and in_features disagree"
+    )
     return input.new_empty((*input.shape[:-1], num_points.shape[0]))
 
 
 @torch.library.register_fake("mpq::multipoint_conv2d_stored")
 def _multipoint_conv2d_stored_fake(
-    input, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams, stride, padding, dilation, groups,
+    input,
+    point_codes,
+    point_scales,
+    num_points,
+    w_bits,
+    code_shape,
+    bias,
+    act_qparams,
+    stride,
+    padding,
+    dilation,
+    groups,
     path="auto",
 ):
     N, _, H, W = input.shape
@@ -433,28 +515,61 @@ def _multipoint_conv2d_stored_fake(
 
 @torch.library.register_fake("mpq::multipoint_conv2d_fused")
 def _multipoint_conv2d_fused_fake(
-    input, point_codes, point_scales, num_points, w_bits, code_shape, bias, act_qparams, stride, padding, dilation,
-    groups, residual, clamp_min, clamp_max, out_qparams, path="auto", residual_qparams=None,
+    input,
+    point_codes,
+    point_scales,
+    num_points,
+    w_bits,
+    code_shape,
+    bias,
+    act_qparams,
+    stride,
+    padding,
+    dilation,
+    groups,
+    residual,
+    clamp_min,
+    clamp_max,
+    out_qparams,
+    path="auto",
+    residual_qparams=None,
 ):
-    y = _multipoint_conv2d_stored_fake(input.float(), point_codes, point_scales, num_points, w_bits, code_shape, bias,
-                                       act_qparams, stride, padding, dilation, groups)
+    y = _multipoint_conv2d_stored_fake(
+        input.float(),
+        point_codes,
+        point_scales,
+        num_points,
+        w_bits,
+        code_shape,
+        bias,
+        act_qparams,
+        stride,
+        padding,
+        dilation,
+        groups,
+    )
     return y if out_qparams is None else y.to(torch.uint8)
 
 
 @torch.library.register_fake("mpq::max_pool2d_levels")
 def _max_pool2d_levels_fake(levels, kernel_size, stride, padding, dilation, ceil_mode):
-    torch._check(levels.dtype == torch.uint8 and levels.dim() == 4,
-                 lambda: "mpq::max_pool2d_levels: expected levels uint8 [N, C, H, W]")
-    y = torch.nn.functional.max_pool2d(levels.new_empty(levels.shape, dtype=torch.float32), kernel_size, stride,
-                                       padding, dilation, ceil_mode)
+    torch._check(
+        levels.dtype == torch.uint8 and levels.dim() == 4,
+        lambda: "mpq::max_pool2d_levels: expected levels uint8 [N, C, H, W]",
+    )
+    y = torch.nn.functional.max_pool2d(
+        levels.new_empty(levels.shape, dtype=torch.float32), kernel_size, stride, padding, dilation, ceil_mode
+    )
     return y.to(torch.uint8).contiguous(memory_format=torch.channels_last)
 
 
 @torch.library.register_fake("mpq::pack_multipoint")
 def _pack_multipoint_fake(codes, scales, num_points, w_bits, groups=1):
     torch._check(codes.dim() == 3, lambda: "mpq::pack_multipoint: expected codes [C, P, D]")
-    torch._check(MIN_W_BITS <= w_bits <= MAX_W_BITS,
-                 lambda: f"mpq::pack_multipoint: expected w_bits in {MIN_W_BITS}..{MAX_W_BITS}, got {w_bits}")
+    torch._check(
+        MIN_W_BITS <= w_bits <= MAX_W_BITS,
+        lambda: f"mpq::pack_multipoint: expected w_bits in {MIN_W_BITS}..{MAX_W_BITS}, got {w_bits}",
+    )
     # The numbers of blocks and tiles depend on the point counts' values.
     ctx = torch.library.get_ctx()
     blocks = ctx.new_dynamic_size()
@@ -486,8 +601,21 @@ def _multipoint_linear_packed_fake(
 
 @torch.library.register_fake("mpq::multipoint_conv2d_packed")
 def _multipoint_conv2d_packed_fake(
-    input, packed, packed_scales, perm, tile_offsets, row_sums, out_channels, kernel_size, bias, act_qparams,
-    stride, padding, dilation, groups, kernel="auto",
+    input,
+    packed,
+    packed_scales,
+    perm,
+    tile_offsets,
+    row_sums,
+    out_channels,
+    kernel_size,
+    bias,
+    act_qparams,
+    stride,
+    padding,
+    dilation,
+    groups,
+    kernel="auto",
 ):
     N, C, H, W = input.shape
     kh, kw = kernel_size

@@ -5,18 +5,20 @@
 - ``plot_sweep(rows, path)``: quality (top-1, top-5, agreement with FP32) against average bits per
   weight, one line per method; what ``python -m mpq sweep`` draws.
 """
+
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = ["plot_allocation", "plot_sweep"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def _pyplot():
@@ -30,7 +32,7 @@ def _pyplot():
     return plt
 
 
-def plot_allocation(qmodel: nn.Module, path: PathLike, title: Optional[str] = None) -> Dict[str, Any]:
+def plot_allocation(qmodel: nn.Module, path: PathLike, title: str | None = None) -> dict[str, Any]:
     """Write a PNG of how ``mpq.quantize`` spent the bits, layer by layer in model order.
 
     Bars: the fraction of each layer's output channels that have 1, 2, ..., P points (stacked).
@@ -45,12 +47,12 @@ def plot_allocation(qmodel: nn.Module, path: PathLike, title: Optional[str] = No
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"mpq.plot_allocation: expected qmodel to be a torch.nn.Module, got {type(qmodel).__name__}")
     check_output_path("mpq.plot_allocation", path)
-    names: List[str] = []
-    fractions: List[List[float]] = []
-    bpw: List[float] = []
-    weights: List[int] = []
+    names: list[str] = []
+    fractions: list[list[float]] = []
+    bpw: list[float] = []
+    weights: list[int] = []
     max_p = 1
-    for name, m in qmodel.named_modules():
+    for m in qmodel.modules():
         if isinstance(m, MultipointLayer):
             max_p = max(max_p, int(m.max_points))
     for name, m in qmodel.named_modules():
@@ -75,8 +77,15 @@ def plot_allocation(qmodel: nn.Module, path: PathLike, title: Optional[str] = No
     bottom = [0.0] * L
     for p in range(max_p):
         vals = [f[p] for f in fractions]
-        ax.bar(x, vals, bottom=bottom, width=0.85, color=colors[p], label=f"{p + 1} point{'s' if p else ''}",
-               edgecolor="none")
+        ax.bar(
+            x,
+            vals,
+            bottom=bottom,
+            width=0.85,
+            color=colors[p],
+            label=f"{p + 1} point{'s' if p else ''}",
+            edgecolor="none",
+        )
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set_ylim(0, 1)
     ax.set_xlim(-0.6, L - 0.4)
@@ -93,10 +102,12 @@ def plot_allocation(qmodel: nn.Module, path: PathLike, title: Optional[str] = No
     ax2.set_ylim(0, max(bpw) * 1.15)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(h1 + h2), fontsize=8,
-              frameon=False)
-    fig.suptitle(title or f"Points per output channel: {L} multipoint layers, {avg:.2f} bits per weight on average",
-                 fontsize=10)
+    ax.legend(
+        h1 + h2, l1 + l2, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(h1 + h2), fontsize=8, frameon=False
+    )
+    fig.suptitle(
+        title or f"Points per output channel: {L} multipoint layers, {avg:.2f} bits per weight on average", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(os.fspath(path))
     plt.close(fig)
@@ -104,10 +115,10 @@ def plot_allocation(qmodel: nn.Module, path: PathLike, title: Optional[str] = No
 
 
 def plot_sweep(
-    rows: Sequence[Dict[str, Any]],
+    rows: Sequence[dict[str, Any]],
     path: PathLike,
-    reference: Optional[Dict[str, Any]] = None,
-    title: Optional[str] = None,
+    reference: dict[str, Any] | None = None,
+    title: str | None = None,
 ) -> None:
     """Write a PNG of quality against average bits per weight.
 
@@ -117,8 +128,11 @@ def plot_sweep(
             with FP32).
         reference: the FP32 row (drawn as a dashed line per metric), optional.
     """
-    metrics = [(k, label) for k, label in (("top1", "top-1"), ("top5", "top-5"), ("agreement", "top-1 agreement with FP32"))
-               if any(r.get(k) is not None for r in rows)]
+    metrics = [
+        (k, label)
+        for k, label in (("top1", "top-1"), ("top5", "top-5"), ("agreement", "top-1 agreement with FP32"))
+        if any(r.get(k) is not None for r in rows)
+    ]
     if not rows or not metrics:
         raise ValueError("mpq.plot_sweep: expected rows with avg_bits and at least one of top1, top5, agreement")
     plt = _pyplot()
@@ -128,13 +142,26 @@ def plot_sweep(
     cmap = plt.get_cmap("tab10")
     for ax, (key, label) in zip(axes[0], metrics):
         for i, method in enumerate(methods):
-            pts = sorted((r["avg_bits"], 100 * r[key]) for r in rows if r["method"] == method and r.get(key) is not None)
+            pts = sorted(
+                (r["avg_bits"], 100 * r[key]) for r in rows if r["method"] == method and r.get(key) is not None
+            )
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], color=cmap(i),
-                        linewidth=1.5, label=method)
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker=markers[i % len(markers)],
+                    color=cmap(i),
+                    linewidth=1.5,
+                    label=method,
+                )
         if reference is not None and reference.get(key) is not None:
-            ax.axhline(100 * reference[key], color="black", linestyle="--", linewidth=1,
-                       label=f"FP32 ({100 * reference[key]:.1f}%)")
+            ax.axhline(
+                100 * reference[key],
+                color="black",
+                linestyle="--",
+                linewidth=1,
+                label=f"FP32 ({100 * reference[key]:.1f}%)",
+            )
         ax.set_ylim(0, 102)
         ax.set_xlabel("average bits per weight (codes + scales)")
         ax.set_ylabel(f"{label} (%)")

@@ -1,10 +1,11 @@
 """``mpq.quantize``: the pipeline's stages in order (``mpq.pipeline``): prepare -> calibrate ->
 sensitivity -> fit -> allocate -> refit -> swap -> BatchNorm re-estimation -> pack -> verify."""
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, Union
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -37,10 +38,10 @@ __all__ = ["quantize", "QuantReport", "LayerReport", "last_report"]
 def quantize(
     model: nn.Module,
     calib_loader: Iterable,
-    config: Union[str, QuantConfig, dict, None] = "W4A8",
+    config: str | QuantConfig | dict | None = "W4A8",
     *,
     inplace: bool = False,
-    device: Union[str, torch.device, None] = None,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """Quantize ``model``'s Conv2d and Linear layers with multipoint weights (or RTN).
 
@@ -93,10 +94,17 @@ def quantize(
         report.simulation_error = report.simulation_checks[0].end_to_end
         seconds["verify"] = time.perf_counter() - t0
     if cal.skipped:
-        logger.warning("mpq: %d weighted layers stay in float: %s", len(cal.skipped), "; ".join(f"{n} ({r})" for n, r in cal.skipped))
+        logger.warning(
+            "mpq: %d weighted layers stay in float: %s",
+            len(cal.skipped),
+            "; ".join(f"{n} ({r})" for n, r in cal.skipped),
+        )
     seconds["total"] = time.perf_counter() - t_start
     logger.info(
-        "mpq: quantized %d layers, %.3f bits per weight on average, %.1fs", len(report.layers), report.avg_bits, seconds["total"]
+        "mpq: quantized %d layers, %.3f bits per weight on average, %.1fs",
+        len(report.layers),
+        report.avg_bits,
+        seconds["total"],
     )
     record_report(prep.model, report)
     return prep.model

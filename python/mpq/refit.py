@@ -3,6 +3,7 @@ paper"): once the greedy codes q_1..q_n of channel j are fixed, re-solve all its
 at once, either for the weight error ||w - sum a_k q_k||^2 or for the layer-output error
 (w - sum a_k q_k)^T H (w - sum a_k q_k) with H = E[x x^T] from calibration. An n x n system per
 channel; never worse than the greedy scales in the error it minimises (checked per channel)."""
+
 from __future__ import annotations
 
 import torch
@@ -62,8 +63,13 @@ def _error(A: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 def refit_scales(
-    weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, counts: torch.Tensor, stats: LayerStats,
-    groups: int, mode: str = "output",
+    weight: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    counts: torch.Tensor,
+    stats: LayerStats,
+    groups: int,
+    mode: str = "output",
 ) -> torch.Tensor:
     """New float32 scales [C, P]: for each channel j, its first counts[j] scales re-solved jointly.
 

@@ -10,18 +10,19 @@ channel cannot hide in a model-wide norm. The end-to-end difference between the 
 and :func:`simulate` is measured and reported, but never raised on: 8-bit activation roundings
 that flip on last-bit differences travel through a network and make it depend on the CPU.
 """
+
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mpq.activation import fake_quantize
-from mpq.nn.modules import MultipointConv2d, MultipointLinear, MultipointLayer, same_padding
+from mpq.nn.modules import MultipointConv2d, MultipointLayer, MultipointLinear, same_padding
 
 __all__ = ["simulate", "check_simulation", "SimulationCheck", "LayerCheck", "output_difference"]
 
@@ -40,7 +41,7 @@ class _Simulated(nn.Module):
         self.register_buffer("weight", _dense_weight(m))
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        qp: Optional[torch.Tensor] = self.source.act_qparams
+        qp: torch.Tensor | None = self.source.act_qparams
         if qp is None:
             return x
         s, zp, qmin, qmax = qp.tolist()
@@ -89,7 +90,7 @@ class SimulationCheck:
     """What :func:`check_simulation` measured: every quantized layer, and the end-to-end
     relative L2 difference between the deployed model and :func:`simulate` (reported only)."""
 
-    layers: List[LayerCheck] = field(default_factory=list)
+    layers: list[LayerCheck] = field(default_factory=list)
     end_to_end: float = float("nan")
     dtype: str = "float32"
 
@@ -125,15 +126,13 @@ def _padded_input(m: MultipointLayer, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _apply_layer(m: MultipointLayer, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+def _apply_layer(m: MultipointLayer, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     if x.dim() >= 3 and hasattr(m, "kernel_size"):
         return F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)
     return F.linear(x, w, b)
 
 
-def layer_bound(
-    m: MultipointLayer, x: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor, float]:
+def layer_bound(m: MultipointLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(reference, bound, boundary fraction) for layer ``m`` on its input ``x`` (before padding).
 
     reference = the layer in float64: the dequantized weight W = sum_k a_k q_k and the input
@@ -204,8 +203,13 @@ def _check_layer(name: str, m: MultipointLayer, x: torch.Tensor, y: torch.Tensor
         raise RuntimeError(f"mpq simulation check: layer {name!r} returned {float(y[where])} at element {where}")
     ratio = err / bound
     worst = int(ratio.argmax()) if ratio.numel() else 0
-    check = LayerCheck(name, ratio.numel(), float(ratio.max()) if ratio.numel() else 0.0,
-                       float(err.max()) if err.numel() else 0.0, frac)
+    check = LayerCheck(
+        name,
+        ratio.numel(),
+        float(ratio.max()) if ratio.numel() else 0.0,
+        float(err.max()) if err.numel() else 0.0,
+        frac,
+    )
     if check.max_ratio > 1.0:
         idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), ratio.shape))
         raise RuntimeError(
@@ -237,7 +241,7 @@ def output_difference(a: Any, b: Any, where: str = "output") -> float:
 
 
 def check_simulation(
-    qmodel: nn.Module, example: torch.Tensor, dtype: Optional[torch.dtype] = None, max_samples: int = 8
+    qmodel: nn.Module, example: torch.Tensor, dtype: torch.dtype | None = None, max_samples: int = 8
 ) -> SimulationCheck:
     """Run ``example`` through the deployed ``qmodel`` once with a hook on every quantized layer,
     recompute each layer from its recorded input in float64 and compare element-wise against
@@ -252,11 +256,13 @@ def check_simulation(
         model = copy.deepcopy(qmodel).to(dtype)
         if example.is_floating_point():
             example = example.to(dtype)
-    result = SimulationCheck(dtype=str(dtype or next((p.dtype for p in model.parameters()), torch.float32)).replace("torch.", ""))
-    failures: List[BaseException] = []
+    result = SimulationCheck(
+        dtype=str(dtype or next((p.dtype for p in model.parameters()), torch.float32)).replace("torch.", "")
+    )
+    failures: list[BaseException] = []
 
     def hook(name: str):
-        def fn(mod: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        def fn(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if failures:
                 return
             try:
@@ -264,6 +270,7 @@ def check_simulation(
                     result.layers.append(_check_layer(name, mod, inputs[0], output, max_samples))
             except RuntimeError as e:
                 failures.append(e)
+
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, MultipointLayer)]

@@ -1,8 +1,8 @@
 """``mpq.summary``: a per-layer table of a quantized model, read from its modules."""
+
 from __future__ import annotations
 
 import math
-from typing import List
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ def summary(qmodel: nn.Module) -> str:
     ignored, and layer types mpq does not quantize, such as Conv1d or Embedding)."""
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"mpq.summary: expected qmodel to be a torch.nn.Module, got {type(qmodel).__name__}")
-    rows: List[List[str]] = []
+    rows: list[list[str]] = []
     total_bits = total_weights = 0.0
     floats = []
     for name, m in qmodel.named_modules():

@@ -35,10 +35,10 @@
 namespace mpq_test {
 inline bool skipped = false;  // set by MPQ_SKIP, read by catch_main.cpp's runner
 }  // namespace mpq_test
-#define MPQ_SKIP(msg)                 \
-  do {                                \
-    WARN("skipped: " << msg);         \
-    ::mpq_test::skipped = true;       \
-    return;                           \
+#define MPQ_SKIP(msg)           \
+  do {                          \
+    WARN("skipped: " << msg);   \
+    ::mpq_test::skipped = true; \
+    return;                     \
   } while (0)
 #endif

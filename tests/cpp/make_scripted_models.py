@@ -17,6 +17,7 @@ scripted container module with buffers ``input`` and ``output`` and the int attr
 Run by CTest (FIXTURES_SETUP in tests/cpp/CMakeLists.txt) with the Python CMake found; that
 Python must import mpq.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,8 +101,10 @@ def save_case(out: Path, name: str, qmodel: nn.Module, x: torch.Tensor, trace: b
     # NB: clone: a slice of a batch would save the whole batch's storage.
     tensors = {"input": x.clone(), "output": y}
     torch.jit.script(_TensorFile(tensors, {"multipoint_layers": len(layers)})).save(str(out / f"{name}_io.pt"))
-    print(f"{name}: {len(layers)} multipoint layers, channels with 0, 1, 2, ... points: {points}, "
-          f"input {tuple(x.shape)} -> output {tuple(y.shape)}")
+    print(
+        f"{name}: {len(layers)} multipoint layers, channels with 0, 1, 2, ... points: {points}, "
+        f"input {tuple(x.shape)} -> output {tuple(y.shape)}"
+    )
 
 
 def main(argv=None) -> int:
@@ -141,7 +144,9 @@ def main(argv=None) -> int:
         # in a namedtuple that TorchScript cannot compile (in FP32 as well). The mpq ops record
         # into the trace like aten ops; the trace holds the 224x224 'same' padding as constants.
         save_case(args.out, "efficientnet_lite0_w4a8", qlite0, data.eval_images[:2].clone(), trace=True)
-    print(f"scripted models written to {args.out} in {time.perf_counter() - t0:.1f}s (mpq {mpq.build_info()['library_path']})")
+    print(
+        f"scripted models written to {args.out} in {time.perf_counter() - t0:.1f}s (mpq {mpq.build_info()['library_path']})"
+    )
     return 0
 
 

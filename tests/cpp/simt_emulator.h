@@ -112,10 +112,8 @@ inline T __ldg(const T* p) {
   return *p;
 }
 // Correctly rounded IEEE operations, never contracted into an FMA (on the GPU: by definition).
-#define MPQ_SIMT_RN(NAME, T, OP)                                                   \
-  inline T NAME(T a, T b) {                                                        \
-    return ::mpq_simt::opaque(::mpq_simt::opaque(a) OP ::mpq_simt::opaque(b));     \
-  }
+#define MPQ_SIMT_RN(NAME, T, OP) \
+  inline T NAME(T a, T b) { return ::mpq_simt::opaque(::mpq_simt::opaque(a) OP ::mpq_simt::opaque(b)); }
 MPQ_SIMT_RN(__fdiv_rn, float, /)
 MPQ_SIMT_RN(__fadd_rn, float, +)
 MPQ_SIMT_RN(__fsub_rn, float, -)
@@ -152,10 +150,12 @@ inline __half __float2half_rn(float f) {
 inline float __half2float(__half h) { return static_cast<float>(c10::Half(h.bits, c10::Half::from_bits())); }
 inline __half2 __float2half2_rn(float f) { return {__float2half_rn(f), __float2half_rn(f)}; }
 inline __half2 __hsub2(__half2 a, __half2 b) {
-  return {__float2half_rn(__half2float(a.x) - __half2float(b.x)), __float2half_rn(__half2float(a.y) - __half2float(b.y))};
+  return {__float2half_rn(__half2float(a.x) - __half2float(b.x)),
+          __float2half_rn(__half2float(a.y) - __half2float(b.y))};
 }
 inline __half2 __hmul2(__half2 a, __half2 b) {
-  return {__float2half_rn(__half2float(a.x) * __half2float(b.x)), __float2half_rn(__half2float(a.y) * __half2float(b.y))};
+  return {__float2half_rn(__half2float(a.x) * __half2float(b.x)),
+          __float2half_rn(__half2float(a.y) * __half2float(b.y))};
 }
 
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
@@ -166,7 +166,9 @@ inline float __bfloat162float(__nv_bfloat16 b) {
   return static_cast<float>(c10::BFloat16(b.bits, c10::BFloat16::from_bits()));
 }
 inline __nv_bfloat162 __float2bfloat162_rn(float f) { return {__float2bfloat16_rn(f), __float2bfloat16_rn(f)}; }
-inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) { return {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
+  return {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
+}
 inline __nv_bfloat162 __hsub2(__nv_bfloat162 a, __nv_bfloat162 b) {
   return {__float2bfloat16_rn(__bfloat162float(a.x) - __bfloat162float(b.x)),
           __float2bfloat16_rn(__bfloat162float(a.y) - __bfloat162float(b.y))};
@@ -256,8 +258,7 @@ inline void switch_to_scheduler(bool finished) {
   Machine& m = machine();
   Fiber& f = m.fibers[m.current];
 #if defined(__SANITIZE_ADDRESS__)
-  __sanitizer_start_switch_fiber(finished ? nullptr : &f.fake_stack, m.scheduler_stack_bottom,
-                                 m.scheduler_stack_size);
+  __sanitizer_start_switch_fiber(finished ? nullptr : &f.fake_stack, m.scheduler_stack_bottom, m.scheduler_stack_size);
 #else
   (void)finished;
 #endif
@@ -454,7 +455,9 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
 inline void mma_m16n8k32_s8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   const Machine& m = machine();
   const int lane = lane_id(), base = publish(a, b0, b1);
-  const auto byte = [](uint32_t reg, int i) { return static_cast<int64_t>(static_cast<int8_t>((reg >> (8 * i)) & 0xFFu)); };
+  const auto byte = [](uint32_t reg, int i) {
+    return static_cast<int64_t>(static_cast<int8_t>((reg >> (8 * i)) & 0xFFu));
+  };
   for (int c = 0; c < 4; ++c) {
     const int row = lane / 4 + 8 * (c / 2), col = 2 * (lane % 4) + c % 2;
     int64_t sum = 0;

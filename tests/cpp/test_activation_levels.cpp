@@ -42,8 +42,10 @@ std::vector<float> probe_values(const k::LevelGrid& g, int n_random, uint32_t se
   return v;
 }
 
-const k::LevelGrid kGrids[] = {
-    {0.05f, 0.0f, 0.0f, 255.0f}, {0.0371f, 3.0f, -128.0f, 127.0f}, {0.3f, 2.0f, 0.0f, 15.0f}, {1.0f / 3, -5.0f, -8.0f, 7.0f}};
+const k::LevelGrid kGrids[] = {{0.05f, 0.0f, 0.0f, 255.0f},
+                               {0.0371f, 3.0f, -128.0f, 127.0f},
+                               {0.3f, 2.0f, 0.0f, 15.0f},
+                               {1.0f / 3, -5.0f, -8.0f, 7.0f}};
 
 }  // namespace
 

@@ -13,8 +13,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
-#include <functional>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -77,9 +77,15 @@ Weight random_weight(int64_t C, int64_t P, int64_t D, int w_bits, uint64_t seed)
 
 pk::PackedWeight view(const Packed& p, int64_t out_features) {
   const auto& [packed, scales, perm, offsets, row_sums] = p;
-  return pk::PackedWeight{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), perm.data_ptr<int>(),
-                          offsets.data_ptr<int>(), row_sums.data_ptr<float>(), packed.size(0), packed.size(1),
-                          static_cast<int>(perm.size(0) / pk::kTileN), static_cast<int>(out_features)};
+  return pk::PackedWeight{packed.data_ptr<uint8_t>(),
+                          scales.data_ptr<float>(),
+                          perm.data_ptr<int>(),
+                          offsets.data_ptr<int>(),
+                          row_sums.data_ptr<float>(),
+                          packed.size(0),
+                          packed.size(1),
+                          static_cast<int>(perm.size(0) / pk::kTileN),
+                          static_cast<int>(out_features)};
 }
 
 pk::OutType out_type(at::ScalarType t) {
@@ -162,8 +168,8 @@ struct LinearCase {
 };
 
 // M = 1 and 16 (gemv), 17..130 (mma); odd C and D; a long K that is split across CTAs.
-const LinearCase kLinearCases[] = {{1, 70, 3, 37}, {16, 130, 2, 100}, {5, 65, 4, 65}, {17, 65, 2, 200},
-                                   {130, 70, 2, 48}, {1, 64, 1, 1024}};
+const LinearCase kLinearCases[] = {{1, 70, 3, 37},   {16, 130, 2, 100}, {5, 65, 4, 65},
+                                   {17, 65, 2, 200}, {130, 70, 2, 48},  {1, 64, 1, 1024}};
 
 }  // namespace
 
@@ -215,8 +221,8 @@ TEST_CASE("emulated weight-only linear kernels match the float64 reference", "[e
 }
 
 TEST_CASE("emulated int8 (W4A8) linear kernels match the float64 reference", "[emulation][linear]") {
-  const std::vector<std::vector<float>> acts = {{0.05f, 0.0f, -128.0f, 127.0f}, {0.02f, 128.0f, 0.0f, 255.0f},
-                                                {0.15f, 3.0f, 0.0f, 15.0f}};
+  const std::vector<std::vector<float>> acts = {
+      {0.05f, 0.0f, -128.0f, 127.0f}, {0.02f, 128.0f, 0.0f, 255.0f}, {0.15f, 3.0f, 0.0f, 15.0f}};
   for (const auto& lc : kLinearCases) {
     for (const int w_bits : {4, 8}) {
       for (const auto& q : acts) {
@@ -283,22 +289,11 @@ pk::ConvShape conv_shape(const ConvCase& cc) {
   const int64_t cg = cc.C / cc.groups;
   const int64_t OH = (cc.H + 2 * cc.ph - cc.dh * (cc.KH - 1) - 1) / cc.sh + 1;
   const int64_t OW = (cc.W + 2 * cc.pw - cc.dw * (cc.KW - 1) - 1) / cc.sw + 1;
-  return pk::ConvShape{cc.N * OH * OW,
-                       cc.KH * cc.KW * cg,
-                       static_cast<int>(cc.H),
-                       static_cast<int>(cc.W),
-                       static_cast<int>(cc.C),
-                       static_cast<int>(OH),
-                       static_cast<int>(OW),
-                       static_cast<int>(cc.KW),
-                       static_cast<int>(cg),
-                       static_cast<int>(cc.sh),
-                       static_cast<int>(cc.sw),
-                       static_cast<int>(cc.ph),
-                       static_cast<int>(cc.pw),
-                       static_cast<int>(cc.dh),
-                       static_cast<int>(cc.dw),
-                       static_cast<int>(cc.O / cc.groups)};
+  return pk::ConvShape{
+      cc.N * OH * OW,          cc.KH * cc.KW * cg,      static_cast<int>(cc.H),  static_cast<int>(cc.W),
+      static_cast<int>(cc.C),  static_cast<int>(OH),    static_cast<int>(OW),    static_cast<int>(cc.KW),
+      static_cast<int>(cg),    static_cast<int>(cc.sh), static_cast<int>(cc.sw), static_cast<int>(cc.ph),
+      static_cast<int>(cc.pw), static_cast<int>(cc.dh), static_cast<int>(cc.dw), static_cast<int>(cc.O / cc.groups)};
 }
 
 // The outputs of every configuration that runs M rows (the small-M one only for M <= 16), each
@@ -363,10 +358,10 @@ TEST_CASE("emulated implicit-GEMM conv kernels match the float64 reference", "[e
         const auto act = host_act(q);
         const auto xq = quantize_int8<at::Half>(x_nhwc, cc.N * cc.H * cc.W, cc.C, cc.C, act);
         const typename pk::ConvInt8<4>::Args args{xq.data_ptr<int8_t>(), shape, act, 0, 0u};
-        const auto outs =
-            w_bits == 4 ? run_conv<pk::ConvInt8<4>>(cc, args, w, act, true, bias.data_ptr<float>(), at::kHalf, OH, OW)
-                        : run_conv<pk::ConvInt8<8>>(cc, {args.xq, shape, act, 0, 0u}, w, act, true,
-                                                    bias.data_ptr<float>(), at::kHalf, OH, OW);
+        const auto outs = w_bits == 4 ? run_conv<pk::ConvInt8<4>>(cc, args, w, act, true, bias.data_ptr<float>(),
+                                                                  at::kHalf, OH, OW)
+                                      : run_conv<pk::ConvInt8<8>>(cc, {args.xq, shape, act, 0, 0u}, w, act, true,
+                                                                  bias.data_ptr<float>(), at::kHalf, OH, OW);
         REQUIRE(outs.size() == (shape.M <= pk::kGemvMaxM ? 2u : 1u));
         const auto want = conv64(fake_quantize64(x, q));
         for (const auto& [small_m, out] : outs) {
@@ -464,9 +459,9 @@ Fit emulated_fit_fast(const at::Tensor& w, int bits, int P, int smem_mode, int64
   auto r_scratch = at::full({blocks, D}, NAN, at::TensorOptions().dtype(at::kDouble));
   auto x_scratch = at::full({blocks, D}, NAN);
   const size_t smem = smem_mode == 2 ? D * (sizeof(double) + sizeof(float)) : (smem_mode == 1 ? D * sizeof(float) : 0);
-  mpq_simt::launch_shared(dim3(static_cast<unsigned>(blocks)), dim3(fk::kFastThreads), smem,
-                          fk::fit_fast_kernel<float>, w.data_ptr<float>(), C, D, P, K, out,
-                          r_scratch.data_ptr<double>(), x_scratch.data_ptr<float>(), smem_mode, fk::make_fast_grid(K));
+  mpq_simt::launch_shared(dim3(static_cast<unsigned>(blocks)), dim3(fk::kFastThreads), smem, fk::fit_fast_kernel<float>,
+                          w.data_ptr<float>(), C, D, P, K, out, r_scratch.data_ptr<double>(),
+                          x_scratch.data_ptr<float>(), smem_mode, fk::make_fast_grid(K));
   return {codes, scales, errors};
 }
 
@@ -498,8 +493,9 @@ Fit emulated_fit_exact(const at::Tensor& w, int bits, int P) {
       for (int64_t t = 0; t < DK; ++t) std::tie(kb[t], vb[t]) = seg[t];
     }
     mpq_simt::launch(grid, block, fk::exact_sweep_kernel, r.data_ptr<double>(), D, K, P, p,
-                     static_cast<const double*>(m.data_ptr<double>()), static_cast<const double*>(keys.data_ptr<double>()),
-                     static_cast<const int*>(vals.data_ptr<int>()), err.data_ptr<double>(), out);
+                     static_cast<const double*>(m.data_ptr<double>()),
+                     static_cast<const double*>(keys.data_ptr<double>()), static_cast<const int*>(vals.data_ptr<int>()),
+                     err.data_ptr<double>(), out);
   }
   return {codes, scales, errors};
 }
@@ -518,7 +514,8 @@ TEST_CASE("emulated fast fit_multipoint kernel matches the CPU kernel", "[emulat
     const Fit want = cpu_fit(w, fc.bits, 3, false);
     for (const int smem_mode : {2, 1, 0}) {
       for (const int64_t blocks : {fc.C, int64_t{2}}) {
-        INFO("C " << fc.C << " D " << fc.D << " bits " << fc.bits << " smem_mode " << smem_mode << " blocks " << blocks);
+        INFO("C " << fc.C << " D " << fc.D << " bits " << fc.bits << " smem_mode " << smem_mode << " blocks "
+                  << blocks);
         REQUIRE(require_fit_matches(w, emulated_fit_fast(w, fc.bits, 3, smem_mode, blocks), want) == 0);
       }
     }
@@ -677,8 +674,8 @@ TEST_CASE("emulated kernels give bit-identical outputs when the threads run in r
     INFO("conv, small_m " << small_m);
     REQUIRE(both_orders([&] {
       auto out = at::full({shape.M, cc.O}, NAN, at::TensorOptions().dtype(at::kHalf));
-      launch_config<pk::ConvWeightOnly<__half, 4>>(small_m, {reinterpret_cast<const __half*>(image.data_ptr()), shape,
-                                                             0, true},
+      launch_config<pk::ConvWeightOnly<__half, 4>>(small_m,
+                                                   {reinterpret_cast<const __half*>(image.data_ptr()), shape, 0, true},
                                                    cv, shape.M, shape.D, host_act({}), false,
                                                    conv_bias.data_ptr<float>(), out);
       return out;

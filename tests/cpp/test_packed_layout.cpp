@@ -63,7 +63,8 @@ Block random_block(int bits, int64_t kp, uint32_t seed) {
   std::mt19937 rng(seed);
   const int lo = bits == 4 ? -8 : -128, hi = bits == 4 ? 7 : 127;
   std::uniform_int_distribution<int> dist(lo, hi);
-  Block b{bits, kp, std::vector<uint8_t>(static_cast<size_t>(kp / pk::kSlabK * pk::slab_bytes(bits)), bits == 4 ? 0x88 : 0),
+  Block b{bits, kp,
+          std::vector<uint8_t>(static_cast<size_t>(kp / pk::kSlabK * pk::slab_bytes(bits)), bits == 4 ? 0x88 : 0),
           std::vector<std::vector<int>>(pk::kTileN, std::vector<int>(static_cast<size_t>(kp)))};
   for (int n = 0; n < pk::kTileN; ++n) {
     for (int64_t k = 0; k < kp; ++k) {
@@ -130,7 +131,7 @@ TEST_CASE("layout rules: stored rows and int8 eligibility", "[packed_layout][lay
 
   CHECK(ly::int8_levels_fit(0.1, 0.0, 0.0, 255.0));
   CHECK(ly::int8_levels_fit(0.1, 0.0, -128.0, 127.0));
-  CHECK(ly::int8_levels_fit(0.1, 300.0, 0.0, 15.0));  // any integer zero point
+  CHECK(ly::int8_levels_fit(0.1, 300.0, 0.0, 15.0));       // any integer zero point
   CHECK_FALSE(ly::int8_levels_fit(0.1, 0.0, 0.0, 256.0));  // 257 levels
   CHECK_FALSE(ly::int8_levels_fit(0.1, 0.5, 0.0, 255.0));
   CHECK_FALSE(ly::int8_levels_fit(0.1, 0.0, 0.0, 254.5));
@@ -141,9 +142,9 @@ TEST_CASE("layout rules: stored rows and int8 eligibility", "[packed_layout][lay
   const double ok[4] = {0.1, 3.0, 0.0, 255.0}, far_zero[4] = {0.1, 300.0, 0.0, 255.0};
   CHECK(ly::packed_int8_fits(ok, 65536, false, 0));
   CHECK_FALSE(ly::packed_int8_fits(ok, 65537, false, 0));  // Kp = 65600 > kInt8MaxK
-  CHECK(ly::packed_int8_fits(far_zero, 100, false, 0));      // Linear: no zero padding
+  CHECK(ly::packed_int8_fits(far_zero, 100, false, 0));    // Linear: no zero padding
   CHECK(ly::packed_int8_fits(ok, 16 * 9, true, 16));
-  CHECK_FALSE(ly::packed_int8_fits(ok, 17 * 9, true, 17));  // not whole slabs of one pixel
+  CHECK_FALSE(ly::packed_int8_fits(ok, 17 * 9, true, 17));        // not whole slabs of one pixel
   CHECK_FALSE(ly::packed_int8_fits(far_zero, 16 * 9, true, 16));  // the level of 0 outside int8
 }
 
@@ -349,21 +350,35 @@ std::vector<std::vector<int>> im2col(const ConvCase& cc, const std::vector<int>&
 
 pk::ConvShape conv_shape(const ConvCase& cc, int OH, int OW) {
   const int Cg = cc.C / cc.groups;
-  return {static_cast<int64_t>(cc.N) * OH * OW, static_cast<int64_t>(cc.KH) * cc.KW * Cg, cc.H, cc.W, cc.C, OH, OW,
-          cc.KW, Cg, cc.sh, cc.sw, cc.ph, cc.pw, cc.dh, cc.dw, cc.Cout / cc.groups};
+  return {static_cast<int64_t>(cc.N) * OH * OW,
+          static_cast<int64_t>(cc.KH) * cc.KW * Cg,
+          cc.H,
+          cc.W,
+          cc.C,
+          OH,
+          OW,
+          cc.KW,
+          Cg,
+          cc.sh,
+          cc.sw,
+          cc.ph,
+          cc.pw,
+          cc.dh,
+          cc.dw,
+          cc.Cout / cc.groups};
 }
 
 }  // namespace
 
 TEST_CASE("the conv kernels' A loads equal im2col of the NCHW input", "[packed_layout][conv]") {
   const ConvCase cases[] = {
-      {2, 3, 7, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1, 8},      // odd C (scalar loads), padding
-      {1, 32, 9, 9, 3, 3, 2, 2, 1, 1, 1, 1, 1, 64},    // stride 2, int8-eligible
-      {2, 64, 6, 7, 1, 1, 1, 1, 0, 0, 1, 1, 1, 70},    // 1x1
-      {1, 64, 8, 8, 3, 3, 1, 1, 2, 2, 2, 2, 2, 128},   // dilation, groups of 32 channels
-      {1, 48, 5, 6, 3, 2, 2, 1, 1, 0, 1, 2, 3, 192},   // groups of 16, rectangular kernel
-      {3, 6, 4, 4, 2, 2, 2, 2, 0, 1, 1, 1, 3, 6},      // groups of 2 channels (even, vector loads)
-      {1, 16, 3, 3, 7, 7, 1, 1, 3, 3, 1, 1, 1, 16},    // kernel larger than the image, all padding rows
+      {2, 3, 7, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1, 8},     // odd C (scalar loads), padding
+      {1, 32, 9, 9, 3, 3, 2, 2, 1, 1, 1, 1, 1, 64},   // stride 2, int8-eligible
+      {2, 64, 6, 7, 1, 1, 1, 1, 0, 0, 1, 1, 1, 70},   // 1x1
+      {1, 64, 8, 8, 3, 3, 1, 1, 2, 2, 2, 2, 2, 128},  // dilation, groups of 32 channels
+      {1, 48, 5, 6, 3, 2, 2, 1, 1, 0, 1, 2, 3, 192},  // groups of 16, rectangular kernel
+      {3, 6, 4, 4, 2, 2, 2, 2, 0, 1, 1, 1, 3, 6},     // groups of 2 channels (even, vector loads)
+      {1, 16, 3, 3, 7, 7, 1, 1, 3, 3, 1, 1, 1, 16},   // kernel larger than the image, all padding rows
   };
   std::mt19937 rng(11u);
   std::uniform_int_distribution<int> dist(-128, 127);

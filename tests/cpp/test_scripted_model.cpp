@@ -235,7 +235,8 @@ TEST_CASE("mpq ops report a wrong argument by op and argument name", "[dispatche
 
 TEST_CASE("mpq::multipoint_linear on CUDA equals the CPU kernel", "[dispatcher][cuda]") {
   if (!torch::cuda::is_available()) MPQ_SKIP("no CUDA GPU: the CUDA kernels are tested on GPU machines");
-  if (!mpq_has_cuda_kernels()) MPQ_SKIP("libmpq_ops.so was built without CUDA kernels (MPQ_ENABLE_CUDA=OFF or no nvcc)");
+  if (!mpq_has_cuda_kernels())
+    MPQ_SKIP("libmpq_ops.so was built without CUDA kernels (MPQ_ENABLE_CUDA=OFF or no nvcc)");
   at::manual_seed(4);
   const auto m = random_multipoint(64, 4, {96});
   const auto x = at::randn({16, 96});
@@ -272,7 +273,8 @@ TEST_CASE("traced EfficientNet-Lite0 (W4A8) from Python runs in C++ with Python'
 
 TEST_CASE("scripted small ResNet on CUDA agrees with Python's CPU output", "[scripted][cuda]") {
   if (!torch::cuda::is_available()) MPQ_SKIP("no CUDA GPU: the CUDA path is tested on GPU machines");
-  if (!mpq_has_cuda_kernels()) MPQ_SKIP("libmpq_ops.so was built without CUDA kernels (MPQ_ENABLE_CUDA=OFF or no nvcc)");
+  if (!mpq_has_cuda_kernels())
+    MPQ_SKIP("libmpq_ops.so was built without CUDA kernels (MPQ_ENABLE_CUDA=OFF or no nvcc)");
   // TF32 and a different summation order: agreement at the level of 8-bit activations.
   CHECK(run_scripted("small_resnet_w4a16", c10::Device(c10::kCUDA)) <= 1e-3);
 }

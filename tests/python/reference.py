@@ -12,8 +12,9 @@ Contracts: docs/ALGORITHM.md sections 1 and 3, the schemas in csrc/registration.
 - ``multipoint_output_bound``: per output element, how far a kernel that reads its input in a
   float dtype and accumulates in float32 may be from that reference (``assert_within_bound``).
 """
+
+from collections.abc import Sequence
 from itertools import product
-from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ def _sq_error(r: Tensor, a: Tensor, q: Tensor) -> Tensor:
     return ((r - a.unsqueeze(-1) * q) ** 2).sum(-1)
 
 
-def greedy_step_exact_batched(r: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
+def greedy_step_exact_batched(r: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Exact ``argmin_{a >= 0, q in {-K..K}^D} ||r_j - a q||^2`` for every row of r[C, D].
 
     Returns (a float64[C], q float64[C, D]); a = 0 and q = 0 for a zero row.
@@ -76,18 +77,19 @@ def greedy_step_exact_batched(r: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
     valid = (best_gain > 0) & (m.squeeze(1) > 0)
     q = torch.where(valid.unsqueeze(1), q, torch.zeros_like(q))
     qq_best = (q * q).sum(1)
-    a_ls = torch.where(valid, (r * q).sum(1) / torch.where(valid, qq_best, torch.ones_like(qq_best)),
-                       torch.zeros_like(qq_best))
+    a_ls = torch.where(
+        valid, (r * q).sum(1) / torch.where(valid, qq_best, torch.ones_like(qq_best)), torch.zeros_like(qq_best)
+    )
     return a_ls, q
 
 
-def greedy_step_exact(r: Tensor, bits: int) -> Tuple[float, Tensor]:
+def greedy_step_exact(r: Tensor, bits: int) -> tuple[float, Tensor]:
     """Exact optimum of one greedy step for one vector r[D]: (a, q float64[D])."""
     a, q = greedy_step_exact_batched(r.reshape(1, -1), bits)
     return float(a[0]), q[0]
 
 
-def greedy_step_bruteforce(r: Tensor, bits: int, n_scan: int = 20000) -> Tuple[float, Tensor]:
+def greedy_step_bruteforce(r: Tensor, bits: int, n_scan: int = 20000) -> tuple[float, Tensor]:
     """A dense log scan of a over [max|r| / (K + 1/2) / 1e3, 2 max|r|] (plus every breakpoint
     midpoint when D*K is small); each candidate's codes clip(round(r/a)) are evaluated exactly
     at their least-squares scale. For checking the exact step on small vectors."""
@@ -97,8 +99,9 @@ def greedy_step_bruteforce(r: Tensor, bits: int, n_scan: int = 20000) -> Tuple[f
     if m == 0.0:
         return 0.0, torch.zeros_like(r)
     lo = m / (K + 0.5) / 1e3
-    cand = torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(2.0 * m)), n_scan,
-                          dtype=torch.float64)
+    cand = torch.logspace(
+        torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(2.0 * m)), n_scan, dtype=torch.float64
+    )
     bps = (r.abs().unsqueeze(1) / (torch.arange(K, dtype=torch.float64) + 0.5)).reshape(-1)
     bps = torch.unique(bps[bps > 0])
     if bps.numel() <= 4096:
@@ -118,7 +121,7 @@ def greedy_step_bruteforce(r: Tensor, bits: int, n_scan: int = 20000) -> Tuple[f
     return best_a, best_q
 
 
-def greedy_step_enumerate(r: Tensor, bits: int) -> Tuple[float, Tensor]:
+def greedy_step_enumerate(r: Tensor, bits: int) -> tuple[float, Tensor]:
     """Every q in {-K..K}^D at its least-squares scale: the true optimum, for D*log2(2K+1) tiny."""
     r = r.to(torch.float64).reshape(-1)
     K = grid_max(bits)
@@ -143,7 +146,7 @@ def step_sq_error(r: Tensor, a: float, q: Tensor) -> float:
 
 def fit_multipoint_reference(
     w: Tensor, bits: int, max_points: int, round_scales_to_float32: bool = True
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Nested greedy exact points for every row of w[C, D], as the op's contract says.
 
     Point k solves the exact step on the residual of the first k points; its scale is stored
@@ -190,7 +193,7 @@ def dequantize_reference(codes: Tensor, scales: Tensor, num_points: Tensor) -> T
     return out
 
 
-def fake_quantize_reference(x: Tensor, act_qparams: Optional[Tensor]) -> Tensor:
+def fake_quantize_reference(x: Tensor, act_qparams: Tensor | None) -> Tensor:
     """clamp(round(x / scale) + zp, qmin, qmax) - zp, times scale, in float64
     (round half to even); the identity for act_qparams None."""
     x = x.to(torch.float64)
@@ -205,8 +208,8 @@ def multipoint_linear_reference(
     codes: Tensor,
     scales: Tensor,
     num_points: Tensor,
-    bias: Optional[Tensor] = None,
-    act_qparams: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    act_qparams: Tensor | None = None,
 ) -> Tensor:
     """fq(input) @ W^T + bias in float64; input [..., D], codes [C, P, D] -> [..., C]."""
     W = dequantize_reference(codes, scales, num_points)
@@ -222,8 +225,8 @@ def multipoint_conv2d_reference(
     codes: Tensor,
     scales: Tensor,
     num_points: Tensor,
-    bias: Optional[Tensor],
-    act_qparams: Optional[Tensor],
+    bias: Tensor | None,
+    act_qparams: Tensor | None,
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
@@ -239,8 +242,9 @@ def multipoint_conv2d_reference(
     return y
 
 
-def _conv2d64(x: Tensor, W: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-              groups: int) -> Tensor:
+def _conv2d64(
+    x: Tensor, W: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int
+) -> Tensor:
     """conv2d(x, W) in float64 as im2col (F.unfold) and a per-group product."""
     N, C_in, H, Wd = x.shape
     C_out, cin_g, kh, kw = W.shape
@@ -262,11 +266,11 @@ def multipoint_output_bound(
     codes: Tensor,
     scales: Tensor,
     num_points: Tensor,
-    bias: Optional[Tensor] = None,
-    act_qparams: Optional[Tensor] = None,
-    conv: Optional[Tuple[Sequence[int], Sequence[int], Sequence[int], int]] = None,
+    bias: Tensor | None = None,
+    act_qparams: Tensor | None = None,
+    conv: tuple[Sequence[int], Sequence[int], Sequence[int], int] | None = None,
     int8_levels: bool = False,
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """(reference, bound) for a multipoint layer: the float64 reference of
     ``multipoint_linear_reference`` (``conv`` None) or ``multipoint_conv2d_reference`` (``conv`` =
     (stride, padding, dilation, groups)), and per output element a bound on |out - reference| for a
@@ -305,6 +309,7 @@ def multipoint_output_bound(
     x = input.to(torch.float64)
 
     if conv is None:
+
         def apply(v: Tensor, w: Tensor) -> Tensor:
             return torch.matmul(v, w.t())
 
@@ -350,7 +355,9 @@ def assert_within_bound(got: Tensor, reference: Tensor, bound: Tensor, what: str
     if err.numel() == 0:
         return
     ratio = err / bound
-    worst = tuple(int(i) for i in torch.unravel_index(torch.argmax(torch.nan_to_num(ratio, nan=float("inf"))), ratio.shape))
+    worst = tuple(
+        int(i) for i in torch.unravel_index(torch.argmax(torch.nan_to_num(ratio, nan=float("inf"))), ratio.shape)
+    )
     assert bool((err <= bound).all()), (
         f"{what}: element {worst} is {float(got[worst]):.9g}, the float64 reference {float(reference[worst]):.9g}: "
         f"|difference| {float(err[worst]):.3e} > bound {float(bound[worst]):.3e} ({float(ratio[worst]):.3g}x)"
@@ -364,7 +371,7 @@ def relative_l2(w: Tensor, codes: Tensor, scales: Tensor, points: int) -> float:
     return float(torch.linalg.vector_norm(w - approx) / torch.linalg.vector_norm(w))
 
 
-__all__: List[str] = [
+__all__: list[str] = [
     "grid_max",
     "greedy_step_exact",
     "greedy_step_exact_batched",

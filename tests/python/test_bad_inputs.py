@@ -4,10 +4,12 @@ mpq.save / mpq.load, mpq.summary, mpq.plot_allocation, the four torch.ops.mpq op
 multipoint modules' set_weight / set_act_qparams, and the CLI. Non-contiguous inputs are
 accepted and give the same result. The C++ validation gaps found earlier (empty weights, conv2d
 geometry, non-finite scales, fit_multipoint's float32 overflow) end the file, as decided."""
+
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any
 
 import pytest
 import torch
@@ -22,9 +24,7 @@ ops = torch.ops.mpq
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)
-    ).eval()
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
 
 
 def _calib(n: int = 2):
@@ -36,7 +36,7 @@ CFG = mpq.QuantConfig(calib_batches=4, sensitivity_batches=1)
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory) -> Dict[str, Any]:
+def ctx(tmp_path_factory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("bad_inputs")
     return {"qmodel": mpq.quantize(_model(), _calib(), CFG), "tmp": tmp}
 
@@ -57,8 +57,7 @@ def _nan_weight_model() -> nn.Module:
 
 def _then_bad(bad: torch.Tensor, at: int = 2):
     """A one-shot generator: good batches, then ``bad`` as batch ``at``."""
-    for i, x in enumerate(_calib(at)):
-        yield x
+    yield from _calib(at)
     yield bad
 
 
@@ -85,8 +84,18 @@ def _linear(**kw):
 
 def _conv(**kw):
     codes, scales, n = _conv_weight()
-    args = dict(input=torch.randn(2, 3, 6, 6), codes=codes, scales=scales, num_points=n, bias=None, act_qparams=None,
-                stride=[1, 1], padding=[0, 0], dilation=[1, 1], groups=1)
+    args = dict(
+        input=torch.randn(2, 3, 6, 6),
+        codes=codes,
+        scales=scales,
+        num_points=n,
+        bias=None,
+        act_qparams=None,
+        stride=[1, 1],
+        padding=[0, 0],
+        dilation=[1, 1],
+        groups=1,
+    )
     args.update(kw)
     return mpq.ops.multipoint_conv2d(**args)
 
@@ -110,194 +119,534 @@ def _act(scale=0.1, zero_point=0, qmin=-128, qmax=127):
 # (id, call(ctx), exception type, pattern naming the function or op and the argument)
 CASES = [
     # ---- mpq.quantize ----
-    ("quantize-model-type", lambda c: mpq.quantize("resnet", _calib(), CFG), TypeError,
-     r"mpq\.quantize: expected model to be a torch\.nn\.Module"),
-    ("quantize-loader-not-iterable", lambda c: mpq.quantize(_model(), 5, CFG), TypeError,
-     r"mpq\.quantize: expected calib_loader to be an iterable"),
-    ("quantize-loader-tensor", lambda c: mpq.quantize(_model(), torch.randn(4, 3, 8, 8), CFG), TypeError,
-     r"mpq\.quantize: expected calib_loader to be an iterable"),
-    ("quantize-loader-empty", lambda c: mpq.quantize(_model(), [], CFG), ValueError,
-     r"mpq\.quantize: calib_loader yielded no batches"),
-    ("quantize-loader-yields-dict", lambda c: mpq.quantize(_model(), [{"x": torch.randn(4, 3, 8, 8)}], CFG), TypeError,
-     r"mpq\.quantize: expected calib_loader to yield tensors .*batch 0 is dict"),
-    ("quantize-loader-yields-pairs-of-str", lambda c: mpq.quantize(_model(), [("img.png", 3)], CFG), TypeError,
-     r"mpq\.quantize: expected calib_loader to yield tensors .*first element is str"),
-    ("quantize-loader-bool-dtype", lambda c: mpq.quantize(_model(), [torch.ones(4, 3, 8, 8, dtype=torch.bool)], CFG),
-     TypeError, r"mpq\.quantize: expected calib_loader to yield floating .*torch\.bool"),
-    ("quantize-loader-complex-dtype", lambda c: mpq.quantize(_model(), [torch.ones(4, 3, 8, 8, dtype=torch.cfloat)], CFG),
-     TypeError, r"mpq\.quantize: expected calib_loader to yield floating .*complex"),
-    ("quantize-loader-empty-batch", lambda c: mpq.quantize(_model(), [torch.randn(0, 3, 8, 8)], CFG), ValueError,
-     r"mpq\.quantize: calib_loader batch 0 is empty"),
-    ("quantize-loader-nan", lambda c: mpq.quantize(_model(), [torch.full((4, 3, 8, 8), math.nan)], CFG), ValueError,
-     r"mpq\.quantize: calib_loader batch 0 contains NaN or inf"),
-    ("quantize-loader-inf-in-a-later-batch",
-     lambda c: mpq.quantize(_model(), _then_bad(torch.full((4, 3, 8, 8), math.inf)), CFG), ValueError,
-     r"mpq\.quantize: calib_loader batch 2 contains NaN or inf"),
-    ("quantize-loader-wrong-type-in-a-later-batch", lambda c: mpq.quantize(_model(), _then_bad("oops"), CFG), TypeError,
-     r"mpq\.quantize: expected calib_loader to yield tensors .*batch 2 is str"),
-    ("quantize-loader-shape-the-model-rejects", lambda c: mpq.quantize(_model(), [torch.randn(4, 5, 8, 8)], CFG),
-     ValueError, r"mpq\.quantize: the model fails on calib_loader batch 0 \(input \(4, 5, 8, 8\)"),
-    ("quantize-nan-activation",
-     lambda c: mpq.quantize(nn.Sequential(_Log(), nn.Linear(8, 4)).eval(), [torch.randn(4, 8)], CFG), ValueError,
-     r"mpq\.quantize: the input of layer '1' contains NaN or inf"),
-    ("quantize-no-quantizable-layer",
-     lambda c: mpq.quantize(nn.Sequential(nn.Conv1d(3, 3, 1), nn.ReLU()).eval(), [torch.randn(2, 3, 8)], CFG),
-     ValueError, r"mpq\.quantize: the model has no quantizable layer .*'0', 'unsupported layer type Conv1d'"),
-    ("quantize-all-layers-ignored",
-     lambda c: mpq.quantize(_model(), _calib(), CFG.replace(ignore=("*",))), ValueError,
-     r"mpq\.quantize: the model has no quantizable layer .*ignored by config\.ignore"),
-    ("quantize-nan-weight", lambda c: mpq.quantize(_nan_weight_model(), _calib(), CFG), ValueError,
-     r"mpq\.quantize: parameter '0\.weight' of model contains NaN or inf"),
-    ("quantize-meta-model", lambda c: mpq.quantize(_model().to("meta"), _calib(), CFG), ValueError,
-     r"mpq\.quantize: expected device to hold data, got the meta device \(where the model's parameters are"),
-    ("quantize-meta-parameter", lambda c: mpq.quantize(_model().to("meta"), _calib(), CFG, device="cpu"), ValueError,
-     r"mpq\.quantize: parameter '0\.weight' of model is on the meta device"),
-    ("quantize-device-string", lambda c: mpq.quantize(_model(), _calib(), CFG, device="gpu0"), ValueError,
-     r"mpq\.quantize: expected device to be a torch\.device or a device string, got 'gpu0'"),
-    ("quantize-inplace-type", lambda c: mpq.quantize(_model(), _calib(), CFG, inplace="yes"), TypeError,
-     r"mpq\.quantize: expected inplace to be a bool"),
-    ("quantize-config-type", lambda c: mpq.quantize(_model(), _calib(), 4), TypeError,
-     r"mpq\.quantize: expected config to be a preset name, a QuantConfig or a dict, got int"),
-    ("quantize-config-preset", lambda c: mpq.quantize(_model(), _calib(), "W5A5"), ValueError,
-     r"mpq\.QuantConfig\.preset: unknown preset 'W5A5'"),
-    ("quantize-config-dict", lambda c: mpq.quantize(_model(), _calib(), {"bits": 4}), ValueError,
-     r"mpq\.QuantConfig\.from_dict: unknown fields \['bits'\]"),
+    (
+        "quantize-model-type",
+        lambda c: mpq.quantize("resnet", _calib(), CFG),
+        TypeError,
+        r"mpq\.quantize: expected model to be a torch\.nn\.Module",
+    ),
+    (
+        "quantize-loader-not-iterable",
+        lambda c: mpq.quantize(_model(), 5, CFG),
+        TypeError,
+        r"mpq\.quantize: expected calib_loader to be an iterable",
+    ),
+    (
+        "quantize-loader-tensor",
+        lambda c: mpq.quantize(_model(), torch.randn(4, 3, 8, 8), CFG),
+        TypeError,
+        r"mpq\.quantize: expected calib_loader to be an iterable",
+    ),
+    (
+        "quantize-loader-empty",
+        lambda c: mpq.quantize(_model(), [], CFG),
+        ValueError,
+        r"mpq\.quantize: calib_loader yielded no batches",
+    ),
+    (
+        "quantize-loader-yields-dict",
+        lambda c: mpq.quantize(_model(), [{"x": torch.randn(4, 3, 8, 8)}], CFG),
+        TypeError,
+        r"mpq\.quantize: expected calib_loader to yield tensors .*batch 0 is dict",
+    ),
+    (
+        "quantize-loader-yields-pairs-of-str",
+        lambda c: mpq.quantize(_model(), [("img.png", 3)], CFG),
+        TypeError,
+        r"mpq\.quantize: expected calib_loader to yield tensors .*first element is str",
+    ),
+    (
+        "quantize-loader-bool-dtype",
+        lambda c: mpq.quantize(_model(), [torch.ones(4, 3, 8, 8, dtype=torch.bool)], CFG),
+        TypeError,
+        r"mpq\.quantize: expected calib_loader to yield floating .*torch\.bool",
+    ),
+    (
+        "quantize-loader-complex-dtype",
+        lambda c: mpq.quantize(_model(), [torch.ones(4, 3, 8, 8, dtype=torch.cfloat)], CFG),
+        TypeError,
+        r"mpq\.quantize: expected calib_loader to yield floating .*complex",
+    ),
+    (
+        "quantize-loader-empty-batch",
+        lambda c: mpq.quantize(_model(), [torch.randn(0, 3, 8, 8)], CFG),
+        ValueError,
+        r"mpq\.quantize: calib_loader batch 0 is empty",
+    ),
+    (
+        "quantize-loader-nan",
+        lambda c: mpq.quantize(_model(), [torch.full((4, 3, 8, 8), math.nan)], CFG),
+        ValueError,
+        r"mpq\.quantize: calib_loader batch 0 contains NaN or inf",
+    ),
+    (
+        "quantize-loader-inf-in-a-later-batch",
+        lambda c: mpq.quantize(_model(), _then_bad(torch.full((4, 3, 8, 8), math.inf)), CFG),
+        ValueError,
+        r"mpq\.quantize: calib_loader batch 2 contains NaN or inf",
+    ),
+    (
+        "quantize-loader-wrong-type-in-a-later-batch",
+        lambda c: mpq.quantize(_model(), _then_bad("oops"), CFG),
+        TypeError,
+        r"mpq\.quantize: expected calib_loader to yield tensors .*batch 2 is str",
+    ),
+    (
+        "quantize-loader-shape-the-model-rejects",
+        lambda c: mpq.quantize(_model(), [torch.randn(4, 5, 8, 8)], CFG),
+        ValueError,
+        r"mpq\.quantize: the model fails on calib_loader batch 0 \(input \(4, 5, 8, 8\)",
+    ),
+    (
+        "quantize-nan-activation",
+        lambda c: mpq.quantize(nn.Sequential(_Log(), nn.Linear(8, 4)).eval(), [torch.randn(4, 8)], CFG),
+        ValueError,
+        r"mpq\.quantize: the input of layer '1' contains NaN or inf",
+    ),
+    (
+        "quantize-no-quantizable-layer",
+        lambda c: mpq.quantize(nn.Sequential(nn.Conv1d(3, 3, 1), nn.ReLU()).eval(), [torch.randn(2, 3, 8)], CFG),
+        ValueError,
+        r"mpq\.quantize: the model has no quantizable layer .*'0', 'unsupported layer type Conv1d'",
+    ),
+    (
+        "quantize-all-layers-ignored",
+        lambda c: mpq.quantize(_model(), _calib(), CFG.replace(ignore=("*",))),
+        ValueError,
+        r"mpq\.quantize: the model has no quantizable layer .*ignored by config\.ignore",
+    ),
+    (
+        "quantize-nan-weight",
+        lambda c: mpq.quantize(_nan_weight_model(), _calib(), CFG),
+        ValueError,
+        r"mpq\.quantize: parameter '0\.weight' of model contains NaN or inf",
+    ),
+    (
+        "quantize-meta-model",
+        lambda c: mpq.quantize(_model().to("meta"), _calib(), CFG),
+        ValueError,
+        r"mpq\.quantize: expected device to hold data, got the meta device \(where the model's parameters are",
+    ),
+    (
+        "quantize-meta-parameter",
+        lambda c: mpq.quantize(_model().to("meta"), _calib(), CFG, device="cpu"),
+        ValueError,
+        r"mpq\.quantize: parameter '0\.weight' of model is on the meta device",
+    ),
+    (
+        "quantize-device-string",
+        lambda c: mpq.quantize(_model(), _calib(), CFG, device="gpu0"),
+        ValueError,
+        r"mpq\.quantize: expected device to be a torch\.device or a device string, got 'gpu0'",
+    ),
+    (
+        "quantize-inplace-type",
+        lambda c: mpq.quantize(_model(), _calib(), CFG, inplace="yes"),
+        TypeError,
+        r"mpq\.quantize: expected inplace to be a bool",
+    ),
+    (
+        "quantize-config-type",
+        lambda c: mpq.quantize(_model(), _calib(), 4),
+        TypeError,
+        r"mpq\.quantize: expected config to be a preset name, a QuantConfig or a dict, got int",
+    ),
+    (
+        "quantize-config-preset",
+        lambda c: mpq.quantize(_model(), _calib(), "W5A5"),
+        ValueError,
+        r"mpq\.QuantConfig\.preset: unknown preset 'W5A5'",
+    ),
+    (
+        "quantize-config-dict",
+        lambda c: mpq.quantize(_model(), _calib(), {"bits": 4}),
+        ValueError,
+        r"mpq\.QuantConfig\.from_dict: unknown fields \['bits'\]",
+    ),
     # ---- QuantConfig ----
-    ("config-w_bits-low", lambda c: mpq.QuantConfig(w_bits=1), ValueError, r"mpq\.QuantConfig: expected w_bits .*2\.\.8"),
-    ("config-w_bits-high", lambda c: mpq.QuantConfig(w_bits=9), ValueError, r"mpq\.QuantConfig: expected w_bits .*2\.\.8"),
+    (
+        "config-w_bits-low",
+        lambda c: mpq.QuantConfig(w_bits=1),
+        ValueError,
+        r"mpq\.QuantConfig: expected w_bits .*2\.\.8",
+    ),
+    (
+        "config-w_bits-high",
+        lambda c: mpq.QuantConfig(w_bits=9),
+        ValueError,
+        r"mpq\.QuantConfig: expected w_bits .*2\.\.8",
+    ),
     ("config-w_bits-bool", lambda c: mpq.QuantConfig(w_bits=True), ValueError, r"mpq\.QuantConfig: expected w_bits"),
     ("config-a_bits", lambda c: mpq.QuantConfig(a_bits=1), ValueError, r"mpq\.QuantConfig: expected a_bits"),
-    ("config-max_points-zero", lambda c: mpq.QuantConfig(max_points=0), ValueError,
-     r"mpq\.QuantConfig: expected max_points to be an int in 1\.\."),
-    ("config-avg_bits-nan", lambda c: mpq.QuantConfig(avg_bits=math.nan), ValueError, r"mpq\.QuantConfig: expected avg_bits"),
-    ("config-calib_batches-zero", lambda c: mpq.QuantConfig(calib_batches=0), ValueError,
-     r"mpq\.QuantConfig: expected calib_batches to be an int >= 1"),
-    ("config-calib_samples-float", lambda c: mpq.QuantConfig(calib_samples=2048.0), ValueError,
-     r"mpq\.QuantConfig: expected calib_samples to be an int >= 1"),
+    (
+        "config-max_points-zero",
+        lambda c: mpq.QuantConfig(max_points=0),
+        ValueError,
+        r"mpq\.QuantConfig: expected max_points to be an int in 1\.\.",
+    ),
+    (
+        "config-avg_bits-nan",
+        lambda c: mpq.QuantConfig(avg_bits=math.nan),
+        ValueError,
+        r"mpq\.QuantConfig: expected avg_bits",
+    ),
+    (
+        "config-calib_batches-zero",
+        lambda c: mpq.QuantConfig(calib_batches=0),
+        ValueError,
+        r"mpq\.QuantConfig: expected calib_batches to be an int >= 1",
+    ),
+    (
+        "config-calib_samples-float",
+        lambda c: mpq.QuantConfig(calib_samples=2048.0),
+        ValueError,
+        r"mpq\.QuantConfig: expected calib_samples to be an int >= 1",
+    ),
     ("config-ignore-type", lambda c: mpq.QuantConfig(ignore=5), ValueError, r"mpq\.QuantConfig: expected ignore"),
     ("config-method", lambda c: mpq.QuantConfig(method="magic"), ValueError, r"mpq\.QuantConfig: expected method"),
     ("config-version-type", lambda c: mpq.QuantConfig(version="1"), ValueError, r"mpq\.QuantConfig: expected version"),
-    ("config-version-newer", lambda c: mpq.QuantConfig(version=99), ValueError,
-     r"mpq\.QuantConfig: expected version <= .*newer mpq"),
-    ("config-preset-name-type", lambda c: mpq.QuantConfig.preset(4), TypeError,
-     r"mpq\.QuantConfig\.preset: expected name to be a preset name"),
-    ("config-preset-override", lambda c: mpq.QuantConfig.preset("W4A8", bits=3), ValueError,
-     r"mpq\.QuantConfig\.preset: unknown fields \['bits'\]"),
-    ("config-replace-unknown", lambda c: mpq.QuantConfig().replace(bits=3), ValueError,
-     r"mpq\.QuantConfig\.replace: unknown fields \['bits'\]"),
-    ("config-from_dict-type", lambda c: mpq.QuantConfig.from_dict("W4A8"), TypeError,
-     r"mpq\.QuantConfig\.from_dict: expected d to be a dict"),
+    (
+        "config-version-newer",
+        lambda c: mpq.QuantConfig(version=99),
+        ValueError,
+        r"mpq\.QuantConfig: expected version <= .*newer mpq",
+    ),
+    (
+        "config-preset-name-type",
+        lambda c: mpq.QuantConfig.preset(4),
+        TypeError,
+        r"mpq\.QuantConfig\.preset: expected name to be a preset name",
+    ),
+    (
+        "config-preset-override",
+        lambda c: mpq.QuantConfig.preset("W4A8", bits=3),
+        ValueError,
+        r"mpq\.QuantConfig\.preset: unknown fields \['bits'\]",
+    ),
+    (
+        "config-replace-unknown",
+        lambda c: mpq.QuantConfig().replace(bits=3),
+        ValueError,
+        r"mpq\.QuantConfig\.replace: unknown fields \['bits'\]",
+    ),
+    (
+        "config-from_dict-type",
+        lambda c: mpq.QuantConfig.from_dict("W4A8"),
+        TypeError,
+        r"mpq\.QuantConfig\.from_dict: expected d to be a dict",
+    ),
     # ---- mpq.save / mpq.load ----
     ("save-qmodel-type", lambda c: mpq.save("model", c["tmp"] / "a.mpq"), TypeError, r"mpq\.save: expected qmodel"),
-    ("save-float-model", lambda c: mpq.save(_model(), c["tmp"] / "a.mpq"), ValueError,
-     r"mpq\.save: qmodel has no multipoint layer"),
+    (
+        "save-float-model",
+        lambda c: mpq.save(_model(), c["tmp"] / "a.mpq"),
+        ValueError,
+        r"mpq\.save: qmodel has no multipoint layer",
+    ),
     ("save-path-type", lambda c: mpq.save(c["qmodel"], 5), TypeError, r"mpq\.save: expected path to be a str"),
-    ("save-path-folder", lambda c: mpq.save(c["qmodel"], c["tmp"] / "missing" / "a.mpq"), FileNotFoundError,
-     r"mpq\.save: expected path in an existing folder"),
-    ("save-config-type", lambda c: mpq.save(c["qmodel"], c["tmp"] / "a.mpq", config={"w_bits": 4}), TypeError,
-     r"mpq\.save: expected config to be a QuantConfig"),
-    ("save-architecture", lambda c: mpq.save(c["qmodel"], c["tmp"] / "a.mpq", architecture="resnet"), ValueError,
-     r"mpq\.save: expected architecture"),
+    (
+        "save-path-folder",
+        lambda c: mpq.save(c["qmodel"], c["tmp"] / "missing" / "a.mpq"),
+        FileNotFoundError,
+        r"mpq\.save: expected path in an existing folder",
+    ),
+    (
+        "save-config-type",
+        lambda c: mpq.save(c["qmodel"], c["tmp"] / "a.mpq", config={"w_bits": 4}),
+        TypeError,
+        r"mpq\.save: expected config to be a QuantConfig",
+    ),
+    (
+        "save-architecture",
+        lambda c: mpq.save(c["qmodel"], c["tmp"] / "a.mpq", architecture="resnet"),
+        ValueError,
+        r"mpq\.save: expected architecture",
+    ),
     ("load-path-type", lambda c: mpq.load(None), TypeError, r"mpq\.load: expected path to be a str"),
-    ("load-missing-file", lambda c: mpq.load(c["tmp"] / "nope.mpq"), ValueError, r"mpq\.load: .*nope\.mpq: no such file"),
-    ("load-model-type", lambda c: (mpq.save(c["qmodel"], c["tmp"] / "m.mpq"), mpq.load(c["tmp"] / "m.mpq", "net")),
-     TypeError, r"mpq\.load: expected model to be a torch\.nn\.Module"),
+    (
+        "load-missing-file",
+        lambda c: mpq.load(c["tmp"] / "nope.mpq"),
+        ValueError,
+        r"mpq\.load: .*nope\.mpq: no such file",
+    ),
+    (
+        "load-model-type",
+        lambda c: (mpq.save(c["qmodel"], c["tmp"] / "m.mpq"), mpq.load(c["tmp"] / "m.mpq", "net")),
+        TypeError,
+        r"mpq\.load: expected model to be a torch\.nn\.Module",
+    ),
     # ---- mpq.summary / mpq.plot_allocation ----
     ("summary-qmodel-type", lambda c: mpq.summary({"layer": 1}), TypeError, r"mpq\.summary: expected qmodel"),
-    ("plot-qmodel-type", lambda c: mpq.plot_allocation("model", c["tmp"] / "p.png"), TypeError,
-     r"mpq\.plot_allocation: expected qmodel"),
-    ("plot-float-model", lambda c: mpq.plot_allocation(_model(), c["tmp"] / "p.png"), ValueError,
-     r"mpq\.plot_allocation: qmodel has no multipoint layer"),
-    ("plot-path-folder", lambda c: mpq.plot_allocation(c["qmodel"], c["tmp"] / "missing" / "p.png"), FileNotFoundError,
-     r"mpq\.plot_allocation: expected path in an existing folder"),
+    (
+        "plot-qmodel-type",
+        lambda c: mpq.plot_allocation("model", c["tmp"] / "p.png"),
+        TypeError,
+        r"mpq\.plot_allocation: expected qmodel",
+    ),
+    (
+        "plot-float-model",
+        lambda c: mpq.plot_allocation(_model(), c["tmp"] / "p.png"),
+        ValueError,
+        r"mpq\.plot_allocation: qmodel has no multipoint layer",
+    ),
+    (
+        "plot-path-folder",
+        lambda c: mpq.plot_allocation(c["qmodel"], c["tmp"] / "missing" / "p.png"),
+        FileNotFoundError,
+        r"mpq\.plot_allocation: expected path in an existing folder",
+    ),
     # ---- MultipointLinear / MultipointConv2d ----
-    ("module-w_bits", lambda c: MultipointLinear(6, 4, 2, 9), ValueError, r"MultipointLinear: expected w_bits .*2\.\.8"),
-    ("module-max_points", lambda c: MultipointConv2d(3, 4, [3, 3], 0, 4, [1, 1], [0, 0], [1, 1]), ValueError,
-     r"MultipointConv2d: expected max_points"),
-    ("module-groups", lambda c: MultipointConv2d(3, 4, [3, 3], 2, 4, [1, 1], [0, 0], [1, 1], groups=2), ValueError,
-     r"MultipointConv2d: expected groups \(2\) to divide in_channels"),
-    ("set_weight-codes-dtype", lambda c: _set_weight(codes=_linear_weight()[0].float()), TypeError,
-     r"MultipointLinear\.set_weight: expected codes to be int8"),
-    ("set_weight-codes-shape", lambda c: _set_weight(codes=_linear_weight(D=5)[0]), ValueError,
-     r"MultipointLinear\.set_weight: expected codes \(4, 2, 6\)"),
-    ("set_weight-codes-type", lambda c: _set_weight(codes=[[1]]), TypeError,
-     r"MultipointLinear\.set_weight: expected codes to be a tensor"),
-    ("set_weight-scales-dtype", lambda c: _set_weight(scales=torch.ones(4, 2, dtype=torch.int32)), TypeError,
-     r"MultipointLinear\.set_weight: expected scales to be a floating"),
-    ("set_weight-scales-nan", lambda c: _set_weight(scales=torch.full((4, 2), math.nan)), ValueError,
-     r"MultipointLinear\.set_weight: scales contains NaN or inf"),
-    ("set_weight-num_points-dtype", lambda c: _set_weight(num_points=torch.ones(4)), TypeError,
-     r"MultipointLinear\.set_weight: expected num_points to be an integer"),
-    ("set_weight-num_points-range", lambda c: _set_weight(num_points=torch.full((4,), 3)), ValueError,
-     r"MultipointLinear\.set_weight: expected num_points in 0\.\.2, got values in 3\.\.3"),
-    ("set_weight-num_points-shape", lambda c: _set_weight(num_points=torch.ones(3, dtype=torch.int32)), ValueError,
-     r"MultipointLinear\.set_weight: expected num_points of shape \(4,\)"),
-    ("set_weight-bias-shape", lambda c: _set_weight(bias=torch.zeros(5)), ValueError,
-     r"MultipointLinear\.set_weight: expected bias of shape \(4,\)"),
-    ("set_weight-bias-inf", lambda c: _set_weight(bias=torch.full((4,), math.inf)), ValueError,
-     r"MultipointLinear\.set_weight: bias contains NaN or inf"),
-    ("set_weight-bias-without-bias", lambda c: _set_weight("conv", bias=torch.zeros(4)), ValueError,
-     r"MultipointConv2d\.set_weight: the module was built without a bias; expected bias None"),
-    ("set_act_qparams-scale-zero", lambda c: _act(scale=0.0), ValueError,
-     r"MultipointLinear\.set_act_qparams: expected scale to be a finite number > 0"),
-    ("set_act_qparams-scale-inf", lambda c: _act(scale=math.inf), ValueError,
-     r"MultipointLinear\.set_act_qparams: expected scale to be a finite number > 0"),
-    ("set_act_qparams-scale-nan", lambda c: _act(scale=math.nan), ValueError,
-     r"MultipointLinear\.set_act_qparams: expected scale to be a finite number > 0"),
-    ("set_act_qparams-qmin-qmax", lambda c: _act(qmin=5, qmax=5), ValueError,
-     r"MultipointLinear\.set_act_qparams: expected qmin < qmax"),
-    ("set_act_qparams-zero_point-type", lambda c: _act(zero_point=0.5), TypeError,
-     r"MultipointLinear\.set_act_qparams: expected zero_point to be an int"),
-    ("set_act_qparams-zero_point-range", lambda c: _act(zero_point=300, qmin=0, qmax=255), ValueError,
-     r"MultipointLinear\.set_act_qparams: expected zero_point in qmin\.\.qmax"),
+    (
+        "module-w_bits",
+        lambda c: MultipointLinear(6, 4, 2, 9),
+        ValueError,
+        r"MultipointLinear: expected w_bits .*2\.\.8",
+    ),
+    (
+        "module-max_points",
+        lambda c: MultipointConv2d(3, 4, [3, 3], 0, 4, [1, 1], [0, 0], [1, 1]),
+        ValueError,
+        r"MultipointConv2d: expected max_points",
+    ),
+    (
+        "module-groups",
+        lambda c: MultipointConv2d(3, 4, [3, 3], 2, 4, [1, 1], [0, 0], [1, 1], groups=2),
+        ValueError,
+        r"MultipointConv2d: expected groups \(2\) to divide in_channels",
+    ),
+    (
+        "set_weight-codes-dtype",
+        lambda c: _set_weight(codes=_linear_weight()[0].float()),
+        TypeError,
+        r"MultipointLinear\.set_weight: expected codes to be int8",
+    ),
+    (
+        "set_weight-codes-shape",
+        lambda c: _set_weight(codes=_linear_weight(D=5)[0]),
+        ValueError,
+        r"MultipointLinear\.set_weight: expected codes \(4, 2, 6\)",
+    ),
+    (
+        "set_weight-codes-type",
+        lambda c: _set_weight(codes=[[1]]),
+        TypeError,
+        r"MultipointLinear\.set_weight: expected codes to be a tensor",
+    ),
+    (
+        "set_weight-scales-dtype",
+        lambda c: _set_weight(scales=torch.ones(4, 2, dtype=torch.int32)),
+        TypeError,
+        r"MultipointLinear\.set_weight: expected scales to be a floating",
+    ),
+    (
+        "set_weight-scales-nan",
+        lambda c: _set_weight(scales=torch.full((4, 2), math.nan)),
+        ValueError,
+        r"MultipointLinear\.set_weight: scales contains NaN or inf",
+    ),
+    (
+        "set_weight-num_points-dtype",
+        lambda c: _set_weight(num_points=torch.ones(4)),
+        TypeError,
+        r"MultipointLinear\.set_weight: expected num_points to be an integer",
+    ),
+    (
+        "set_weight-num_points-range",
+        lambda c: _set_weight(num_points=torch.full((4,), 3)),
+        ValueError,
+        r"MultipointLinear\.set_weight: expected num_points in 0\.\.2, got values in 3\.\.3",
+    ),
+    (
+        "set_weight-num_points-shape",
+        lambda c: _set_weight(num_points=torch.ones(3, dtype=torch.int32)),
+        ValueError,
+        r"MultipointLinear\.set_weight: expected num_points of shape \(4,\)",
+    ),
+    (
+        "set_weight-bias-shape",
+        lambda c: _set_weight(bias=torch.zeros(5)),
+        ValueError,
+        r"MultipointLinear\.set_weight: expected bias of shape \(4,\)",
+    ),
+    (
+        "set_weight-bias-inf",
+        lambda c: _set_weight(bias=torch.full((4,), math.inf)),
+        ValueError,
+        r"MultipointLinear\.set_weight: bias contains NaN or inf",
+    ),
+    (
+        "set_weight-bias-without-bias",
+        lambda c: _set_weight("conv", bias=torch.zeros(4)),
+        ValueError,
+        r"MultipointConv2d\.set_weight: the module was built without a bias; expected bias None",
+    ),
+    (
+        "set_act_qparams-scale-zero",
+        lambda c: _act(scale=0.0),
+        ValueError,
+        r"MultipointLinear\.set_act_qparams: expected scale to be a finite number > 0",
+    ),
+    (
+        "set_act_qparams-scale-inf",
+        lambda c: _act(scale=math.inf),
+        ValueError,
+        r"MultipointLinear\.set_act_qparams: expected scale to be a finite number > 0",
+    ),
+    (
+        "set_act_qparams-scale-nan",
+        lambda c: _act(scale=math.nan),
+        ValueError,
+        r"MultipointLinear\.set_act_qparams: expected scale to be a finite number > 0",
+    ),
+    (
+        "set_act_qparams-qmin-qmax",
+        lambda c: _act(qmin=5, qmax=5),
+        ValueError,
+        r"MultipointLinear\.set_act_qparams: expected qmin < qmax",
+    ),
+    (
+        "set_act_qparams-zero_point-type",
+        lambda c: _act(zero_point=0.5),
+        TypeError,
+        r"MultipointLinear\.set_act_qparams: expected zero_point to be an int",
+    ),
+    (
+        "set_act_qparams-zero_point-range",
+        lambda c: _act(zero_point=300, qmin=0, qmax=255),
+        ValueError,
+        r"MultipointLinear\.set_act_qparams: expected zero_point in qmin\.\.qmax",
+    ),
     # ---- torch.ops.mpq ----
-    ("fit-bits-low", lambda c: ops.fit_multipoint(torch.randn(3, 5), 1, 2, False), RuntimeError,
-     r"mpq::fit_multipoint: expected bits in 2\.\.8, got 1"),
-    ("fit-bits-high", lambda c: ops.fit_multipoint(torch.randn(3, 5), 9, 2, True), RuntimeError,
-     r"mpq::fit_multipoint: expected bits in 2\.\.8, got 9"),
-    ("fit-max_points", lambda c: ops.fit_multipoint(torch.randn(3, 5), 4, 0, False), RuntimeError,
-     r"mpq::fit_multipoint: expected max_points in 1\.\."),
-    ("fit-weight-dtype", lambda c: ops.fit_multipoint(torch.randn(3, 5).half(), 4, 2, False), RuntimeError,
-     r"mpq::fit_multipoint: expected weight to be float32 or float64"),
-    ("fit-weight-shape", lambda c: ops.fit_multipoint(torch.randn(3, 5, 2), 4, 2, False), RuntimeError,
-     r"mpq::fit_multipoint: expected weight to be 2-D"),
-    ("fit-weight-inf", lambda c: ops.fit_multipoint(torch.tensor([[1.0, math.inf]]), 4, 2, False), RuntimeError,
-     r"mpq::fit_multipoint: weight contains NaN or inf"),
-    ("dequantize-dtype", lambda c: ops.dequantize_multipoint(*_linear_weight(), torch.int32), RuntimeError,
-     r"mpq::dequantize_multipoint: expected a floating dtype"),
-    ("dequantize-num_points-dtype",
-     lambda c: ops.dequantize_multipoint(*_linear_weight()[:2], torch.ones(4, dtype=torch.int64), torch.float32),
-     RuntimeError, r"mpq::dequantize_multipoint: expected num_points to be int32"),
-    ("dequantize-mixed-devices",
-     lambda c: ops.dequantize_multipoint(_linear_weight()[0], _linear_weight()[1].to("meta"), _linear_weight()[2],
-                                         torch.float32),
-     RuntimeError, r"mpq::dequantize_multipoint: expected every tensor argument on one device, got .*scales on meta"),
-    ("linear-input-shape", lambda c: _linear(input=torch.randn(3, 7)), RuntimeError,
-     r"mpq::multipoint_linear: expected input \[\.\.\., 6\]"),
-    ("linear-input-dtype", lambda c: _linear(input=torch.ones(3, 6, dtype=torch.int64)), RuntimeError,
-     r"mpq::multipoint_linear: expected input to be a floating"),
-    ("linear-codes-dtype", lambda c: _linear(codes=_linear_weight()[0].to(torch.int16)), RuntimeError,
-     r"mpq::multipoint_linear: expected codes to be int8"),
-    ("linear-num_points-range", lambda c: _linear(num_points=torch.full((4,), 3, dtype=torch.int32)), RuntimeError,
-     r"mpq::multipoint_linear: expected num_points in 0\.\.2"),
-    ("linear-act_qparams-values", lambda c: _linear(act_qparams=torch.tensor([math.nan, 0.0, -128.0, 127.0])),
-     RuntimeError, r"mpq::multipoint_linear: expected act_qparams with a finite scale"),
-    ("linear-mixed-devices", lambda c: _linear(input=torch.randn(3, 6, device="meta")), RuntimeError,
-     r"mpq::multipoint_linear: expected every tensor argument on one device, got .*input on meta"),
-    ("linear-bias-mixed-devices", lambda c: _linear(bias=torch.zeros(4, device="meta")), RuntimeError,
-     r"mpq::multipoint_linear: expected every tensor argument on one device, got .*bias on meta"),
+    (
+        "fit-bits-low",
+        lambda c: ops.fit_multipoint(torch.randn(3, 5), 1, 2, False),
+        RuntimeError,
+        r"mpq::fit_multipoint: expected bits in 2\.\.8, got 1",
+    ),
+    (
+        "fit-bits-high",
+        lambda c: ops.fit_multipoint(torch.randn(3, 5), 9, 2, True),
+        RuntimeError,
+        r"mpq::fit_multipoint: expected bits in 2\.\.8, got 9",
+    ),
+    (
+        "fit-max_points",
+        lambda c: ops.fit_multipoint(torch.randn(3, 5), 4, 0, False),
+        RuntimeError,
+        r"mpq::fit_multipoint: expected max_points in 1\.\.",
+    ),
+    (
+        "fit-weight-dtype",
+        lambda c: ops.fit_multipoint(torch.randn(3, 5).half(), 4, 2, False),
+        RuntimeError,
+        r"mpq::fit_multipoint: expected weight to be float32 or float64",
+    ),
+    (
+        "fit-weight-shape",
+        lambda c: ops.fit_multipoint(torch.randn(3, 5, 2), 4, 2, False),
+        RuntimeError,
+        r"mpq::fit_multipoint: expected weight to be 2-D",
+    ),
+    (
+        "fit-weight-inf",
+        lambda c: ops.fit_multipoint(torch.tensor([[1.0, math.inf]]), 4, 2, False),
+        RuntimeError,
+        r"mpq::fit_multipoint: weight contains NaN or inf",
+    ),
+    (
+        "dequantize-dtype",
+        lambda c: ops.dequantize_multipoint(*_linear_weight(), torch.int32),
+        RuntimeError,
+        r"mpq::dequantize_multipoint: expected a floating dtype",
+    ),
+    (
+        "dequantize-num_points-dtype",
+        lambda c: ops.dequantize_multipoint(*_linear_weight()[:2], torch.ones(4, dtype=torch.int64), torch.float32),
+        RuntimeError,
+        r"mpq::dequantize_multipoint: expected num_points to be int32",
+    ),
+    (
+        "dequantize-mixed-devices",
+        lambda c: ops.dequantize_multipoint(
+            _linear_weight()[0], _linear_weight()[1].to("meta"), _linear_weight()[2], torch.float32
+        ),
+        RuntimeError,
+        r"mpq::dequantize_multipoint: expected every tensor argument on one device, got .*scales on meta",
+    ),
+    (
+        "linear-input-shape",
+        lambda c: _linear(input=torch.randn(3, 7)),
+        RuntimeError,
+        r"mpq::multipoint_linear: expected input \[\.\.\., 6\]",
+    ),
+    (
+        "linear-input-dtype",
+        lambda c: _linear(input=torch.ones(3, 6, dtype=torch.int64)),
+        RuntimeError,
+        r"mpq::multipoint_linear: expected input to be a floating",
+    ),
+    (
+        "linear-codes-dtype",
+        lambda c: _linear(codes=_linear_weight()[0].to(torch.int16)),
+        RuntimeError,
+        r"mpq::multipoint_linear: expected codes to be int8",
+    ),
+    (
+        "linear-num_points-range",
+        lambda c: _linear(num_points=torch.full((4,), 3, dtype=torch.int32)),
+        RuntimeError,
+        r"mpq::multipoint_linear: expected num_points in 0\.\.2",
+    ),
+    (
+        "linear-act_qparams-values",
+        lambda c: _linear(act_qparams=torch.tensor([math.nan, 0.0, -128.0, 127.0])),
+        RuntimeError,
+        r"mpq::multipoint_linear: expected act_qparams with a finite scale",
+    ),
+    (
+        "linear-mixed-devices",
+        lambda c: _linear(input=torch.randn(3, 6, device="meta")),
+        RuntimeError,
+        r"mpq::multipoint_linear: expected every tensor argument on one device, got .*input on meta",
+    ),
+    (
+        "linear-bias-mixed-devices",
+        lambda c: _linear(bias=torch.zeros(4, device="meta")),
+        RuntimeError,
+        r"mpq::multipoint_linear: expected every tensor argument on one device, got .*bias on meta",
+    ),
     ("conv-groups", lambda c: _conv(groups=3), RuntimeError, r"mpq::multipoint_conv2d: expected groups >= 1 dividing"),
     ("conv-stride", lambda c: _conv(stride=[0, 1]), RuntimeError, r"mpq::multipoint_conv2d: expected stride >= 1"),
-    ("conv-padding-length", lambda c: _conv(padding=[0, 0, 0]), RuntimeError,
-     r"mpq::multipoint_conv2d: expected stride, padding and dilation of length 2"),
-    ("conv-input-rank", lambda c: _conv(input=torch.randn(3, 6, 6)), RuntimeError,
-     r"mpq::multipoint_conv2d: expected input \[N, C_in, H, W\]"),
-    ("conv-input-channels", lambda c: _conv(input=torch.randn(2, 4, 6, 6)), RuntimeError,
-     r"mpq::multipoint_conv2d: expected input with 3 channels"),
-    ("conv-bias-shape", lambda c: _conv(bias=torch.zeros(5)), RuntimeError,
-     r"mpq::multipoint_conv2d: expected bias of shape \[4\]"),
-    ("conv-mixed-devices", lambda c: _conv(codes=_conv_weight()[0].to("meta")), RuntimeError,
-     r"mpq::multipoint_conv2d: expected every tensor argument on one device, got codes on meta"),
+    (
+        "conv-padding-length",
+        lambda c: _conv(padding=[0, 0, 0]),
+        RuntimeError,
+        r"mpq::multipoint_conv2d: expected stride, padding and dilation of length 2",
+    ),
+    (
+        "conv-input-rank",
+        lambda c: _conv(input=torch.randn(3, 6, 6)),
+        RuntimeError,
+        r"mpq::multipoint_conv2d: expected input \[N, C_in, H, W\]",
+    ),
+    (
+        "conv-input-channels",
+        lambda c: _conv(input=torch.randn(2, 4, 6, 6)),
+        RuntimeError,
+        r"mpq::multipoint_conv2d: expected input with 3 channels",
+    ),
+    (
+        "conv-bias-shape",
+        lambda c: _conv(bias=torch.zeros(5)),
+        RuntimeError,
+        r"mpq::multipoint_conv2d: expected bias of shape \[4\]",
+    ),
+    (
+        "conv-mixed-devices",
+        lambda c: _conv(codes=_conv_weight()[0].to("meta")),
+        RuntimeError,
+        r"mpq::multipoint_conv2d: expected every tensor argument on one device, got codes on meta",
+    ),
 ]
 
 
@@ -313,14 +662,32 @@ def test_bad_input_is_refused_naming_function_and_argument(ctx, call: Callable, 
 @pytest.mark.parametrize(
     "argv, pattern",
     [
-        (["quantize", "--model", "efficientnet_lite0", "--calib", "{tmp}", "--out", "{tmp}/q", "--batch-size", "0"],
-         r"^python -m mpq quantize: argument --batch-size: expected a positive integer, got 0"),
-        (["quantize", "--model", "efficientnet_lite0", "--calib", "{tmp}", "--out", "{tmp}/q", "--calib-images", "x"],
-         r"^python -m mpq quantize: argument --calib-images: expected a positive integer, got 'x'"),
-        (["quantize", "--model", "efficientnet_lite0", "--calib", "{tmp}", "--out", "{tmp}/q", "--avg-bits", "four"],
-         r"^python -m mpq quantize: argument --avg-bits: invalid float value"),
-        (["eval", "--model", "efficientnet_lite0", "--data", "{tmp}", "--workers", "-1"],
-         r"^python -m mpq eval: argument --workers: expected an integer >= 0"),
+        (
+            ["quantize", "--model", "efficientnet_lite0", "--calib", "{tmp}", "--out", "{tmp}/q", "--batch-size", "0"],
+            r"^python -m mpq quantize: argument --batch-size: expected a positive integer, got 0",
+        ),
+        (
+            [
+                "quantize",
+                "--model",
+                "efficientnet_lite0",
+                "--calib",
+                "{tmp}",
+                "--out",
+                "{tmp}/q",
+                "--calib-images",
+                "x",
+            ],
+            r"^python -m mpq quantize: argument --calib-images: expected a positive integer, got 'x'",
+        ),
+        (
+            ["quantize", "--model", "efficientnet_lite0", "--calib", "{tmp}", "--out", "{tmp}/q", "--avg-bits", "four"],
+            r"^python -m mpq quantize: argument --avg-bits: invalid float value",
+        ),
+        (
+            ["eval", "--model", "efficientnet_lite0", "--data", "{tmp}", "--workers", "-1"],
+            r"^python -m mpq eval: argument --workers: expected an integer >= 0",
+        ),
     ],
 )
 def test_cli_usage_mistakes(tmp_path: Path, capsys, argv, pattern) -> None:
@@ -343,13 +710,25 @@ def _assert_one_line(capsys, pattern: str) -> None:
         ('{"max_points": 0}', r"^mpq quantize: mpq\.QuantConfig: expected max_points"),
         ('{"calib_batches": -1}', r"^mpq quantize: mpq\.QuantConfig: expected calib_batches"),
         ('{"bits": 4}', r"^mpq quantize: mpq\.QuantConfig\.from_dict: unknown fields \['bits'\]$"),
-        ('[4, 8]', r"^mpq quantize: config file .* expected a JSON object of QuantConfig fields$"),
+        ("[4, 8]", r"^mpq quantize: config file .* expected a JSON object of QuantConfig fields$"),
     ],
 )
 def test_cli_config_mistakes(tmp_path: Path, capsys, config: str, pattern: str) -> None:
     (tmp_path / "cfg.json").write_text(config)
-    argv = ["quantize", "--model", "efficientnet_lite0", "--calib", str(tmp_path), "--out", str(tmp_path / "q"),
-            "--config", str(tmp_path / "cfg.json"), "--quiet", "--workers", "0"]
+    argv = [
+        "quantize",
+        "--model",
+        "efficientnet_lite0",
+        "--calib",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "q"),
+        "--config",
+        str(tmp_path / "cfg.json"),
+        "--quiet",
+        "--workers",
+        "0",
+    ]
     assert cli.main(argv) == 2
     _assert_one_line(capsys, pattern)
 
@@ -378,7 +757,10 @@ def test_set_weight_accepts_non_contiguous_tensors() -> None:
 def test_quantize_accepts_non_contiguous_and_channels_last_batches() -> None:
     calib = _calib(2)
     ref = mpq.quantize(_model(), calib, CFG).state_dict()
-    for layout in (lambda x: x.to(memory_format=torch.channels_last), lambda x: x.transpose(2, 3).contiguous().transpose(2, 3)):
+    for layout in (
+        lambda x: x.to(memory_format=torch.channels_last),
+        lambda x: x.transpose(2, 3).contiguous().transpose(2, 3),
+    ):
         batches = [layout(x) for x in calib]
         assert not batches[0].is_contiguous()
         got = mpq.quantize(_model(), batches, CFG).state_dict()
@@ -413,8 +795,12 @@ def test_dequantize_zero_points_gives_the_zero_weight(inner) -> None:
 @pytest.mark.parametrize("act", [None, (0.1, 0.0, -128.0, 127.0)], ids=["float_act", "int8_act"])
 def test_linear_zero_points_gives_the_bias(act) -> None:
     codes, scales, _ = _linear_weight()
-    empty = dict(codes=codes[:, :0], scales=scales[:, :0], num_points=torch.zeros(4, dtype=torch.int32),
-                 act_qparams=None if act is None else torch.tensor(act))
+    empty = dict(
+        codes=codes[:, :0],
+        scales=scales[:, :0],
+        num_points=torch.zeros(4, dtype=torch.int32),
+        act_qparams=None if act is None else torch.tensor(act),
+    )
     assert torch.equal(_linear(**empty), torch.zeros(3, 4))
     bias = torch.randn(4)
     assert torch.equal(_linear(bias=bias, **empty), bias.expand(3, 4))
@@ -423,8 +809,11 @@ def test_linear_zero_points_gives_the_bias(act) -> None:
 def test_linear_zero_channels_gives_an_empty_output() -> None:
     codes, scales, n = _linear_weight()
     weight = dict(codes=codes[:0], scales=scales[:0], num_points=n[:0])
-    for x, bias in [(torch.randn(3, 6), None), (torch.randn(2, 5, 6, dtype=torch.float64), torch.zeros(0)),
-                    (torch.randn(0, 6), None)]:
+    for x, bias in [
+        (torch.randn(3, 6), None),
+        (torch.randn(2, 5, 6, dtype=torch.float64), torch.zeros(0)),
+        (torch.randn(0, 6), None),
+    ]:
         out = _linear(input=x, bias=bias, **weight)
         assert out.shape == (*x.shape[:-1], 0) and out.dtype == x.dtype
 
@@ -437,20 +826,34 @@ def test_linear_zero_channels_gives_an_empty_output() -> None:
         ((0, 3, 3, 3), 3, [1, 1], [0, 0], [1, 1], 1, (0, 0, 1, 1)),
     ],
 )
-def test_conv2d_zero_output_channels_gives_an_empty_output(x_shape, cin_g, stride, padding, dilation, groups,
-                                                           want) -> None:
+def test_conv2d_zero_output_channels_gives_an_empty_output(
+    x_shape, cin_g, stride, padding, dilation, groups, want
+) -> None:
     codes = torch.zeros(0, 2, cin_g, 3, 3, dtype=torch.int8)
-    out = _conv(input=torch.randn(x_shape, dtype=torch.float64), codes=codes, scales=torch.zeros(0, 2),
-                num_points=torch.zeros(0, dtype=torch.int32), bias=torch.zeros(0), stride=stride, padding=padding,
-                dilation=dilation, groups=groups)
+    out = _conv(
+        input=torch.randn(x_shape, dtype=torch.float64),
+        codes=codes,
+        scales=torch.zeros(0, 2),
+        num_points=torch.zeros(0, dtype=torch.int32),
+        bias=torch.zeros(0),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
     assert out.shape == want and out.dtype == torch.float64
 
 
 def test_conv2d_zero_points_gives_the_bias() -> None:
     codes, scales, _ = _conv_weight()
     bias = torch.randn(4)
-    out = _conv(codes=codes[:, :0], scales=scales[:, :0], num_points=torch.zeros(4, dtype=torch.int32), bias=bias,
-                padding=[1, 0])
+    out = _conv(
+        codes=codes[:, :0],
+        scales=scales[:, :0],
+        num_points=torch.zeros(4, dtype=torch.int32),
+        bias=bias,
+        padding=[1, 0],
+    )
     assert torch.equal(out, bias.reshape(1, 4, 1, 1).expand(2, 4, 6, 4))
 
 
@@ -481,8 +884,11 @@ def test_conv2d_kernel_that_just_fits_gives_one_output_pixel() -> None:
 @pytest.mark.parametrize("kh, kw", [(0, 3), (3, 0), (0, 0)])
 def test_conv2d_refuses_an_empty_kernel(kh, kw) -> None:
     codes, scales, n = _conv_weight()
-    with pytest.raises(RuntimeError, match=r"^mpq::multipoint_conv2d: expected codes \[C_out, P, C_in/groups, kh, kw\] "
-                       r"with a kernel of at least 1 x 1, got shape \[4, 2, 3, " + f"{kh}, {kw}" + r"\]"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^mpq::multipoint_conv2d: expected codes \[C_out, P, C_in/groups, kh, kw\] "
+        r"with a kernel of at least 1 x 1, got shape \[4, 2, 3, " + f"{kh}, {kw}" + r"\]",
+    ):
         _conv(codes=codes[:, :, :, :kh, :kw])
 
 
@@ -506,8 +912,11 @@ def test_non_finite_scales_are_refused_on_cpu(op, value) -> None:
     the output, as csrc/checks.h states (test_cuda.py::test_non_finite_scales_propagate_on_cuda)."""
     scales = _linear_weight()[1]
     scales[2, 1] = value
-    with pytest.raises(RuntimeError, match=rf"^mpq::{op}: expected finite scales for the points in use, got "
-                       rf"-?(nan|inf) at scales\[2, 1\] \(num_points\[2\] = 2\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"^mpq::{op}: expected finite scales for the points in use, got "
+        rf"-?(nan|inf) at scales\[2, 1\] \(num_points\[2\] = 2\)",
+    ):
         _nan_scales_call(op, scales)()
 
 
@@ -529,8 +938,11 @@ def test_packed_linear_refuses_non_finite_packed_scales_on_cpu() -> None:
     packed, packed_scales, perm, offsets, row_sums = ops.pack_multipoint(codes, scales, n, 4)
     packed_scales = packed_scales.clone()
     packed_scales[1, 3] = math.nan
-    with pytest.raises(RuntimeError, match=r"^mpq::multipoint_linear_packed: expected finite packed_scales, got nan "
-                       r"at packed_scales\[1, 3\]"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^mpq::multipoint_linear_packed: expected finite packed_scales, got nan "
+        r"at packed_scales\[1, 3\]",
+    ):
         ops.multipoint_linear_packed(torch.randn(3, 6), packed, packed_scales, perm, offsets, row_sums, 4, None, None)
 
 
@@ -561,9 +973,12 @@ def test_fit_multipoint_refuses_rows_whose_squared_errors_overflow_float32(dtype
             assert float(errs[:, 0].max()) <= 0.99 * FLT_MAX
     above = unit[:, :16] / unit[:, :16].norm(dim=1, keepdim=True)
     above[1] *= math.sqrt(1.01 * FLT_MAX)
-    with pytest.raises(RuntimeError, match=r"^mpq::fit_multipoint: expected every row of weight to have a squared "
-                       r"norm sum_d w\[j, d\]\^2 <= 3\.40282e\+38 \(the float32 maximum: sq_errors are float32\), "
-                       r"got 3\.43\d*e\+38 in row 1"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^mpq::fit_multipoint: expected every row of weight to have a squared "
+        r"norm sum_d w\[j, d\]\^2 <= 3\.40282e\+38 \(the float32 maximum: sq_errors are float32\), "
+        r"got 3\.43\d*e\+38 in row 1",
+    ):
         ops.fit_multipoint(above.to(dtype), 4, 2, False)
     huge = torch.full((2, 16), 1e20, dtype=dtype)
     huge[1] *= 2  # |w| = 2e20: squared norm 16 * 4e40

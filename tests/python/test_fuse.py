@@ -2,7 +2,7 @@
 the next layer's quantizer, uint8 or float32 in and out) on every path, against the float64
 recomputation; mpq.fuse_activations on real models (what it fuses, the check it runs, scripting,
 export, the user's model left untouched)."""
-import copy
+
 import io
 import os
 import subprocess
@@ -58,12 +58,31 @@ def _paths(conv):
 
 def _run(f, x, residual, path):
     m = f.layer
-    return mpq.ops.multipoint_conv2d_fused(x, m.point_codes, m.point_scales, m.num_points, m.w_bits, m.code_shape,
-                                           m.bias, m.act_qparams, m.stride, m.padding, m.dilation, m.groups, residual,
-                                           f.clamp_min, f.clamp_max, f.out_qparams, path, f.residual_qparams)
+    return mpq.ops.multipoint_conv2d_fused(
+        x,
+        m.point_codes,
+        m.point_scales,
+        m.num_points,
+        m.w_bits,
+        m.code_shape,
+        m.bias,
+        m.act_qparams,
+        m.stride,
+        m.padding,
+        m.dilation,
+        m.groups,
+        residual,
+        f.clamp_min,
+        f.clamp_max,
+        f.out_qparams,
+        path,
+        f.residual_qparams,
+    )
 
 
-@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: f"clamp{e[0]},{e[1]}-res{int(e[2])}-out{e[3] and e[3][2:]}")
+@pytest.mark.parametrize(
+    "epilogue", EPILOGUES, ids=lambda e: f"clamp{e[0]},{e[1]}-res{int(e[2])}-out{e[3] and e[3][2:]}"
+)
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[2]}..{g[3]}")
 @pytest.mark.parametrize("conv", CONVS, ids=lambda c: "-".join(map(str, c)))
 def test_fused_conv_equals_the_float64_reference(conv, grid, epilogue):
@@ -84,7 +103,9 @@ def test_fused_conv_equals_the_float64_reference(conv, grid, epilogue):
     levels = (torch.round(x / s) + zp).clamp(qmin, qmax).sub(qmin).to(torch.uint8)
     with torch.no_grad():
         y_shape = m(x).shape
-        residual = torch.randn(y_shape, generator=g).contiguous(memory_format=torch.channels_last) if with_residual else None
+        residual = (
+            torch.randn(y_shape, generator=g).contiguous(memory_format=torch.channels_last) if with_residual else None
+        )
         for path in _paths(conv):
             for inp in (x, levels):
                 y = _run(f, inp, residual, path)
@@ -123,7 +144,9 @@ def test_uint8_residual_is_its_values():
             y_shape = m(x).shape
         for grid in [(0.05, 0, 0, 255), (0.04, 3, -128, 127)]:
             rq = torch.tensor(grid, dtype=torch.float32)
-            u = torch.randint(0, 256, y_shape, dtype=torch.uint8, generator=g).contiguous(memory_format=torch.channels_last)
+            u = torch.randint(0, 256, y_shape, dtype=torch.uint8, generator=g).contiguous(
+                memory_format=torch.channels_last
+            )
             values = (u.float() - (grid[1] - grid[2])) * grid[0]
             for out_q in [None, torch.tensor([0.05, 0, 0, 255.0])]:
                 f = FusedMultipointConv2d(m, 0.0, float("inf"), out_q, rq)
@@ -131,9 +154,24 @@ def test_uint8_residual_is_its_values():
                     with torch.no_grad():
                         a = _run(f, x, u, path)
                         b = mpq.ops.multipoint_conv2d_fused(
-                            x, m.point_codes, m.point_scales, m.num_points, m.w_bits, m.code_shape, m.bias,
-                            m.act_qparams, m.stride, m.padding, m.dilation, m.groups, values, 0.0, float("inf"),
-                            out_q, path)
+                            x,
+                            m.point_codes,
+                            m.point_scales,
+                            m.num_points,
+                            m.w_bits,
+                            m.code_shape,
+                            m.bias,
+                            m.act_qparams,
+                            m.stride,
+                            m.padding,
+                            m.dilation,
+                            m.groups,
+                            values,
+                            0.0,
+                            float("inf"),
+                            out_q,
+                            path,
+                        )
                     assert torch.equal(a, b), (conv, grid, path)
                     assert torch.equal(f(x, u), _run(f, x, u, "auto"))
 
@@ -196,8 +234,13 @@ def test_fused_kernels_agree_on_every_isa(isa):
     ATen capability (their function clones follow the CPU; ATEN_CPU_CAPABILITY caps ATen's)."""
     cap = "default" if isa == "SSE41" else "avx2" if "AVX2" in isa else "avx512"
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa, "ATEN_CPU_CAPABILITY": cap}
-    out = subprocess.run([sys.executable, "-c", _ISA_CHILD, os.path.dirname(__file__)], env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", _ISA_CHILD, os.path.dirname(__file__)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
 
 
@@ -209,16 +252,31 @@ def test_fused_op_refuses_bad_arguments_before_any_work():
     geo = (m.stride, m.padding, m.dilation, 1)
     op = torch.ops.mpq.multipoint_conv2d_fused
     inf = float("inf")
-    with pytest.raises(RuntimeError, match=r"mpq::multipoint_conv2d_fused: expected residual float32 or uint8 levels of the output's shape"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"mpq::multipoint_conv2d_fused: expected residual float32 or uint8 levels of the output's shape",
+    ):
         op(x, *args, m.act_qparams, *geo, torch.zeros(1, 40, 4, 4), -inf, inf, None)
     with pytest.raises(RuntimeError, match=r"mpq::multipoint_conv2d_fused: a uint8 residual needs residual_qparams"):
         op(x, *args, m.act_qparams, *geo, torch.zeros(1, 40, 8, 8, dtype=torch.uint8), -inf, inf, None)
     with pytest.raises(RuntimeError, match=r"mpq::multipoint_conv2d_fused: residual_qparams must have at most 256"):
-        op(x, *args, m.act_qparams, *geo, torch.zeros(1, 40, 8, 8, dtype=torch.uint8), -inf, inf, None, "auto",
-           torch.tensor([0.1, 0, -1000, 1000.0]))
+        op(
+            x,
+            *args,
+            m.act_qparams,
+            *geo,
+            torch.zeros(1, 40, 8, 8, dtype=torch.uint8),
+            -inf,
+            inf,
+            None,
+            "auto",
+            torch.tensor([0.1, 0, -1000, 1000.0]),
+        )
     with pytest.raises(RuntimeError, match=r"mpq::multipoint_conv2d_fused: expected clamp_min <= clamp_max"):
         op(x, *args, m.act_qparams, *geo, None, 1.0, 0.0, None)
-    with pytest.raises(RuntimeError, match=r"mpq::multipoint_conv2d_fused: a uint8 input needs act_qparams with at most 256"):
+    with pytest.raises(
+        RuntimeError, match=r"mpq::multipoint_conv2d_fused: a uint8 input needs act_qparams with at most 256"
+    ):
         op(x.to(torch.uint8), *args, torch.tensor([0.1, 0.5, 0, 255.0]), *geo, None, -inf, inf, None)
     with pytest.raises(RuntimeError, match=r'mpq::multipoint_conv2d_fused: path "depthwise" needs groups'):
         op(x, *args, m.act_qparams, *geo, None, -inf, inf, None, "depthwise")
@@ -254,10 +312,14 @@ def test_fuse_resnet18_structure_check_and_artifacts(resnet18_w4a8, tmp_path):
     # The stem (max-pool next) and the downsamples (the add next) write float32.
     assert len(fused) == 20
     uint8_out = {n for n, m in fused.items() if m.out_qparams is not None}
-    expected = {f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)} | {f"layer{i}.1.conv2" for i in range(1, 4)}
+    expected = {f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)} | {
+        f"layer{i}.1.conv2" for i in range(1, 4)
+    }
     for i in range(1, 5):
-        assert torch.equal(q.get_submodule(f"layer{i}.0.conv1").act_qparams,
-                           q.get_submodule(f"layer{i}.0.downsample.0" if i > 1 else "layer1.0.conv1").act_qparams)
+        assert torch.equal(
+            q.get_submodule(f"layer{i}.0.conv1").act_qparams,
+            q.get_submodule(f"layer{i}.0.downsample.0" if i > 1 else "layer1.0.conv1").act_qparams,
+        )
     assert uint8_out == expected, sorted(uint8_out ^ expected)
     assert all(fused[f"layer{i}.{j}.conv2"].clamp_min == 0.0 for i in range(1, 5) for j in range(2))
     # The user's model is untouched.
@@ -297,10 +359,12 @@ def test_fuse_resnet18_with_quantized_residuals(resnet18_w4a8):
     expected_out.add("conv1")  # the stem: the max pool runs on its levels, read by layer1.0's conv1 and add
     assert {n for n, m in fused.items() if m.out_qparams is not None} == expected_out
     assert [n.target for n in f.graph.nodes if n.op == "call_function" and "max_pool2d" in str(n.target)] == [
-        torch.ops.mpq.max_pool2d_levels]
+        torch.ops.mpq.max_pool2d_levels
+    ]
     # The second block of each stage adds the first block's uint8 output; layer1.0 the pooled stem's.
     assert {n for n, m in fused.items() if m.residual_qparams is not None} == {
-        f"layer{i}.1.conv2" for i in range(1, 5)} | {"layer1.0.conv2"}
+        f"layer{i}.1.conv2" for i in range(1, 5)
+    } | {"layer1.0.conv2"}
     for i in range(1, 5):
         assert torch.equal(fused[f"layer{i}.1.conv2"].residual_qparams, fused[f"layer{i}.0.conv2"].out_qparams)
     assert torch.equal(fused["layer1.0.conv2"].residual_qparams, fused["conv1"].out_qparams)
@@ -322,7 +386,9 @@ def test_fuse_resnet18_with_quantized_residuals(resnet18_w4a8):
         assert torch.equal(torch.export.export(f, (x,)).module()(x), y_f)
 
 
-@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: f"clamp{e[0]},{e[1]}-res{int(e[2])}-out{e[3] and e[3][2:]}")
+@pytest.mark.parametrize(
+    "epilogue", EPILOGUES, ids=lambda e: f"clamp{e[0]},{e[1]}-res{int(e[2])}-out{e[3] and e[3][2:]}"
+)
 def test_one_point_layers_where_onednn_writes_the_levels(epilogue):
     """One point per channel (the W8A8 preset): with no further points to add, a ReLU or no clamp
     and a 256-level output, oneDNN writes the uint8 levels itself, adding a uint8 residual with its
@@ -399,10 +465,15 @@ def test_max_pool2d_levels_is_the_pooled_values_levels():
     """Exactly PyTorch's float max pool of the levels (shapes, ceil_mode, dilation, channel counts
     around the vector width), channels_last; bad arguments named before any work."""
     g = torch.Generator().manual_seed(2)
-    for shape, k, s, p, d, ceil in [((2, 16, 13, 13), 3, 2, 1, 1, False), ((1, 64, 20, 20), 3, 2, 1, 1, False),
-                                    ((2, 8, 9, 9), 2, 2, 0, 1, True), ((1, 5, 11, 11), 3, 1, 1, 2, False),
-                                    ((1, 3, 10, 10), 3, 2, 1, 1, True), ((2, 70, 5, 8), 2, 3, 1, 1, True),
-                                    ((1, 130, 7, 7), 3, 3, 1, 2, True)]:
+    for shape, k, s, p, d, ceil in [
+        ((2, 16, 13, 13), 3, 2, 1, 1, False),
+        ((1, 64, 20, 20), 3, 2, 1, 1, False),
+        ((2, 8, 9, 9), 2, 2, 0, 1, True),
+        ((1, 5, 11, 11), 3, 1, 1, 2, False),
+        ((1, 3, 10, 10), 3, 2, 1, 1, True),
+        ((2, 70, 5, 8), 2, 3, 1, 1, True),
+        ((1, 130, 7, 7), 3, 3, 1, 2, True),
+    ]:
         u = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
         y = mpq.ops.max_pool2d_levels(u, [k, k], [s, s], [p, p], [d, d], ceil)
         assert torch.equal(y, F.max_pool2d(u.float(), k, s, p, d, ceil).to(torch.uint8))

@@ -13,9 +13,10 @@ while writing this (no channel or no point, a kernel larger than the padded inpu
 kernel, non-finite scales, weights whose squared errors overflow float32) are drawn too, with the
 behaviour decided for them (tested one by one at the end of test_bad_inputs.py).
 """
+
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import pytest
 import torch
@@ -87,7 +88,7 @@ def _expect_error(op: str, word: str, call) -> None:
     assert word in msg.split("\n")[0], f"expected the message to name {word!r}: {msg.splitlines()[0]}"
 
 
-def _first(checks: List[Tuple[bool, str]]) -> Optional[str]:
+def _first(checks: list[tuple[bool, str]]) -> str | None:
     """The argument the first failing check names, None when all pass."""
     return next((word for failed, word in checks if failed), None)
 
@@ -96,7 +97,7 @@ LAYOUTS = st.sampled_from(["contiguous", "contiguous", "strided", "transposed"])
 CHANNELS = st.sampled_from([0, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5])  # no channel in 1 case of 11
 
 
-def _mistakes(draw, names: List[str]) -> set:
+def _mistakes(draw, names: list[str]) -> set:
     """None in half the cases, else one or two distinct mistakes (two test the checks' order)."""
     k = draw(st.sampled_from([0, 0, 0, 1, 1, 2]))
     return set(draw(st.lists(st.sampled_from(names), min_size=k, max_size=k, unique=True)))
@@ -104,12 +105,22 @@ def _mistakes(draw, names: List[str]) -> set:
 
 # ---- fit_multipoint ----------------------------------------------------------------------------
 
-FIT_MISTAKES = ["dtype", "rank", "no_columns", "bits_low", "bits_high", "max_points_low", "max_points_high", "nan",
-                "inf", "beyond"]
+FIT_MISTAKES = [
+    "dtype",
+    "rank",
+    "no_columns",
+    "bits_low",
+    "bits_high",
+    "max_points_low",
+    "max_points_high",
+    "nan",
+    "inf",
+    "beyond",
+]
 
 
 @st.composite
-def fit_cases(draw) -> Dict[str, Any]:
+def fit_cases(draw) -> dict[str, Any]:
     bad = _mistakes(draw, FIT_MISTAKES)
     dtype = draw(st.sampled_from([torch.float16, torch.bfloat16, torch.int32] if "dtype" in bad else FLOATS))
     shape = [draw(st.integers(0, 5)), 0 if "no_columns" in bad else draw(st.integers(1, 24))]
@@ -120,10 +131,16 @@ def fit_cases(draw) -> Dict[str, Any]:
         shape=shape,
         dtype=dtype,
         values=values or draw(st.sampled_from(["randn", "randn", "randn", "zeros", "huge", "tiny", "largest"])),
-        bits=draw(st.integers(-1, 1) if "bits_low" in bad else st.integers(9, 12) if "bits_high" in bad
-                  else st.integers(2, 8)),
-        max_points=draw(st.integers(-1, 0) if "max_points_low" in bad else st.just(65) if "max_points_high" in bad
-                        else st.integers(1, 5)),
+        bits=draw(
+            st.integers(-1, 1) if "bits_low" in bad else st.integers(9, 12) if "bits_high" in bad else st.integers(2, 8)
+        ),
+        max_points=draw(
+            st.integers(-1, 0)
+            if "max_points_low" in bad
+            else st.just(65)
+            if "max_points_high" in bad
+            else st.integers(1, 5)
+        ),
         exact=draw(st.booleans()),
         layout=draw(LAYOUTS),
         seed=draw(st.integers(0, 2**31 - 1)),
@@ -143,16 +160,24 @@ def test_fuzz_fit_multipoint(case) -> None:
     w = _layout(_values(g, case["shape"], case["values"], case["dtype"]), case["layout"])
     bits, points, exact = case["bits"], case["max_points"], case["exact"]
     finite = bool(torch.isfinite(w).all()) if w.is_floating_point() else True
-    word = _first([
-        (w.dtype not in FLOATS, "weight"),
-        (w.dim() != 2, "weight"),
-        (w.dim() == 2 and w.shape[1] < 1, "weight"),
-        (not 2 <= bits <= 8, "bits"),
-        (not 1 <= points <= 64, "max_points"),
-        (w.numel() > 0 and not finite, "weight"),
-        (w.dtype in FLOATS and w.dim() == 2 and w.numel() > 0 and finite
-         and float((w.double() ** 2).sum(1).max()) > FLT_MAX, "weight"),
-    ])
+    word = _first(
+        [
+            (w.dtype not in FLOATS, "weight"),
+            (w.dim() != 2, "weight"),
+            (w.dim() == 2 and w.shape[1] < 1, "weight"),
+            (not 2 <= bits <= 8, "bits"),
+            (not 1 <= points <= 64, "max_points"),
+            (w.numel() > 0 and not finite, "weight"),
+            (
+                w.dtype in FLOATS
+                and w.dim() == 2
+                and w.numel() > 0
+                and finite
+                and float((w.double() ** 2).sum(1).max()) > FLT_MAX,
+                "weight",
+            ),
+        ]
+    )
     if word is not None:
         _expect_error("fit_multipoint", word, lambda: ops.fit_multipoint(w, bits, points, exact))
         return
@@ -183,17 +208,31 @@ def test_fuzz_fit_multipoint(case) -> None:
 
 # ---- the multipoint weight (codes, scales, num_points) -----------------------------------------
 
-WEIGHT_MISTAKES = ["codes_dtype", "scales_dtype", "scales_shape", "points_dtype", "points_shape", "points_negative",
-                   "points_too_many", "scales_on_meta", "scales_nonfinite"]
+WEIGHT_MISTAKES = [
+    "codes_dtype",
+    "scales_dtype",
+    "scales_shape",
+    "points_dtype",
+    "points_shape",
+    "points_negative",
+    "points_too_many",
+    "scales_on_meta",
+    "scales_nonfinite",
+]
 
 
-def _weight_spec(draw, C: int, inner: Tuple[int, ...], bad: set) -> Dict[str, Any]:
+def _weight_spec(draw, C: int, inner: tuple[int, ...], bad: set) -> dict[str, Any]:
     return dict(
-        C=C, P=draw(st.sampled_from([0, 1, 2, 3, 1, 2, 3])), inner=inner, bad=bad,
-        codes_dtype=draw(st.sampled_from([torch.int16, torch.uint8, torch.float32])) if "codes_dtype" in bad
+        C=C,
+        P=draw(st.sampled_from([0, 1, 2, 3, 1, 2, 3])),
+        inner=inner,
+        bad=bad,
+        codes_dtype=draw(st.sampled_from([torch.int16, torch.uint8, torch.float32]))
+        if "codes_dtype" in bad
         else torch.int8,
         scales_dtype=draw(st.sampled_from([torch.float64, torch.float16])) if "scales_dtype" in bad else torch.float32,
-        scales_shape=draw(st.sampled_from(["extra_point", "extra_channel", "flat"])) if "scales_shape" in bad
+        scales_shape=draw(st.sampled_from(["extra_point", "extra_channel", "flat"]))
+        if "scales_shape" in bad
         else "right",
         points_dtype=draw(st.sampled_from([torch.int64, torch.float32])) if "points_dtype" in bad else torch.int32,
         points_shape=draw(st.sampled_from(["extra_channel", "column"])) if "points_shape" in bad else "right",
@@ -209,8 +248,13 @@ def _make_weight(spec):
     codes = torch.randint(-7, 8, (C, P, *spec["inner"]), generator=g, dtype=torch.int8)
     scales_shape = {"right": (C, P), "extra_point": (C, P + 1), "extra_channel": (C + 1, P), "flat": (C * P,)}
     scales = (torch.rand(scales_shape[spec["scales_shape"]], generator=g) * 4 - 2).exp() * 0.05
-    n = torch.randint(0, P + 1, {"right": (C,), "extra_channel": (C + 1,), "column": (C, 1)}[spec["points_shape"]],
-                      generator=g, dtype=torch.int32)
+    n = torch.randint(
+        0,
+        P + 1,
+        {"right": (C,), "extra_channel": (C + 1,), "column": (C, 1)}[spec["points_shape"]],
+        generator=g,
+        dtype=torch.int32,
+    )
     if "scales_nonfinite" in spec["bad"] and C > 0 and P > 0 and scales.dim() == 2:
         # A point in use (as far as the shapes allow: a wrong one is refused before the values).
         c = int(torch.randint(C, (1,), generator=g))
@@ -231,7 +275,7 @@ def _make_weight(spec):
     return codes, scales, n
 
 
-def _weight_checks(spec, code_dims: int) -> List[Tuple[bool, str]]:
+def _weight_checks(spec, code_dims: int) -> list[tuple[bool, str]]:
     """check_multipoint_weight, in its order, after the fake kernels' device check. The values of
     num_points and scales are checked on the CPU only (where every drawn case runs)."""
     bad = spec["bad"]
@@ -254,11 +298,12 @@ def _weight_checks(spec, code_dims: int) -> List[Tuple[bool, str]]:
 
 
 @st.composite
-def dequantize_cases(draw) -> Dict[str, Any]:
+def dequantize_cases(draw) -> dict[str, Any]:
     bad = _mistakes(draw, WEIGHT_MISTAKES + ["dtype"])
     inner = tuple(draw(st.lists(st.integers(0, 4), min_size=1, max_size=3)))
-    dtypes = [torch.int32, torch.bool, torch.complex64] if "dtype" in bad else FLOATS * 2 + [torch.float16,
-                                                                                               torch.bfloat16]
+    dtypes = (
+        [torch.int32, torch.bool, torch.complex64] if "dtype" in bad else FLOATS * 2 + [torch.float16, torch.bfloat16]
+    )
     return dict(weight=_weight_spec(draw, draw(CHANNELS), inner, bad), dtype=draw(st.sampled_from(dtypes)))
 
 
@@ -293,11 +338,12 @@ ACTS = {
     "act_empty_range": (0.1, 0.0, 9.0, 5.0),
 }
 ACT_VALUE_MISTAKES = ["act_scale_zero", "act_scale_nan", "act_empty_range"]
-LAYER_MISTAKES = WEIGHT_MISTAKES + ["input_dtype", "bias_dtype", "bias_shape", "act_dtype", "act_shape"] \
-    + ACT_VALUE_MISTAKES
+LAYER_MISTAKES = (
+    WEIGHT_MISTAKES + ["input_dtype", "bias_dtype", "bias_shape", "act_dtype", "act_shape"] + ACT_VALUE_MISTAKES
+)
 
 
-def _layer_spec(draw, bad: set) -> Dict[str, Any]:
+def _layer_spec(draw, bad: set) -> dict[str, Any]:
     act_value = next((a for a in ACT_VALUE_MISTAKES if a in bad), None)
     dtype = torch.int64 if "input_dtype" in bad else draw(st.sampled_from(FLOATS * 3 + [torch.float16]))
     act = act_value or draw(st.sampled_from(["none", "none", "int8", "uint4"]))
@@ -306,7 +352,10 @@ def _layer_spec(draw, bad: set) -> Dict[str, Any]:
     return dict(
         dtype=dtype,
         layout=draw(LAYOUTS),
-        bias="int" if "bias_dtype" in bad else "wrong_shape" if "bias_shape" in bad
+        bias="int"
+        if "bias_dtype" in bad
+        else "wrong_shape"
+        if "bias_shape" in bad
         else draw(st.sampled_from(["none", "float32", "float64"])),
         act="float64" if "act_dtype" in bad else "length3" if "act_shape" in bad else act,
     )
@@ -316,8 +365,15 @@ def _layer_tensors(g: torch.Generator, spec, shape, C: int):
     """(input, bias, act_qparams); a float32 input is moved off the activation grid's ties."""
     x = _values(g, shape, "randn", spec["dtype"]) * (3 if spec["dtype"].is_floating_point else 1)
     kind = spec["act"]
-    act = None if kind == "none" else torch.tensor(ACTS["int8"], dtype=torch.float64) if kind == "float64" \
-        else torch.tensor(ACTS["int8"][:3]) if kind == "length3" else torch.tensor(ACTS[kind])
+    act = (
+        None
+        if kind == "none"
+        else torch.tensor(ACTS["int8"], dtype=torch.float64)
+        if kind == "float64"
+        else torch.tensor(ACTS["int8"][:3])
+        if kind == "length3"
+        else torch.tensor(ACTS[kind])
+    )
     if spec["dtype"] == torch.float32:
         x = away_from_ties(x, act)
     bias = None
@@ -327,7 +383,7 @@ def _layer_tensors(g: torch.Generator, spec, shape, C: int):
     return _layout(x, spec["layout"]), bias, act
 
 
-def _bias_and_act_checks(bad: set) -> List[Tuple[bool, str]]:
+def _bias_and_act_checks(bad: set) -> list[tuple[bool, str]]:
     """check_bias_and_act, in its order."""
     return [
         ("input_dtype" in bad, "input"),
@@ -356,13 +412,14 @@ def _assert_matches(got, want, xq, W, bias, conv=None) -> None:
 
 
 @st.composite
-def linear_cases(draw) -> Dict[str, Any]:
+def linear_cases(draw) -> dict[str, Any]:
     bad = _mistakes(draw, LAYER_MISTAKES + ["input_width", "input_rank0"])
     D = draw(st.integers(0, 8))
     lead = draw(st.lists(st.integers(0, 3), max_size=2))
     shape = [] if "input_rank0" in bad else [*lead, D + ("input_width" in bad)]
-    return dict(weight=_weight_spec(draw, draw(CHANNELS), (D,), bad), layer=_layer_spec(draw, bad),
-                shape=shape, bad=bad)
+    return dict(
+        weight=_weight_spec(draw, draw(CHANNELS), (D,), bad), layer=_layer_spec(draw, bad), shape=shape, bad=bad
+    )
 
 
 @FUZZ
@@ -373,8 +430,13 @@ def test_fuzz_multipoint_linear(case) -> None:
     _check_layer("multipoint_linear", case, [(bool({"input_width", "input_rank0"} & case["bad"]), "input")])
 
 
-def _check_layer(op: str, case, own_checks: List[Tuple[bool, str]], conv: Optional[tuple] = None,
-                 code_checks: List[Tuple[bool, str]] = ()) -> None:
+def _check_layer(
+    op: str,
+    case,
+    own_checks: list[tuple[bool, str]],
+    conv: tuple | None = None,
+    code_checks: list[tuple[bool, str]] = (),
+) -> None:
     """Runs the layer op on the drawn case: the error the oracle expects, or the reference's
     result. ``code_checks``: the op's checks of codes after check_multipoint_weight;
     ``own_checks``: those between check_bias_and_act and the kernel's check of the act_qparams
@@ -401,18 +463,30 @@ def _check_layer(op: str, case, own_checks: List[Tuple[bool, str]], conv: Option
     got = call()
     want = getattr(ref, f"{op}_reference")(*args)
     assert got.dtype == x.dtype
-    _assert_matches(got, want, ref.fake_quantize_reference(x, act), ref.dequantize_reference(codes, scales, n), bias,
-                    conv)
+    _assert_matches(
+        got, want, ref.fake_quantize_reference(x, act), ref.dequantize_reference(codes, scales, n), bias, conv
+    )
 
 
 # ---- multipoint_conv2d -------------------------------------------------------------------------
 
-CONV_MISTAKES = ["stride_zero", "padding_negative", "dilation_zero", "stride_length", "dilation_length", "groups_zero",
-                 "groups_not_dividing", "input_channels", "input_rank", "kernel_empty", "input_small"]
+CONV_MISTAKES = [
+    "stride_zero",
+    "padding_negative",
+    "dilation_zero",
+    "stride_length",
+    "dilation_length",
+    "groups_zero",
+    "groups_not_dividing",
+    "input_channels",
+    "input_rank",
+    "kernel_empty",
+    "input_small",
+]
 
 
 @st.composite
-def conv_cases(draw) -> Dict[str, Any]:
+def conv_cases(draw) -> dict[str, Any]:
     bad = _mistakes(draw, LAYER_MISTAKES + CONV_MISTAKES)
     groups = draw(st.integers(1, 3))
     # C_out = 0 (cout_g = 0) is valid, but every groups divides it
@@ -432,7 +506,7 @@ def conv_cases(draw) -> Dict[str, Any]:
         d = draw(st.integers(0, 1))
         size[d] = draw(st.integers(0, max(0, extent[d] - 1)))
     C_in = cin_g * groups + ("input_channels" in bad)
-    shape = [draw(st.integers(0, 2)), C_in, *size][1 if "input_rank" in bad else 0:]
+    shape = [draw(st.integers(0, 2)), C_in, *size][1 if "input_rank" in bad else 0 :]
     if "stride_zero" in bad:
         stride[1] = 0
     if "padding_negative" in bad:
@@ -448,8 +522,16 @@ def conv_cases(draw) -> Dict[str, Any]:
         groups = 0
     elif "groups_not_dividing" in bad:
         groups = C_out + 1
-    return dict(weight=_weight_spec(draw, C_out, (cin_g, *kernel), bad), layer=_layer_spec(draw, bad), shape=shape,
-                stride=stride, padding=padding, dilation=dilation, groups=groups, bad=bad)
+    return dict(
+        weight=_weight_spec(draw, C_out, (cin_g, *kernel), bad),
+        layer=_layer_spec(draw, bad),
+        shape=shape,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bad=bad,
+    )
 
 
 @FUZZ

@@ -2,6 +2,7 @@
 tests/python/golden/quantized_state.json was made (with that script's --write, at fixed code
 paths): a refactor may move code, never change what ``mpq.quantize`` computes. A deliberate
 change to the results remakes the file in the same commit and says why."""
+
 import subprocess
 import sys
 from pathlib import Path

@@ -1,6 +1,7 @@
 """``import mpq`` is cheap: it loads the ops library and the quantization core, not matplotlib,
 transformers, scipy, the EfficientNet packages, the demo's models and data (``mpq.examples``), the
 integer-only package or the command line; the public names that live there resolve on first use."""
+
 import json
 import os
 import subprocess
@@ -33,9 +34,7 @@ def _run(code: str) -> dict:
 
 def test_import_mpq_loads_the_core_only():
     loaded = _run(
-        "import json, sys\n"
-        "import mpq\n"
-        f"print(json.dumps({{m: m in sys.modules for m in {NOT_AT_IMPORT!r}}}))\n"
+        f"import json, sys\nimport mpq\nprint(json.dumps({{m: m in sys.modules for m in {NOT_AT_IMPORT!r}}}))\n"
     )
     assert not any(loaded.values()), [m for m, present in loaded.items() if present]
 
@@ -82,7 +81,9 @@ def test_imports_flow_one_way():
     TYPE_CHECKING) has no cycle: scripts/import_graph.py draws it."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("import_graph", Path(__file__).parents[2] / "scripts" / "import_graph.py")
+    spec = importlib.util.spec_from_file_location(
+        "import_graph", Path(__file__).parents[2] / "scripts" / "import_graph.py"
+    )
     graph_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(graph_module)
     graph = graph_module.import_graph()

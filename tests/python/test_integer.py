@@ -1,6 +1,7 @@
 """Integer-only inference (mpq.integer_only, HAWQ-V3 style): dyadic numbers, agreement with the
 float64 simulation of the same integer pipeline (within one LSB of each output grid), no float
 tensor inside the network, fidelity to the fake-quantized and FP32 models, TorchScript, errors."""
+
 import io
 import math
 import random
@@ -99,7 +100,16 @@ def _assert_integer_inside(imodel, x):
     floats = [(op, dt) for op, dt in rec.ops if any(d.is_floating_point or d.is_complex for d in dt)]
     assert rec.ops and not floats, floats[:5]
     # And the graph calls only integer modules, max pooling and shape ops.
-    allowed = (IntegerConv2d, IntegerLinear, IntegerAdd, IntegerMean, IntegerRequant, IntegerClamp, nn.MaxPool2d, nn.Flatten)
+    allowed = (
+        IntegerConv2d,
+        IntegerLinear,
+        IntegerAdd,
+        IntegerMean,
+        IntegerRequant,
+        IntegerClamp,
+        nn.MaxPool2d,
+        nn.Flatten,
+    )
     for node in imodel.body.graph.nodes:
         if node.op == "call_module":
             assert isinstance(imodel.body.get_submodule(node.target), allowed), node.format_node()
@@ -189,8 +199,10 @@ def test_resnet18_close_to_fake_quant(resnet18):
     with torch.no_grad():
         ref, fake, integer = model(x), qmodel(x), imodel(x)
     vs_fake, fake_vs_fp32, int_vs_fp32 = _relative(integer, fake), _relative(fake, ref), _relative(integer, ref)
-    print(f"\nResNet-18 relative L2 of logits: int vs fake-quant {vs_fake:.4f}, fake vs FP32 {fake_vs_fp32:.4f}, "
-          f"int vs FP32 {int_vs_fp32:.4f}")
+    print(
+        f"\nResNet-18 relative L2 of logits: int vs fake-quant {vs_fake:.4f}, fake vs FP32 {fake_vs_fp32:.4f}, "
+        f"int vs FP32 {int_vs_fp32:.4f}"
+    )
     # Measured 0.017-0.021: the residual stream on 8-bit grids, requantized downsample inputs.
     # (int vs FP32 <= fake vs FP32 + this, by the triangle inequality.)
     assert vs_fake < 0.05
@@ -228,7 +240,10 @@ def _load_digits():
         d = load_digits()
         data, target = d.data, d.target
     except Exception:  # the venv may not see Debian's python3-sklearn: read its bundled file
-        files = [Path(p) / "sklearn/datasets/data/digits.csv.gz" for p in ("/usr/lib/python3/dist-packages", "/usr/local/lib/python3/dist-packages")]
+        files = [
+            Path(p) / "sklearn/datasets/data/digits.csv.gz"
+            for p in ("/usr/lib/python3/dist-packages", "/usr/local/lib/python3/dist-packages")
+        ]
         found = [f for f in files if f.exists()]
         if not found:
             pytest.skip("sklearn digits not found: apt-get install python3-sklearn (or pip install scikit-learn)")
@@ -247,9 +262,14 @@ def digits():
     torch.manual_seed(0)
     down = nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
     model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
-        BasicBlock(16, 16), BasicBlock(16, 32, 2, downsample=down),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(1, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(inplace=True),
+        BasicBlock(16, 16),
+        BasicBlock(16, 32, 2, downsample=down),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
     )
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     for _ in range(8):

@@ -1,5 +1,6 @@
 """mpq.save / mpq.load: bit-exact round trips (a small CNN, EfficientNet-Lite0), the TorchScript
 path, and clear errors for damaged, newer or mismatched files; mpq.plot_allocation."""
+
 import json
 import struct
 
@@ -10,7 +11,6 @@ from torch import nn
 import mpq
 from mpq.examples import assets
 from small_models import randomize_batchnorm, small_cnn
-
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
@@ -72,7 +72,8 @@ def test_small_cnn_round_trip_is_bit_exact(small_quantized, tmp_path, case):
     assert meta["config"] == cfg.to_dict() and meta["seed"] == cfg.seed
     assert set(meta["layers"]) == {n for n, m in qmodel.named_modules() if isinstance(m, mpq.nn.MultipointLayer)}
     assert {spec["kind"] for spec in meta["layers"].values()} == (
-        {"codebook_conv", "codebook_linear"} if case.startswith("companding") else {"conv", "linear"})
+        {"codebook_conv", "codebook_linear"} if case.startswith("companding") else {"conv", "linear"}
+    )
     assert mpq.io.loaded_metadata(loaded)["folded_batchnorms"] == ["1", "4"]
     # saving the loaded model again keeps the config and gives the same tensors
     mpq.save(loaded, tmp_path / "again.mpq.safetensors")
@@ -81,8 +82,18 @@ def test_small_cnn_round_trip_is_bit_exact(small_quantized, tmp_path, case):
 
 
 def _layer_of_kind(kind: str) -> mpq.nn.MultipointLayer:
-    conv = dict(in_channels=8, out_channels=12, kernel_size=[3, 1], stride=[2, 1], padding=[1, 0], dilation=[1, 2],
-                groups=4, bias=False, pre_padding=[0, 1, 1, 0], same_padding=False)
+    conv = dict(
+        in_channels=8,
+        out_channels=12,
+        kernel_size=[3, 1],
+        stride=[2, 1],
+        padding=[1, 0],
+        dilation=[1, 2],
+        groups=4,
+        bias=False,
+        pre_padding=[0, 1, 1, 0],
+        same_padding=False,
+    )
     return {
         "linear": lambda: mpq.nn.MultipointLinear(10, 6, 3, 4),
         "conv": lambda: mpq.nn.MultipointConv2d(max_points=2, w_bits=5, **conv),
@@ -152,8 +163,15 @@ def _with_identity() -> nn.Module:
     """A genuine nn.Identity (index 3) beside a BatchNorm that quantize folds (1) and one it cannot
     fold (7, after a Linear)."""
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Identity(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4),
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Identity(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 16),
+        nn.BatchNorm1d(16),
+        nn.Linear(16, 4),
     ).eval()
 
 
@@ -292,12 +310,16 @@ def test_not_an_mpq_file_is_refused(tmp_path):
 def test_mismatched_model_is_refused_and_left_untouched(saved):
     # a multipoint layer of another shape
     other = small_cnn(out_features=12)
-    with pytest.raises(ValueError, match=r"mpq.load: layer '10' is Linear\(32, 12\) in the model but the file has a linear 32 -> 10"):
+    with pytest.raises(
+        ValueError, match=r"mpq.load: layer '10' is Linear\(32, 12\) in the model but the file has a linear 32 -> 10"
+    ):
         mpq.load(saved, other)
     assert _untouched(other)
     # a float layer (the ignored first conv) of another shape
     other = small_cnn(first_kernel=5)
-    with pytest.raises(ValueError, match=r"mpq.load: .*does not fit the model \(other shapes or dtypes: 0.weight: file \(16, 3, 3, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"mpq.load: .*does not fit the model \(other shapes or dtypes: 0.weight: file \(16, 3, 3, 3\)"
+    ):
         mpq.load(saved, other)
     assert _untouched(other)
     # tensors missing from the file

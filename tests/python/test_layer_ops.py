@@ -1,8 +1,8 @@
 """mpq::dequantize_multipoint, mpq::multipoint_linear and mpq::multipoint_conv2d against the
 float64 reference (tests/python/reference.py); opcheck on every op; the error paths."""
+
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 import pytest
 import torch
@@ -24,14 +24,14 @@ ACT_QPARAMS = {
 }
 
 
-def act_tensor(name: str) -> Optional[Tensor]:
+def act_tensor(name: str) -> Tensor | None:
     p = ACT_QPARAMS[name]
     return None if p is None else torch.tensor(p, dtype=torch.float32)
 
 
 def random_multipoint(
-    g: torch.Generator, C: int, P: int, inner: Tuple[int, ...], bits: int = 4
-) -> Tuple[Tensor, Tensor, Tensor]:
+    g: torch.Generator, C: int, P: int, inner: tuple[int, ...], bits: int = 4
+) -> tuple[Tensor, Tensor, Tensor]:
     """codes int8[C, P, *inner] in -K..K, scales float32[C, P] > 0 (spread over two decades),
     num_points int32[C] in 0..P with at least one 0-point and one P-point channel."""
     K = ref.grid_max(bits)
@@ -51,7 +51,7 @@ def assert_close_rel(got: Tensor, want: Tensor, rtol: float) -> None:
     torch.testing.assert_close(got.to(torch.float64), want, rtol=0.0, atol=rtol * max(scale, 1e-300))
 
 
-def away_from_ties(x: Tensor, act: Optional[Tensor]) -> Tensor:
+def away_from_ties(x: Tensor, act: Tensor | None) -> Tensor:
     """Moves x off the rounding boundaries of the activation quantizer (x / scale at a
     half-integer), where float32 and float64 may round differently."""
     if act is None:
@@ -69,7 +69,7 @@ def away_from_ties(x: Tensor, act: Optional[Tensor]) -> Tensor:
 
 @pytest.mark.parametrize("inner", [(1,), (17,), (3, 3, 3), (5, 1, 2)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_dequantize_matches_reference(inner: Tuple[int, ...], dtype: torch.dtype) -> None:
+def test_dequantize_matches_reference(inner: tuple[int, ...], dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(len(inner) * 10 + inner[0])
     codes, scales, num_points = random_multipoint(g, 7, 4, inner)
     got = dequantize_multipoint(codes, scales, num_points, dtype)
@@ -97,13 +97,13 @@ def test_dequantize_non_contiguous_and_fitted() -> None:
 
 # ---- multipoint_linear ------------------------------------------------------------------------
 
-LINEAR_INPUT_SHAPES: List[Tuple[int, ...]] = [(1, 33), (5, 33), (2, 3, 33), (33,), (0, 33)]
+LINEAR_INPUT_SHAPES: list[tuple[int, ...]] = [(1, 33), (5, 33), (2, 3, 33), (33,), (0, 33)]
 
 
 @pytest.mark.parametrize("act", list(ACT_QPARAMS))
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("in_shape", LINEAR_INPUT_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_linear_float64_matches_reference(in_shape: Tuple[int, ...], with_bias: bool, act: str) -> None:
+def test_linear_float64_matches_reference(in_shape: tuple[int, ...], with_bias: bool, act: str) -> None:
     g = torch.Generator().manual_seed(sum(in_shape) + 7 * with_bias)
     C, P, D = 9, 3, in_shape[-1]
     codes, scales, num_points = random_multipoint(g, C, P, (D,))
@@ -332,21 +332,24 @@ def test_conv2d_errors() -> None:
     g = torch.Generator().manual_seed(42)
     base = _conv_args(g)
     x = base["input"]
-    mistakes = _weight_mistakes(base["codes"], base["scales"], base["num_points"]) + [
-        ("codes", base["codes"][:, :, :, :, 0]),  # rank 4
-        ("input", x[:, :5]),  # wrong input channels
-        ("input", torch.cat([x, x], 1)),
-        ("input", x[0]),  # rank 3
-        ("input", x.to(torch.int32)),
-        ("bias", torch.randn(5, generator=g)),
-        ("act_qparams", torch.tensor([0.02, 128.0, 0.0])),
-        ("groups", 3),  # does not divide C_out = 4
-        ("groups", 0),
-        ("groups", -2),
-        ("stride", [0, 1]),
-        ("padding", [-1, 0]),
-        ("dilation", [1, 0]),
-    ]
+    mistakes = (
+        _weight_mistakes(base["codes"], base["scales"], base["num_points"])
+        + [
+            ("codes", base["codes"][:, :, :, :, 0]),  # rank 4
+            ("input", x[:, :5]),  # wrong input channels
+            ("input", torch.cat([x, x], 1)),
+            ("input", x[0]),  # rank 3
+            ("input", x.to(torch.int32)),
+            ("bias", torch.randn(5, generator=g)),
+            ("act_qparams", torch.tensor([0.02, 128.0, 0.0])),
+            ("groups", 3),  # does not divide C_out = 4
+            ("groups", 0),
+            ("groups", -2),
+            ("stride", [0, 1]),
+            ("padding", [-1, 0]),
+            ("dilation", [1, 0]),
+        ]
+    )
     for arg, value in mistakes:
         kwargs = dict(base)
         kwargs[arg] = value

@@ -3,6 +3,7 @@ the C++ library's (``mpq::layout_constants``, ``mpq::int8_levels_fit``, ``mpq::p
 and every validation site agrees on them: ``QuantConfig``, the modules, the C++ op checks and the
 fake kernels accept and refuse the same ``max_points`` and ``w_bits``; the bit cost of a point is
 counted once (``point_bits``) by the modules, the summary and the allocation's callers."""
+
 import math
 
 import pytest
@@ -21,10 +22,18 @@ def test_python_constants_are_the_ops_constants():
     c = dict(ops.layout_constants())
     assert layout.CONSTANTS == c
     named = {
-        "min_w_bits": layout.MIN_W_BITS, "max_w_bits": layout.MAX_W_BITS, "max_points": layout.MAX_POINTS,
-        "scale_bits": layout.SCALE_BITS, "count_bits": layout.COUNT_BITS, "int8_levels": layout.INT8_LEVELS,
-        "packed_format_version": layout.PACKED_FORMAT_VERSION, "tile_n": layout.TILE_N, "slab_k": layout.SLAB_K,
-        "k_align": layout.K_ALIGN, "nibble_max_w_bits": layout.NIBBLE_MAX_W_BITS, "int8_max_k": layout.INT8_MAX_K,
+        "min_w_bits": layout.MIN_W_BITS,
+        "max_w_bits": layout.MAX_W_BITS,
+        "max_points": layout.MAX_POINTS,
+        "scale_bits": layout.SCALE_BITS,
+        "count_bits": layout.COUNT_BITS,
+        "int8_levels": layout.INT8_LEVELS,
+        "packed_format_version": layout.PACKED_FORMAT_VERSION,
+        "tile_n": layout.TILE_N,
+        "slab_k": layout.SLAB_K,
+        "k_align": layout.K_ALIGN,
+        "nibble_max_w_bits": layout.NIBBLE_MAX_W_BITS,
+        "int8_max_k": layout.INT8_MAX_K,
     }
     for key, value in named.items():
         assert value == c[key], key

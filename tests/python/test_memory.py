@@ -1,6 +1,7 @@
 """Memory bounded in every stage (issue 12 section 4): the scale refit without the [m, N, D]
 rows of every channel, blockwise GPTQ for a layer whose H exceeds config.hessian_budget_mb, and
 the peak RSS of quantizing a model whose old peak would exceed 2 GB."""
+
 import json
 import logging
 import os
@@ -52,7 +53,11 @@ def test_refit_normal_equations_equal_the_old_formula(kept, groups, monkeypatch)
     g = torch.Generator().manual_seed(1)
     C, P, D, N = 12, 3, 40, 25  # D > N: what calibration keeps as samples
     X = torch.randn(N, groups, D, generator=g)
-    stats = _stats(samples=X) if kept == "samples" else _stats(gram=torch.einsum("ngd,nge->gde", X.double(), X.double()) / N)
+    stats = (
+        _stats(samples=X)
+        if kept == "samples"
+        else _stats(gram=torch.einsum("ngd,nge->gde", X.double(), X.double()) / N)
+    )
     w = torch.randn(C, D, generator=g)
     codes = torch.randint(-7, 8, (C, P, D), generator=g, dtype=torch.int8)
     group_of = torch.arange(C) // (C // groups)
@@ -66,7 +71,9 @@ def test_refit_normal_equations_equal_the_old_formula(kept, groups, monkeypatch)
     scales = torch.rand(C, P, generator=g) * 0.1 + 0.01
     counts = torch.randint(1, P + 1, (C,), generator=g, dtype=torch.int32)
     new = refit_scales(w, codes, scales, counts, stats, groups, "output")
-    monkeypatch.setattr(mpq.refit, "_normal_equations", lambda Q, w, stats, group, mode: _old_normal_equations(Q, w, stats, group))
+    monkeypatch.setattr(
+        mpq.refit, "_normal_equations", lambda Q, w, stats, group, mode: _old_normal_equations(Q, w, stats, group)
+    )
     old = refit_scales(w, codes, scales, counts, stats, groups, "output")
     torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-7)
 
@@ -113,8 +120,10 @@ def test_blockwise_gptq_error_is_close_to_the_full_sweep():
         blockwise = err(gptq_quantize_blocked(w, blocks, scale, 4, stats))
         uncompensated = err(gptq_quantize_blocked(w, blocks, scale, 4))
         nearest = err(round_to_grid(w.double(), scale, 4))
-        print(f"blockwise / full {blockwise / full:.3f}, without compensation {uncompensated / full:.3f}, "
-              f"/ nearest {blockwise / nearest:.3f}")
+        print(
+            f"blockwise / full {blockwise / full:.3f}, without compensation {uncompensated / full:.3f}, "
+            f"/ nearest {blockwise / nearest:.3f}"
+        )
         assert blockwise <= BLOCKWISE_MARGIN * full
         assert blockwise < uncompensated and blockwise < 0.7 * nearest
 
@@ -154,8 +163,14 @@ def test_big_h_fallback_is_taken_logged_and_close_to_the_full_path(kept, caplog)
 
 def test_methods_that_need_the_whole_h_refuse_it_over_the_budget():
     w, X = _dense_layer()
-    ctx = LayerContext(SimpleNamespace(groups=2, name="big.layer"), w, _stats(samples=X), 4, 1,
-                       mpq.QuantConfig(method="adaround", rtn_range="mse", hessian_budget_mb=1.0))
+    ctx = LayerContext(
+        SimpleNamespace(groups=2, name="big.layer"),
+        w,
+        _stats(samples=X),
+        4,
+        1,
+        mpq.QuantConfig(method="adaround", rtn_range="mse", hessian_budget_mb=1.0),
+    )
     with pytest.raises(ValueError, match=r"layer 'big.layer'.*hessian_budget_mb = 1\b.*'adaround'"):
         get_method("adaround").fit(ctx)
 
@@ -212,13 +227,17 @@ PEAK_RSS_BOUND_MIB = 1536
 
 def test_peak_rss_of_a_model_whose_old_peak_exceeds_2_gb():
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "'0'" in r.stderr and "hessian_budget_mb = 64" in r.stderr  # the 8192-column conv took blockwise GPTQ
     m = json.loads(r.stdout.strip().splitlines()[-1])
     peak_mib = m["peak_kib"] / 1024
-    print(f"peak RSS {peak_mib:.0f} MiB (after imports {m['base_kib'] / 1024:.0f} MiB), {m['seconds']:.1f} s; "
-          f"the old refit alone asked for {m['old_refit_bytes'] / 1e9:.1f} GB; layers {m['layers']}")
+    print(
+        f"peak RSS {peak_mib:.0f} MiB (after imports {m['base_kib'] / 1024:.0f} MiB), {m['seconds']:.1f} s; "
+        f"the old refit alone asked for {m['old_refit_bytes'] / 1e9:.1f} GB; layers {m['layers']}"
+    )
     assert m["old_refit_bytes"] > 2e9
     assert peak_mib < PEAK_RSS_BOUND_MIB, peak_mib
 
@@ -237,4 +256,11 @@ def test_quantize_cost_stage_windows():
     assert [r["stage"] for r in rows] == ["calibrate", "sensitivity", "fit", "allocate", "refit+build", "verify"]
     assert [r["seconds"] for r in rows] == [1.0, 1.0, 2.0, 0.5, 0.5, 1.0]
     peaks = {r["stage"]: r["peak_over_start_mib"] for r in rows}
-    assert peaks == {"calibrate": 0.0, "sensitivity": 50.0, "fit": 0.0, "allocate": 0.0, "refit+build": 200.0, "verify": 0.0}
+    assert peaks == {
+        "calibrate": 0.0,
+        "sensitivity": 50.0,
+        "fit": 0.0,
+        "allocate": 0.0,
+        "refit+build": 200.0,
+        "verify": 0.0,
+    }

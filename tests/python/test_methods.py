@@ -6,6 +6,7 @@ EfficientNet-Lite0 where its paper says it should win, with measured margins.
 Real-model measurements (16 calibration crops, 37 evaluation photos, weights substituted into the
 BN-folded float model, activations in float) are quoted beside each assertion.
 """
+
 import copy
 import itertools
 
@@ -15,21 +16,21 @@ import torch
 from torch import nn
 
 import mpq
-from mpq.examples import assets
+from mpq.bn_reestimate import reestimate_batchnorm
 from mpq.calibrate import calibrate, find_targets
+from mpq.examples import assets
 from mpq.examples.demo import fidelity, load_demo_data
 from mpq.fold import fold_batchnorm
 from mpq.methods import LayerContext, get_method
-from mpq.bn_reestimate import reestimate_batchnorm
 from mpq.methods.adaquant import adaquant_quantize, centred_moment
 from mpq.methods.adaround import adaround_quantize
 from mpq.methods.bias_correction import corrected_bias
 from mpq.methods.companding import compand, compand_inverse, companding_quantize
-from mpq.nn import CodebookConv2d, CodebookLinear
 from mpq.methods.gptq import gptq_quantize
 from mpq.methods.ilp import solve_bit_allocation
 from mpq.methods.ocs import ocs_fold_codes, ocs_nominal_bits, ocs_split
 from mpq.methods.uniform import channel_scales, layer_hessian, round_to_grid, weighted_error
+from mpq.nn import CodebookConv2d, CodebookLinear
 
 
 def _dequantize(fit) -> torch.Tensor:
@@ -164,11 +165,24 @@ def test_config_validates_the_method_options():
     cfg = mpq.QuantConfig(method="ilp", ilp_bits=[2, 4, 8], ilp_rounding="gptq", bias_correction=True)
     assert cfg.ilp_bits == (2, 4, 8) and mpq.QuantConfig.from_dict(cfg.to_dict()) == cfg
     for bad in (
-        {"gptq_damp": 0.0}, {"adaround_iters": 0}, {"adaround_lr": -1.0}, {"ocs_expand_ratio": 0.0},
-        {"ocs_split_threshold": 1.0}, {"ilp_bits": (1, 4)}, {"ilp_bits": (4, 4)}, {"ilp_rounding": "ocs"},
-        {"ilp_rounding": "companding"}, {"bias_correction": 1}, {"adaquant_iters": 0}, {"adaquant_lr": 0.0},
-        {"adaquant_scale_lr": -1e-3}, {"companding_breakpoints": 0}, {"companding_iters": 1.5}, {"companding_lr": 0},
-        {"bn_reestimation": 1}, {"bn_reference": "training"},
+        {"gptq_damp": 0.0},
+        {"adaround_iters": 0},
+        {"adaround_lr": -1.0},
+        {"ocs_expand_ratio": 0.0},
+        {"ocs_split_threshold": 1.0},
+        {"ilp_bits": (1, 4)},
+        {"ilp_bits": (4, 4)},
+        {"ilp_rounding": "ocs"},
+        {"ilp_rounding": "companding"},
+        {"bias_correction": 1},
+        {"adaquant_iters": 0},
+        {"adaquant_lr": 0.0},
+        {"adaquant_scale_lr": -1e-3},
+        {"companding_breakpoints": 0},
+        {"companding_iters": 1.5},
+        {"companding_lr": 0},
+        {"bn_reestimation": 1},
+        {"bn_reference": "training"},
     ):
         with pytest.raises(ValueError, match=f"expected {next(iter(bad))}"):
             mpq.QuantConfig(**bad)
@@ -179,7 +193,9 @@ def test_adaquant_starts_at_rtn_and_never_ends_above_it():
     G, R, D, bits = 2, 6, 24, 3
     w = 0.05 * torch.randn(G * R, D, generator=g, dtype=torch.float64)
     mix = torch.randn(G, D, D, generator=g, dtype=torch.float64) / D**0.5 + torch.eye(D, dtype=torch.float64)
-    x = torch.einsum("ngd,gde->nge", torch.randn(600, G, D, generator=g, dtype=torch.float64), mix) + 0.5  # correlated, mean 0.5
+    x = (
+        torch.einsum("ngd,gde->nge", torch.randn(600, G, D, generator=g, dtype=torch.float64), mix) + 0.5
+    )  # correlated, mean 0.5
     H, mu = torch.einsum("ngd,nge->gde", x, x) / 600, x.mean(0)
     scale = channel_scales(w, bits, "mse")
     rtn = round_to_grid(w, scale, bits)
@@ -194,7 +210,9 @@ def test_adaquant_starts_at_rtn_and_never_ends_above_it():
     yq = torch.einsum("ngd,grd->ngr", x, wq.reshape(G, R, D)).reshape(600, -1) + db
     e = weighted_error(w - wq, centred_moment(H, mu))
     torch.testing.assert_close((y - yq).pow(2).mean(0), e, rtol=1e-9, atol=1e-15)
-    torch.testing.assert_close(db, corrected_bias(w, wq, None, mu).double(), rtol=1e-5, atol=1e-7)  # bias tuning (float32)
+    torch.testing.assert_close(
+        db, corrected_bias(w, wq, None, mu).double(), rtol=1e-5, atol=1e-7
+    )  # bias tuning (float32)
     e_rtn_bc = weighted_error(w - scale[:, None] * rtn, centred_moment(H, mu))
     assert bool((e <= e_rtn_bc * (1 + 1e-6)).all())  # every channel keeps its best iterate, RTN the first
     assert e.sum() < 0.8 * e_rtn_bc.sum(), (float(e.sum()), float(e_rtn_bc.sum()))  # measured 0.57
@@ -228,8 +246,17 @@ def test_companding_starts_at_uniform_rtn_and_lowers_the_error():
 def _bn_model() -> nn.Module:
     torch.manual_seed(7)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.BatchNorm2d(8),
-        nn.ReLU(), nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 1),
+        nn.BatchNorm2d(6),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 4),
     )
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -298,8 +325,15 @@ def test_bn_reestimation_to_the_float_statistics():
 def _small_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, groups=4), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, groups=32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10, bias=False),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, groups=4),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, groups=32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10, bias=False),
     ).eval()
 
 
@@ -308,12 +342,22 @@ def test_every_method_runs_through_quantize(method):
     model = _small_model()
     calib = [torch.randn(8, 3, 12, 12) for _ in range(2)]
     cfg = mpq.QuantConfig(
-        method=method, w_bits=3, a_bits=None, adaround_iters=50, adaquant_iters=50, companding_iters=30,
-        bias_correction=True, avg_bits=3.5,
+        method=method,
+        w_bits=3,
+        a_bits=None,
+        adaround_iters=50,
+        adaquant_iters=50,
+        companding_iters=30,
+        bias_correction=True,
+        avg_bits=3.5,
     )
     q = mpq.quantize(model, calib, cfg)
     report = mpq.last_report(q)
-    kinds = (CodebookConv2d, CodebookLinear) if method == "companding" else (mpq.nn.MultipointConv2d, mpq.nn.MultipointLinear)
+    kinds = (
+        (CodebookConv2d, CodebookLinear)
+        if method == "companding"
+        else (mpq.nn.MultipointConv2d, mpq.nn.MultipointLinear)
+    )
     layers = [m for m in q.modules() if isinstance(m, kinds)]
     assert len(layers) == 4 and layers[-1].bias is not None  # bias correction gave the Linear a bias
     if method == "ilp":
@@ -377,7 +421,13 @@ def test_ilp_composes_with_adaquant_and_keeps_its_budget():
     model = _small_model()
     calib = [torch.randn(8, 3, 12, 12) for _ in range(2)]
     cfg = mpq.QuantConfig(
-        method="ilp", ilp_rounding="adaquant", w_bits=3, a_bits=None, avg_bits=4.5, adaquant_iters=30, sensitivity="relative"
+        method="ilp",
+        ilp_rounding="adaquant",
+        w_bits=3,
+        a_bits=None,
+        avg_bits=4.5,
+        adaquant_iters=30,
+        sensitivity="relative",
     )
     targets, _ = find_targets(model, cfg)
     stats = calibrate(model, targets, calib, cfg, torch.Generator().manual_seed(0))
@@ -399,7 +449,12 @@ def test_adaquant_bias_correction_and_bn_reestimation_compose():
     model = _bn_model()
     x = torch.randn(16, 3, 10, 10)
     cfg = mpq.QuantConfig(
-        method="adaquant", w_bits=3, a_bits=None, adaquant_iters=30, bias_correction=True, bn_reestimation=True,
+        method="adaquant",
+        w_bits=3,
+        a_bits=None,
+        adaquant_iters=30,
+        bias_correction=True,
+        bn_reestimation=True,
         bn_reference="float",
     )
     q = mpq.quantize(model, [x], cfg)
@@ -439,7 +494,10 @@ def _fit_all(lite, method, bits, **cfg):
     _, _, targets, stats, _, _ = lite
     c = mpq.QuantConfig(**cfg)
     q = get_method(method)
-    return {t.name: _dequantize(q.fit(LayerContext(t, t.weight_matrix().float(), stats[t.name], bits, 1, c))) for t in targets}
+    return {
+        t.name: _dequantize(q.fit(LayerContext(t, t.weight_matrix().float(), stats[t.name], bits, 1, c)))
+        for t in targets
+    }
 
 
 def _relative_errors(lite, wq):
@@ -480,7 +538,9 @@ def test_bias_correction_repairs_rtn_on_efficientnet_lite0(lite0):
     _, folded, targets, stats, _, _ = lite0
     rtn = _fit_all(lite0, "rtn", 4, rtn_range="minmax")
     mods = dict(folded.named_modules())
-    bias = {t.name: corrected_bias(t.weight_matrix(), rtn[t.name], mods[t.name].bias, stats[t.name].mean) for t in targets}
+    bias = {
+        t.name: corrected_bias(t.weight_matrix(), rtn[t.name], mods[t.name].bias, stats[t.name].mean) for t in targets
+    }
     plain, corrected = _fidelity(lite0, rtn), _fidelity(lite0, rtn, bias)
     # Measured W4 min-max RTN: KL 3.57 -> 0.67 with bias correction, agreement 8% -> 59% (the
     # depthwise layers' biased rounding error is what breaks this network, as Nagel et al. found
@@ -523,7 +583,10 @@ def test_ilp_beats_uniform_bits_at_equal_size_on_lite0(lite0):
     used = sum(t.weight_matrix().shape[0] * (t.weight_matrix().shape[1] * chosen[t.name] + 32) for t in inner)
     assert used <= size4 * n_weights
     assert sum(ilp.program[n][b] for n, b in chosen.items()) <= sum(ilp.program[n][4] for n in chosen)
-    wq = {t.name: _dequantize(ilp.fit(LayerContext(t, t.weight_matrix().float(), stats[t.name], chosen[t.name], 1, cfg))) for t in inner}
+    wq = {
+        t.name: _dequantize(ilp.fit(LayerContext(t, t.weight_matrix().float(), stats[t.name], chosen[t.name], 1, cfg)))
+        for t in inner
+    }
     f_ilp, f_rtn = _fidelity(lite0, wq), _fidelity(lite0, _fit_all(lite0, "rtn", 4))
     # Measured: the program puts 28 layers at 8 bits, 21 at 4, 1 at 3 (8 bits costs little on the
     # weighted error 0.37 vs 1.02 for uniform 4 bits; model KL 0.56 vs 3.57 at the same size.
@@ -550,7 +613,11 @@ def test_adaquant_beats_rtn_on_lite0_layers(lite0):
     # Measured (4 bits, MSE grid start, output error relative to the layer's output energy):
     # RTN / RTN + bias correction / AdaQuant (with its bias) 0.0142 / 0.0037 / 0.0020,
     # 0.0095 / 0.0026 / 0.0012 and 0.0017 / 0.0007 / 0.0005 (the depthwise layer).
-    for name, bound in (("_blocks.1._project_conv", 0.7), ("_blocks.3._project_conv", 0.7), ("_blocks.5._depthwise_conv", 0.9)):
+    for name, bound in (
+        ("_blocks.1._project_conv", 0.7),
+        ("_blocks.3._project_conv", 0.7),
+        ("_blocks.5._depthwise_conv", 0.9),
+    ):
         t = next(t for t in targets if t.name == name)
         w, H, mu = t.weight_matrix().double(), layer_hessian(stats[name], t.groups), stats[name].mean
         scale = channel_scales(w, 4, "mse")
@@ -570,7 +637,9 @@ def test_adaquant_improves_rtn_on_lite0_w4a16(lite0):
     f_ada = _fidelity(lite0, {n: _dequantize(f) for n, f in fits.items()}, {n: f.bias for n, f in fits.items()})
     rtn = _fit_all(lite0, "rtn", 4, rtn_range="mse")
     mods = dict(folded.named_modules())
-    bc = {t.name: corrected_bias(t.weight_matrix(), rtn[t.name], mods[t.name].bias, stats[t.name].mean) for t in targets}
+    bc = {
+        t.name: corrected_bias(t.weight_matrix(), rtn[t.name], mods[t.name].bias, stats[t.name].mean) for t in targets
+    }
     f_rtn, f_rtn_bc = _fidelity(lite0, rtn), _fidelity(lite0, rtn, bc)
     # Measured (100 steps): KL 0.235, agreement 76% (300 steps: 0.219); RTN 2.97 / 16%, RTN with
     # bias correction 0.37 / 68%.
@@ -581,7 +650,11 @@ def test_adaquant_improves_rtn_on_lite0_w4a16(lite0):
 def test_companding_beats_uniform_rtn_at_3_bits_on_lite0_layers(lite0):
     _, _, targets, stats, _, _ = lite0
     # Measured (output error relative to uniform RTN on the MSE grid): 0.42, 0.70, 0.51.
-    for name, bound in (("_blocks.1._project_conv", 0.55), ("_blocks.3._project_conv", 0.85), ("_blocks.5._depthwise_conv", 0.65)):
+    for name, bound in (
+        ("_blocks.1._project_conv", 0.55),
+        ("_blocks.3._project_conv", 0.85),
+        ("_blocks.5._depthwise_conv", 0.65),
+    ):
         t = next(t for t in targets if t.name == name)
         w, H = t.weight_matrix().double(), layer_hessian(stats[name], t.groups)
         scale = channel_scales(w, 3, "mse")

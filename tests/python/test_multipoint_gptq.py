@@ -1,6 +1,7 @@
 """Multipoint joined with GPTQ (config.point_rounding="gptq"): the output-aware point sequence,
 its nesting, the per-channel choice between sequences in mpq.quantize, and its effect on the
 real EfficientNet-Lite0."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -20,8 +21,14 @@ def _layer(groups: int = 2, C: int = 32, D: int = 48, seed: int = 5):
     w = torch.distributions.Laplace(0.0, 1.0).sample((C, D))
     mix = torch.eye(groups * D) * 0.3 + torch.randn(groups * D, groups * D, generator=g) / (groups * D) ** 0.5
     X = (torch.randn(2048, groups * D, generator=g) @ mix).reshape(2048, groups, D).double()
-    stats = LayerStats(gram=torch.einsum("ngd,nge->gde", X, X) / 2048, samples=None,
-                       act_values=torch.zeros(1), act_min=0.0, act_max=0.0, order=0)
+    stats = LayerStats(
+        gram=torch.einsum("ngd,nge->gde", X, X) / 2048,
+        samples=None,
+        act_values=torch.zeros(1),
+        act_min=0.0,
+        act_max=0.0,
+        order=0,
+    )
     return w, stats
 
 
@@ -50,7 +57,10 @@ def test_gptq_points_are_nested():
 def test_best_sequences_takes_each_channels_lower_error_at_its_count():
     g = torch.Generator().manual_seed(0)
     C, P, D = 6, 3, 5
-    paths = [(torch.randint(-7, 8, (C, P, D), generator=g, dtype=torch.int8), torch.rand(C, P, generator=g)) for _ in range(2)]
+    paths = [
+        (torch.randint(-7, 8, (C, P, D), generator=g, dtype=torch.int8), torch.rand(C, P, generator=g))
+        for _ in range(2)
+    ]
     errors = torch.rand(2, C, P, generator=g, dtype=torch.float64)
     counts = torch.tensor([1, 2, 3, 3, 2, 1], dtype=torch.int32)
     codes, scales = best_sequences(paths, errors, counts)

@@ -3,6 +3,7 @@ test_cuda.py applies to every packed CUDA kernel, checked where it can be withou
 kernels (float32 accumulation, inputs and outputs in float16 / bfloat16 / float32) stay within it,
 and one wrong element among half a million, which a relative L2 bound of 2e-3 lets through, does
 not."""
+
 import sys
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def _weight(C, P, D, w_bits, seed):
 @pytest.mark.parametrize("act", list(ACT))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("w_bits", [4, 8])
-@pytest.mark.parametrize("case", [(1, 70, 3, 37), (16, 130, 2, 100), (33, 65, 4, 1029)], ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize(
+    "case", [(1, 70, 3, 37), (16, 130, 2, 100), (33, 65, 4, 1029)], ids=lambda c: "x".join(map(str, c))
+)
 def test_cpu_packed_linear_is_within_the_bound(case, w_bits, dtype, act):
     M, C, P, D = case
     codes, scales, num_points = _weight(C, P, D, w_bits, seed=M + C + D)

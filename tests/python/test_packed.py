@@ -9,9 +9,9 @@ keeps its packed copy out of state_dict and rebuilds it when its weight changes.
 the CPU; the modules keep their float32 buffers under .half(). The CUDA kernels of the same ops are
 checked against these CPU ops in test_cuda.py.
 """
+
 import sys
 from pathlib import Path
-from typing import Optional, Tuple
 
 import pytest
 import torch
@@ -38,7 +38,7 @@ KERNELS = ["auto", "dense", "gemv", "mma", "int8"]
 
 def random_weight(
     C: int, P: int, D: int, w_bits: int = 4, counts: str = "mixed", seed: int = 0
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """codes int8[C, P, D] over the whole storage range of w_bits (-8..7 for <= 4 bits), scales
     float32[C, P] spread over two decades, num_points int32[C]: "mixed" (0..P, with a 0 and a P),
     "equal" (all P), "ramp" (c % (P + 1))."""
@@ -57,10 +57,12 @@ def random_weight(
     return codes, scales, num_points
 
 
-def masked(codes: Tensor, scales: Tensor, num_points: Tensor) -> Tuple[Tensor, Tensor]:
+def masked(codes: Tensor, scales: Tensor, num_points: Tensor) -> tuple[Tensor, Tensor]:
     """codes and scales with the points beyond each channel's count zeroed (what unpack returns)."""
     keep = torch.arange(codes.shape[1])[None, :] < num_points[:, None]
-    return torch.where(keep[:, :, None], codes, torch.zeros_like(codes)), torch.where(keep, scales, torch.zeros_like(scales))
+    return torch.where(keep[:, :, None], codes, torch.zeros_like(codes)), torch.where(
+        keep, scales, torch.zeros_like(scales)
+    )
 
 
 SHAPES = [  # (C, P, D)
@@ -126,8 +128,11 @@ def test_pack_layout_facts(w_bits):
 def test_pack_edge_cases():
     # No channel, no column, no point at all.
     for C, P, D in [(0, 2, 5), (3, 2, 0), (4, 0, 8)]:
-        codes, scales, num_points = random_weight(C, P, D, seed=1) if P else (
-            torch.zeros(C, 0, D, dtype=torch.int8), torch.zeros(C, 0), torch.zeros(C, dtype=torch.int32))
+        codes, scales, num_points = (
+            random_weight(C, P, D, seed=1)
+            if P
+            else (torch.zeros(C, 0, D, dtype=torch.int8), torch.zeros(C, 0), torch.zeros(C, dtype=torch.int32))
+        )
         out = pack_multipoint(codes, scales, num_points, 4)
         c2, s2, n2 = unpack_multipoint(*out[:4], C, D, P)
         assert torch.equal(c2, masked(codes, scales, num_points)[0]) and torch.equal(n2, num_points)
@@ -155,7 +160,9 @@ LINEAR_CASES = [  # (M shape, C, P, D)
 @pytest.mark.parametrize("act", list(ACT))
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", LINEAR_CASES, ids=[f"M{'x'.join(map(str, m))}_{c}x{p}x{d}" for m, c, p, d in LINEAR_CASES])
+@pytest.mark.parametrize(
+    "case", LINEAR_CASES, ids=[f"M{'x'.join(map(str, m))}_{c}x{p}x{d}" for m, c, p, d in LINEAR_CASES]
+)
 def test_packed_linear_equals_unpacked(case, dtype, with_bias, act):
     lead, C, P, D = case
     codes, scales, num_points = random_weight(C, P, D, seed=C * D)
@@ -314,7 +321,9 @@ def test_packed_linear_errors():
         multipoint_linear_packed(x, *w, C, None, torch.ones(3))
     with pytest.raises(RuntimeError, match=f"{op}: expected act_qparams with a finite scale > 0"):
         multipoint_linear_packed(x, *w, C, None, torch.tensor([0.0, 0.0, -128.0, 127.0]))
-    with pytest.raises(RuntimeError, match=f"{op}: expected kernel to be one of auto, dense, gemv, mma, int8, got 'fast'"):
+    with pytest.raises(
+        RuntimeError, match=f"{op}: expected kernel to be one of auto, dense, gemv, mma, int8, got 'fast'"
+    ):
         multipoint_linear_packed(x, *w, C, None, None, "fast")
     with pytest.raises(RuntimeError, match=f"{op}: kernel 'gemv' expects a float16 or bfloat16 input"):
         multipoint_linear_packed(x, *w, C, None, None, "gemv")
@@ -329,14 +338,16 @@ def test_unpack_errors():
     packed = pack_multipoint(codes, scales, num_points, 4)
     with pytest.raises(RuntimeError, match="mpq::unpack_multipoint: expected in_features with Kp = 64"):
         unpack_multipoint(*packed[:4], 70, 65, 3)
-    with pytest.raises(RuntimeError, match="mpq::unpack_multipoint: expected max_points >= the largest tile's point count 3"):
+    with pytest.raises(
+        RuntimeError, match="mpq::unpack_multipoint: expected max_points >= the largest tile's point count 3"
+    ):
         unpack_multipoint(*packed[:4], 70, 37, 2)
 
 
 # ---- MultipointLinear --------------------------------------------------------------------------
 
 
-def _module(act: Optional[Tuple[float, int, int, int]] = None) -> MultipointLinear:
+def _module(act: tuple[float, int, int, int] | None = None) -> MultipointLinear:
     codes, scales, num_points = random_weight(70, 3, 37, seed=12)
     m = MultipointLinear(37, 70, 3, 4)
     m.set_weight(codes, scales, num_points, torch.randn(70))
@@ -354,10 +365,12 @@ def test_module_packed_buffers_stay_out_of_state_dict():
     # The packed copy computes the layer's function (CPU: the unpacked reference op, bit for bit
     # the stored op's decoded-weight path; the module itself runs the weight-only kernel at 3 rows
     # on AVX-512, within float32 rounding of it).
-    got = multipoint_linear_packed(x, m.packed, m.packed_scales, m.perm, m.tile_offsets, m.row_sums, 70, m.bias,
-                                   m.act_qparams, m.packed_kernel)
-    dense = torch.ops.mpq.multipoint_linear_stored(x, m.point_codes, m.point_scales, m.num_points, m.w_bits,
-                                                   m.in_features, m.bias, m.act_qparams, "dense")
+    got = multipoint_linear_packed(
+        x, m.packed, m.packed_scales, m.perm, m.tile_offsets, m.row_sums, 70, m.bias, m.act_qparams, m.packed_kernel
+    )
+    dense = torch.ops.mpq.multipoint_linear_stored(
+        x, m.point_codes, m.point_scales, m.num_points, m.w_bits, m.in_features, m.bias, m.act_qparams, "dense"
+    )
     assert torch.equal(got, dense)
     torch.testing.assert_close(m(x), got, rtol=1e-5, atol=1e-5)
 
@@ -446,7 +459,12 @@ def test_pack_with_groups_keeps_each_tile_in_one_group(groups):
     want_codes, want_scales = masked(codes, scales, num_points)
     assert torch.equal(c2, want_codes) and torch.equal(s2, want_scales) and torch.equal(n2, num_points)
     if groups == 1:  # groups=1 is the plain packing
-        assert all(torch.equal(a, b) for a, b in zip(pack_multipoint(codes, scales, num_points, 4), (packed, packed_scales, perm, tile_offsets, row_sums)))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                pack_multipoint(codes, scales, num_points, 4), (packed, packed_scales, perm, tile_offsets, row_sums)
+            )
+        )
 
 
 @pytest.mark.parametrize("act", list(ACT))
@@ -462,7 +480,9 @@ def test_packed_conv2d_equals_unpacked(case, dtype, act):
     packed = pack_multipoint(conv_codes_nhwc(codes), scales, num_points, 4, groups)
     geometry = (list(stride), list(padding), list(dilation), groups)
     want = multipoint_conv2d(x, codes, scales, num_points, bias, qp, *geometry)
-    for kernel in ["auto", "dense", "igemm", "int8"] if dtype == torch.bfloat16 and qp is not None else ["auto", "dense"]:
+    for kernel in (
+        ["auto", "dense", "igemm", "int8"] if dtype == torch.bfloat16 and qp is not None else ["auto", "dense"]
+    ):
         got = multipoint_conv2d_packed(x, *packed, O, [kh, kw], bias, qp, *geometry, kernel)
         assert got.dtype == dtype and got.shape == want.shape
         assert torch.equal(got, want)
@@ -475,8 +495,12 @@ def test_packed_conv2d_matches_float64_reference(case):
     x = torch.randn(N, C, H, W, generator=torch.Generator().manual_seed(4))
     qp = torch.tensor(ACT["uint8"])
     packed = pack_multipoint(conv_codes_nhwc(codes), scales, num_points, 4, groups)
-    got = multipoint_conv2d_packed(x, *packed, O, [kh, kw], None, qp, list(stride), list(padding), list(dilation), groups)
-    want = ref.multipoint_conv2d_reference(x.double(), codes, scales, num_points, None, qp, stride, padding, dilation, groups)
+    got = multipoint_conv2d_packed(
+        x, *packed, O, [kh, kw], None, qp, list(stride), list(padding), list(dilation), groups
+    )
+    want = ref.multipoint_conv2d_reference(
+        x.double(), codes, scales, num_points, None, qp, stride, padding, dilation, groups
+    )
     assert float((got.double() - want).norm() / want.norm()) < 1e-5
 
 
@@ -513,19 +537,62 @@ def test_packed_conv2d_errors():
     geo = ([1, 1], [1, 1], [1, 1])
     op = "mpq::multipoint_conv2d_packed"
     cases = [
-        (lambda: multipoint_conv2d_packed(x[0], *packed, 64, [3, 3], None, None, *geo, 1), "expected input \\[N, C_in, H, W\\]"),
-        (lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 0], None, None, *geo, 1), "expected kernel_size \\[kh, kw\\] with kh, kw >= 1"),
-        (lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, None, *geo, 3), "expected groups >= 1 dividing out_channels"),
-        (lambda: multipoint_conv2d_packed(x, *packed, 64, [5, 5], None, None, *geo, 1), "expected kh \\* kw \\* C_in / groups = 800"),
-        (lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, None, *geo, 1, "gemv"), "expected kernel to be one of auto, dense, igemm, int8, got 'gemv'"),
-        (lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, None, *geo, 1, "igemm"), "kernel 'igemm' expects a float16 or bfloat16 input"),
-        (lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, None, *geo, 1, "int8"), "kernel 'int8' expects act_qparams"),
-        (lambda: multipoint_conv2d_packed(x, *packed, 65, [3, 3], None, None, *geo, 1), "expected perm to hold all 65 channels"),
-        (lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], torch.randn(3), None, *geo, 1), "expected bias of shape \\[64\\]"),
-        (lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, None, [0, 1], [1, 1], [1, 1], 1), "expected stride >= 1"),
-        (lambda: multipoint_conv2d_packed(x[:, :, :1, :1], *packed, 64, [3, 3], None, None, [1, 1], [0, 0], [1, 1], 1), "padded size 1 < dilated kernel size 3"),
-        (lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, torch.tensor([0.0, 0.0, 0.0, 255.0]), *geo, 1), "expected act_qparams with a finite scale > 0"),
-        (lambda: pack_multipoint(conv_codes_nhwc(codes), scales, num_points, 4, 3), "mpq::pack_multipoint: expected groups >= 1 dividing the 64 output channels, got groups = 3"),
+        (
+            lambda: multipoint_conv2d_packed(x[0], *packed, 64, [3, 3], None, None, *geo, 1),
+            "expected input \\[N, C_in, H, W\\]",
+        ),
+        (
+            lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 0], None, None, *geo, 1),
+            "expected kernel_size \\[kh, kw\\] with kh, kw >= 1",
+        ),
+        (
+            lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, None, *geo, 3),
+            "expected groups >= 1 dividing out_channels",
+        ),
+        (
+            lambda: multipoint_conv2d_packed(x, *packed, 64, [5, 5], None, None, *geo, 1),
+            "expected kh \\* kw \\* C_in / groups = 800",
+        ),
+        (
+            lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, None, *geo, 1, "gemv"),
+            "expected kernel to be one of auto, dense, igemm, int8, got 'gemv'",
+        ),
+        (
+            lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, None, *geo, 1, "igemm"),
+            "kernel 'igemm' expects a float16 or bfloat16 input",
+        ),
+        (
+            lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, None, *geo, 1, "int8"),
+            "kernel 'int8' expects act_qparams",
+        ),
+        (
+            lambda: multipoint_conv2d_packed(x, *packed, 65, [3, 3], None, None, *geo, 1),
+            "expected perm to hold all 65 channels",
+        ),
+        (
+            lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], torch.randn(3), None, *geo, 1),
+            "expected bias of shape \\[64\\]",
+        ),
+        (
+            lambda: multipoint_conv2d_packed(x, *packed, 64, [3, 3], None, None, [0, 1], [1, 1], [1, 1], 1),
+            "expected stride >= 1",
+        ),
+        (
+            lambda: multipoint_conv2d_packed(
+                x[:, :, :1, :1], *packed, 64, [3, 3], None, None, [1, 1], [0, 0], [1, 1], 1
+            ),
+            "padded size 1 < dilated kernel size 3",
+        ),
+        (
+            lambda: multipoint_conv2d_packed(
+                x, *packed, 64, [3, 3], None, torch.tensor([0.0, 0.0, 0.0, 255.0]), *geo, 1
+            ),
+            "expected act_qparams with a finite scale > 0",
+        ),
+        (
+            lambda: pack_multipoint(conv_codes_nhwc(codes), scales, num_points, 4, 3),
+            "mpq::pack_multipoint: expected groups >= 1 dividing the 64 output channels, got groups = 3",
+        ),
     ]
     for call, pattern in cases:
         with pytest.raises(RuntimeError, match=(pattern if pattern.startswith("mpq::") else f"{op}: .*{pattern}")):
@@ -544,16 +611,32 @@ def _conv_module(act=(0.02, 128, 0, 255), groups=1, in_channels=32, out_channels
     return m
 
 
-@pytest.mark.parametrize("act, groups, kernel", [(None, 1, "auto"), ((0.02, 128, 0, 255), 1, "int8"), ((0.02, 128, 0, 255), 2, "auto")])
+@pytest.mark.parametrize(
+    "act, groups, kernel", [(None, 1, "auto"), ((0.02, 128, 0, 255), 1, "int8"), ((0.02, 128, 0, 255), 2, "auto")]
+)
 def test_conv_module_packs_in_nhwc_order_and_picks_its_kernel(act, groups, kernel):
     # groups = 2: 16 input channels, 8 per group (int8 needs whole 16-channel slabs), 64 outputs per group
     m = _conv_module(act, groups, in_channels=32 // groups, out_channels=64 * groups)
     m.pack_()
     assert m.packed_kernel == kernel
     x = torch.randn(2, m.in_channels, 7, 7)
-    got = multipoint_conv2d_packed(x, m.packed, m.packed_scales, m.perm, m.tile_offsets, m.row_sums, m.out_channels,
-                                   m.kernel_size, m.bias, m.act_qparams, m.stride, m.padding, m.dilation, m.groups,
-                                   m.packed_kernel)
+    got = multipoint_conv2d_packed(
+        x,
+        m.packed,
+        m.packed_scales,
+        m.perm,
+        m.tile_offsets,
+        m.row_sums,
+        m.out_channels,
+        m.kernel_size,
+        m.bias,
+        m.act_qparams,
+        m.stride,
+        m.padding,
+        m.dilation,
+        m.groups,
+        m.packed_kernel,
+    )
     # The packed op's CPU kernel is the reference path; the module runs the stored-form kernels
     # (oneDNN int8 / a decoded dense weight): both within the simulation check's bound of float64.
     from mpq.simulate import layer_bound
@@ -561,7 +644,9 @@ def test_conv_module_packs_in_nhwc_order_and_picks_its_kernel(act, groups, kerne
     ref, bound, _ = layer_bound(m, x)
     for y in (got, m(x)):
         assert bool(((y.double() - ref).abs() <= bound).all())
-    assert set(m.state_dict()) == {"point_codes", "point_scales", "num_points", "bias"} | ({"act_qparams"} if act else set())
+    assert set(m.state_dict()) == {"point_codes", "point_scales", "num_points", "bias"} | (
+        {"act_qparams"} if act else set()
+    )
 
 
 def test_conv_module_packability():

@@ -1,5 +1,6 @@
 """mpq.quantize end to end: BN folding, the modules against a float64 reference, TorchScript
 round trip, the allocation budget, and quality on the real EfficientNet-Lite0."""
+
 import copy
 import hashlib
 import io
@@ -11,10 +12,10 @@ import torchvision
 from torch import nn
 
 import mpq
-from small_models import randomize_batchnorm, small_cnn
 from mpq.allocate import LayerErrors, allocate_points
 from mpq.examples.demo import fidelity
 from mpq.fold import fold_batchnorm
+from small_models import randomize_batchnorm, small_cnn
 
 
 def _state_hash(model: nn.Module) -> str:
@@ -58,8 +59,11 @@ def test_modules_equal_dequantized_float64_layers():
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     for m in qmodel.modules():
         if isinstance(m, mpq.nn.MultipointConv2d):
-            w = (m.scales.double()[:, :, None, None, None] * m.codes.double()
-                 * (torch.arange(m.max_points)[None, :] < m.num_points[:, None]).double()[:, :, None, None, None]).sum(1)
+            w = (
+                m.scales.double()[:, :, None, None, None]
+                * m.codes.double()
+                * (torch.arange(m.max_points)[None, :] < m.num_points[:, None]).double()[:, :, None, None, None]
+            ).sum(1)
             s, zp, qmin, qmax = m.act_qparams.double().tolist()
             xin = x if m.in_channels == 3 else torch.randn(2, m.in_channels, 9, 9, dtype=torch.float64)
             xq = (torch.clamp(torch.round(xin / s) + zp, qmin, qmax) - zp) * s
@@ -247,8 +251,14 @@ def test_output_refit_never_increases_the_output_error():
     C, D, P = 24, 40, 3
     w = torch.randn(C, D, generator=g)
     X = torch.randn(512, 1, D, generator=g) * torch.linspace(0.1, 3, D)  # anisotropic inputs
-    stats = LayerStats(gram=torch.einsum("ngd,nge->gde", X.double(), X.double()) / 512, samples=None,
-                       act_values=torch.zeros(1), act_min=0.0, act_max=0.0, order=0)
+    stats = LayerStats(
+        gram=torch.einsum("ngd,nge->gde", X.double(), X.double()) / 512,
+        samples=None,
+        act_values=torch.zeros(1),
+        act_min=0.0,
+        act_max=0.0,
+        order=0,
+    )
     codes, scales, _ = mpq.ops.fit_multipoint(w, 3, P, True)
     counts = torch.randint(1, P + 1, (C,), generator=g, dtype=torch.int32)
     before = output_errors(w, codes, scales, stats, 1)[torch.arange(C), counts.long() - 1]
@@ -307,6 +317,7 @@ def test_layers_reading_one_tensor_share_its_activation_quantizer():
     assert a[0] > 0 and not torch.equal(a, c)  # c sampled other values of the same distribution
 
     from mpq.calibrate import SharedInputs
+
     shared = SharedInputs()
     x, y = torch.zeros(2), torch.zeros(2)
     for _ in range(2):

@@ -1,6 +1,7 @@
 """Reliability of mpq.quantize: the user's model is never modified (unless inplace=True), not
 even by a quantization that fails; calibration memory is bounded by the config, not by the
 number of batches; the same seed gives the same bits from a list or a one-shot loader."""
+
 import copy
 import hashlib
 import json
@@ -60,8 +61,10 @@ def _fingerprint(model: nn.Module):
         "parameters": [(n, id(p), p.data_ptr(), p.requires_grad, p.grad is None) for n, p in model.named_parameters()],
         "buffers": [(n, id(b), b.data_ptr(), b.clone()) for n, b in model.named_buffers()],
         "modules": [(n, type(m), m.training) for n, m in model.named_modules()],
-        "hooks": [(n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-                  for n, m in model.named_modules()],
+        "hooks": [
+            (n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for n, m in model.named_modules()
+        ],
     }
 
 
@@ -203,8 +206,14 @@ MEMORY_MARGIN_MIB = 8.0
 
 def _peak_growth_mib(batches: int) -> float:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(batches)], capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, str(batches)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     return (m["peak_kib"] - m["base_kib"]) / 1024

@@ -1,5 +1,6 @@
 """The per-layer "simulation = deployment" check (mpq.simulate.check_simulation): quiet on every
 CPU code path and under last-bit noise, loud when one channel of one layer is wrong."""
+
 import os
 import subprocess
 import sys
@@ -33,7 +34,11 @@ def _perturb(qmodel, name, fn):
 def test_check_passes_and_reports_every_layer(lite0_w4a8):
     qmodel, batch, _ = lite0_w4a8
     result = check_simulation(qmodel, batch)
-    layers = [n for n, m in qmodel.named_modules() if isinstance(m, mpq.nn.MultipointConv2d) or isinstance(m, mpq.nn.MultipointLinear)]
+    layers = [
+        n
+        for n, m in qmodel.named_modules()
+        if isinstance(m, mpq.nn.MultipointConv2d) or isinstance(m, mpq.nn.MultipointLinear)
+    ]
     assert [l.name for l in result.layers] == layers
     assert 0 < result.max_ratio <= 1.0
     # Measured on the AVX-512 machine: the end-to-end relative difference 3e-3 (8-bit roundings that
@@ -104,7 +109,11 @@ def test_check_is_quiet_on_every_cpu_code_path(lite0_w4a8, env):
     """The same quantized model checked in a fresh process on each ATen / oneDNN code path."""
     _, _, path = lite0_w4a8
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(path)], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _CHILD, str(path)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     capability, layers, ratio, _ = out.stdout.split()

@@ -2,6 +2,7 @@
 run on it (mpq::multipoint_{linear,conv2d}_stored: oneDNN int8 for int8 activations, a dense weight
 decoded once for float activations): exact round trips, element-wise agreement with the float64
 reference on every oneDNN ISA path, the prepared-weight cache, and file sizes."""
+
 import io
 import os
 import subprocess
@@ -53,7 +54,9 @@ def test_pack_refuses_codes_outside_the_bit_width():
         mpq.ops.multipoint_linear_stored(torch.randn(2, 9), point_codes, point_scales, counts, 4, 9)
     with pytest.raises(RuntimeError, match=r'mpq::multipoint_linear_stored: path "int8" needs .* act_qparams'):
         mpq.ops.multipoint_linear_stored(torch.randn(2, 5), point_codes, point_scales, counts, 4, 5, None, None, "int8")
-    with pytest.raises(RuntimeError, match=r'mpq::multipoint_linear_stored: expected path "auto", "int8", "dense" or "weight_only"'):
+    with pytest.raises(
+        RuntimeError, match=r'mpq::multipoint_linear_stored: expected path "auto", "int8", "dense" or "weight_only"'
+    ):
         mpq.ops.multipoint_linear_stored(torch.randn(2, 5), point_codes, point_scales, counts, 4, 5, None, None, "mma")
 
 
@@ -98,24 +101,58 @@ def test_stored_layers_equal_the_float64_reference_element_wise(layer, grid):
         ys = {"module (auto)": m(x)}
         for kernel in ("int8", "dense") if grid is not None else ("dense",):
             if kind == "linear":
-                ys[kernel] = mpq.ops.multipoint_linear_stored(x, m.point_codes, m.point_scales, m.num_points, m.w_bits,
-                                                              m.in_features, m.bias, m.act_qparams, kernel)
+                ys[kernel] = mpq.ops.multipoint_linear_stored(
+                    x,
+                    m.point_codes,
+                    m.point_scales,
+                    m.num_points,
+                    m.w_bits,
+                    m.in_features,
+                    m.bias,
+                    m.act_qparams,
+                    kernel,
+                )
             else:
-                ys[kernel] = mpq.ops.multipoint_conv2d_stored(x, m.point_codes, m.point_scales, m.num_points, m.w_bits,
-                                                              m.code_shape, m.bias, m.act_qparams, m.stride, m.padding,
-                                                              m.dilation, m.groups, kernel)
+                ys[kernel] = mpq.ops.multipoint_conv2d_stored(
+                    x,
+                    m.point_codes,
+                    m.point_scales,
+                    m.num_points,
+                    m.w_bits,
+                    m.code_shape,
+                    m.bias,
+                    m.act_qparams,
+                    m.stride,
+                    m.padding,
+                    m.dilation,
+                    m.groups,
+                    kernel,
+                )
         ref, bound, _ = layer_bound(m, x)
         # The same layer through the reference op in float64 (dequantize per call).
         codes, scales = m.unpacked()
         if kind == "linear":
             ref_op = mpq.ops.multipoint_linear(x.double(), codes, scales, m.num_points, m.bias, m.act_qparams)
         else:
-            ref_op = mpq.ops.multipoint_conv2d(x.double(), codes, scales, m.num_points, m.bias, m.act_qparams,
-                                               m.stride, m.padding, m.dilation, m.groups)
+            ref_op = mpq.ops.multipoint_conv2d(
+                x.double(),
+                codes,
+                scales,
+                m.num_points,
+                m.bias,
+                m.act_qparams,
+                m.stride,
+                m.padding,
+                m.dilation,
+                m.groups,
+            )
     assert torch.allclose(ref, ref_op, rtol=1e-12, atol=1e-12)
     for kernel, y in ys.items():
         assert y.dtype == torch.float32 and y.shape == ref.shape, kernel
-        assert bool(((y.double() - ref).abs() <= bound).all()), (kernel, float(((y.double() - ref).abs() / bound).max()))
+        assert bool(((y.double() - ref).abs() <= bound).all()), (
+            kernel,
+            float(((y.double() - ref).abs() / bound).max()),
+        )
         if kind == "conv":
             assert y.is_contiguous(memory_format=torch.channels_last), kernel
 
@@ -130,8 +167,19 @@ def test_8_bit_codes_take_int8_kernels_only_where_exact():
     m.set_weight(codes.reshape(32, 2, 32, 3, 3), scales, m.num_points, m.bias)
     m.set_act_qparams(0.02, 0, 0, 255)
     x = torch.full((1, 32, 6, 6), 10.0)  # level 255 everywhere
-    args = (m.point_codes, m.point_scales, m.num_points, 8, m.code_shape, m.bias, m.act_qparams, m.stride, m.padding,
-            m.dilation, m.groups)
+    args = (
+        m.point_codes,
+        m.point_scales,
+        m.num_points,
+        8,
+        m.code_shape,
+        m.bias,
+        m.act_qparams,
+        m.stride,
+        m.padding,
+        m.dilation,
+        m.groups,
+    )
     with torch.no_grad():
         ref, bound, _ = layer_bound(m, x)
         y = m(x)
@@ -140,7 +188,9 @@ def test_8_bit_codes_take_int8_kernels_only_where_exact():
             y8 = mpq.ops.multipoint_conv2d_stored(x, *args, "int8")
             assert bool(((y8.double() - ref).abs() <= bound).all()), float(((y8.double() - ref).abs() / bound).max())
         else:
-            with pytest.raises(RuntimeError, match=r'multipoint_conv2d_stored: path "int8" needs .* 8-bit codes, a CPU with VNNI'):
+            with pytest.raises(
+                RuntimeError, match=r'multipoint_conv2d_stored: path "int8" needs .* 8-bit codes, a CPU with VNNI'
+            ):
                 mpq.ops.multipoint_conv2d_stored(x, *args, "int8")
     assert mpq.ops.int8_kernels_exact(7) and mpq.ops.int8_kernels_exact(4)
 
@@ -159,13 +209,24 @@ _ISA_CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("isa", ["SSE41", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_AMX", "ALL"])
+@pytest.mark.parametrize(
+    "isa", ["SSE41", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_AMX", "ALL"]
+)
 def test_int8_kernels_agree_on_every_onednn_isa(isa):
     """oneDNN picks its int8 kernels by ISA at run time: force each (ONEDNN_MAX_CPU_ISA caps it at
     what the machine has, so every cap runs), plus ATen's paths for the float parts."""
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa, "ATEN_CPU_CAPABILITY": "default" if isa == "SSE41" else "avx2" if "AVX2" in isa else "avx512"}
-    out = subprocess.run([sys.executable, "-c", _ISA_CHILD, os.path.dirname(__file__)], env=env, capture_output=True,
-                         text=True, timeout=600)
+    env = {
+        **os.environ,
+        "ONEDNN_MAX_CPU_ISA": isa,
+        "ATEN_CPU_CAPABILITY": "default" if isa == "SSE41" else "avx2" if "AVX2" in isa else "avx512",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", _ISA_CHILD, os.path.dirname(__file__)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
     # This machine has AVX-512 VNNI (and AMX): only the caps below VNNI lose the exact 8-bit int8 path.
     if mpq.ops.int8_kernels_exact(8):

@@ -1,6 +1,7 @@
 """A real transformer: the Linear layers of all-MiniLM-L6-v2 (integer token-id inputs, Linear
 layers on [N, L, 384]), multipoint against RTN by the embeddings' cosine similarity to FP32, the
 traced quantized embedder, and the Gaussian-output Fisher sensitivity used for its output."""
+
 import io
 
 import pytest
@@ -8,9 +9,8 @@ import torch
 from torch import nn
 
 import mpq
-from mpq.examples import assets, text
 from mpq.calibrate import find_targets, fisher_sensitivity
-
+from mpq.examples import assets, text
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
@@ -32,7 +32,10 @@ def minilm():
 def quantized(minilm):
     model, calib, evaluation, reference = minilm
     out = {}
-    for name, cfg in {"rtn": mpq.QuantConfig.preset("W4A16", method="rtn"), "multipoint": mpq.QuantConfig.preset("W4A16")}.items():
+    for name, cfg in {
+        "rtn": mpq.QuantConfig.preset("W4A16", method="rtn"),
+        "multipoint": mpq.QuantConfig.preset("W4A16"),
+    }.items():
         q = mpq.quantize(model, calib, cfg)
         with torch.no_grad():
             out[name] = (q, text.embedding_fidelity(q(evaluation), reference), mpq.last_report(q))

@@ -3,6 +3,7 @@ packed, decoded in registers): element-wise agreement with the float64 reference
 (mpq::multipoint_linear on the unpacked codes) within the kernel's stated bound, on ATen's AVX-512 and
 default (scalar) paths, for 2-D and 3-D inputs, with and without bias and act_qparams; "auto" giving
 the weight-only bytes where it picks that path; and the errors of a bad call."""
+
 import os
 import subprocess
 import sys
@@ -129,7 +130,9 @@ def test_weight_only_follows_in_place_changes_of_the_weight():
 def test_weight_only_refuses_bad_calls_naming_the_op_and_argument():
     point_codes, point_scales, counts, bias = _stored(20, 6, 4, 2, seed=7)
     op = mpq.ops.multipoint_linear_stored
-    with pytest.raises(RuntimeError, match=r'mpq::multipoint_linear_stored: expected path "auto", "int8", "dense" or "weight_only"'):
+    with pytest.raises(
+        RuntimeError, match=r'mpq::multipoint_linear_stored: expected path "auto", "int8", "dense" or "weight_only"'
+    ):
         op(torch.randn(2, 20), point_codes, point_scales, counts, 4, 20, bias, None, "weight-only")
     with pytest.raises(RuntimeError, match=r"mpq::multipoint_linear_stored: expected input \[\.\.\., 20\]"):
         op(torch.randn(2, 21), point_codes, point_scales, counts, 4, 20, bias, None, "weight_only")
@@ -157,6 +160,11 @@ _SCALAR_CHILD = textwrap.dedent(
 def test_weight_only_scalar_path_equals_the_float64_reference():
     """ATEN_CPU_CAPABILITY=default: the op runs the kernel's scalar path."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", _SCALAR_CHILD, os.path.dirname(__file__)], env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", _SCALAR_CHILD, os.path.dirname(__file__)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]

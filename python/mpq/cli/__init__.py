@@ -16,6 +16,7 @@
 ``examples/imagenet/eval.py`` uses ``models``, ``images``, ``evaluate`` and ``configs`` as a library.
 ``import mpq`` does not import this package.
 """
+
 from mpq.cli.commands import build_parser, main
 from mpq.cli.errors import UserError
 

@@ -1,4 +1,5 @@
 """``python -m mpq.cli``: the same as ``python -m mpq``."""
+
 import sys
 
 from mpq.cli.commands import main

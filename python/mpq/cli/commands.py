@@ -3,6 +3,7 @@
 A user's mistake (missing folder, unknown model, bad config, unreadable file) ends the command
 with one line on stderr and exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from mpq.cli.configs import make_config, sweep_configs
 from mpq.cli.errors import UserError
@@ -39,36 +40,55 @@ def _say(args, text: str) -> None:
 def cmd_quantize(args) -> int:
     import mpq
 
-    cfg = make_config(args.config, avg_bits=args.avg_bits, method=args.method, seed=args.seed,
-                      calib_batches=max(1, math.ceil(args.calib_images / args.batch_size)))
+    cfg = make_config(
+        args.config,
+        avg_bits=args.avg_bits,
+        method=args.method,
+        seed=args.seed,
+        calib_batches=max(1, math.ceil(args.calib_images / args.batch_size)),
+    )
     files = image_files(args.calib)
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UserError(f"--out {args.out}: the folder {out.parent} does not exist")
     m = load_model(args.model, preprocess=args.preprocess)
     if m.kind != "float":
-        raise UserError(f"--model {args.model} is a saved {m.kind} model; expected a float model "
-                        f"(torchvision:<name> or efficientnet_lite0)")
-    calib, chosen = calibration_batches(files, m.transform, args.calib_images, cfg.seed, args.batch_size, args.workers,
-                                        args.quiet)
-    _say(args, f"quantizing {m.label} ({cfg.method}, w_bits={cfg.w_bits}, a_bits={cfg.a_bits}, "
-               f"{cfg.budget_bits:g} bits/weight budget) on {len(chosen)} calibration images ...")
+        raise UserError(
+            f"--model {args.model} is a saved {m.kind} model; expected a float model "
+            f"(torchvision:<name> or efficientnet_lite0)"
+        )
+    calib, chosen = calibration_batches(
+        files, m.transform, args.calib_images, cfg.seed, args.batch_size, args.workers, args.quiet
+    )
+    _say(
+        args,
+        f"quantizing {m.label} ({cfg.method}, w_bits={cfg.w_bits}, a_bits={cfg.a_bits}, "
+        f"{cfg.budget_bits:g} bits/weight budget) on {len(chosen)} calibration images ...",
+    )
     qmodel, row = quantize_and_evaluate(m.module, calib, cfg, None, args.quiet)
     mpq.save(qmodel, out, config=cfg, architecture=m.architecture)
     if args.summary:
         print(mpq.summary(qmodel))
     if args.plot:
-        mpq.plot_allocation(qmodel, args.plot, title=f"{m.label}, {cfg.method}: points per output channel, "
-                                                     f"{row['avg_bits']:.2f} bits per weight on average")
-    print(f"quantized {m.label}: {len(mpq.last_report(qmodel).layers)} layers, {row['avg_bits']:.3f} bits per weight "
-          f"on average, {row['size_mb']:.2f} MB, {row['quantize_seconds']:.1f} s")
+        mpq.plot_allocation(
+            qmodel,
+            args.plot,
+            title=f"{m.label}, {cfg.method}: points per output channel, "
+            f"{row['avg_bits']:.2f} bits per weight on average",
+        )
+    print(
+        f"quantized {m.label}: {len(mpq.last_report(qmodel).layers)} layers, {row['avg_bits']:.3f} bits per weight "
+        f"on average, {row['size_mb']:.2f} MB, {row['quantize_seconds']:.1f} s"
+    )
     print(f"saved {out}")
     return 0
 
 
-def _print_result(label: str, res: Dict[str, Any]) -> None:
-    print(f"{label}: top-1 {100 * res['top1']:.2f}% ({res['correct1']}/{res['images']})  "
-          f"top-5 {100 * res['top5']:.2f}% ({res['correct5']}/{res['images']})")
+def _print_result(label: str, res: dict[str, Any]) -> None:
+    print(
+        f"{label}: top-1 {100 * res['top1']:.2f}% ({res['correct1']}/{res['images']})  "
+        f"top-5 {100 * res['top5']:.2f}% ({res['correct5']}/{res['images']})"
+    )
 
 
 def cmd_eval(args) -> int:
@@ -90,11 +110,13 @@ def cmd_eval(args) -> int:
     res.pop("predictions")
     _print_result(m.label, res)
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": m.label, "data": str(args.data), **res, **versions()}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"model": m.label, "data": str(args.data), **res, **versions()}, indent=2)
+        )
     return 0
 
 
-def _floats(text: str, what: str) -> List[float]:
+def _floats(text: str, what: str) -> list[float]:
     try:
         vals = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -104,14 +126,15 @@ def _floats(text: str, what: str) -> List[float]:
     return vals
 
 
-
-def format_table(rows: List[Dict[str, Any]]) -> str:
+def format_table(rows: list[dict[str, Any]]) -> str:
     header = f"{'model':<24}{'avg bits':>9}{'size MB':>9}{'top-1':>9}{'top-5':>9}{'agree':>8}{'quant s':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
         agree = f"{100 * r['agreement']:7.1f}%" if r.get("agreement") is not None else f"{'-':>8}"
-        lines.append(f"{r['name']:<24}{r['avg_bits']:>9.3f}{r['size_mb']:>9.2f}{100 * r['top1']:>8.2f}%"
-                     f"{100 * r['top5']:>8.2f}%{agree}{r.get('quantize_seconds', 0.0):>9.1f}")
+        lines.append(
+            f"{r['name']:<24}{r['avg_bits']:>9.3f}{r['size_mb']:>9.2f}{100 * r['top1']:>8.2f}%"
+            f"{100 * r['top5']:>8.2f}%{agree}{r.get('quantize_seconds', 0.0):>9.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -122,39 +145,64 @@ def cmd_sweep(args) -> int:
 
     bits = _floats(args.avg_bits, "--avg-bits")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    configs = sweep_configs(args.config, bits, methods, args.seed, max(1, math.ceil(args.calib_images / args.batch_size)))
+    configs = sweep_configs(
+        args.config, bits, methods, args.seed, max(1, math.ceil(args.calib_images / args.batch_size))
+    )
     files = image_files(args.calib)
     labelled_images(args.data, args.class_map)  # check the folder before the long part
     m = load_model(args.model, preprocess=args.preprocess)
     if m.kind != "float":
-        raise UserError(f"--model {args.model} is a saved {m.kind} model; expected a float model "
-                        f"(torchvision:<name> or efficientnet_lite0)")
-    calib, _ = calibration_batches(files, m.transform, args.calib_images, args.seed, args.batch_size, args.workers, args.quiet)
+        raise UserError(
+            f"--model {args.model} is a saved {m.kind} model; expected a float model "
+            f"(torchvision:<name> or efficientnet_lite0)"
+        )
+    calib, _ = calibration_batches(
+        files, m.transform, args.calib_images, args.seed, args.batch_size, args.workers, args.quiet
+    )
     data = _eval_data(args, m.transform)
     data.cache(args.quiet)
     fp = evaluate(m.module, data, args.quiet, args.class_map, desc="evaluating FP32")
     reference = fp.pop("predictions")
     n_weights = sum(p.numel() for p in m.module.parameters())
-    rows = [{"name": "FP32", "method": "fp32", "avg_bits": 32.0, "size_mb": mpq.model_size_bytes(m.module) / 1e6,
-             "agreement": 1.0, "quantize_seconds": 0.0, "n_params": n_weights, **fp}]
+    rows = [
+        {
+            "name": "FP32",
+            "method": "fp32",
+            "avg_bits": 32.0,
+            "size_mb": mpq.model_size_bytes(m.module) / 1e6,
+            "agreement": 1.0,
+            "quantize_seconds": 0.0,
+            "n_params": n_weights,
+            **fp,
+        }
+    ]
     for i, cfg in enumerate(configs):
-        what = f"at {cfg.budget_bits:g} bits per weight" if get_method(cfg.method).multipoint else "(one point per channel)"
+        what = (
+            f"at {cfg.budget_bits:g} bits per weight"
+            if get_method(cfg.method).multipoint
+            else "(one point per channel)"
+        )
         _say(args, f"[{i + 1}/{len(configs)}] {cfg.method} {what} ...")
         _, row = quantize_and_evaluate(m.module, calib, cfg, data, args.quiet, reference, class_map="-")
         row["name"] = f"{cfg.method} {cfg.budget_bits:g}" if get_method(cfg.method).multipoint else cfg.method
         rows.append(row)
-    print(f"{m.label}: {sum(b.shape[0] for b in calib)} calibration images, {len(data.samples)} evaluation images; "
-          f"agree = top-1 agreement with FP32")
+    print(
+        f"{m.label}: {sum(b.shape[0] for b in calib)} calibration images, {len(data.samples)} evaluation images; "
+        f"agree = top-1 agreement with FP32"
+    )
     print(format_table(rows))
     plot = args.plot or "sweep.png"
-    plot_sweep([r for r in rows[1:]], plot, reference=rows[0],
-               title=f"{m.label}: quality vs average bits per weight ({len(data.samples)} images)")
+    plot_sweep(
+        [r for r in rows[1:]],
+        plot,
+        reference=rows[0],
+        title=f"{m.label}: quality vs average bits per weight ({len(data.samples)} images)",
+    )
     print(f"plot: {plot}")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": m.label, "rows": rows, **versions()}, indent=2))
         print(f"json: {args.json}")
     return 0
-
 
 
 def cmd_info(args) -> int:
@@ -208,21 +256,43 @@ _positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
 def _common(p: argparse.ArgumentParser, calib: bool, data: bool) -> None:
     p.add_argument("--model", required=True, metavar="MODEL", help=MODEL_HELP)
     if calib:
-        p.add_argument("--calib", required=True, metavar="DIR",
-                       help="folder of calibration images (any layout, searched recursively; e.g. ImageNet train/)")
-        p.add_argument("--calib-images", type=_positive_int, default=1024, metavar="N",
-                       help="number of calibration images, a seeded random subset of DIR (default 1024)")
+        p.add_argument(
+            "--calib",
+            required=True,
+            metavar="DIR",
+            help="folder of calibration images (any layout, searched recursively; e.g. ImageNet train/)",
+        )
+        p.add_argument(
+            "--calib-images",
+            type=_positive_int,
+            default=1024,
+            metavar="N",
+            help="number of calibration images, a seeded random subset of DIR (default 1024)",
+        )
     if data:
-        p.add_argument("--data", required=True, metavar="DIR",
-                       help="labelled images in the ImageFolder layout DIR/<class>/<image> (e.g. ImageNet val/)")
+        p.add_argument(
+            "--data",
+            required=True,
+            metavar="DIR",
+            help="labelled images in the ImageFolder layout DIR/<class>/<image> (e.g. ImageNet val/)",
+        )
         p.add_argument("--class-map", default="sorted", metavar="MAP", help=CLASS_MAP_HELP)
-    p.add_argument("--preprocess", default="auto", choices=("auto", "imagenet", "tflite"),
-                   help="input preprocessing: auto (the model's own: torchvision weights' transforms, the TF Lite "
-                        "scaling for efficientnet_lite0, imagenet for TorchScript files), imagenet (resize 256, "
-                        "center crop 224, ImageNet mean/std) or tflite (same crop, pixels (255x-127)/128)")
+    p.add_argument(
+        "--preprocess",
+        default="auto",
+        choices=("auto", "imagenet", "tflite"),
+        help="input preprocessing: auto (the model's own: torchvision weights' transforms, the TF Lite "
+        "scaling for efficientnet_lite0, imagenet for TorchScript files), imagenet (resize 256, "
+        "center crop 224, ImageNet mean/std) or tflite (same crop, pixels (255x-127)/128)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B", help="images per batch (default 32)")
-    p.add_argument("--workers", type=_nonneg_int, default=min(4, os.cpu_count() or 1), metavar="W",
-                   help="image decoding processes (default: min(4, CPUs); 0 decodes in the main process)")
+    p.add_argument(
+        "--workers",
+        type=_nonneg_int,
+        default=min(4, os.cpu_count() or 1),
+        metavar="W",
+        help="image decoding processes (default: min(4, CPUs); 0 decodes in the main process)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
 
 
@@ -230,28 +300,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m mpq",
         description="Multipoint post-training quantization for PyTorch: quantize a trained image classifier to "
-                    "low-bit weights without retraining, evaluate it, and compare methods.",
+        "low-bit weights without retraining, evaluate it, and compare methods.",
         epilog="Run 'python -m mpq COMMAND --help' for a command's options. Example: python -m mpq quantize "
-               "--model efficientnet_lite0 --calib photos/ --config W4A8 --out effnet.mpq.safetensors",
+        "--model efficientnet_lite0 --calib photos/ --config W4A8 --out effnet.mpq.safetensors",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every quantized layer")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     q = sub.add_parser(
-        "quantize", help="quantize a model on calibration images and save it",
+        "quantize",
+        help="quantize a model on calibration images and save it",
         description="Quantize a model's Conv2d and Linear layers (multipoint weights or a baseline method) using "
-                    "calibration images, and save the result with mpq.save (load it with mpq.load or "
-                    "'python -m mpq eval --model FILE').",
+        "calibration images, and save the result with mpq.save (load it with mpq.load or "
+        "'python -m mpq eval --model FILE').",
     )
     _common(q, calib=True, data=False)
-    q.add_argument("--config", default="W4A8", metavar="CONFIG",
-                   help="preset W4A8 (4-bit weights, 8-bit activations; default), W4A16, W3A16, W2A16, W8A8 "
-                        "(A16: float activations), or a JSON file of QuantConfig fields")
-    q.add_argument("--avg-bits", type=float, metavar="BITS",
-                   help="average bits per weight for multipoint, codes and scales counted (default: w_bits + 0.5)")
-    q.add_argument("--method", metavar="METHOD",
-                   help="weight quantizer: multipoint (default) or rtn (round to nearest, one point per channel), "
-                        "or another registered method")
+    q.add_argument(
+        "--config",
+        default="W4A8",
+        metavar="CONFIG",
+        help="preset W4A8 (4-bit weights, 8-bit activations; default), W4A16, W3A16, W2A16, W8A8 "
+        "(A16: float activations), or a JSON file of QuantConfig fields",
+    )
+    q.add_argument(
+        "--avg-bits",
+        type=float,
+        metavar="BITS",
+        help="average bits per weight for multipoint, codes and scales counted (default: w_bits + 0.5)",
+    )
+    q.add_argument(
+        "--method",
+        metavar="METHOD",
+        help="weight quantizer: multipoint (default) or rtn (round to nearest, one point per channel), "
+        "or another registered method",
+    )
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration subset and of quantization (default 0)")
     q.add_argument("--out", required=True, metavar="PATH", help="file to write, e.g. model.mpq.safetensors")
     q.add_argument("--summary", action="store_true", help="print the per-layer table (points, bits, SQNR)")
@@ -259,10 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser(
-        "eval", help="top-1 / top-5 accuracy of a model on labelled images",
+        "eval",
+        help="top-1 / top-5 accuracy of a model on labelled images",
         description="Evaluate a float model, a saved quantized model (--model FILE), or a float architecture with "
-                    "a quantized file loaded into it (--quantized FILE) on an ImageFolder of labelled images "
-                    "(e.g. ImageNet val/), and print top-1 and top-5.",
+        "a quantized file loaded into it (--quantized FILE) on an ImageFolder of labelled images "
+        "(e.g. ImageNet val/), and print top-1 and top-5.",
     )
     _common(e, calib=False, data=True)
     e.add_argument("--quantized", metavar="FILE", help="a file written by 'quantize' (mpq.save), loaded into --model")
@@ -270,16 +353,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser(
-        "sweep", help="quality vs average bits for several methods: a table and a PNG plot",
+        "sweep",
+        help="quality vs average bits for several methods: a table and a PNG plot",
         description="Quantize one model at several average bit widths with several methods (same calibration "
-                    "images), evaluate each, print a table and plot quality against average bits per weight.",
+        "images), evaluate each, print a table and plot quality against average bits per weight.",
     )
     _common(s, calib=True, data=True)
     s.add_argument("--config", default="W4A8", metavar="CONFIG", help="the base preset or JSON config (default W4A8)")
-    s.add_argument("--avg-bits", default="4.0,4.25,4.5,5", metavar="LIST",
-                   help="average bits per weight to try, comma-separated (default 4.0,4.25,4.5,5); single-point "
-                        "methods such as rtn run once")
-    s.add_argument("--methods", default="rtn,multipoint", metavar="LIST", help="methods, comma-separated (default rtn,multipoint)")
+    s.add_argument(
+        "--avg-bits",
+        default="4.0,4.25,4.5,5",
+        metavar="LIST",
+        help="average bits per weight to try, comma-separated (default 4.0,4.25,4.5,5); single-point "
+        "methods such as rtn run once",
+    )
+    s.add_argument(
+        "--methods", default="rtn,multipoint", metavar="LIST", help="methods, comma-separated (default rtn,multipoint)"
+    )
     s.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     s.add_argument("--plot", metavar="PNG", help="where to write the plot (default sweep.png)")
     s.add_argument("--json", metavar="PATH", help="also write every row as JSON")
@@ -294,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")

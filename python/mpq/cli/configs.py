@@ -1,17 +1,19 @@
 """Quantization configs from the command line: a preset name or a JSON file, with overrides."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from mpq.cli.errors import UserError
 
 __all__ = ["make_config", "sweep_configs"]
 
 
-def make_config(config: str, *, avg_bits: Optional[float] = None, method: Optional[str] = None,
-                seed: Optional[int] = None, **overrides: Any):
+def make_config(
+    config: str, *, avg_bits: float | None = None, method: str | None = None, seed: int | None = None, **overrides: Any
+):
     """A ``QuantConfig`` from a preset name ("W4A8", ...) or a JSON file of QuantConfig fields,
     with overrides. Raises ``UserError`` with the problem."""
     from mpq.config import PRESETS, QuantConfig
@@ -33,7 +35,7 @@ def make_config(config: str, *, avg_bits: Optional[float] = None, method: Option
             raise UserError(
                 f"unknown config {config!r}: expected a preset ({', '.join(PRESETS)}) or a JSON file of QuantConfig fields"
             )
-        changes: Dict[str, Any] = dict(overrides)
+        changes: dict[str, Any] = dict(overrides)
         if avg_bits is not None:
             changes["avg_bits"] = avg_bits
         if method is not None:
@@ -45,7 +47,7 @@ def make_config(config: str, *, avg_bits: Optional[float] = None, method: Option
         raise UserError(str(e)) from None
 
 
-def sweep_configs(base: str, avg_bits: List[float], methods: List[str], seed: int, calib_batches: int) -> List[Any]:
+def sweep_configs(base: str, avg_bits: list[float], methods: list[str], seed: int, calib_batches: int) -> list[Any]:
     """One config per (method, average bits); single-point methods (RTN, ...) once, as their
     size does not follow the budget."""
     from mpq.methods import available, get_method
@@ -55,8 +57,9 @@ def sweep_configs(base: str, avg_bits: List[float], methods: List[str], seed: in
         if method not in available():
             raise UserError(f"--methods: unknown method {method!r}; expected some of {', '.join(available())}")
         if get_method(method).multipoint:
-            configs += [make_config(base, avg_bits=b, method=method, seed=seed, calib_batches=calib_batches) for b in avg_bits]
+            configs += [
+                make_config(base, avg_bits=b, method=method, seed=seed, calib_batches=calib_batches) for b in avg_bits
+            ]
         else:
             configs.append(make_config(base, method=method, seed=seed, calib_batches=calib_batches))
     return configs
-

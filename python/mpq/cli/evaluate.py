@@ -1,10 +1,11 @@
 """Top-1 / top-5 of a model on ``EvalData``, quantize-then-evaluate rows, and the versions a
 result records."""
+
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from mpq.cli.errors import UserError
 from mpq.cli.images import EvalData
@@ -12,7 +13,9 @@ from mpq.cli.images import EvalData
 __all__ = ["evaluate", "quantize_and_evaluate", "versions"]
 
 
-def evaluate(model, data: EvalData, quiet: bool = True, class_map: str = "sorted", desc: str = "evaluating") -> Dict[str, Any]:
+def evaluate(
+    model, data: EvalData, quiet: bool = True, class_map: str = "sorted", desc: str = "evaluating"
+) -> dict[str, Any]:
     """Top-1 / top-5 of ``model`` on ``data``: {"top1", "top5", "correct1", "correct5", "images",
     "seconds", "predictions" (top-1 class per image, a tensor)}."""
     import torch
@@ -41,12 +44,26 @@ def evaluate(model, data: EvalData, quiet: bool = True, class_map: str = "sorted
             f"sorted the k-th folder counts as class k (use --class-map index or a JSON map for a subset of classes)",
             file=sys.stderr,
         )
-    return {"top1": c1 / n, "top5": c5 / n, "correct1": c1, "correct5": c5, "images": n,
-            "seconds": time.perf_counter() - t0, "predictions": torch.cat(preds)}
+    return {
+        "top1": c1 / n,
+        "top5": c5 / n,
+        "correct1": c1,
+        "correct5": c5,
+        "images": n,
+        "seconds": time.perf_counter() - t0,
+        "predictions": torch.cat(preds),
+    }
 
 
-def quantize_and_evaluate(model, calib: List[Any], cfg, data: Optional[EvalData], quiet: bool = True,
-                          reference: Optional[Any] = None, class_map: str = "sorted") -> Tuple[Any, Dict[str, Any]]:
+def quantize_and_evaluate(
+    model,
+    calib: list[Any],
+    cfg,
+    data: EvalData | None,
+    quiet: bool = True,
+    reference: Any | None = None,
+    class_map: str = "sorted",
+) -> tuple[Any, dict[str, Any]]:
     """Quantize ``model`` with ``cfg`` on ``calib`` and evaluate it on ``data``: (qmodel, row)."""
     import mpq
 
@@ -54,7 +71,7 @@ def quantize_and_evaluate(model, calib: List[Any], cfg, data: Optional[EvalData]
     qmodel = mpq.quantize(model, calib, cfg)
     seconds = time.perf_counter() - t0
     report = mpq.last_report(qmodel)
-    row: Dict[str, Any] = {
+    row: dict[str, Any] = {
         "method": cfg.method,
         "config": cfg.to_dict(),
         "target_bits": cfg.budget_bits,
@@ -73,7 +90,7 @@ def quantize_and_evaluate(model, calib: List[Any], cfg, data: Optional[EvalData]
     return qmodel, row
 
 
-def versions() -> Dict[str, Any]:
+def versions() -> dict[str, Any]:
     """{"versions": mpq, torch, torchvision, Python and platform; "build": ``mpq.build_info()``}: what a
     result file records beside its numbers."""
     import platform
@@ -83,6 +100,13 @@ def versions() -> Dict[str, Any]:
 
     import mpq
 
-    return {"versions": {"mpq": mpq.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-                         "python": platform.python_version(), "platform": platform.platform()},
-            "build": mpq.build_info()}
+    return {
+        "versions": {
+            "mpq": mpq.__version__,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "build": mpq.build_info(),
+    }

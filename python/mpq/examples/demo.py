@@ -7,13 +7,13 @@ Calibration: seeded random crops and flips of the bundled photos. Evaluation: th
 ImageNet photos (top-1) plus the center crops of the bundled photos (top-1 agreement and KL
 divergence to FP32, no labels needed).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ __all__ = ["DemoData", "load_demo_data", "fidelity", "run_demo", "run_text_demo"
 class DemoData:
     eval_images: torch.Tensor  # labelled photos first, then the bundled photos
     labels: torch.Tensor  # labels of the first len(labels) eval images
-    calib_batches: List[torch.Tensor]
+    calib_batches: list[torch.Tensor]
 
 
 def load_demo_data(calib_images: int = 64, batch_size: int = 16, seed: int = 0) -> DemoData:
@@ -43,19 +43,24 @@ def load_demo_data(calib_images: int = 64, batch_size: int = 16, seed: int = 0) 
     return DemoData(x, y, list(calib.split(batch_size)))
 
 
-def fidelity(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+def fidelity(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """top-1 on the labelled images, top-1 agreement and mean KL(reference || model) on all."""
     n = labels.numel()
     return {
         "top1": float((logits[:n].argmax(1) == labels).double().mean()),
         "agreement": float((logits.argmax(1) == reference.argmax(1)).double().mean()),
         "kl": float(
-            F.kl_div(F.log_softmax(logits.double(), 1), F.log_softmax(reference.double(), 1), log_target=True, reduction="batchmean")
+            F.kl_div(
+                F.log_softmax(logits.double(), 1),
+                F.log_softmax(reference.double(), 1),
+                log_target=True,
+                reduction="batchmean",
+            )
         ),
     }
 
 
-def _rtn_and_multipoint(presets: Tuple[str, ...], seed: int) -> Dict[str, QuantConfig]:
+def _rtn_and_multipoint(presets: tuple[str, ...], seed: int) -> dict[str, QuantConfig]:
     """Per preset, in order, the configs named "RTN <preset>" and "multipoint <preset>" (the
     latter at w_bits + 0.5 bits)."""
     return {
@@ -65,7 +70,7 @@ def _rtn_and_multipoint(presets: Tuple[str, ...], seed: int) -> Dict[str, QuantC
     }
 
 
-def run_demo(configs: Optional[Dict[str, QuantConfig]] = None, json_path: Optional[str] = None, seed: int = 0) -> List[dict]:
+def run_demo(configs: dict[str, QuantConfig] | None = None, json_path: str | None = None, seed: int = 0) -> list[dict]:
     """Quantize EfficientNet-Lite0 with each config and print one table row per model."""
     if configs is None:
         configs = _rtn_and_multipoint(("W4A8", "W3A16"), seed)
@@ -83,20 +88,44 @@ def run_demo(configs: Optional[Dict[str, QuantConfig]] = None, json_path: Option
         rows = [{"model": "FP32", "avg_bits": 32.0, **evaluate(model), "seconds": 0.0}]
     rows += _quantize_each(model, data.calib_batches, configs, evaluate)
     n_lab, n_all = data.labels.numel(), data.eval_images.shape[0]
-    print(f"EfficientNet-Lite0 ({n_weights / 1e6:.2f}M conv/linear weights), {len(data.calib_batches)} calibration batches "
-          f"({sum(b.shape[0] for b in data.calib_batches)} crops of the bundled photos)")
-    print(f"top-1 on {n_lab} labelled ImageNet photos; agreement and KL vs FP32 on those plus {n_all - n_lab} bundled photos")
-    _print_table(rows, [("size_mb", "size MB", 9, ".2f"), ("avg_bits", "avg bits", 10, ".2f"), ("top1", "top-1", 8, ".1%"),
-                        ("agreement", "agree", 8, ".1%"), ("kl", "KL", 9, ".4f"), ("seconds", "quant s", 9, ".1f")])
+    print(
+        f"EfficientNet-Lite0 ({n_weights / 1e6:.2f}M conv/linear weights), {len(data.calib_batches)} calibration batches "
+        f"({sum(b.shape[0] for b in data.calib_batches)} crops of the bundled photos)"
+    )
+    print(
+        f"top-1 on {n_lab} labelled ImageNet photos; agreement and KL vs FP32 on those plus {n_all - n_lab} bundled photos"
+    )
+    _print_table(
+        rows,
+        [
+            ("size_mb", "size MB", 9, ".2f"),
+            ("avg_bits", "avg bits", 10, ".2f"),
+            ("top1", "top-1", 8, ".1%"),
+            ("agreement", "agree", 8, ".1%"),
+            ("kl", "KL", 9, ".4f"),
+            ("seconds", "quant s", 9, ".1f"),
+        ],
+    )
     print()
     text_rows = run_text_demo(seed=seed)
     if json_path:
         import mpq
 
         with open(json_path, "w") as f:
-            json.dump({"command": f"python -m mpq demo --seed {seed} --json {json_path}", **_provenance(),
-                       "torch_threads": torch.get_num_threads(), "seconds_total": time.perf_counter() - started,
-                       "rows": rows, "minilm_rows": text_rows, "build": mpq.build_info(), "seed": seed}, f, indent=2)
+            json.dump(
+                {
+                    "command": f"python -m mpq demo --seed {seed} --json {json_path}",
+                    **_provenance(),
+                    "torch_threads": torch.get_num_threads(),
+                    "seconds_total": time.perf_counter() - started,
+                    "rows": rows,
+                    "minilm_rows": text_rows,
+                    "build": mpq.build_info(),
+                    "seed": seed,
+                },
+                f,
+                indent=2,
+            )
     return rows
 
 
@@ -108,19 +137,26 @@ def _provenance() -> dict:
 
     here = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     return {"commit": commit or None, "cpu": cpu, "torch": torch.__version__}
 
 
-def _quantize_each(model: torch.nn.Module, calib: List[torch.Tensor], configs: Dict[str, QuantConfig], evaluate) -> List[dict]:
+def _quantize_each(
+    model: torch.nn.Module, calib: list[torch.Tensor], configs: dict[str, QuantConfig], evaluate
+) -> list[dict]:
     """One row per config: quantize ``model``, time it, and add ``evaluate(qmodel)``'s measures."""
     rows = []
     for name, cfg in configs.items():
@@ -129,12 +165,19 @@ def _quantize_each(model: torch.nn.Module, calib: List[torch.Tensor], configs: D
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             measures = evaluate(qmodel)
-        rows.append({"model": name, "avg_bits": last_report(qmodel).avg_bits, **measures, "seconds": seconds,
-                     "config": cfg.to_dict()})
+        rows.append(
+            {
+                "model": name,
+                "avg_bits": last_report(qmodel).avg_bits,
+                **measures,
+                "seconds": seconds,
+                "config": cfg.to_dict(),
+            }
+        )
     return rows
 
 
-def _print_table(rows: List[dict], columns: List[Tuple[str, str, int, str]]) -> None:
+def _print_table(rows: list[dict], columns: list[tuple[str, str, int, str]]) -> None:
     """The rows' model name, then per column (key, title, width, format)."""
     header = f"{'model':<18}" + "".join(f"{title:>{width}}" for _, title, width, _ in columns)
     print(header)
@@ -150,7 +193,7 @@ class _DropFloatLayerWarning(logging.Filter):
         return "stay in float" not in str(record.msg)
 
 
-def run_text_demo(configs: Optional[Dict[str, QuantConfig]] = None, seed: int = 0) -> List[dict]:
+def run_text_demo(configs: dict[str, QuantConfig] | None = None, seed: int = 0) -> list[dict]:
     """Quantize the Linear layers of all-MiniLM-L6-v2 with each config, calibrated on
     ``mpq.examples.text.calibration_sentences()``, and print the cosine similarity of the embeddings of
     ``mpq.examples.text.evaluation_sentences()`` to FP32's (mean and minimum), one row per model."""
@@ -171,11 +214,20 @@ def run_text_demo(configs: Optional[Dict[str, QuantConfig]] = None, seed: int = 
         rows += _quantize_each(model, calib, configs, lambda m: text.embedding_fidelity(m(evaluation), reference))
     finally:
         log.removeFilter(drop)
-    print(f"all-MiniLM-L6-v2: {len(linear)} Linear layers ({sum(m.weight.numel() for m in linear) / 1e6:.2f}M weights) "
-          f"quantized, the embedding tables stay float; calibrated on {len(text.calibration_sentences())} sentences")
+    print(
+        f"all-MiniLM-L6-v2: {len(linear)} Linear layers ({sum(m.weight.numel() for m in linear) / 1e6:.2f}M weights) "
+        f"quantized, the embedding tables stay float; calibrated on {len(text.calibration_sentences())} sentences"
+    )
     print(f"cosine similarity of the sentence embeddings to FP32 on {evaluation.shape[0]} other sentences")
-    _print_table(rows, [("avg_bits", "avg bits", 10, ".2f"), ("cos_mean", "cos mean", 10, ".4f"),
-                        ("cos_min", "cos min", 10, ".4f"), ("seconds", "quant s", 9, ".1f")])
+    _print_table(
+        rows,
+        [
+            ("avg_bits", "avg bits", 10, ".2f"),
+            ("cos_mean", "cos mean", 10, ".4f"),
+            ("cos_min", "cos min", 10, ".4f"),
+            ("seconds", "quant s", 9, ".1f"),
+        ],
+    )
     return rows
 
 

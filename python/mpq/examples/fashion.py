@@ -8,12 +8,12 @@
   ``python scripts/train_fashion_resnet.py`` (seed, schedule and test accuracy recorded beside it in
   ``fashion_resnet14.json``).
 """
+
 from __future__ import annotations
 
 import gzip
 import json
 from pathlib import Path
-from typing import Tuple
 
 import torch
 from torch import nn
@@ -29,9 +29,11 @@ FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 class FashionResNet(nn.Module):
     """ResNet-14 for 1x28x28 inputs (normalised with FASHION_MEAN / FASHION_STD), 10 classes."""
 
-    def __init__(self, widths: Tuple[int, int, int] = (16, 32, 64), blocks: int = 2, num_classes: int = 10):
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 64), blocks: int = 2, num_classes: int = 10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+        )
         layers, cin = [], widths[0]
         for i, w in enumerate(widths):
             for b in range(blocks):
@@ -53,11 +55,11 @@ def _read_idx(path: Path) -> torch.Tensor:
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(dims)
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(dims)
 
 
-def fashion_mnist(split: str = "test", normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+def fashion_mnist(split: str = "test", normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(images float32 [N, 1, 28, 28], labels int64 [N]) of Fashion-MNIST ``split`` ('train' or 'test')."""
     if split not in ("train", "test"):
         raise ValueError(f"mpq.examples.fashion.fashion_mnist: split must be 'train' or 'test', got {split!r}")

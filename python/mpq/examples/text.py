@@ -13,9 +13,10 @@ NB: calibration sees every token row of a Linear layer's input, padding tokens i
 states never reach the embedding: the attention mask hides them as keys and the pooling skips
 them). ``calibration_batches`` therefore batches sentences of equal length, without padding.
 """
+
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,30 +60,32 @@ class SentenceEmbedder(nn.Module):
 def tokenize(tokenizer, texts: Sequence[str], max_length: int = 256) -> torch.Tensor:
     """Token ids of ``texts``, padded to the longest: LongTensor[len(texts), L]. 256 tokens at
     most, as sentence-transformers truncates all-MiniLM-L6-v2's input."""
-    return tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
+    return tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")[
+        "input_ids"
+    ]
 
 
-def calibration_batches(tokenizer, texts: Sequence[str]) -> List[torch.Tensor]:
+def calibration_batches(tokenizer, texts: Sequence[str]) -> list[torch.Tensor]:
     """The texts' token ids grouped by length, one batch [n, L] per length (shortest first), so
     that no padding token enters the calibration statistics."""
-    by_length: Dict[int, List[torch.Tensor]] = {}
+    by_length: dict[int, list[torch.Tensor]] = {}
     for t in texts:
         ids = tokenize(tokenizer, [t])
         by_length.setdefault(ids.shape[1], []).append(ids)
     return [torch.cat(by_length[n]) for n in sorted(by_length)]
 
 
-def embedding_fidelity(embeddings: torch.Tensor, reference: torch.Tensor) -> Dict[str, float]:
+def embedding_fidelity(embeddings: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     """Cosine similarity of each embedding [N, D] to its reference [N, D]: mean and minimum."""
     cos = F.cosine_similarity(embeddings.double(), reference.double(), dim=1)
     return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
 
 
-def calibration_sentences() -> List[str]:
+def calibration_sentences() -> list[str]:
     return list(SENTENCES[0::2])
 
 
-def evaluation_sentences() -> List[str]:
+def evaluation_sentences() -> list[str]:
     return list(SENTENCES[1::2])
 
 

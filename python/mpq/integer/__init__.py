@@ -7,6 +7,7 @@
 Floats remain only at the entry (quantizing the input) and the exit (dequantizing the output).
 The integer modules are in ``mpq.integer.modules``.
 """
+
 from mpq.integer import modules
 from mpq.integer.convert import Grid, integer_only, layerwise_differences, simulate_integer
 from mpq.integer.dyadic import common_shift, dyadic, dyadic_tensor, round_shift

@@ -27,12 +27,14 @@ How the conversion works:
 5. Emit a new ``torch.fx`` graph of ``mpq.integer.modules`` and wrap it between the input's
    quantization and the output's dequantization.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import operator
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +55,7 @@ from mpq.integer.modules import (
     QuantizeInput,
     storage_dtype,
 )
-from mpq.nn.modules import MultipointConv2d, MultipointLinear, MultipointLayer
+from mpq.nn.modules import MultipointConv2d, MultipointLayer, MultipointLinear
 
 __all__ = ["integer_only", "simulate_integer", "layerwise_differences", "Grid"]
 
@@ -117,21 +119,23 @@ class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, generator: torch.Generator):
         super().__init__(gm)
         self.generator = generator
-        self.values: Dict[str, Any] = {}  # first batch: the node's output (tensors: their meta)
-        self.stats: Dict[str, _NodeStats] = {}
+        self.values: dict[str, Any] = {}  # first batch: the node's output (tensors: their meta)
+        self.stats: dict[str, _NodeStats] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         if n.name not in self.values:
-            self.values[n.name] = torch.empty(out.shape, dtype=out.dtype, device="meta") if isinstance(out, torch.Tensor) else out
+            self.values[n.name] = (
+                torch.empty(out.shape, dtype=out.dtype, device="meta") if isinstance(out, torch.Tensor) else out
+            )
         if isinstance(out, torch.Tensor) and out.is_floating_point():
             self.stats.setdefault(n.name, _NodeStats(self.generator)).add(out)
         return out
 
 
-def _batches(example_inputs: Union[torch.Tensor, Iterable], max_batches: int) -> List[torch.Tensor]:
+def _batches(example_inputs: torch.Tensor | Iterable, max_batches: int) -> list[torch.Tensor]:
     items = [example_inputs] if isinstance(example_inputs, torch.Tensor) else example_inputs
-    out: List[torch.Tensor] = []
+    out: list[torch.Tensor] = []
     for i, item in enumerate(items):
         if i >= max_batches:
             break
@@ -139,7 +143,8 @@ def _batches(example_inputs: Union[torch.Tensor, Iterable], max_batches: int) ->
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(
                 "mpq.integer_only: expected example_inputs to be a float tensor or an iterable of float tensors "
-                f"or (input, target) pairs, got {type(x).__name__}" + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else "")
+                f"or (input, target) pairs, got {type(x).__name__}"
+                + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else "")
             )
         out.append(x)
     if not out:
@@ -187,15 +192,17 @@ def _const(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _classify(n: fx.Node, gm: fx.GraphModule, values: Dict[str, Any]) -> _Kind:
+def _classify(n: fx.Node, gm: fx.GraphModule, values: dict[str, Any]) -> _Kind:
     if n.op == "placeholder":
         return _Kind("input")
     if n.op == "output":
         return _Kind("output")
     out = values.get(n.name)
     if not isinstance(out, torch.Tensor):
-        ok = out is None or isinstance(out, (int, bool, torch.Size)) or (
-            isinstance(out, (tuple, list)) and all(isinstance(v, int) for v in out)
+        ok = (
+            out is None
+            or isinstance(out, (int, bool, torch.Size))
+            or (isinstance(out, (tuple, list)) and all(isinstance(v, int) for v in out))
         )
         if not ok:
             raise _unsupported(n, gm, f"it produces a {type(out).__name__}, not a tensor or shape arithmetic")
@@ -231,7 +238,9 @@ def _classify(n: fx.Node, gm: fx.GraphModule, values: Dict[str, Any]) -> _Kind:
             return _Kind("shape")
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             raise _unsupported(
-                n, gm, "a BatchNorm that was not folded (mpq.quantize folds a BatchNorm2d only when a Conv2d feeds it directly)"
+                n,
+                gm,
+                "a BatchNorm that was not folded (mpq.quantize folds a BatchNorm2d only when a Conv2d feeds it directly)",
             )
         raise _unsupported(n, gm)
     if n.op == "call_function":
@@ -313,7 +322,7 @@ def _add_kind(n, gm, args, kwargs, values) -> _Kind:
 
 def _fixed_point(
     reals: torch.Tensor, bias: torch.Tensor, bounds: torch.Tensor, bits: int, where: str
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer multipliers m [R, K], bias [R] and one shift [R] per row such that
     ``(sum_k m[r, k] t_k + bias_int[r]) / 2^shift[r] ~ sum_k reals[r, k] t_k + bias[r]`` with every
     |t_k| <= bounds[r, k]: the row's largest |real| gets a ``bits``-bit multiplier, and the shift
@@ -338,14 +347,16 @@ def _fixed_point(
 
 
 def _weighted_module(
-    m: MultipointLayer, x_grid: Grid, out: Grid, lo: int, hi: int, res_grid: Optional[Grid], bits: int, name: str
+    m: MultipointLayer, x_grid: Grid, out: Grid, lo: int, hi: int, res_grid: Grid | None, bits: int, name: str
 ) -> nn.Module:
     codes = m.codes.detach().cpu()
     C, P = m.scales.shape
     n = m.num_points.detach().cpu().long()
     used = torch.arange(P)[None, :] < n[:, None]
     reals = x_grid.scale * m.scales.detach().cpu().double() / out.scale * used
-    bias = (m.bias.detach().cpu().double() / out.scale if m.bias is not None else torch.zeros(C, dtype=torch.float64)) + out.zero_point
+    bias = (
+        m.bias.detach().cpu().double() / out.scale if m.bias is not None else torch.zeros(C, dtype=torch.float64)
+    ) + out.zero_point
     code_sums = codes.reshape(C, P, -1).long().abs().sum(-1).double()  # sum_i |q_jki|
     acc_bound = x_grid.span * code_sums  # max |acc_jk|
     bounds = acc_bound
@@ -394,18 +405,32 @@ def _weighted_module(
             kw[key] = z
         dilation = [1, 1]
     return IntegerConv2d(
-        stride=m.stride, padding=m.padding, dilation=dilation, groups=m.groups, kernel_size=kernel_size,
-        pre_padding=m.pre_padding, same_padding_=m.same_padding, **kw,
+        stride=m.stride,
+        padding=m.padding,
+        dilation=dilation,
+        groups=m.groups,
+        kernel_size=kernel_size,
+        pre_padding=m.pre_padding,
+        same_padding_=m.same_padding,
+        **kw,
     )
 
 
-def _scalar_kw(reals: List[float], bounds: List[float], out: Grid, lo: int, hi: int, bits: int, name: str) -> Dict[str, Any]:
+def _scalar_kw(
+    reals: list[float], bounds: list[float], out: Grid, lo: int, hi: int, bits: int, name: str
+) -> dict[str, Any]:
     r = torch.tensor([reals], dtype=torch.float64)
     b = torch.tensor([float(out.zero_point)], dtype=torch.float64)
     mult, bias_int, shift = _fixed_point(r, b, torch.tensor([bounds], dtype=torch.float64), bits, name)
     return dict(
-        mult=mult[0], real_mult=r[0], bias=int(bias_int[0]), real_bias=float(out.zero_point), shift=int(shift[0]),
-        lo=lo, hi=hi, out_dtype=storage_dtype(out.qmin, out.qmax),
+        mult=mult[0],
+        real_mult=r[0],
+        bias=int(bias_int[0]),
+        real_bias=float(out.zero_point),
+        shift=int(shift[0]),
+        lo=lo,
+        hi=hi,
+        out_dtype=storage_dtype(out.qmin, out.qmax),
     )
 
 
@@ -414,7 +439,7 @@ def _scalar_kw(reals: List[float], bounds: List[float], out: Grid, lo: int, hi: 
 
 def integer_only(
     qmodel: nn.Module,
-    example_inputs: Union[torch.Tensor, Iterable],
+    example_inputs: torch.Tensor | Iterable,
     *,
     aux_bits: int = 8,
     aux_range: str = "mse",
@@ -484,7 +509,9 @@ def integer_only(
     plan = _Plan(gm, graph, recorder, aux_bits, aux_range, output_bits)
     body, gin, gout = _emit(plan, multiplier_bits)
     return IntegerModel(
-        QuantizeInput(gin.scale, gin.zero_point, gin.qmin, gin.qmax), body, DequantizeOutput(gout.scale, gout.zero_point)
+        QuantizeInput(gin.scale, gin.zero_point, gin.qmin, gin.qmax),
+        body,
+        DequantizeOutput(gout.scale, gout.zero_point),
     ).eval()
 
 
@@ -492,7 +519,9 @@ class _Plan:
     """The analysis of the traced graph: node kinds, fused adds and clamps, value classes and
     their grids (steps 2 to 4 of the module docstring)."""
 
-    def __init__(self, gm: fx.GraphModule, graph: fx.Graph, recorder: _Recorder, aux_bits: int, aux_range: str, output_bits: int):
+    def __init__(
+        self, gm: fx.GraphModule, graph: fx.Graph, recorder: _Recorder, aux_bits: int, aux_range: str, output_bits: int
+    ):
         self.gm = gm
         self.recorder = recorder
         self.kinds = {n: _classify(n, gm, recorder.values) for n in graph.nodes}
@@ -513,25 +542,30 @@ class _Plan:
     def kind(self, n: fx.Node) -> str:
         return self.kinds[n].kind
 
-    def value_users(self, n: fx.Node) -> List[fx.Node]:
+    def value_users(self, n: fx.Node) -> list[fx.Node]:
         return [u for u in n.users if self.kind(u) != "meta"]
 
     def _fuse_adds(self) -> None:
         """A residual add one of whose operands is a layer read by nothing else is done by that
         layer's requantization: ``fused[add] = (layer, residual)``."""
-        self.fused: Dict[fx.Node, Tuple[fx.Node, fx.Node]] = {}
+        self.fused: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
         self.absorbed = set()
         for n in self.nodes:
             if self.kind(n) != "add":
                 continue
             a, b = n.args
             for layer, res in ((a, b), (b, a)):
-                if a is not b and self.kind(layer) == "layer" and self.value_users(layer) == [n] and layer not in self.absorbed:
+                if (
+                    a is not b
+                    and self.kind(layer) == "layer"
+                    and self.value_users(layer) == [n]
+                    and layer not in self.absorbed
+                ):
                     self.fused[n] = (layer, res)
                     self.absorbed.add(layer)
                     break
 
-    def layer_of(self, n: fx.Node) -> Optional[fx.Node]:
+    def layer_of(self, n: fx.Node) -> fx.Node | None:
         """The multipoint layer call a node runs (itself, or the layer fused into an add)."""
         if self.kind(n) == "layer" and n not in self.absorbed:
             return n
@@ -541,9 +575,9 @@ class _Plan:
         """root[n]: the node that produces n's codes. Shape ops and max pooling keep their
         input's grid; a clamp too when nothing else reads its unclamped input (``solo``), and
         then it is fused into the root's requantization (``fused_clamps``)."""
-        self.root: Dict[fx.Node, fx.Node] = {}
-        solo: Dict[fx.Node, bool] = {}
-        self.fused_clamps: Dict[fx.Node, List[fx.Node]] = {}
+        self.root: dict[fx.Node, fx.Node] = {}
+        solo: dict[fx.Node, bool] = {}
+        self.fused_clamps: dict[fx.Node, list[fx.Node]] = {}
         for n in self.nodes:
             k = self.kind(n)
             if k in ("output", "meta") or n in self.absorbed:
@@ -557,7 +591,7 @@ class _Plan:
             else:
                 self.root[n] = n
                 solo[n] = len(self.value_users(n)) == 1
-        self.members: Dict[fx.Node, List[fx.Node]] = {}
+        self.members: dict[fx.Node, list[fx.Node]] = {}
         for n, r in self.root.items():
             self.members.setdefault(r, []).append(n)
 
@@ -565,7 +599,7 @@ class _Plan:
         """grid[root]: the first quantized reader's activation grid, else calibrated."""
         order = {n: i for i, n in enumerate(self.nodes)}
         stats = self.recorder.stats
-        self.grid: Dict[fx.Node, Grid] = {}
+        self.grid: dict[fx.Node, Grid] = {}
         for r, ms in self.members.items():
             inside = set(ms)
             # Layer calls (fused into an add or not) whose input is a member.
@@ -587,7 +621,7 @@ class _Plan:
     def grid_of(self, n: fx.Node) -> Grid:
         return self.grid[self.root[n]]
 
-    def bounds(self, r: fx.Node, clamps: Optional[List[fx.Node]] = None) -> Tuple[int, int]:
+    def bounds(self, r: fx.Node, clamps: list[fx.Node] | None = None) -> tuple[int, int]:
         """[lo, hi] of root r's codes: its grid's range and its fused clamps (or ``clamps``)."""
         g = self.grid[r]
         lo, hi = g.qmin, g.qmax
@@ -600,15 +634,15 @@ class _Plan:
         return lo, min(max(lo, hi), g.qmax)
 
 
-def _emit(plan: _Plan, bits: int) -> Tuple[fx.GraphModule, Grid, Grid]:
+def _emit(plan: _Plan, bits: int) -> tuple[fx.GraphModule, Grid, Grid]:
     """The integer graph (step 5), with the input's and the output's grids."""
     gm = plan.gm
     new = fx.Graph()
     body_root = nn.Module()
-    env: Dict[fx.Node, fx.Node] = {}
-    requants: Dict[Tuple[fx.Node, Grid], fx.Node] = {}
+    env: dict[fx.Node, fx.Node] = {}
+    requants: dict[tuple[fx.Node, Grid], fx.Node] = {}
 
-    def call(name: str, module: nn.Module, args: tuple, kwargs: Optional[dict] = None) -> fx.Node:
+    def call(name: str, module: nn.Module, args: tuple, kwargs: dict | None = None) -> fx.Node:
         body_root.add_module(name, module)
         return new.call_module(name, args, kwargs or {})
 
@@ -663,7 +697,14 @@ def _emit(plan: _Plan, bits: int) -> Tuple[fx.GraphModule, Grid, Grid]:
         elif k == "add":
             a, b = n.args
             ga, gb, out = plan.grid_of(a), plan.grid_of(b), plan.grid[n]
-            kw = _scalar_kw([ga.scale / out.scale, gb.scale / out.scale], [ga.span, gb.span], out, *plan.bounds(n), bits, f"add {n.name!r}")
+            kw = _scalar_kw(
+                [ga.scale / out.scale, gb.scale / out.scale],
+                [ga.span, gb.span],
+                out,
+                *plan.bounds(n),
+                bits,
+                f"add {n.name!r}",
+            )
             env[n] = call(n.name, IntegerAdd(zero_points=[ga.zero_point, gb.zero_point], **kw), (env[a], env[b]))
         elif k == "mean":
             src = n.args[0]
@@ -672,8 +713,12 @@ def _emit(plan: _Plan, bits: int) -> Tuple[fx.GraphModule, Grid, Grid]:
             dims = sorted({d % len(shape) for d in dims})
             count = math.prod(shape[d] for d in dims)
             g, out = plan.grid_of(src), plan.grid[n]
-            kw = _scalar_kw([g.scale / (count * out.scale)], [float(count * g.span)], out, *plan.bounds(n), bits, f"mean {n.name!r}")
-            env[n] = call(n.name, IntegerMean(dims=dims, keepdim=keepdim, count=count, zero_point=g.zero_point, **kw), (env[src],))
+            kw = _scalar_kw(
+                [g.scale / (count * out.scale)], [float(count * g.span)], out, *plan.bounds(n), bits, f"mean {n.name!r}"
+            )
+            env[n] = call(
+                n.name, IntegerMean(dims=dims, keepdim=keepdim, count=count, zero_point=g.zero_point, **kw), (env[src],)
+            )
         else:
             raise _unsupported(n, gm)
     body = fx.GraphModule(body_root, new, class_name="IntegerBody")
@@ -693,13 +738,13 @@ def simulate_integer(model: IntegerModel) -> IntegerModel:
     return sim
 
 
-def layerwise_differences(model: IntegerModel, x: torch.Tensor) -> Dict[str, Tuple[int, int, int]]:
+def layerwise_differences(model: IntegerModel, x: torch.Tensor) -> dict[str, tuple[int, int, int]]:
     """Run ``x`` through ``model`` and give every module of its body that requantizes the same
     integer inputs in float64 with the real multipliers (``simulate_integer``). Returns, per
     module name, (max |int - sim| in output LSBs, number of differing codes, number of codes):
     what the dyadic approximation alone changes, layer by layer (at most 1 LSB by construction)."""
     sim = dict(simulate_integer(model).body.named_modules())
-    out: Dict[str, Tuple[int, int, int]] = {}
+    out: dict[str, tuple[int, int, int]] = {}
 
     class _Compare(fx.Interpreter):
         def call_module(self, target, args, kwargs):

@@ -5,17 +5,17 @@ by an arithmetic right shift by ``shift``: ``round(v * real) ~ (v * m + 2^(shift
 These helpers choose (m, shift) at conversion time, in float64 on the host; nothing here runs
 inside an integer model.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Tuple
 
 import torch
 
 __all__ = ["dyadic", "dyadic_tensor", "common_shift", "round_shift"]
 
 
-def dyadic(real: float, bits: int = 31) -> Tuple[int, int]:
+def dyadic(real: float, bits: int = 31) -> tuple[int, int]:
     """(m, shift) with ``m / 2^shift`` the closest dyadic number to ``real`` whose ``|m|`` has at
     most ``bits`` bits, normalised so that ``2^(bits-1) <= |m| < 2^bits`` (``(0, 0)`` for 0).
 
@@ -38,7 +38,7 @@ def dyadic(real: float, bits: int = 31) -> Tuple[int, int]:
     return (m if real > 0 else -m), shift
 
 
-def dyadic_tensor(real: torch.Tensor, bits: int = 31) -> Tuple[torch.Tensor, torch.Tensor]:
+def dyadic_tensor(real: torch.Tensor, bits: int = 31) -> tuple[torch.Tensor, torch.Tensor]:
     """Elementwise ``dyadic`` of a float tensor: (m int64, shift int64), same shape."""
     r = real.detach().to(torch.float64)
     if not torch.isfinite(r).all():

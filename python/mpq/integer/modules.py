@@ -30,8 +30,6 @@ multipliers and ``floor(v + 1/2)`` rounding, on float64 tensors holding the same
 the reference the integer model is tested against.
 """
 
-from typing import List, Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,16 +100,16 @@ class _IntegerWeighted(_Requantizer):
         extra_channel: torch.Tensor,
         num_slabs: int,
         bias: torch.Tensor,
-        residual_mult: Optional[torch.Tensor],
+        residual_mult: torch.Tensor | None,
         shift: torch.Tensor,
-        real: List[torch.Tensor],
+        real: list[torch.Tensor],
         in_zero_point: int,
         residual_zero_point: int,
         lo: int,
         hi: int,
         out_dtype: torch.dtype,
         acc_dtype: torch.dtype,
-        view: List[int],
+        view: list[int],
     ):
         super().__init__(shift.view(view), lo, hi, out_dtype)
         self.register_buffer("weight0", weight0.to(torch.int8))
@@ -136,7 +134,7 @@ class _IntegerWeighted(_Requantizer):
     def _accumulate(self, xc: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _run(self, xc: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    def _run(self, xc: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         sim = self.simulate
         wdtype = torch.float64 if sim else self.acc_dtype
         mult0 = self.real_mult0 if sim else self.mult0
@@ -164,11 +162,11 @@ class IntegerConv2d(_IntegerWeighted):
     grid, output codes on the next layer's grid [N, C_out, H', W']. Dilated kernels are stored with
     their zeros inserted (dilation 1): ATen has no int32 dilated convolution."""
 
-    stride: List[int]
-    padding: List[int]
-    dilation: List[int]
-    kernel_size: List[int]
-    pre_padding: List[int]
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    kernel_size: list[int]
+    pre_padding: list[int]
 
     def __init__(self, stride, padding, dilation, groups, kernel_size, pre_padding, same_padding_, **kw):
         super().__init__(view=[1, -1, 1, 1], **kw)
@@ -183,7 +181,7 @@ class IntegerConv2d(_IntegerWeighted):
     def _accumulate(self, xc: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.conv2d(xc, weight, None, self.stride, self.padding, self.dilation, self.groups)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         xc = self._center(x, self.in_zero_point, self.acc_dtype)
         # Zero padding of x - zp is padding with the real value 0, as in the float model.
         if self.same_padding:
@@ -209,7 +207,7 @@ class IntegerLinear(_IntegerWeighted):
     def _accumulate(self, xc: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return torch.matmul(xc, weight.t())
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         xc = self._center(x, self.in_zero_point, self.acc_dtype).reshape(-1, shape[-1])
         if residual is not None:
@@ -228,7 +226,9 @@ class _ScalarRequantizer(_Requantizer):
     """Per-tensor dyadic multipliers ``mult[i] / 2^shift`` (one per input) and an int64 bias
     (the output zero point in fixed point)."""
 
-    def __init__(self, mult: torch.Tensor, real_mult: torch.Tensor, bias: int, real_bias: float, shift: int, lo, hi, out_dtype):
+    def __init__(
+        self, mult: torch.Tensor, real_mult: torch.Tensor, bias: int, real_bias: float, shift: int, lo, hi, out_dtype
+    ):
         super().__init__(torch.tensor(shift, dtype=torch.int64), lo, hi, out_dtype)
         self.register_buffer("mult", mult.to(torch.int64))
         self.register_buffer("bias", torch.tensor(bias, dtype=torch.int64))
@@ -245,13 +245,15 @@ class _ScalarRequantizer(_Requantizer):
 class IntegerAdd(_ScalarRequantizer):
     """``a + b`` of two tensors on their own grids, onto the output grid (dyadic rescale of both)."""
 
-    def __init__(self, zero_points: List[int], **kw):
+    def __init__(self, zero_points: list[int], **kw):
         super().__init__(**kw)
         self.zp_a = int(zero_points[0])
         self.zp_b = int(zero_points[1])
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        v = self._affine(0, self._center(a, self.zp_a, torch.int64)) + self._affine(1, self._center(b, self.zp_b, torch.int64))
+        v = self._affine(0, self._center(a, self.zp_a, torch.int64)) + self._affine(
+            1, self._center(b, self.zp_b, torch.int64)
+        )
         return self._finish(v + self._offset(), self.shift, self.rounding)
 
     def extra_repr(self) -> str:
@@ -262,9 +264,9 @@ class IntegerMean(_ScalarRequantizer):
     """Mean over ``dims`` (adaptive average pooling to 1x1): int64 sum, then the dyadic multiplier
     ``s_x / (count * s_y)``. ``count`` (the number of summed elements) is fixed at conversion."""
 
-    dims: List[int]
+    dims: list[int]
 
-    def __init__(self, dims: List[int], keepdim: bool, count: int, zero_point: int, **kw):
+    def __init__(self, dims: list[int], keepdim: bool, count: int, zero_point: int, **kw):
         super().__init__(**kw)
         self.dims = list(dims)
         self.keepdim = bool(keepdim)

@@ -28,6 +28,7 @@ of the output error, as in the paper; for trained CNN layers (weights ~0.05, inp
 regulariser dominates after the warm-up and every h(V) settles at 0 or 1; for layers whose
 output error per weight is far above lambda (std-1 weights), raise ``adaround_lambda``.
 """
+
 from __future__ import annotations
 
 import math
@@ -118,7 +119,9 @@ class AdaRoundQuantizer(WeightQuantizer):
     def fit(self, ctx: LayerContext) -> FittedWeight:
         cfg = ctx.config
         scale = channel_scales(ctx.weight, ctx.bits, cfg.rtn_range)
-        H = layer_hessian(ctx.stats, ctx.target.groups, ctx.config.hessian_budget_mb, getattr(ctx.target, "name", "?"), self.name)
+        H = layer_hessian(
+            ctx.stats, ctx.target.groups, ctx.config.hessian_budget_mb, getattr(ctx.target, "name", "?"), self.name
+        )
         codes = adaround_quantize(
             ctx.weight, H, scale, ctx.bits, cfg.adaround_iters, cfg.adaround_lr, cfg.adaround_lambda
         )

@@ -1,8 +1,10 @@
 """The weight-quantizer interface and its registry."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -18,12 +20,12 @@ if TYPE_CHECKING:  # pragma: no cover
 class LayerContext:
     """What a method sees of one layer."""
 
-    target: "QuantTarget"
+    target: QuantTarget
     weight: torch.Tensor  # [C, D] float32, BatchNorm folded
-    stats: "LayerStats"  # second moment of the layer's calibration inputs
+    stats: LayerStats  # second moment of the layer's calibration inputs
     bits: int  # code width for this layer
     max_points: int  # points the method may fit per channel
-    config: "QuantConfig"
+    config: QuantConfig
 
 
 @dataclass
@@ -32,15 +34,15 @@ class FittedWeight:
 
     codes: torch.Tensor  # int8 [C, P, D]
     scales: torch.Tensor  # float32 [C, P]
-    bias: Optional[torch.Tensor] = None  # replaces the layer's bias when not None
-    num_points: Optional[torch.Tensor] = None  # int32 [C]: points in use, for one-point methods that need more (OCS)
+    bias: torch.Tensor | None = None  # replaces the layer's bias when not None
+    num_points: torch.Tensor | None = None  # int32 [C]: points in use, for one-point methods that need more (OCS)
     # Other nested point sequences (codes, scales) of the same shapes: mpq.quantize allocates on the
     # per-channel minimum of their output errors and each channel keeps the sequence that is best
     # at its allocated count (multipoint with point_rounding="gptq").
-    alternatives: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+    alternatives: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     # float32 [2K + 1]: a non-uniform per-layer codebook (companding): one point whose codes index
     # it, W[j] = scales[j, 0] * codebook[codes[j, 0] + K], K = (len - 1) / 2. None: uniform codes.
-    codebook: Optional[torch.Tensor] = None
+    codebook: torch.Tensor | None = None
 
     def levels(self) -> torch.Tensor:
         """The codes as the values they stand for (float64 [C, P, D]): the integers themselves, or
@@ -72,16 +74,16 @@ class WeightQuantizer:
 
     def choose_bits(
         self,
-        targets: Sequence["QuantTarget"],
-        stats: Dict[str, "LayerStats"],
-        config: "QuantConfig",
-        sensitivity: Optional[Dict[str, torch.Tensor]] = None,
-    ) -> Dict[str, int]:
+        targets: Sequence[QuantTarget],
+        stats: dict[str, LayerStats],
+        config: QuantConfig,
+        sensitivity: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, int]:
         """Bits per layer name, chosen before fitting; layers left out get ``config.w_bits``."""
         return {}
 
     def build_module(
-        self, target: "QuantTarget", points: int, bits: int, has_bias: bool, codebook: Optional[torch.Tensor] = None
+        self, target: QuantTarget, points: int, bits: int, has_bias: bool, codebook: torch.Tensor | None = None
     ) -> nn.Module:
         """The empty quantized layer that replaces ``target``'s module (``set_weight`` and
         ``set_act_qparams`` fill it): a multipoint layer with room for ``points`` points."""
@@ -91,23 +93,32 @@ class WeightQuantizer:
             if target.kind == "linear":
                 return MultipointLinear(m.in_features, m.out_features, points, bits, bias=has_bias)
             return MultipointConv2d(
-                m.in_channels, m.out_channels, list(m.kernel_size), points, bits, list(m.stride), list(m.padding),
-                list(m.dilation), m.groups, bias=has_bias, pre_padding=target.pre_padding,
+                m.in_channels,
+                m.out_channels,
+                list(m.kernel_size),
+                points,
+                bits,
+                list(m.stride),
+                list(m.padding),
+                list(m.dilation),
+                m.groups,
+                bias=has_bias,
+                pre_padding=target.pre_padding,
                 same_padding=target.same_padding,
             )
 
 
-_REGISTRY: Dict[str, Type[WeightQuantizer]] = {}
+_REGISTRY: dict[str, type[WeightQuantizer]] = {}
 
 
-def register(cls: Type[WeightQuantizer]) -> Type[WeightQuantizer]:
+def register(cls: type[WeightQuantizer]) -> type[WeightQuantizer]:
     if not cls.name or cls.name in _REGISTRY:
         raise ValueError(f"mpq.methods.register: expected a new, non-empty method name, got {cls.name!r}")
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def available() -> List[str]:
+def available() -> list[str]:
     return sorted(_REGISTRY)
 
 

@@ -9,9 +9,8 @@ bias removes that shift. mpq measures mu on the calibration data, through the fu
 It composes with every method (``QuantConfig.bias_correction``): ``mpq.quantize`` applies it to
 the weight each channel finally keeps (after the multipoint allocation).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -19,7 +18,7 @@ __all__ = ["corrected_bias"]
 
 
 def corrected_bias(
-    weight: torch.Tensor, quantized: torch.Tensor, bias: Optional[torch.Tensor], mean: torch.Tensor
+    weight: torch.Tensor, quantized: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor
 ) -> torch.Tensor:
     """The bias that keeps each output channel's calibration mean.
 

@@ -39,7 +39,6 @@ work), and no fused or CUDA kernel exists for it.
 """
 
 import math
-from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -58,7 +57,7 @@ __all__ = [
 ]
 
 
-def _knots(theta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _knots(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Slopes-as-heights d (softmax(theta), sum 1) and knot heights c_k (0, cumsum d)."""
     d = torch.softmax(theta, 0)
     return d, torch.cat([d.new_zeros(1), torch.cumsum(d, 0)])
@@ -80,7 +79,7 @@ def compand_inverse(y: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return (k + (y - c[k]) / d[k].clamp_min(1e-12)) / n
 
 
-def _levels(theta: torch.Tensor, K: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _levels(theta: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The K + 1 non-negative levels l_i = c^-1(i / K) (differentiable in theta) and the slope
     dc^-1/dy at each of them (1 / (n d_j), j the interval of i / K)."""
     n = theta.numel()
@@ -117,7 +116,7 @@ def companding_quantize(
     breakpoints: int = 16,
     iters: int = 150,
     lr: float = 2e-2,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fit the companding quantizer of ``w``.
 
     Args:
@@ -193,7 +192,9 @@ class CompandingQuantizer(WeightQuantizer):
 
     def fit(self, ctx: LayerContext) -> FittedWeight:
         cfg = ctx.config
-        H = layer_hessian(ctx.stats, ctx.target.groups, ctx.config.hessian_budget_mb, getattr(ctx.target, "name", "?"), self.name)
+        H = layer_hessian(
+            ctx.stats, ctx.target.groups, ctx.config.hessian_budget_mb, getattr(ctx.target, "name", "?"), self.name
+        )
         if cfg.bias_correction:
             H = centred_moment(H, ctx.stats.mean)
         codes, scales, codebook = companding_quantize(
@@ -207,7 +208,9 @@ class CompandingQuantizer(WeightQuantizer):
         )
         return FittedWeight(codes[:, None, :], scales.float()[:, None], codebook=codebook.float())
 
-    def build_module(self, target, points: int, bits: int, has_bias: bool, codebook: Optional[torch.Tensor] = None) -> nn.Module:
+    def build_module(
+        self, target, points: int, bits: int, has_bias: bool, codebook: torch.Tensor | None = None
+    ) -> nn.Module:
         """A codebook layer (``CodebookConv2d`` / ``CodebookLinear``) holding the fit's levels."""
         if codebook is None:
             raise ValueError(f"mpq: method 'companding' needs the fit's codebook to build layer {target.name!r}")
@@ -223,8 +226,17 @@ def build_companded(target, bits: int, codebook: torch.Tensor, has_bias: bool) -
             q: CodebookLayer = CodebookLinear(m.in_features, m.out_features, bits, bias=has_bias)
         else:
             q = CodebookConv2d(
-                m.in_channels, m.out_channels, list(m.kernel_size), bits, list(m.stride), list(m.padding),
-                list(m.dilation), m.groups, bias=has_bias, pre_padding=target.pre_padding, same_padding=target.same_padding,
+                m.in_channels,
+                m.out_channels,
+                list(m.kernel_size),
+                bits,
+                list(m.stride),
+                list(m.padding),
+                list(m.dilation),
+                m.groups,
+                bias=has_bias,
+                pre_padding=target.pre_padding,
+                same_padding=target.same_padding,
             )
     q.set_codebook(codebook)
     return q

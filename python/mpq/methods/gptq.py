@@ -28,15 +28,20 @@ data ("dead" inputs). mpq rounds them to nearest instead (their H row is decoupl
 neither receive nor spread error): the same calibration error, and no change of the layer when
 such an input is non-zero on other data.
 """
-from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from __future__ import annotations
 
 import torch
 
 from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, register
 from mpq.methods.uniform import (
-    block_columns, channel_scales, grid_max, hessian_block, hessian_fits, input_diagonal, layer_hessian,
+    block_columns,
+    channel_scales,
+    grid_max,
+    hessian_block,
+    hessian_fits,
+    input_diagonal,
+    layer_hessian,
 )
 
 __all__ = ["GPTQQuantizer", "gptq_factor", "gptq_quantize", "gptq_block_factors", "gptq_quantize_blocked"]
@@ -44,7 +49,7 @@ __all__ = ["GPTQQuantizer", "gptq_factor", "gptq_quantize", "gptq_block_factors"
 BLOCK = 128
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float, mean_diag: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _inverse_cholesky(H: torch.Tensor, damp: float, mean_diag: torch.Tensor | None = None) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1 per group, float64 [G, D, D]
     (``mean_diag`` [G]: that of a larger H whose diagonal block H is).
     NB: calibration H can be singular (fewer rows than D, constant inputs); if the damped matrix
@@ -82,7 +87,9 @@ def gptq_factor(H: torch.Tensor, damp: float = 0.01, act_order: bool = False):
     return _inverse_cholesky(H, damp), perm
 
 
-def gptq_block_factors(stats, groups: int, damp: float, act_order: bool, block: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+def gptq_block_factors(
+    stats, groups: int, damp: float, act_order: bool, block: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The block-diagonal counterpart of ``gptq_factor`` for a layer whose whole H exceeds the
     memory budget: [(columns long [G, B], U [G, B, B])] per block of ``block`` consecutive columns
     (in act-order when ``act_order``), U the upper Cholesky factor of the inverse of that diagonal
@@ -126,7 +133,7 @@ def gptq_quantize_blocked(w: torch.Tensor, blocks, scale: torch.Tensor, bits: in
     samples = None if stats is None or stats.gram is not None else stats.samples.cpu()
     gram = None if stats is None or stats.gram is None else stats.gram.double().cpu()
     r = None  # [N, G, Cg]: X_done (W - W_q)_done per group (kept input rows)
-    done: List[torch.Tensor] = []  # the finished blocks' columns (kept Gram matrix)
+    done: list[torch.Tensor] = []  # the finished blocks' columns (kept Gram matrix)
     err = None if gram is None else torch.zeros(G, Cg, D, dtype=torch.float64)  # W - W_q on the finished columns
     for cols, U in blocks:
         B = cols.shape[1]
@@ -159,7 +166,12 @@ def gptq_quantize_blocked(w: torch.Tensor, blocks, scale: torch.Tensor, bits: in
 
 
 def gptq_quantize(
-    w: torch.Tensor, H: Optional[torch.Tensor], scale: torch.Tensor, bits: int, damp: float = 0.01, act_order: bool = False,
+    w: torch.Tensor,
+    H: torch.Tensor | None,
+    scale: torch.Tensor,
+    bits: int,
+    damp: float = 0.01,
+    act_order: bool = False,
     factor=None,
 ) -> torch.Tensor:
     """GPTQ codes of ``w``.
@@ -215,7 +227,9 @@ class GPTQQuantizer(WeightQuantizer):
     name = "gptq"
 
     def fit(self, ctx: LayerContext) -> FittedWeight:
-        return gptq_fit(ctx.weight, ctx.stats, ctx.target.groups, ctx.bits, ctx.config, getattr(ctx.target, "name", "?"))
+        return gptq_fit(
+            ctx.weight, ctx.stats, ctx.target.groups, ctx.bits, ctx.config, getattr(ctx.target, "name", "?")
+        )
 
 
 def gptq_fit(w: torch.Tensor, stats, groups: int, bits: int, config, name: str = "?") -> FittedWeight:

@@ -26,10 +26,12 @@ sum_b x_lb = 1 per layer, sum_lb size_lb x_lb <= budget.
 ``mpq.quantize`` calls ``choose_bits`` before fitting (the per-layer bits hook), then ``fit`` at
 the chosen width; the fits made for the program are reused.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -48,7 +50,7 @@ logger = logging.getLogger("mpq")
 __all__ = ["ILPQuantizer", "solve_bit_allocation"]
 
 
-def solve_bit_allocation(costs: np.ndarray, sizes: np.ndarray, budget: int) -> List[int]:
+def solve_bit_allocation(costs: np.ndarray, sizes: np.ndarray, budget: int) -> list[int]:
     """The exact solution of min sum_l costs[l, c_l] subject to sum_l sizes[l, c_l] <= budget.
 
     Args:
@@ -72,7 +74,8 @@ def solve_bit_allocation(costs: np.ndarray, sizes: np.ndarray, budget: int) -> L
     if int(sizes.min(axis=1).sum()) > budget:
         logger.warning(
             "mpq: the smallest bit widths already need %d bits, above the budget of %d; every layer takes its smallest width",
-            int(sizes.min(axis=1).sum()), budget,
+            int(sizes.min(axis=1).sum()),
+            budget,
         )
         return smallest.tolist()
     # Normalised costs keep HiGHS's absolute tolerances meaningful whatever the error scale.
@@ -108,11 +111,13 @@ class ILPQuantizer(WeightQuantizer):
     name = "ilp"
 
     def __init__(self) -> None:
-        self._fits: Dict[Tuple[str, int], FittedWeight] = {}
-        self.chosen: Dict[str, int] = {}
-        self.program: Dict[str, Dict[int, float]] = {}  # layer -> bits -> weighted output error
+        self._fits: dict[tuple[str, int], FittedWeight] = {}
+        self.chosen: dict[str, int] = {}
+        self.program: dict[str, dict[int, float]] = {}  # layer -> bits -> weighted output error
 
-    def _fit(self, target: "QuantTarget", w: torch.Tensor, stats: "LayerStats", bits: int, config: "QuantConfig") -> FittedWeight:
+    def _fit(
+        self, target: QuantTarget, w: torch.Tensor, stats: LayerStats, bits: int, config: QuantConfig
+    ) -> FittedWeight:
         key = (target.name, bits)
         if key not in self._fits:
             if config.ilp_rounding == "rtn":
@@ -127,11 +132,11 @@ class ILPQuantizer(WeightQuantizer):
 
     def choose_bits(
         self,
-        targets: Sequence["QuantTarget"],
-        stats: Dict[str, "LayerStats"],
-        config: "QuantConfig",
-        sensitivity: Optional[Dict[str, torch.Tensor]] = None,
-    ) -> Dict[str, int]:
+        targets: Sequence[QuantTarget],
+        stats: dict[str, LayerStats],
+        config: QuantConfig,
+        sensitivity: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, int]:
         """Bits per layer name for the layers in the program (role "inner")."""
         layers = [t for t in targets if t.role == "inner"]
         if not layers:
@@ -164,7 +169,9 @@ class ILPQuantizer(WeightQuantizer):
         used = int(sizes[np.arange(len(layers)), choice].sum())
         logger.info(
             "mpq: ilp bits per layer %s, %.3f bits per weight (budget %.3f)",
-            {b: sum(1 for v in self.chosen.values() if v == b) for b in widths}, used / total_weights, config.budget_bits,
+            {b: sum(1 for v in self.chosen.values() if v == b) for b in widths},
+            used / total_weights,
+            config.budget_bits,
         )
         return dict(self.chosen)
 

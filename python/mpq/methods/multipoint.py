@@ -1,4 +1,5 @@
 """Multipoint: max_points greedy points per channel (docs/ALGORITHM.md section 1)."""
+
 from __future__ import annotations
 
 import torch

@@ -30,10 +30,10 @@ codes for a channel's second point) plus one scale per point. OCS's own widened 
 store ``(C_in/groups + n_split) * kh * kw`` codes per output channel and one scale:
 ``ocs_nominal_bits`` gives that figure, reported beside it by ``benchmarks/compare_methods.py``.
 """
+
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
 
 import torch
 
@@ -61,7 +61,7 @@ def ocs_nominal_bits(
 
 def ocs_split(
     w: torch.Tensor, expand_ratio: float, split_threshold: float = 0.5
-) -> Tuple[torch.Tensor, List[int], List[Tuple[int, torch.Tensor]]]:
+) -> tuple[torch.Tensor, list[int], list[tuple[int, torch.Tensor]]]:
     """Split the input channels of ``w`` [C, I, k] (k = kh * kw; 1 for a linear layer).
 
     Returns the widened weight [C, I + n, k], the original channel of every widened channel, and
@@ -69,7 +69,7 @@ def ocs_split(
     W = w.double().clone()
     I = W.shape[1]
     origin = list(range(I))
-    splits: List[Tuple[int, torch.Tensor]] = []
+    splits: list[tuple[int, torch.Tensor]] = []
     for _ in range(ocs_num_split(I, expand_ratio)):
         idx = int(W.abs().amax(dim=(0, 2)).argmax())
         col = W[:, idx].clone()  # NB: W[:, idx] is overwritten below
@@ -81,7 +81,7 @@ def ocs_split(
     return W, origin, splits
 
 
-def _grid_aware(w: torch.Tensor, splits: List[Tuple[int, torch.Tensor]], scale: torch.Tensor) -> torch.Tensor:
+def _grid_aware(w: torch.Tensor, splits: list[tuple[int, torch.Tensor]], scale: torch.Tensor) -> torch.Tensor:
     """Replay the splits on ``w`` [C, I, k] with quantization-aware halves w/2 -+ scale/4."""
     W = w.double().clone()
     q = (scale.double() / 4)[:, None]
@@ -92,7 +92,9 @@ def _grid_aware(w: torch.Tensor, splits: List[Tuple[int, torch.Tensor]], scale: 
     return W
 
 
-def ocs_fold_codes(codes_wide: torch.Tensor, origin: List[int], in_channels: int, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def ocs_fold_codes(
+    codes_wide: torch.Tensor, origin: list[int], in_channels: int, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold widened codes [C, I + n, k] back to the I original channels and split the sums into
     nested points of the b-bit grid: codes int8 [C, P, I * k] and points in use per channel int32 [C]."""
     C, _, k = codes_wide.shape

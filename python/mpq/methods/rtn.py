@@ -1,4 +1,5 @@
 """Round to nearest, per output channel: the one-point baseline."""
+
 from __future__ import annotations
 
 import torch

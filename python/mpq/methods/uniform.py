@@ -5,10 +5,11 @@ symmetric grid, its scale, and the layer's input second moment H (whole, when it
 Grid for ``b`` bits: ``{-K, ..., K}``, ``K = 2^(b-1) - 1`` (docs/ALGORITHM.md section 1), one scale
 per output channel.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,8 +21,17 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger("mpq")
 
 __all__ = [
-    "grid_max", "channel_scales", "round_to_grid", "layer_hessian", "weighted_error", "hessian_mib", "hessian_fits",
-    "hessian_block", "input_diagonal", "sample_products", "block_columns",
+    "grid_max",
+    "channel_scales",
+    "round_to_grid",
+    "layer_hessian",
+    "weighted_error",
+    "hessian_mib",
+    "hessian_fits",
+    "hessian_block",
+    "input_diagonal",
+    "sample_products",
+    "block_columns",
 ]
 
 MIB = 2**20
@@ -62,17 +72,18 @@ def hessian_mib(D: int, groups: int) -> float:
     return groups * D * D * 8 / MIB
 
 
-def _dim(stats: "LayerStats") -> int:
+def _dim(stats: LayerStats) -> int:
     return int((stats.gram if stats.gram is not None else stats.samples).shape[-1])
 
 
-def hessian_fits(stats: "LayerStats", groups: int, budget_mb: float) -> bool:
+def hessian_fits(stats: LayerStats, groups: int, budget_mb: float) -> bool:
     """Whether the layer's whole H fits ``budget_mb`` (``config.hessian_budget_mb``)."""
     return hessian_mib(_dim(stats), groups) <= budget_mb
 
 
-def layer_hessian(stats: "LayerStats", groups: int, budget_mb: Optional[float] = None, name: str = "?",
-                  method: str = "") -> torch.Tensor:
+def layer_hessian(
+    stats: LayerStats, groups: int, budget_mb: float | None = None, name: str = "?", method: str = ""
+) -> torch.Tensor:
     """H = E[x x^T] of the layer's input rows per group, float64 [groups, D, D]: the calibration
     Gram matrix when kept, else formed from the kept sample rows [N, groups, D]. With
     ``budget_mb``: a ValueError naming the layer (``name``) and ``method`` when H exceeds it."""
@@ -92,7 +103,7 @@ def layer_hessian(stats: "LayerStats", groups: int, budget_mb: Optional[float] =
     return torch.einsum("ngd,nge->gde", x, x) / max(1, x.shape[0])
 
 
-def block_columns(stats: "LayerStats", groups: int, budget_mb: float, name: str = "?") -> int:
+def block_columns(stats: LayerStats, groups: int, budget_mb: float, name: str = "?") -> int:
     """Columns per diagonal block of H for a layer whose whole H exceeds ``budget_mb``: the most
     (a multiple of 128, at least 128, at most 4096) such that all blocks of all groups together,
     groups x D x B float64, fit the budget. Logs the one line that names the layer."""
@@ -102,12 +113,17 @@ def block_columns(stats: "LayerStats", groups: int, budget_mb: float, name: str 
     logger.warning(
         "mpq: layer %r: H = E[x x^T] takes %.0f MiB (D = %d, %d group(s)), above config.hessian_budget_mb = %g; "
         "its GPTQ sweeps use diagonal blocks of H of %d columns (blockwise GPTQ, see mpq/methods/gptq.py)",
-        name, hessian_mib(D, groups), D, groups, budget_mb, B,
+        name,
+        hessian_mib(D, groups),
+        D,
+        groups,
+        budget_mb,
+        B,
     )
     return B
 
 
-def input_diagonal(stats: "LayerStats") -> torch.Tensor:
+def input_diagonal(stats: LayerStats) -> torch.Tensor:
     """diag(H) per group, float64 [groups, D], without forming H."""
     if stats.gram is not None:
         return stats.gram.double().cpu().diagonal(dim1=-2, dim2=-1).clone()
@@ -120,7 +136,7 @@ def input_diagonal(stats: "LayerStats") -> torch.Tensor:
     return out / max(1, N)
 
 
-def hessian_block(stats: "LayerStats", cols: torch.Tensor) -> torch.Tensor:
+def hessian_block(stats: LayerStats, cols: torch.Tensor) -> torch.Tensor:
     """H restricted to columns ``cols`` (long [groups, B], per group), float64 [groups, B, B]:
     equal to the same entries of ``layer_hessian``, without forming the rest."""
     G, B = cols.shape
@@ -133,7 +149,7 @@ def hessian_block(stats: "LayerStats", cols: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ngd,nge->gde", x, x) / max(1, x.shape[0])
 
 
-def sample_products(samples: torch.Tensor, groups: int, mats: List[torch.Tensor]) -> List[torch.Tensor]:
+def sample_products(samples: torch.Tensor, groups: int, mats: list[torch.Tensor]) -> list[torch.Tensor]:
     """For each ``m`` [C, D] of ``mats`` (rows in ``groups`` consecutive groups): the products
     x_n . m_j with the kept input rows ``samples`` [N, groups, D], float64 [N, C], so that
     mean_n (x_n . u_j)(x_n . v_j) = u_j^T H v_j. The rows go to float64 a chunk at a time: no
@@ -158,7 +174,7 @@ def weighted_error(delta: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return torch.einsum("grd,gde,gre->gr", d, H, d).reshape(C)
 
 
-def low_rank_factor(H: torch.Tensor) -> Optional[torch.Tensor]:
+def low_rank_factor(H: torch.Tensor) -> torch.Tensor | None:
     """F [G, D, r] float32 with F F^T = H (eigenvalues below 1e-9 of the largest dropped) when
     r <= D / 4, else None. The gradient dW F F^T then costs 2 C D r instead of C D^2 per step:
     much less where the calibration rows are fewer than D (a classifier fed one pooled row per

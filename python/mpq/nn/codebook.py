@@ -5,7 +5,7 @@ every device (no integer kernel computes a table lookup), and save and load like
 layers (kinds "codebook_linear", "codebook_conv")."""
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +31,16 @@ class CodebookLayer(MultipointLayer):
     """The codebook layers' base: ``set_weight`` / ``set_act_qparams`` as for the multipoint
     layers (one point per channel), plus ``set_codebook``."""
 
-    def __init__(self, out_channels: int, code_shape: List[int], w_bits: int, bias: bool):
+    def __init__(self, out_channels: int, code_shape: list[int], w_bits: int, bias: bool):
         super().__init__(out_channels, 1, code_shape, w_bits, bias)
         self.levels = 2 ** (w_bits - 1) - 1
         self.register_buffer("codebook", torch.zeros(2 * self.levels + 1, dtype=torch.float32))
 
     def set_codebook(self, codebook: torch.Tensor) -> None:
         if codebook.shape != self.codebook.shape:
-            raise ValueError(f"{type(self).__name__}.set_codebook: expected {tuple(self.codebook.shape)} levels, got {tuple(codebook.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}.set_codebook: expected {tuple(self.codebook.shape)} levels, got {tuple(codebook.shape)}"
+            )
         self.codebook.copy_(codebook.to(torch.float32))
 
     @torch.jit.export
@@ -71,7 +73,7 @@ class CodebookLinear(CodebookLayer):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
 
-    def spec_arguments(self) -> Dict[str, Any]:
+    def spec_arguments(self) -> dict[str, Any]:
         return linear_spec_arguments(self)
 
     @classmethod
@@ -91,32 +93,33 @@ class CodebookConv2d(CodebookLayer):
     arguments and padding (``pre_padding``, ``same_padding``) as ``MultipointConv2d``."""
 
     # Declared for TorchScript, which cannot infer the element type of an empty list.
-    kernel_size: List[int]
-    stride: List[int]
-    padding: List[int]
-    dilation: List[int]
-    pre_padding: List[int]
+    kernel_size: list[int]
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    pre_padding: list[int]
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: List[int],
+        kernel_size: list[int],
         w_bits: int,
-        stride: List[int],
-        padding: List[int],
-        dilation: List[int],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
         groups: int = 1,
         bias: bool = True,
-        pre_padding: Optional[List[int]] = None,
+        pre_padding: list[int] | None = None,
         same_padding: bool = False,
     ):
         code_shape = conv_code_shape("CodebookConv2d", in_channels, out_channels, kernel_size, groups)
         super().__init__(out_channels, code_shape, w_bits, bias)
-        set_conv_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pre_padding,
-                          same_padding)
+        set_conv_geometry(
+            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pre_padding, same_padding
+        )
 
-    def spec_arguments(self) -> Dict[str, Any]:
+    def spec_arguments(self) -> dict[str, Any]:
         return conv_spec_arguments(self)
 
     @classmethod

@@ -1,8 +1,8 @@
 """A multipoint convolution with its epilogue fused in: + residual, clamp (ReLU, ReLU6), and the
 next layer's activation quantizer, so that uint8 levels, not float32 tensors, flow between
 layers (``mpq.fuse_activations`` builds models of them; ``mpq::multipoint_conv2d_fused``)."""
+
 import math
-from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from mpq.nn.modules import MultipointConv2d, same_padding
 __all__ = ["FusedMultipointConv2d"]
 
 
-def _finite_or_none(v: float) -> Optional[float]:
+def _finite_or_none(v: float) -> float | None:
     """None for an infinite clamp bound: the op's "no bound", which torch.export and AOTInductor
     packages can hold (their format has no infinite float)."""
     return None if math.isinf(v) else v
@@ -28,15 +28,15 @@ class FusedMultipointConv2d(nn.Module):
     ``residual_qparams`` uint8 levels of that quantizer. Static or 'same' pre-padding of a uint8
     input pads with the level of 0.0, as padding the float input with zeros would."""
 
-    pre_padding: List[int]
+    pre_padding: list[int]
 
     def __init__(
         self,
         layer: MultipointConv2d,
         clamp_min: float = float("-inf"),
         clamp_max: float = float("inf"),
-        out_qparams: Optional[torch.Tensor] = None,
-        residual_qparams: Optional[torch.Tensor] = None,
+        out_qparams: torch.Tensor | None = None,
+        residual_qparams: torch.Tensor | None = None,
     ):
         super().__init__()
         if layer.act_qparams is None:
@@ -47,13 +47,14 @@ class FusedMultipointConv2d(nn.Module):
         self.register_buffer("out_qparams", None if out_qparams is None else out_qparams.detach().float().clone())
         # The quantizer of a uint8 residual (mpq.fuse_activations(quantize_residuals=True)).
         self.register_buffer(
-            "residual_qparams", None if residual_qparams is None else residual_qparams.detach().float().clone())
+            "residual_qparams", None if residual_qparams is None else residual_qparams.detach().float().clone()
+        )
         s, zp, qmin, qmax = [float(v) for v in layer.act_qparams.tolist()]
         self.zero_level = zp - qmin  # the uint8 level of 0.0
         self.pre_padding = list(layer.pre_padding)
         self.same_padding = bool(layer.same_padding)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         m = self.layer
         value = self.zero_level if x.dtype == torch.uint8 else 0.0
         if self.same_padding:
@@ -63,9 +64,23 @@ class FusedMultipointConv2d(nn.Module):
         act_qparams = m.act_qparams
         assert act_qparams is not None
         return torch.ops.mpq.multipoint_conv2d_fused(
-            x, m.point_codes, m.point_scales, m.num_points, m.w_bits, m.code_shape, m.bias, act_qparams, m.stride,
-            m.padding, m.dilation, m.groups, residual, _finite_or_none(self.clamp_min), _finite_or_none(self.clamp_max),
-            self.out_qparams, "auto",
+            x,
+            m.point_codes,
+            m.point_scales,
+            m.num_points,
+            m.w_bits,
+            m.code_shape,
+            m.bias,
+            act_qparams,
+            m.stride,
+            m.padding,
+            m.dilation,
+            m.groups,
+            residual,
+            _finite_or_none(self.clamp_min),
+            _finite_or_none(self.clamp_max),
+            self.out_qparams,
+            "auto",
             self.residual_qparams,
         )
 

@@ -20,8 +20,9 @@ on the first such forward. ``.half()``/``.to(dtype)`` keep the weight's float32 
 (point_scales, bias, act_qparams) in float32 (the ops' format): the layer then takes inputs of the
 new dtype and returns outputs of that dtype.
 """
+
 import math
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +33,9 @@ from mpq import layout
 from mpq.layout import check_max_points, check_w_bits, point_bits, stored_row_bytes
 
 
-def same_padding(x: torch.Tensor, kernel_size: List[int], stride: List[int], dilation: List[int]) -> List[int]:
+def same_padding(x: torch.Tensor, kernel_size: list[int], stride: list[int], dilation: list[int]) -> list[int]:
     """F.pad amounts (left, right, top, bottom) of TensorFlow's 'SAME' padding for input x."""
-    pads: List[int] = []
+    pads: list[int] = []
     for d in [1, 0]:  # F.pad order: width first, then height
         size = x.shape[2 + d]
         out = (size + stride[d] - 1) // stride[d]
@@ -63,9 +64,9 @@ class MultipointLayer(nn.Module):
     _version = 2
     __jit_unused_properties__ = ["codes", "scales"]
 
-    code_shape: List[int]
+    code_shape: list[int]
 
-    def __init__(self, out_channels: int, max_points: int, code_shape: List[int], w_bits: int, bias: bool):
+    def __init__(self, out_channels: int, max_points: int, code_shape: list[int], w_bits: int, bias: bool):
         check_w_bits(type(self).__name__, w_bits)  # the bounds of the ops (mpq.layout)
         check_max_points(type(self).__name__, max_points)
         super().__init__()
@@ -90,7 +91,7 @@ class MultipointLayer(nn.Module):
     # ---- the weight ----
 
     @torch.jit.export
-    def unpacked(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes int8[C, max_points, *code_shape], scales float32[C, max_points]), decoded from the
         stored form, zero beyond each channel's count."""
         D = 1
@@ -122,7 +123,7 @@ class MultipointLayer(nn.Module):
         depthwise-like convolutions; not the codebook layers that share this base."""
         return False
 
-    def _pack_args(self) -> Tuple[torch.Tensor, int, int]:
+    def _pack_args(self) -> tuple[torch.Tensor, int, int]:
         """(codes [C, P, D] in the packed column order, groups, D) for mpq::pack_multipoint."""
         codes = self.unpacked()[0]
         codes = codes.reshape(codes.shape[0], codes.shape[1], -1)
@@ -145,7 +146,8 @@ class MultipointLayer(nn.Module):
         if not self.packable():
             raise RuntimeError(
                 "pack_: this layer has no fused kernels (codebook layers, grouped convolutions with fewer than "
-                + str(layout.TILE_N) + " output channels per group: a packed tile's rows)"
+                + str(layout.TILE_N)
+                + " output channels per group: a packed tile's rows)"
             )
         codes, groups, _ = self._pack_args()
         packed, packed_scales, perm, tile_offsets, row_sums = torch.ops.mpq.pack_multipoint(
@@ -192,7 +194,7 @@ class MultipointLayer(nn.Module):
         return self
 
     def set_weight(
-        self, codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, bias: Optional[torch.Tensor]
+        self, codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, bias: torch.Tensor | None
     ) -> None:
         """Load a fitted multipoint weight into the stored form (only the points in use are kept).
 
@@ -204,8 +206,10 @@ class MultipointLayer(nn.Module):
         self._check_weight(codes, scales, num_points, bias)
         device = self.point_codes.device
         point_codes, point_scales = torch.ops.mpq.pack_points(
-            codes.detach().cpu().contiguous(), scales.detach().cpu().to(torch.float32).contiguous(),
-            num_points.detach().cpu().to(torch.int32), self.w_bits,
+            codes.detach().cpu().contiguous(),
+            scales.detach().cpu().to(torch.float32).contiguous(),
+            num_points.detach().cpu().to(torch.int32),
+            self.w_bits,
         )
         self.point_codes = point_codes.to(device)
         self.point_scales = point_scales.to(device)
@@ -215,7 +219,7 @@ class MultipointLayer(nn.Module):
         self._drop_packed()
 
     def _check_weight(
-        self, codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, bias: Optional[torch.Tensor]
+        self, codes: torch.Tensor, scales: torch.Tensor, num_points: torch.Tensor, bias: torch.Tensor | None
     ) -> None:
         """set_weight's argument checks, all before any buffer changes."""
         where = f"{type(self).__name__}.set_weight"
@@ -274,13 +278,18 @@ class MultipointLayer(nn.Module):
         )
         self._drop_packed()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         old_codes, old_scales, counts = prefix + "codes", prefix + "scales", prefix + "num_points"
         if old_codes in state_dict and old_scales in state_dict and counts in state_dict:  # version 1: unpacked
             codes, scales = state_dict.pop(old_codes), state_dict.pop(old_scales)
             keep = torch.arange(codes.shape[1])[None, :] < state_dict[counts].cpu().long()[:, None]
             state_dict[prefix + "point_codes"], state_dict[prefix + "point_scales"] = torch.ops.mpq.pack_points(
-                codes.cpu(), torch.where(keep, scales.cpu().float(), torch.zeros(())), state_dict[counts].cpu().int(), self.w_bits
+                codes.cpu(),
+                torch.where(keep, scales.cpu().float(), torch.zeros(())),
+                state_dict[counts].cpu().int(),
+                self.w_bits,
             )
         if prefix + "act_qparams" in state_dict and self.act_qparams is None:  # a module built before set_act_qparams
             self.act_qparams = torch.zeros(4, dtype=torch.float32, device=self.point_scales.device)
@@ -289,7 +298,9 @@ class MultipointLayer(nn.Module):
             mine = getattr(self, name)
             if isinstance(t, torch.Tensor) and t.dim() == mine.dim() and t.shape[1:] == mine.shape[1:]:
                 setattr(self, name, torch.empty(t.shape, dtype=mine.dtype, device=mine.device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self._drop_packed()
 
     @torch.jit.export
@@ -307,15 +318,17 @@ class MultipointLayer(nn.Module):
 
     # ---- the layer as JSON data (mpq.save's metadata) ----
 
-    def to_spec(self) -> Dict[str, Any]:
+    def to_spec(self) -> dict[str, Any]:
         """The layer's type (``kind``, a key of ``LAYER_KINDS``), constructor arguments and
         non-tensor state as JSON data: ``MultipointLayer.from_spec`` rebuilds it (tensors zero,
         for a file's to be loaded into)."""
         kinds = [k for k, cls in LAYER_KINDS.items() if cls is type(self)]
         if not kinds:
-            raise ValueError(f"{type(self).__name__}.to_spec: the layer type is not registered (mpq.nn.register_layer_kind)")
+            raise ValueError(
+                f"{type(self).__name__}.to_spec: the layer type is not registered (mpq.nn.register_layer_kind)"
+            )
         sqnr = float(self.output_sqnr_db)
-        spec: Dict[str, Any] = {
+        spec: dict[str, Any] = {
             "kind": kinds[0],
             "w_bits": int(self.w_bits),
             "max_points": int(self.max_points),
@@ -326,7 +339,7 @@ class MultipointLayer(nn.Module):
         spec.update(self.spec_arguments())
         return spec
 
-    def spec_arguments(self) -> Dict[str, Any]:
+    def spec_arguments(self) -> dict[str, Any]:
         """The layer type's own constructor arguments (shapes, geometry) as JSON data."""
         raise NotImplementedError(f"{type(self).__name__}.spec_arguments")
 
@@ -336,7 +349,7 @@ class MultipointLayer(nn.Module):
         raise NotImplementedError(f"{cls.__name__}.from_spec_arguments")
 
     @staticmethod
-    def from_spec(spec: Dict[str, Any], name: str = "?", where: str = "mpq.load") -> "MultipointLayer":
+    def from_spec(spec: dict[str, Any], name: str = "?", where: str = "mpq.load") -> "MultipointLayer":
         """The layer that ``to_spec`` described, its tensors zero; errors name ``where`` and the
         layer ``name``."""
         if not isinstance(spec, dict):
@@ -362,7 +375,7 @@ class MultipointLayer(nn.Module):
 class SpecReader:
     """Typed reads of a layer spec's values, with errors that name the layer and the key."""
 
-    def __init__(self, spec: Dict[str, Any], name: str, where: str):
+    def __init__(self, spec: dict[str, Any], name: str, where: str):
         self.spec, self.name, self.where = spec, name, where
 
     def get(self, key: str, kind: type) -> Any:
@@ -378,10 +391,10 @@ class SpecReader:
 
 
 # kind (the "kind" of a layer spec) -> layer type: what mpq.save can write and mpq.load rebuild.
-LAYER_KINDS: Dict[str, Type[MultipointLayer]] = {}
+LAYER_KINDS: dict[str, type[MultipointLayer]] = {}
 
 
-def register_layer_kind(kind: str, cls: Type[MultipointLayer]) -> Type[MultipointLayer]:
+def register_layer_kind(kind: str, cls: type[MultipointLayer]) -> type[MultipointLayer]:
     """Makes layer type ``cls`` saveable under ``kind`` (its ``to_spec`` / ``from_spec``)."""
     if kind in LAYER_KINDS and LAYER_KINDS[kind] is not cls:
         raise ValueError(f"mpq.nn.register_layer_kind: kind {kind!r} is taken by {LAYER_KINDS[kind].__name__}")
@@ -389,11 +402,11 @@ def register_layer_kind(kind: str, cls: Type[MultipointLayer]) -> Type[Multipoin
     return cls
 
 
-def linear_spec_arguments(m: nn.Module) -> Dict[str, Any]:
+def linear_spec_arguments(m: nn.Module) -> dict[str, Any]:
     return {"in_features": int(m.in_features), "out_features": int(m.out_features)}
 
 
-def conv_code_shape(layer: str, in_channels: int, out_channels: int, kernel_size: List[int], groups: int) -> List[int]:
+def conv_code_shape(layer: str, in_channels: int, out_channels: int, kernel_size: list[int], groups: int) -> list[int]:
     """[in_channels / groups, kh, kw], the codes of one output channel of a convolution layer."""
     if in_channels % groups or out_channels % groups:
         raise ValueError(
@@ -402,9 +415,18 @@ def conv_code_shape(layer: str, in_channels: int, out_channels: int, kernel_size
     return [in_channels // groups, kernel_size[0], kernel_size[1]]
 
 
-def set_conv_geometry(m: nn.Module, in_channels: int, out_channels: int, kernel_size: List[int], stride: List[int],
-                      padding: List[int], dilation: List[int], groups: int, pre_padding: Optional[List[int]],
-                      same_padding: bool) -> None:
+def set_conv_geometry(
+    m: nn.Module,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    pre_padding: list[int] | None,
+    same_padding: bool,
+) -> None:
     """The geometry attributes of a convolution layer (those of the float Conv2d it replaces, plus
     the padding it applies first: ``pre_padding`` static, ``same_padding`` TF-style at run time)."""
     m.in_channels, m.out_channels, m.groups = int(in_channels), int(out_channels), int(groups)
@@ -416,15 +438,23 @@ def set_conv_geometry(m: nn.Module, in_channels: int, out_channels: int, kernel_
     m.same_padding = bool(same_padding)
 
 
-def conv_geometry_from_spec(spec: "SpecReader") -> Dict[str, Any]:
+def conv_geometry_from_spec(spec: "SpecReader") -> dict[str, Any]:
     """The keyword arguments of a convolution layer's geometry, read from its spec."""
     g = spec.get
-    return dict(in_channels=g("in_channels", int), out_channels=g("out_channels", int), kernel_size=g("kernel_size", list),
-                stride=g("stride", list), padding=g("padding", list), dilation=g("dilation", list), groups=g("groups", int),
-                pre_padding=g("pre_padding", list), same_padding=g("same_padding", bool))
+    return dict(
+        in_channels=g("in_channels", int),
+        out_channels=g("out_channels", int),
+        kernel_size=g("kernel_size", list),
+        stride=g("stride", list),
+        padding=g("padding", list),
+        dilation=g("dilation", list),
+        groups=g("groups", int),
+        pre_padding=g("pre_padding", list),
+        same_padding=g("same_padding", bool),
+    )
 
 
-def conv_spec_arguments(m: nn.Module) -> Dict[str, Any]:
+def conv_spec_arguments(m: nn.Module) -> dict[str, Any]:
     return {
         "in_channels": int(m.in_channels),
         "out_channels": int(m.out_channels),
@@ -458,7 +488,7 @@ class MultipointLinear(MultipointLayer):
     def packable(self) -> bool:
         return True
 
-    def spec_arguments(self) -> Dict[str, Any]:
+    def spec_arguments(self) -> dict[str, Any]:
         return linear_spec_arguments(self)
 
     @classmethod
@@ -468,11 +498,26 @@ class MultipointLinear(MultipointLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_packed(x):
             return torch.ops.mpq.multipoint_linear_packed(
-                x, self.packed, self.packed_scales, self.perm, self.tile_offsets, self.row_sums,
-                self.out_features, self.bias, self.act_qparams, self.packed_kernel,
+                x,
+                self.packed,
+                self.packed_scales,
+                self.perm,
+                self.tile_offsets,
+                self.row_sums,
+                self.out_features,
+                self.bias,
+                self.act_qparams,
+                self.packed_kernel,
             )
         return torch.ops.mpq.multipoint_linear_stored(
-            x, self.point_codes, self.point_scales, self.num_points, self.w_bits, self.in_features, self.bias, self.act_qparams
+            x,
+            self.point_codes,
+            self.point_scales,
+            self.num_points,
+            self.w_bits,
+            self.in_features,
+            self.bias,
+            self.act_qparams,
         )
 
     def extra_repr(self) -> str:
@@ -498,44 +543,45 @@ class MultipointConv2d(MultipointLayer):
     packed_kernel: str
 
     # Declared for TorchScript, which cannot infer the element type of an empty list.
-    kernel_size: List[int]
-    stride: List[int]
-    padding: List[int]
-    dilation: List[int]
-    pre_padding: List[int]
+    kernel_size: list[int]
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    pre_padding: list[int]
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: List[int],
+        kernel_size: list[int],
         max_points: int,
         w_bits: int,
-        stride: List[int],
-        padding: List[int],
-        dilation: List[int],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
         groups: int = 1,
         bias: bool = True,
-        pre_padding: Optional[List[int]] = None,
+        pre_padding: list[int] | None = None,
         same_padding: bool = False,
     ):
         code_shape = conv_code_shape("MultipointConv2d", in_channels, out_channels, kernel_size, groups)
         super().__init__(out_channels, max_points, code_shape, w_bits, bias)
-        set_conv_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pre_padding,
-                          same_padding)
+        set_conv_geometry(
+            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pre_padding, same_padding
+        )
 
     def packable(self) -> bool:
         # A packed tile holds TILE_N channels of one group: fewer per group would be mostly padding.
         return self.groups == 1 or self.out_channels // self.groups >= layout.TILE_N
 
-    def spec_arguments(self) -> Dict[str, Any]:
+    def spec_arguments(self) -> dict[str, Any]:
         return conv_spec_arguments(self)
 
     @classmethod
     def from_spec_arguments(cls, spec: SpecReader, w_bits: int, max_points: int, bias: bool) -> "MultipointConv2d":
         return cls(max_points=max_points, w_bits=w_bits, bias=bias, **conv_geometry_from_spec(spec))
 
-    def _pack_args(self) -> Tuple[torch.Tensor, int, int]:
+    def _pack_args(self) -> tuple[torch.Tensor, int, int]:
         # Columns in NHWC order (kh, kw, c): mpq.ops.conv_codes_nhwc.
         codes = self.unpacked()[0]
         codes = codes.permute(0, 1, 3, 4, 2).reshape(codes.shape[0], codes.shape[1], -1)
@@ -548,13 +594,35 @@ class MultipointConv2d(MultipointLayer):
             x = F.pad(x, self.pre_padding)
         if self._use_packed(x):
             return torch.ops.mpq.multipoint_conv2d_packed(
-                x, self.packed, self.packed_scales, self.perm, self.tile_offsets, self.row_sums, self.out_channels,
-                self.kernel_size, self.bias, self.act_qparams, self.stride, self.padding, self.dilation, self.groups,
+                x,
+                self.packed,
+                self.packed_scales,
+                self.perm,
+                self.tile_offsets,
+                self.row_sums,
+                self.out_channels,
+                self.kernel_size,
+                self.bias,
+                self.act_qparams,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
                 self.packed_kernel,
             )
         return torch.ops.mpq.multipoint_conv2d_stored(
-            x, self.point_codes, self.point_scales, self.num_points, self.w_bits, self.code_shape, self.bias,
-            self.act_qparams, self.stride, self.padding, self.dilation, self.groups,
+            x,
+            self.point_codes,
+            self.point_scales,
+            self.num_points,
+            self.w_bits,
+            self.code_shape,
+            self.bias,
+            self.act_qparams,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
         )
 
     def extra_repr(self) -> str:

@@ -11,6 +11,7 @@
 
 ``mpq.quantize`` (quantize.py) runs them in this order and collects a ``QuantReport`` (report.py).
 """
+
 from mpq.pipeline.allocate import allocate_layers
 from mpq.pipeline.finish import pack_for_device, reestimate_batchnorms, verify
 from mpq.pipeline.fit import LayerFit, fit_layers, layer_sensitivity

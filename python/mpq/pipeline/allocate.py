@@ -1,8 +1,7 @@
 """Stage 4, allocate: how many points each output channel keeps, from the output errors under the
 average-bits budget (multipoint methods); one-point methods keep what they fitted."""
-from __future__ import annotations
 
-from typing import Dict, List
+from __future__ import annotations
 
 import torch
 
@@ -14,11 +13,13 @@ from mpq.pipeline.fit import LayerFit
 __all__ = ["allocate_layers"]
 
 
-def allocate_layers(fits: List[LayerFit], cfg: QuantConfig, method: WeightQuantizer) -> Dict[str, torch.Tensor]:
+def allocate_layers(fits: list[LayerFit], cfg: QuantConfig, method: WeightQuantizer) -> dict[str, torch.Tensor]:
     """Per layer name, the points each channel keeps (int [C]). The first and last layers
     (``config.first_last="8bit"``) stay outside the budget with their one point."""
     inner = {f.target.name: f.errors for f in fits if f.target.role == "inner"}
-    counts = allocate_points(inner, cfg.budget_bits, cfg.scope) if method.multipoint and cfg.max_points > 1 and inner else {}
+    counts = (
+        allocate_points(inner, cfg.budget_bits, cfg.scope) if method.multipoint and cfg.max_points > 1 and inner else {}
+    )
     for f in fits:
         if f.target.name not in counts:
             own = f.fitted.num_points

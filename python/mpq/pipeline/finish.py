@@ -1,9 +1,8 @@
 """Stage 7, finish: BatchNorm statistics re-estimated on the quantized model
 (``config.bn_reestimation``), the weights packed for the device's kernels, and the deployed
 model checked layer by layer against its float64 recomputation (``config.verify``)."""
-from __future__ import annotations
 
-from typing import Dict, List, Optional
+from __future__ import annotations
 
 import torch
 from torch import nn
@@ -18,7 +17,9 @@ from mpq.simulate import SimulationCheck, check_simulation
 __all__ = ["reestimate_batchnorms", "pack_for_device", "verify"]
 
 
-def reestimate_batchnorms(prep: Prepared, cal: Calibrated, cfg: QuantConfig, float_modules: Optional[Dict[str, nn.Module]]) -> None:
+def reestimate_batchnorms(
+    prep: Prepared, cal: Calibrated, cfg: QuantConfig, float_modules: dict[str, nn.Module] | None
+) -> None:
     """Re-collect every folded BatchNorm's statistics on the quantized model and refold them
     (after bias correction); ``float_modules``: the float layers by name (``bn_reference="float"``)."""
     reestimate_batchnorm(prep.model, cal.bn_originals, prep.batches[: max(1, cfg.sensitivity_batches)], float_modules)
@@ -31,7 +32,7 @@ def pack_for_device(model: nn.Module) -> None:
             mod.pack_()
 
 
-def verify(prep: Prepared) -> List[SimulationCheck]:
+def verify(prep: Prepared) -> list[SimulationCheck]:
     """The deployed model as it will run (after packing, on its device) against its float64
     recomputation, layer by layer, on the first calibration batch; on a GPU also in float16."""
     first = prep.batches[0]

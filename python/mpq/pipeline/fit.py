@@ -1,12 +1,12 @@
 """Stage 3, fit: the per-channel weights of the output errors (Fisher sensitivity), then every
 layer fitted once by the configured method with up to ``max_points`` points (the first k points
 are the k-point fit), with the output error of each channel at each point count."""
+
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -35,8 +35,8 @@ class LayerFit:
     energy: torch.Tensor  # [C] float64: the channels' output energy (SQNR)
     # Point sequences [(codes, scales)] (the fit's own first) and their output errors [S, C, P],
     # when the method offers alternatives: each channel keeps the best at its allocated count.
-    paths: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
-    path_errors: Optional[torch.Tensor] = None
+    paths: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    path_errors: torch.Tensor | None = None
     seconds: float = 0.0
 
     @property
@@ -44,21 +44,25 @@ class LayerFit:
         return self.fitted.codes.shape[1]
 
 
-def layer_sensitivity(prep: Prepared, cal: Calibrated, cfg: QuantConfig, method: WeightQuantizer) -> Optional[Dict[str, torch.Tensor]]:
+def layer_sensitivity(
+    prep: Prepared, cal: Calibrated, cfg: QuantConfig, method: WeightQuantizer
+) -> dict[str, torch.Tensor] | None:
     """Per layer, the weight [C] of each output channel's error in the model's output (diagonal
     Fisher), where the method allocates by it; None: relative sensitivity (1 / layer energy)."""
     if not method.uses_sensitivity or cfg.sensitivity == "relative":
         return None
     output = "gaussian" if cfg.sensitivity == "fisher_gaussian" else "auto"
-    sensitivity = fisher_sensitivity(prep.model, cal.targets, prep.batches[: cfg.sensitivity_batches], output, prep.generator)
+    sensitivity = fisher_sensitivity(
+        prep.model, cal.targets, prep.batches[: cfg.sensitivity_batches], output, prep.generator
+    )
     if sensitivity is None:
         logger.info("mpq: the model's output has no floating tensor; using relative sensitivity")
     return sensitivity
 
 
 def fit_layers(
-    cal: Calibrated, cfg: QuantConfig, method: WeightQuantizer, sensitivity: Optional[Dict[str, torch.Tensor]]
-) -> List[LayerFit]:
+    cal: Calibrated, cfg: QuantConfig, method: WeightQuantizer, sensitivity: dict[str, torch.Tensor] | None
+) -> list[LayerFit]:
     # A method may choose each layer's bit width before fitting (ILP bit allocation).
     chosen_bits = method.choose_bits(cal.targets, cal.stats, cfg, sensitivity)
     fits = []
@@ -73,7 +77,9 @@ def fit_layers(
         paths = path_errors = None
         if fit.alternatives:  # each channel will keep the sequence that is best at its count
             paths = [(fit.codes, fit.scales)] + list(fit.alternatives)
-            path_errors = torch.stack([e] + [output_errors(w.cpu(), c.cpu(), a.cpu(), s, t.groups) for c, a in fit.alternatives])
+            path_errors = torch.stack(
+                [e] + [output_errors(w.cpu(), c.cpu(), a.cpu(), s, t.groups) for c, a in fit.alternatives]
+            )
             e = path_errors.amin(0)
         energy = output_energy(w.cpu(), s, t.groups)
         if sensitivity is not None and t.name in sensitivity:

@@ -1,10 +1,11 @@
 """Stage 1, prepare: check the arguments, open the calibration data, find the quantizable layers
 and copy the model (unless in place) onto the device where calibration and fitting run."""
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, List, Tuple, Union
 
 import torch
 from torch import nn
@@ -18,14 +19,14 @@ __all__ = ["Prepared", "prepare", "resolve_device"]
 @dataclass
 class Prepared:
     model: nn.Module  # the model being quantized: the user's copy (or the model itself, in place), eval, on device
-    targets: List[QuantTarget]  # its quantizable layers
-    skipped: List[Tuple[str, str]]  # weighted layers that stay in float: (name, reason)
+    targets: list[QuantTarget]  # its quantizable layers
+    skipped: list[tuple[str, str]]  # weighted layers that stay in float: (name, reason)
     batches: CalibrationBatches  # the calibration inputs, read in one pass
     device: torch.device
     generator: torch.Generator  # seeded by config.seed: every random draw of the pipeline
 
 
-def resolve_device(model: nn.Module, device: Union[str, torch.device, None]) -> torch.device:
+def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
     """``device``, or the model's (its first parameter's; the CPU without parameters)."""
     params = list(model.parameters())
     inferred = device is None
@@ -34,7 +35,9 @@ def resolve_device(model: nn.Module, device: Union[str, torch.device, None]) -> 
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"mpq.quantize: expected device to be a torch.device or a device string, got {device!r} ({e})") from None
+        raise ValueError(
+            f"mpq.quantize: expected device to be a torch.device or a device string, got {device!r} ({e})"
+        ) from None
     if device.type == "meta":
         raise ValueError(
             "mpq.quantize: expected device to hold data, got the meta device"
@@ -44,7 +47,7 @@ def resolve_device(model: nn.Module, device: Union[str, torch.device, None]) -> 
 
 
 def prepare(
-    model: nn.Module, calib_loader: Iterable, cfg: QuantConfig, *, inplace: bool, device: Union[str, torch.device, None]
+    model: nn.Module, calib_loader: Iterable, cfg: QuantConfig, *, inplace: bool, device: str | torch.device | None
 ) -> Prepared:
     """Checks everything before any work: the model, ``inplace``, ``device``, the first calibration
     batch and the model's parameters; then copies the model (unless ``inplace``)."""

@@ -1,10 +1,10 @@
 """Stage 5, refit: each layer's final weight at its allocated point counts: the best point
 sequence per channel, the scales re-solved jointly (``config.scale_refit``), the bias corrected
 (``config.bias_correction``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -27,8 +27,8 @@ class LayerWeight:
     codes: torch.Tensor  # int8 [C, P, D]
     scales: torch.Tensor  # float32 [C, P]
     counts: torch.Tensor  # int [C]: points in use per channel
-    bias: Optional[torch.Tensor]  # the layer's new bias (None: the float layer's own)
-    codebook: Optional[torch.Tensor]  # non-uniform levels (companding), None for integer codes
+    bias: torch.Tensor | None  # the layer's new bias (None: the float layer's own)
+    codebook: torch.Tensor | None  # non-uniform levels (companding), None for integer codes
     output_sqnr_db: float  # output signal over the output error of the kept points (calibration H)
 
     @property
@@ -47,7 +47,9 @@ def best_sequences(paths, path_errors: torch.Tensor, counts: torch.Tensor):
     return codes.to(paths[0][0].device), scales.to(paths[0][1].device)
 
 
-def refit_layer(fit: LayerFit, counts: torch.Tensor, stats: LayerStats, cfg: QuantConfig, method: WeightQuantizer) -> LayerWeight:
+def refit_layer(
+    fit: LayerFit, counts: torch.Tensor, stats: LayerStats, cfg: QuantConfig, method: WeightQuantizer
+) -> LayerWeight:
     t, n = fit.target, counts
     codes, scales = fit.fitted.codes, fit.fitted.scales
     codebook, new_bias = fit.fitted.codebook, fit.fitted.bias

@@ -1,5 +1,6 @@
 """Stage 6, swap: each layer's final weight becomes its quantized module (the method's layer
 type, with its activation quantizer), put in place of the float layer."""
+
 from __future__ import annotations
 
 import logging
@@ -43,6 +44,13 @@ def swap_layer(model: nn.Module, lw: LayerWeight, q: nn.Module, fit_seconds: flo
     layer = LayerReport(lw.target.name, (C, D), lw.bits, hist, q.bits_per_weight(), q.output_sqnr_db, fit_seconds)
     logger.info(
         "mpq: %-40s %5d x %-5d %d-bit points %s  %.2f bits/weight  SQNR %.1f dB  %.2fs",
-        layer.name, C, D, layer.w_bits, hist, layer.bits_per_weight, layer.output_sqnr_db, fit_seconds,
+        layer.name,
+        C,
+        D,
+        layer.w_bits,
+        hist,
+        layer.bits_per_weight,
+        layer.output_sqnr_db,
+        fit_seconds,
     )
     return layer

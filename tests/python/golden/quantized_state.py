@@ -13,6 +13,7 @@ calibration sentences), and the Fashion-MNIST ResNet under every branch of ``qua
 method (ILP's per-layer bits, companding's codebook layers, the one-point baselines), bias
 correction, BatchNorm re-estimation, 8-bit and float first/last layers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict
 
 GOLDEN = Path(__file__).with_name("quantized_state.json")
 ENV = {
@@ -35,8 +35,9 @@ ENV = {
 # Fashion-MNIST ResNet cases: QuantConfig fields (short iterations keep the run at about a minute).
 FASHION_CASES = {
     "multipoint_w3a8_bias_bn": dict(w_bits=3, a_bits=8, bias_correction=True, bn_reestimation=True),
-    "multipoint_w4a16_layer_scope_nearest": dict(w_bits=4, a_bits=None, scope="layer", point_rounding="nearest",
-                                                 scale_refit="weight", first_last="8bit"),
+    "multipoint_w4a16_layer_scope_nearest": dict(
+        w_bits=4, a_bits=None, scope="layer", point_rounding="nearest", scale_refit="weight", first_last="8bit"
+    ),
     "rtn_w4a8_mse_float_ends": dict(method="rtn", rtn_range="mse", first_last="float"),
     "gptq_w3a16_act_order": dict(method="gptq", w_bits=3, a_bits=None, gptq_act_order=True),
     "adaround_w4a8": dict(method="adaround", adaround_iters=20),
@@ -47,7 +48,7 @@ FASHION_CASES = {
 }
 
 
-def _digest(model) -> Dict[str, str]:
+def _digest(model) -> dict[str, str]:
     import torch
 
     out = {}
@@ -60,7 +61,7 @@ def _digest(model) -> Dict[str, str]:
     return out
 
 
-def compute() -> Dict[str, Dict[str, str]]:
+def compute() -> dict[str, dict[str, str]]:
     import time
 
     import torch
