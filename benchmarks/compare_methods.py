@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from provenance import git_commit, provenance  # benchmarks/ (this script's folder) is on sys.path
 
 import mpq
 from mpq.examples import assets
@@ -238,6 +239,7 @@ def run_task(
     """Every configured row of ``task``; ``on_row(rows so far)`` after each (the tables are
     rewritten as rows arrive, so an interrupted run keeps what it measured)."""
     reference = _batched(task.model, task.eval_inputs)
+    commit = git_commit()
     rows: list[dict] = [
         {
             "setting": "FP32",
@@ -248,6 +250,7 @@ def run_task(
             **task.quality(reference, reference),
             "sqnr_db": float("inf"),
             "seconds": 0.0,
+            "commit": commit,
         }
     ]
     cols = [c for c in COLUMNS if c[0] in rows[0] or c[0] in ("sqnr_db", "seconds")]
@@ -285,6 +288,7 @@ def run_task(
                 "seconds": seconds,
                 "layers_per_bit_width": {str(k): v for k, v in sorted(bits_hist.items())},
                 "config": cfg.to_dict(),
+                "commit": commit,
             }
             rows.append(r)
             show(r)
@@ -298,8 +302,8 @@ def write_results(task: Task, rows: list[dict], args: argparse.Namespace, comman
         "model": task.title,
         "data": task.data_note,
         "command": command,
-        "torch_version": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
+        "provenance": provenance(),
+        "row_commits": sorted({str(r.get("commit")) for r in rows}),
         "mpq_build": mpq.build_info(),
         "seed": args.seed,
         "load_average_1min_end": os.getloadavg()[0],
@@ -309,13 +313,16 @@ def write_results(task: Task, rows: list[dict], args: argparse.Namespace, comman
     out = args.out_dir / f"compare_methods_{task.name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    where = result["provenance"]
+    commits = ", ".join(c[:10] for c in result["row_commits"])
     md = (
         [
             f"# {task.title}: weight quantizers side by side",
             "",
             f"{task.data_note}. All layers quantized (first and last included), per-channel symmetric grids. A16 = float "
             "activations. `avg bits`: codes + 32-bit scales stored by the mpq layers; `nominal`: OCS's own widened layer; "
-            "`SQNR`: of the model output vs FP32. Written by `" + command + "`; times from this machine's CPU.",
+            "`SQNR`: of the model output vs FP32. Written by `" + command + "`; every row measured at commit "
+            f"{commits} on {where['cpu']}, {where['torch_num_threads']} threads (`quant s`: wall time there).",
             "",
         ]
         + ([args.note, ""] if args.note else [])
@@ -336,6 +343,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=SETTINGS, choices=SETTINGS)
     parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--note", default="", help="a line about this run, written into the JSON and markdown")
     parser.add_argument(
         "--merge",
@@ -343,10 +351,13 @@ def main() -> None:
         help="keep the rows of the existing tables, replacing those this run measures again",
     )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     command = "python benchmarks/compare_methods.py " + " ".join(
         [f"--models {' '.join(args.models)}", f"--settings {' '.join(args.settings)}"]
         + ([f"--only {' '.join(repr(o) for o in args.only)}"] if args.only else [])
         + [f"--seed {args.seed}"]
+        + ([f"--threads {args.threads}"] if args.threads is not None else [])
         + (["--merge"] if args.merge else [])
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fit_speed import cpu_model  # noqa: E402  (benchmarks/ is the script's directory)
+from provenance import cpu_model  # noqa: E402  (benchmarks/ is the script's directory)
 
 import mpq
 from mpq.summary import model_size_bytes

@@ -28,7 +28,6 @@ status 1 when the GPU's fit disagrees with the CPU's.
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,8 @@ import torchvision
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))  # a source build (python/mpq) before an installed mpq
+
+from provenance import cpu_model  # noqa: E402  (benchmarks/ is the script's directory)
 
 import mpq  # noqa: E402
 from mpq.allocate import LayerErrors, allocate_points  # noqa: E402
@@ -65,16 +66,6 @@ def fit_all(weights: list[tuple[str, torch.Tensor]], bits: int, max_points: int,
     for _, w in weights:
         fit_multipoint(w, bits, max_points, exact=exact)
     return time.perf_counter() - start, time.process_time() - cpu_start
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Stopwatch:

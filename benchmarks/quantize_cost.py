@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from fit_speed import cpu_model  # benchmarks/ (this script's folder) is on sys.path
+from provenance import changed_files, cpu_model, git_commit  # benchmarks/ (this script's folder) is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["resnet50", "lite0", "minilm"]
@@ -171,24 +171,6 @@ def child(name: str, config: str, resnet_batches: int, seed: int, threads: int) 
     }
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
-def _dirty_files():
-    """Tracked files changed in the work tree (the run measured them, not the commit's)."""
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT
-        ).stdout
-    except OSError:
-        return []
-    return [line[3:] for line in out.splitlines() if line.strip()]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
@@ -250,8 +232,8 @@ def main() -> None:
     doc = {
         "benchmark": "quantize_cost",
         "command": command,
-        "git_commit": _git_commit(),
-        "uncommitted_changes": _dirty_files(),
+        "git_commit": git_commit(),
+        "uncommitted_changes": changed_files(),
         "note": args.note,
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
