@@ -24,10 +24,10 @@ Rows per setting (W4A8, W4A16, W3A16, W2A16; A16 = float activations):
 - one point per channel on the MSE grid: ``gptq``, ``adaround``, ``adaquant``, ``ocs`` (expand
   ratio 0.05), ``companding`` (non-uniform, per-layer codebook);
 - ``ilp``: a bit width per layer from {2, 3, 4, 8} under avg_bits = w_bits + 0.5 (``+gptq``:
-  GPTQ rounding at the chosen widths; ``ilp_rounding="adaquant"`` also works, left out for time);
+  GPTQ rounding at the chosen widths; ``ILPConfig(rounding="adaquant")`` also works, left out for time);
 - ``multipoint``: adaptive points under the same avg_bits = w_bits + 0.5, mpq's default (greedy
-  and GPTQ point sequences, ``point_rounding="gptq"``); ``multipoint (paper)``: greedy points
-  only (``point_rounding="nearest"``); ``+bc`` bias correction; ``@5.0``: at 5.0 bits, to set
+  and GPTQ point sequences, ``MultipointConfig(point_rounding="gptq")``); ``multipoint (paper)``: greedy
+  points only (``point_rounding="nearest"``); ``+bc`` bias correction; ``@5.0``: at 5.0 bits, to set
   beside RTN at 5 bits;
 - reference lines (W4 settings): RTN (MSE grid) at 5 and 6 bits, formats no fast kernel runs.
 ``avg bits`` counts codes and 32-bit scales of what the deployed layers store
@@ -139,6 +139,7 @@ def configs(setting: str, task: Task) -> list[tuple[str, mpq.QuantConfig]]:
     w_bits, a_bits = mpq.PRESETS[setting]
     base = dict(w_bits=w_bits, a_bits=a_bits)
     mse = dict(base, rtn_range="mse")
+    paper = mpq.MultipointConfig(point_rounding="nearest")  # the paper's greedy points only
     rows = [
         ("rtn (min-max)", mpq.QuantConfig(method="rtn", **base)),
         ("rtn", mpq.QuantConfig(method="rtn", **mse)),
@@ -178,9 +179,9 @@ def configs(setting: str, task: Task) -> list[tuple[str, mpq.QuantConfig]]:
         ("ocs", mpq.QuantConfig(method="ocs", **mse)),
         ("companding", mpq.QuantConfig(method="companding", **mse)),
         ("ilp", mpq.QuantConfig(method="ilp", **mse)),
-        ("ilp+gptq", mpq.QuantConfig(method="ilp", ilp_rounding="gptq", **mse)),
-        ("multipoint (paper)", mpq.QuantConfig(point_rounding="nearest", **base)),
-        ("multipoint (paper)+bc", mpq.QuantConfig(point_rounding="nearest", bias_correction=True, **base)),
+        ("ilp+gptq", mpq.QuantConfig(method=mpq.ILPConfig(rounding="gptq"), **mse)),
+        ("multipoint (paper)", mpq.QuantConfig(method=paper, **base)),
+        ("multipoint (paper)+bc", mpq.QuantConfig(method=paper, bias_correction=True, **base)),
         ("multipoint", mpq.QuantConfig(**base)),
         ("multipoint+bc", mpq.QuantConfig(bias_correction=True, **base)),
     ]
@@ -201,7 +202,7 @@ def ocs_nominal(qmodel: torch.nn.Module, report: mpq.QuantReport, cfg: mpq.Quant
         m = mods[layer.name]
         C, D = layer.shape
         cin = m.in_features if isinstance(m, mpq.nn.MultipointLinear) else m.in_channels // m.groups
-        bits += ocs_nominal_bits(C, cin, D // cin, layer.w_bits, cfg.ocs_expand_ratio) * C * D
+        bits += ocs_nominal_bits(C, cin, D // cin, layer.w_bits, cfg.options.expand_ratio) * C * D
         weights += C * D
     return bits / weights
 

@@ -9,7 +9,9 @@ after two warm-up calls, the same input tensor for every row):
   model and input in channels_last (oneDNN's own layout: the fair FP32 baseline; ``speedup`` columns
   divide by the faster of the two);
 - ``mpq W4A8`` / ``mpq W4A16`` / ``mpq W8A8``: ``mpq.quantize`` with the preset (defaults, seed 0;
-  ``W8A8-1pt``: W8A8 with ``max_points=1``, per-channel int8 as PyTorch's own, no further points),
+  ``W8A8-1pt``: W8A8 with ``max_points=1``, per-channel int8 as PyTorch's own, no further points;
+  ``W4A8-merge``: W4A8 with ``MultipointConfig(int8_merge=True)``, each channel's first two points
+  one int8 row),
   ``mpq.fuse_activations`` (uint8 activations between layers), then ``torch.jit.script`` + save +
   load: the artifact a user deploys, timed as loaded; ``mpq W4A8 unfused``: the same without
   ``fuse_activations`` (float32 between layers); ``mpq W4A8 q-residual``: with
@@ -140,6 +142,22 @@ def torch_int8_fx(model: torch.nn.Module, calib: list[torch.Tensor]) -> torch.nn
     return convert_fx(prepared)
 
 
+# Preset suffixes: "W8A8-1pt" is the preset with one point per channel; "W4A8-merge" ties each
+# channel's first two scales to a whole-number ratio (MultipointConfig(int8_merge=True)).
+PRESET_SUFFIXES = {"1pt": {"max_points": 1}, "merge": {"method": mpq.MultipointConfig(int8_merge=True)}}
+
+
+def preset_config(preset: str, seed: int) -> mpq.QuantConfig:
+    base, *suffixes = preset.split("-")
+    unknown = [x for x in suffixes if x not in PRESET_SUFFIXES]
+    if unknown:
+        raise SystemExit(
+            f"benchmarks/cpu.py: unknown preset suffix {unknown} in {preset!r}; known: {list(PRESET_SUFFIXES)}"
+        )
+    changes = {k: v for x in suffixes for k, v in PRESET_SUFFIXES[x].items()}
+    return mpq.QuantConfig.preset(base, seed=seed, **changes)
+
+
 def run_model(name: str, batches: list[int], repeats: int, presets: list[str], seed: int, fx: bool) -> dict[str, Any]:
     model, calib, eval_images, quality = load_task(name, seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -157,9 +175,7 @@ def run_model(name: str, batches: list[int], repeats: int, presets: list[str], s
             ref = model(eval_images)
     for preset in presets:
         t = time.perf_counter()
-        base, _, one = preset.partition("-")  # "W8A8-1pt": the preset with one point per channel
-        cfg = mpq.QuantConfig.preset(base, seed=seed, **({"max_points": 1} if one == "1pt" else {}))
-        q = mpq.quantize(model, calib, cfg)
+        q = mpq.quantize(model, calib, preset_config(preset, seed))
         quant_seconds[preset] = time.perf_counter() - t
         fused = mpq.fuse_activations(q, calib[0][:1])
         s = scripted(fused, calib[0][:1])
@@ -245,9 +261,7 @@ def run_minilm(repeats: int, presets: list[str], seed: int, int8_peer: bool) -> 
     quant_seconds: dict[str, float] = {}
     for preset in presets:
         t = time.perf_counter()
-        base, _, one = preset.partition("-")
-        cfg = mpq.QuantConfig.preset(base, seed=seed, **({"max_points": 1} if one == "1pt" else {}))
-        q = mpq.quantize(model, calib, cfg)
+        q = mpq.quantize(model, calib, preset_config(preset, seed))
         quant_seconds[preset] = time.perf_counter() - t
         variants[f"mpq {preset}"] = traced(q, sentences)
         with torch.no_grad():
@@ -479,7 +493,8 @@ def main(argv=None) -> int:
         "--presets",
         nargs="+",
         default=["W4A8", "W4A16", "W8A8", "W8A8-1pt"],
-        help="mpq presets; NAME-1pt: the preset with max_points=1 (one point per channel, no further points)",
+        help="mpq presets; NAME-1pt: the preset with max_points=1 (one point per channel, no further points); "
+        "NAME-merge: with MultipointConfig(int8_merge=True)",
     )
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)

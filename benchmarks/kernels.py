@@ -119,8 +119,7 @@ TOL = {"float": 5e-3, "int8": 5e-3, "one_point": 0.2}
 # which raises) is run by the section itself and reported, not raised: the section checks the
 # timed float16 path layer by layer.
 RESNET50_CONFIG = {
-    "point_rounding": "nearest",
-    "scale_refit": "none",
+    "options": {"point_rounding": "nearest", "scale_refit": "none"},  # MultipointConfig
     "calib_batches": 4,
     "sensitivity_batches": 2,
     "verify": False,

@@ -8,8 +8,8 @@ The GPTQ sweeps of the point sequence (``point_rounding="gptq"``) use H + damp *
 from the calibration inputs of each layer, which are float inputs: downstream layers of the
 quantized model see other inputs (the upstream layers' errors), and a small damp lets the sweeps
 move weight error into directions the calibration rows barely cover. Measured here to choose the
-default (``QuantConfig.point_damp``); the one-point GPTQ method keeps the paper's
-``gptq_damp = 0.01``. Writes benchmarks/results/point_damp.{json,md}.
+default (``MultipointConfig.point_damp``); the one-point GPTQ method keeps the paper's
+``GPTQConfig.damp = 0.01``. Writes benchmarks/results/point_damp.{json,md}.
 
 ``--holdout`` (issue 12, section 3): the same sweep measured on a selection set that the reported
 evaluation (README, compare_methods tables) never uses, with calibration data disjoint from it:
@@ -245,7 +245,7 @@ def choose(ranks: dict[str, dict[float, float]]) -> float | None:
 def write_holdout(out_dir: Path, meta: dict, results: list[dict]) -> None:
     ranks, n_cells = mean_ranks(results)
     chosen = choose(ranks)
-    default = mpq.QuantConfig().point_damp
+    default = mpq.MultipointConfig().point_damp
     in_sample: dict[str, dict[float, float]] = {}
     old = ROOT / "benchmarks" / "results" / "point_damp.json"  # the sweep on the evaluation data
     if old.exists():
@@ -382,7 +382,9 @@ def main() -> None:
         for setting in args.settings:
             w_bits, a_bits = mpq.PRESETS[setting]
             for damp in args.damps:
-                cfg = mpq.QuantConfig(w_bits=w_bits, a_bits=a_bits, point_damp=damp, seed=args.seed)
+                cfg = mpq.QuantConfig(
+                    w_bits=w_bits, a_bits=a_bits, method=mpq.MultipointConfig(point_damp=damp), seed=args.seed
+                )
                 t0 = time.perf_counter()
                 qmodel = mpq.quantize(task.model, task.calib, cfg)
                 seconds = time.perf_counter() - t0

@@ -444,14 +444,56 @@ Int8Rows make_rows(const at::Tensor& codes, const at::Tensor& scales, const at::
   return r;
 }
 
+// Points that merge exactly into one int8 row. When a channel's point k has a scale that divides
+// the scale of its points before k by a whole number r (s_before == r * s_k, exactly), then
+// s_before * q_before + s_k * q_k == s_k * (r * q_before + q_k): one row of codes r * q_before + q_k
+// at scale s_k, if those codes stay within what the int8 kernels compute exactly (|code| <= 127
+// with VNNI, <= 63 without, see int8_kernels_exact). mpq's fit produces such scales when asked
+// (MultipointConfig.int8_merge); any other fit merges only where its scales happen to qualify.
+// Returns, per channel, the index of its first point that did not merge (1 when none did); the
+// merged codes and scales replace point 0 in `codes` [C, P, D] and `scales` [C, P].
+std::vector<int64_t> merge_points_exactly(at::Tensor& codes, at::Tensor& scales, const int* counts) {
+  const int64_t C = codes.size(0), D = codes.size(2);
+  const int bound = onednn_int8_has_vnni() ? 127 : (1 << (layout::kMaxWBitsWithoutVnni - 1)) - 1;
+  std::vector<int64_t> first_unmerged(C, 1);
+  auto q = codes.accessor<int8_t, 3>();
+  auto s = scales.accessor<float, 2>();
+  std::vector<int32_t> merged(D);
+  for (int64_t c = 0; c < C; ++c) {
+    if (counts[c] < 2) continue;
+    for (int64_t d = 0; d < D; ++d) merged[d] = q[c][0][d];
+    double run = s[c][0];
+    int64_t k = 1;
+    for (; k < counts[c]; ++k) {
+      const double sk = s[c][k];
+      if (!(sk > 0) || !(run > 0)) break;
+      const double r = std::nearbyint(run / sk);
+      if (r < 1 || r > bound || sk * r != run) break;  // float * small integer: exact in double
+      bool fits = true;
+      for (int64_t d = 0; d < D && fits; ++d) fits = std::abs(int32_t(r) * merged[d] + q[c][k][d]) <= bound;
+      if (!fits) break;
+      for (int64_t d = 0; d < D; ++d) merged[d] = int32_t(r) * merged[d] + q[c][k][d];
+      run = sk;
+    }
+    if (k == 1) continue;
+    for (int64_t d = 0; d < D; ++d) q[c][0][d] = int8_t(merged[d]);
+    s[c][0] = float(run);
+    first_unmerged[c] = k;
+  }
+  return first_unmerged;
+}
+
 PreparedInt8 expand_points(const at::Tensor& point_codes, const at::Tensor& point_scales, const at::Tensor& num_points,
                            int64_t w_bits, at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias,
                            int64_t groups) {
   const int64_t C = num_points.size(0), D = c10::multiply_integers(code_shape);
   const int64_t P = C ? std::max<int64_t>(1, num_points.max().item<int64_t>()) : 1;
   auto [codes, scales] = unpack_points(point_codes, point_scales, num_points, w_bits, D, P);  // [C, P, D]
-  const auto n = num_points.contiguous();
+  codes = codes.contiguous();
+  scales = scales.to(at::kFloat).contiguous();
+  const auto n = num_points.to(at::kInt).contiguous();
   const int* counts = n.data_ptr<int>();
+  const std::vector<int64_t> first_unmerged = merge_points_exactly(codes, scales, counts);
   PreparedInt8 p;
   c10::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
@@ -460,7 +502,7 @@ PreparedInt8 expand_points(const at::Tensor& point_codes, const at::Tensor& poin
   std::vector<std::vector<std::pair<int64_t, int64_t>>> per_group(groups);  // (channel, point)
   int64_t Re = 0;
   for (int64_t c = 0; c < C; ++c) {
-    for (int64_t k = 1; k < counts[c]; ++k) per_group[c / Cg].emplace_back(c, k);
+    for (int64_t k = first_unmerged[c]; k < counts[c]; ++k) per_group[c / Cg].emplace_back(c, k);
   }
   for (const auto& g : per_group) Re = std::max<int64_t>(Re, g.size());
   p.has_extra = Re > 0;

@@ -21,6 +21,16 @@ from mpq import nn, ops  # noqa: E402
 from mpq.config import PRESETS, QuantConfig  # noqa: E402
 from mpq.fuse import fuse_activations  # noqa: E402
 from mpq.io import load, save  # noqa: E402
+from mpq.methods import (  # noqa: E402  (each method's options: QuantConfig(method=GPTQConfig(...)))
+    AdaQuantConfig,
+    AdaRoundConfig,
+    CompandingConfig,
+    GPTQConfig,
+    ILPConfig,
+    MultipointConfig,
+    OCSConfig,
+    RTNConfig,
+)
 from mpq.quantize import QuantReport, last_report, quantize  # noqa: E402
 from mpq.summary import model_size_bytes, summary  # noqa: E402
 
@@ -62,6 +72,14 @@ __all__ = [
     "__version__",
     "PRESETS",
     "QuantConfig",
+    "MultipointConfig",
+    "RTNConfig",
+    "GPTQConfig",
+    "AdaRoundConfig",
+    "AdaQuantConfig",
+    "OCSConfig",
+    "ILPConfig",
+    "CompandingConfig",
     "QuantReport",
     "build_info",
     "fuse_activations",

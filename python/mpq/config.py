@@ -1,16 +1,29 @@
-"""QuantConfig: what ``mpq.quantize`` does, as one validated, serialisable dataclass."""
+"""QuantConfig: what ``mpq.quantize`` does, as one validated, serialisable dataclass.
+
+The common options (bits, budget, scope, calibration, first/last, ignore, the post-passes) are
+``QuantConfig`` fields; each method's own options are its ``MethodConfig`` dataclass, owned by the
+method's file (``mpq.methods.GPTQConfig``, ...) and held in ``QuantConfig.options``.
+
+Config version 1 (mpq 0.1) kept every method's options as flat fields (``gptq_damp``,
+``adaround_iters``, ...). Version-1 dicts (``mpq.save`` files, JSON configs) still load, mapped to
+the method's config; flat keyword arguments still work with a ``DeprecationWarning``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mpq.layout import MAX_W_BITS, MIN_W_BITS, SCALE_BITS, check_max_points, check_w_bits, point_bits
+from mpq.layout import SCALE_BITS, check_max_points, check_w_bits, point_bits
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mpq.methods.base import MethodConfig
 
 __all__ = ["QuantConfig", "PRESETS"]
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 
 # name -> (w_bits, a_bits); a_bits None keeps activations in float.
 PRESETS: dict[str, tuple[int, int | None]] = {
@@ -26,9 +39,6 @@ _FIRST_LAST = ("same", "8bit", "float")
 _ACT_RANGES = ("mse", "percentile", "minmax")
 _SENSITIVITIES = ("fisher", "fisher_gaussian", "relative")
 _RTN_RANGES = ("minmax", "mse")
-_SCALE_REFITS = ("output", "weight", "none")
-_POINT_ROUNDINGS = ("nearest", "gptq")
-_ILP_ROUNDINGS = ("rtn", "gptq", "adaround", "adaquant")  # one-point uniform methods
 _BN_REFERENCES = ("running", "float")
 # The price of a point's scale in the budget: as stored (float32), or as a float16 deployment would.
 _SCALE_BITS = (SCALE_BITS, 16)
@@ -76,20 +86,6 @@ class QuantConfig:
     ``calib_samples`` rows is kept, plus a sample of 16384 input values for the activation range.
     Either way memory does not grow with ``calib_batches`` or the data set.
 
-    ``scale_refit`` (multipoint methods): once the points per channel are allocated, re-solve each
-    channel's scales jointly by least squares on the layer-output error (``"output"``, with the
-    calibration H), on the weight error (``"weight"``), or keep the greedy scales (``"none"``).
-    ``point_rounding`` (multipoint): ``"nearest"`` = the paper's greedy points (each rounds the
-    residual to nearest); ``"gptq"`` (default) = also a second, output-aware point sequence whose
-    codes come from GPTQ column sweeps with error feedback (docs/ALGORITHM.md section 1, "beyond the
-    paper"; dampening ``point_damp`` of the mean diagonal of H, ``gptq_act_order`` applies), and
-    each channel keeps whichever sequence has the lower output error at its allocated count.
-    Measured on EfficientNet-Lite0 (KL to FP32, benchmarks/compare_methods.py): W4A8 0.096 -> 0.035,
-    W3A16 0.576 -> 0.203, W2A16 3.48 -> 2.14. ``point_damp`` is 0.1 rather than GPTQ's 0.01
-    (benchmarks/point_damp.py: Lite0 W4A8 KL 0.043 -> 0.035, MiniLM W4A16 cosine 0.9710 -> 0.9796):
-    the calibration H comes from float inputs, while later layers of the quantized model see the
-    earlier layers' errors.
-
     ``hessian_budget_mb``: the largest H = E[x x^T] of one layer (float64, all groups, in MiB) that
     the output-aware fits form whole (the GPTQ factorization holds about five arrays of its size).
     A larger layer's GPTQ sweeps (``point_rounding="gptq"``, method ``"gptq"``) use diagonal blocks
@@ -102,30 +98,22 @@ class QuantConfig:
     naming the layer and the element if one disagrees. The end-to-end difference to the float
     simulation is reported (``QuantReport.simulation_error``), not checked.
 
-    ``method``: a registered weight quantizer (``mpq.methods.available()``): ``"multipoint"``, or
-    ``"rtn"`` (one point per channel, range ``rtn_range``).
+    ``method``: a registered weight quantizer (``mpq.methods.available()``) by name, with its
+    default options, or its options as the method's config, which selects it:
+    ``QuantConfig(method=GPTQConfig(act_order=True))``. After construction ``method`` is the name
+    and ``options`` the method's config (``MultipointConfig``, ``RTNConfig``, ``GPTQConfig``,
+    ``AdaRoundConfig``, ``AdaQuantConfig``, ``OCSConfig``, ``ILPConfig``, ``CompandingConfig``;
+    each documents its options). ``"multipoint"`` (default) fits adaptive points; the baselines
+    (docs/ALGORITHM.md section 5) fit one point per channel on the same symmetric per-channel grid,
+    whose scale follows ``rtn_range`` (min-max or MSE-optimal) for all of them.
 
-    The baselines (docs/ALGORITHM.md section 5), one point per channel on the same symmetric per-channel
-    grid, whose scale follows ``rtn_range`` (min-max or MSE-optimal) for all of them:
-    ``"gptq"`` (dampening ``gptq_damp`` of the mean diagonal of H, columns in act-order when
-    ``gptq_act_order``); ``"adaround"`` (``adaround_iters`` Adam steps at ``adaround_lr``,
-    regulariser weight ``adaround_lambda``); ``"ocs"`` (outlier channel splitting at
-    ``ocs_expand_ratio``, halving the weights above ``ocs_split_threshold`` times the split
-    channel's maximum, quantization-aware halves when ``ocs_grid_aware``); ``"ilp"`` (a bit width
-    per layer from ``ilp_bits`` by an exact integer program under the ``avg_bits`` budget, then
-    round with the one-point method ``ilp_rounding``: ``"rtn"``, ``"gptq"``, ``"adaround"`` or
-    ``"adaquant"``); ``"adaquant"`` (``adaquant_iters`` Adam steps on the weights' offsets at
-    ``adaquant_lr`` and on the log step sizes at ``adaquant_scale_lr``; tunes the bias too);
-    ``"companding"`` (non-uniform, a per-layer companding function with
-    ``companding_breakpoints`` intervals, ``companding_iters`` Adam steps at ``companding_lr``; runs
-    as a codebook layer, see ``mpq/methods/companding.py``). ``bn_reestimation`` re-collects the
-    statistics of every folded BatchNorm on the quantized model and refolds them (after any
-    method, after bias correction): with the BN's running statistics as the reference
-    (``bn_reference="running"``, the paper's) or mapped to the float layer's output statistics on
-    the same calibration data (``"float"``, the default: the paper's mode hurts with small
-    calibration sets, e.g. 8-bit RTN on EfficientNet-Lite0 KL 0.013 -> 1.16 vs 0.0013; see
-    ``mpq/bn_reestimate.py``). ``bias_correction``
-    adds (W - W_q) E[x] to every quantized layer's bias, after any method.
+    ``bn_reestimation`` re-collects the statistics of every folded BatchNorm on the quantized
+    model and refolds them (after any method, after bias correction): with the BN's running
+    statistics as the reference (``bn_reference="running"``, the paper's) or mapped to the float
+    layer's output statistics on the same calibration data (``"float"``, the default: the paper's
+    mode hurts with small calibration sets, e.g. 8-bit RTN on EfficientNet-Lite0 KL 0.013 -> 1.16
+    vs 0.0013; see ``mpq/bn_reestimate.py``). ``bias_correction`` adds (W - W_q) E[x] to every
+    quantized layer's bias, after any method.
     """
 
     w_bits: int = 4
@@ -141,33 +129,14 @@ class QuantConfig:
     calib_batches: int = 32
     calib_samples: int = 2048
     sensitivity_batches: int = 8
-    method: str = "multipoint"
+    method: Any = "multipoint"  # str | MethodConfig; the method's name once built
+    options: Any = None  # MethodConfig | None (the method's defaults); the method's config once built
     rtn_range: str = "minmax"
-    exact_fit: bool = False
-    scale_refit: str = "output"
-    point_rounding: str = "gptq"
     verify: bool = True
-    gptq_damp: float = 0.01
-    point_damp: float = 0.1
     hessian_budget_mb: float = 1024.0
-    gptq_act_order: bool = False
-    adaround_iters: int = 500
-    adaround_lr: float = 5e-2
-    adaround_lambda: float = 0.01
-    adaquant_iters: int = 300
-    adaquant_lr: float = 3e-3
-    adaquant_scale_lr: float = 1e-2
-    companding_breakpoints: int = 16
-    companding_iters: int = 150
-    companding_lr: float = 2e-2
     bn_reestimation: bool = False
     bn_reference: str = "float"
-    ocs_expand_ratio: float = 0.05
-    ocs_split_threshold: float = 0.5
-    ocs_grid_aware: bool = False
     bias_correction: bool = False
-    ilp_bits: tuple[int, ...] = (2, 3, 4, 8)
-    ilp_rounding: str = "rtn"
     seed: int = 0
     version: int = field(default=CONFIG_VERSION)
 
@@ -199,15 +168,11 @@ class QuantConfig:
             ("first_last", _FIRST_LAST),
             ("act_range", _ACT_RANGES),
             ("rtn_range", _RTN_RANGES),
-            ("scale_refit", _SCALE_REFITS),
-            ("point_rounding", _POINT_ROUNDINGS),
+            ("bn_reference", _BN_REFERENCES),
         ):
             if getattr(self, name) not in allowed:
                 fail(name, f"to be one of {allowed}")
-        from mpq.methods.base import available  # the registry: methods may be added by plugins
-
-        if self.method not in available():
-            fail("method", f"to be one of {available()}")
+        self._check_method(fail)
         if isinstance(self.ignore, str):
             self.ignore = (self.ignore,)
         if not isinstance(self.ignore, (tuple, list)):
@@ -226,56 +191,31 @@ class QuantConfig:
             fail("hessian_budget_mb", "to be a number > 0 (MiB)")
         if not is_int(self.seed):
             fail("seed", "to be an int")
-        for name in ("exact_fit", "verify"):
+        for name in ("verify", "bias_correction", "bn_reestimation"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "to be a bool")
-        self._check_methods(fail, is_int)
         if not is_int(self.version) or self.version < 1:
             fail("version", "to be an int >= 1")
         if self.version > CONFIG_VERSION:
             fail("version", f"<= {CONFIG_VERSION} (written by a newer mpq)")
 
-    def _check_methods(self, fail: Any, is_int: Any) -> None:
-        """Validate the options of the baseline methods (gptq, adaround, ocs, ilp, bias correction)."""
+    def _check_method(self, fail: Any) -> None:
+        """``method`` (a name or a method config) and ``options`` to the name and the method's config."""
+        from mpq.methods.base import MethodConfig, available, get_method  # the registry: plugins may add methods
 
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-        for name in ("gptq_act_order", "ocs_grid_aware", "bias_correction", "bn_reestimation"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, "to be a bool")
-        for name in ("gptq_damp", "point_damp"):
-            if not is_num(getattr(self, name)) or not 0 < getattr(self, name) <= 1:
-                fail(name, "to be a number in (0, 1]")
-        if not is_int(self.adaround_iters) or self.adaround_iters < 1:
-            fail("adaround_iters", "to be an int >= 1")
-        if not is_num(self.adaround_lr) or not self.adaround_lr > 0:
-            fail("adaround_lr", "to be a number > 0")
-        if not is_num(self.adaround_lambda) or self.adaround_lambda < 0:
-            fail("adaround_lambda", "to be a number >= 0")
-        for name in ("adaquant_iters", "companding_iters", "companding_breakpoints"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
-                fail(name, "to be an int >= 1")
-        for name in ("adaquant_lr", "adaquant_scale_lr", "companding_lr"):
-            if not is_num(getattr(self, name)) or not getattr(self, name) > 0:
-                fail(name, "to be a number > 0")
-        if not is_num(self.ocs_expand_ratio) or not 0 < self.ocs_expand_ratio <= 1:
-            fail("ocs_expand_ratio", "to be a number in (0, 1]")
-        if not is_num(self.ocs_split_threshold) or not 0 <= self.ocs_split_threshold < 1:
-            fail("ocs_split_threshold", "to be a number in [0, 1)")
-        if isinstance(self.ilp_bits, (list, tuple)):
-            self.ilp_bits = tuple(self.ilp_bits)
-        if (
-            not isinstance(self.ilp_bits, tuple)
-            or not self.ilp_bits
-            or not all(is_int(b) and MIN_W_BITS <= b <= MAX_W_BITS for b in self.ilp_bits)
-            or len(set(self.ilp_bits)) != len(self.ilp_bits)
-        ):
-            fail("ilp_bits", f"to be a non-empty tuple of distinct ints in {MIN_W_BITS}..{MAX_W_BITS}")
-        if self.ilp_rounding not in _ILP_ROUNDINGS:
-            fail("ilp_rounding", f"to be one of {_ILP_ROUNDINGS}")
-        if self.bn_reference not in _BN_REFERENCES:
-            fail("bn_reference", f"to be one of {_BN_REFERENCES}")
+        if isinstance(self.method, MethodConfig):
+            if self.options is not None and self.options != self.method:
+                fail("options", "to be None when method is a method config (it holds the options)")
+            self.options, self.method = self.method, self.method.method_name
+        if self.method not in available():
+            fail("method", f"to be one of {available()} or a method config")
+        config_type = get_method(self.method).config_type
+        if self.options is None:
+            self.options = config_type()
+        elif isinstance(self.options, dict):
+            self.options = config_type.from_dict(self.options)
+        elif not isinstance(self.options, config_type):
+            fail("options", f"to be None or a {config_type.__name__} (the options of method {self.method!r})")
 
     @property
     def budget_bits(self) -> float:
@@ -313,30 +253,137 @@ class QuantConfig:
         )
 
     def replace(self, **changes: Any) -> QuantConfig:
-        """A validated copy with some fields changed."""
+        """A validated copy with some fields changed. A new ``method`` given by name comes with
+        its default options unless ``options`` is given too."""
         self._check_field_names("mpq.QuantConfig.replace", changes)
+        legacy = _pop_legacy(changes)
+        if legacy:
+            method = changes.get("method", self.method)
+            keep = method == self.method and "options" not in changes  # change the current options
+            changes["options"] = _options_from_legacy(
+                method, legacy, "mpq.QuantConfig.replace", self.options if keep else None
+            )
+        if "method" in changes and "options" not in changes:
+            changes["options"] = None  # the new method's defaults (or the options a method config holds)
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def _check_field_names(cls, where: str, d: dict[str, Any]) -> None:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)} - legacy_field_names()
         if unknown:
             raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """JSON-ready: the common fields, ``method`` (the name) and ``options`` (the method's)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["ignore"] = list(self.ignore)
-        d["ilp_bits"] = list(self.ilp_bits)
+        d["options"] = self.options.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        """From ``to_dict``'s form, or from a version-1 dict of flat fields (mapped to the method's
+        config; other methods' flat fields, which version 1 carried along, are dropped)."""
         if not isinstance(d, dict):
             raise TypeError(
                 f"mpq.QuantConfig.from_dict: expected d to be a dict of QuantConfig fields, got {type(d).__name__}"
+            )
+        version = d.get("version", CONFIG_VERSION)
+        if isinstance(version, int) and version > CONFIG_VERSION:  # before its fields: they may be new ones
+            raise ValueError(
+                f"mpq.QuantConfig.from_dict: expected version <= {CONFIG_VERSION}, got {version} "
+                "(written by a newer mpq; upgrade mpq to read it)"
             )
         cls._check_field_names("mpq.QuantConfig.from_dict", d)
         d = dict(d)
         if "ignore" in d:
             d["ignore"] = tuple(d["ignore"])
+        legacy = _pop_legacy(d)
+        if d.get("version", CONFIG_VERSION) == 1:  # a file of mpq 0.1: all flat fields, silently mapped
+            d["version"] = CONFIG_VERSION
+            d["options"] = _options_from_legacy(d.get("method", "multipoint"), legacy, None)
+        elif legacy:
+            if d.get("options") is not None:
+                raise ValueError(
+                    f"mpq.QuantConfig.from_dict: expected either options or the flat fields {sorted(legacy)}, got both"
+                )
+            d["options"] = _options_from_legacy(d.get("method", "multipoint"), legacy, "mpq.QuantConfig.from_dict")
         return cls(**d)
+
+    def __getattr__(self, name: str) -> Any:
+        """Version-1 flat names (``cfg.gptq_damp``) read the method's config, with a warning."""
+        if name.startswith("_") or name not in legacy_field_names():
+            raise AttributeError(f"'QuantConfig' object has no attribute {name!r}")
+        from mpq.methods.base import config_types
+
+        owners = [t for t in config_types() if name in t.legacy_fields]
+        options = self.__dict__.get("options")
+        owner = next((t for t in owners if isinstance(options, t)), owners[0])
+        source = options if isinstance(options, owner) else owner()
+        warnings.warn(
+            f"mpq.QuantConfig.{name} is deprecated: read config.options.{owner.legacy_fields[name]} "
+            f"({owner.__name__}, the options of method {owner.method_name!r})",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(source, owner.legacy_fields[name])
+
+
+def legacy_field_names() -> set[str]:
+    """The flat method fields of config version 1 (``gptq_damp``, ``ilp_bits``, ...)."""
+    from mpq.methods.base import config_types
+
+    return set().union(*(t.legacy_names() for t in config_types()))
+
+
+def _pop_legacy(d: dict[str, Any]) -> dict[str, Any]:
+    names = legacy_field_names()
+    return {k: d.pop(k) for k in list(d) if k in names}
+
+
+def _options_from_legacy(
+    method: Any, flat: dict[str, Any], warn_from: str | None, start: MethodConfig | None = None
+) -> MethodConfig | None:
+    """The options of ``method`` (a name) from version-1 flat fields: its defaults, or ``start``
+    (its current config) with the fields it owns changed; ``warn_from`` names the caller in the
+    ``DeprecationWarning`` (None: no warning). Returns None for a method config or an unknown
+    name (``QuantConfig`` reports those)."""
+    from mpq.methods.base import available, get_method
+
+    if not isinstance(method, str) or method not in available():
+        return None
+    config_type = get_method(method).config_type
+    used = sorted(set(flat) & (config_type.legacy_names() if start is None else set(config_type.legacy_fields)))
+    if warn_from is not None:
+        ignored = sorted(set(flat) - set(used))
+        warnings.warn(
+            f"{warn_from}: the flat method fields {sorted(flat)} are deprecated; pass the method's config, e.g. "
+            f"method={config_type.__name__}(...)"
+            + (f"; {ignored} do not apply to method {method!r} and are ignored" if ignored else ""),
+            DeprecationWarning,
+            stacklevel=4,
+        )
+    if start is None:
+        return config_type.from_legacy(flat)
+    return dataclasses.replace(start, **{config_type.legacy_fields[k]: flat[k] for k in used})
+
+
+def _init_with_legacy_fields(init: Any) -> Any:
+    """``QuantConfig(gptq_damp=0.02, method="gptq")``, the version-1 form, keeps working: the flat
+    method fields become the method's config, with a ``DeprecationWarning``."""
+
+    def __init__(self: QuantConfig, *args: Any, **kwargs: Any) -> None:
+        legacy = _pop_legacy(kwargs)
+        if legacy:
+            if kwargs.get("options") is not None:
+                raise ValueError(
+                    f"mpq.QuantConfig: expected either options or the flat fields {sorted(legacy)}, got both"
+                )
+            kwargs["options"] = _options_from_legacy(kwargs.get("method", "multipoint"), legacy, "mpq.QuantConfig")
+        init(self, *args, **kwargs)
+
+    __init__.__doc__ = init.__doc__
+    return __init__
+
+
+QuantConfig.__init__ = _init_with_legacy_fields(QuantConfig.__init__)  # type: ignore[method-assign]

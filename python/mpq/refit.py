@@ -11,7 +11,7 @@ import torch
 from mpq.calibrate import LayerStats
 from mpq.methods.uniform import CHUNK_BYTES
 
-__all__ = ["refit_scales"]
+__all__ = ["refit_scales", "int8_mergeable_scales"]
 
 
 def _normal_equations(Q: torch.Tensor, w: torch.Tensor, stats: LayerStats, group: torch.Tensor, mode: str):
@@ -70,13 +70,16 @@ def refit_scales(
     stats: LayerStats,
     groups: int,
     mode: str = "output",
+    group_of: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """New float32 scales [C, P]: for each channel j, its first counts[j] scales re-solved jointly.
 
-    weight [C, D], codes int8 [C, P, D], scales [C, P], counts int [C]."""
+    weight [C, D], codes int8 [C, P, D], scales [C, P], counts int [C]; ``group_of`` [C]: each
+    channel's group (default: the layer's C channels in ``groups`` equal groups)."""
     C, P, D = codes.shape
     out = scales.clone().float()
-    group_of = torch.arange(C) // (C // groups)
+    if group_of is None:
+        group_of = torch.arange(C) // (C // groups)
     for n in range(1, P + 1):
         rows = (counts.cpu() == n).nonzero().flatten()
         if rows.numel() == 0:
@@ -91,3 +94,52 @@ def refit_scales(
         ok = (info == 0) & torch.isfinite(new).all(1) & (_error(A, b, new) <= _error(A, b, old))
         out[rows, :n] = torch.where(ok[:, None], new, old).float()
     return out
+
+
+# Significant bits kept in a merged point's scale, so that (whole number <= 2**5) * scale is exact
+# in float32: the int8 kernels then compute exactly the weight the simulation holds.
+_MERGE_SCALE_BITS = 19
+
+
+def int8_mergeable_scales(
+    weight: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    counts: torch.Tensor,
+    stats: LayerStats,
+    groups: int,
+    w_bits: int,
+    mode: str = "output",
+    code_bound: int = 127,
+) -> torch.Tensor:
+    """Scales under which each channel's first two points merge exactly into one int8 point.
+
+    For a channel with n >= 2 points, r = round(a_1 / a_2) clamped to 1..(code_bound - K) // K
+    (K = 2**(w_bits - 1) - 1, so |r q_1 + q_2| <= code_bound), then the scales of the codes
+    (r q_1 + q_2, q_3, ..., q_n) are re-solved jointly (``refit_scales``, ``mode``), the merged one
+    rounded to 19 significant bits (a), and the channel keeps a_1 = r a, a_2 = a: the same codes,
+    and a weight that the CPU int8 kernels compute as one row (``mpq::multipoint_*_stored``'s
+    exact merge). Channels with one point, or non-positive scales, keep theirs. Returns new float32
+    scales [C, P]; weight [C, D], codes int8 [C, P, D], counts int [C]."""
+    C, P, D = codes.shape
+    K = 2 ** (w_bits - 1) - 1
+    r_max = (code_bound - K) // K
+    s = scales.double().cpu()
+    n = counts.long().cpu()
+    merge = (n >= 2) & (s[:, 0] > 0) & (s[:, 1] > 0) if P >= 2 else torch.zeros(C, dtype=torch.bool)
+    if r_max < 1 or not bool(merge.any()):
+        return scales.clone().float()
+    rows = merge.nonzero().flatten()
+    r = (s[rows, 0] / s[rows, 1]).round().clamp(1, r_max)
+    q = codes[rows].cpu().to(torch.int16)
+    merged = torch.cat([(r.to(torch.int16)[:, None] * q[:, 0] + q[:, 1])[:, None], q[:, 2:]], 1).to(torch.int8)
+    start = torch.cat([s[rows, 1:2], s[rows, 2:]], 1).float()
+    group_of = rows // (C // groups)
+    a = refit_scales(weight[rows], merged, start, n[rows] - 1, stats, groups, mode, group_of=group_of)
+    mantissa, exponent = torch.frexp(a[:, 0].double())
+    a0 = torch.ldexp(torch.round(mantissa * 2**_MERGE_SCALE_BITS), exponent - _MERGE_SCALE_BITS)
+    out = scales.clone().float().cpu()
+    out[rows, 0] = (a0 * r).float()
+    out[rows, 1] = a0.float()
+    out[rows, 2:] = a[:, 1:].float()
+    return out.to(scales.device)

@@ -152,7 +152,7 @@ def _check_model(imodel, qmodel, x, tolerance=0.05):
 
 
 # Quick W4A8 settings (the integer conversion does not depend on them).
-_FAST = dict(sensitivity="relative", calib_samples=256, scale_refit="none")
+_FAST = dict(sensitivity="relative", calib_samples=256, options=mpq.MultipointConfig(scale_refit="none"))
 
 
 # ---- ResNet-18 (random weights, randomised BatchNorm statistics, 64x64) --------------------------

@@ -32,7 +32,7 @@ CASES = {
     "W4A8-float-first": (dict(w_bits=4, a_bits=8, avg_bits=5.5, ignore=("0",)), True),
     "W3A16-no-linear-bias": (dict(w_bits=3, a_bits=None, avg_bits=4.0), False),
     # codebook layers (non-uniform levels): their own spec kinds and the codebook buffer
-    "companding-W3A8": (dict(method="companding", w_bits=3, a_bits=8, companding_iters=10), True),
+    "companding-W3A8": (dict(method=mpq.CompandingConfig(iters=10), w_bits=3, a_bits=8), True),
 }
 
 

@@ -103,13 +103,13 @@ def test_max_points_bound_is_one(max_points):
 
 @pytest.mark.parametrize("w_bits", [0, 1, layout.MIN_W_BITS, 4, layout.MAX_W_BITS, layout.MAX_W_BITS + 1])
 def test_w_bits_bound_is_one(w_bits):
-    """QuantConfig (w_bits, ilp_bits), the modules and the C++ ops accept the same code widths."""
+    """QuantConfig (w_bits), ILPConfig (bits), the modules and the C++ ops accept the same code widths."""
     expected = layout.MIN_W_BITS <= w_bits <= layout.MAX_W_BITS
     codes = torch.zeros(2, 1, 4, dtype=torch.int8)
     scales, counts = torch.ones(2, 1), torch.ones(2, dtype=torch.int32)
     sites = {
         "QuantConfig": lambda: mpq.QuantConfig(w_bits=w_bits, avg_bits=None),
-        "QuantConfig.ilp_bits": lambda: mpq.QuantConfig(ilp_bits=(w_bits,)),
+        "ILPConfig.bits": lambda: mpq.ILPConfig(bits=(w_bits,)),
         "MultipointLinear": lambda: MultipointLinear(4, 2, 1, w_bits),
         "MultipointConv2d": lambda: MultipointConv2d(4, 2, [1, 1], 1, w_bits, [1, 1], [0, 0], [1, 1]),
         "mpq::fit_multipoint": lambda: ops.fit_multipoint(torch.randn(2, 4), w_bits, 1, False),

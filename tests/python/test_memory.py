@@ -154,9 +154,9 @@ def test_big_h_fallback_is_taken_logged_and_close_to_the_full_path(kept, caplog)
     # the one-point GPTQ method takes the same path
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mpq"):
-        fit = gptq_fit(w, stats, 2, 4, small_cfg.replace(rtn_range="minmax"), "big.layer")
+        fit = gptq_fit(w, stats, 2, 4, small_cfg.replace(method="gptq", rtn_range="minmax"), "big.layer")
     assert sum("'big.layer'" in r.getMessage() for r in caplog.records) == 1
-    one = gptq_fit(w, stats, 2, 4, full_cfg.replace(rtn_range="minmax"))
+    one = gptq_fit(w, stats, 2, 4, full_cfg.replace(method="gptq", rtn_range="minmax"))
     e = [float(output_errors(w, f.codes, f.scales, stats, 2).sum()) for f in (fit, one)]
     assert e[0] <= BLOCKWISE_MARGIN * e[1], e
 

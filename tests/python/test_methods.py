@@ -162,29 +162,36 @@ def test_ilp_infeasible_budget_takes_the_smallest_widths(caplog):
 
 
 def test_config_validates_the_method_options():
-    cfg = mpq.QuantConfig(method="ilp", ilp_bits=[2, 4, 8], ilp_rounding="gptq", bias_correction=True)
-    assert cfg.ilp_bits == (2, 4, 8) and mpq.QuantConfig.from_dict(cfg.to_dict()) == cfg
-    for bad in (
-        {"gptq_damp": 0.0},
-        {"adaround_iters": 0},
-        {"adaround_lr": -1.0},
-        {"ocs_expand_ratio": 0.0},
-        {"ocs_split_threshold": 1.0},
-        {"ilp_bits": (1, 4)},
-        {"ilp_bits": (4, 4)},
-        {"ilp_rounding": "ocs"},
-        {"ilp_rounding": "companding"},
-        {"bias_correction": 1},
-        {"adaquant_iters": 0},
-        {"adaquant_lr": 0.0},
-        {"adaquant_scale_lr": -1e-3},
-        {"companding_breakpoints": 0},
-        {"companding_iters": 1.5},
-        {"companding_lr": 0},
-        {"bn_reestimation": 1},
-        {"bn_reference": "training"},
+    cfg = mpq.QuantConfig(method=mpq.ILPConfig(bits=[2, 4, 8], rounding="gptq"), bias_correction=True)
+    assert cfg.options.bits == (2, 4, 8) and cfg.options.rounding == mpq.GPTQConfig()
+    assert mpq.QuantConfig.from_dict(cfg.to_dict()) == cfg
+    for config_type, bad in (
+        (mpq.GPTQConfig, {"damp": 0.0}),
+        (mpq.AdaRoundConfig, {"iters": 0}),
+        (mpq.AdaRoundConfig, {"lr": -1.0}),
+        (mpq.AdaRoundConfig, {"reg_lambda": -0.1}),
+        (mpq.OCSConfig, {"expand_ratio": 0.0}),
+        (mpq.OCSConfig, {"split_threshold": 1.0}),
+        (mpq.ILPConfig, {"bits": (1, 4)}),
+        (mpq.ILPConfig, {"bits": (4, 4)}),
+        (mpq.ILPConfig, {"rounding": "ocs"}),
+        (mpq.ILPConfig, {"rounding": "companding"}),
+        (mpq.ILPConfig, {"rounding": mpq.OCSConfig()}),
+        (mpq.AdaQuantConfig, {"iters": 0}),
+        (mpq.AdaQuantConfig, {"lr": 0.0}),
+        (mpq.AdaQuantConfig, {"scale_lr": -1e-3}),
+        (mpq.CompandingConfig, {"breakpoints": 0}),
+        (mpq.CompandingConfig, {"iters": 1.5}),
+        (mpq.CompandingConfig, {"lr": 0}),
+        (mpq.MultipointConfig, {"point_damp": 0.0}),
+        (mpq.MultipointConfig, {"point_rounding": "up"}),
+        (mpq.MultipointConfig, {"scale_refit": "both"}),
+        (mpq.MultipointConfig, {"exact_fit": 1}),
     ):
-        with pytest.raises(ValueError, match=f"expected {next(iter(bad))}"):
+        with pytest.raises(ValueError, match=f"mpq.{config_type.__name__}: expected {next(iter(bad))}"):
+            config_type(**bad)
+    for bad in ({"bias_correction": 1}, {"bn_reestimation": 1}, {"bn_reference": "training"}):
+        with pytest.raises(ValueError, match=f"mpq.QuantConfig: expected {next(iter(bad))}"):
             mpq.QuantConfig(**bad)
 
 
@@ -341,13 +348,12 @@ def _small_model() -> nn.Module:
 def test_every_method_runs_through_quantize(method):
     model = _small_model()
     calib = [torch.randn(8, 3, 12, 12) for _ in range(2)]
+    short = {"adaround": dict(iters=50), "adaquant": dict(iters=50), "companding": dict(iters=30)}
     cfg = mpq.QuantConfig(
         method=method,
+        options=short.get(method),
         w_bits=3,
         a_bits=None,
-        adaround_iters=50,
-        adaquant_iters=50,
-        companding_iters=30,
         bias_correction=True,
         avg_bits=3.5,
     )
@@ -382,7 +388,7 @@ def test_every_method_runs_through_quantize(method):
 def test_companded_layers_store_codes_scales_and_a_codebook(tmp_path):
     model = _small_model()
     calib = [torch.randn(8, 3, 12, 12) for _ in range(2)]
-    q = mpq.quantize(model, calib, mpq.QuantConfig(method="companding", w_bits=3, a_bits=8, companding_iters=30))
+    q = mpq.quantize(model, calib, mpq.QuantConfig(method=mpq.CompandingConfig(iters=30), w_bits=3, a_bits=8))
     layers = [m for m in q.modules() if isinstance(m, (CodebookConv2d, CodebookLinear))]
     assert len(layers) == 4
     for m in layers:
@@ -409,7 +415,7 @@ def test_adaquant_bias_tuning_is_bias_correction():
     # mpq's correction supplies the same bias (not twice).
     model = _small_model()
     calib = [torch.randn(8, 3, 12, 12) for _ in range(2)]
-    cfg = mpq.QuantConfig(method="adaquant", w_bits=3, a_bits=None, adaquant_iters=30)
+    cfg = mpq.QuantConfig(method=mpq.AdaQuantConfig(iters=30), w_bits=3, a_bits=None)
     q1, q2 = mpq.quantize(model, calib, cfg), mpq.quantize(model, calib, cfg.replace(bias_correction=True))
     l1, l2 = ([m for m in q.modules() if isinstance(m, mpq.nn.modules.MultipointLayer)] for q in (q1, q2))
     for a, b in zip(l1, l2):
@@ -421,12 +427,10 @@ def test_ilp_composes_with_adaquant_and_keeps_its_budget():
     model = _small_model()
     calib = [torch.randn(8, 3, 12, 12) for _ in range(2)]
     cfg = mpq.QuantConfig(
-        method="ilp",
-        ilp_rounding="adaquant",
+        method=mpq.ILPConfig(rounding=mpq.AdaQuantConfig(iters=30)),
         w_bits=3,
         a_bits=None,
         avg_bits=4.5,
-        adaquant_iters=30,
         sensitivity="relative",
     )
     targets, _ = find_targets(model, cfg)
@@ -439,7 +443,10 @@ def test_ilp_composes_with_adaquant_and_keeps_its_budget():
     ada = get_method("adaquant")
     for t in targets:  # each layer holds AdaQuant's fit (weights and bias) at its chosen width
         ctx = LayerContext(t, t.weight_matrix().float(), stats[t.name], chosen[t.name], 1, cfg)
-        a, b = ilp.fit(ctx), ada.fit(ctx)
+        ada_ctx = LayerContext(
+            t, t.weight_matrix().float(), stats[t.name], chosen[t.name], 1, cfg.replace(method=cfg.options.rounding)
+        )
+        a, b = ilp.fit(ctx), ada.fit(ada_ctx)
         assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.bias, b.bias)
     q = mpq.quantize(model, calib, cfg)
     assert mpq.last_report(q).avg_bits <= 4.5 + 1e-12  # the program's accounting is the report's
@@ -449,10 +456,9 @@ def test_adaquant_bias_correction_and_bn_reestimation_compose():
     model = _bn_model()
     x = torch.randn(16, 3, 10, 10)
     cfg = mpq.QuantConfig(
-        method="adaquant",
+        method=mpq.AdaQuantConfig(iters=30),
         w_bits=3,
         a_bits=None,
-        adaquant_iters=30,
         bias_correction=True,
         bn_reestimation=True,
         bn_reference="float",
@@ -492,7 +498,7 @@ def lite0():
 
 def _fit_all(lite, method, bits, **cfg):
     _, _, targets, stats, _, _ = lite
-    c = mpq.QuantConfig(**cfg)
+    c = mpq.QuantConfig(method=method, **cfg)
     q = get_method(method)
     return {
         t.name: _dequantize(q.fit(LayerContext(t, t.weight_matrix().float(), stats[t.name], bits, 1, c)))
@@ -631,7 +637,7 @@ def test_adaquant_beats_rtn_on_lite0_layers(lite0):
 
 def test_adaquant_improves_rtn_on_lite0_w4a16(lite0):
     _, folded, targets, stats, _, _ = lite0
-    cfg = mpq.QuantConfig(rtn_range="mse", adaquant_iters=100)
+    cfg = mpq.QuantConfig(method=mpq.AdaQuantConfig(iters=100), rtn_range="mse")
     ada = get_method("adaquant")
     fits = {t.name: ada.fit(LayerContext(t, t.weight_matrix().float(), stats[t.name], 4, 1, cfg)) for t in targets}
     f_ada = _fidelity(lite0, {n: _dequantize(f) for n, f in fits.items()}, {n: f.bias for n, f in fits.items()})

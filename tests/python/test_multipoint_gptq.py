@@ -1,4 +1,4 @@
-"""Multipoint joined with GPTQ (config.point_rounding="gptq"): the output-aware point sequence,
+"""Multipoint joined with GPTQ (MultipointConfig.point_rounding="gptq"): the output-aware point sequence,
 its nesting, the per-channel choice between sequences in mpq.quantize, and its effect on the
 real EfficientNet-Lite0."""
 
@@ -35,7 +35,7 @@ def _layer(groups: int = 2, C: int = 32, D: int = 48, seed: int = 5):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_gptq_points_lower_the_output_error_of_the_first_point(bits):
     w, stats = _layer()
-    cfg = mpq.QuantConfig(w_bits=bits, point_rounding="gptq")
+    cfg = mpq.QuantConfig(w_bits=bits, method=mpq.MultipointConfig(point_rounding="gptq"))
     codes, scales = gptq_points(LayerContext(SimpleNamespace(groups=2), w, stats, bits, 4, cfg))
     assert codes.dtype == torch.int8 and codes.abs().max() <= 2 ** (bits - 1) - 1
     g_codes, g_scales, _ = mpq.ops.fit_multipoint(w, bits, 4, False)
@@ -48,7 +48,7 @@ def test_gptq_points_lower_the_output_error_of_the_first_point(bits):
 
 def test_gptq_points_are_nested():
     w, stats = _layer()
-    cfg = mpq.QuantConfig(w_bits=3, point_rounding="gptq")
+    cfg = mpq.QuantConfig(w_bits=3, method=mpq.MultipointConfig(point_rounding="gptq"))
     c4, s4 = gptq_points(LayerContext(SimpleNamespace(groups=2), w, stats, 3, 4, cfg))
     c2, s2 = gptq_points(LayerContext(SimpleNamespace(groups=2), w, stats, 3, 2, cfg))
     assert torch.equal(c2, c4[:, :2]) and torch.equal(s2, s4[:, :2])
@@ -75,7 +75,11 @@ def test_gptq_points_lower_the_kl_of_efficientnet_lite0_at_3_bits(lite0):
     model, data, ref = lite0
     kl = {}
     for rounding in ("nearest", "gptq"):
-        q = mpq.quantize(model, data.calib_batches, mpq.QuantConfig.preset("W3A16", point_rounding=rounding))
+        q = mpq.quantize(
+            model,
+            data.calib_batches,
+            mpq.QuantConfig.preset("W3A16", method=mpq.MultipointConfig(point_rounding=rounding)),
+        )
         assert mpq.last_report(q).avg_bits <= 3.5 + 1e-9
         with torch.no_grad():
             kl[rounding] = fidelity(q(data.eval_images), ref, data.labels)["kl"]

@@ -74,7 +74,9 @@ def test_a_method_hook_builds_the_layer_type():
         ("companding", {mpq.nn.CodebookConv2d, mpq.nn.CodebookLinear}),
         ("rtn", {mpq.nn.MultipointConv2d, mpq.nn.MultipointLinear}),
     ):
-        q = mpq.quantize(model, calib, mpq.QuantConfig(method=name, companding_iters=5))
+        q = mpq.quantize(
+            model, calib, mpq.QuantConfig(method=name, options=dict(iters=5) if name == "companding" else None)
+        )
         assert {type(m) for m in q.modules() if isinstance(m, mpq.nn.MultipointLayer)} == kinds
     assert not get_method("rtn").uses_sensitivity and get_method("multipoint").uses_sensitivity
     assert get_method("ilp").uses_sensitivity and get_method("rtn").choose_bits([], {}, mpq.QuantConfig()) == {}

@@ -195,6 +195,65 @@ def test_8_bit_codes_take_int8_kernels_only_where_exact():
     assert mpq.ops.int8_kernels_exact(7) and mpq.ops.int8_kernels_exact(4)
 
 
+@pytest.mark.parametrize("layer", [l for l in LAYERS if l[7] in (None, 1, 3)], ids=lambda l: "-".join(map(str, l)))
+def test_points_with_whole_number_scale_ratios_merge_exactly(layer):
+    """Channels whose point scales divide by whole numbers (a_k = r a_{k+1}, exactly) run as one
+    int8 row r q_k + q_{k+1} when the merged codes stay in the exact range (``merge_points_exactly``
+    in csrc/cpu/multipoint_stored.cpp): still within the float64 bound, on codes at their extremes,
+    chains of merges, ratios whose merged codes overflow (not merged), and 1-ulp misses."""
+    m = _layer(*layer, points=4)
+    codes, scales = m.unpacked()
+    C = codes.shape[0]
+    codes = torch.where(codes >= 0, 7, -8).to(torch.int8)  # merged codes reach r * 7 + 7 and -(r * 8 + 8)
+    # Scales of 11 significant bits, so that whole-number multiples up to 2**13 are exact in float32.
+    base = torch.randint(1024, 2048, (C,), generator=torch.Generator().manual_seed(2)).float() * 2.0**-19
+    ratios = [(1, 1, 1), (5, 3, 2), (15, 1, 1), (14, 9, 1), (17, 2, 2), (30, 1, 1), (2, 2, 2), (7, 4, 3)]
+    for c in range(C):
+        r1, r2, r3 = ratios[c % len(ratios)]
+        s3 = float(base[c])
+        scales[c] = torch.tensor([s3 * r3 * r2 * r1, s3 * r3 * r2, s3 * r3, s3])
+        if c % 5 == 4:
+            scales[c, 0] = torch.nextafter(scales[c, 0], torch.tensor(1.0))  # 1 ulp off: no merge
+    counts = torch.tensor([4, 3, 2, 0, 1] * C, dtype=torch.int32)[:C]
+    m.set_weight(codes.reshape(C, 4, *m.code_shape), scales, counts, m.bias)
+    kind, cin = layer[0], layer[1]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, cin, generator=g) if kind == "linear" else torch.randn(2, cin, 11, 13, generator=g)
+    for grid in GRIDS:
+        m.set_act_qparams(*grid)
+        with torch.no_grad():
+            y = _int8_path(m, x)
+            ref, bound, _ = layer_bound(m, x)
+        assert bool(((y.double() - ref).abs() <= bound).all()), (grid, float(((y.double() - ref).abs() / bound).max()))
+    if not mpq.ops.int8_kernels_exact(8):
+        return
+    # Every channel two points at ratio 9: the kernels compute exactly what an 8-bit one-point layer
+    # of codes 9 q_1 + q_2 at scale a_2 computes (same rows, same oneDNN call): equal bit for bit.
+    two = _layer(*layer, points=2)
+    q, _ = two.unpacked()
+    two.set_weight(q, torch.stack([base * 9, base], 1), torch.full((C,), 2, dtype=torch.int32), m.bias)
+    one = _layer(*layer, bits=8, points=1)
+    merged = (9 * q[:, 0].to(torch.int16) + q[:, 1]).to(torch.int8)[:, None]
+    one.set_weight(merged, base[:, None], torch.ones(C, dtype=torch.int32), m.bias)
+    for layer_ in (two, one):
+        layer_.set_act_qparams(*GRIDS[1])
+    with torch.no_grad():
+        assert torch.equal(_int8_path(two, x), _int8_path(one, x))
+
+
+def _int8_path(m, x):
+    """The stored op of layer ``m`` on its int8 path."""
+    if isinstance(m, mpq.nn.MultipointLinear):
+        return mpq.ops.multipoint_linear_stored(
+            x, m.point_codes, m.point_scales, m.num_points, m.w_bits, m.in_features, m.bias, m.act_qparams, "int8"
+        )
+    return mpq.ops.multipoint_conv2d_stored(
+        x,
+        *(m.point_codes, m.point_scales, m.num_points, m.w_bits, m.code_shape, m.bias, m.act_qparams),
+        *(m.stride, m.padding, m.dilation, m.groups, "int8"),
+    )
+
+
 _ISA_CHILD = textwrap.dedent(
     """
     import sys, torch
@@ -204,6 +263,9 @@ _ISA_CHILD = textwrap.dedent(
         for grid in t.GRIDS:
             t.test_stored_layers_equal_the_float64_reference_element_wise(layer, grid)
     t.test_8_bit_codes_take_int8_kernels_only_where_exact()
+    for layer in t.LAYERS:
+        if layer[7] in (None, 1, 3):
+            t.test_points_with_whole_number_scale_ratios_merge_exactly(layer)
     print("ok", torch.backends.cpu.get_cpu_capability(), mpq.ops.int8_kernels_exact(8))
     """
 )

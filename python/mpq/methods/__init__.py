@@ -4,23 +4,43 @@ Every method turns one layer's weight (with its calibration statistics) into poi
 int8 codes [C, P, D] and float32 scales [C, P], optionally a new bias. Multipoint methods return
 P > 1 nested points per channel and ``mpq.quantize`` allocates how many each channel keeps;
 single-point methods return P = 1. New methods register with ``@register``.
+
+Each method's options are a frozen dataclass in the method's file (``MultipointConfig``,
+``GPTQConfig``, ...), passed as ``QuantConfig(method=GPTQConfig(act_order=True))``.
 """
 
-from mpq.methods.adaquant import AdaQuantQuantizer
-from mpq.methods.adaround import AdaRoundQuantizer
-from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, available, get_method, register
+from mpq.methods.adaquant import AdaQuantConfig, AdaQuantQuantizer
+from mpq.methods.adaround import AdaRoundConfig, AdaRoundQuantizer
+from mpq.methods.base import (
+    FittedWeight,
+    LayerContext,
+    MethodConfig,
+    WeightQuantizer,
+    available,
+    get_method,
+    register,
+)
 from mpq.methods.bias_correction import corrected_bias
-from mpq.methods.companding import CompandingQuantizer
-from mpq.methods.gptq import GPTQQuantizer
-from mpq.methods.ilp import ILPQuantizer
-from mpq.methods.multipoint import MultipointQuantizer
-from mpq.methods.ocs import OCSQuantizer
-from mpq.methods.rtn import RTNQuantizer
+from mpq.methods.companding import CompandingConfig, CompandingQuantizer
+from mpq.methods.gptq import GPTQConfig, GPTQQuantizer
+from mpq.methods.ilp import ILPConfig, ILPQuantizer
+from mpq.methods.multipoint import MultipointConfig, MultipointQuantizer
+from mpq.methods.ocs import OCSConfig, OCSQuantizer
+from mpq.methods.rtn import RTNConfig, RTNQuantizer
 
 __all__ = [
     "FittedWeight",
     "LayerContext",
     "WeightQuantizer",
+    "MethodConfig",
+    "MultipointConfig",
+    "RTNConfig",
+    "GPTQConfig",
+    "AdaRoundConfig",
+    "OCSConfig",
+    "ILPConfig",
+    "AdaQuantConfig",
+    "CompandingConfig",
     "MultipointQuantizer",
     "RTNQuantizer",
     "GPTQQuantizer",

@@ -34,9 +34,9 @@ bias correction adds exactly that Delta mu after the fit, so AdaQuant then leave
 (no double correction). The paper's "BN tuning" is ``config.bn_reestimation``; both compose with
 this method through ``mpq.quantize``.
 
-Settings and departures: ``config.adaquant_iters`` (default 300) full-batch Adam steps, V in
-units of the initial grid step at ``config.adaquant_lr`` (default 3e-3), log s at
-``config.adaquant_scale_lr`` (default 1e-2), chosen on EfficientNet-Lite0 layers (V at 1e-2 or
+Settings and departures: ``AdaQuantConfig.iters`` (default 300) full-batch Adam steps, V in
+units of the initial grid step at ``lr`` (default 3e-3), log s at
+``scale_lr`` (default 1e-2), chosen on EfficientNet-Lite0 layers (V at 1e-2 or
 3e-2 ended 5-25% higher); public code derived from the paper's runs 100 mini-batch steps on
 stored inputs (learning rates 1e-5 on the raw weights, 1e-3 on bias and weight range). The layer
 input is the full-precision model's (the paper's parallel variant; its sequential variant feeds
@@ -54,10 +54,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, register
+from mpq.methods.base import FittedWeight, LayerContext, MethodConfig, WeightQuantizer, register
 from mpq.methods.uniform import channel_scales, grid_max, layer_hessian, low_rank_factor
 
 __all__ = ["AdaQuantQuantizer", "adaquant_quantize", "centred_moment", "layer_problem"]
@@ -164,12 +166,34 @@ def adaquant_quantize(
     return codes.reshape(C, D).to(torch.int8), scales.reshape(C), db
 
 
+@dataclass(frozen=True)
+class AdaQuantConfig(MethodConfig):
+    """AdaQuant's options: ``iters`` full-batch Adam steps, on the weights' offsets at ``lr`` and on
+    the log step sizes at ``scale_lr``."""
+
+    iters: int = 300
+    lr: float = 3e-3
+    scale_lr: float = 1e-2
+
+    legacy_fields: ClassVar[dict[str, str]] = {
+        "adaquant_iters": "iters",
+        "adaquant_lr": "lr",
+        "adaquant_scale_lr": "scale_lr",
+    }
+
+    def check(self) -> None:
+        self._check_int("iters", 1)
+        for name in ("lr", "scale_lr"):
+            self._check_number(name, "> 0", lambda v: v > 0)
+
+
 @register
 class AdaQuantQuantizer(WeightQuantizer):
-    """AdaQuant, one point per channel (``config.adaquant_iters``, ``adaquant_lr``,
-    ``adaquant_scale_lr``; initial step sizes by ``config.rtn_range``); tunes the bias too."""
+    """AdaQuant, one point per channel (``AdaQuantConfig``; initial step sizes by
+    ``config.rtn_range``); tunes the bias too."""
 
     name = "adaquant"
+    config_type = AdaQuantConfig
 
     def fit(self, ctx: LayerContext) -> FittedWeight:
         cfg = ctx.config
@@ -182,9 +206,9 @@ class AdaQuantQuantizer(WeightQuantizer):
             ctx.stats.mean,
             channel_scales(ctx.weight, ctx.bits, cfg.rtn_range),
             ctx.bits,
-            cfg.adaquant_iters,
-            cfg.adaquant_lr,
-            cfg.adaquant_scale_lr,
+            cfg.options.iters,
+            cfg.options.lr,
+            cfg.options.scale_lr,
         )
         bias = None
         if not cfg.bias_correction:  # else mpq's bias correction adds the same db after the fit

@@ -12,13 +12,13 @@ averaged over the calibration rows; H = E[x x^T], per group for grouped convs), 
 regulariser, off during the first 20% of the iterations, then weighted by ``lambda`` with beta
 annealed linearly from 20 to 2, drives every h(V) to 0 or 1. The final codes are
 clip(floor(W / s) + [V >= 0], -K, K). Paper / reference-code settings kept: zeta, gamma, the 20%
-warm-up, beta 20 -> 2, lambda = 0.01 (``config.adaround_lambda``), Adam on V only.
+warm-up, beta 20 -> 2, lambda = 0.01 (``AdaRoundConfig.reg_lambda``), Adam on V only.
 
 Departures, for a bounded CPU budget: the loss is the layer's own output error from H (the
 paper's eq. 21 also passes the output through the activation function and uses the quantized
-model's inputs, which needs the inputs themselves); ``config.adaround_iters`` full-batch steps
+model's inputs, which needs the inputs themselves); ``AdaRoundConfig.iters`` full-batch steps
 (default 500; the paper uses 10k-20k mini-batch steps at learning rate 1e-3) at a larger
-learning rate ``config.adaround_lr`` (default 5e-2). Measured on EfficientNet-Lite0 layers
+learning rate ``lr`` (default 5e-2). Measured on EfficientNet-Lite0 layers
 (output error relative to RTN's, 2 and 4 bits, five layers): 300 steps at 1e-2 left 32-102% of
 RTN's error, 1000 steps at 3e-2 8-98% (98%: a 2-bit depthwise layer, where the MSE grid clips
 most weights and floor/ceil leaves no choice); GPTQ was lower still on most of them. The grid scale per channel comes
@@ -26,16 +26,18 @@ from ``config.rtn_range`` (min-max or MSE) and stays fixed. The gradient is comp
 form (one product with H per step). NB: lambda weighs the regulariser against the absolute size
 of the output error, as in the paper; for trained CNN layers (weights ~0.05, inputs ~1) the
 regulariser dominates after the warm-up and every h(V) settles at 0 or 1; for layers whose
-output error per weight is far above lambda (std-1 weights), raise ``adaround_lambda``.
+output error per weight is far above lambda (std-1 weights), raise ``reg_lambda``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, register
+from mpq.methods.base import FittedWeight, LayerContext, MethodConfig, WeightQuantizer, register
 from mpq.methods.uniform import channel_scales, grid_max, layer_hessian, low_rank_factor
 
 __all__ = ["AdaRoundQuantizer", "adaround_quantize"]
@@ -109,12 +111,33 @@ def adaround_quantize(
     return codes.reshape(C, D).to(torch.int8)
 
 
+@dataclass(frozen=True)
+class AdaRoundConfig(MethodConfig):
+    """AdaRound's options: ``iters`` full-batch Adam steps on V at learning rate ``lr``, rounding
+    regulariser weight ``reg_lambda`` (the paper's lambda)."""
+
+    iters: int = 500
+    lr: float = 5e-2
+    reg_lambda: float = 0.01
+
+    legacy_fields: ClassVar[dict[str, str]] = {
+        "adaround_iters": "iters",
+        "adaround_lr": "lr",
+        "adaround_lambda": "reg_lambda",
+    }
+
+    def check(self) -> None:
+        self._check_int("iters", 1)
+        self._check_number("lr", "> 0", lambda v: v > 0)
+        self._check_number("reg_lambda", ">= 0", lambda v: v >= 0)
+
+
 @register
 class AdaRoundQuantizer(WeightQuantizer):
-    """AdaRound, one point per channel (``config.adaround_iters``, ``adaround_lr``,
-    ``adaround_lambda``, scale rule ``config.rtn_range``)."""
+    """AdaRound, one point per channel (``AdaRoundConfig``; scale rule ``config.rtn_range``)."""
 
     name = "adaround"
+    config_type = AdaRoundConfig
 
     def fit(self, ctx: LayerContext) -> FittedWeight:
         cfg = ctx.config
@@ -122,7 +145,6 @@ class AdaRoundQuantizer(WeightQuantizer):
         H = layer_hessian(
             ctx.stats, ctx.target.groups, ctx.config.hessian_budget_mb, getattr(ctx.target, "name", "?"), self.name
         )
-        codes = adaround_quantize(
-            ctx.weight, H, scale, ctx.bits, cfg.adaround_iters, cfg.adaround_lr, cfg.adaround_lambda
-        )
+        opts: AdaRoundConfig = cfg.options
+        codes = adaround_quantize(ctx.weight, H, scale, ctx.bits, opts.iters, opts.lr, opts.reg_lambda)
         return FittedWeight(codes[:, None, :], scale.float()[:, None])

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -14,6 +15,102 @@ from mpq.nn import MultipointConv2d, MultipointLinear
 if TYPE_CHECKING:  # pragma: no cover
     from mpq.calibrate import LayerStats, QuantTarget
     from mpq.config import QuantConfig
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The options of one weight quantizer. Each method's file owns a frozen subclass, names it as
+    the method's ``config_type``, and validates it in ``check``; ``register`` ties the two, so
+    ``QuantConfig(method=GPTQConfig(act_order=True))`` selects the method and its options at once.
+
+    ``legacy_fields`` maps the flat ``QuantConfig`` field names of config version 1 (e.g.
+    ``gptq_damp``) to this config's fields, so that old code and saved files keep working."""
+
+    method_name: ClassVar[str] = ""  # set by ``register``
+    legacy_fields: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the field when an option is out of range."""
+
+    def _fail(self, name: str, expected: str) -> None:
+        raise ValueError(f"mpq.{type(self).__name__}: expected {name} {expected}, got {getattr(self, name)!r}")
+
+    def _check_int(self, name: str, least: int) -> None:
+        if not _is_int(getattr(self, name)) or getattr(self, name) < least:
+            self._fail(name, f"to be an int >= {least}")
+
+    def _check_number(self, name: str, expected: str, ok: Any) -> None:
+        if not _is_number(getattr(self, name)) or not ok(getattr(self, name)):
+            self._fail(name, f"to be a number {expected}")
+
+    def _check_bool(self, name: str) -> None:
+        if not isinstance(getattr(self, name), bool):
+            self._fail(name, "to be a bool")
+
+    def _check_choice(self, name: str, allowed: tuple[str, ...]) -> None:
+        if getattr(self, name) not in allowed:
+            self._fail(name, f"to be one of {allowed}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields; a nested method config as ``{"method": name, "options": {...}}``."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, MethodConfig):
+                v = {"method": v.method_name, "options": v.to_dict()}
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MethodConfig:
+        if not isinstance(d, dict):
+            raise TypeError(f"mpq.{cls.__name__}.from_dict: expected a dict of options, got {type(d).__name__}")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"mpq.{cls.__name__}.from_dict: unknown options {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def legacy_names(cls) -> set[str]:
+        """The flat version-1 field names this config reads (``from_legacy``)."""
+        return set(cls.legacy_fields)
+
+    @classmethod
+    def from_legacy(cls, flat: dict[str, Any]) -> MethodConfig:
+        """This config from flat version-1 fields; fields of other methods are ignored."""
+        return cls(**{new: flat[old] for old, new in cls.legacy_fields.items() if old in flat})
+
+
+def method_config(spec: str | MethodConfig | dict[str, Any], allowed: Sequence[str] | None = None) -> MethodConfig:
+    """A method's config from its name (its defaults), itself, or ``{"method": name, "options": {...}}``;
+    ``allowed`` restricts the methods. Raises ``ValueError`` naming the choices."""
+    if isinstance(spec, dict):
+        if set(spec) - {"method", "options"} or "method" not in spec:
+            raise ValueError(f'mpq: expected a method config as {{"method": name, "options": {{...}}}}, got {spec!r}')
+        name, options = spec["method"], spec.get("options") or {}
+    elif isinstance(spec, MethodConfig):
+        name, options = spec.method_name, None
+    else:
+        name, options = spec, {}
+    choices = list(allowed) if allowed is not None else available()
+    if name not in choices or name not in _REGISTRY:
+        raise ValueError(f"mpq: unknown method {name!r}; expected one of {choices}")
+    if options is None:
+        return spec  # type: ignore[return-value]
+    return _REGISTRY[name].config_type.from_dict(options)
 
 
 @dataclass
@@ -63,6 +160,7 @@ class WeightQuantizer:
 
     name: ClassVar[str] = ""
     multipoint: ClassVar[bool] = False
+    config_type: ClassVar[type[MethodConfig]] = MethodConfig  # the method's options (``register`` checks)
 
     def fit(self, ctx: LayerContext) -> FittedWeight:  # pragma: no cover - interface
         raise NotImplementedError
@@ -112,14 +210,29 @@ _REGISTRY: dict[str, type[WeightQuantizer]] = {}
 
 
 def register(cls: type[WeightQuantizer]) -> type[WeightQuantizer]:
+    """Add a method to the registry (``QuantConfig.method``). Its ``config_type`` is its own
+    ``MethodConfig`` subclass; a method without one gets an empty config of its own."""
     if not cls.name or cls.name in _REGISTRY:
         raise ValueError(f"mpq.methods.register: expected a new, non-empty method name, got {cls.name!r}")
+    if cls.config_type is MethodConfig:
+        cls.config_type = dataclass(frozen=True)(type(f"{cls.__name__}Config", (MethodConfig,), {}))
+    if not issubclass(cls.config_type, MethodConfig) or cls.config_type.method_name:
+        raise ValueError(
+            f"mpq.methods.register: expected {cls.__name__}.config_type to be a MethodConfig subclass of its own, "
+            f"got {cls.config_type!r}"
+        )
+    cls.config_type.method_name = cls.name
     _REGISTRY[cls.name] = cls
     return cls
 
 
 def available() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def config_types() -> list[type[MethodConfig]]:
+    """The registered methods' config types."""
+    return [cls.config_type for cls in _REGISTRY.values()]
 
 
 def get_method(name: str) -> WeightQuantizer:

@@ -7,7 +7,7 @@ A non-uniform symmetric quantizer per layer:
 
 with K = 2^(b-1) - 1 positive levels (2^b - 1 levels in all, like mpq's uniform grid), s_j a
 per-output-channel scale and c a monotone piecewise-linear companding function on [0, 1] with
-c(0) = 0, c(1) = 1: ``config.companding_breakpoints`` (default 16, as in LCQ) intervals of equal
+c(0) = 0, c(1) = 1: ``CompandingConfig.breakpoints`` (default 16, as in LCQ) intervals of equal
 input width whose slopes are softmax(theta) times their number (LCQ's parametrisation), shared by
 all channels of the layer. Rounding happens in the companded domain, as in LCQ. The levels are
 s_j * l_i with l_i = c^-1(i / K), i = -K..K (l_-i = -l_i): a per-layer codebook.
@@ -16,7 +16,7 @@ Post-training fit (LCQ trains theta and the range with the network): per layer, 
 the layer-output error tr((W - W_q) H (W - W_q)^T) on the calibration second moment H (per group
 for grouped convolutions; the centred H - mu mu^T when ``config.bias_correction`` will remove the
 mean shift) over theta and log s, through straight-through rounding as in LCQ, for
-``config.companding_iters`` full-batch steps (default 150) at ``config.companding_lr`` (default
+``iters`` full-batch steps (default 150) at ``lr`` (default
 2e-2 on theta; log s at a fifth of it). It starts from the uniform grid (c = identity, s = K times
 the ``config.rtn_range`` step), where it is exactly round to nearest, and keeps the best iterate:
 never above uniform RTN on the calibration objective. The straight-through landscape is rough
@@ -39,12 +39,14 @@ work), and no fused or CUDA kernel exists for it.
 """
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from mpq.methods.adaquant import centred_moment, layer_problem
-from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, register
+from mpq.methods.base import FittedWeight, LayerContext, MethodConfig, WeightQuantizer, register
 from mpq.methods.uniform import channel_scales, grid_max, layer_hessian
 from mpq.nn.codebook import CodebookConv2d, CodebookLayer, CodebookLinear
 
@@ -182,13 +184,35 @@ def companding_quantize(
     return codes.reshape(C, D).to(torch.int8), scales.reshape(C), codebook
 
 
+@dataclass(frozen=True)
+class CompandingConfig(MethodConfig):
+    """Companding's options: ``breakpoints`` intervals of the piecewise-linear function, ``iters``
+    full-batch Adam steps at ``lr``."""
+
+    breakpoints: int = 16
+    iters: int = 150
+    lr: float = 2e-2
+
+    legacy_fields: ClassVar[dict[str, str]] = {
+        "companding_breakpoints": "breakpoints",
+        "companding_iters": "iters",
+        "companding_lr": "lr",
+    }
+
+    def check(self) -> None:
+        self._check_int("breakpoints", 1)
+        self._check_int("iters", 1)
+        self._check_number("lr", "> 0", lambda v: v > 0)
+
+
 @register
 class CompandingQuantizer(WeightQuantizer):
     """Post-training LCQ: a per-layer companding function and per-channel scales
-    (``config.companding_breakpoints``, ``companding_iters``, ``companding_lr``; start from the
-    ``config.rtn_range`` grid). Runs as ``CodebookConv2d`` / ``CodebookLinear``."""
+    (``CompandingConfig``; start from the ``config.rtn_range`` grid). Runs as ``CodebookConv2d`` /
+    ``CodebookLinear``."""
 
     name = "companding"
+    config_type = CompandingConfig
 
     def fit(self, ctx: LayerContext) -> FittedWeight:
         cfg = ctx.config
@@ -202,9 +226,9 @@ class CompandingQuantizer(WeightQuantizer):
             H,
             channel_scales(ctx.weight, ctx.bits, cfg.rtn_range),
             ctx.bits,
-            cfg.companding_breakpoints,
-            cfg.companding_iters,
-            cfg.companding_lr,
+            cfg.options.breakpoints,
+            cfg.options.iters,
+            cfg.options.lr,
         )
         return FittedWeight(codes[:, None, :], scales.float()[:, None], codebook=codebook.float())
 

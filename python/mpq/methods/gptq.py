@@ -5,7 +5,7 @@ Per layer, with H = E[x x^T] of the calibration inputs (per group for grouped co
 columns of W are quantized one at a time and the rounding error of each column is spread over
 the not yet quantized columns, weighted by the Cholesky factor of H^-1, so that the layer-output
 error tr((W - W_q) H (W - W_q)^T) stays small. As in the paper's reference implementation:
-dampening of ``config.gptq_damp`` (1%) of the mean diagonal of H, the upper Cholesky factor of
+dampening of ``GPTQConfig.damp`` (1%) of the mean diagonal of H, the upper Cholesky factor of
 H^-1, lazy batch updates in blocks of 128 columns, optional act-order (columns in decreasing
 order of diag(H)), and a per-channel symmetric grid whose scale is fixed from the full-precision
 weight before the sweep (``config.rtn_range``: min-max or MSE-optimal).
@@ -31,9 +31,12 @@ such an input is non-zero on other data.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, register
+from mpq.methods.base import FittedWeight, LayerContext, MethodConfig, WeightQuantizer, register
 from mpq.methods.uniform import (
     block_columns,
     channel_scales,
@@ -219,12 +222,27 @@ def gptq_quantize(
     return Q.reshape(C, D).to(torch.int8)
 
 
+@dataclass(frozen=True)
+class GPTQConfig(MethodConfig):
+    """GPTQ's options: dampening ``damp`` of the mean diagonal of H (the paper's 1%); columns in
+    decreasing diag(H) order when ``act_order``."""
+
+    damp: float = 0.01
+    act_order: bool = False
+
+    legacy_fields: ClassVar[dict[str, str]] = {"gptq_damp": "damp", "gptq_act_order": "act_order"}
+
+    def check(self) -> None:
+        self._check_number("damp", "in (0, 1]", lambda v: 0 < v <= 1)
+        self._check_bool("act_order")
+
+
 @register
 class GPTQQuantizer(WeightQuantizer):
-    """GPTQ, one point per channel (``config.gptq_damp``, ``config.gptq_act_order``, scale rule
-    ``config.rtn_range``)."""
+    """GPTQ, one point per channel (``GPTQConfig``; scale rule ``config.rtn_range``)."""
 
     name = "gptq"
+    config_type = GPTQConfig
 
     def fit(self, ctx: LayerContext) -> FittedWeight:
         return gptq_fit(
@@ -236,10 +254,11 @@ def gptq_fit(w: torch.Tensor, stats, groups: int, bits: int, config, name: str =
     """One GPTQ point for ``w`` [C, D] from the layer's calibration statistics (block-diagonal H
     when the whole H exceeds ``config.hessian_budget_mb``)."""
     scale = channel_scales(w, bits, config.rtn_range)
+    opts: GPTQConfig = config.options
     if hessian_fits(stats, groups, config.hessian_budget_mb):
-        codes = gptq_quantize(w, layer_hessian(stats, groups), scale, bits, config.gptq_damp, config.gptq_act_order)
+        codes = gptq_quantize(w, layer_hessian(stats, groups), scale, bits, opts.damp, opts.act_order)
     else:
         block = block_columns(stats, groups, config.hessian_budget_mb, name)
-        blocks = gptq_block_factors(stats, groups, config.gptq_damp, config.gptq_act_order, block)
+        blocks = gptq_block_factors(stats, groups, opts.damp, opts.act_order, block)
         codes = gptq_quantize_blocked(w, blocks, scale, bits, stats)
     return FittedWeight(codes[:, None, :], scale.float()[:, None])

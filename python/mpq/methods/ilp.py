@@ -2,14 +2,14 @@
 Training Quantization With Small Calibration Sets", ICML 2021 (AdaQuant / CalibTIP), section 4;
 Yao et al., "HAWQ-V3: Dyadic Neural Network Quantization", ICML 2021, section 3.3).
 
-Every layer l gets one bit width b from ``config.ilp_bits`` (default {2, 3, 4, 8}); the choice
+Every layer l gets one bit width b from ``ILPConfig.bits`` (default {2, 3, 4, 8}); the choice
 minimises the summed sensitivity sum_l Omega_l(b_l) under a size budget, solved exactly as a
 0-1 integer program with ``scipy.optimize.milp`` (HiGHS): one binary x_lb per layer and width,
 sum_b x_lb = 1 per layer, sum_lb size_lb x_lb <= budget.
 
 - Omega_l(b) = sum_j s_lj (w_j - w_j^(b))^T H_l (w_j - w_j^(b)): the layer-output error of the
-  layer quantized at b bits by the one-point method ``config.ilp_rounding`` (``"rtn"``: round to
-  nearest; ``"gptq"``, ``"adaround"``, ``"adaquant"``: that registered method at width b), with
+  layer quantized at b bits by the one-point method ``ILPConfig.rounding`` (``"rtn"``: round to
+  nearest; ``"gptq"``, ``"adaround"``, ``"adaquant"``, or their configs: that method at width b), with
   H_l the centred second moment H - mu mu^T when the bias will absorb the mean output shift (the
   method tunes the bias, as AdaQuant does, or ``config.bias_correction``), weighted per output
   channel exactly like the multipoint allocation (``allocate.py``): the Fisher
@@ -31,14 +31,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
-from mpq.layout import point_bits
+from mpq.layout import MAX_W_BITS, MIN_W_BITS, point_bits
 from mpq.methods.adaquant import centred_moment
-from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, get_method, register
+from mpq.methods.base import (
+    FittedWeight,
+    LayerContext,
+    MethodConfig,
+    WeightQuantizer,
+    config_types,
+    get_method,
+    method_config,
+    register,
+)
 from mpq.methods.uniform import channel_scales, layer_hessian, round_to_grid, weighted_error
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,7 +57,55 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger("mpq")
 
-__all__ = ["ILPQuantizer", "solve_bit_allocation"]
+__all__ = ["ILPConfig", "ILPQuantizer", "solve_bit_allocation"]
+
+ILP_ROUNDINGS = ("rtn", "gptq", "adaround", "adaquant")  # the one-point uniform methods
+
+
+@dataclass(frozen=True)
+class ILPConfig(MethodConfig):
+    """ILP's options: the candidate widths ``bits``, and the one-point method that rounds each
+    layer at its width, ``rounding``: a name of ``ILP_ROUNDINGS`` (with its defaults) or that
+    method's config, e.g. ``ILPConfig(rounding=GPTQConfig(act_order=True))``."""
+
+    bits: tuple[int, ...] = (2, 3, 4, 8)
+    rounding: Any = "rtn"  # str | MethodConfig; a MethodConfig once built
+
+    legacy_fields: ClassVar[dict[str, str]] = {"ilp_bits": "bits", "ilp_rounding": "rounding"}
+
+    def check(self) -> None:
+        if isinstance(self.bits, list):
+            object.__setattr__(self, "bits", tuple(self.bits))
+        if (
+            not isinstance(self.bits, tuple)
+            or not self.bits
+            or not all(
+                isinstance(b, int) and not isinstance(b, bool) and MIN_W_BITS <= b <= MAX_W_BITS for b in self.bits
+            )
+            or len(set(self.bits)) != len(self.bits)
+        ):
+            self._fail("bits", f"to be a non-empty tuple of distinct ints in {MIN_W_BITS}..{MAX_W_BITS}")
+        try:
+            rounding = method_config(self.rounding, ILP_ROUNDINGS)
+        except ValueError:
+            rounding = None
+        if rounding is None:
+            self._fail("rounding", f"to be one of {ILP_ROUNDINGS} or its method config")
+        object.__setattr__(self, "rounding", rounding)
+
+    @classmethod
+    def legacy_names(cls) -> set[str]:
+        return set(cls.legacy_fields).union(
+            *(t.legacy_names() for t in config_types() if t.method_name in ILP_ROUNDINGS)
+        )
+
+    @classmethod
+    def from_legacy(cls, flat: dict[str, Any]) -> ILPConfig:
+        """``ilp_bits``, ``ilp_rounding`` and the rounding method's own version-1 fields (``gptq_damp``, ...)."""
+        rounding = flat.get("ilp_rounding", "rtn")
+        if rounding in ILP_ROUNDINGS:
+            rounding = get_method(rounding).config_type.from_legacy(flat)
+        return cls(**({"bits": flat["ilp_bits"]} if "ilp_bits" in flat else {}), rounding=rounding)
 
 
 def solve_bit_allocation(costs: np.ndarray, sizes: np.ndarray, budget: int) -> list[int]:
@@ -106,9 +164,10 @@ def _rtn_fit(w: torch.Tensor, bits: int, rule: str) -> FittedWeight:
 @register
 class ILPQuantizer(WeightQuantizer):
     """Per-layer bit widths from an exact integer program, then the one-point method
-    ``config.ilp_rounding`` at each layer's width (round to nearest, GPTQ, AdaRound, AdaQuant)."""
+    ``ILPConfig.rounding`` at each layer's width (round to nearest, GPTQ, AdaRound, AdaQuant)."""
 
     name = "ilp"
+    config_type = ILPConfig
 
     def __init__(self) -> None:
         self._fits: dict[tuple[str, int], FittedWeight] = {}
@@ -120,10 +179,12 @@ class ILPQuantizer(WeightQuantizer):
     ) -> FittedWeight:
         key = (target.name, bits)
         if key not in self._fits:
-            if config.ilp_rounding == "rtn":
+            rounding: MethodConfig = config.options.rounding
+            if rounding.method_name == "rtn":
                 self._fits[key] = _rtn_fit(w, bits, config.rtn_range)
-            else:  # any registered one-point uniform method (config validates the name)
-                self._fits[key] = get_method(config.ilp_rounding).fit(LayerContext(target, w, stats, bits, 1, config))
+            else:  # the rounding method, with its own options
+                ctx = LayerContext(target, w, stats, bits, 1, config.replace(method=rounding))
+                self._fits[key] = get_method(rounding.method_name).fit(ctx)
         return self._fits[key]
 
     @property
@@ -141,7 +202,7 @@ class ILPQuantizer(WeightQuantizer):
         layers = [t for t in targets if t.role == "inner"]
         if not layers:
             return {}
-        widths = sorted(config.ilp_bits)
+        widths = sorted(config.options.bits)
         costs = np.zeros((len(layers), len(widths)))
         sizes = np.zeros((len(layers), len(widths)), dtype=np.int64)
         total_weights = 0

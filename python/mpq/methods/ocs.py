@@ -9,7 +9,7 @@ range, and the widened weight is then rounded to nearest. As in the authors' ref
 (cornell-zhang/dnn-quant-ocs, ``ocs_wts``), within a split channel only the weights above
 ``split_threshold`` (0.5) times the channel's maximum are halved (the others stay whole in the
 original copy, zero in the duplicate), a channel may be split again, and the optional
-quantization-aware split (``config.ocs_grid_aware``) makes the halves w/2 - s/4 and w/2 + s/4 so
+quantization-aware split (``OCSConfig.grid_aware``) makes the halves w/2 - s/4 and w/2 + s/4 so
 that their rounded sum equals round(w / s). Differences: the threshold uses max |w| of the channel
 (the reference uses the signed max), the grid is per output channel (``config.rtn_range``, like
 every mpq method; the paper used per-tensor grids with clipping), and for grouped convolutions
@@ -34,11 +34,13 @@ store ``(C_in/groups + n_split) * kh * kw`` codes per output channel and one sca
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from mpq.layout import SCALE_BITS, point_bits
-from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, register
+from mpq.methods.base import FittedWeight, LayerContext, MethodConfig, WeightQuantizer, register
 from mpq.methods.uniform import channel_scales, grid_max, round_to_grid
 
 __all__ = ["OCSQuantizer", "ocs_split", "ocs_fold_codes", "ocs_nominal_bits", "ocs_num_split"]
@@ -111,21 +113,45 @@ def ocs_fold_codes(
     return torch.stack(points, dim=1).to(torch.int8), need
 
 
+@dataclass(frozen=True)
+class OCSConfig(MethodConfig):
+    """OCS's options: split ``expand_ratio`` of the input channels, halving the weights above
+    ``split_threshold`` times the split channel's maximum; quantization-aware halves when
+    ``grid_aware``."""
+
+    expand_ratio: float = 0.05
+    split_threshold: float = 0.5
+    grid_aware: bool = False
+
+    legacy_fields: ClassVar[dict[str, str]] = {
+        "ocs_expand_ratio": "expand_ratio",
+        "ocs_split_threshold": "split_threshold",
+        "ocs_grid_aware": "grid_aware",
+    }
+
+    def check(self) -> None:
+        self._check_number("expand_ratio", "in (0, 1]", lambda v: 0 < v <= 1)
+        self._check_number("split_threshold", "in [0, 1)", lambda v: 0 <= v < 1)
+        self._check_bool("grid_aware")
+
+
 @register
 class OCSQuantizer(WeightQuantizer):
-    """Outlier channel splitting at ``config.ocs_expand_ratio`` then round to nearest, folded back
-    to the layer's width as equal-scale points (see the module docstring for the bit accounting)."""
+    """Outlier channel splitting (``OCSConfig``) then round to nearest, folded back to the layer's
+    width as equal-scale points (see the module docstring for the bit accounting)."""
 
     name = "ocs"
+    config_type = OCSConfig
 
     def fit(self, ctx: LayerContext) -> FittedWeight:
         cfg = ctx.config
         C, D = ctx.weight.shape
         I = ctx.target.module.weight.shape[1]  # input channels per group (in_features for Linear)
         w3 = ctx.weight.double().cpu().reshape(C, I, D // I)
-        wide, origin, splits = ocs_split(w3, cfg.ocs_expand_ratio, cfg.ocs_split_threshold)
+        opts: OCSConfig = cfg.options
+        wide, origin, splits = ocs_split(w3, opts.expand_ratio, opts.split_threshold)
         scale = channel_scales(wide.reshape(C, -1), ctx.bits, cfg.rtn_range).cpu()
-        if cfg.ocs_grid_aware:
+        if opts.grid_aware:
             wide = _grid_aware(w3, splits, scale)
         codes_wide = round_to_grid(wide, scale, ctx.bits)
         codes, points = ocs_fold_codes(codes_wide, origin, I, ctx.bits)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mpq import ops
-from mpq.methods.base import FittedWeight, LayerContext, WeightQuantizer, register
+from mpq.methods.base import FittedWeight, LayerContext, MethodConfig, WeightQuantizer, register
 
 
 def rtn_minmax(w: torch.Tensor, bits: int) -> FittedWeight:
@@ -18,12 +20,18 @@ def rtn_minmax(w: torch.Tensor, bits: int) -> FittedWeight:
     return FittedWeight(codes[:, None, :], scale[:, None])
 
 
+@dataclass(frozen=True)
+class RTNConfig(MethodConfig):
+    """Round to nearest has no options of its own: its grid follows ``QuantConfig.rtn_range``."""
+
+
 @register
 class RTNQuantizer(WeightQuantizer):
     """``config.rtn_range``: ``"minmax"`` (max |w|) or ``"mse"`` (the scale minimising
     ||w - a q||^2, i.e. the exact first greedy point)."""
 
     name = "rtn"
+    config_type = RTNConfig
 
     def fit(self, ctx: LayerContext) -> FittedWeight:
         if ctx.config.rtn_range == "minmax":

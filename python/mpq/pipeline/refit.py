@@ -1,5 +1,5 @@
 """Stage 5, refit: each layer's final weight at its allocated point counts: the best point
-sequence per channel, the scales re-solved jointly (``config.scale_refit``), the bias corrected
+sequence per channel, the scales re-solved jointly (``MultipointConfig.scale_refit``), the bias corrected
 (``config.bias_correction``)."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from mpq.calibrate import LayerStats, QuantTarget
 from mpq.config import QuantConfig
 from mpq.methods import FittedWeight, WeightQuantizer, corrected_bias
 from mpq.pipeline.fit import LayerFit
-from mpq.refit import refit_scales
+from mpq.pipeline.statistics import layer_a_bits
+from mpq.refit import int8_mergeable_scales, refit_scales
 
 __all__ = ["LayerWeight", "refit_layer", "best_sequences"]
 
@@ -47,6 +48,14 @@ def best_sequences(paths, path_errors: torch.Tensor, counts: torch.Tensor):
     return codes.to(paths[0][0].device), scales.to(paths[0][1].device)
 
 
+def _runs_int8_rows(t: QuantTarget, cfg: QuantConfig) -> bool:
+    """Whether the layer will run on the CPU's int8 rows: 8-bit (or fewer) activations, and not a
+    depthwise convolution (those have their own kernel, which gains nothing from merged points)."""
+    a_bits = layer_a_bits(t, cfg)
+    depthwise = t.kind != "linear" and t.groups > 1 and t.module.weight.shape[1] == 1
+    return a_bits is not None and a_bits <= 8 and not depthwise
+
+
 def refit_layer(
     fit: LayerFit, counts: torch.Tensor, stats: LayerStats, cfg: QuantConfig, method: WeightQuantizer
 ) -> LayerWeight:
@@ -56,8 +65,13 @@ def refit_layer(
     errors = fit.errors.errors
     if fit.paths is not None:
         codes, scales = best_sequences(fit.paths, fit.path_errors, n)
-    if method.multipoint and cfg.scale_refit != "none":
-        scales = refit_scales(t.weight_matrix().float(), codes, scales, n, stats, t.groups, cfg.scale_refit)
+    refit = getattr(cfg.options, "scale_refit", "none")  # a multipoint method's option
+    if method.multipoint and refit != "none":
+        scales = refit_scales(t.weight_matrix().float(), codes, scales, n, stats, t.groups, refit)
+        errors = output_errors(t.weight_matrix().float().cpu(), codes.cpu(), scales.cpu(), stats, t.groups)
+    if method.multipoint and getattr(cfg.options, "int8_merge", False) and _runs_int8_rows(t, cfg):
+        mode = refit if refit != "none" else "weight"
+        scales = int8_mergeable_scales(t.weight_matrix().float(), codes, scales, n, stats, t.groups, fit.bits, mode)
         errors = output_errors(t.weight_matrix().float().cpu(), codes.cpu(), scales.cpu(), stats, t.groups)
     if cfg.bias_correction:  # on the weight each channel finally keeps (after the refit)
         kept = (torch.arange(fit.points)[None, :] < n[:, None]).double() * scales.double().cpu()

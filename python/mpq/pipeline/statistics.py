@@ -13,7 +13,13 @@ from mpq.config import QuantConfig
 from mpq.fold import fold_batchnorm
 from mpq.pipeline.prepare import Prepared
 
-__all__ = ["Calibrated", "calibrate_layers"]
+__all__ = ["Calibrated", "calibrate_layers", "layer_a_bits"]
+
+
+def layer_a_bits(t: QuantTarget, cfg: QuantConfig) -> int | None:
+    """The activation bits of layer ``t`` (None: float): ``cfg.a_bits``, but 8 for the first and
+    last layers set apart by ``first_last``."""
+    return cfg.a_bits if t.role == "inner" or cfg.a_bits is None else 8
 
 
 @dataclass

@@ -14,7 +14,7 @@ from mpq.fold import set_submodule
 from mpq.methods import WeightQuantizer
 from mpq.pipeline.refit import LayerWeight
 from mpq.pipeline.report import LayerReport
-from mpq.pipeline.statistics import Calibrated
+from mpq.pipeline.statistics import Calibrated, layer_a_bits
 
 logger = logging.getLogger("mpq")
 
@@ -28,7 +28,7 @@ def build_layer(lw: LayerWeight, cal: Calibrated, cfg: QuantConfig, method: Weig
     q = method.build_module(t, lw.points, lw.bits, bias is not None, lw.codebook)
     C = lw.codes.shape[0]
     q.set_weight(lw.codes.reshape([C, q.max_points] + q.code_shape), lw.scales, lw.counts, bias)
-    a_bits = cfg.a_bits if t.role == "inner" or cfg.a_bits is None else 8
+    a_bits = layer_a_bits(t, cfg)
     if a_bits is not None:
         s = cal.input_stats(t.name)  # one quantizer per input tensor
         q.set_act_qparams(*activation_qparams(s.act_values, s.act_min, s.act_max, a_bits, cfg.act_range))

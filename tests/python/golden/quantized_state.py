@@ -32,19 +32,24 @@ ENV = {
     "MKL_NUM_THREADS": "2",
 }
 
-# Fashion-MNIST ResNet cases: QuantConfig fields (short iterations keep the run at about a minute).
+# Fashion-MNIST ResNet cases: QuantConfig fields, the method's options as a dict (short iterations
+# keep the run at about a minute).
 FASHION_CASES = {
     "multipoint_w3a8_bias_bn": dict(w_bits=3, a_bits=8, bias_correction=True, bn_reestimation=True),
     "multipoint_w4a16_layer_scope_nearest": dict(
-        w_bits=4, a_bits=None, scope="layer", point_rounding="nearest", scale_refit="weight", first_last="8bit"
+        w_bits=4,
+        a_bits=None,
+        scope="layer",
+        options=dict(point_rounding="nearest", scale_refit="weight"),
+        first_last="8bit",
     ),
     "rtn_w4a8_mse_float_ends": dict(method="rtn", rtn_range="mse", first_last="float"),
-    "gptq_w3a16_act_order": dict(method="gptq", w_bits=3, a_bits=None, gptq_act_order=True),
-    "adaround_w4a8": dict(method="adaround", adaround_iters=20),
-    "adaquant_w4a8": dict(method="adaquant", adaquant_iters=20),
-    "ocs_w4a8_grid_aware": dict(method="ocs", ocs_grid_aware=True),
-    "ilp_w4a8_gptq": dict(method="ilp", ilp_rounding="gptq", avg_bits=4.0),
-    "companding_w3a16": dict(method="companding", w_bits=3, a_bits=None, companding_iters=20),
+    "gptq_w3a16_act_order": dict(method="gptq", w_bits=3, a_bits=None, options=dict(act_order=True)),
+    "adaround_w4a8": dict(method="adaround", options=dict(iters=20)),
+    "adaquant_w4a8": dict(method="adaquant", options=dict(iters=20)),
+    "ocs_w4a8_grid_aware": dict(method="ocs", options=dict(grid_aware=True)),
+    "ilp_w4a8_gptq": dict(method="ilp", options=dict(rounding="gptq"), avg_bits=4.0),
+    "companding_w3a16": dict(method="companding", w_bits=3, a_bits=None, options=dict(iters=20)),
 }
 
 
