@@ -158,6 +158,24 @@ def preset_config(preset: str, seed: int) -> mpq.QuantConfig:
     return mpq.QuantConfig.preset(base, seed=seed, **changes)
 
 
+def int8_columns_per_channel(q: torch.nn.Module) -> float:
+    """Output columns the CPU int8 kernels compute per output channel, over the layers with 8-bit
+    activations outside depthwise convolutions: 1 for a channel's first row (its leading points
+    that merge, ``mpq.ops.int8_merged_points``) plus one per further point."""
+    columns = channels = 0
+    for m in q.modules():
+        if not isinstance(m, mpq.nn.MultipointLayer) or m.act_qparams is None:
+            continue
+        if getattr(m, "groups", 1) > 1 and m.code_shape[0] == 1:
+            continue
+        D = int(torch.Size(m.code_shape).numel())
+        merged = mpq.ops.int8_merged_points(m.point_codes, m.point_scales, m.num_points, m.w_bits, D)
+        n = m.num_points.long()
+        columns += int(((n > 0).long() + (n - merged.long()).clamp_min(0)).sum())
+        channels += n.numel()
+    return columns / max(channels, 1)
+
+
 def run_model(name: str, batches: list[int], repeats: int, presets: list[str], seed: int, fx: bool) -> dict[str, Any]:
     model, calib, eval_images, quality = load_task(name, seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -166,6 +184,7 @@ def run_model(name: str, batches: list[int], repeats: int, presets: list[str], s
     sizes: dict[str, int] = {"fp32 state_dict": file_bytes(lambda p: torch.save(model.state_dict(), p))}
     fidelity: dict[str, Any] = {}
     quant_seconds: dict[str, float] = {}
+    int8_columns: dict[str, float] = {}
     variants["fp32"] = model
     model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     variants["fp32 channels_last"] = lambda x: model_cl(x.contiguous(memory_format=torch.channels_last))
@@ -177,6 +196,7 @@ def run_model(name: str, batches: list[int], repeats: int, presets: list[str], s
         t = time.perf_counter()
         q = mpq.quantize(model, calib, preset_config(preset, seed))
         quant_seconds[preset] = time.perf_counter() - t
+        int8_columns[preset] = int8_columns_per_channel(q)
         fused = mpq.fuse_activations(q, calib[0][:1])
         s = scripted(fused, calib[0][:1])
         variants[f"mpq {preset}"] = s
@@ -230,7 +250,13 @@ def run_model(name: str, batches: list[int], repeats: int, presets: list[str], s
                     "speed_vs_torch_int8": (fx_ms / ms) if fx_ms else None,
                 }
             )
-    return {"rows": rows, "sizes_bytes": sizes, "fidelity": fidelity, "quantize_seconds": quant_seconds}
+    return {
+        "rows": rows,
+        "sizes_bytes": sizes,
+        "fidelity": fidelity,
+        "quantize_seconds": quant_seconds,
+        "int8_columns_per_channel": int8_columns,
+    }
 
 
 def traced(model: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -535,6 +561,7 @@ def main(argv=None) -> int:
         "sizes_bytes": {},
         "fidelity": {},
         "quantize_seconds": {},
+        "int8_columns_per_channel": {},
     }
     if args.layers:
         out["layers"] = run_layers(args.repeats, args.seed)
@@ -546,8 +573,8 @@ def main(argv=None) -> int:
         else:
             r = run_model(name, args.batches, args.repeats, args.presets, args.seed, not args.no_fx)
         out["rows"] += r["rows"]
-        for key in ("sizes_bytes", "fidelity", "quantize_seconds"):
-            out[key][name] = r[key]
+        for key in ("sizes_bytes", "fidelity", "quantize_seconds", "int8_columns_per_channel"):
+            out[key][name] = r.get(key, {})
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     print(format_table(out))

@@ -27,8 +27,10 @@ def git_commit() -> str | None:
 
 
 def changed_files() -> list[str]:
-    """Tracked files that differ from the commit: the run measured them, not the commit's."""
-    return [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines() if line.strip()]
+    """Tracked files that differ from the commit: the run measured them, not the commit's (result
+    files under benchmarks/results/, which runs write, left out)."""
+    lines = _git("status", "--porcelain", "--untracked-files=no").splitlines()
+    return [f for f in (line[3:] for line in lines if line.strip()) if not f.startswith("benchmarks/results/")]
 
 
 def cpu_model() -> str:

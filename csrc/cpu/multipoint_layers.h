@@ -13,6 +13,12 @@ namespace mpq {
 // through mpq::int8_kernels_exact.
 bool int8_kernels_exact(int64_t w_bits);
 
+// Per channel of a stored weight, how many of its leading points the CPU int8 kernels run as one
+// int8 row (scales in whole-number ratios, merged codes in the exact range): int32 [C], 1 where
+// none merge, 0 for channels without points (csrc/cpu/multipoint_stored.cpp: merge_points_exactly).
+at::Tensor int8_merged_points(const at::Tensor& point_codes, const at::Tensor& point_scales,
+                              const at::Tensor& num_points, int64_t w_bits, int64_t D);
+
 at::Tensor dequantize_multipoint_cpu(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
                                      at::ScalarType dtype);
 

@@ -483,6 +483,28 @@ std::vector<int64_t> merge_points_exactly(at::Tensor& codes, at::Tensor& scales,
   return first_unmerged;
 }
 
+}  // namespace
+
+at::Tensor int8_merged_points(const at::Tensor& point_codes, const at::Tensor& point_scales,
+                              const at::Tensor& num_points, int64_t w_bits, int64_t D) {
+  const char* op = "mpq::int8_merged_points";
+  check_stored(op, point_codes, point_scales, num_points, w_bits, D);
+  TORCH_CHECK(point_codes.device().is_cpu(), op, ": expected CPU tensors (the CPU int8 kernels' rule), got ",
+              point_codes.device());
+  const int64_t C = num_points.size(0);
+  const int64_t P = C ? std::max<int64_t>(1, num_points.max().item<int64_t>()) : 1;
+  auto [codes, scales] = unpack_points(point_codes, point_scales, num_points, w_bits, D, P);
+  codes = codes.contiguous();
+  scales = scales.to(at::kFloat).contiguous();
+  const auto n = num_points.to(at::kInt).contiguous();
+  const std::vector<int64_t> first = merge_points_exactly(codes, scales, n.data_ptr<int>());
+  auto out = at::empty({C}, at::kInt);
+  for (int64_t c = 0; c < C; ++c) out[c] = n.data_ptr<int>()[c] > 0 ? int(first[c]) : 0;
+  return out;
+}
+
+namespace {
+
 PreparedInt8 expand_points(const at::Tensor& point_codes, const at::Tensor& point_scales, const at::Tensor& num_points,
                            int64_t w_bits, at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias,
                            int64_t groups) {

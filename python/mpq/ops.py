@@ -23,6 +23,7 @@ from mpq.layout import (  # noqa: E402  (the shapes of the fake kernels follow t
 
 __all__ = [
     "int8_kernels_exact",
+    "int8_merged_points",
     "fit_multipoint",
     "dequantize_multipoint",
     "multipoint_linear",
@@ -374,6 +375,16 @@ def int8_kernels_exact(w_bits: int) -> bool:
     codes need VNNI (oneDNN's kernels without it add pairs of uint8 x int8 products into a
     saturating int16); where not, the ops' "auto" path takes the float path for them."""
     return torch.ops.mpq.int8_kernels_exact(w_bits)
+
+
+def int8_merged_points(
+    point_codes: torch.Tensor, point_scales: torch.Tensor, num_points: torch.Tensor, w_bits: int, D: int
+) -> torch.Tensor:
+    """Per channel of a stored weight (a multipoint layer's ``point_codes``, ``point_scales``,
+    ``num_points``), how many of its leading points the CPU int8 kernels run as one int8 row
+    (``MultipointConfig(int8_merge=True)``): int32 ``[C]``, 1 where none merge, 0 for channels
+    without points."""
+    return torch.ops.mpq.int8_merged_points(point_codes, point_scales, num_points, w_bits, D)
 
 
 # ---- fake kernels: shapes and dtypes only, for tracing -------------------------------------

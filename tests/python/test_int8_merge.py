@@ -44,6 +44,10 @@ def test_merged_scales_are_exact_whole_number_ratios_at_little_cost(w_bits):
         merged_codes = r[:, None] * codes[two, 0].flatten(1) + codes[two, 1].flatten(1)
         assert bool((merged_codes.abs() <= 127).all())
         tied += two.numel()
+        merged_points = mpq.ops.int8_merged_points(
+            m.point_codes, m.point_scales, m.num_points, w_bits, codes[0, 0].numel()
+        )
+        assert bool((merged_points[two] >= 2).all()), name  # the kernels run them as one int8 row
         # The tie costs a little of each layer's output SQNR (calibration H). Measured on this model:
         # at most 0.026 dB (layer 0 at 3 bits); allowed 0.04 dB.
         assert m.output_sqnr_db >= p.output_sqnr_db - 0.04, (name, m.output_sqnr_db, p.output_sqnr_db)

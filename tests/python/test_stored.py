@@ -216,6 +216,23 @@ def test_points_with_whole_number_scale_ratios_merge_exactly(layer):
             scales[c, 0] = torch.nextafter(scales[c, 0], torch.tensor(1.0))  # 1 ulp off: no merge
     counts = torch.tensor([4, 3, 2, 0, 1] * C, dtype=torch.int32)[:C]
     m.set_weight(codes.reshape(C, 4, *m.code_shape), scales, counts, m.bias)
+    # The points each channel's int8 row takes, by the rule (merged codes up to 127 with VNNI, 63
+    # without; the 1-ulp-off channels, c % 5 == 4, take one): chains of 3 and 4 merge at small
+    # ratios, ratio 30 never (30 * 8 > 127).
+    bound = 127 if mpq.ops.int8_kernels_exact(8) else 63
+    expect = []
+    for c in range(C):
+        n, k, run = int(counts[c]), 1, codes[c, 0].flatten().long()
+        while k < n and c % 5 != 4:
+            r = round(float(scales[c, k - 1]) / float(scales[c, k]))
+            nxt = r * run + codes[c, k].flatten().long()
+            if int(nxt.abs().max()) > bound:
+                break
+            run, k = nxt, k + 1
+        expect.append(k if n > 0 else 0)
+    D = codes[0, 0].numel()
+    assert mpq.ops.int8_merged_points(m.point_codes, m.point_scales, m.num_points, 4, D).tolist() == expect
+    assert max(expect) >= 3 and 2 in expect and 1 in expect
     kind, cin = layer[0], layer[1]
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 5, cin, generator=g) if kind == "linear" else torch.randn(2, cin, 11, 13, generator=g)
