@@ -164,9 +164,8 @@ TORCH_LIBRARY(mpq, m) {
   // Per channel of a stored weight (CPU), how many of its leading points the CPU int8 kernels run as
   // one int8 row: points whose scales divide by whole numbers exactly, with merged codes in the
   // exact range (MultipointConfig(int8_merge=True) fits such scales). int32 [C]; 1 where none merge.
-  m.def(
-      "int8_merged_points(Tensor point_codes, Tensor point_scales, Tensor num_points, int w_bits, int D) -> Tensor",
-      &mpq::int8_merged_points);
+  m.def("int8_merged_points(Tensor point_codes, Tensor point_scales, Tensor num_points, int w_bits, int D) -> Tensor",
+        &mpq::int8_merged_points);
 
   // Build facts (mpq version, torch version, CUDA kernels and architectures) as a JSON string.
   m.def("_build_info() -> str", &mpq::build_info);
