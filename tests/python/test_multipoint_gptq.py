@@ -84,6 +84,6 @@ def test_gptq_points_lower_the_kl_of_efficientnet_lite0_at_3_bits(lite0):
         with torch.no_grad():
             kl[rounding] = fidelity(q(data.eval_images), ref, data.labels)["kl"]
     # Measured with these 32 crops: KL 0.591 (nearest) vs 0.281 (gptq); with 64 crops
-    # (benchmarks/compare_methods.py) 0.576 vs 0.237 at W3A16, 0.096 vs 0.044 at W4A16,
-    # 3.48 vs 2.18 at W2A16.
+    # (benchmarks/results/compare_methods_lite0.md) 0.576 vs 0.205 at W3A16, 0.096 vs 0.035 at W4A16,
+    # 3.48 vs 2.13 at W2A16.
     assert kl["gptq"] < 0.7 * kl["nearest"], kl

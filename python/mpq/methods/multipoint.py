@@ -25,8 +25,8 @@ class MultipointConfig(MethodConfig):
     from GPTQ column sweeps with error feedback (docs/ALGORITHM.md section 1, "beyond the paper";
     dampening ``point_damp`` of the mean diagonal of H, columns in act-order when ``act_order``),
     and each channel keeps whichever sequence has the lower output error at its allocated count.
-    Measured on EfficientNet-Lite0 (KL to FP32, benchmarks/compare_methods.py): W4A8 0.096 -> 0.035,
-    W3A16 0.576 -> 0.203, W2A16 3.48 -> 2.14. ``point_damp`` is 0.1 rather than GPTQ's 0.01, chosen
+    Measured on EfficientNet-Lite0 (KL to FP32, benchmarks/compare_methods.py): W4A8 0.098 -> 0.036,
+    W3A16 0.576 -> 0.205, W2A16 3.48 -> 2.13. ``point_damp`` is 0.1 rather than GPTQ's 0.01, chosen
     on held-out data (benchmarks/results/point_damp_holdout.md): the calibration H comes from float
     inputs, while later layers of the quantized model see the earlier layers' errors.
 
