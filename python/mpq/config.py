@@ -253,8 +253,8 @@ class QuantConfig:
         )
 
     def replace(self, **changes: Any) -> QuantConfig:
-        """A validated copy with some fields changed. A new ``method`` given by name comes with
-        its default options unless ``options`` is given too."""
+        """A validated copy with some fields changed. A different ``method`` given by name comes
+        with its default options unless ``options`` is given too (the same name keeps them)."""
         self._check_field_names("mpq.QuantConfig.replace", changes)
         legacy = _pop_legacy(changes)
         if legacy:
@@ -263,7 +263,7 @@ class QuantConfig:
             changes["options"] = _options_from_legacy(
                 method, legacy, "mpq.QuantConfig.replace", self.options if keep else None
             )
-        if "method" in changes and "options" not in changes:
+        if "options" not in changes and changes.get("method", self.method) != self.method:
             changes["options"] = None  # the new method's defaults (or the options a method config holds)
         return dataclasses.replace(self, **changes)
 

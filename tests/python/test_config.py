@@ -106,6 +106,7 @@ def test_replace_keeps_or_resets_the_options():
     cfg = mpq.QuantConfig(method=mpq.GPTQConfig(damp=0.05))
     assert cfg.replace(w_bits=3).options == mpq.GPTQConfig(damp=0.05)  # same method: kept
     assert cfg.replace(method="adaround").options == mpq.AdaRoundConfig()  # a new method: its defaults
+    assert cfg.replace(method="gptq").options == mpq.GPTQConfig(damp=0.05)  # the same name: kept
     assert cfg.replace(method=mpq.AdaRoundConfig(iters=9)).options.iters == 9
     assert cfg.replace(options=mpq.GPTQConfig(act_order=True)).options == mpq.GPTQConfig(act_order=True)
 
