@@ -96,11 +96,6 @@ def refit_scales(
     return out
 
 
-# Significant bits kept in a merged point's scale, so that (whole number <= 2**5) * scale is exact
-# in float32: the int8 kernels then compute exactly the weight the simulation holds.
-_MERGE_SCALE_BITS = 19
-
-
 def int8_mergeable_scales(
     weight: torch.Tensor,
     codes: torch.Tensor,
@@ -117,7 +112,8 @@ def int8_mergeable_scales(
     For a channel with n >= 2 points, r = round(a_1 / a_2) clamped to 1..(code_bound - K) // K
     (K = 2**(w_bits - 1) - 1, so |r q_1 + q_2| <= code_bound), then the scales of the codes
     (r q_1 + q_2, q_3, ..., q_n) are re-solved jointly (``refit_scales``, ``mode``), the merged one
-    rounded to 19 significant bits (a), and the channel keeps a_1 = r a, a_2 = a: the same codes,
+    rounded to 24 - bits(r_max) significant bits (a: 19 at 4 bits), so that r a is exact in
+    float32, and the channel keeps a_1 = r a, a_2 = a: the same codes,
     and a weight that the CPU int8 kernels compute as one row (``mpq::multipoint_*_stored``'s
     exact merge). Channels with one point, or non-positive scales, keep theirs. Returns new float32
     scales [C, P]; weight [C, D], codes int8 [C, P, D], counts int [C]."""
@@ -133,11 +129,11 @@ def int8_mergeable_scales(
     r = (s[rows, 0] / s[rows, 1]).round().clamp(1, r_max)
     q = codes[rows].cpu().to(torch.int16)
     merged = torch.cat([(r.to(torch.int16)[:, None] * q[:, 0] + q[:, 1])[:, None], q[:, 2:]], 1).to(torch.int8)
-    start = torch.cat([s[rows, 1:2], s[rows, 2:]], 1).float()
     group_of = rows // (C // groups)
-    a = refit_scales(weight[rows], merged, start, n[rows] - 1, stats, groups, mode, group_of=group_of)
+    a = refit_scales(weight[rows], merged, s[rows, 1:].float(), n[rows] - 1, stats, groups, mode, group_of=group_of)
+    keep = 24 - int(r_max).bit_length()  # float32 has 24 significant bits; r needs bits(r_max) of them
     mantissa, exponent = torch.frexp(a[:, 0].double())
-    a0 = torch.ldexp(torch.round(mantissa * 2**_MERGE_SCALE_BITS), exponent - _MERGE_SCALE_BITS)
+    a0 = torch.ldexp(torch.round(mantissa * 2**keep), exponent - keep)
     out = scales.clone().float().cpu()
     out[rows, 0] = (a0 * r).float()
     out[rows, 1] = a0.float()

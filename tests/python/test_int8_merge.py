@@ -21,7 +21,7 @@ def _layers(q):
     return {n: m for n, m in q.named_modules() if isinstance(m, mpq.nn.MultipointLayer)}
 
 
-@pytest.mark.parametrize("w_bits", [3, 4])
+@pytest.mark.parametrize("w_bits", [2, 3, 4])
 def test_merged_scales_are_exact_whole_number_ratios_at_little_cost(w_bits):
     torch.manual_seed(0)
     model = randomize_batchnorm(small_cnn())
@@ -49,11 +49,11 @@ def test_merged_scales_are_exact_whole_number_ratios_at_little_cost(w_bits):
         )
         assert bool((merged_points[two] >= 2).all()), name  # the kernels run them as one int8 row
         # The tie costs a little of each layer's output SQNR (calibration H). Measured on this model:
-        # at most 0.026 dB (layer 0 at 3 bits); allowed 0.04 dB.
-        assert m.output_sqnr_db >= p.output_sqnr_db - 0.04, (name, m.output_sqnr_db, p.output_sqnr_db)
+        # at most 0.043 dB (layer 0 at 2 bits; 0.026 at 3, 0.016 at 4); allowed 0.06 dB.
+        assert m.output_sqnr_db >= p.output_sqnr_db - 0.06, (name, m.output_sqnr_db, p.output_sqnr_db)
         one = m.num_points == 1
         assert torch.equal(scales[one, 0], p.unpacked()[1][one, 0])  # one-point channels untouched
-    assert tied >= 15  # measured 23 (3 bits) and 19 (4 bits) of the 58 channels outside the depthwise conv
+    assert tied >= 15  # measured 19-23 of the 58 channels outside the depthwise conv
 
 
 def test_float_activation_layers_are_left_alone():
