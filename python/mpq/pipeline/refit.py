@@ -65,13 +65,14 @@ def refit_layer(
     errors = fit.errors.errors
     if fit.paths is not None:
         codes, scales = best_sequences(fit.paths, fit.path_errors, n)
-    refit = getattr(cfg.options, "scale_refit", "none")  # a multipoint method's option
-    if method.multipoint and refit != "none":
+    refit = getattr(cfg.options, "scale_refit", "none") if method.multipoint else "none"  # multipoint options
+    merge = method.multipoint and getattr(cfg.options, "int8_merge", False) and _runs_int8_rows(t, cfg)
+    if refit != "none":
         scales = refit_scales(t.weight_matrix().float(), codes, scales, n, stats, t.groups, refit)
-        errors = output_errors(t.weight_matrix().float().cpu(), codes.cpu(), scales.cpu(), stats, t.groups)
-    if method.multipoint and getattr(cfg.options, "int8_merge", False) and _runs_int8_rows(t, cfg):
+    if merge:
         mode = refit if refit != "none" else "weight"
         scales = int8_mergeable_scales(t.weight_matrix().float(), codes, scales, n, stats, t.groups, fit.bits, mode)
+    if refit != "none" or merge:  # the errors of the scales kept, once
         errors = output_errors(t.weight_matrix().float().cpu(), codes.cpu(), scales.cpu(), stats, t.groups)
     if cfg.bias_correction:  # on the weight each channel finally keeps (after the refit)
         kept = (torch.arange(fit.points)[None, :] < n[:, None]).double() * scales.double().cpu()
