@@ -16,7 +16,7 @@ after two warm-up calls, the same input tensor for every row):
   load: the artifact a user deploys, timed as loaded; ``mpq W4A8 unfused``: the same without
   ``fuse_activations`` (float32 between layers); ``mpq W4A8 q-residual``: with
   ``fuse_activations(quantize_residuals=True)`` (uint8 skip connections: a changed function, its
-  fidelity recorded), for the first preset and ``W8A8-1pt``;
+  fidelity recorded), for the first preset, ``W8A8-1pt`` and the ``-merge`` presets;
 - ``torch int8 (FX, x86)``: PyTorch's own static int8 (``prepare_fx`` / ``convert_fx``, x86 engine,
   W8A8 per-channel weights), calibrated on the same batches; for MiniLM ``torch int8 (dynamic)``,
   ``quantize_dynamic`` of its Linear layers (how PyTorch users run such encoders in int8).
@@ -202,7 +202,7 @@ def run_model(name: str, batches: list[int], repeats: int, presets: list[str], s
         variants[f"mpq {preset}"] = s
         if preset == presets[0]:  # the same model with float32 between layers: what the fusion gains
             variants[f"mpq {preset} unfused"] = scripted(q, calib[0][:1])
-        if preset in (presets[0], "W8A8-1pt"):
+        if preset in (presets[0], "W8A8-1pt") or preset.endswith("-merge"):
             # uint8 skip connections too (fuse_activations(quantize_residuals=True): a changed
             # function; W8A8-1pt's is PyTorch int8's: its weight format, its rounded skip path)
             qres = scripted(mpq.fuse_activations(q, calib[0][:1], quantize_residuals=True), calib[0][:1])
@@ -518,7 +518,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--presets",
         nargs="+",
-        default=["W4A8", "W4A16", "W8A8", "W8A8-1pt"],
+        default=["W4A8", "W4A8-merge", "W4A16", "W8A8", "W8A8-1pt"],
         help="mpq presets; NAME-1pt: the preset with max_points=1 (one point per channel, no further points); "
         "NAME-merge: with MultipointConfig(int8_merge=True)",
     )

@@ -26,7 +26,9 @@ def test_merged_scales_are_exact_whole_number_ratios_at_little_cost(w_bits):
     torch.manual_seed(0)
     model = randomize_batchnorm(small_cnn())
     calib = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    kw = {"w_bits": w_bits, "avg_bits": w_bits + 3.0}
+    # max_points=2 for both: int8_merge fits its layers with two points at most (see the next test),
+    # so that the plain fit has the same points and allocation to compare with.
+    kw = {"w_bits": w_bits, "avg_bits": w_bits + 3.0, "max_points": 2}
     plain, merged = _quantize(model, calib, False, **kw), _quantize(model, calib, True, **kw)
     K = 2 ** (w_bits - 1) - 1
     tied = 0
@@ -49,11 +51,35 @@ def test_merged_scales_are_exact_whole_number_ratios_at_little_cost(w_bits):
         )
         assert bool((merged_points[two] >= 2).all()), name  # the kernels run them as one int8 row
         # The tie costs a little of each layer's output SQNR (calibration H). Measured on this model:
-        # at most 0.043 dB (layer 0 at 2 bits; 0.026 at 3, 0.016 at 4); allowed 0.06 dB.
-        assert m.output_sqnr_db >= p.output_sqnr_db - 0.06, (name, m.output_sqnr_db, p.output_sqnr_db)
+        # at most 0.069 dB (layer 0 at 2 bits; 0.026 at 3, 0.015 at 4); allowed 0.1 dB.
+        assert m.output_sqnr_db >= p.output_sqnr_db - 0.1, (name, m.output_sqnr_db, p.output_sqnr_db)
         one = m.num_points == 1
         assert torch.equal(scales[one, 0], p.unpacked()[1][one, 0])  # one-point channels untouched
     assert tied >= 15  # measured 19-23 of the 58 channels outside the depthwise conv
+
+
+def test_int8_row_layers_get_two_points_each_one_int8_row():
+    """int8_merge fits the layers that run on the int8 rows with at most two points per channel
+    (a third would be a further int8 column, keeping the layer off the fused uint8 output); the
+    depthwise conv keeps max_points. Every channel of those layers is then exactly one int8 row."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(small_cnn())
+    calib = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    plain, merged = _quantize(model, calib, False, avg_bits=9.0), _quantize(model, calib, True, avg_bits=9.0)
+    three = 0
+    for name, m in _layers(merged).items():
+        if m.act_qparams is None or m.max_points == 1:  # first / last layer: one 8-bit point
+            continue
+        depthwise = getattr(m, "groups", 1) > 1 and m.code_shape[0] == 1
+        assert m.max_points == (4 if depthwise else 2), name
+        three += int((_layers(plain)[name].num_points > 2).sum())
+        if depthwise:
+            continue
+        assert int(m.num_points.max()) == 2, name
+        D = int(torch.Size(m.code_shape).numel())
+        rows = mpq.ops.int8_merged_points(m.point_codes, m.point_scales, m.num_points, m.w_bits, D)
+        assert torch.equal(rows.long(), m.num_points.long()), name  # all of a channel's points in one row
+    assert three > 0  # the plain fit does give a channel more than two points here (one, in the Linear)
 
 
 def test_float_activation_layers_are_left_alone():

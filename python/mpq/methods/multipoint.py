@@ -39,7 +39,11 @@ class MultipointConfig(MethodConfig):
     activations (the CPU int8 kernels), tie each channel's first two scales to a whole-number ratio
     r (a_1 = r a_2, ``mpq.refit.int8_mergeable_scales``), so that its first two points are one int8
     row r q_1 + q_2 for the kernels: a channel of two points costs one int8 column instead of two.
-    The codes and the point counts stay; the scales are re-solved under the tie."""
+    Those layers are fitted with at most two points per channel (a third would be a further int8
+    column, added in float before the output is requantized: the whole layer would leave oneDNN's
+    fused uint8-output path; ResNet-50 W4A8 at batch 1: 17.4 -> 16.0 ms, 13.6 ms with uint8 skip
+    connections, benchmarks/NOTES.md), so every channel is one int8 row; the budget the cap frees
+    goes to other channels. The codes stay the greedy fit's; the scales are re-solved under the tie."""
 
     point_rounding: str = "gptq"
     point_damp: float = 0.1

@@ -1,6 +1,7 @@
 """Stage 3, fit: the per-channel weights of the output errors (Fisher sensitivity), then every
 layer fitted once by the configured method with up to ``max_points`` points (the first k points
-are the k-point fit), with the output error of each channel at each point count."""
+are the k-point fit; two where ``MultipointConfig.int8_merge`` makes each channel one int8 row),
+with the output error of each channel at each point count."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from mpq.config import QuantConfig
 from mpq.layout import point_bits
 from mpq.methods import FittedWeight, LayerContext, WeightQuantizer
 from mpq.pipeline.prepare import Prepared
-from mpq.pipeline.statistics import Calibrated
+from mpq.pipeline.statistics import Calibrated, layer_a_bits
 
 logger = logging.getLogger("mpq")
 
-__all__ = ["LayerFit", "layer_sensitivity", "fit_layers"]
+__all__ = ["LayerFit", "layer_sensitivity", "fit_layers", "int8_merged_layer"]
 
 
 @dataclass
@@ -42,6 +43,27 @@ class LayerFit:
     @property
     def points(self) -> int:
         return self.fitted.codes.shape[1]
+
+
+def int8_merged_layer(t: QuantTarget, cfg: QuantConfig, method: WeightQuantizer) -> bool:
+    """Whether ``MultipointConfig.int8_merge`` applies to the layer: a multipoint fit of a layer
+    that runs on the CPU's int8 rows (8-bit or fewer activations, not a depthwise convolution:
+    those have their own kernel, which gains nothing from merged points)."""
+    if not (method.multipoint and getattr(cfg.options, "int8_merge", False)):
+        return False
+    a_bits = layer_a_bits(t, cfg)
+    depthwise = t.kind != "linear" and t.groups > 1 and t.module.weight.shape[1] == 1
+    return a_bits is not None and a_bits <= 8 and not depthwise
+
+
+def max_points_of(t: QuantTarget, cfg: QuantConfig, method: WeightQuantizer) -> int:
+    """The points a layer is fitted with: one for the first and last layers (8-bit, one point),
+    at most two where int8_merge makes each channel's points one int8 row (a third point would be
+    a further int8 column added in float before the output is requantized, which takes the whole
+    layer off oneDNN's fused uint8-output path: benchmarks/NOTES.md), else ``max_points``."""
+    if t.role != "inner":
+        return 1
+    return min(cfg.max_points, 2) if int8_merged_layer(t, cfg, method) else cfg.max_points
 
 
 def layer_sensitivity(
@@ -72,7 +94,7 @@ def fit_layers(
         special = t.role != "inner"
         bits = 8 if special else chosen_bits.get(t.name, cfg.w_bits)
         s = cal.stats[t.name]
-        fit = method.fit(LayerContext(t, w, s, bits, 1 if special else cfg.max_points, cfg))
+        fit = method.fit(LayerContext(t, w, s, bits, max_points_of(t, cfg, method), cfg))
         e = output_errors(w.cpu(), fit.levels().cpu(), fit.scales.cpu(), s, t.groups)
         paths = path_errors = None
         if fit.alternatives:  # each channel will keep the sequence that is best at its count

@@ -12,8 +12,7 @@ from mpq.allocate import output_errors
 from mpq.calibrate import LayerStats, QuantTarget
 from mpq.config import QuantConfig
 from mpq.methods import FittedWeight, WeightQuantizer, corrected_bias
-from mpq.pipeline.fit import LayerFit
-from mpq.pipeline.statistics import layer_a_bits
+from mpq.pipeline.fit import LayerFit, int8_merged_layer
 from mpq.refit import int8_mergeable_scales, refit_scales
 
 __all__ = ["LayerWeight", "refit_layer", "best_sequences"]
@@ -48,14 +47,6 @@ def best_sequences(paths, path_errors: torch.Tensor, counts: torch.Tensor):
     return codes.to(paths[0][0].device), scales.to(paths[0][1].device)
 
 
-def _runs_int8_rows(t: QuantTarget, cfg: QuantConfig) -> bool:
-    """Whether the layer will run on the CPU's int8 rows: 8-bit (or fewer) activations, and not a
-    depthwise convolution (those have their own kernel, which gains nothing from merged points)."""
-    a_bits = layer_a_bits(t, cfg)
-    depthwise = t.kind != "linear" and t.groups > 1 and t.module.weight.shape[1] == 1
-    return a_bits is not None and a_bits <= 8 and not depthwise
-
-
 def refit_layer(
     fit: LayerFit, counts: torch.Tensor, stats: LayerStats, cfg: QuantConfig, method: WeightQuantizer
 ) -> LayerWeight:
@@ -66,7 +57,7 @@ def refit_layer(
     if fit.paths is not None:
         codes, scales = best_sequences(fit.paths, fit.path_errors, n)
     refit = getattr(cfg.options, "scale_refit", "none") if method.multipoint else "none"  # multipoint options
-    merge = method.multipoint and getattr(cfg.options, "int8_merge", False) and _runs_int8_rows(t, cfg)
+    merge = int8_merged_layer(t, cfg, method)
     if refit != "none":
         scales = refit_scales(t.weight_matrix().float(), codes, scales, n, stats, t.groups, refit)
     if merge:
