@@ -5,8 +5,9 @@
     print(mpq.summary(qmodel))
 
 ``import mpq`` loads the ops library and the quantization core only. The integer-only package
-(``mpq.integer``, ``mpq.integer_only``) and the plots (``mpq.plot_allocation``; matplotlib only
-when a plot is drawn) are imported on first use; the command line (``mpq.cli``) and the demo's
+(``mpq.integer``, ``mpq.integer_only``), the export to ONNX / OpenVINO (``mpq.export_onnx``,
+``mpq.export_openvino``) and the plots (``mpq.plot_allocation``; matplotlib only when a plot is
+drawn) are imported on first use; the command line (``mpq.cli``) and the demo's
 models and data (``mpq.examples``) only when imported by name.
 """
 
@@ -36,6 +37,7 @@ from mpq.summary import model_size_bytes, summary  # noqa: E402
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and editors
     from mpq import integer, plots  # noqa: F401  (mpq.plots: not in __all__)
+    from mpq.export import export_onnx, export_openvino
     from mpq.integer import integer_only
     from mpq.plots import plot_allocation
 
@@ -46,6 +48,8 @@ _LAZY = {
     "integer_only": ("mpq.integer", "integer_only"),
     "plots": ("mpq.plots", None),
     "plot_allocation": ("mpq.plots", "plot_allocation"),
+    "export_onnx": ("mpq.export", "export_onnx"),
+    "export_openvino": ("mpq.export", "export_openvino"),
 }
 
 
@@ -82,6 +86,8 @@ __all__ = [
     "CompandingConfig",
     "QuantReport",
     "build_info",
+    "export_onnx",
+    "export_openvino",
     "fuse_activations",
     "integer",
     "integer_only",

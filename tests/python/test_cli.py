@@ -178,12 +178,13 @@ def test_sweep_prints_a_table_and_plots(folders, tmp_path, capsys):
 def test_help_texts(capsys):
     r = run_mpq("--help")
     assert r.returncode == 0
-    for command in ("quantize", "eval", "sweep", "demo", "info"):
+    for command in ("quantize", "eval", "sweep", "export", "demo", "info"):
         assert command in r.stdout
     for command, words in (
         ("quantize", ["--calib", "--calib-images", "W4A8", "--avg-bits", "--out"]),
         ("eval", ["--data", "--quantized", "top-1", "--class-map"]),
         ("sweep", ["--avg-bits", "--methods", "--plot"]),
+        ("export", ["--format", "onnx", "openvino", "--out", "--image-size"]),
     ):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:

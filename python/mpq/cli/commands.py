@@ -296,6 +296,29 @@ def _common(p: argparse.ArgumentParser, calib: bool, data: bool) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
 
 
+def cmd_export(args) -> int:
+    import torch
+
+    import mpq
+
+    m = load_model(args.model, need_weights=False)
+    if m.kind != "mpq":
+        raise UserError(f"--model {args.model}: expected a file written by 'quantize' (mpq.save), got a {m.kind} model")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UserError(f"--out {args.out}: the folder {out.parent} does not exist")
+    example = torch.zeros(1, 3, args.image_size, args.image_size)
+    if args.format == "onnx":
+        path = mpq.export_onnx(m.module, example, out)
+    else:
+        if out.suffix != ".xml":
+            raise UserError(f"--out {args.out}: an OpenVINO IR is a .xml file (its weights go beside it in .bin)")
+        path = mpq.export_openvino(m.module, example, out)
+    size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if args.format == "openvino" else 0)
+    print(f"exported {m.label} to {path} ({args.format}, {size / 1e6:.2f} MB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m mpq",
@@ -375,6 +398,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="PATH", help="also write every row as JSON")
     s.set_defaults(func=cmd_sweep)
 
+    x = sub.add_parser(
+        "export",
+        help="export a quantized model to ONNX (QDQ, standard operators) or an OpenVINO IR",
+        description="Export a file written by 'quantize' to an ONNX file of standard operators (int8 weights, "
+        "QuantizeLinear / DequantizeLinear activations) that ONNX Runtime and OpenVINO run without plugins, or to "
+        "an OpenVINO IR (needs: pip install onnx onnxruntime openvino).",
+    )
+    x.add_argument("--model", required=True, metavar="FILE", help="a file written by 'quantize' (mpq.save)")
+    x.add_argument("--format", choices=["onnx", "openvino"], default="onnx", help="onnx (default) or openvino")
+    x.add_argument("--out", required=True, metavar="PATH", help="the .onnx file, or the OpenVINO .xml")
+    x.add_argument(
+        "--image-size", type=_int_at_least(1), default=224, help="input height and width it is traced at (224)"
+    )
+    x.set_defaults(func=cmd_export)
     d = sub.add_parser("demo", help="quantize EfficientNet-Lite0 offline and compare FP32, RTN and multipoint")
     d.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     d.add_argument("--seed", type=int, default=0, help="calibration crops and sampling seed (default 0)")
