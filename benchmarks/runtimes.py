@@ -1,0 +1,166 @@
+"""mpq's exported models in ONNX Runtime and OpenVINO, beside those runtimes' FP32 and their own int8.
+
+    python benchmarks/runtimes.py                        # EfficientNet-Lite0 and ResNet-50, batch 1 and 16
+    python benchmarks/runtimes.py --models lite0 --batches 1 --json build/runtimes.json
+
+Rows per model, runtime and batch (2 threads, median of ``--repeats`` timed calls after two warm-up
+calls, one random input per batch size for every row):
+- ``fp32``: the float model exported by PyTorch's ONNX exporter (OpenVINO: precision hint f32, and
+  ``fp32 (default precision)``: OpenVINO's default, bfloat16 where the CPU has AMX);
+- ``ORT int8 (quantize_static)``: ONNX Runtime's own static int8 of that file (QDQ, uint8
+  activations, int8 per-channel weights), calibrated on the same images as mpq; OpenVINO runs
+  the same QDQ file (NNCF, OpenVINO's own quantizer, when installed: not yet measured here);
+- ``mpq PRESET``: ``mpq.quantize`` (seed 0) then ``mpq.export_onnx`` (``W4A8-merge``: with
+  ``MultipointConfig(int8_merge=True)``), run in both runtimes.
+Fidelity to FP32 (Lite0: KL / top-1 agreement on the demo's evaluation photos, in ONNX Runtime)
+and file sizes. The JSON records the command, commit, CPU and versions (``provenance.py``).
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from cpu import load_task, preset_config  # noqa: E402  (benchmarks/ is the script's directory)
+from provenance import provenance  # noqa: E402
+
+import mpq
+
+ROOT = Path(__file__).resolve().parent.parent
+warnings.filterwarnings("ignore")
+
+
+def median_ms(fn, repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def export_fp32(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
+    return path
+
+
+def ort_int8(fp32: Path, calib: list[torch.Tensor], path: Path) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": x.numpy()} for x in calib])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    pre = path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(pre))
+    quantize_static(
+        str(pre),
+        str(path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+    )
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["lite0", "resnet50"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--presets", nargs="+", default=["W4A8", "W4A8-merge"])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "runtimes.json"))
+    args = p.parse_args(argv)
+    import onnxruntime as ort
+
+    try:
+        import openvino as ov
+    except ImportError:
+        ov = None
+    torch.set_num_threads(args.threads)
+
+    def ort_run(path: Path):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
+        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return lambda x: s.run(None, {"input": x})[0]
+
+    def ov_run(path: Path, precision: str | None = "f32"):
+        cfg = {"INFERENCE_NUM_THREADS": args.threads, "PERFORMANCE_HINT": "LATENCY"}
+        if precision:
+            cfg["INFERENCE_PRECISION_HINT"] = precision
+        c = ov.Core().compile_model(ov.convert_model(str(path)), "CPU", cfg)
+        return lambda x: np.asarray(c(x)[0])
+
+    import onnx
+
+    versions = {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "openvino": ov.__version__ if ov else None}
+    out = {"command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])), **provenance(), **versions}
+    out.update({"seed": args.seed, "repeats": args.repeats, "rows": [], "sizes_bytes": {}, "fidelity": {}})
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            model, calib, eval_images, quality = load_task(name, args.seed)
+            files = {"fp32": export_fp32(model, calib[0][:1], Path(tmp) / f"{name}_fp32.onnx")}
+            files["ORT int8 (quantize_static)"] = ort_int8(files["fp32"], calib, Path(tmp) / f"{name}_ort_int8.onnx")
+            for preset in args.presets:
+                q = mpq.quantize(model, calib, preset_config(preset, args.seed))
+                files[f"mpq {preset}"] = mpq.export_onnx(q, calib[0][:1], Path(tmp) / f"{name}_{preset}.onnx")
+            out["sizes_bytes"][name] = {k: os.path.getsize(v) for k, v in files.items()}
+            if eval_images is not None:
+                with torch.no_grad():
+                    ref = model(eval_images)
+                out["fidelity"][name] = {
+                    k: quality(torch.from_numpy(ort_run(v)(eval_images.numpy())), ref) for k, v in files.items()
+                }
+            runners = {}
+            for k, v in files.items():
+                runners[("onnxruntime", k)] = ort_run(v)
+                if ov is not None:
+                    runners[("openvino", k)] = ov_run(v)
+                    if k == "fp32":
+                        runners[("openvino", "fp32 (default precision)")] = ov_run(v, None)
+            g = torch.Generator().manual_seed(args.seed + 1)
+            for b in args.batches:
+                x = torch.randn(b, 3, 224, 224, generator=g).numpy()
+                times = {key: median_ms(lambda f=f: f(x), args.repeats) for key, f in runners.items()}
+                for (runtime, variant), ms in times.items():
+                    row = {"model": name, "runtime": runtime, "batch": b, "variant": variant, "ms": ms}
+                    row["speedup_vs_fp32"] = times[(runtime, "fp32")] / ms
+                    row["speed_vs_runtime_int8"] = times[(runtime, "ORT int8 (quantize_static)")] / ms
+                    out["rows"].append(row)
+                    print(f"{name:9s} {runtime:12s} b{b:<3d} {variant:30s} {ms:9.2f} ms  {row['speedup_vs_fp32']:.2f}x FP32")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    print(json.dumps({"sizes_bytes": out["sizes_bytes"], "fidelity": out["fidelity"]}, indent=1))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
