@@ -11,7 +11,11 @@ A multipoint layer becomes standard operators (docs/DEPLOY.md, "ONNX and OpenVIN
   every channel is then one row (``MultipointConfig(int8_merge=True)``, or one point per channel)
   the layer is one Conv / MatMul with per-channel int8 weights, the pattern both runtimes run on
   their int8 kernels. Otherwise the rows are laid out channel by channel, padded with zero rows
-  to the layer's most rows per channel, and summed by a ReduceSum over a reshape.
+  to the layer's most rows per channel, dequantized and summed over each channel's rows by a
+  ReduceSum on the weight (the dense float weight sum_k a_k q_k, as mpq's simulation builds it),
+  then one float Conv / MatMul. Measured (benchmarks/NOTES.md): summing the outputs of an int8
+  convolution over all rows instead (R times the output, a grouped convolution with a channel
+  multiplier for depthwise layers) ran EfficientNet-Lite0 several times slower in ONNX Runtime.
 - bias, padding ('same' padding at the example's size), stride, dilation and groups as in Conv.
 
 The rest of the model is exported by PyTorch's TorchScript-based ONNX exporter as usual.
@@ -127,25 +131,16 @@ class OnnxMultipointLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = _DequantizeRows.apply(self.codes, self.scales)
-        one_row = self.rows == 1
-        bias = self.bias if one_row else None
+        if self.rows > 1:  # the dense weight: each channel's rows summed
+            w = w.unflatten(0, (self.channels, self.rows)).sum(1)
         if self.is_conv:
             if self.same_padding:  # at the traced input's size
                 x = F.pad(x, same_padding(x, self.kernel_size, self.stride, self.dilation))
             elif self.pre_padding:
                 x = F.pad(x, self.pre_padding)
-            y = F.conv2d(
-                _quantize_input(x, self.act_qparams), w, bias, self.stride, self.padding, self.dilation, self.groups
-            )
-            if one_row:
-                return y
-            y = y.unflatten(1, (self.channels, self.rows)).sum(2)
-            return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
-        y = F.linear(_quantize_input(x, self.act_qparams), w, bias)
-        if one_row:
-            return y
-        y = y.unflatten(-1, (self.channels, self.rows)).sum(-1)
-        return y if self.bias is None else y + self.bias
+            xq = _quantize_input(x, self.act_qparams)
+            return F.conv2d(xq, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.linear(_quantize_input(x, self.act_qparams), w, self.bias)
 
 
 def exportable(model: nn.Module) -> nn.Module:
