@@ -154,7 +154,9 @@ def main(argv=None) -> int:
                     row["speedup_vs_fp32"] = times[(runtime, "fp32")] / ms
                     row["speed_vs_runtime_int8"] = times[(runtime, "ORT int8 (quantize_static)")] / ms
                     out["rows"].append(row)
-                    print(f"{name:9s} {runtime:12s} b{b:<3d} {variant:30s} {ms:9.2f} ms  {row['speedup_vs_fp32']:.2f}x FP32")
+                    print(
+                        f"{name:9s} {runtime:12s} b{b:<3d} {variant:30s} {ms:9.2f} ms  {row['speedup_vs_fp32']:.2f}x FP32"
+                    )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(json.dumps({"sizes_bytes": out["sizes_bytes"], "fidelity": out["fidelity"]}, indent=1))
