@@ -1,6 +1,6 @@
 """Export to ONNX with standard operators only (QDQ): what ONNX Runtime and OpenVINO run.
 
-A multipoint layer becomes standard operators (docs/DEPLOY.md, "ONNX and OpenVINO"):
+A multipoint layer becomes standard operators (README, "Export to ONNX Runtime and OpenVINO"):
 - its input quantizer: QuantizeLinear / DequantizeLinear at (scale, zero point) on uint8 levels
   (the levels of ``mpq.activation.fake_quantize`` shifted by qmin; a Clip first when the grid has
   fewer than 256 levels; the float formula with Round when it does not fit uint8 at all);
@@ -15,7 +15,7 @@ A multipoint layer becomes standard operators (docs/DEPLOY.md, "ONNX and OpenVIN
   ReduceSum on the weight (the dense float weight sum_k a_k q_k, as mpq's simulation builds it),
   then one float Conv / MatMul. Measured (benchmarks/NOTES.md): summing the outputs of an int8
   convolution over all rows instead (R times the output, a grouped convolution with a channel
-  multiplier for depthwise layers) ran EfficientNet-Lite0 several times slower in ONNX Runtime.
+  multiplier for depthwise layers) ran EfficientNet-Lite0 3.8x slower in OpenVINO.
 - bias, padding ('same' padding at the example's size), stride, dilation and groups as in Conv.
 
 The rest of the model is exported by PyTorch's TorchScript-based ONNX exporter as usual.
