@@ -21,30 +21,18 @@ import json
 import os
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from cpu import load_task, preset_config  # noqa: E402  (benchmarks/ is the script's directory)
+from cpu import load_task, median_ms, preset_config  # noqa: E402  (benchmarks/ is the script's directory)
 from provenance import provenance  # noqa: E402
 
 import mpq
 
 ROOT = Path(__file__).resolve().parent.parent
 warnings.filterwarnings("ignore")
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
 
 
 def export_fp32(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
