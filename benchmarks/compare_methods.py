@@ -3,6 +3,7 @@
     python benchmarks/compare_methods.py                       # all models, all settings
     python benchmarks/compare_methods.py --models fashion --settings W4A16 --only rtn multipoint
     python benchmarks/compare_methods.py --only multipoint --merge    # re-run rows into the tables
+    python benchmarks/compare_methods.py --suite matched --threads 1  # group-wise formats at matched memory
 
 Models and data (all offline, docs/ASSETS.md):
 - ``lite0``: EfficientNet-Lite0 (ImageNet weights); 64 seeded crops of the bundled photos for
@@ -30,6 +31,12 @@ Rows per setting (W4A8, W4A16, W3A16, W2A16; A16 = float activations):
   points only (``point_rounding="nearest"``); ``+bc`` bias correction; ``@5.0``: at 5.0 bits, to set
   beside RTN at 5 bits;
 - reference lines (W4 settings): RTN (MSE grid) at 5 and 6 bits, formats no fast kernel runs.
+
+``--suite matched`` (``compare_matched_*``): weight-only formats at matched memory, A16 (W4A16:
+about 4.25 and 4.5 bits; W3A16: about 3.5), docs/ALGORITHM.md "Group-wise grids": round to nearest,
+GPTQ (``ao``: act-order with static groups) and AWQ-style scaling on group-wise grids (``g``: a
+float16 scale per g input weights, ``asym``: plus a b-bit zero point), beside multipoint at 4.25,
+4.5 and 3.5 bits and the per-channel RTN / GPTQ rows; rows above 4.5 bits are marked with their bits.
 ``avg bits`` counts codes and 32-bit scales of what the deployed layers store
 (``QuantReport.avg_bits``); ``nominal`` is OCS's own widened layer (``mpq/methods/ocs.py``).
 ``quant s`` is the wall time of ``mpq.quantize`` (calibration included) on this machine's CPU.
@@ -194,6 +201,64 @@ def configs(setting: str, task: Task) -> list[tuple[str, mpq.QuantConfig]]:
     return rows
 
 
+def matched_configs(setting: str, task: Task) -> list[tuple[str, mpq.QuantConfig]]:
+    """(row name, config) for one setting of the matched-memory suite: weight-only (A16) formats at
+    about the memory of multipoint's W4 at 4.25 / 4.5 bits and W3 at 3.5 bits; the group-wise
+    grids (float16 scale per group of ``g`` input weights, ``asym``: plus a b-bit zero point) of
+    round to nearest, GPTQ (``ao``: act-order with static groups) and AWQ-style scaling, and the
+    per-channel rows of the methods tables for reference. All scales MSE-searched
+    (``rtn_range="mse"``)."""
+    w_bits, a_bits = mpq.PRESETS[setting]
+    if a_bits is not None:
+        raise ValueError(f"the matched suite compares weight-only formats (A16 settings), got {setting}")
+    mse = dict(w_bits=w_bits, a_bits=None, rtn_range="mse")
+
+    def rtn(g: int, sym: bool) -> mpq.QuantConfig:
+        return mpq.QuantConfig(method=mpq.RTNConfig(group_size=g, symmetric=sym), **mse)
+
+    def gptq(g: int, sym: bool, ao: bool) -> mpq.QuantConfig:
+        return mpq.QuantConfig(method=mpq.GPTQConfig(group_size=g, symmetric=sym, act_order=ao), **mse)
+
+    def awq(g: int, sym: bool) -> mpq.QuantConfig:
+        return mpq.QuantConfig(method=mpq.AWQConfig(group_size=g, symmetric=sym), **mse)
+
+    rows = [("rtn (per channel)", rtn(0, True)), ("gptq (per channel)", gptq(0, True, False))]
+    if w_bits == 4:
+        rows += [
+            ("rtn g128", rtn(128, True)),
+            ("rtn g128 asym", rtn(128, False)),
+            ("rtn g64 asym", rtn(64, False)),
+            ("rtn g32", rtn(32, True)),
+            ("gptq g128 asym", gptq(128, False, False)),
+            ("gptq g128 asym ao", gptq(128, False, True)),
+            ("gptq g64 asym", gptq(64, False, False)),
+            ("gptq g32", gptq(32, True, False)),
+            ("gptq g32 ao", gptq(32, True, True)),
+            ("awq g128 asym", awq(128, False)),
+            ("awq g64 asym", awq(64, False)),
+            ("awq g32", awq(32, True)),
+            ("multipoint @4.25", mpq.QuantConfig(w_bits=4, a_bits=None, avg_bits=4.25)),
+            ("multipoint @4.5", mpq.QuantConfig(w_bits=4, a_bits=None)),
+            ("rtn g32 asym (4.62)", rtn(32, False)),
+            ("gptq g32 asym (4.62)", gptq(32, False, False)),
+        ]
+    else:
+        rows += [
+            ("rtn g64 asym", rtn(64, False)),
+            ("rtn g32", rtn(32, True)),
+            ("gptq g64 asym", gptq(64, False, False)),
+            ("gptq g32", gptq(32, True, False)),
+            ("gptq g32 ao", gptq(32, True, True)),
+            ("awq g64 asym", awq(64, False)),
+            ("awq g32", awq(32, True)),
+            ("multipoint @3.5", mpq.QuantConfig(w_bits=3, a_bits=None)),
+        ]
+    return rows
+
+
+SUITES = {"methods": (configs, SETTINGS), "matched": (matched_configs, ["W4A16", "W3A16"])}
+
+
 def ocs_nominal(qmodel: torch.nn.Module, report: mpq.QuantReport, cfg: mpq.QuantConfig) -> float:
     """Average bits per weight of OCS's own widened layers (codes + one 32-bit scale per channel)."""
     mods = dict(qmodel.named_modules())
@@ -236,6 +301,7 @@ def run_task(
     only: list[str] | None,
     seed: int,
     on_row: Callable[[list[dict]], None] = lambda rows: None,
+    suite: str = "methods",
 ) -> list[dict]:
     """Every configured row of ``task``; ``on_row(rows so far)`` after each (the tables are
     rewritten as rows arrive, so an interrupted run keeps what it measured)."""
@@ -266,7 +332,7 @@ def run_task(
 
     show(rows[0])
     for setting in settings:
-        for name, cfg in configs(setting, task):
+        for name, cfg in SUITES[suite][0](setting, task):
             if only and name not in only:
                 continue
             cfg = cfg.replace(seed=seed)
@@ -311,17 +377,29 @@ def write_results(task: Task, rows: list[dict], args: argparse.Namespace, comman
         "note": args.note,
         "rows": rows,
     }
-    out = args.out_dir / f"compare_methods_{task.name}.json"
+    out = args.out_dir / f"compare_{args.suite}_{task.name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
     where = result["provenance"]
     commits = ", ".join(c[:10] for c in result["row_commits"])
+    if args.suite == "matched":
+        title = "weight-only formats at matched memory"
+        grids = (
+            "per-channel grids (float32 scale) or group-wise grids (`g`: a float16 scale per group of g input weights; "
+            "`asym`: plus a b-bit zero point; `ao`: GPTQ act-order, static groups; a layer with fewer than g weights "
+            "per channel has one group). `avg bits`: codes + scales + zero points as stored"
+        )
+    else:
+        title = "weight quantizers side by side"
+        grids = (
+            "per-channel symmetric grids. A16 = float activations. `avg bits`: codes + 32-bit scales stored by the mpq "
+            "layers; `nominal`: OCS's own widened layer"
+        )
     md = (
         [
-            f"# {task.title}: weight quantizers side by side",
+            f"# {task.title}: {title}",
             "",
-            f"{task.data_note}. All layers quantized (first and last included), per-channel symmetric grids. A16 = float "
-            "activations. `avg bits`: codes + 32-bit scales stored by the mpq layers; `nominal`: OCS's own widened layer; "
+            f"{task.data_note}. All layers quantized (first and last included), {grids}; "
             "`SQNR`: of the model output vs FP32. Written by `" + command + "`; every row measured at commit "
             f"{commits} on {where['cpu']}, {where['torch_num_threads']} threads (`quant s`: wall time there).",
             "",
@@ -341,7 +419,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
-    parser.add_argument("--settings", nargs="+", default=SETTINGS, choices=SETTINGS)
+    parser.add_argument(
+        "--suite",
+        default="methods",
+        choices=sorted(SUITES),
+        help="methods: every method per channel (compare_methods_*); matched: weight-only formats at matched "
+        "memory, group-wise included (compare_matched_*)",
+    )
+    parser.add_argument("--settings", nargs="+", default=None, choices=SETTINGS, help="default: the suite's")
     parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -352,10 +437,12 @@ def main() -> None:
         help="keep the rows of the existing tables, replacing those this run measures again",
     )
     args = parser.parse_args()
+    args.settings = args.settings or SUITES[args.suite][1]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     command = "python benchmarks/compare_methods.py " + " ".join(
-        [f"--models {' '.join(args.models)}", f"--settings {' '.join(args.settings)}"]
+        ([f"--suite {args.suite}"] if args.suite != "methods" else [])
+        + [f"--models {' '.join(args.models)}", f"--settings {' '.join(args.settings)}"]
         + ([f"--only {' '.join(repr(o) for o in args.only)}"] if args.only else [])
         + [f"--seed {args.seed}"]
         + ([f"--threads {args.threads}"] if args.threads is not None else [])
@@ -365,7 +452,7 @@ def main() -> None:
     for name in args.models:
         task = load_task(name, args.seed)
         old_rows, old_command = [], ""
-        previous = args.out_dir / f"compare_methods_{task.name}.json"
+        previous = args.out_dir / f"compare_{args.suite}_{task.name}.json"
         if args.merge and previous.exists():
             old = json.loads(previous.read_text())
             old_rows, old_command = old["rows"], old["command"]
@@ -376,7 +463,7 @@ def main() -> None:
         ) -> None:
             write_results(task, merge_rows(old_rows, rows), args, run_command)
 
-        run_task(task, args.settings, args.only, args.seed, write)
+        run_task(task, args.settings, args.only, args.seed, write, args.suite)
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:

@@ -25,6 +25,7 @@ from mpq.io import load, save  # noqa: E402
 from mpq.methods import (  # noqa: E402  (each method's options: QuantConfig(method=GPTQConfig(...)))
     AdaQuantConfig,
     AdaRoundConfig,
+    AWQConfig,
     CompandingConfig,
     GPTQConfig,
     ILPConfig,
@@ -80,6 +81,7 @@ __all__ = [
     "RTNConfig",
     "GPTQConfig",
     "AdaRoundConfig",
+    "AWQConfig",
     "AdaQuantConfig",
     "OCSConfig",
     "ILPConfig",

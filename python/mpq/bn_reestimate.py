@@ -155,21 +155,19 @@ def output_moments(model: nn.Module, names: list[str], batches: Iterable[torch.T
 
 
 def _apply(module: nn.Module, a: torch.Tensor, c: torch.Tensor) -> None:
-    """z -> a z + c on a layer's output: scale its weight (or point scales), bias -> a b + c."""
+    """z -> a z + c on a layer's output: scale its weight (a quantized layer's ``scale_channels_``),
+    bias -> a b + c."""
     with torch.no_grad():
         if isinstance(module, MultipointLayer):
-            # The stored form holds num_points[j] consecutive point scales per channel j.
-            per_point = a.to(module.point_scales).repeat_interleave(module.num_points.long().to(a.device))
-            module.point_scales.mul_(per_point.to(module.point_scales.device))
-            module._drop_packed()
-            target = module.point_scales
+            module.scale_channels_(a)
+            dtype = torch.float32  # the quantized layers' bias
         elif isinstance(module, nn.Conv2d):
             module.weight.mul_(a.to(module.weight).view(-1, 1, 1, 1))
-            target = module.weight
+            dtype = module.weight.dtype
         else:
             raise TypeError(f"mpq.reestimate_batchnorm: cannot rescale a {type(module).__name__}")
         b = module.bias.double() if module.bias is not None else torch.zeros_like(a)
-        new = (a.to(b) * b + c.to(b)).to(target.dtype)
+        new = (a.to(b) * b + c.to(b)).to(dtype)
         if module.bias is None:
             if isinstance(module, nn.Conv2d):
                 module.bias = nn.Parameter(new, requires_grad=module.weight.requires_grad)

@@ -93,6 +93,22 @@ def point_bits(weights_per_channel: int, w_bits: int, scale_bits: int = SCALE_BI
     return weights_per_channel * w_bits + scale_bits
 
 
+GROUP_SCALE_BITS = 16  # the group-wise layers' float16 group scales (mpq.nn.groupwise)
+
+
+def group_count(weights_per_channel: int, group_size: int) -> int:
+    """Groups of a channel of D weights cut into groups of ``group_size`` (the last one shorter):
+    ceil(D / group_size); one when ``group_size`` is 0."""
+    return 1 if group_size <= 0 else -(-weights_per_channel // group_size)
+
+
+def groupwise_bits(weights_per_channel: int, w_bits: int, group_size: int, symmetric: bool) -> float:
+    """Stored bits per weight of a group-wise channel: D codes of ``w_bits`` bits, a float16 scale
+    and, unless ``symmetric``, a ``w_bits``-bit zero point per group."""
+    G = group_count(weights_per_channel, group_size)
+    return (weights_per_channel * w_bits + G * (GROUP_SCALE_BITS + (0 if symmetric else w_bits))) / weights_per_channel
+
+
 def stored_row_bytes(weights_per_channel: int, w_bits: int) -> int:
     """Bytes of one point's row of ``point_codes``: D codes of ``w_bits`` bits, the last byte padded."""
     return (weights_per_channel * w_bits + 7) // 8

@@ -28,10 +28,11 @@ __all__ = ["simulate", "check_simulation", "SimulationCheck", "LayerCheck", "out
 
 
 def _dense_weight(m: MultipointLayer) -> torch.Tensor:
-    """sum_{k < n_j} scales[j, k] codes[j, k] with torch ops only, in float32."""
-    keep = (torch.arange(m.max_points, device=m.scales.device)[None, :] < m.num_points[:, None]).float()
-    coeff = (m.scales * keep).reshape(*m.scales.shape, *([1] * (m.codes.dim() - 2)))
-    return (coeff * m.codes.float()).sum(1)
+    """sum_{k < n_j} scales[j, k] code_values(codes)[j, k] with torch ops only, in float32."""
+    codes, scales = m.unpacked()
+    keep = (torch.arange(m.max_points, device=scales.device)[None, :] < m.num_points[:, None]).float()
+    coeff = (scales * keep).reshape(*scales.shape, *([1] * (codes.dim() - 2)))
+    return (coeff * m.code_values(codes).float()).sum(1)
 
 
 class _Simulated(nn.Module):
@@ -151,9 +152,7 @@ def layer_bound(m: MultipointLayer, x: torch.Tensor) -> tuple[torch.Tensor, torc
     codes = codes.to(x64.device).double()
     keep = (torch.arange(m.max_points, device=codes.device)[None, :] < m.num_points.to(codes.device)[:, None]).double()
     coeff = (scales.to(codes.device).double() * keep).reshape(*scales.shape, *([1] * (codes.dim() - 2)))
-    codebook = getattr(m, "codebook", None)
-    if codebook is not None:  # codebook layers: the codes index the layer's levels
-        codes = codebook.to(codes.device).double()[(codes + m.levels).long()]
+    codes = m.code_values(codes)  # codebook levels, group scale x (code - zero), or the integers
     w = (coeff * codes).sum(1)  # exact in float64: at most 24 + 8 bits per product
     w_abs = (coeff.abs() * codes.abs()).sum(1)
     b = m.bias.detach().to(x64.device, torch.float64) if m.bias is not None else None

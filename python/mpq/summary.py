@@ -7,7 +7,6 @@ import math
 import torch
 from torch import nn
 
-from mpq.layout import point_bits
 from mpq.nn.modules import MultipointLayer
 from mpq.pipeline.report import last_report
 
@@ -55,16 +54,17 @@ def summary(qmodel: nn.Module) -> str:
 
 
 def model_size_bytes(model: nn.Module) -> int:
-    """Storage of the model as deployed: multipoint layers count the points in use as stored
-    (``mpq.layout.point_bits``: b bits per code and a float32 scale) and 8 bits per channel's point
+    """Storage of the model as deployed: quantized layers count their weight as stored (their
+    ``bits_per_weight``: for multipoint layers ``mpq.layout.point_bits``, b bits per code and a
+    float32 scale per point in use; codebook and group-wise layers their tables) and 8 bits per channel's point
     count (a count fits a byte; ``state_dict`` holds it as int32, ``mpq.layout.COUNT_BITS``); every
     other parameter and float buffer its own dtype's size."""
     bits = 0
     seen = set()
     for m in model.modules():
         if isinstance(m, MultipointLayer):
-            D = math.prod(m.code_shape)
-            bits += int(m.num_points.sum()) * point_bits(D, m.w_bits) + m.num_points.numel() * 8
+            C, D = m.num_points.numel(), math.prod(m.code_shape)
+            bits += round(m.bits_per_weight() * C * D) + C * 8
             for t in (m.bias, m.act_qparams):
                 if t is not None:
                     bits += t.numel() * t.element_size() * 8

@@ -68,6 +68,7 @@ METHOD_CONFIGS = {
     "ocs": mpq.OCSConfig,
     "ilp": mpq.ILPConfig,
     "companding": mpq.CompandingConfig,
+    "awq": mpq.AWQConfig,
 }
 
 

@@ -33,6 +33,8 @@ CASES = {
     "W3A16-no-linear-bias": (dict(w_bits=3, a_bits=None, avg_bits=4.0), False),
     # codebook layers (non-uniform levels): their own spec kinds and the codebook buffer
     "companding-W3A8": (dict(method=mpq.CompandingConfig(iters=10), w_bits=3, a_bits=8), True),
+    # group-wise layers: float16 group scales, packed zero points, their own spec kinds
+    "groupwise-gptq-W4A8": (dict(method=mpq.GPTQConfig(group_size=8, symmetric=False), w_bits=4, a_bits=8), True),
 }
 
 
@@ -71,9 +73,8 @@ def test_small_cnn_round_trip_is_bit_exact(small_quantized, tmp_path, case):
     cfg = mpq.QuantConfig(**CASES[case][0])
     assert meta["config"] == cfg.to_dict() and meta["seed"] == cfg.seed
     assert set(meta["layers"]) == {n for n, m in qmodel.named_modules() if isinstance(m, mpq.nn.MultipointLayer)}
-    assert {spec["kind"] for spec in meta["layers"].values()} == (
-        {"codebook_conv", "codebook_linear"} if case.startswith("companding") else {"conv", "linear"}
-    )
+    prefix = {"companding": "codebook_", "groupwise": "groupwise_"}.get(case.split("-")[0], "")
+    assert {spec["kind"] for spec in meta["layers"].values()} == {prefix + "conv", prefix + "linear"}
     assert mpq.io.loaded_metadata(loaded)["folded_batchnorms"] == ["1", "4"]
     # saving the loaded model again keeps the config and gives the same tensors
     mpq.save(loaded, tmp_path / "again.mpq.safetensors")
@@ -99,6 +100,8 @@ def _layer_of_kind(kind: str) -> mpq.nn.MultipointLayer:
         "conv": lambda: mpq.nn.MultipointConv2d(max_points=2, w_bits=5, **conv),
         "codebook_linear": lambda: mpq.nn.CodebookLinear(10, 6, 3, bias=False),
         "codebook_conv": lambda: mpq.nn.CodebookConv2d(w_bits=4, **conv),
+        "groupwise_linear": lambda: mpq.nn.GroupwiseLinear(10, 6, 4, group_size=4, symmetric=False),
+        "groupwise_conv": lambda: mpq.nn.GroupwiseConv2d(w_bits=3, group_size=8, symmetric=True, **conv),
     }[kind]()
 
 

@@ -157,7 +157,7 @@ def exportable(model: nn.Module) -> nn.Module:
     if unsupported or fused:
         raise ValueError(
             "mpq.export_onnx: expected a model from mpq.quantize with MultipointConv2d / MultipointLinear "
-            f"layers (not mpq.fuse_activations' fused form, not codebook layers), got {unsupported + fused}"
+            f"layers (not mpq.fuse_activations' fused form, not codebook or group-wise layers), got {unsupported + fused}"
         )
     out = copy.deepcopy(model).eval()
     for name, m in list(out.named_modules()):

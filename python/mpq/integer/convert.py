@@ -55,6 +55,7 @@ from mpq.integer.modules import (
     QuantizeInput,
     storage_dtype,
 )
+from mpq.nn.dequantized import DequantizedLayer
 from mpq.nn.modules import MultipointConv2d, MultipointLayer, MultipointLinear
 
 __all__ = ["integer_only", "simulate_integer", "layerwise_differences", "Grid"]
@@ -213,6 +214,12 @@ def _classify(n: fx.Node, gm: fx.GraphModule, values: dict[str, Any]) -> _Kind:
     if n.op == "call_module":
         m = gm.get_submodule(n.target)
         if isinstance(m, MultipointLayer):
+            if isinstance(m, DequantizedLayer):
+                raise ValueError(
+                    f"mpq.integer_only: layer {n.target!r} is a {type(m).__name__}, whose codes stand for table levels "
+                    "or group-wise scaled values; integer-only inference needs integer codes with one scale per point "
+                    "(multipoint or the per-channel methods)"
+                )
             if m.act_qparams is None:
                 raise ValueError(
                     f"mpq.integer_only: layer {n.target!r} has float activations (a_bits=None); integer-only inference "

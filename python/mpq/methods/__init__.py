@@ -11,6 +11,7 @@ Each method's options are a frozen dataclass in the method's file (``MultipointC
 
 from mpq.methods.adaquant import AdaQuantConfig, AdaQuantQuantizer
 from mpq.methods.adaround import AdaRoundConfig, AdaRoundQuantizer
+from mpq.methods.awq import AWQConfig, AWQQuantizer
 from mpq.methods.base import (
     FittedWeight,
     LayerContext,
@@ -40,6 +41,7 @@ __all__ = [
     "OCSConfig",
     "ILPConfig",
     "AdaQuantConfig",
+    "AWQConfig",
     "CompandingConfig",
     "MultipointQuantizer",
     "RTNQuantizer",
@@ -48,6 +50,7 @@ __all__ = [
     "OCSQuantizer",
     "ILPQuantizer",
     "AdaQuantQuantizer",
+    "AWQQuantizer",
     "CompandingQuantizer",
     "corrected_bias",
     "available",

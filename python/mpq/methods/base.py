@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from mpq.nn import MultipointConv2d, MultipointLinear
+from mpq.methods.groupwise import GroupGrid
+from mpq.nn import GroupwiseConv2d, GroupwiseLinear, MultipointConv2d, MultipointLinear
 
 if TYPE_CHECKING:  # pragma: no cover
     from mpq.calibrate import LayerStats, QuantTarget
@@ -140,10 +141,16 @@ class FittedWeight:
     # float32 [2K + 1]: a non-uniform per-layer codebook (companding): one point whose codes index
     # it, W[j] = scales[j, 0] * codebook[codes[j, 0] + K], K = (len - 1) / 2. None: uniform codes.
     codebook: torch.Tensor | None = None
+    # A group-wise grid (mpq.methods.groupwise): one point whose scales are 1 and whose codes stand
+    # for W[j, d] = grid.scales[j, g] * (codes[j, 0, d] - grid.zeros[j, g]), g = d // grid.size.
+    grid: GroupGrid | None = None
 
     def levels(self) -> torch.Tensor:
-        """The codes as the values they stand for (float64 [C, P, D]): the integers themselves, or
-        their codebook levels; W = sum_k scales[:, k] * levels()[:, k] over the points in use."""
+        """The codes as the values they stand for (float64 [C, P, D]): the integers themselves,
+        their codebook levels, or scale * (code - zero) of their group; W = sum_k scales[:, k] *
+        levels()[:, k] over the points in use."""
+        if self.grid is not None:
+            return self.grid.values(self.codes[:, 0])[:, None, :]
         if self.codebook is None:
             return self.codes.double()
         K = (self.codebook.numel() - 1) // 2
@@ -181,29 +188,52 @@ class WeightQuantizer:
         return {}
 
     def build_module(
-        self, target: QuantTarget, points: int, bits: int, has_bias: bool, codebook: torch.Tensor | None = None
+        self,
+        target: QuantTarget,
+        points: int,
+        bits: int,
+        has_bias: bool,
+        codebook: torch.Tensor | None = None,
+        grid: GroupGrid | None = None,
     ) -> nn.Module:
         """The empty quantized layer that replaces ``target``'s module (``set_weight`` and
-        ``set_act_qparams`` fill it): a multipoint layer with room for ``points`` points."""
+        ``set_act_qparams`` fill it): a multipoint layer with room for ``points`` points, or, for a
+        fit on a group-wise ``grid``, a group-wise layer holding that grid."""
         m = target.module
         # Built on the layer's device (no .to(): a move to a GPU would pack the still empty weight).
         with torch.device(m.weight.device):
+            if grid is not None:
+                q = _groupwise_module(target, bits, has_bias, grid)
+                q.set_grid(grid.scales, grid.zeros, grid.input_scales)
+                return q
             if target.kind == "linear":
                 return MultipointLinear(m.in_features, m.out_features, points, bits, bias=has_bias)
-            return MultipointConv2d(
-                m.in_channels,
-                m.out_channels,
-                list(m.kernel_size),
-                points,
-                bits,
-                list(m.stride),
-                list(m.padding),
-                list(m.dilation),
-                m.groups,
-                bias=has_bias,
-                pre_padding=target.pre_padding,
-                same_padding=target.same_padding,
-            )
+            return MultipointConv2d(max_points=points, w_bits=bits, bias=has_bias, **conv_geometry(target))
+
+
+def conv_geometry(target: QuantTarget) -> dict[str, Any]:
+    """The geometry keyword arguments of a quantized convolution layer replacing ``target``'s
+    Conv2d (``MultipointConv2d``, ``CodebookConv2d``, ``GroupwiseConv2d``)."""
+    m = target.module
+    return dict(
+        in_channels=m.in_channels,
+        out_channels=m.out_channels,
+        kernel_size=list(m.kernel_size),
+        stride=list(m.stride),
+        padding=list(m.padding),
+        dilation=list(m.dilation),
+        groups=m.groups,
+        pre_padding=target.pre_padding,
+        same_padding=target.same_padding,
+    )
+
+
+def _groupwise_module(target: QuantTarget, bits: int, has_bias: bool, grid: GroupGrid) -> nn.Module:
+    m = target.module
+    args = dict(group_size=grid.size, symmetric=grid.symmetric, input_scaled=grid.input_scales is not None)
+    if target.kind == "linear":
+        return GroupwiseLinear(m.in_features, m.out_features, bits, bias=has_bias, **args)
+    return GroupwiseConv2d(w_bits=bits, bias=has_bias, **args, **conv_geometry(target))
 
 
 _REGISTRY: dict[str, type[WeightQuantizer]] = {}

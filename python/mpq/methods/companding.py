@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from mpq.methods.adaquant import centred_moment, layer_problem
-from mpq.methods.base import FittedWeight, LayerContext, MethodConfig, WeightQuantizer, register
+from mpq.methods.base import FittedWeight, LayerContext, MethodConfig, WeightQuantizer, conv_geometry, register
 from mpq.methods.uniform import channel_scales, grid_max, layer_hessian
 from mpq.nn.codebook import CodebookConv2d, CodebookLayer, CodebookLinear
 
@@ -233,7 +233,7 @@ class CompandingQuantizer(WeightQuantizer):
         return FittedWeight(codes[:, None, :], scales.float()[:, None], codebook=codebook.float())
 
     def build_module(
-        self, target, points: int, bits: int, has_bias: bool, codebook: torch.Tensor | None = None
+        self, target, points: int, bits: int, has_bias: bool, codebook: torch.Tensor | None = None, grid=None
     ) -> nn.Module:
         """A codebook layer (``CodebookConv2d`` / ``CodebookLinear``) holding the fit's levels."""
         if codebook is None:
@@ -249,18 +249,6 @@ def build_companded(target, bits: int, codebook: torch.Tensor, has_bias: bool) -
         if target.kind == "linear":
             q: CodebookLayer = CodebookLinear(m.in_features, m.out_features, bits, bias=has_bias)
         else:
-            q = CodebookConv2d(
-                m.in_channels,
-                m.out_channels,
-                list(m.kernel_size),
-                bits,
-                list(m.stride),
-                list(m.padding),
-                list(m.dilation),
-                m.groups,
-                bias=has_bias,
-                pre_padding=target.pre_padding,
-                same_padding=target.same_padding,
-            )
+            q = CodebookConv2d(w_bits=bits, bias=has_bias, **conv_geometry(target))
     q.set_codebook(codebook)
     return q

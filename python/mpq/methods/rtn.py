@@ -8,6 +8,7 @@ import torch
 
 from mpq import ops
 from mpq.methods.base import FittedWeight, LayerContext, MethodConfig, WeightQuantizer, register
+from mpq.methods.groupwise import check_grouping, groupwise_codes, groupwise_grid, is_grouped
 
 
 def rtn_minmax(w: torch.Tensor, bits: int) -> FittedWeight:
@@ -22,7 +23,16 @@ def rtn_minmax(w: torch.Tensor, bits: int) -> FittedWeight:
 
 @dataclass(frozen=True)
 class RTNConfig(MethodConfig):
-    """Round to nearest has no options of its own: its grid follows ``QuantConfig.rtn_range``."""
+    """Round to nearest on a per-channel symmetric grid with a float32 scale (the defaults), or on
+    a group-wise grid (``mpq.methods.groupwise``): ``group_size`` consecutive input weights per
+    float16 scale (0: one per channel), ``symmetric=False`` adds a b-bit zero point per group.
+    Scales follow ``QuantConfig.rtn_range`` either way."""
+
+    group_size: int = 0
+    symmetric: bool = True
+
+    def check(self) -> None:
+        check_grouping(self)
 
 
 @register
@@ -34,6 +44,11 @@ class RTNQuantizer(WeightQuantizer):
     config_type = RTNConfig
 
     def fit(self, ctx: LayerContext) -> FittedWeight:
+        opts: RTNConfig = ctx.config.options
+        if is_grouped(opts):
+            grid = groupwise_grid(ctx.weight, ctx.bits, opts.group_size, opts.symmetric, ctx.config.rtn_range)
+            codes = groupwise_codes(ctx.weight, grid, ctx.bits)
+            return FittedWeight(codes[:, None, :], torch.ones(codes.shape[0], 1), grid=grid)
         if ctx.config.rtn_range == "minmax":
             return rtn_minmax(ctx.weight, ctx.bits)
         codes, scales, _ = ops.fit_multipoint(ctx.weight.contiguous(), ctx.bits, 1, True)

@@ -4,6 +4,7 @@ and its ``bits_per_weight``."""
 
 from mpq.nn.codebook import CodebookConv2d, CodebookLayer, CodebookLinear
 from mpq.nn.fused import FusedMultipointConv2d
+from mpq.nn.groupwise import GroupwiseConv2d, GroupwiseLayer, GroupwiseLinear
 from mpq.nn.modules import LAYER_KINDS, MultipointConv2d, MultipointLayer, MultipointLinear, register_layer_kind
 
 __all__ = [
@@ -12,6 +13,9 @@ __all__ = [
     "CodebookLayer",
     "CodebookLinear",
     "FusedMultipointConv2d",
+    "GroupwiseConv2d",
+    "GroupwiseLayer",
+    "GroupwiseLinear",
     "MultipointConv2d",
     "MultipointLayer",
     "MultipointLinear",

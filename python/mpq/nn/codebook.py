@@ -8,26 +8,23 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from mpq.activation import fake_quantize
 from mpq.layout import point_bits
+from mpq.nn.dequantized import DequantizedLayer
 from mpq.nn.modules import (
-    MultipointLayer,
     SpecReader,
     conv_code_shape,
     conv_geometry_from_spec,
     conv_spec_arguments,
     linear_spec_arguments,
     register_layer_kind,
-    same_padding,
     set_conv_geometry,
 )
 
 __all__ = ["CodebookLayer", "CodebookLinear", "CodebookConv2d"]
 
 
-class CodebookLayer(MultipointLayer):
+class CodebookLayer(DequantizedLayer):
     """The codebook layers' base: ``set_weight`` / ``set_act_qparams`` as for the multipoint
     layers (one point per channel), plus ``set_codebook``."""
 
@@ -50,11 +47,8 @@ class CodebookLayer(MultipointLayer):
         shape = [-1] + [1] * (w.dim() - 1)
         return w * (scales[:, 0] * (self.num_points > 0).float()).view(shape)
 
-    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        qp = self.act_qparams
-        if qp is None:
-            return x
-        return fake_quantize(x, float(qp[0]), int(qp[1]), int(qp[2]), int(qp[3]))
+    def code_values(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.codebook.to(codes.device).double()[(codes.long() + self.levels).clamp(0, 2 * self.levels)]
 
     def bits_per_weight(self) -> float:
         """b bits per code, a 32-bit scale per channel (one point each: ``mpq.layout.point_bits``)
@@ -81,8 +75,7 @@ class CodebookLinear(CodebookLayer):
         return cls(spec.get("in_features", int), spec.get("out_features", int), w_bits, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(self._quantize_input(x), self.dequantized_weight().to(x.dtype), b)
+        return self._linear(x, self.dequantized_weight())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, codebook"
@@ -127,12 +120,7 @@ class CodebookConv2d(CodebookLayer):
         return cls(w_bits=w_bits, bias=bias, **conv_geometry_from_spec(spec))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = same_padding(x, self.kernel_size, self.stride, self.dilation) if self.same_padding else self.pre_padding
-        if len(pads) > 0:  # TF-style 'same' padding, dynamic or static
-            x = F.pad(x, pads)
-        b = self.bias.to(x.dtype) if self.bias is not None else None
-        w = self.dequantized_weight().to(x.dtype)
-        return F.conv2d(self._quantize_input(x), w, b, self.stride, self.padding, self.dilation, self.groups)
+        return self._conv2d(x, self.dequantized_weight())
 
     def extra_repr(self) -> str:
         return (

@@ -309,6 +309,19 @@ class MultipointLayer(nn.Module):
         codes, scales = self.unpacked()
         return torch.ops.mpq.dequantize_multipoint(codes, scales, self.num_points, torch.float32)
 
+    def code_values(self, codes: torch.Tensor) -> torch.Tensor:
+        """What the codes [C, P, ...] of this layer stand for, float64 of their shape: the weight is
+        sum_k scales[:, k] * code_values(codes)[:, k]. The integers themselves here; the codebook
+        and group-wise layers map them to their levels."""
+        return codes.double()
+
+    def scale_channels_(self, a: torch.Tensor) -> None:
+        """Output channel j's weight times a[j] (BatchNorm re-estimation): its point scales."""
+        # The stored form holds num_points[j] consecutive point scales per channel j.
+        per_point = a.to(self.point_scales).repeat_interleave(self.num_points.long().to(a.device))
+        self.point_scales.mul_(per_point.to(self.point_scales.device))
+        self._drop_packed()
+
     def bits_per_weight(self) -> float:
         """Codes and scales of the points in use, per weight, as stored (``mpq.layout.point_bits``:
         float32 scales, whatever ``QuantConfig.scale_bits`` priced them at in the budget)."""

@@ -12,6 +12,7 @@ from mpq.allocate import output_errors
 from mpq.calibrate import LayerStats, QuantTarget
 from mpq.config import QuantConfig
 from mpq.methods import FittedWeight, WeightQuantizer, corrected_bias
+from mpq.methods.groupwise import GroupGrid
 from mpq.pipeline.fit import LayerFit, int8_merged_layer
 from mpq.refit import int8_mergeable_scales, refit_scales
 
@@ -30,6 +31,7 @@ class LayerWeight:
     bias: torch.Tensor | None  # the layer's new bias (None: the float layer's own)
     codebook: torch.Tensor | None  # non-uniform levels (companding), None for integer codes
     output_sqnr_db: float  # output signal over the output error of the kept points (calibration H)
+    grid: GroupGrid | None = None  # a group-wise grid (mpq.methods.groupwise), None for per-point scales
 
     @property
     def points(self) -> int:
@@ -67,10 +69,11 @@ def refit_layer(
         errors = output_errors(t.weight_matrix().float().cpu(), codes.cpu(), scales.cpu(), stats, t.groups)
     if cfg.bias_correction:  # on the weight each channel finally keeps (after the refit)
         kept = (torch.arange(fit.points)[None, :] < n[:, None]).double() * scales.double().cpu()
-        wq = (kept[:, :, None] * FittedWeight(codes, scales, codebook=codebook).levels().cpu()).sum(1)
+        levels = FittedWeight(codes, scales, codebook=codebook, grid=fit.fitted.grid).levels().cpu()
+        wq = (kept[:, :, None] * levels).sum(1)
         base = new_bias if new_bias is not None else t.module.bias
         new_bias = corrected_bias(t.weight_matrix().cpu(), wq, base, stats.mean)
     C = codes.shape[0]
     noise = float(errors[torch.arange(C), (n.long() - 1).clamp_min(0)].sum())
     sqnr = float(10 * torch.log10(torch.tensor(max(float(fit.energy.sum()), 1e-30) / max(noise, 1e-30))))
-    return LayerWeight(t, fit.bits, codes, scales, n, new_bias, codebook, sqnr)
+    return LayerWeight(t, fit.bits, codes, scales, n, new_bias, codebook, sqnr, fit.fitted.grid)

@@ -25,7 +25,7 @@ def build_layer(lw: LayerWeight, cal: Calibrated, cfg: QuantConfig, method: Weig
     """The quantized module of one layer: weight, bias and activation quantizer set."""
     t = lw.target
     bias = lw.bias if lw.bias is not None else t.module.bias
-    q = method.build_module(t, lw.points, lw.bits, bias is not None, lw.codebook)
+    q = method.build_module(t, lw.points, lw.bits, bias is not None, lw.codebook, lw.grid)
     C = lw.codes.shape[0]
     q.set_weight(lw.codes.reshape([C, q.max_points] + q.code_shape), lw.scales, lw.counts, bias)
     a_bits = layer_a_bits(t, cfg)
