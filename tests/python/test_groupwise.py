@@ -307,7 +307,7 @@ def test_awq_scaling_lowers_the_output_error_and_alpha_zero_is_rtn():
     e_awq = float(weighted_error(w.double() - grid.values(codes), H).sum())
     rtn_grid = groupwise_grid(w, 3, 32, False, "mse")
     e_rtn = float(weighted_error(w.double() - rtn_grid.values(groupwise_codes(w, rtn_grid, 3)), H).sum())
-    assert e_awq < 0.6 * e_rtn, (e_awq, e_rtn, alpha)  # measured 0.32x (alpha 0.35)
+    assert e_awq < 0.6 * e_rtn, (e_awq, e_rtn, alpha)  # measured 0.33x (alpha 0.4)
     # one exponent (alpha = 0): every input scale 1, the round-to-nearest grid exactly
     codes0, grid0, alpha0 = awq_quantize(w, stats, 1, 3, mpq.AWQConfig(32, False, grid=1), "mse", 1, 1024.0)
     assert alpha0 == 0 and bool((grid0.input_scales == 1).all())

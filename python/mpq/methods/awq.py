@@ -18,8 +18,10 @@ Departures from the reference, each for a reason:
   16 bits per input channel: 16 / C_out bits per weight, counted) instead of being folded into the
   previous operator: mpq quantizes any graph, where that operator may be absent, shared or
   non-linear. Folded or not, the weights are the same.
-- The reference's second step (a per-group clipping search on the output error) is the group
-  grid's own MSE clipping search here (``QuantConfig.rtn_range="mse"``), on the weights.
+- The exponent is searched on min-max grids, as the reference does; the reference's second step
+  (a per-group clipping search on the output error) is the group grid's own MSE clipping search
+  here (``QuantConfig.rtn_range="mse"``, on the weights), at the chosen exponent; alpha = 0 with
+  that clipping is kept when it is better, so AWQ never loses to round to nearest on its grid.
 - A layer whose whole H exceeds ``config.hessian_budget_mb`` measures the error with diag(H) only.
 """
 
@@ -67,25 +69,32 @@ def awq_quantize(
     H = layer_hessian(stats, groups) if hessian_fits(stats, groups, budget_mb) else None
     diag = input_diagonal(stats) if H is None else None
     w64 = w.double().cpu()
-    best = None
-    for i in range(cfg.grid):
-        alpha = i / cfg.grid
+
+    def fit(alpha: float, grid_rule: str) -> tuple[float, torch.Tensor, GroupGrid]:
         s = m.clamp_min(1e-8).pow(alpha)
         s = s / (s.amax(-1, keepdim=True) * s.amin(-1, keepdim=True)).sqrt()
         s = s.clamp(1e-4, 1e4).half().double()  # stored as float16
         col = s.repeat_interleave(kernel, 1).repeat_interleave(C // groups, 0)  # [C, D]
         scaled = (w64 * col).float()
-        grid = groupwise_grid(scaled, bits, cfg.group_size, cfg.symmetric, rule)
+        grid = groupwise_grid(scaled, bits, cfg.group_size, cfg.symmetric, grid_rule)
         codes = groupwise_codes(scaled, grid, bits)
         grid = GroupGrid(grid.size, grid.scales, grid.zeros, s.float())
         delta = w64 - grid.values(codes)
         if H is not None:
-            err = float(weighted_error(delta, H).sum())
-        else:
-            err = float((delta.square().reshape(groups, C // groups, D) * diag[:, None, :]).sum())
-        if best is None or err < best[0]:
-            best = (err, codes, grid, alpha)
-    return best[1], best[2], best[3]
+            return float(weighted_error(delta, H).sum()), codes, grid
+        return float((delta.square().reshape(groups, C // groups, D) * diag[:, None, :]).sum()), codes, grid
+
+    # As the reference: the exponent is searched on plain min-max grids, the clipping (here the
+    # grid's own rule) applied once at the exponent chosen; alpha = 0 (no scaling) stays a
+    # candidate with that rule too, so the result never loses to round to nearest on the grid.
+    alphas = [i / cfg.grid for i in range(cfg.grid)]
+    alpha = min(alphas, key=lambda a: fit(a, "minmax")[0]) if len(alphas) > 1 else 0.0
+    err, codes, grid = fit(alpha, rule)
+    if alpha != 0.0:
+        err0, codes0, grid0 = fit(0.0, rule)
+        if err0 <= err:
+            return codes0, grid0, 0.0
+    return codes, grid, alpha
 
 
 @register
