@@ -52,11 +52,10 @@ class AWQConfig(MethodConfig):
         self._check_int("grid", 1)
 
 
-def awq_input_magnitude(stats, groups: int, kernel: int) -> torch.Tensor:
+def awq_input_magnitude(diag: torch.Tensor, kernel: int) -> torch.Tensor:
     """RMS of each input channel's values, float64 [groups, D / kernel] (``kernel`` = kh x kw: the
-    flattened columns of one input channel), from the calibration second moment."""
-    diag = input_diagonal(stats)  # [groups, D]: E[x^2] per column
-    return diag.reshape(groups, -1, kernel).mean(-1).clamp_min(0).sqrt()
+    flattened columns of one input channel), from ``diag`` [groups, D] = E[x^2] per column."""
+    return diag.reshape(diag.shape[0], -1, kernel).mean(-1).clamp_min(0).sqrt()
 
 
 def awq_quantize(
@@ -65,9 +64,9 @@ def awq_quantize(
     """(stored codes int8 [C, D], grid with ``input_scales``, alpha chosen) for ``w`` [C, D]
     whose columns are ``kernel`` consecutive weights per input channel."""
     C, D = w.shape
-    m = awq_input_magnitude(stats, groups, kernel)  # [groups, cin]
+    diag = input_diagonal(stats)  # [groups, D]: E[x^2] per column
+    m = awq_input_magnitude(diag, kernel)  # [groups, cin]
     H = layer_hessian(stats, groups) if hessian_fits(stats, groups, budget_mb) else None
-    diag = input_diagonal(stats) if H is None else None
     w64 = w.double().cpu()
 
     def fit(alpha: float, grid_rule: str) -> tuple[float, torch.Tensor, GroupGrid]:
