@@ -40,15 +40,19 @@ class CodebookLayer(DequantizedLayer):
             )
         self.codebook.copy_(codebook.to(torch.float32))
 
+    def _levels(self, codes: torch.Tensor) -> torch.Tensor:
+        """The codebook level each code indexes (float32, the codes' shape and device)."""
+        return self.codebook.to(codes.device)[(codes.long() + self.levels).clamp(0, 2 * self.levels)]
+
     @torch.jit.export
     def dequantized_weight(self) -> torch.Tensor:
         codes, scales = self.unpacked()
-        w = self.codebook[(codes[:, 0].long() + self.levels).clamp(0, 2 * self.levels)]
+        w = self._levels(codes[:, 0])
         shape = [-1] + [1] * (w.dim() - 1)
         return w * (scales[:, 0] * (self.num_points > 0).float()).view(shape)
 
     def code_values(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.codebook.to(codes.device).double()[(codes.long() + self.levels).clamp(0, 2 * self.levels)]
+        return self._levels(codes).double()
 
     def bits_per_weight(self) -> float:
         """b bits per code, a 32-bit scale per channel (one point each: ``mpq.layout.point_bits``)
