@@ -18,7 +18,7 @@ from mpq.version import __version__
 
 load_ops_library()
 
-from mpq import nn, ops  # noqa: E402
+from mpq import distributed, nn, ops  # noqa: E402
 from mpq.config import PRESETS, QuantConfig  # noqa: E402
 from mpq.fuse import fuse_activations  # noqa: E402
 from mpq.io import load, save  # noqa: E402
@@ -88,6 +88,7 @@ __all__ = [
     "CompandingConfig",
     "QuantReport",
     "build_info",
+    "distributed",
     "export_onnx",
     "export_openvino",
     "fuse_activations",

@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from mpq.distributed import agree, gather_objects, world
 from mpq.fold import set_submodule
 from mpq.nn.modules import MultipointLayer
 
@@ -107,6 +108,22 @@ class _Moments:
         m = s1 / z.shape[1]
         return m + self.shift, (z - m[:, None]).pow(2).mean(1)
 
+    def merge_ranks(self, what: str) -> None:
+        """Every rank's sums, moved to the first contributing rank's shift and added in rank
+        order (``mpq.distributed``): all ranks then hold the same pooled moments."""
+        every = [e for e in gather_objects((self.shift, self.s1, self.s2, self.n), what) if e[3] > 0]
+        if not every:
+            return
+        shift = every[0][0].to(torch.float64)
+        s1 = s2 = None
+        for a, r1, r2, n in every:
+            d = a.to(shift) - shift  # z - shift = (z - a) + d
+            t1 = r1.to(shift) + n * d
+            t2 = r2.to(shift) + 2 * d * r1.to(shift) + n * d * d
+            s1, s2 = (t1, t2) if s1 is None else (s1 + t1, s2 + t2)
+        device = self.shift.device if self.shift is not None else shift.device
+        self.shift, self.s1, self.s2, self.n = shift.to(device), s1.to(device), s2.to(device), sum(e[3] for e in every)
+
     def result(self) -> Moments:
         m = self.s1 / self.n
         return m + self.shift, (self.s2 / self.n - m * m).clamp_min(0)
@@ -138,14 +155,21 @@ def _pass(
     handles = [modules[n].register_forward_hook(make_hook(n)) for n in names]
     was_training = model.training
     model.eval()
-    try:
+
+    def run() -> None:
         with torch.no_grad():
             for x in batches:
                 model(x)
+
+    try:
+        agree("BatchNorm re-estimation", run)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    if world()[1] > 1:
+        for n in names:
+            acc[n].merge_ranks(f"BatchNorm statistics of layer {n!r}")
     return acc
 
 

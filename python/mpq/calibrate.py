@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpq.config import QuantConfig
+from mpq.distributed import ExactSum, agree, batch_generator, gather_objects, world
 from mpq.nn.modules import same_padding
 
 logger = logging.getLogger("mpq")
@@ -110,7 +111,11 @@ class CalibrationBatches:
     batch (a tensor, or the first element of an (input, target) pair) is checked and moved to
     ``device`` when it is reached. Only the first ``keep`` batches are held (``batches[i]`` and
     ``batches[:k]`` index them, for BatchNorm folding, sensitivity and the simulation check);
-    iterating yields every batch once, so the inputs held never exceed ``keep`` batches."""
+    iterating yields every batch once, so the inputs held never exceed ``keep`` batches.
+
+    Under a process group (``mpq.distributed``) ``calib_loader`` is this rank's shard: its j-th
+    batch is the global batch ``j * world + rank``, ``max_batches`` and ``keep`` count global
+    batches, and ``indexed`` yields the global indices with the batches."""
 
     def __init__(self, calib_loader: Iterable, max_batches: int, keep: int, device: torch.device | None):
         if isinstance(calib_loader, torch.Tensor) or not hasattr(calib_loader, "__iter__"):
@@ -118,14 +123,30 @@ class CalibrationBatches:
                 f"mpq.quantize: expected calib_loader to be an iterable of tensors or (input, target) pairs, "
                 f"got {type(calib_loader).__name__}"
             )
+        self.rank, self.world = world()
+        if max_batches < self.world:
+            raise ValueError(
+                f"mpq.quantize: config.calib_batches ({max_batches}) is smaller than the number of ranks "
+                f"({self.world}): every rank needs at least one calibration batch"
+            )
         self._items = iter(calib_loader)
-        self._max_batches = max_batches
-        self._keep = max(1, keep)
+        self._max_batches = self._local(max_batches)
+        self._keep = max(1, self._local(max(1, keep)))
+        self._global_keep = max(1, keep)
         self._device = device
         self.read = 0  # batches taken from the loader so far
         self.kept: list[torch.Tensor] = []
         if self._next() is None:  # the first batch, read now: an empty loader fails before any work
-            raise ValueError("mpq.quantize: calib_loader yielded no batches")
+            raise ValueError(
+                "mpq.quantize: calib_loader yielded no batches" + (f" on rank {self.rank}" if self.world > 1 else "")
+            )
+
+    def _local(self, count: int) -> int:
+        """How many of the first ``count`` global batches are this rank's."""
+        return max(0, (count - self.rank + self.world - 1) // self.world)
+
+    def global_index(self, local: int) -> int:
+        return local * self.world + self.rank
 
     def _next(self) -> torch.Tensor | None:
         if self.read >= self._max_batches:
@@ -133,7 +154,7 @@ class CalibrationBatches:
         item = next(self._items, _END)
         if item is _END:
             return None
-        i = self.read
+        i = self.global_index(self.read)
         x = item[0] if isinstance(item, (tuple, list)) and len(item) > 0 else item
         if not isinstance(x, torch.Tensor):
             raise TypeError(
@@ -158,13 +179,24 @@ class CalibrationBatches:
     def __getitem__(self, index):
         return self.kept[index]
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def first(self, count: int) -> tuple[list[int], list[torch.Tensor]]:
+        """(global indices, batches) of this rank's kept batches among the first ``count`` global
+        ones (``count`` <= ``keep``)."""
+        n = min(len(self.kept), self._local(count))
+        return [self.global_index(j) for j in range(n)], self.kept[:n]
+
+    def indexed(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(global index, batch) for every batch of this rank, in order."""
         done = 0
         while True:
             x = self.kept[done] if done < len(self.kept) else self._next()
             if x is None:
                 return
+            yield self.global_index(done), x
             done += 1
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for _, x in self.indexed():
             yield x
 
 
@@ -177,8 +209,10 @@ def collect_batches(
 
 
 class Reservoir:
-    """Uniform sample of at most ``capacity`` rows over a stream: every row gets a random key and
-    the rows with the smallest keys are kept."""
+    """Uniform sample of at most ``capacity`` rows over a stream: every row gets a random float64
+    key (from ``generator``, which the caller may replace between additions) and the rows with the
+    smallest keys are kept. ``sample`` returns them in key order, so that the sample of a stream
+    split over ranks and merged (``merge``) is the single stream's, row for row."""
 
     def __init__(self, capacity: int, generator: torch.Generator):
         self.capacity = capacity
@@ -187,14 +221,33 @@ class Reservoir:
         self.rows: torch.Tensor | None = None
 
     def add(self, rows: torch.Tensor) -> None:
-        keys = torch.rand(rows.shape[0], generator=self.generator)
+        keys = torch.rand(rows.shape[0], generator=self.generator, dtype=torch.float64)
         if self.rows is not None:
             rows = torch.cat([self.rows, rows])
             keys = torch.cat([self.keys, keys])
+        self._keep(keys, rows)
+
+    def _keep(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         if rows.shape[0] > self.capacity:
             keep = torch.topk(keys, self.capacity, largest=False).indices
             rows, keys = rows[keep], keys[keep]
         self.rows, self.keys = rows, keys
+
+    def sample(self) -> torch.Tensor | None:
+        """The kept rows in the order of their keys."""
+        if self.rows is None:
+            return None
+        return self.rows[torch.argsort(self.keys, stable=True)]
+
+    def merge(self, states: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        """Replace this sample by the one of the union of the ``(keys, rows)`` samples (every
+        rank's, this one's included)."""
+        states = [s for s in states if s is not None]
+        if states:
+            self._keep(torch.cat([k for k, _ in states]), torch.cat([r for _, r in states]))
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.rows is None else (self.keys, self.rows)
 
 
 @dataclass
@@ -254,30 +307,26 @@ class SharedInputs:
 
 
 class _Recorder:
-    def __init__(
-        self,
-        target: QuantTarget,
-        capacity: int,
-        generator: torch.Generator,
-        order_counter: list[int],
-        shared: SharedInputs,
-    ):
+    def __init__(self, target: QuantTarget, capacity: int, order_counter: list[int], shared: SharedInputs):
         self.target = target
         self.shared = shared
         D = target.weight_matrix().shape[1]
         self.use_gram = D <= capacity
-        self.gram: torch.Tensor | None = None
+        self.gram = ExactSum()  # [groups, D, D]: sum of x x^T over the sampled rows
         self.count = 0
-        self.row_sum: torch.Tensor | None = None  # [groups, D] float64, over all sampled rows
+        self.row_sum = ExactSum()  # [groups, D], over all sampled rows
         self.row_count = 0
-        self.rows = Reservoir(capacity, generator)
-        self.values = Reservoir(ACT_SAMPLE_SIZE, generator)
-        self.generator = generator
+        self.generator = torch.Generator()  # the current batch's (``batch_generator``)
+        self.rows = Reservoir(capacity, self.generator)
+        self.values = Reservoir(ACT_SAMPLE_SIZE, self.generator)
         self.capacity = capacity
         self.lo = float("inf")
         self.hi = float("-inf")
         self.order = -1
         self.order_counter = order_counter
+
+    def new_batch(self, generator: torch.Generator) -> None:
+        self.generator = self.rows.generator = self.values.generator = generator
 
     def __call__(self, module: nn.Module, args) -> None:
         self.shared.record(self.target.name, args[0])
@@ -296,13 +345,11 @@ class _Recorder:
         pick = torch.randint(flat.numel(), (min(flat.numel(), 8192),), generator=self.generator)
         self.values.add(flat[pick.to(flat.device)].float().cpu())
         rows = self._sample_rows(x)  # [n, groups, D]
-        row_sum = rows.sum(0).double()
-        self.row_sum = row_sum if self.row_sum is None else self.row_sum + row_sum
+        self.row_sum.add(rows.sum(0))
         self.row_count += rows.shape[0]
         if self.use_gram:
             r = rows.transpose(0, 1).contiguous()  # [groups, n, D]
-            g = torch.bmm(r.transpose(1, 2), r).double()  # float32 products, float64 running sum
-            self.gram = g if self.gram is None else self.gram + g
+            self.gram.add(torch.bmm(r.transpose(1, 2), r))  # float32 products, exact float64 running sum
             self.count += rows.shape[0]
         else:
             self.rows.add(rows.cpu())
@@ -315,13 +362,38 @@ class _Recorder:
             return rows[pick.to(rows.device)].float().unsqueeze(1)
         return sample_patches(x, self.target, n, self.generator)
 
+    def merge_ranks(self) -> None:
+        """Merge every rank's record of this layer into each (``mpq.distributed``): the sums and
+        counts added, the range widened, the samples those of the union; the layer's place in the
+        forward order is rank 0's (the first rank's that called it)."""
+        mine = (
+            self.gram.state(),
+            self.count,
+            self.row_sum.state(),
+            self.row_count,
+            self.rows.state(),
+            self.values.state(),
+            self.lo,
+            self.hi,
+            self.order,
+        )
+        every = gather_objects(mine, f"calibration statistics of layer {self.target.name!r}")
+        self.gram = ExactSum.combine(e[0] for e in every)
+        self.count = sum(e[1] for e in every)
+        self.row_sum = ExactSum.combine(e[2] for e in every)
+        self.row_count = sum(e[3] for e in every)
+        self.rows.merge([e[4] for e in every])
+        self.values.merge([e[5] for e in every])
+        self.lo, self.hi = min(e[6] for e in every), max(e[7] for e in every)
+        self.order = next((e[8] for e in every if e[8] >= 0), -1)
+
     def stats(self) -> LayerStats | None:
         if self.order < 0:
             return None
-        gram = (self.gram / self.count).cpu() if self.use_gram else None
-        samples = None if self.use_gram else self.rows.rows
-        mean = (self.row_sum / max(1, self.row_count)).cpu()
-        return LayerStats(gram, samples, self.values.rows, self.lo, self.hi, self.order, mean)
+        gram = (self.gram.value() / self.count).cpu() if self.use_gram else None
+        samples = None if self.use_gram else self.rows.sample()
+        mean = (self.row_sum.value() / max(1, self.row_count)).cpu()
+        return LayerStats(gram, samples, self.values.sample(), self.lo, self.hi, self.order, mean)
 
 
 def conv_input(x: torch.Tensor, target: QuantTarget) -> torch.Tensor:
@@ -363,33 +435,46 @@ def calibrate(
     targets: list[QuantTarget],
     batches: Iterable[torch.Tensor],
     config: QuantConfig,
-    generator: torch.Generator,
 ) -> dict[str, LayerStats]:
     """Run the calibration batches once with hooks on every target layer (one pass: ``batches``
-    may be a stream such as ``CalibrationBatches``)."""
+    may be a stream such as ``CalibrationBatches``). The random draws of batch i come from
+    ``batch_generator(config.seed, i)``, i its global index (``CalibrationBatches.indexed``; its
+    position for a plain iterable). Under a process group the ranks' records are merged, so every
+    rank returns the statistics of all ranks' batches."""
     counter = [0]
     shared = SharedInputs()
-    recorders = {t.name: _Recorder(t, config.calib_samples, generator, counter, shared) for t in targets}
-    handles = [t.module.register_forward_pre_hook(recorders[t.name]) for t in targets]
-    try:
-        with torch.no_grad():
-            for i, x in enumerate(batches):
-                shared.new_batch()
-                try:
-                    model(x)
-                except torch.cuda.OutOfMemoryError:
-                    raise
-                except (RuntimeError, TypeError, ValueError, IndexError) as e:
-                    if str(e).startswith("mpq"):  # mpq's own checks (NaN or inf in a layer's input) name themselves
+    recorders = {t.name: _Recorder(t, config.calib_samples, counter, shared) for t in targets}
+    items = batches.indexed() if isinstance(batches, CalibrationBatches) else enumerate(batches)
+
+    def one_pass() -> None:
+        handles = [t.module.register_forward_pre_hook(recorders[t.name]) for t in targets]
+        try:
+            with torch.no_grad():
+                for i, x in items:
+                    shared.new_batch()
+                    g = batch_generator(config.seed, i)
+                    for r in recorders.values():
+                        r.new_batch(g)
+                    try:
+                        model(x)
+                    except torch.cuda.OutOfMemoryError:
                         raise
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    raise ValueError(
-                        f"mpq.quantize: the model fails on calib_loader batch {i} (input {tuple(x.shape)} {x.dtype}): "
-                        f"{type(e).__name__}: {first}"
-                    ) from e
-    finally:
-        for h in handles:
-            h.remove()
+                    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                        if str(e).startswith("mpq"):  # mpq's own checks (NaN or inf in a layer's input) name themselves
+                            raise
+                        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                        raise ValueError(
+                            f"mpq.quantize: the model fails on calib_loader batch {i} (input {tuple(x.shape)} "
+                            f"{x.dtype}): {type(e).__name__}: {first}"
+                        ) from e
+        finally:
+            for h in handles:
+                h.remove()
+
+    agree("calibration", one_pass)
+    if world()[1] > 1:
+        for t in targets:
+            recorders[t.name].merge_ranks()
     stats: dict[str, LayerStats] = {}
     for t in targets:
         st = recorders[t.name].stats()
@@ -427,7 +512,8 @@ def fisher_sensitivity(
     targets: list[QuantTarget],
     batches: list[torch.Tensor],
     output: str = "auto",
-    generator: torch.Generator | None = None,
+    seed: int = 0,
+    indices: list[int] | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """Per output channel of every target: the mean over samples of the summed (over positions)
     squared gradient, with respect to the layer's output, of the log-likelihood of an output model
@@ -438,27 +524,30 @@ def fisher_sensitivity(
     - ``output="gaussian"`` (``"auto"`` for any other output: embeddings, e.g. [N, D] rows of unit
       norm, token states, tuples or dicts of tensors): the Fisher of a Gaussian output model
       N(y, I). Its score for a target y' = y + v drawn from the model is J^T v with v ~ N(0, I), so
-      back-propagating ``sum(y * v)`` for one v per batch (from ``generator``) gives an unbiased
+      back-propagating ``sum(y * v)`` for one v per batch (from ``batch_generator(seed, i, 1)``,
+      i the batch's global index: ``indices``, else its position) gives an unbiased
       estimate of diag(J^T J), the Gauss-Newton diagonal of the squared output error
       ||y_q - y||^2 (for unit-norm embeddings 2 - 2 cos(y_q, y)).
 
     Layers whose input carries no gradient (integer token ids through an embedding) are handled:
     their output is made a leaf that requires grad. Gradients at padding tokens are zero when the
     model masks them out of its output. None when the output has no floating tensor.
+
+    Under a process group (``mpq.distributed``) ``batches`` are this rank's and the result is
+    that of every rank's batches (exact sums, merged).
     """
     if output not in ("auto", "logits", "gaussian"):
         raise ValueError(
             f"mpq.fisher_sensitivity: expected output to be 'auto', 'logits' or 'gaussian', got {output!r}"
         )
-    sums = {t.name: None for t in targets}
-    count = 0
+    sums = {t.name: ExactSum() for t in targets}
+    indices = list(range(len(batches))) if indices is None else indices
 
     def make_hook(name, channel_dim):
         def hook(module, args, out):
             def grad_hook(g):
                 dims = [d for d in range(g.dim()) if d != channel_dim % g.dim()]
-                s = g.detach().double().pow(2).sum(dim=dims)
-                sums[name] = s if sums[name] is None else sums[name] + s
+                sums[name].add(g.detach().double().pow(2).sum(dim=dims))
 
             if not out.requires_grad:  # nothing upstream needs a gradient: start the graph here
                 # (a non-leaf copy: in-place consumers such as ReLU(inplace=True) refuse a leaf)
@@ -471,15 +560,16 @@ def fisher_sensitivity(
     handles = [t.module.register_forward_hook(make_hook(t.name, -1 if t.kind == "linear" else 1)) for t in targets]
     requires = {p: p.requires_grad for p in model.parameters()}
     kind = None if output == "auto" else output
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for x in batches:
+    count = 0
+
+    def backward_passes() -> bool:  # False: the output has no floating tensor
+        nonlocal kind, count
+        for i, x in zip(indices, batches):
             with torch.enable_grad():
                 y = model(x.detach())
                 ys = _float_tensors(y)
                 if not ys:
-                    return None
+                    return False
                 if kind is None:
                     kind = "logits" if _is_logits(y) else "gaussian"
                 if kind == "logits":
@@ -489,14 +579,25 @@ def fisher_sensitivity(
                         )
                     loss = F.cross_entropy(y, y.detach().argmax(dim=1), reduction="sum")
                 else:
-                    v = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in ys]
+                    g = batch_generator(seed, i, stream=1)
+                    v = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in ys]
                     loss = sum((t * r).sum() for t, r in zip(ys, v))
                 if loss.requires_grad:
                     loss.backward()
             count += x.shape[0]
+        return True
+
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        has_float = agree("Fisher sensitivity", backward_passes)
     finally:
         for h in handles:
             h.remove()
         for p, r in requires.items():
             p.requires_grad_(r)
-    return {k: (v / count).float().cpu() for k, v in sums.items() if v is not None}
+    if not all(gather_objects(has_float, "Fisher sensitivity")):
+        return None
+    count = sum(gather_objects(count, "Fisher sensitivity"))
+    merged = {k: v.merged(f"Fisher sensitivity of layer {k!r}") for k, v in sums.items()}
+    return {k: (v / count).float().cpu() for k, v in merged.items() if v is not None}

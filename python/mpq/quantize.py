@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mpq.config import QuantConfig
+from mpq.distributed import on_main
 from mpq.methods import get_method
 from mpq.pipeline import (
     LayerReport,
@@ -25,7 +26,7 @@ from mpq.pipeline import (
     prepare,
     record_report,
     reestimate_batchnorms,
-    refit_layer,
+    refit_layers,
     swap_layer,
     verify,
 )
@@ -53,6 +54,10 @@ def quantize(
         config: a preset name ("W4A8", "W4A16", "W3A16", "W2A16", "W8A8"), a ``QuantConfig`` or a dict.
         device: where to calibrate and fit (default: the model's device).
 
+    Under an initialised ``torch.distributed`` process group every rank calls ``quantize`` with
+    the same model and config and its own shard of the calibration batches (``mpq.distributed``):
+    the statistics are merged, the layers fitted in parallel, and every rank returns the same model.
+
     Returns:
         The quantized model (eval mode), with ``MultipointConv2d`` / ``MultipointLinear`` layers.
     """
@@ -75,11 +80,10 @@ def quantize(
     seconds["fit"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    counts = allocate_layers(fits, cfg, method)
+    counts = on_main("allocating points", lambda: allocate_layers(fits, cfg, method))
     seconds["allocate"] = time.perf_counter() - t0
 
-    for fit in fits:
-        layer = refit_layer(fit, counts[fit.target.name], cal.stats[fit.target.name], cfg, method)
+    for fit, layer in zip(fits, refit_layers(fits, counts, cal, cfg, method)):
         report.layers.append(swap_layer(prep.model, layer, build_layer(layer, cal, cfg, method), fit.seconds))
     if cfg.bn_reestimation and cal.bn_originals:  # on the quantized model, after bias correction
         t0 = time.perf_counter()
@@ -90,7 +94,7 @@ def quantize(
     pack_for_device(prep.model)
     if cfg.verify:  # the deployed model as it will run: after packing, on its device
         t0 = time.perf_counter()
-        report.simulation_checks = verify(prep)
+        report.simulation_checks = on_main("the simulation check", lambda: verify(prep))
         report.simulation_error = report.simulation_checks[0].end_to_end
         seconds["verify"] = time.perf_counter() - t0
     if cal.skipped:

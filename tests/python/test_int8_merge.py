@@ -85,7 +85,7 @@ def test_int8_row_layers_get_two_points_each_one_int8_row():
     torch.manual_seed(0)
     model = randomize_batchnorm(small_cnn())
     calib = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    plain, merged = _quantize(model, calib, False, avg_bits=9.0), _quantize(model, calib, True, avg_bits=9.0)
+    plain, merged = _quantize(model, calib, False, avg_bits=11.0), _quantize(model, calib, True, avg_bits=11.0)
     three = fitting = channels = 0
     for name, m in _layers(merged).items():
         if m.act_qparams is None or m.max_points == 1:  # first / last layer: one 8-bit point
@@ -103,7 +103,7 @@ def test_int8_row_layers_get_two_points_each_one_int8_row():
         assert torch.equal(rows.long(), _merged_rows_expected(m)), name
         fitting += int((rows.long() == m.num_points.long()).sum())
         channels += rows.numel()
-    assert three > 0  # the plain fit does give a channel more than two points here (one, in the Linear)
+    assert three > 0  # the plain fit does give channels more than two points here (13 in the inner layers)
     if MERGED_CODE_LIMIT == 127:
         assert fitting == channels
 

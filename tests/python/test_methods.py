@@ -434,7 +434,7 @@ def test_ilp_composes_with_adaquant_and_keeps_its_budget():
         sensitivity="relative",
     )
     targets, _ = find_targets(model, cfg)
-    stats = calibrate(model, targets, calib, cfg, torch.Generator().manual_seed(0))
+    stats = calibrate(model, targets, calib, cfg)
     ilp = get_method("ilp")
     chosen = ilp.choose_bits(targets, stats, cfg, None)
     shapes = {t.name: t.weight_matrix().shape for t in targets}
@@ -492,7 +492,7 @@ def lite0():
     fold_batchnorm(folded, data.calib_batches[0][:2])
     cfg = mpq.QuantConfig()
     targets, _ = find_targets(folded, cfg)
-    stats = calibrate(folded, targets, data.calib_batches, cfg, torch.Generator().manual_seed(0))
+    stats = calibrate(folded, targets, data.calib_batches, cfg)
     return model, folded, targets, stats, data, ref
 
 

@@ -97,20 +97,22 @@ def test_gaussian_fisher_estimates_the_jacobian_diagonal():
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
     x = torch.randn(20000, 6)
     targets, _ = find_targets(model, mpq.QuantConfig())
-    est = fisher_sensitivity(model, targets, list(x.split(5000)), "gaussian", torch.Generator().manual_seed(0))
+    est = fisher_sensitivity(model, targets, list(x.split(5000)), "gaussian", 0)
     active = (model[0](x) > 0).double().mean(0)
     exact = model[2].weight.detach().double().pow(2).sum(0) * active
-    # Seeded Monte Carlo estimates: the largest relative errors measured are 0.0276 (layer 0) and
-    # 0.0166 (layer 2), the same with ATEN_CPU_CAPABILITY unset, =avx2 and =default; bounds 1.5x.
-    torch.testing.assert_close(est["0"].double(), exact, rtol=1.5 * 0.0276, atol=0)
-    torch.testing.assert_close(est["2"].double(), torch.ones(3, dtype=torch.float64), rtol=1.5 * 0.0166, atol=0)
+    # Seeded Monte Carlo estimates: each is a mean over 20000 draws of a squared Gaussian (relative
+    # standard deviation sqrt(2 / 20000) = 0.01, less for layer 0's sums); bound: 4 standard
+    # deviations. Measured with the per-batch generators: 0.0160 (layer 0) and 0.0259 (layer 2),
+    # the same with ATEN_CPU_CAPABILITY=avx2 and =default.
+    torch.testing.assert_close(est["0"].double(), exact, rtol=0.04, atol=0)
+    torch.testing.assert_close(est["2"].double(), torch.ones(3, dtype=torch.float64), rtol=0.04, atol=0)
     # "auto": [N, classes] logits take the cross-entropy Fisher, unit-norm rows the Gaussian one
-    auto = fisher_sensitivity(model, targets, [x[:64]], "auto", torch.Generator().manual_seed(0))
+    auto = fisher_sensitivity(model, targets, [x[:64]], "auto", 0)
     logits = fisher_sensitivity(model, targets, [x[:64]], "logits")
     torch.testing.assert_close(auto["0"], logits["0"])
     normed = _Normalized(model)
-    auto = fisher_sensitivity(normed, targets, [x[:64]], "auto", torch.Generator().manual_seed(0))
-    gaussian = fisher_sensitivity(normed, targets, [x[:64]], "gaussian", torch.Generator().manual_seed(0))
+    auto = fisher_sensitivity(normed, targets, [x[:64]], "auto", 0)
+    gaussian = fisher_sensitivity(normed, targets, [x[:64]], "gaussian", 0)
     torch.testing.assert_close(auto["0"], gaussian["0"])
 
 

@@ -20,6 +20,7 @@ from mpq.cli.errors import UserError
 from mpq.cli.evaluate import evaluate, quantize_and_evaluate, versions
 from mpq.cli.images import CLASS_MAP_HELP, EvalData, calibration_batches, image_files, labelled_images
 from mpq.cli.models import MODEL_HELP, LoadedModel, load_model
+from mpq.distributed import is_main
 
 __all__ = ["build_parser", "main", "cmd_quantize", "cmd_eval", "cmd_sweep", "cmd_info", "cmd_demo", "format_table"]
 
@@ -33,7 +34,7 @@ def _eval_data(args, transform) -> EvalData:
 
 
 def _say(args, text: str) -> None:
-    if not args.quiet:
+    if not args.quiet:  # rank 0 alone speaks under torchrun (main() sets quiet elsewhere)
         print(text, file=sys.stderr)
 
 
@@ -66,6 +67,8 @@ def cmd_quantize(args) -> int:
         f"{cfg.budget_bits:g} bits/weight budget) on {len(chosen)} calibration images ...",
     )
     qmodel, row = quantize_and_evaluate(m.module, calib, cfg, None, args.quiet)
+    if not is_main():  # every rank holds the same model; rank 0 writes it
+        return 0
     mpq.save(qmodel, out, config=cfg, architecture=m.architecture)
     if args.summary:
         print(mpq.summary(qmodel))
@@ -108,6 +111,8 @@ def cmd_eval(args) -> int:
     data = EvalData(samples, m.transform, found, args.batch_size, args.workers)
     res = evaluate(m.module, data, args.quiet, args.class_map)
     res.pop("predictions")
+    if not is_main():
+        return 0
     _print_result(m.label, res)
     if args.json:
         Path(args.json).write_text(
@@ -156,7 +161,7 @@ def cmd_sweep(args) -> int:
             f"--model {args.model} is a saved {m.kind} model; expected a float model "
             f"(torchvision:<name> or efficientnet_lite0)"
         )
-    calib, _ = calibration_batches(
+    calib, chosen = calibration_batches(
         files, m.transform, args.calib_images, args.seed, args.batch_size, args.workers, args.quiet
     )
     data = _eval_data(args, m.transform)
@@ -186,8 +191,10 @@ def cmd_sweep(args) -> int:
         _, row = quantize_and_evaluate(m.module, calib, cfg, data, args.quiet, reference, class_map="-")
         row["name"] = f"{cfg.method} {cfg.budget_bits:g}" if get_method(cfg.method).multipoint else cfg.method
         rows.append(row)
+    if not is_main():
+        return 0
     print(
-        f"{m.label}: {sum(b.shape[0] for b in calib)} calibration images, {len(data.samples)} evaluation images; "
+        f"{m.label}: {len(chosen)} calibration images, {len(data.samples)} evaluation images; "
         f"agree = top-1 agreement with FP32"
     )
     print(format_table(rows))
@@ -328,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--model efficientnet_lite0 --calib photos/ --config W4A8 --out effnet.mpq.safetensors",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every quantized layer")
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="under torchrun: seconds a rank waits for the others before it stops with an error (default 600)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     q = sub.add_parser(
@@ -427,8 +441,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.command in ("demo", "info"):
         return args.func(args)
+    import torch.distributed as dist
+
+    from mpq.distributed import DistributedError, init_from_env
+
     try:
+        # under torchrun (WORLD_SIZE > 1): join the process group; rank 0 alone prints and writes
+        if init_from_env(args.dist_timeout):
+            args.quiet = args.quiet or not is_main()
         return args.func(args)
+    except DistributedError as e:
+        msg = str(e)
     except UserError as e:
         msg = str(e)
     except ValueError as e:  # mpq's own argument and file checks (mpq.load, QuantConfig, ...)
@@ -442,8 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mpq {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     first = " ".join(msg.split())  # one line
-    print(f"mpq {args.command}: {first}", file=sys.stderr)
+    where = f" (rank {os.environ.get('RANK', '?')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    print(f"mpq {args.command}{where}: {first}", file=sys.stderr)
     return 2
 
 

@@ -17,28 +17,43 @@ def evaluate(
     model, data: EvalData, quiet: bool = True, class_map: str = "sorted", desc: str = "evaluating"
 ) -> dict[str, Any]:
     """Top-1 / top-5 of ``model`` on ``data``: {"top1", "top5", "correct1", "correct5", "images",
-    "seconds", "predictions" (top-1 class per image, a tensor)}."""
+    "seconds", "predictions" (top-1 class per image, a tensor)}. Under a process group each rank
+    evaluates its batches (``EvalData.batches``) and every rank returns the counts of all images,
+    each counted once."""
     import torch
 
+    from mpq.distributed import agree, gather_objects, is_main
+
     t0 = time.perf_counter()
-    c1 = c5 = n = 0
-    preds = []
-    with torch.no_grad():
-        for x, y in data.batches(quiet, desc):
-            out = model(x)
-            if not isinstance(out, torch.Tensor) or out.dim() != 2:
-                raise UserError("the model's output is not [N, classes] logits")
-            if int(y.max()) >= out.shape[1]:
-                raise UserError(
-                    f"class index {int(y.max())} is out of range for a model with {out.shape[1]} outputs (see --class-map)"
-                )
-            top = out.topk(min(5, out.shape[1]), dim=1).indices
-            c1 += int((top[:, 0] == y).sum())
-            c5 += int((top == y[:, None]).any(dim=1).sum())
-            n += y.numel()
-            preds.append(top[:, 0])
-            classes = out.shape[1]
-    if class_map == "sorted" and data.num_classes_found != classes:
+
+    def run() -> tuple[int, int, int, list, int | None]:
+        c1 = c5 = n = 0
+        preds, classes = [], None
+        with torch.no_grad():
+            for x, y in data.batches(quiet, desc):
+                out = model(x)
+                if not isinstance(out, torch.Tensor) or out.dim() != 2:
+                    raise UserError("the model's output is not [N, classes] logits")
+                if int(y.max()) >= out.shape[1]:
+                    raise UserError(
+                        f"class index {int(y.max())} is out of range for a model with {out.shape[1]} outputs "
+                        f"(see --class-map)"
+                    )
+                top = out.topk(min(5, out.shape[1]), dim=1).indices
+                c1 += int((top[:, 0] == y).sum())
+                c5 += int((top == y[:, None]).any(dim=1).sum())
+                n += y.numel()
+                preds.append(top[:, 0])
+                classes = out.shape[1]
+        return c1, c5, n, preds, classes
+
+    part = agree("evaluation", run)
+    parts = gather_objects(part, "gathering the evaluation counts")
+    c1, c5, n = (sum(p[k] for p in parts) for k in range(3))
+    classes = next((p[4] for p in parts if p[4] is not None), None)
+    # rank r's j-th batch is the global batch j * size + r
+    ordered = [p[3][j] for j in range(max(len(p[3]) for p in parts)) for p in parts if j < len(p[3])]
+    if class_map == "sorted" and data.num_classes_found != classes and is_main():
         print(
             f"mpq: note: {data.num_classes_found} class folders for a model with {classes} outputs; with --class-map "
             f"sorted the k-th folder counts as class k (use --class-map index or a JSON map for a subset of classes)",
@@ -51,7 +66,7 @@ def evaluate(
         "correct5": c5,
         "images": n,
         "seconds": time.perf_counter() - t0,
-        "predictions": torch.cat(preds),
+        "predictions": torch.cat(ordered),
     }
 
 

@@ -4,6 +4,7 @@ layouts of labelled images for evaluation (``EvalData``), decoded in batches wit
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -162,17 +163,33 @@ def calibration_batches(
     quiet: bool = True,
 ):
     """A seeded random subset of ``count`` images (all of them when there are fewer),
-    preprocessed with ``transform``: (list of [B, 3, H, W] batches, the chosen files)."""
+    preprocessed with ``transform``: (list of [B, 3, H, W] batches, the chosen files). Under a
+    process group (``mpq.distributed``) only this rank's batches are read: global batches
+    r, r + N, ... of the same subset, as ``mpq.quantize`` counts them."""
     import torch
 
     if count < 1:
         raise UserError(f"--calib-images must be >= 1, got {count}")
     g = torch.Generator().manual_seed(seed)
     chosen = [files[i] for i in torch.randperm(len(files), generator=g)[:count].tolist()]
-    batches = [
-        x for x, _ in _batches([(p, -1) for p in chosen], transform, batch_size, workers, "calibration images", quiet)
-    ]
+    mine = my_batches([(p, -1) for p in chosen], batch_size)
+    batches = [x for x, _ in _batches(mine, transform, batch_size, workers, "calibration images", quiet)]
     return batches, chosen
+
+
+def my_batches(samples: Sequence, batch_size: int) -> list:
+    """The samples of this rank's batches (global batches r, r + N, ... of ``batch_size``
+    consecutive samples), in order: batching them again gives exactly those batches."""
+    from mpq.distributed import world
+
+    rank, size = world()
+    if size == 1:
+        return list(samples)
+    return [
+        s
+        for i in range(rank, math.ceil(len(samples) / batch_size), size)
+        for s in samples[i * batch_size : (i + 1) * batch_size]
+    ]
 
 
 @dataclass
@@ -188,14 +205,21 @@ class EvalData:
     cached: list[tuple[Any, Any]] | None = None
 
     def batches(self, quiet: bool, desc: str = "evaluating"):
+        """This rank's batches: all of them alone, global batches r, r + N, ... of N ranks (every
+        image in exactly one rank's batches)."""
+        from mpq.distributed import world
+
+        rank, size = world()
         if self.cached is not None:
-            bar = _progress(None, len(self.samples), desc, quiet)
-            for x, y in self.cached:
+            mine = self.cached[rank::size]
+            bar = _progress(None, sum(x.shape[0] for x, _ in mine), desc, quiet)
+            for x, y in mine:
                 bar.update(x.shape[0])
                 yield x, y
             bar.close()
             return
-        yield from _batches(self.samples, self.transform, self.batch_size, self.workers, desc, quiet)
+        mine = my_batches(self.samples, self.batch_size)
+        yield from _batches(mine, self.transform, self.batch_size, self.workers, desc, quiet)
 
     def cache(self, quiet: bool, limit: int = 2048) -> None:
         if self.cached is None and len(self.samples) <= limit:

@@ -22,7 +22,8 @@ def reestimate_batchnorms(
 ) -> None:
     """Re-collect every folded BatchNorm's statistics on the quantized model and refold them
     (after bias correction); ``float_modules``: the float layers by name (``bn_reference="float"``)."""
-    reestimate_batchnorm(prep.model, cal.bn_originals, prep.batches[: max(1, cfg.sensitivity_batches)], float_modules)
+    _, batches = prep.batches.first(max(1, cfg.sensitivity_batches))  # this rank's share
+    reestimate_batchnorm(prep.model, cal.bn_originals, batches, float_modules)
 
 
 def pack_for_device(model: nn.Module) -> None:

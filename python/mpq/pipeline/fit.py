@@ -14,6 +14,7 @@ import torch
 from mpq.allocate import LayerErrors, output_energy, output_errors
 from mpq.calibrate import QuantTarget, fisher_sensitivity
 from mpq.config import QuantConfig
+from mpq.distributed import agree, gather_work, move_tensors, split_work, world
 from mpq.layout import point_bits
 from mpq.methods import FittedWeight, LayerContext, WeightQuantizer
 from mpq.pipeline.prepare import Prepared
@@ -74,40 +75,73 @@ def layer_sensitivity(
     if not method.uses_sensitivity or cfg.sensitivity == "relative":
         return None
     output = "gaussian" if cfg.sensitivity == "fisher_gaussian" else "auto"
-    sensitivity = fisher_sensitivity(
-        prep.model, cal.targets, prep.batches[: cfg.sensitivity_batches], output, prep.generator
-    )
+    indices, batches = prep.batches.first(cfg.sensitivity_batches)
+    sensitivity = fisher_sensitivity(prep.model, cal.targets, batches, output, cfg.seed, indices)
     if sensitivity is None:
         logger.info("mpq: the model's output has no floating tensor; using relative sensitivity")
     return sensitivity
 
 
+def fit_cost(t: QuantTarget) -> float:
+    """A layer's fitting work, roughly (C * D for the points, C * D^2 for the output errors)."""
+    C, D = t.weight_matrix().shape
+    return float(C) * D * (D / t.groups + 64)
+
+
 def fit_layers(
     cal: Calibrated, cfg: QuantConfig, method: WeightQuantizer, sensitivity: dict[str, torch.Tensor] | None
 ) -> list[LayerFit]:
+    """Every layer fitted; under a process group each rank fits its share of the layers
+    (``split_work``) and every rank returns them all."""
     # A method may choose each layer's bit width before fitting (ILP bit allocation).
     chosen_bits = method.choose_bits(cal.targets, cal.stats, cfg, sensitivity)
-    fits = []
+    rank, size = world()
+    owners = split_work([fit_cost(t) for t in cal.targets]) if size > 1 else [0] * len(cal.targets)
+    mine = [t for t, owner in zip(cal.targets, owners) if owner == rank]
+    fits = agree("fitting", lambda: {t.name: fit_layer(t, cal, cfg, method, sensitivity, chosen_bits) for t in mine})
+    if size == 1:
+        return [fits[t.name] for t in cal.targets]
+    # Sent without the module (target) and the weight, which every rank holds.
+    parts = gather_work(
+        {n: (f.bits, f.fitted, f.errors, f.energy, f.paths, f.path_errors, f.seconds) for n, f in fits.items()},
+        "gathering the fitted layers",
+    )
+    out = []
     for t in cal.targets:
-        tl = time.perf_counter()
+        bits, fitted, errors, energy, paths, path_errors, seconds = parts[t.name]
+        fitted = move_tensors(fitted, t.weight.device)
+        paths = move_tensors(paths, t.weight.device)
         w = t.weight_matrix().to(torch.float32)
-        special = t.role != "inner"
-        bits = 8 if special else chosen_bits.get(t.name, cfg.w_bits)
-        s = cal.stats[t.name]
-        fit = method.fit(LayerContext(t, w, s, bits, max_points_of(t, cfg, method), cfg))
-        e = output_errors(w.cpu(), fit.levels().cpu(), fit.scales.cpu(), s, t.groups)
-        paths = path_errors = None
-        if fit.alternatives:  # each channel will keep the sequence that is best at its count
-            paths = [(fit.codes, fit.scales)] + list(fit.alternatives)
-            path_errors = torch.stack(
-                [e] + [output_errors(w.cpu(), c.cpu(), a.cpu(), s, t.groups) for c, a in fit.alternatives]
-            )
-            e = path_errors.amin(0)
-        energy = output_energy(w.cpu(), s, t.groups)
-        if sensitivity is not None and t.name in sensitivity:
-            sens = sensitivity[t.name].double()
-        else:
-            sens = torch.full((w.shape[0],), 1.0 / max(float(energy.sum()), 1e-30), dtype=torch.float64)
-        errors = LayerErrors(e, w.shape[1], point_bits(w.shape[1], bits, cfg.scale_bits), sens)
-        fits.append(LayerFit(t, w, bits, fit, errors, energy, paths, path_errors, time.perf_counter() - tl))
-    return fits
+        out.append(LayerFit(t, w, bits, fitted, errors, energy, paths, path_errors, seconds))
+    return out
+
+
+def fit_layer(
+    t: QuantTarget,
+    cal: Calibrated,
+    cfg: QuantConfig,
+    method: WeightQuantizer,
+    sensitivity: dict[str, torch.Tensor] | None,
+    chosen_bits: dict[str, int],
+) -> LayerFit:
+    tl = time.perf_counter()
+    w = t.weight_matrix().to(torch.float32)
+    special = t.role != "inner"
+    bits = 8 if special else chosen_bits.get(t.name, cfg.w_bits)
+    s = cal.stats[t.name]
+    fit = method.fit(LayerContext(t, w, s, bits, max_points_of(t, cfg, method), cfg))
+    e = output_errors(w.cpu(), fit.levels().cpu(), fit.scales.cpu(), s, t.groups)
+    paths = path_errors = None
+    if fit.alternatives:  # each channel will keep the sequence that is best at its count
+        paths = [(fit.codes, fit.scales)] + list(fit.alternatives)
+        path_errors = torch.stack(
+            [e] + [output_errors(w.cpu(), c.cpu(), a.cpu(), s, t.groups) for c, a in fit.alternatives]
+        )
+        e = path_errors.amin(0)
+    energy = output_energy(w.cpu(), s, t.groups)
+    if sensitivity is not None and t.name in sensitivity:
+        sens = sensitivity[t.name].double()
+    else:
+        sens = torch.full((w.shape[0],), 1.0 / max(float(energy.sum()), 1e-30), dtype=torch.float64)
+    errors = LayerErrors(e, w.shape[1], point_bits(w.shape[1], bits, cfg.scale_bits), sens)
+    return LayerFit(t, w, bits, fit, errors, energy, paths, path_errors, time.perf_counter() - tl)

@@ -4,6 +4,7 @@ and copy the model (unless in place) onto the device where calibration and fitti
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from mpq.calibrate import CalibrationBatches, QuantTarget, collect_batches, find_targets
 from mpq.config import QuantConfig
+from mpq.distributed import agree, gather_objects, world
 
 __all__ = ["Prepared", "prepare", "resolve_device"]
 
@@ -23,7 +25,6 @@ class Prepared:
     skipped: list[tuple[str, str]]  # weighted layers that stay in float: (name, reason)
     batches: CalibrationBatches  # the calibration inputs, read in one pass
     device: torch.device
-    generator: torch.Generator  # seeded by config.seed: every random draw of the pipeline
 
 
 def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -56,7 +57,10 @@ def prepare(
     if not isinstance(inplace, bool):
         raise TypeError(f"mpq.quantize: expected inplace to be a bool, got {type(inplace).__name__}")
     device = resolve_device(model, device)
-    batches = collect_batches(calib_loader, cfg.calib_batches, device, keep=cfg.sensitivity_batches)
+    batches = agree(
+        "reading the calibration data",
+        lambda: collect_batches(calib_loader, cfg.calib_batches, device, keep=cfg.sensitivity_batches),
+    )
     # The trial search for quantizable layers runs on the user's model without touching it.
     targets, skipped = find_targets(model, cfg)
     if not targets:
@@ -69,7 +73,25 @@ def prepare(
             raise ValueError(f"mpq.quantize: parameter {name!r} of model is on the meta device (it holds no values)")
         if not torch.isfinite(p).all():
             raise ValueError(f"mpq.quantize: parameter {name!r} of model contains NaN or inf")
+    if world()[1] > 1:
+        check_same_job(model, cfg)
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval().to(device)
     targets, skipped = find_targets(qmodel, cfg)
-    return Prepared(qmodel, targets, skipped, batches, device, torch.Generator().manual_seed(cfg.seed))
+    return Prepared(qmodel, targets, skipped, batches, device)
+
+
+def check_same_job(model: nn.Module, cfg: QuantConfig) -> None:
+    """Under a process group: every rank must quantize the same model (names, shapes and values
+    of its parameters and buffers) with the same config; a rank that differs is named."""
+    digest = hashlib.sha256(repr(sorted(cfg.to_dict().items())).encode())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    every = gather_objects(digest.hexdigest(), "checking that every rank runs the same job")
+    differ = [r for r, d in enumerate(every) if d != every[0]]
+    if differ:
+        raise ValueError(
+            f"mpq.quantize: ranks {differ} of {len(every)} hold a different model or config than rank 0 "
+            f"(every rank must quantize the same model with the same config; only the calibration data differ)"
+        )

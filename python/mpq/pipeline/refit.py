@@ -4,6 +4,7 @@ sequence per channel, the scales re-solved jointly (``MultipointConfig.scale_ref
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -11,12 +12,14 @@ import torch
 from mpq.allocate import output_errors
 from mpq.calibrate import LayerStats, QuantTarget
 from mpq.config import QuantConfig
+from mpq.distributed import agree, gather_work, move_tensors, split_work, world
 from mpq.methods import FittedWeight, WeightQuantizer, corrected_bias
 from mpq.methods.groupwise import GroupGrid
-from mpq.pipeline.fit import LayerFit, int8_merged_layer
+from mpq.pipeline.fit import LayerFit, fit_cost, int8_merged_layer
+from mpq.pipeline.statistics import Calibrated
 from mpq.refit import int8_mergeable_scales, refit_scales
 
-__all__ = ["LayerWeight", "refit_layer", "best_sequences"]
+__all__ = ["LayerWeight", "refit_layer", "refit_layers", "best_sequences"]
 
 
 @dataclass
@@ -77,3 +80,31 @@ def refit_layer(
     noise = float(errors[torch.arange(C), (n.long() - 1).clamp_min(0)].sum())
     sqnr = float(10 * torch.log10(torch.tensor(max(float(fit.energy.sum()), 1e-30) / max(noise, 1e-30))))
     return LayerWeight(t, fit.bits, codes, scales, n, new_bias, codebook, sqnr, fit.fitted.grid)
+
+
+def refit_layers(
+    fits: list[LayerFit], counts: dict[str, torch.Tensor], cal: Calibrated, cfg: QuantConfig, method: WeightQuantizer
+) -> list[LayerWeight]:
+    """``refit_layer`` for every layer; under a process group each rank refits its share and
+    every rank returns them all."""
+    rank, size = world()
+    owners = split_work([fit_cost(f.target) for f in fits]) if size > 1 else [0] * len(fits)
+    mine = [f for f, owner in zip(fits, owners) if owner == rank]
+    done = agree(
+        "refitting",
+        lambda: {
+            f.target.name: refit_layer(f, counts[f.target.name], cal.stats[f.target.name], cfg, method) for f in mine
+        },
+    )
+    if size == 1:
+        return [done[f.target.name] for f in fits]
+    # Sent without the module (target), which every rank holds.
+    parts = gather_work(
+        {n: dataclasses.replace(w, target=None) for n, w in done.items()}, "gathering the refitted layers"
+    )
+    out = []
+    for f in fits:
+        w = move_tensors(parts[f.target.name], f.target.weight.device)
+        w.target = f.target
+        out.append(w)
+    return out

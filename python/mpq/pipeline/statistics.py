@@ -40,7 +40,7 @@ def calibrate_layers(prep: Prepared, cfg: QuantConfig) -> Calibrated:
     # Calibrate (the one pass over the loader, which checks every batch) before folding
     # BatchNorm, so that a bad batch leaves even an inplace model's weights as they were. Folding
     # keeps every layer's input (the BN follows the conv) and the conv modules themselves.
-    stats = calibrate(prep.model, prep.targets, prep.batches, cfg, prep.generator)
+    stats = calibrate(prep.model, prep.targets, prep.batches, cfg)
     bn_originals: dict[str, nn.Module] = {}
     first = prep.batches[0]
     folded = fold_batchnorm(prep.model, first[: min(2, first.shape[0])], originals=bn_originals)
