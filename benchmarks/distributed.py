@@ -52,7 +52,7 @@ def worker(args) -> int:
     model = assets.load_efficientnet_lite0()
     data = load_demo_data(calib_images=args.calib_images, batch_size=16, seed=args.seed)
     calib = list(mpq.distributed.shard(data.calib_batches))
-    evaluation = list(mpq.distributed.shard(list(data.x.repeat(args.eval_repeat, 1, 1, 1).split(16))))
+    evaluation = list(mpq.distributed.shard(list(data.eval_images.repeat(args.eval_repeat, 1, 1, 1).split(16))))
     if args.world > 1:
         dist.barrier()
     t0 = time.perf_counter()
