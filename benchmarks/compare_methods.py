@@ -36,7 +36,9 @@ Rows per setting (W4A8, W4A16, W3A16, W2A16; A16 = float activations):
 about 4.25 and 4.5 bits; W3A16: about 3.5), docs/ALGORITHM.md "Group-wise grids": round to nearest,
 GPTQ (``ao``: act-order with static groups) and AWQ-style scaling on group-wise grids (``g``: a
 float16 scale per g input weights, ``asym``: plus a b-bit zero point), beside multipoint at 4.25,
-4.5 and 3.5 bits and the per-channel RTN / GPTQ rows; rows above 4.5 bits are marked with their bits.
+4.5 and 3.5 bits and the per-channel RTN / GPTQ rows; rows above 4.5 bits are marked with their bits. Then the external libraries' rows
+(``benchmarks/peers.py``: torchao's int4 / int3 / int8 weight-only, NNCF's int4 with AWQ and scale
+estimation), run by those libraries on the same data, or the reason they cannot run here.
 ``avg bits`` counts codes and 32-bit scales of what the deployed layers store
 (``QuantReport.avg_bits``); ``nominal`` is OCS's own widened layer (``mpq/methods/ocs.py``).
 ``quant s`` is the wall time of ``mpq.quantize`` (calibration included) on this machine's CPU.
@@ -51,7 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from provenance import git_commit, provenance  # benchmarks/ (this script's folder) is on sys.path
+from peers import PEERS, Peer, PeerUnavailable  # benchmarks/ (this script's folder) is on sys.path
+from provenance import git_commit, provenance
 
 import mpq
 from mpq.examples import assets
@@ -253,7 +256,7 @@ def matched_configs(setting: str, task: Task) -> list[tuple[str, mpq.QuantConfig
             ("awq g32", awq(32, True)),
             ("multipoint @3.5", mpq.QuantConfig(w_bits=3, a_bits=None)),
         ]
-    return rows
+    return rows + list(PEERS[w_bits].items())  # the external libraries (benchmarks/peers.py)
 
 
 SUITES = {"methods": (configs, SETTINGS), "matched": (matched_configs, ["W4A16", "W3A16"])}
@@ -328,12 +331,21 @@ def run_task(
     print(f"{'setting':<7} {'method':<26}" + "".join(f"{h:>10}" for _, h, _ in cols), flush=True)
 
     def show(r: dict) -> None:
+        if "unavailable" in r:
+            print(f"{r['setting']:<7} {r['method']:<26} not run: {r['unavailable']}", flush=True)
+            return
         print(f"{r['setting']:<7} {r['method']:<26}" + "".join(f"{_fmt(r, k, f):>10}" for k, _, f in cols), flush=True)
 
     show(rows[0])
     for setting in settings:
         for name, cfg in SUITES[suite][0](setting, task):
             if only and name not in only:
+                continue
+            if isinstance(cfg, Peer):
+                r = run_peer(task, setting, name, cfg, reference, commit)
+                rows.append(r)
+                show(r)
+                on_row(rows)
                 continue
             cfg = cfg.replace(seed=seed)
             t0 = time.perf_counter()
@@ -361,6 +373,39 @@ def run_task(
             show(r)
             on_row(rows)
     return rows
+
+
+def run_peer(task: Task, setting: str, name: str, peer: Peer, reference: torch.Tensor, commit: str | None) -> dict:
+    """A row of an external library (``benchmarks/peers.py``), or its reason for not running."""
+    r = {"setting": setting, "method": name, "library": peer.library, "commit": commit}
+    t0 = time.perf_counter()
+    try:
+        qmodel, bits = peer.run(task.model, task.calib)
+    except PeerUnavailable as e:
+        return {**r, "unavailable": str(e)}
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        out = _batched(qmodel, task.eval_inputs)
+    return {
+        **r,
+        "avg_bits": bits,
+        **task.quality(out, reference),
+        "sqnr_db": output_sqnr_db(out, reference),
+        "seconds": seconds,
+        "versions": _peer_versions(),
+    }
+
+
+def _peer_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torchao", "nncf"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def write_results(task: Task, rows: list[dict], args: argparse.Namespace, command: str) -> None:
@@ -411,6 +456,9 @@ def write_results(task: Task, rows: list[dict], args: argparse.Namespace, comman
         ]
     )
     for r in rows:
+        if "unavailable" in r:
+            md.append(f"| {r['setting']} | {r['method']} | not run: {r['unavailable']} |" + " |" * (len(cols) - 1))
+            continue
         md.append(f"| {r['setting']} | {r['method']} | " + " | ".join(_fmt(r, k, f) for k, _, f in cols) + " |")
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
 

@@ -231,3 +231,27 @@ def test_point_damp_holdout_smoke_run(tmp_path):
     assert sorted(ranks.values()) == [1.0, 2.0] or sorted(ranks.values()) == [1.5, 1.5]
     md = (tmp_path / "point_damp_holdout.md").read_text()
     assert f"Held-out choice: point_damp = {doc['chosen_point_damp']}" in md and "Rule (fixed before the run)" in md
+
+
+def test_peers_count_bits_as_mpq_does_and_refuse_convolutions():
+    """benchmarks/peers.py (the external libraries' rows): bits over every Conv2d / Linear weight,
+    codes plus each group's scale (and zero point), a last shorter group counted whole; a model
+    with convolutions gets the reason instead of a Linear-only row."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peers
+
+    lin = torch.nn.Sequential(torch.nn.Linear(256, 8), torch.nn.ReLU(), torch.nn.Linear(8, 100))
+    # weights [8, 256]: two groups of 128 per row; [100, 8]: one (short) group per row
+    expected = (8 * (256 * 4 + 2 * 24) + 100 * (8 * 4 + 24)) / (8 * 256 + 100 * 8)
+    assert peers._group_bits(lin, 128, 16 + 8) == pytest.approx(expected, rel=1e-15)
+    assert peers._group_bits(lin, 128, 16, code_bits=3) == pytest.approx(
+        (8 * (256 * 3 + 2 * 16) + 100 * (8 * 3 + 16)) / (8 * 256 + 100 * 8), rel=1e-15
+    )
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 10))
+    for name, peer in peers.PEERS[4].items():
+        if "W8A8" in name:  # nncf.quantize takes convolutions
+            continue
+        with pytest.raises(
+            peers.PeerUnavailable, match=r"Linear layers only: the convolutions \(\d+% of the weights\)"
+        ):
+            peer.run(cnn, [torch.randn(2, 3, 6, 6)])
