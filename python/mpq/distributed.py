@@ -45,7 +45,7 @@ __all__ = [
     "split_work",
     "on_main",
     "move_tensors",
-    "gather_work",
+    "split_map",
     "init_from_env",
 ]
 
@@ -280,11 +280,23 @@ def move_tensors(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
-def gather_work(mine: dict[str, Any], what: str) -> dict[str, Any]:
-    """The union of every rank's ``{name: result}`` (tensors sent on the CPU, returned there)."""
-    if _dist() is None:
-        return mine
-    merged: dict[str, Any] = {}
-    for part in gather_objects(move_tensors(mine, "cpu"), what):
-        merged.update(part)
-    return merged
+def split_map(
+    items: list[T],
+    costs: list[float],
+    fn: Callable[[T], Any],
+    what: str,
+    strip: Callable[[Any], Any] = lambda r: r,
+    restore: Callable[[T, Any], Any] = lambda item, r: r,
+) -> list[Any]:
+    """``[fn(item) for item in items]``; under a process group each rank computes its share
+    (``split_work`` by ``costs``) and every rank returns all results, each sent as ``strip(result)``
+    with its tensors on the CPU and rebuilt as ``restore(item, sent)`` (on every rank alike)."""
+    rank, size = world()
+    if size == 1:
+        return [fn(item) for item in items]
+    owners = split_work(costs)
+    mine = agree(what, lambda: {k: strip(fn(item)) for k, item in enumerate(items) if owners[k] == rank})
+    every: dict[int, Any] = {}
+    for part in gather_objects(move_tensors(mine, "cpu"), f"gathering the results of {what}"):
+        every.update(part)
+    return [restore(item, every[k]) for k, item in enumerate(items)]

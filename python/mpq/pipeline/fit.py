@@ -5,6 +5,7 @@ with the output error of each channel at each point count."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import torch
 from mpq.allocate import LayerErrors, output_energy, output_errors
 from mpq.calibrate import QuantTarget, fisher_sensitivity
 from mpq.config import QuantConfig
-from mpq.distributed import agree, gather_work, move_tensors, split_work, world
+from mpq.distributed import move_tensors, split_map
 from mpq.layout import point_bits
 from mpq.methods import FittedWeight, LayerContext, WeightQuantizer
 from mpq.pipeline.prepare import Prepared
@@ -95,25 +96,21 @@ def fit_layers(
     (``split_work``) and every rank returns them all."""
     # A method may choose each layer's bit width before fitting (ILP bit allocation).
     chosen_bits = method.choose_bits(cal.targets, cal.stats, cfg, sensitivity)
-    rank, size = world()
-    owners = split_work([fit_cost(t) for t in cal.targets]) if size > 1 else [0] * len(cal.targets)
-    mine = [t for t, owner in zip(cal.targets, owners) if owner == rank]
-    fits = agree("fitting", lambda: {t.name: fit_layer(t, cal, cfg, method, sensitivity, chosen_bits) for t in mine})
-    if size == 1:
-        return [fits[t.name] for t in cal.targets]
-    # Sent without the module (target) and the weight, which every rank holds.
-    parts = gather_work(
-        {n: (f.bits, f.fitted, f.errors, f.energy, f.paths, f.path_errors, f.seconds) for n, f in fits.items()},
-        "gathering the fitted layers",
+    return split_map(
+        cal.targets,
+        [fit_cost(t) for t in cal.targets],
+        lambda t: fit_layer(t, cal, cfg, method, sensitivity, chosen_bits),
+        "fitting",
+        # sent without the module and the weight, which every rank holds
+        strip=lambda f: dataclasses.replace(f, target=None, weight=None),
+        restore=lambda t, f: dataclasses.replace(
+            f,
+            target=t,
+            weight=t.weight_matrix().to(torch.float32),
+            fitted=move_tensors(f.fitted, t.weight.device),
+            paths=move_tensors(f.paths, t.weight.device),
+        ),
     )
-    out = []
-    for t in cal.targets:
-        bits, fitted, errors, energy, paths, path_errors, seconds = parts[t.name]
-        fitted = move_tensors(fitted, t.weight.device)
-        paths = move_tensors(paths, t.weight.device)
-        w = t.weight_matrix().to(torch.float32)
-        out.append(LayerFit(t, w, bits, fitted, errors, energy, paths, path_errors, seconds))
-    return out
 
 
 def fit_layer(

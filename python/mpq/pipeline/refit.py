@@ -12,7 +12,7 @@ import torch
 from mpq.allocate import output_errors
 from mpq.calibrate import LayerStats, QuantTarget
 from mpq.config import QuantConfig
-from mpq.distributed import agree, gather_work, move_tensors, split_work, world
+from mpq.distributed import move_tensors, split_map
 from mpq.methods import FittedWeight, WeightQuantizer, corrected_bias
 from mpq.methods.groupwise import GroupGrid
 from mpq.pipeline.fit import LayerFit, fit_cost, int8_merged_layer
@@ -87,24 +87,11 @@ def refit_layers(
 ) -> list[LayerWeight]:
     """``refit_layer`` for every layer; under a process group each rank refits its share and
     every rank returns them all."""
-    rank, size = world()
-    owners = split_work([fit_cost(f.target) for f in fits]) if size > 1 else [0] * len(fits)
-    mine = [f for f, owner in zip(fits, owners) if owner == rank]
-    done = agree(
+    return split_map(
+        fits,
+        [fit_cost(f.target) for f in fits],
+        lambda f: refit_layer(f, counts[f.target.name], cal.stats[f.target.name], cfg, method),
         "refitting",
-        lambda: {
-            f.target.name: refit_layer(f, counts[f.target.name], cal.stats[f.target.name], cfg, method) for f in mine
-        },
+        strip=lambda w: dataclasses.replace(w, target=None),  # every rank holds the module
+        restore=lambda f, w: dataclasses.replace(move_tensors(w, f.target.weight.device), target=f.target),
     )
-    if size == 1:
-        return [done[f.target.name] for f in fits]
-    # Sent without the module (target), which every rank holds.
-    parts = gather_work(
-        {n: dataclasses.replace(w, target=None) for n, w in done.items()}, "gathering the refitted layers"
-    )
-    out = []
-    for f in fits:
-        w = move_tensors(parts[f.target.name], f.target.weight.device)
-        w.target = f.target
-        out.append(w)
-    return out
