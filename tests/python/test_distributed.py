@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -235,3 +236,27 @@ def test_one_process_without_a_group_is_rank_0_of_1():
     assert not torch.equal(
         torch.rand(3, generator=batch_generator(0, 1, 0)), torch.rand(3, generator=batch_generator(0, 1, 1))
     )
+
+
+def test_a_rank_left_alone_stops_within_the_timeout(tmp_path):
+    """A world of 2 where the second rank never comes: the first gives up after --dist-timeout
+    with one line naming the group, exit status 2, not a hang."""
+    env = {**_env(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(_free_port())
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, "-m", "mpq", "--dist-timeout", "5", "eval", "--model", "efficientnet_lite0"]
+        + ["--data", str(tmp_path), "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr
+    assert re.search(
+        r"^mpq eval \(rank 0\): mpq.distributed: could not join the process group of 2 ranks .* within 5 s",
+        r.stderr,
+        re.M,
+    ), r.stderr
+    assert time.perf_counter() - t0 < 120
