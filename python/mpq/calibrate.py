@@ -362,14 +362,12 @@ class _Recorder:
             return rows[pick.to(rows.device)].float().unsqueeze(1)
         return sample_patches(x, self.target, n, self.generator)
 
-    def merge_ranks(self) -> None:
-        """Merge every rank's record of this layer into each (``mpq.distributed``): the sums and
-        counts added, the range widened, the samples those of the union; the layer's place in the
-        forward order is rank 0's (the first rank's that called it)."""
-        mine = (
-            self.gram.state(),
+    def summary(self) -> tuple:
+        """What ``merge_ranks`` needs of this rank's record besides the sums themselves."""
+        return (
+            self.gram.layout(),
+            self.row_sum.layout(),
             self.count,
-            self.row_sum.state(),
             self.row_count,
             self.rows.state(),
             self.values.state(),
@@ -377,10 +375,16 @@ class _Recorder:
             self.hi,
             self.order,
         )
-        every = gather_objects(mine, f"calibration statistics of layer {self.target.name!r}")
-        self.gram = ExactSum.combine(e[0] for e in every)
-        self.count = sum(e[1] for e in every)
-        self.row_sum = ExactSum.combine(e[2] for e in every)
+
+    def merge_ranks(self, every: list[tuple]) -> None:
+        """Merge every rank's record of this layer into each (``mpq.distributed``), given every
+        rank's ``summary()``: the sums and counts added, the range widened, the samples those of
+        the union; the layer's place in the forward order is rank 0's (the first rank's that
+        called it)."""
+        what = f"calibration statistics of layer {self.target.name!r}"
+        self.gram.merge_ranks(what, [e[0] for e in every])
+        self.row_sum.merge_ranks(what, [e[1] for e in every])
+        self.count = sum(e[2] for e in every)
         self.row_count = sum(e[3] for e in every)
         self.rows.merge([e[4] for e in every])
         self.values.merge([e[5] for e in every])
@@ -472,9 +476,10 @@ def calibrate(
                 h.remove()
 
     agree("calibration", one_pass)
-    if world()[1] > 1:
+    if world()[1] > 1:  # one exchange of the small parts, then two tensor collectives per layer
+        every = gather_objects({n: r.summary() for n, r in recorders.items()}, "calibration statistics")
         for t in targets:
-            recorders[t.name].merge_ranks()
+            recorders[t.name].merge_ranks([e[t.name] for e in every])
     stats: dict[str, LayerStats] = {}
     for t in targets:
         st = recorders[t.name].stats()

@@ -40,6 +40,7 @@ __all__ = [
     "shard",
     "batch_generator",
     "gather_objects",
+    "gather_tensors",
     "broadcast_object",
     "agree",
     "split_work",
@@ -212,13 +213,47 @@ class ExactSum:
                 total._add_pair(*st)
         return total
 
+    def layout(self) -> tuple[tuple[int, ...], torch.dtype] | None:
+        """(shape, dtype) of the sum, None before any term."""
+        return None if self.hi is None else (tuple(self.hi.shape), self.hi.dtype)
+
+    def merge_ranks(self, what: str, layouts: list | None = None) -> None:
+        """Make this the sum over every rank's terms, the same on every rank (a no-op without a
+        process group): the (hi, lo) pairs travel as one tensor collective, a rank without terms
+        sending zeros (exact in the sum). ``layouts``: every rank's ``layout()``, when the caller
+        has gathered them already."""
+        if _dist() is None:
+            return
+        if layouts is None:
+            layouts = gather_objects(self.layout(), what)
+        shape = next((s for s in layouts if s is not None), None)
+        if shape is None:
+            return
+        device = self.hi.device if self.hi is not None else torch.device("cpu")
+        mine = torch.stack([self.hi, self.lo]) if self.hi is not None else torch.zeros((2, *shape[0]), dtype=shape[1])
+        total = ExactSum.combine((p[0], p[1]) for p in gather_tensors(mine, what))
+        self.hi, self.lo = total.hi.to(device), total.lo.to(device)
+
     def merged(self, what: str) -> torch.Tensor | None:
         """The sum over every rank's terms (this rank's alone without a process group)."""
-        if _dist() is None:
-            return self.value()
-        device = self.hi.device if self.hi is not None else None
-        total = ExactSum.combine(gather_objects(self.state(), what)).value()
-        return total.to(device) if total is not None and device is not None else total
+        self.merge_ranks(what)
+        return self.value()
+
+
+def gather_tensors(t: torch.Tensor, what: str) -> list[torch.Tensor]:
+    """Every rank's ``t`` (the same shape and dtype on every rank), in rank order, on ``t``'s
+    device; with NCCL they travel through this rank's GPU."""
+    dist = _dist()
+    if dist is None:
+        return [t]
+    nccl = dist.get_backend() == "nccl"
+    x = (t.cuda() if nccl else t.cpu()).contiguous()
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    try:
+        dist.all_gather(out, x)
+    except Exception as e:
+        raise _failed(what, e) from e
+    return [o.to(t.device) for o in out]
 
 
 class _RankZeroOnly(logging.Filter):
