@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,40 +72,46 @@ def _group_bits(model: nn.Module, g: int, per_group_bits: float, code_bits: int 
     return bits / total
 
 
+def _torchao(model: nn.Module, make_config: Callable[[], Any]) -> nn.Module:
+    """A copy of ``model`` quantized by torchao's ``quantize_`` with ``make_config()`` (which
+    imports what it names from torchao)."""
+    _linear_only(model, "torchao's weight-only quantization")
+    try:
+        from torchao.quantization import quantize_
+    except ImportError as e:
+        raise PeerUnavailable(f"torchao is not installed ({e})") from None
+    q = copy.deepcopy(model)
+    quantize_(q, make_config())
+    return q
+
+
 def torchao_intx(g: int, asym: bool, bits: int = 4) -> Peer:
-    def run(model: nn.Module, calib: list[torch.Tensor]) -> tuple[nn.Module, float]:
-        _linear_only(model, "torchao's weight-only quantization")
-        try:
-            from torchao.quantization import IntxWeightOnlyConfig, quantize_
-            from torchao.quantization.granularity import PerGroup
-            from torchao.quantization.quant_primitives import MappingType
-        except ImportError as e:
-            raise PeerUnavailable(f"torchao is not installed ({e})") from None
-        q = copy.deepcopy(model)
-        mapping = MappingType.ASYMMETRIC if asym else MappingType.SYMMETRIC
-        quantize_(
-            q,
-            IntxWeightOnlyConfig(
-                weight_dtype=getattr(torch, f"int{bits}"),
-                granularity=PerGroup(g),
-                mapping_type=mapping,
-                scale_dtype=torch.float16,
-            ),
+    def config():
+        from torchao.quantization import IntxWeightOnlyConfig
+        from torchao.quantization.granularity import PerGroup
+        from torchao.quantization.quant_primitives import MappingType
+
+        return IntxWeightOnlyConfig(
+            weight_dtype=getattr(torch, f"int{bits}"),
+            granularity=PerGroup(g),
+            mapping_type=MappingType.ASYMMETRIC if asym else MappingType.SYMMETRIC,
+            scale_dtype=torch.float16,
         )
-        return q, _group_bits(model, g, 16 + (8 if asym else 0), bits)
+
+    def run(model: nn.Module, calib: list[torch.Tensor]) -> tuple[nn.Module, float]:
+        return _torchao(model, config), _group_bits(model, g, 16 + (8 if asym else 0), bits)
 
     return Peer("torchao", run)
 
 
 def torchao_int8() -> Peer:
+    def config():
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return Int8WeightOnlyConfig()
+
     def run(model: nn.Module, calib: list[torch.Tensor]) -> tuple[nn.Module, float]:
-        _linear_only(model, "torchao's weight-only quantization")
-        try:
-            from torchao.quantization import Int8WeightOnlyConfig, quantize_
-        except ImportError as e:
-            raise PeerUnavailable(f"torchao is not installed ({e})") from None
-        q = copy.deepcopy(model)
-        quantize_(q, Int8WeightOnlyConfig())
+        q = _torchao(model, config)
         bits = sum(
             m.weight.shape[0] * (m.weight.shape[1] * 8 + 32) for m in model.modules() if isinstance(m, nn.Linear)
         )

@@ -601,8 +601,9 @@ def fisher_sensitivity(
             h.remove()
         for p, r in requires.items():
             p.requires_grad_(r)
-    if not all(gather_objects(has_float, "Fisher sensitivity")):
+    every = gather_objects((has_float, count), "Fisher sensitivity")
+    if not all(h for h, _ in every):
         return None
-    count = sum(gather_objects(count, "Fisher sensitivity"))
+    count = sum(n for _, n in every)
     merged = {k: v.merged(f"Fisher sensitivity of layer {k!r}") for k, v in sums.items()}
     return {k: (v / count).float().cpu() for k, v in merged.items() if v is not None}

@@ -36,5 +36,22 @@ def lite0():
     return model, data, ref
 
 
+@pytest.fixture(scope="module")
+def photo_folders(tmp_path_factory):
+    """calib/: the bundled unlabelled photos; val/: the 20 labelled ImageNet photos, one folder
+    per class named n{index:08d} (read with --class-map index)."""
+    from mpq.examples import assets
+
+    root = tmp_path_factory.mktemp("images")
+    (root / "calib").mkdir()
+    for p in assets.unlabelled_photos():
+        (root / "calib" / p.name).symlink_to(p)
+    for p, label in assets.labelled_imagenet_photos():
+        d = root / "val" / f"n{label:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / p.name).symlink_to(p)
+    return root
+
+
 def pytest_report_header(config):
     return f"mpq build: {mpq.build_info()}"

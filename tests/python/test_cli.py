@@ -36,18 +36,8 @@ def run_mpq(*args, timeout=240):
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """calib/: the bundled unlabelled photos; val/: the 20 labelled ImageNet photos, one folder
-    per class named n{index:08d} (read with --class-map index)."""
-    root = tmp_path_factory.mktemp("images")
-    (root / "calib").mkdir()
-    for p in assets.unlabelled_photos():
-        (root / "calib" / p.name).symlink_to(p)
-    for p, label in assets.labelled_imagenet_photos():
-        d = root / "val" / f"n{label:08d}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / p.name).symlink_to(p)
-    return root
+def folders(photo_folders):
+    return photo_folders
 
 
 @pytest.fixture(scope="module")

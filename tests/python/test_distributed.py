@@ -101,66 +101,37 @@ def test_a_rank_with_another_config_is_named(tmp_path):
         assert "ranks [1] of 2 hold a different model or config than rank 0" in e, e[-2000:]
 
 
-def _torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def _mpq(*args: str, nproc: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m mpq ARGS``, under ``torchrun --nproc-per-node NPROC`` when nproc > 1."""
+    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", str(_free_port())]
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", str(_free_port())]
-        + ["-m", "mpq", *args],
+        [sys.executable, *(launcher if nproc > 1 else []), "-m", "mpq", *args],
         capture_output=True,
         text=True,
-        env=_env(),
-        cwd=ROOT,
-        timeout=timeout,
-    )
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """calib/: the bundled unlabelled photos; val/: the 20 labelled ImageNet photos by class."""
-    from mpq.examples import assets
-
-    root = tmp_path_factory.mktemp("photos")
-    (root / "calib").mkdir()
-    for p in assets.unlabelled_photos():
-        (root / "calib" / p.name).symlink_to(p)
-    for p, label in assets.labelled_imagenet_photos():
-        d = root / "val" / f"n{label:08d}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / p.name).symlink_to(p)
-    return root
-
-
-def test_torchrun_quantize_and_eval_match_one_process(photos, tmp_path):
-    """``torchrun --nproc-per-node 2 -m mpq quantize`` writes the file one process writes (the
-    same bytes), once; ``eval`` on 2 ranks counts every one of the 20 images once (7 batches of
-    3: 4 + 3), with the single process's top-1 / top-5."""
-    common = ["--model", "efficientnet_lite0", "--calib", str(photos / "calib"), "--calib-images", "8"]
-    common += ["--batch-size", "2", "--config", "W4A8", "--workers", "0", "-q"]
-    one = subprocess.run(
-        [sys.executable, "-m", "mpq", "quantize", *common, "--out", str(tmp_path / "one.mpq")],
-        capture_output=True,
-        text=True,
-        env=_env(),
+        env=env or _env(),
         cwd=ROOT,
         timeout=600,
     )
+
+
+def test_torchrun_quantize_and_eval_match_one_process(photo_folders, tmp_path):
+    """``torchrun --nproc-per-node 2 -m mpq quantize`` writes the file one process writes (the
+    same bytes), once; ``eval`` on 2 ranks counts every one of the 20 images once (7 batches of
+    3: 4 + 3), with the single process's top-1 / top-5."""
+    common = ["--model", "efficientnet_lite0", "--calib", str(photo_folders / "calib"), "--calib-images", "8"]
+    common += ["--batch-size", "2", "--config", "W4A8", "--workers", "0", "-q"]
+    one = _mpq("quantize", *common, "--out", str(tmp_path / "one.mpq"))
     assert one.returncode == 0, one.stderr
-    two = _torchrun(2, "quantize", *common, "--out", str(tmp_path / "two.mpq"))
+    two = _mpq("quantize", *common, "--out", str(tmp_path / "two.mpq"), nproc=2)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("saved ") == 1  # rank 0 alone prints and writes
     assert (tmp_path / "one.mpq").read_bytes() == (tmp_path / "two.mpq").read_bytes()
 
-    ev = ["eval", "--model", "efficientnet_lite0", "--data", str(photos / "val"), "--class-map", "index"]
+    ev = ["eval", "--model", "efficientnet_lite0", "--data", str(photo_folders / "val"), "--class-map", "index"]
     ev += ["--quantized", str(tmp_path / "two.mpq"), "--batch-size", "3", "--workers", "0", "-q"]
-    alone = subprocess.run(
-        [sys.executable, "-m", "mpq", *ev, "--json", str(tmp_path / "one.json")],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=ROOT,
-        timeout=600,
-    )
+    alone = _mpq(*ev, "--json", str(tmp_path / "one.json"))
     assert alone.returncode == 0, alone.stderr
-    pair = _torchrun(2, *ev, "--json", str(tmp_path / "two.json"))
+    pair = _mpq(*ev, "--json", str(tmp_path / "two.json"), nproc=2)
     assert pair.returncode == 0, pair.stderr
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert b["images"] == 20
@@ -244,15 +215,7 @@ def test_a_rank_left_alone_stops_within_the_timeout(tmp_path):
     env = {**_env(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     env["MASTER_PORT"] = str(_free_port())
     t0 = time.perf_counter()
-    r = subprocess.run(
-        [sys.executable, "-m", "mpq", "--dist-timeout", "5", "eval", "--model", "efficientnet_lite0"]
-        + ["--data", str(tmp_path), "-q"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-    )
+    r = _mpq("--dist-timeout", "5", "eval", "--model", "efficientnet_lite0", "--data", str(tmp_path), "-q", env=env)
     assert r.returncode == 2, r.stderr
     assert re.search(
         r"^mpq eval \(rank 0\): mpq.distributed: could not join the process group of 2 ranks .* within 5 s",
