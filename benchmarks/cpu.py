@@ -143,8 +143,14 @@ def torch_int8_fx(model: torch.nn.Module, calib: list[torch.Tensor]) -> torch.nn
 
 
 # Preset suffixes: "W8A8-1pt" is the preset with one point per channel; "W4A8-merge" ties each
-# channel's first two scales to a whole-number ratio (MultipointConfig(int8_merge=True)).
-PRESET_SUFFIXES = {"1pt": {"max_points": 1}, "merge": {"method": mpq.MultipointConfig(int8_merge=True)}}
+# channel's first two scales to a whole-number ratio (MultipointConfig(int8_merge=True)); "-a7"
+# quantizes activations to 7 bits (what PyTorch's x86 int8 path does: the int8 kernels of CPUs
+# without VNNI compute 8-bit codes exactly only against 7-bit activations).
+PRESET_SUFFIXES = {
+    "1pt": {"max_points": 1},
+    "merge": {"method": mpq.MultipointConfig(int8_merge=True)},
+    "a7": {"a_bits": 7},
+}
 
 
 def preset_config(preset: str, seed: int) -> mpq.QuantConfig:
@@ -169,7 +175,8 @@ def int8_columns_per_channel(q: torch.nn.Module) -> float:
         if getattr(m, "groups", 1) > 1 and m.code_shape[0] == 1:
             continue
         D = int(torch.Size(m.code_shape).numel())
-        merged = mpq.ops.int8_merged_points(m.point_codes, m.point_scales, m.num_points, m.w_bits, D)
+        levels = int(m.act_qparams[3] - m.act_qparams[2]) + 1
+        merged = mpq.ops.int8_merged_points(m.point_codes, m.point_scales, m.num_points, m.w_bits, D, levels)
         n = m.num_points.long()
         columns += int(((n > 0).long() + (n - merged.long()).clamp_min(0)).sum())
         channels += n.numel()
@@ -202,7 +209,7 @@ def run_model(name: str, batches: list[int], repeats: int, presets: list[str], s
         variants[f"mpq {preset}"] = s
         if preset == presets[0]:  # the same model with float32 between layers: what the fusion gains
             variants[f"mpq {preset} unfused"] = scripted(q, calib[0][:1])
-        if preset in (presets[0], "W8A8-1pt") or preset.endswith("-merge"):
+        if preset in (presets[0], "W8A8-1pt") or "-merge" in preset:
             # uint8 skip connections too (fuse_activations(quantize_residuals=True): a changed
             # function; W8A8-1pt's is PyTorch int8's: its weight format, its rounded skip path)
             qres = scripted(mpq.fuse_activations(q, calib[0][:1], quantize_residuals=True), calib[0][:1])
@@ -520,7 +527,7 @@ def main(argv=None) -> int:
         nargs="+",
         default=["W4A8", "W4A8-merge", "W4A16", "W8A8", "W8A8-1pt"],
         help="mpq presets; NAME-1pt: the preset with max_points=1 (one point per channel, no further points); "
-        "NAME-merge: with MultipointConfig(int8_merge=True)",
+        "NAME-merge: with MultipointConfig(int8_merge=True); NAME-a7: with a_bits=7 (suffixes combine)",
     )
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)

@@ -157,15 +157,19 @@ TORCH_LIBRARY(mpq, m) {
       "max_pool2d_levels(Tensor levels, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
       "bool ceil_mode) -> Tensor");
 
-  // Whether the CPU int8 paths compute w_bits-bit weight codes exactly here (oneDNN without VNNI
-  // saturates 8-bit codes; csrc/cpu/multipoint_stored.cpp): where not, "auto" takes the float path.
-  m.def("int8_kernels_exact(int w_bits) -> bool", &mpq::int8_kernels_exact);
+  // Whether the CPU int8 paths compute w_bits-bit weight codes exactly here against activations of
+  // act_levels levels (oneDNN without VNNI saturates 8-bit codes under 8-bit activations;
+  // csrc/cpu/multipoint_stored.cpp): where not, "auto" takes the float path.
+  m.def("int8_kernels_exact(int w_bits, int act_levels=256) -> bool", &mpq::int8_kernels_exact);
 
   // Per channel of a stored weight (CPU), how many of its leading points the CPU int8 kernels run as
   // one int8 row: points whose scales divide by whole numbers exactly, with merged codes in the
-  // exact range (MultipointConfig(int8_merge=True) fits such scales). int32 [C]; 1 where none merge.
-  m.def("int8_merged_points(Tensor point_codes, Tensor point_scales, Tensor num_points, int w_bits, int D) -> Tensor",
-        &mpq::int8_merged_points);
+  // exact range against activations of act_levels levels (MultipointConfig(int8_merge=True) fits such
+  // scales). int32 [C]; 1 where none merge.
+  m.def(
+      "int8_merged_points(Tensor point_codes, Tensor point_scales, Tensor num_points, int w_bits, int D, "
+      "int act_levels=256) -> Tensor",
+      &mpq::int8_merged_points);
 
   // Build facts (mpq version, torch version, CUDA kernels and architectures) as a JSON string.
   m.def("_build_info() -> str", &mpq::build_info);

@@ -8,16 +8,18 @@
 
 namespace mpq {
 
-// Whether oneDNN's int8 kernels compute w_bits-bit codes exactly on this CPU (8-bit codes need VNNI:
-// without it their uint8 x int8 pair sums saturate int16). The CPU int8 paths follow it; Python asks
-// through mpq::int8_kernels_exact.
-bool int8_kernels_exact(int64_t w_bits);
+// Whether oneDNN's int8 kernels compute w_bits-bit codes exactly on this CPU against activations
+// of act_levels levels (8-bit codes under 8-bit activations need VNNI: without it their uint8 x int8
+// pair sums saturate int16; under 7-bit activations they are exact everywhere). The CPU int8 paths
+// follow it; Python asks through mpq::int8_kernels_exact.
+bool int8_kernels_exact(int64_t w_bits, int64_t act_levels);
 
 // Per channel of a stored weight, how many of its leading points the CPU int8 kernels run as one
-// int8 row (scales in whole-number ratios, merged codes in the exact range): int32 [C], 1 where
+// int8 row against activations of act_levels levels (scales in whole-number ratios, merged codes in
+// the exact range): int32 [C], 1 where
 // none merge, 0 for channels without points (csrc/cpu/multipoint_stored.cpp: merge_points_exactly).
 at::Tensor int8_merged_points(const at::Tensor& point_codes, const at::Tensor& point_scales,
-                              const at::Tensor& num_points, int64_t w_bits, int64_t D);
+                              const at::Tensor& num_points, int64_t w_bits, int64_t D, int64_t act_levels);
 
 at::Tensor dequantize_multipoint_cpu(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& num_points,
                                      at::ScalarType dtype);

@@ -58,10 +58,11 @@ int64_t stored_row_bytes(int64_t D, int64_t w_bits) { return layout::stored_row_
 // Whether oneDNN's int8 kernels compute codes of w_bits bits exactly. Without VNNI (AVX2 or
 // AVX-512 CPUs before Cascade Lake, or any CPU under an ONEDNN_MAX_CPU_ISA cap below it) they
 // multiply uint8 levels by int8 codes with vpmaddubsw, which adds each pair of products into a
-// saturating int16: exact only while 2 * 255 * max|code| <= 32767, i.e. for codes of at most 7
-// bits. With VNNI (and AMX) the products accumulate in int32. Measured: the Fashion-MNIST ResNet
-// at W8A8 (RTN) under ONEDNN_MAX_CPU_ISA=AVX2 missed its float64 recomputation by 0.097 (bound
-// 4e-5); 8-bit layers there take the float path instead.
+// saturating int16: exact only while 2 * (levels - 1) * max|code| <= 32767, i.e. for codes of at
+// most 7 bits under 8-bit activations, and for every int8 code under 7-bit activations (a_bits=7,
+// PyTorch's reduce_range on such CPUs). With VNNI (and AMX) the products accumulate in int32.
+// Measured: the Fashion-MNIST ResNet at W8A8 (RTN) under ONEDNN_MAX_CPU_ISA=AVX2 missed its
+// float64 recomputation by 0.097 (bound 4e-5); 8-bit layers there take the float path instead.
 namespace {
 
 bool onednn_int8_has_vnni() {
@@ -80,9 +81,16 @@ bool onednn_int8_has_vnni() {
   return vnni;
 }
 
+// The largest |code| the int8 kernels compute exactly against activations of act_levels levels.
+int64_t int8_code_limit(int64_t act_levels) {
+  return onednn_int8_has_vnni() ? layout::kInt8CodeMax : layout::exact_code_limit_without_vnni(act_levels);
+}
+
 }  // namespace
 
-bool int8_kernels_exact(int64_t w_bits) { return w_bits <= layout::kMaxWBitsWithoutVnni || onednn_int8_has_vnni(); }
+bool int8_kernels_exact(int64_t w_bits, int64_t act_levels) {
+  return (int64_t(1) << (w_bits - 1)) <= int8_code_limit(act_levels);
+}
 
 namespace {
 
@@ -287,6 +295,9 @@ ActQuant read_act_qparams(const char* op, const at::Tensor& act_qparams) {
 // Whether the int8 kernels compute this layer: integer zero point and range, at most 256 levels.
 bool int8_fits(const ActQuant& q) { return layout::int8_levels_fit(q.scale, q.zero_point, q.qmin, q.qmax); }
 
+// The number of activation levels (what int8_kernels_exact and the exact merge depend on).
+int64_t levels_count(const ActQuant& q) { return int64_t(q.qmax - q.qmin) + 1; }
+
 // L = clamp(round_half_even(x / s) + zp, qmin, qmax), the level of fake_quantize_activation,
 // exactly. Clamping x/s to [qmin - zp - 1, qmax - zp + 1] before rounding changes no level and keeps
 // |v| < 2^22, where adding and subtracting 1.5 * 2^23 rounds half to even. NB: SSE/AVX arithmetic
@@ -447,14 +458,16 @@ Int8Rows make_rows(const at::Tensor& codes, const at::Tensor& scales, const at::
 // Points that merge exactly into one int8 row. When a channel's point k has a scale that divides
 // the scale of its points before k by a whole number r (s_before == r * s_k, exactly), then
 // s_before * q_before + s_k * q_k == s_k * (r * q_before + q_k): one row of codes r * q_before + q_k
-// at scale s_k, if those codes stay within what the int8 kernels compute exactly (|code| <= 127
-// with VNNI, <= 63 without, see int8_kernels_exact). mpq's fit produces such scales when asked
+// at scale s_k, if those codes stay within what the int8 kernels compute exactly against activations
+// of act_levels levels (|code| <= 127 with VNNI; without, <= 64 under 8-bit and <= 127 under 7-bit
+// activations, see int8_kernels_exact). mpq's fit produces such scales when asked
 // (MultipointConfig.int8_merge); any other fit merges only where its scales happen to qualify.
 // Returns, per channel, the index of its first point that did not merge (1 when none did); the
 // merged codes and scales replace point 0 in `codes` [C, P, D] and `scales` [C, P].
-std::vector<int64_t> merge_points_exactly(at::Tensor& codes, at::Tensor& scales, const int* counts) {
+std::vector<int64_t> merge_points_exactly(at::Tensor& codes, at::Tensor& scales, const int* counts,
+                                          int64_t act_levels) {
   const int64_t C = codes.size(0), D = codes.size(2);
-  const int bound = onednn_int8_has_vnni() ? 127 : (1 << (layout::kMaxWBitsWithoutVnni - 1)) - 1;
+  const int bound = int(std::min<int64_t>(127, int8_code_limit(act_levels)));
   std::vector<int64_t> first_unmerged(C, 1);
   auto q = codes.accessor<int8_t, 3>();
   auto s = scales.accessor<float, 2>();
@@ -486,9 +499,11 @@ std::vector<int64_t> merge_points_exactly(at::Tensor& codes, at::Tensor& scales,
 }  // namespace
 
 at::Tensor int8_merged_points(const at::Tensor& point_codes, const at::Tensor& point_scales,
-                              const at::Tensor& num_points, int64_t w_bits, int64_t D) {
+                              const at::Tensor& num_points, int64_t w_bits, int64_t D, int64_t act_levels) {
   const char* op = "mpq::int8_merged_points";
   check_stored(op, point_codes, point_scales, num_points, w_bits, D);
+  TORCH_CHECK(act_levels >= 2 && act_levels <= layout::kInt8Levels, op, ": expected act_levels in 2..",
+              layout::kInt8Levels, ", got ", act_levels);
   TORCH_CHECK(point_codes.device().is_cpu(), op, ": expected CPU tensors (the CPU int8 kernels' rule), got ",
               point_codes.device());
   const int64_t C = num_points.size(0);
@@ -497,7 +512,7 @@ at::Tensor int8_merged_points(const at::Tensor& point_codes, const at::Tensor& p
   codes = codes.contiguous();
   scales = scales.to(at::kFloat).contiguous();
   const auto n = num_points.to(at::kInt).contiguous();
-  const std::vector<int64_t> first = merge_points_exactly(codes, scales, n.data_ptr<int>());
+  const std::vector<int64_t> first = merge_points_exactly(codes, scales, n.data_ptr<int>(), act_levels);
   auto out = at::empty({C}, at::kInt);
   for (int64_t c = 0; c < C; ++c) out[c] = n.data_ptr<int>()[c] > 0 ? int(first[c]) : 0;
   return out;
@@ -507,7 +522,7 @@ namespace {
 
 PreparedInt8 expand_points(const at::Tensor& point_codes, const at::Tensor& point_scales, const at::Tensor& num_points,
                            int64_t w_bits, at::IntArrayRef code_shape, const c10::optional<at::Tensor>& bias,
-                           int64_t groups) {
+                           int64_t groups, int64_t act_levels) {
   const int64_t C = num_points.size(0), D = c10::multiply_integers(code_shape);
   const int64_t P = C ? std::max<int64_t>(1, num_points.max().item<int64_t>()) : 1;
   auto [codes, scales] = unpack_points(point_codes, point_scales, num_points, w_bits, D, P);  // [C, P, D]
@@ -515,7 +530,7 @@ PreparedInt8 expand_points(const at::Tensor& point_codes, const at::Tensor& poin
   scales = scales.to(at::kFloat).contiguous();
   const auto n = num_points.to(at::kInt).contiguous();
   const int* counts = n.data_ptr<int>();
-  const std::vector<int64_t> first_unmerged = merge_points_exactly(codes, scales, counts);
+  const std::vector<int64_t> first_unmerged = merge_points_exactly(codes, scales, counts, act_levels);
   PreparedInt8 p;
   c10::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
@@ -562,10 +577,24 @@ void add_extra_points(const at::Tensor& e, const at::Tensor& extra_channel, at::
   });
 }
 
-// float32 output, or with out_scale > 0 uint8 output (out_zp, ReLU first with `relu`).
+// The clamp oneDNN applies before writing uint8 levels: none, a ReLU, or [lo, hi] (its hardtanh).
+struct OutClamp {
+  const char* attr = "none";
+  double lo = 0.0, hi = 0.0;
+  torch::List<std::optional<at::Scalar>> scalars() const {
+    torch::List<std::optional<at::Scalar>> s;
+    if (std::string(attr) == "hardtanh") {
+      s.push_back(at::Scalar(lo));
+      s.push_back(at::Scalar(hi));
+    }
+    return s;
+  }
+};
+
+// float32 output, or with out_scale > 0 uint8 output (out_zp, `clamp` first).
 at::Tensor call_qconv(const at::Tensor& qx, double x_scale, int64_t x_zp, const Int8Rows& r, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double out_scale = 0.0,
-                      int64_t out_zp = 0, bool relu = false) {
+                      int64_t out_zp = 0, const OutClamp& clamp = OutClamp{}) {
   static auto op =
       onednn_op("onednn::qconv2d_pointwise", "")
           .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>,
@@ -576,14 +605,16 @@ at::Tensor call_qconv(const at::Tensor& qx, double x_scale, int64_t x_zp, const 
                  torch::List<int64_t>(stride.vec()), torch::List<int64_t>(padding.vec()),
                  torch::List<int64_t>(dilation.vec()), groups, out_scale > 0.0 ? out_scale : 1.0, out_zp,
                  out_scale > 0.0 ? std::optional<at::ScalarType>(at::kByte) : std::optional<at::ScalarType>(at::kFloat),
-                 relu ? "relu" : "none", torch::List<std::optional<at::Scalar>>(), std::nullopt);
+                 clamp.attr, clamp.scalars(), std::nullopt);
 }
 
 // uint8 output at (out_scale, out_zp) of conv + the uint8 levels `accum` at (accum_scale, accum_zp),
-// ReLU first with `relu`: oneDNN's sum post-op, which writes into accum (callers pass a copy).
+// `clamp` (none or a ReLU: oneDNN takes no other here) first: oneDNN's sum post-op, which writes
+// into accum (callers pass a copy).
 at::Tensor call_qconv_sum(const at::Tensor& qx, double x_scale, int64_t x_zp, const Int8Rows& r, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, at::Tensor accum,
-                          double accum_scale, int64_t accum_zp, double out_scale, int64_t out_zp, bool relu) {
+                          double accum_scale, int64_t accum_zp, double out_scale, int64_t out_zp,
+                          const OutClamp& clamp) {
   static auto op =
       onednn_op("onednn::qconv2d_pointwise", "binary")
           .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -591,6 +622,7 @@ at::Tensor call_qconv_sum(const at::Tensor& qx, double x_scale, int64_t x_zp, co
                             int64_t, double, int64_t, std::optional<at::ScalarType>, double, int64_t, c10::string_view,
                             std::optional<at::Scalar>, std::optional<c10::string_view>,
                             torch::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
+  const bool relu = std::string(clamp.attr) == "relu";
   return op.call(qx, x_scale, x_zp, r.packs->for_input(qx.sizes()), r.w_scales, r.w_zero_points, accum, r.bias,
                  torch::List<int64_t>(stride.vec()), torch::List<int64_t>(padding.vec()),
                  torch::List<int64_t>(dilation.vec()), groups, out_scale, out_zp, at::kByte, accum_scale, accum_zp,
@@ -696,7 +728,7 @@ CpuKernel choose_kernel(const char* op, c10::string_view kernel, const at::Tenso
                 ": expected path \"auto\", \"int8\" or \"dense\", got \"", std::string(kernel), "\"");
   }
   const bool int8_ok = act_qparams.has_value() && input.scalar_type() == at::kFloat && int8_fits(q) &&
-                       int8_kernels_exact(w_bits);
+                       int8_kernels_exact(w_bits, levels_count(q));
   TORCH_CHECK(kernel != "int8" || int8_ok, op,
               ": path \"int8\" needs a float32 input, act_qparams with at most 256 integer levels and, for 8-bit "
               "codes, a CPU with VNNI (oneDNN's int8 kernels saturate them without it)");
@@ -732,10 +764,11 @@ at::Tensor multipoint_linear_stored_cpu(const at::Tensor& input, const at::Tenso
   const bool weight_only_wins = rows <= kWeightOnlyMaxRows && cpu_isa() == kernels::CpuIsa::kAvx512;
   const auto choice = choose_kernel(op, kernel, input, act_qparams, q, w_bits, int8_wins, C, weight_only_wins);
   if (choice == CpuKernel::kInt8) {
+    const int64_t levels = levels_count(q);  // which points merge depends on it (merge_points_exactly)
     auto p = cache().get<PreparedInt8>(weight_tensors(point_codes, point_scales, num_points, bias),
-                                       {0.0, double(w_bits), double(in_features)}, [&] {
+                                       {0.0, double(w_bits), double(in_features), double(levels)}, [&] {
       check_stored(op, point_codes, point_scales, num_points, w_bits, in_features);
-      auto e = expand_points(point_codes, point_scales, num_points, w_bits, code_shape, bias, 1);
+      auto e = expand_points(point_codes, point_scales, num_points, w_bits, code_shape, bias, 1, levels);
       static auto prepack =
           onednn_op("onednn::qlinear_prepack", "").typed<at::Tensor(at::Tensor, std::optional<torch::List<int64_t>>)>();
       e.primary.weight = prepack.call(e.primary.weight, std::nullopt);
@@ -1248,7 +1281,8 @@ std::shared_ptr<PreparedCombined> prepared_combined(const char* op, const at::Te
   key.insert(key.end(), values.begin(), values.end());
   return cache().get<PreparedCombined>(weight_tensors(point_codes, point_scales, num_points, bias), key, [&] {
     check_stored(op, point_codes, point_scales, num_points, w_bits, c10::multiply_integers(code_shape));
-    auto c = combine_points(expand_points(point_codes, point_scales, num_points, w_bits, code_shape, bias, groups),
+    auto c = combine_points(expand_points(point_codes, point_scales, num_points, w_bits, code_shape, bias, groups,
+                                          levels_count(q)),
                             num_points.size(0), groups);
     c.rows.packs = prepack_conv(c.rows, q, stride, padding, dilation, groups);
     return c;
@@ -1304,6 +1338,17 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
   if (out_qparams.has_value()) {
     ep.out = read_act_qparams(op, *out_qparams);
     TORCH_CHECK(int8_fits(*ep.out), op, ": out_qparams must have at most 256 integer levels (uint8 output)");
+    // A clamp bound that the output quantizer implies changes no level (levels are monotone in the
+    // value: if hi already takes the top level, so does everything above it): drop it, so that a
+    // ReLU6 before a grid that ends at or below 6 runs as a ReLU or as nothing, on oneDNN's uint8
+    // output (EfficientNet-Lite's expansions).
+    const auto& o = *ep.out;
+    constexpr float inf = std::numeric_limits<float>::infinity();
+    const auto level = [&](float v) {
+      return activation_level(v, float(o.scale), float(o.zero_point), float(o.qmin), float(o.qmax));
+    };
+    if (ep.lo <= ep.hi && std::isfinite(ep.hi) && level(ep.hi) == float(o.qmax)) ep.hi = inf;
+    if (ep.lo <= ep.hi && std::isfinite(ep.lo) && level(ep.lo) == float(o.qmin)) ep.lo = -inf;
   }
   const auto out_shape = check_stored_conv2d_args(op, input, C, code_shape, bias, act_qparams, stride, padding,
                                                   dilation, groups);
@@ -1322,7 +1367,7 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
   }
   const bool depthwise_ok = groups == C && code_shape[0] == 1 && int8_fits(q);
   const int64_t taps = code_shape[1] * code_shape[2];
-  const bool int8_ok = int8_fits(q) && int8_kernels_exact(w_bits);
+  const bool int8_ok = int8_fits(q) && int8_kernels_exact(w_bits, levels_count(q));
   TORCH_CHECK(path != "int8" || int8_ok, op,
               ": path \"int8\" needs act_qparams with at most 256 integer levels and, for 8-bit codes, a CPU with "
               "VNNI (oneDNN's int8 kernels saturate them without it)");
@@ -1375,20 +1420,31 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
   const bool relu = ep.lo == 0.0f && ep.hi == std::numeric_limits<float>::infinity();
   const bool plain = ep.lo == -std::numeric_limits<float>::infinity() &&
                      ep.hi == std::numeric_limits<float>::infinity();
-  if (!p->has_extra && ep.out.has_value() && (relu || plain) &&
-      ep.out->qmax - ep.out->qmin == layout::kInt8Levels - 1) {
-    // No further points: oneDNN writes the levels itself (its ReLU, output scale and zero point),
+  if (!p->has_extra && ep.out.has_value()) {
+    // No further points: oneDNN writes the levels itself (the clamp, output scale and zero point),
     // adding a uint8 residual with its sum post-op (on a copy: the op writes into its accumulator).
-    const int64_t out_zp = int64_t(ep.out->zero_point - ep.out->qmin);
+    // Its uint8 output saturates to 0..255: a ReLU or nothing on a grid of 256 levels, else its
+    // hardtanh clamps to the clamp's and the grid's bounds (values (qmin - zp) s .. (qmax - zp) s,
+    // whose levels are qmin and qmax: 7-bit grids, or a ReLU6 inside the grid).
+    const auto& o = *ep.out;
+    OutClamp clamp;
+    if (o.qmax - o.qmin == layout::kInt8Levels - 1 && (relu || plain)) {
+      clamp.attr = relu ? "relu" : "none";
+    } else {
+      clamp.attr = "hardtanh";
+      clamp.lo = std::max<double>(ep.lo, (o.qmin - o.zero_point) * o.scale);
+      clamp.hi = std::min<double>(ep.hi, (o.qmax - o.zero_point) * o.scale);
+    }
+    const int64_t out_zp = int64_t(o.zero_point - o.qmin);
     if (!ep.residual.has_value()) {
-      return call_qconv(qx, q.scale, zp, p->rows, stride, padding, dilation, groups, ep.out->scale, out_zp, relu)
+      return call_qconv(qx, q.scale, zp, p->rows, stride, padding, dilation, groups, o.scale, out_zp, clamp)
           .contiguous(at::MemoryFormat::ChannelsLast);
     }
-    if (ep.residual_grid.has_value()) {
+    if (ep.residual_grid.has_value() && std::string(clamp.attr) != "hardtanh") {  // sum: ReLU or nothing only
       const auto& g = *ep.residual_grid;
       return call_qconv_sum(qx, q.scale, zp, p->rows, stride, padding, dilation, groups,
                             ep.residual->clone(at::MemoryFormat::ChannelsLast), g.scale, int64_t(g.zero_point - g.qmin),
-                            ep.out->scale, out_zp, relu)
+                            o.scale, out_zp, clamp)
           .contiguous(at::MemoryFormat::ChannelsLast);
     }
   }

@@ -7,6 +7,7 @@
 // from here, so that Python and C++ cannot disagree.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -49,10 +50,18 @@ constexpr int64_t stored_row_bytes(int64_t d, int64_t w_bits) { return (d * w_bi
 constexpr int kInt8Levels = 256;
 
 // oneDNN's CPU int8 kernels without VNNI add each pair of uint8 x int8 products into a saturating
-// int16 (vpmaddubsw): exact while 2 * (kInt8Levels - 1) * max|code| <= 32767, i.e. for codes of at
-// most 7 bits (csrc/cpu/multipoint_stored.cpp: int8_kernels_exact).
-constexpr int kMaxWBitsWithoutVnni = 7;
-static_assert(2 * (kInt8Levels - 1) * ((1 << (kMaxWBitsWithoutVnni - 1)) - 1) <= 32767, "int16 pair sums");
+// int16 (vpmaddubsw): exact while 2 * (levels - 1) * max|code| <= 32767 for activations of `levels`
+// levels, i.e. codes of at most 7 bits with 8-bit activations, and every int8 code (|code| <= 128)
+// with 7-bit activations, as PyTorch's x86 int8 path runs (reduce_range)
+// (csrc/cpu/multipoint_stored.cpp: int8_code_limit).
+constexpr int64_t kInt16Max = 32767;
+constexpr int64_t kInt8CodeMax = 128;  // |-128|
+constexpr int64_t exact_code_limit_without_vnni(int64_t act_levels) {
+  return act_levels <= 1 ? kInt8CodeMax : std::min<int64_t>(kInt8CodeMax, kInt16Max / (2 * (act_levels - 1)));
+}
+constexpr int kMaxWBitsWithoutVnni = 7;  // with 8-bit activations
+static_assert(exact_code_limit_without_vnni(kInt8Levels) >= (1 << (kMaxWBitsWithoutVnni - 1)), "int16 pair sums");
+static_assert(exact_code_limit_without_vnni(kInt8Levels / 2) == kInt8CodeMax, "7-bit activations: every int8 code");
 
 inline bool int8_levels_fit(double scale, double zero_point, double qmin, double qmax) {
   const auto integral = [](double v) { return std::nearbyint(v) == v; };

@@ -370,21 +370,28 @@ def max_pool2d_levels(
     return torch.ops.mpq.max_pool2d_levels(levels, kernel_size, stride, padding, dilation, ceil_mode)
 
 
-def int8_kernels_exact(w_bits: int) -> bool:
-    """Whether the CPU int8 paths compute ``w_bits``-bit weight codes exactly on this CPU: 8-bit
-    codes need VNNI (oneDNN's kernels without it add pairs of uint8 x int8 products into a
-    saturating int16); where not, the ops' "auto" path takes the float path for them."""
-    return torch.ops.mpq.int8_kernels_exact(w_bits)
+def int8_kernels_exact(w_bits: int, act_levels: int = 256) -> bool:
+    """Whether the CPU int8 paths compute ``w_bits``-bit weight codes exactly on this CPU against
+    activations of ``act_levels`` levels: 8-bit codes under 8-bit activations need VNNI (oneDNN's
+    kernels without it add pairs of uint8 x int8 products into a saturating int16: exact while
+    2 (levels - 1) max|code| <= 32767, so under 7-bit activations every int8 code is exact); where
+    not, the ops' "auto" path takes the float path for them."""
+    return torch.ops.mpq.int8_kernels_exact(w_bits, act_levels)
 
 
 def int8_merged_points(
-    point_codes: torch.Tensor, point_scales: torch.Tensor, num_points: torch.Tensor, w_bits: int, D: int
+    point_codes: torch.Tensor,
+    point_scales: torch.Tensor,
+    num_points: torch.Tensor,
+    w_bits: int,
+    D: int,
+    act_levels: int = 256,
 ) -> torch.Tensor:
     """Per channel of a stored weight (a multipoint layer's ``point_codes``, ``point_scales``,
     ``num_points``), how many of its leading points the CPU int8 kernels run as one int8 row
-    (``MultipointConfig(int8_merge=True)``): int32 ``[C]``, 1 where none merge, 0 for channels
-    without points."""
-    return torch.ops.mpq.int8_merged_points(point_codes, point_scales, num_points, w_bits, D)
+    against activations of ``act_levels`` levels (``MultipointConfig(int8_merge=True)``): int32
+    ``[C]``, 1 where none merge, 0 for channels without points."""
+    return torch.ops.mpq.int8_merged_points(point_codes, point_scales, num_points, w_bits, D, act_levels)
 
 
 # ---- fake kernels: shapes and dtypes only, for tracing -------------------------------------

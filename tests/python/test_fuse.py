@@ -43,6 +43,9 @@ EPILOGUES = [
     (float("-inf"), float("inf"), False, None),
     (0.0, float("inf"), True, None),
     (0.0, 6.0, False, (0.04, 0, 0, 255)),
+    (0.0, 6.0, True, (0.0235, 0, 0, 255)),  # a ReLU6 that the grid implies (255 * 0.0235 < 6): dropped
+    (0.0, 6.0, False, (0.06, 0, 0, 127)),  # 7-bit grid, the ReLU6 inside it (127 * 0.06 > 6)
+    (float("-inf"), float("inf"), True, (0.05, 3, 0, 127)),  # 7-bit grid, clamped at both ends
     (float("-inf"), float("inf"), True, (0.05, 0, -128, 127)),
     (0.0, float("inf"), False, (0.3, 2, 0, 15)),
 ]
@@ -389,20 +392,22 @@ def test_fuse_resnet18_with_quantized_residuals(resnet18_w4a8):
 @pytest.mark.parametrize(
     "epilogue", EPILOGUES, ids=lambda e: f"clamp{e[0]},{e[1]}-res{int(e[2])}-out{e[3] and e[3][2:]}"
 )
-def test_one_point_layers_where_onednn_writes_the_levels(epilogue):
-    """One point per channel (the W8A8 preset): with no further points to add, a ReLU or no clamp
-    and a 256-level output, oneDNN writes the uint8 levels itself, adding a uint8 residual with its
-    sum post-op (float32 and uint8 residuals, two residual grids); the same bounds hold, and the
-    caller's residual is left as it was."""
+@pytest.mark.parametrize("act_levels", [256, 128])
+def test_one_point_layers_where_onednn_writes_the_levels(epilogue, act_levels):
+    """One point per channel (the W8A8 preset): with no further points to add, oneDNN writes the
+    uint8 levels itself (its ReLU, or its hardtanh at the clamp's and the output grid's bounds),
+    adding a uint8 residual with its sum post-op (float32 and uint8 residuals, two residual grids);
+    the same bounds hold, and the caller's residual is left as it was."""
     lo, hi, with_residual, out_grid = epilogue
     g = torch.Generator().manual_seed(3)
-    # 8-bit codes (the W8A8 preset) on a CPU with VNNI; without it the forced int8 path takes codes
-    # of at most 7 bits (oneDNN saturates pairs of products in int16 there: mpq.ops.int8_kernels_exact).
-    bits = 8 if mpq.ops.int8_kernels_exact(8) else 7
+    # 8-bit codes (the W8A8 preset) on a CPU with VNNI or under 7-bit activations; otherwise the
+    # forced int8 path takes codes of at most 7 bits (oneDNN saturates pairs of products in int16
+    # there: mpq.ops.int8_kernels_exact).
+    bits = 8 if mpq.ops.int8_kernels_exact(8, act_levels) else 7
     for conv in [CONVS[0], CONVS[6], CONVS[7]]:
         cin, cout, k, stride, pad, dil, groups = conv
         m = _layer("conv", cin, cout, k, stride, pad, dil, groups, bits=bits, points=1)
-        m.set_act_qparams(0.03, 0, 0, 255)
+        m.set_act_qparams(0.03, 0, 0, act_levels - 1)
         x = torch.randn(2, cin, 10, 10, generator=g).relu()
         with torch.no_grad():
             y_shape = m(x).shape

@@ -21,10 +21,10 @@ def _layers(q):
     return {n: m for n, m in q.named_modules() if isinstance(m, mpq.nn.MultipointLayer)}
 
 
-# The largest merged code this CPU's int8 kernels compute exactly: 127 with VNNI, 63 without
-# (oneDNN adds pairs of uint8 x int8 products into a saturating int16 there). The fit and its
-# scales do not depend on the CPU; which channels the kernels run as one row does.
-MERGED_CODE_LIMIT = 127 if mpq.ops.int8_kernels_exact(8) else 63
+# The largest merged code this CPU's int8 kernels compute exactly under 8-bit activations: 127 with
+# VNNI, 64 without (oneDNN adds pairs of uint8 x int8 products into a saturating int16 there). The
+# fit and its scales do not depend on the CPU; which channels the kernels run as one row does.
+MERGED_CODE_LIMIT = 127 if mpq.ops.int8_kernels_exact(8) else 64
 
 
 def _merged_rows_expected(m) -> torch.Tensor:

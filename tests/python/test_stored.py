@@ -193,6 +193,22 @@ def test_8_bit_codes_take_int8_kernels_only_where_exact():
             ):
                 mpq.ops.multipoint_conv2d_stored(x, *args, "int8")
     assert mpq.ops.int8_kernels_exact(7) and mpq.ops.int8_kernels_exact(4)
+    # Under 7-bit activations (levels 0..127: 2 * 127 * 128 <= 32767) 8-bit codes are exact on every
+    # CPU: path "int8" takes them, codes at -128 and 127 against level 127 everywhere.
+    assert mpq.ops.int8_kernels_exact(8, 128)
+    assert mpq.ops.int8_kernels_exact(8, 129) == mpq.ops.int8_kernels_exact(8)  # 129 levels: VNNI only
+    codes = torch.where(codes >= 0, 127, -128).to(torch.int8)
+    m.set_weight(codes.reshape(32, 2, 32, 3, 3), scales, m.num_points, m.bias)
+    m.set_act_qparams(0.02, 0, 0, 127)
+    args = (m.point_codes, m.point_scales, *args[2:6], m.act_qparams, *args[7:])
+    with torch.no_grad():
+        ref, bound, _ = layer_bound(m, x)
+        for path in ("auto", "int8"):
+            y = mpq.ops.multipoint_conv2d_stored(x, *args, path)
+            assert bool(((y.double() - ref).abs() <= bound).all()), (
+                path,
+                float(((y.double() - ref).abs() / bound).max()),
+            )
 
 
 @pytest.mark.parametrize("layer", [l for l in LAYERS if l[7] in (None, 1, 3)], ids=lambda l: "-".join(map(str, l)))
@@ -216,27 +232,33 @@ def test_points_with_whole_number_scale_ratios_merge_exactly(layer):
             scales[c, 0] = torch.nextafter(scales[c, 0], torch.tensor(1.0))  # 1 ulp off: no merge
     counts = torch.tensor([4, 3, 2, 0, 1] * C, dtype=torch.int32)[:C]
     m.set_weight(codes.reshape(C, 4, *m.code_shape), scales, counts, m.bias)
-    # The points each channel's int8 row takes, by the rule (merged codes up to 127 with VNNI, 63
-    # without; the 1-ulp-off channels, c % 5 == 4, take one): chains of 3 and 4 merge at small
-    # ratios, ratio 30 never (30 * 8 > 127).
-    bound = 127 if mpq.ops.int8_kernels_exact(8) else 63
-    expect = []
-    for c in range(C):
-        n, k, run = int(counts[c]), 1, codes[c, 0].flatten().long()
-        while k < n and c % 5 != 4:
-            r = round(float(scales[c, k - 1]) / float(scales[c, k]))
-            nxt = r * run + codes[c, k].flatten().long()
-            if int(nxt.abs().max()) > bound:
-                break
-            run, k = nxt, k + 1
-        expect.append(k if n > 0 else 0)
+
+    # The points each channel's int8 row takes, by the rule (merged codes up to 127 with VNNI, 64
+    # without under 8-bit activations, 127 under 7-bit ones; the 1-ulp-off channels, c % 5 == 4,
+    # take one): chains of 3 and 4 merge at small ratios, ratio 30 never (30 * 8 > 127).
+    def expected(bound):
+        out = []
+        for c in range(C):
+            n, k, run = int(counts[c]), 1, codes[c, 0].flatten().long()
+            while k < n and c % 5 != 4:
+                r = round(float(scales[c, k - 1]) / float(scales[c, k]))
+                nxt = r * run + codes[c, k].flatten().long()
+                if int(nxt.abs().max()) > bound:
+                    break
+                run, k = nxt, k + 1
+            out.append(k if n > 0 else 0)
+        return out
+
+    expect = expected(127 if mpq.ops.int8_kernels_exact(8) else 64)
     D = codes[0, 0].numel()
     assert mpq.ops.int8_merged_points(m.point_codes, m.point_scales, m.num_points, 4, D).tolist() == expect
     assert max(expect) >= 3 and 2 in expect and 1 in expect
+    expect7 = expected(127)  # 7-bit activations: on every CPU
+    assert mpq.ops.int8_merged_points(m.point_codes, m.point_scales, m.num_points, 4, D, 128).tolist() == expect7
     kind, cin = layer[0], layer[1]
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 5, cin, generator=g) if kind == "linear" else torch.randn(2, cin, 11, 13, generator=g)
-    for grid in GRIDS:
+    for grid in [*GRIDS, (0.04, 5, 0, 127)]:  # with a 7-bit grid: its own merge bound
         m.set_act_qparams(*grid)
         with torch.no_grad():
             y = _int8_path(m, x)
