@@ -11,12 +11,13 @@ after two warm-up calls, the same input tensor for every row):
 - ``mpq W4A8`` / ``mpq W4A16`` / ``mpq W8A8``: ``mpq.quantize`` with the preset (defaults, seed 0;
   ``W8A8-1pt``: W8A8 with ``max_points=1``, per-channel int8 as PyTorch's own, no further points;
   ``W4A8-merge``: W4A8 with ``MultipointConfig(int8_merge=True)``, each channel's first two points
-  one int8 row),
+  one int8 row; the A7 presets (``W4A7-merge``, ``W8A7-1pt``) for CPUs without VNNI, whose int8
+  kernels compute 8-bit codes exactly only against 7-bit activations),
   ``mpq.fuse_activations`` (uint8 activations between layers), then ``torch.jit.script`` + save +
   load: the artifact a user deploys, timed as loaded; ``mpq W4A8 unfused``: the same without
   ``fuse_activations`` (float32 between layers); ``mpq W4A8 q-residual``: with
   ``fuse_activations(quantize_residuals=True)`` (uint8 skip connections: a changed function, its
-  fidelity recorded), for the first preset, ``W8A8-1pt`` and the ``-merge`` presets;
+  fidelity recorded), for the first preset, the ``-1pt`` W8 presets and the ``-merge`` presets;
 - ``torch int8 (FX, x86)``: PyTorch's own static int8 (``prepare_fx`` / ``convert_fx``, x86 engine,
   W8A8 per-channel weights), calibrated on the same batches; for MiniLM ``torch int8 (dynamic)``,
   ``quantize_dynamic`` of its Linear layers (how PyTorch users run such encoders in int8).
@@ -143,14 +144,8 @@ def torch_int8_fx(model: torch.nn.Module, calib: list[torch.Tensor]) -> torch.nn
 
 
 # Preset suffixes: "W8A8-1pt" is the preset with one point per channel; "W4A8-merge" ties each
-# channel's first two scales to a whole-number ratio (MultipointConfig(int8_merge=True)); "-a7"
-# quantizes activations to 7 bits (what PyTorch's x86 int8 path does: the int8 kernels of CPUs
-# without VNNI compute 8-bit codes exactly only against 7-bit activations).
-PRESET_SUFFIXES = {
-    "1pt": {"max_points": 1},
-    "merge": {"method": mpq.MultipointConfig(int8_merge=True)},
-    "a7": {"a_bits": 7},
-}
+# channel's first two scales to a whole-number ratio (MultipointConfig(int8_merge=True)).
+PRESET_SUFFIXES = {"1pt": {"max_points": 1}, "merge": {"method": mpq.MultipointConfig(int8_merge=True)}}
 
 
 def preset_config(preset: str, seed: int) -> mpq.QuantConfig:
@@ -209,7 +204,7 @@ def run_model(name: str, batches: list[int], repeats: int, presets: list[str], s
         variants[f"mpq {preset}"] = s
         if preset == presets[0]:  # the same model with float32 between layers: what the fusion gains
             variants[f"mpq {preset} unfused"] = scripted(q, calib[0][:1])
-        if preset in (presets[0], "W8A8-1pt") or "-merge" in preset:
+        if preset in (presets[0], "W8A8-1pt", "W8A7-1pt") or preset.endswith("-merge"):
             # uint8 skip connections too (fuse_activations(quantize_residuals=True): a changed
             # function; W8A8-1pt's is PyTorch int8's: its weight format, its rounded skip path)
             qres = scripted(mpq.fuse_activations(q, calib[0][:1], quantize_residuals=True), calib[0][:1])
@@ -527,7 +522,7 @@ def main(argv=None) -> int:
         nargs="+",
         default=["W4A8", "W4A8-merge", "W4A16", "W8A8", "W8A8-1pt"],
         help="mpq presets; NAME-1pt: the preset with max_points=1 (one point per channel, no further points); "
-        "NAME-merge: with MultipointConfig(int8_merge=True); NAME-a7: with a_bits=7 (suffixes combine)",
+        "NAME-merge: with MultipointConfig(int8_merge=True)",
     )
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)

@@ -25,13 +25,18 @@ __all__ = ["QuantConfig", "PRESETS"]
 
 CONFIG_VERSION = 2
 
-# name -> (w_bits, a_bits); a_bits None keeps activations in float.
+# name -> (w_bits, a_bits); a_bits None keeps activations in float. The A7 presets are for CPUs
+# without VNNI (AVX2 only): their int8 kernels add pairs of uint8 x int8 products in a saturating
+# int16, exact for 8-bit codes (W8, and MultipointConfig(int8_merge=True)'s merged rows) only
+# against 7-bit activations, as PyTorch's x86 int8 path does (mpq.ops.int8_kernels_exact).
 PRESETS: dict[str, tuple[int, int | None]] = {
     "W4A8": (4, 8),
     "W4A16": (4, None),
     "W3A16": (3, None),
     "W2A16": (2, None),
     "W8A8": (8, 8),
+    "W4A7": (4, 7),
+    "W8A7": (8, 7),
 }
 
 _SCOPES = ("model", "layer")
@@ -226,7 +231,8 @@ class QuantConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> QuantConfig:
-        """A preset by name ("W4A8", "W4A16", "W3A16", "W2A16", "W8A8") with field overrides."""
+        """A preset by name ("W4A8", "W4A16", "W3A16", "W2A16", "W8A8"; "W4A7", "W8A7" for CPUs
+        without VNNI) with field overrides."""
         if not isinstance(name, str):
             raise TypeError(
                 f"mpq.QuantConfig.preset: expected name to be a preset name (str), got {type(name).__name__}"
