@@ -117,3 +117,30 @@ def test_float_activation_layers_are_left_alone():
     plain, merged = _quantize(model, calib, False, **kw), _quantize(model, calib, True, **kw)
     for name, m in _layers(merged).items():
         assert torch.equal(m.unpacked()[1], _layers(plain)[name].unpacked()[1])
+
+
+def test_seven_bit_activations_make_every_merged_row_exact_on_every_cpu():
+    """The W4A7 preset (for CPUs without VNNI): against 7-bit activations the int8 kernels compute
+    every int8 code exactly (2 * 127 * 128 <= 32767), so with int8_merge every channel of the layers
+    on the int8 rows is one row on every CPU, and the fused model (uint8 levels of 7-bit grids that
+    oneDNN writes itself, clamped by its hardtanh) stays within the float64 bounds."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(small_cnn())
+    calib = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    cfg = mpq.QuantConfig.preset("W4A7", avg_bits=6.0, method=mpq.MultipointConfig(int8_merge=True))
+    q = mpq.quantize(model, calib, cfg)  # verify=True: every layer against its float64 recomputation
+    rows = channels = 0
+    for name, m in _layers(q).items():
+        if m.act_qparams is None or m.max_points == 1 or (getattr(m, "groups", 1) > 1 and m.code_shape[0] == 1):
+            continue
+        levels = int(m.act_qparams[3] - m.act_qparams[2]) + 1
+        assert levels == 128, name
+        D = int(torch.Size(m.code_shape).numel())
+        merged = mpq.ops.int8_merged_points(m.point_codes, m.point_scales, m.num_points, m.w_bits, D, levels)
+        assert torch.equal(merged.long(), m.num_points.long()), name
+        rows += int((m.num_points == 2).sum())
+        channels += m.num_points.numel()
+    assert rows > 0 and channels > 0
+    # fuse_activations checks every fused layer against its float64 recomputation (raises if off)
+    fused = mpq.fuse_activations(q, calib[0][:2])
+    assert sum(type(m).__name__ == "FusedMultipointConv2d" for m in fused.modules()) >= 2

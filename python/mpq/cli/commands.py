@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="W4A8",
         metavar="CONFIG",
         help="preset W4A8 (4-bit weights, 8-bit activations; default), W4A16, W3A16, W2A16, W8A8 "
-        "(A16: float activations), or a JSON file of QuantConfig fields",
+        "(A16: float activations), W4A7, W8A7 (7-bit activations: the int8 kernels of CPUs without VNNI), "
+        "or a JSON file of QuantConfig fields",
     )
     q.add_argument(
         "--avg-bits",
