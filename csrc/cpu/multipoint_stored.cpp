@@ -731,7 +731,8 @@ CpuKernel choose_kernel(const char* op, c10::string_view kernel, const at::Tenso
                        int8_kernels_exact(w_bits, levels_count(q));
   TORCH_CHECK(kernel != "int8" || int8_ok, op,
               ": path \"int8\" needs a float32 input, act_qparams with at most 256 integer levels and, for 8-bit "
-              "codes, a CPU with VNNI (oneDNN's int8 kernels saturate them without it)");
+              "codes, a CPU with VNNI or activations of at most 128 levels (oneDNN's int8 kernels saturate "
+              "them otherwise)");
   TORCH_CHECK(kernel != "dense" || input.scalar_type() == at::kFloat, op, ": path \"dense\" needs a float32 input");
   TORCH_CHECK(kernel != "weight_only" || input.scalar_type() == at::kFloat, op,
               ": path \"weight_only\" needs a float32 input");
@@ -1370,7 +1371,7 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
   const bool int8_ok = int8_fits(q) && int8_kernels_exact(w_bits, levels_count(q));
   TORCH_CHECK(path != "int8" || int8_ok, op,
               ": path \"int8\" needs act_qparams with at most 256 integer levels and, for 8-bit codes, a CPU with "
-              "VNNI (oneDNN's int8 kernels saturate them without it)");
+              "VNNI or activations of at most 128 levels (oneDNN's int8 kernels saturate them otherwise)");
   TORCH_CHECK(path != "depthwise" || depthwise_ok, op,
               ": path \"depthwise\" needs groups = in_channels = out_channels and act_qparams that fit uint8");
   std::string choice(path);
