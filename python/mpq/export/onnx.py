@@ -39,7 +39,8 @@ __all__ = ["export_onnx", "export_openvino", "exportable", "int8_rows", "OnnxMul
 
 # int8 codes that the runtimes' int8 kernels compute exactly on CPUs with VNNI (and AMX); without
 # VNNI, x86 int8 kernels add pairs of uint8 x int8 products in a saturating int16 (mpq's own CPU
-# kernels merge only up to 63 there: mpq.ops.int8_kernels_exact).
+# kernels merge there only up to 64 under 8-bit activations, up to 127 under 7-bit ones:
+# mpq.ops.int8_kernels_exact).
 MAX_INT8_CODE = 127
 OPSET = 17
 
