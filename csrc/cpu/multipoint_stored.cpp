@@ -579,11 +579,12 @@ void add_extra_points(const at::Tensor& e, const at::Tensor& extra_channel, at::
 
 // The clamp oneDNN applies before writing uint8 levels: none, a ReLU, or [lo, hi] (its hardtanh).
 struct OutClamp {
-  const char* attr = "none";
+  enum Kind { kNone, kRelu, kHardtanh } kind = kNone;
   double lo = 0.0, hi = 0.0;
+  const char* attr() const { return kind == kRelu ? "relu" : kind == kHardtanh ? "hardtanh" : "none"; }
   torch::List<std::optional<at::Scalar>> scalars() const {
     torch::List<std::optional<at::Scalar>> s;
-    if (std::string(attr) == "hardtanh") {
+    if (kind == kHardtanh) {
       s.push_back(at::Scalar(lo));
       s.push_back(at::Scalar(hi));
     }
@@ -605,7 +606,7 @@ at::Tensor call_qconv(const at::Tensor& qx, double x_scale, int64_t x_zp, const 
                  torch::List<int64_t>(stride.vec()), torch::List<int64_t>(padding.vec()),
                  torch::List<int64_t>(dilation.vec()), groups, out_scale > 0.0 ? out_scale : 1.0, out_zp,
                  out_scale > 0.0 ? std::optional<at::ScalarType>(at::kByte) : std::optional<at::ScalarType>(at::kFloat),
-                 clamp.attr, clamp.scalars(), std::nullopt);
+                 clamp.attr(), clamp.scalars(), std::nullopt);
 }
 
 // uint8 output at (out_scale, out_zp) of conv + the uint8 levels `accum` at (accum_scale, accum_zp),
@@ -622,7 +623,7 @@ at::Tensor call_qconv_sum(const at::Tensor& qx, double x_scale, int64_t x_zp, co
                             int64_t, double, int64_t, std::optional<at::ScalarType>, double, int64_t, c10::string_view,
                             std::optional<at::Scalar>, std::optional<c10::string_view>,
                             torch::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
-  const bool relu = std::string(clamp.attr) == "relu";
+  const bool relu = clamp.kind == OutClamp::kRelu;
   return op.call(qx, x_scale, x_zp, r.packs->for_input(qx.sizes()), r.w_scales, r.w_zero_points, accum, r.bias,
                  torch::List<int64_t>(stride.vec()), torch::List<int64_t>(padding.vec()),
                  torch::List<int64_t>(dilation.vec()), groups, out_scale, out_zp, at::kByte, accum_scale, accum_zp,
@@ -1430,9 +1431,9 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
     const auto& o = *ep.out;
     OutClamp clamp;
     if (o.qmax - o.qmin == layout::kInt8Levels - 1 && (relu || plain)) {
-      clamp.attr = relu ? "relu" : "none";
+      clamp.kind = relu ? OutClamp::kRelu : OutClamp::kNone;
     } else {
-      clamp.attr = "hardtanh";
+      clamp.kind = OutClamp::kHardtanh;
       clamp.lo = std::max<double>(ep.lo, (o.qmin - o.zero_point) * o.scale);
       clamp.hi = std::min<double>(ep.hi, (o.qmax - o.zero_point) * o.scale);
     }
@@ -1441,7 +1442,7 @@ at::Tensor multipoint_conv2d_fused_cpu(const at::Tensor& input, const at::Tensor
       return call_qconv(qx, q.scale, zp, p->rows, stride, padding, dilation, groups, o.scale, out_zp, clamp)
           .contiguous(at::MemoryFormat::ChannelsLast);
     }
-    if (ep.residual_grid.has_value() && std::string(clamp.attr) != "hardtanh") {  // sum: ReLU or nothing only
+    if (ep.residual_grid.has_value() && clamp.kind != OutClamp::kHardtanh) {  // sum: ReLU or nothing only
       const auto& g = *ep.residual_grid;
       return call_qconv_sum(qx, q.scale, zp, p->rows, stride, padding, dilation, groups,
                             ep.residual->clone(at::MemoryFormat::ChannelsLast), g.scale, int64_t(g.zero_point - g.qmin),

@@ -59,8 +59,7 @@ constexpr int64_t kInt8CodeMax = 128;  // |-128|
 constexpr int64_t exact_code_limit_without_vnni(int64_t act_levels) {
   return act_levels <= 1 ? kInt8CodeMax : std::min<int64_t>(kInt8CodeMax, kInt16Max / (2 * (act_levels - 1)));
 }
-constexpr int kMaxWBitsWithoutVnni = 7;  // with 8-bit activations
-static_assert(exact_code_limit_without_vnni(kInt8Levels) >= (1 << (kMaxWBitsWithoutVnni - 1)), "int16 pair sums");
+static_assert(exact_code_limit_without_vnni(kInt8Levels) == 64, "8-bit activations: codes of at most 7 bits");
 static_assert(exact_code_limit_without_vnni(kInt8Levels / 2) == kInt8CodeMax, "7-bit activations: every int8 code");
 
 inline bool int8_levels_fit(double scale, double zero_point, double qmin, double qmax) {
