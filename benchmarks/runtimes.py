@@ -11,7 +11,9 @@ calls, one random input per batch size for every row):
   activations, int8 per-channel weights), calibrated on the same images as mpq; OpenVINO runs
   the same QDQ file (NNCF, OpenVINO's own quantizer, when installed: not yet measured here);
 - ``mpq PRESET``: ``mpq.quantize`` (seed 0) then ``mpq.export_onnx`` (``W4A8-merge``: with
-  ``MultipointConfig(int8_merge=True)``), run in both runtimes.
+  ``MultipointConfig(int8_merge=True)``; uint8 levels between layers), run in both runtimes;
+  ``mpq PRESET requantize_rows``: the same with ``requantize_rows=True`` (layers whose points do not
+  merge rounded to one int8 row per channel).
 Fidelity to FP32 (Lite0: KL / top-1 agreement on the demo's evaluation photos, in ONNX Runtime)
 and file sizes. The JSON records the command, commit, CPU and versions (``provenance.py``).
 """
@@ -83,6 +85,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-int8-code",
+        type=int,
+        default=None,
+        help="mpq.export_onnx's max_int8_code (default: 127 where this CPU has VNNI, else 64: exact int8 kernels here)",
+    )
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "runtimes.json"))
     args = p.parse_args(argv)
     import onnxruntime as ort
@@ -92,6 +100,7 @@ def main(argv=None) -> int:
     except ImportError:
         ov = None
     torch.set_num_threads(args.threads)
+    max_code = args.max_int8_code or (127 if mpq.ops.int8_kernels_exact(8) else 64)
 
     def ort_run(path: Path):
         so = ort.SessionOptions()
@@ -110,7 +119,16 @@ def main(argv=None) -> int:
 
     versions = {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "openvino": ov.__version__ if ov else None}
     out = {"command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])), **provenance(), **versions}
-    out.update({"seed": args.seed, "repeats": args.repeats, "rows": [], "sizes_bytes": {}, "fidelity": {}})
+    out.update(
+        {
+            "seed": args.seed,
+            "repeats": args.repeats,
+            "max_int8_code": max_code,
+            "rows": [],
+            "sizes_bytes": {},
+            "fidelity": {},
+        }
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             model, calib, eval_images, quality = load_task(name, args.seed)
@@ -118,7 +136,15 @@ def main(argv=None) -> int:
             files["ORT int8 (quantize_static)"] = ort_int8(files["fp32"], calib, Path(tmp) / f"{name}_ort_int8.onnx")
             for preset in args.presets:
                 q = mpq.quantize(model, calib, preset_config(preset, args.seed))
-                files[f"mpq {preset}"] = mpq.export_onnx(q, calib[0][:1], Path(tmp) / f"{name}_{preset}.onnx")
+                for requantize in (False, True):
+                    label = f"mpq {preset}" + (" requantize_rows" if requantize else "")
+                    files[label] = mpq.export_onnx(
+                        q,
+                        calib[0][:1],
+                        Path(tmp) / f"{name}_{label}.onnx".replace(" ", "_"),
+                        max_int8_code=max_code,
+                        requantize_rows=requantize,
+                    )
             out["sizes_bytes"][name] = {k: os.path.getsize(v) for k, v in files.items()}
             if eval_images is not None:
                 with torch.no_grad():

@@ -315,12 +315,13 @@ def cmd_export(args) -> int:
     if not out.parent.is_dir():
         raise UserError(f"--out {args.out}: the folder {out.parent} does not exist")
     example = torch.zeros(1, 3, args.image_size, args.image_size)
+    options = {"max_int8_code": args.max_int8_code, "requantize_rows": args.requantize_rows}
     if args.format == "onnx":
-        path = mpq.export_onnx(m.module, example, out)
+        path = mpq.export_onnx(m.module, example, out, **options)
     else:
         if out.suffix != ".xml":
             raise UserError(f"--out {args.out}: an OpenVINO IR is a .xml file (its weights go beside it in .bin)")
-        path = mpq.export_openvino(m.module, example, out)
+        path = mpq.export_openvino(m.module, example, out, **options)
     size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if args.format == "openvino" else 0)
     print(f"exported {m.label} to {path} ({args.format}, {size / 1e6:.2f} MB)")
     return 0
@@ -425,6 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, metavar="PATH", help="the .onnx file, or the OpenVINO .xml")
     x.add_argument(
         "--image-size", type=_int_at_least(1), default=224, help="input height and width it is traced at (224)"
+    )
+    x.add_argument(
+        "--max-int8-code",
+        type=_int_at_least(1),
+        default=127,
+        metavar="N",
+        help="largest merged int8 code (127; 64 for runtimes on CPUs without VNNI, whose int8 kernels saturate "
+        "pairs of products in int16 under 8-bit activations)",
+    )
+    x.add_argument(
+        "--requantize-rows",
+        action="store_true",
+        help="round layers whose points do not merge into one int8 row per channel (per-channel int8, max|w|/N): "
+        "they then run on the runtimes' int8 kernels, at a weight that is no longer mpq's exactly",
     )
     x.set_defaults(func=cmd_export)
     d = sub.add_parser("demo", help="quantize EfficientNet-Lite0 offline and compare FP32, RTN and multipoint")
