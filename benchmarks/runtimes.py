@@ -13,7 +13,8 @@ calls, one random input per batch size for every row):
 - ``mpq PRESET``: ``mpq.quantize`` (seed 0) then ``mpq.export_onnx`` (``W4A8-merge``: with
   ``MultipointConfig(int8_merge=True)``; uint8 levels between layers), run in both runtimes;
   ``mpq PRESET requantize_rows``: the same with ``requantize_rows=True`` (layers whose points do not
-  merge rounded to one int8 row per channel).
+  merge rounded to one int8 row per channel); ``mpq PRESET float between layers``: with
+  ``int8_activations=False`` (every layer float in, float out: the export's earlier form).
 Fidelity to FP32 (Lite0: KL / top-1 agreement on the demo's evaluation photos, in ONNX Runtime)
 and file sizes. The JSON records the command, commit, CPU and versions (``provenance.py``).
 """
@@ -136,14 +137,19 @@ def main(argv=None) -> int:
             files["ORT int8 (quantize_static)"] = ort_int8(files["fp32"], calib, Path(tmp) / f"{name}_ort_int8.onnx")
             for preset in args.presets:
                 q = mpq.quantize(model, calib, preset_config(preset, args.seed))
-                for requantize in (False, True):
-                    label = f"mpq {preset}" + (" requantize_rows" if requantize else "")
+                variants = {
+                    "": {},
+                    " requantize_rows": {"requantize_rows": True},
+                    " float between layers": {"int8_activations": False},
+                }
+                for suffix, options in variants.items():
+                    label = f"mpq {preset}{suffix}"
                     files[label] = mpq.export_onnx(
                         q,
                         calib[0][:1],
                         Path(tmp) / f"{name}_{label}.onnx".replace(" ", "_"),
                         max_int8_code=max_code,
-                        requantize_rows=requantize,
+                        **options,
                     )
             out["sizes_bytes"][name] = {k: os.path.getsize(v) for k, v in files.items()}
             if eval_images is not None:
