@@ -9,7 +9,9 @@ calls, one random input per batch size for every row):
   ``fp32 (default precision)``: OpenVINO's default, bfloat16 where the CPU has AMX);
 - ``ORT int8 (quantize_static)``: ONNX Runtime's own static int8 of that file (QDQ, uint8
   activations, int8 per-channel weights), calibrated on the same images as mpq; OpenVINO runs
-  the same QDQ file (NNCF, OpenVINO's own quantizer, when installed: not yet measured here);
+  the same QDQ file; ``NNCF int8 (OpenVINO's own)``: ``nncf.quantize`` of the FP32 model in
+  OpenVINO (defaults: W8A8), calibrated on the same images, when nncf is installed
+  (``pip install .[bench]``); its fidelity is measured in OpenVINO;
 - ``mpq PRESET``: ``mpq.quantize`` (seed 0) then ``mpq.export_onnx`` (``W4A8-merge``: with
   ``MultipointConfig(int8_merge=True)``; uint8 levels between layers), run in both runtimes;
   ``mpq PRESET requantize_rows``: the same with ``requantize_rows=True`` (layers whose points do not
@@ -78,6 +80,24 @@ def ort_int8(fp32: Path, calib: list[torch.Tensor], path: Path) -> Path:
     return path
 
 
+NNCF_INT8 = "NNCF int8 (OpenVINO's own)"
+
+
+def nncf_int8(fp32: Path, calib: list[torch.Tensor], path: Path) -> Path | None:
+    """OpenVINO's own post-training int8 of the FP32 file (``nncf.quantize``, defaults: W8A8, per
+    channel weights), calibrated on the same images as mpq; an IR at ``path`` (.xml), or None
+    where nncf or openvino is not installed."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError:
+        return None
+    images = [x[i : i + 1].numpy() for x in calib for i in range(x.shape[0])]
+    q = nncf.quantize(ov.convert_model(str(fp32)), nncf.Dataset(images), subset_size=len(images))
+    ov.save_model(q, str(path), compress_to_fp16=False)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["lite0", "resnet50"])
@@ -113,7 +133,8 @@ def main(argv=None) -> int:
         cfg = {"INFERENCE_NUM_THREADS": args.threads, "PERFORMANCE_HINT": "LATENCY"}
         if precision:
             cfg["INFERENCE_PRECISION_HINT"] = precision
-        c = ov.Core().compile_model(ov.convert_model(str(path)), "CPU", cfg)
+        model = ov.Core().read_model(str(path)) if path.suffix == ".xml" else ov.convert_model(str(path))
+        c = ov.Core().compile_model(model, "CPU", cfg)
         return lambda x: np.asarray(c(x)[0])
 
     import onnx
@@ -151,14 +172,21 @@ def main(argv=None) -> int:
                         max_int8_code=max_code,
                         **options,
                     )
+            ir = nncf_int8(files["fp32"], calib, Path(tmp) / f"{name}_nncf_int8.xml")
             out["sizes_bytes"][name] = {k: os.path.getsize(v) for k, v in files.items()}
+            if ir is not None:
+                out["sizes_bytes"][name][NNCF_INT8] = os.path.getsize(ir) + os.path.getsize(ir.with_suffix(".bin"))
             if eval_images is not None:
                 with torch.no_grad():
                     ref = model(eval_images)
                 out["fidelity"][name] = {
                     k: quality(torch.from_numpy(ort_run(v)(eval_images.numpy())), ref) for k, v in files.items()
                 }
+                if ir is not None:  # in OpenVINO (the other rows: in ONNX Runtime)
+                    out["fidelity"][name][NNCF_INT8] = quality(torch.from_numpy(ov_run(ir)(eval_images.numpy())), ref)
             runners = {}
+            if ir is not None:
+                runners[("openvino", NNCF_INT8)] = ov_run(ir)
             for k, v in files.items():
                 runners[("onnxruntime", k)] = ort_run(v)
                 if ov is not None:
@@ -173,6 +201,8 @@ def main(argv=None) -> int:
                     row = {"model": name, "runtime": runtime, "batch": b, "variant": variant, "ms": ms}
                     row["speedup_vs_fp32"] = times[(runtime, "fp32")] / ms
                     row["speed_vs_runtime_int8"] = times[(runtime, "ORT int8 (quantize_static)")] / ms
+                    if (runtime, NNCF_INT8) in times:
+                        row["speed_vs_nncf_int8"] = times[(runtime, NNCF_INT8)] / ms
                     out["rows"].append(row)
                     print(
                         f"{name:9s} {runtime:12s} b{b:<3d} {variant:30s} {ms:9.2f} ms  {row['speedup_vs_fp32']:.2f}x FP32"
