@@ -73,11 +73,27 @@ def print_top5(title: str, logits: torch.Tensor) -> None:
         print(f"  {j + 1}. class {int(i[0, j]):4d}  p = {float(p[0, j]):.4f}")
 
 
+def deployment_config(args: argparse.Namespace) -> mpq.QuantConfig:
+    """The preset ``args.config``; ``auto`` picks the fastest deployment on this CPU (benchmarks/cpu.py:
+    two points as one int8 row, 7-bit activations where 8-bit ones would saturate int8 kernels
+    without VNNI) and writes its name back into ``args.config``."""
+    if args.config != "auto":
+        return mpq.QuantConfig.preset(args.config, seed=args.seed)
+    base = "W4A8" if mpq.ops.int8_kernels_exact(8) else "W4A7"
+    args.config = f"{base}-merge"
+    return mpq.QuantConfig.preset(base, seed=args.seed, method=mpq.MultipointConfig(int8_merge=True))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("build/deploy-example"), help="output directory")
     parser.add_argument("--model", choices=("efficientnet_lite0", "resnet50"), default="efficientnet_lite0")
-    parser.add_argument("--config", default="W4A8", help="mpq preset (W4A8, W4A16, W3A16, W2A16, W8A8)")
+    parser.add_argument(
+        "--config",
+        default="auto",
+        help="mpq preset (W4A8, W4A7, W4A16, W3A16, W2A16, W8A8, W8A7), or auto (default): W4A8 with int8_merge "
+        "where this CPU's int8 kernels are exact with 8-bit activations (VNNI, AMX), else W4A7 with int8_merge",
+    )
     parser.add_argument("--calib-images", type=int, default=64, help="calibration crops (default 64)")
     parser.add_argument("--torchscript", choices=("auto", "script", "trace"), default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -106,7 +122,7 @@ def main(argv=None) -> int:
         calib = data.calib_batches
         x = data.eval_images[:1].clone()  # the first labelled ImageNet photo
         label = int(data.labels[0])
-    qmodel = mpq.quantize(model, calib, mpq.QuantConfig.preset(args.config, seed=args.seed))
+    qmodel = mpq.quantize(model, calib, deployment_config(args))
     report = mpq.last_report(qmodel)
     t_quant = time.perf_counter() - t0
 
