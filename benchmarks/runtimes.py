@@ -4,7 +4,7 @@
     python benchmarks/runtimes.py --models lite0 --batches 1 --json build/runtimes.json
 
 Rows per model, runtime and batch (2 threads, median of ``--repeats`` timed calls after two warm-up
-calls, the rows called in turn in each round; one random input per batch size for every row):
+calls, one row after the other; one random input per batch size for every row):
 - ``fp32``: the float model exported by PyTorch's ONNX exporter (OpenVINO: precision hint f32, and
   ``fp32 (default precision)``: OpenVINO's default, bfloat16 where the CPU has AMX);
 - ``ORT int8 (quantize_static)``: ONNX Runtime's own static int8 of that file (QDQ, uint8
@@ -26,13 +26,12 @@ import json
 import os
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from cpu import load_task, preset_config  # noqa: E402  (benchmarks/ is the script's directory)
+from cpu import load_task, median_ms, preset_config  # noqa: E402  (benchmarks/ is the script's directory)
 from provenance import provenance  # noqa: E402
 
 import mpq
@@ -79,19 +78,6 @@ def ort_int8(fp32: Path, calib: list[torch.Tensor], path: Path) -> Path:
         per_channel=True,
     )
     return path
-
-
-def interleaved_median_ms(runners: dict, x: np.ndarray, repeats: int) -> dict:
-    """Median ms per runner over ``repeats`` rounds, each round calling every runner once in turn
-    (after two warm-up rounds): a slow phase of a shared machine then hits every row alike."""
-    times: dict = {key: [] for key in runners}
-    for r in range(repeats + 2):
-        for key, f in runners.items():
-            t = time.perf_counter()
-            f(x)
-            if r >= 2:
-                times[key].append(time.perf_counter() - t)
-    return {key: 1e3 * float(np.median(v)) for key, v in times.items()}
 
 
 NNCF_INT8 = "NNCF int8 (OpenVINO's own)"
@@ -210,7 +196,7 @@ def main(argv=None) -> int:
             g = torch.Generator().manual_seed(args.seed + 1)
             for b in args.batches:
                 x = torch.randn(b, 3, 224, 224, generator=g).numpy()
-                times = interleaved_median_ms(runners, x, args.repeats)
+                times = {key: median_ms(lambda f=f: f(x), args.repeats) for key, f in runners.items()}
                 for (runtime, variant), ms in times.items():
                     row = {"model": name, "runtime": runtime, "batch": b, "variant": variant, "ms": ms}
                     row["speedup_vs_fp32"] = times[(runtime, "fp32")] / ms
