@@ -87,6 +87,21 @@ def test_traced_quantized_embedder_gives_identical_outputs(minilm, quantized):
         assert torch.equal(loaded(evaluation), ref)
 
 
+def test_quantized_embedder_exports_to_onnx_runtime(minilm, quantized, tmp_path):
+    """mpq.export_onnx through BERT's code (attention masks, 3-D Linear inputs, integer token ids):
+    ONNX Runtime's embeddings equal mpq's to float32 rounding (W4A16: float activations)."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is optional (pip install -e .[export])")
+    _, _, evaluation, _ = minilm
+    qmodel = quantized["multipoint"][0]
+    path = mpq.export_onnx(qmodel, evaluation[:2], tmp_path / "minilm.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y = torch.from_numpy(session.run(None, {"input": evaluation.numpy()})[0])
+    with torch.no_grad():
+        ref = qmodel(evaluation)
+    assert text.embedding_fidelity(y, ref)["cos_min"] > 1 - 1e-5
+    assert float((y - ref).abs().max()) < 1e-4
+
+
 # ---- the Gaussian-output Fisher ------------------------------------------------------------------
 
 
