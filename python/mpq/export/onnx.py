@@ -353,7 +353,13 @@ def exportable(
     if example is not None and _has_int8_convs(out):
         from mpq.fuse import fuse_activations
 
-        out = fuse_activations(out, example)  # shares the copy's weights
+        try:
+            out = fuse_activations(out, example)  # shares the copy's weights
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"mpq.export_onnx: the int8 form of the model (mpq.fuse_activations) failed: {e}; "
+                "export with int8_activations=False (float between layers)"
+            ) from e
     # Which fused layers add a residual (their call's second argument).
     residual = set()
     if isinstance(out, torch.fx.GraphModule):
