@@ -170,7 +170,7 @@ def test_uint8_levels_between_layers_run_as_qlinearconv(pool, quantize_residuals
     assert optimized.count("QLinearConv") == len(qlinear), (optimized, qlinear)
     with torch.no_grad():
         ours = fused(x)
-        assert torch.equal(form(x), ours) or float((form(x) - ours).abs().max()) < 1e-4
+        assert float((form(x) - ours).abs().max()) < 1e-4
     # A level that flips in the head's input moves an output by at most its scale times the
     # largest weight of a channel. Levels flip where ONNX Runtime's arithmetic differs from float32:
     # QLinearConv adds the bias rounded to int32 at input scale x weight scale (up to half a unit,

@@ -101,6 +101,12 @@ def int8_rows(m: MultipointLayer, max_code: int = MAX_INT8_CODE) -> tuple[torch.
     return out_codes.to(torch.int8).reshape(C, R, *codes.shape[2:]), out_scales.float()
 
 
+def _qparams(t: torch.Tensor) -> tuple[float, float, float, float]:
+    """A quantizer's (scale, zero_point, qmin, qmax) tensor as Python floats."""
+    s, zp, qmin, qmax = (float(v) for v in t.detach().cpu().double().tolist())
+    return s, zp, qmin, qmax
+
+
 def _grid(qparams: tuple[float, float, float, float]) -> tuple[float, int, int, bool]:
     """(scale, uint8 zero point, levels, whether it is a uint8 grid) of act_qparams (s, zp, qmin, qmax):
     the levels ``L - qmin`` of mpq's quantizer as ONNX's uint8 QuantizeLinear writes them."""
@@ -225,7 +231,7 @@ class OnnxMultipointLayer(nn.Module):
     ):
         super().__init__()
         qp = m.act_qparams
-        self.act_qparams = None if qp is None else tuple(float(v) for v in qp.detach().cpu().double().tolist())
+        self.act_qparams = None if qp is None else _qparams(qp)
         self.clamp: tuple[float, float] | None = None
         self.out_grid: tuple[float, int, int] | None = None
         self.residual_grid: tuple[float, int] | None = None
@@ -266,7 +272,7 @@ class OnnxMultipointLayer(nn.Module):
     def _take_epilogue(self, f: FusedMultipointConv2d) -> None:
         lo, hi = f.clamp_min, f.clamp_max
         if f.out_qparams is not None:
-            qp = tuple(float(v) for v in f.out_qparams.detach().cpu().double().tolist())
+            qp = _qparams(f.out_qparams)
             scale, zero, levels, _ = _grid(qp)
             s, zp, qmin, qmax = qp
             self.out_grid = (scale, zero, levels)
@@ -277,7 +283,7 @@ class OnnxMultipointLayer(nn.Module):
         if math.isfinite(lo) or math.isfinite(hi):
             self.clamp = (lo, hi)
         if f.residual_qparams is not None:
-            scale, zero, _, _ = _grid(tuple(float(v) for v in f.residual_qparams.detach().cpu().double().tolist()))
+            scale, zero, _, _ = _grid(_qparams(f.residual_qparams))
             self.residual_grid = (scale, zero)
 
     def weight(self) -> torch.Tensor:
