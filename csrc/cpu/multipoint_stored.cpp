@@ -314,8 +314,9 @@ __attribute__((always_inline)) inline float activation_level(float x, float scal
 // AVX-512 kernels (so ATEN_CPU_CAPABILITY forces either path, as for ATen's own), else the scalar
 // loop; both give the same bytes.
 kernels::CpuIsa cpu_isa() {
-  static const bool avx512 = at::get_cpu_capability() == "AVX512";  // ATen's choice, read once as ATen does
-  return avx512 ? kernels::CpuIsa::kAvx512 : kernels::CpuIsa::kScalar;
+  static const auto capability = at::get_cpu_capability();  // ATen's choice, read once as ATen does
+  if (capability == "AVX512") return kernels::CpuIsa::kAvx512;
+  return capability == "AVX2" ? kernels::CpuIsa::kAvx2 : kernels::CpuIsa::kScalar;
 }
 
 kernels::LevelGrid level_grid(const ActQuant& q) {
@@ -704,7 +705,7 @@ enum class CpuKernel { kInt8, kDense, kWeightOnly, kReference };
 // the float path for depthwise convs, stems with few input channels, 1 x 1 expansions (their float
 // outputs per point dominate) and small Linear calls, where oneDNN's int8 kernels or their fixed
 // cost lose.
-// Linear at few rows (below the int8 rule's size) with ATen's AVX-512 kernels: "weight_only" up to
+// Linear at few rows (below the int8 rule's size) with ATen's AVX-512 or AVX2 kernels: "weight_only" up to
 // kWeightOnlyMaxRows rows, else "dense". Measured (benchmarks/cpu.py --w4a16-layers --w4a16-rows 1 2 4
 // 8 16 32 64, MiniLM's 384x384, 384x1536, 1536x384, 4-bit, 1/4 of the channels with 2 points, 1
 // thread on a shared 2-core AVX-512 machine, where 2-thread medians were swamped by the other
@@ -712,7 +713,11 @@ enum class CpuKernel { kInt8, kDense, kWeightOnly, kReference };
 // as a model's layers are): rows 1-8 0.38-0.74 on every shape (1.4-2.6x faster), 16 rows 0.78-1.0,
 // 32-64 rows 1.2-2.0 (slower: the FMAs, not the weight bytes, bound it there); with one layer
 // repeated (its float weight held in L2) weight_only wins 1.5-2.4x on the 1536-wide shapes at 1-8
-// rows and loses up to 1.3x on 384x384 at 2-8 rows.
+// rows and loses up to 1.3x on 384x384 at 2-8 rows. With ATen's AVX2 kernels (the kernel's AVX2
+// path; same command, 1 thread, 2-core AMD EPYC without AVX-512, benchmarks/NOTES.md "Weight-only
+// Linear on AVX2"), weights out of cache: rows 1-8 1.5-3.6x faster than "dense" and 1.5-3.2x than
+// float32, 16 rows 1.3-1.4x than "dense", 32 rows 0.75-0.9x; with one layer repeated 0.5-1.6x:
+// the same bound.
 constexpr int64_t kInt8MinGroupChannels = 16;
 constexpr int64_t kInt8MinLinearMacs = int64_t(1) << 23;
 constexpr int64_t kWeightOnlyMaxRows = 8;
@@ -763,7 +768,7 @@ at::Tensor multipoint_linear_stored_cpu(const at::Tensor& input, const at::Tenso
   const std::vector<int64_t> code_shape = {in_features};
   const int64_t rows = input.numel() / std::max<int64_t>(1, in_features);
   const bool int8_wins = rows * in_features * C >= kInt8MinLinearMacs;
-  const bool weight_only_wins = rows <= kWeightOnlyMaxRows && cpu_isa() == kernels::CpuIsa::kAvx512;
+  const bool weight_only_wins = rows <= kWeightOnlyMaxRows && cpu_isa() != kernels::CpuIsa::kScalar;
   const auto choice = choose_kernel(op, kernel, input, act_qparams, q, w_bits, int8_wins, C, weight_only_wins);
   if (choice == CpuKernel::kInt8) {
     const int64_t levels = levels_count(q);  // which points merge depends on it (merge_points_exactly)

@@ -5,10 +5,15 @@
 namespace mpq {
 namespace kernels {
 
-enum class CpuIsa { kScalar, kAvx512 };
+// kAvx2: AVX2 with FMA (only the weight-only Linear kernel has such a path; the others run their
+// scalar code there).
+enum class CpuIsa { kScalar, kAvx2, kAvx512 };
 
 // Whether this CPU runs AVX-512F code.
 bool cpu_has_avx512();
+
+// Whether this CPU runs AVX2 and FMA code.
+bool cpu_has_avx2();
 
 }  // namespace kernels
 }  // namespace mpq

@@ -144,19 +144,138 @@ constexpr std::array<ChannelsFn, sizeof...(R)> channel_table(std::integer_sequen
   return {&channels_avx512<R + 1>...};
 }
 
-void linear_avx512(const WeightOnlyWeight& w, const float* x, int64_t rows, const float* bias, float* y,
-                   int64_t c_begin, int64_t c_end) {
-  static constexpr auto fns = channel_table(std::make_integer_sequence<int, kMaxRows>());
-  // Channels in groups whose point rows stay in L1 while every block of x rows reads them: the
-  // weight is read from memory once, x from L1/L2 once per channel group and row block.
+// AVX2 + FMA: each channel's weight is formed 8 codes at a time in a register, as the sum over its
+// points of scale_t * code (one fused multiply-add per point), and used by every row of the block.
+constexpr int kMaxRowsAvx2 = 8;  // x rows per register block: 8 accumulators, the weight and temps
+
+// The weight at one 8-code chunk of channel rows `rows` (P points of row_bytes each, chunk at byte
+// `offset` of every row): nibble K of each 32-bit word (4-bit layout), sign-extended by two shifts.
+template <int K>
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 nibble_weight(const uint8_t* rows, int64_t row_bytes,
+                                                                               const float* scales, int64_t P,
+                                                                               int64_t offset) {
+  __m256 wv = _mm256_setzero_ps();
+  for (int64_t t = 0; t < P; ++t) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + t * row_bytes + offset));
+    const __m256 c = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28 - 4 * K), 28));
+    wv = _mm256_fmadd_ps(c, _mm256_set1_ps(scales[t]), wv);
+  }
+  return wv;
+}
+
+// The same for any chunk c (the last, partial block of the 4-bit layout, and int8 rows).
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 chunk_weight(const WeightOnlyWeight& w,
+                                                                              const uint8_t* rows, const float* scales,
+                                                                              int64_t P, int64_t c) {
+  __m256 wv = _mm256_setzero_ps();
+  const int64_t k = (c % 16) / 2;
+  const __m128i left = _mm_cvtsi32_si128(int(28 - 4 * k)), right = _mm_cvtsi32_si128(28);
+  for (int64_t t = 0; t < P; ++t) {
+    const uint8_t* row = rows + t * w.row_bytes;
+    __m256i code;
+    if (w.nibbles) {  // word l of half (c % 2) of block c / 16 holds code 16 k + 8 (c % 2) + l in nibble k
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (c / 16) * 64 + (c % 2) * 32));
+      code = _mm256_sra_epi32(_mm256_sll_epi32(v, left), right);
+    } else {  // rows are zero-padded to 16 codes: the 8-byte load stays inside the row
+      code = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c * 8)));
+    }
+    wv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(code), _mm256_set1_ps(scales[t]), wv);
+  }
+  return wv;
+}
+
+template <int R>
+__attribute__((target("avx2,fma"), always_inline)) inline void fma_rows_avx2(__m256* acc, const float* x, int64_t D,
+                                                                             int64_t d0, __m256 wv) {
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * D + d0), wv, acc[r]);
+}
+
+template <int R>
+__attribute__((target("avx2,fma"), always_inline)) inline void fma_rows_avx2(__m256* acc, const float* x, int64_t D,
+                                                                             int64_t d0, __m256 wv, __m256i mask) {
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_maskload_ps(x + r * D + d0, mask), wv, acc[r]);
+}
+
+// Half H of nibble K of a whole block: codes d0 + 16 K + 8 H .. + 7.
+template <int R, int K>
+__attribute__((target("avx2,fma"), always_inline)) inline void nibble_step(__m256* acc, const uint8_t* rows,
+                                                                           int64_t row_bytes, const float* scales,
+                                                                           int64_t P, const float* x, int64_t D,
+                                                                           int64_t block) {
+  fma_rows_avx2<R>(acc, x, D, block * 128 + 16 * K, nibble_weight<K>(rows, row_bytes, scales, P, block * 64));
+  fma_rows_avx2<R>(acc, x, D, block * 128 + 16 * K + 8, nibble_weight<K>(rows, row_bytes, scales, P, block * 64 + 32));
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void channels_avx2(const WeightOnlyWeight& w, const float* x, const float* bias,
+                                                       float* y, int64_t c_begin, int64_t c_end) {
+  const int64_t D = w.in_features, chunks = (D + 7) / 8, whole = D / 8;
+  const int64_t blocks = w.nibbles ? D / kBlockCodes : 0;  // whole 4-bit blocks, unrolled
+  const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(D % 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  for (int64_t j = c_begin; j < c_end; ++j) {
+    const uint8_t* rows = w.codes.data() + w.first[j] * w.row_bytes;
+    const float* scales = w.scales.data() + w.first[j];
+    const int64_t P = w.first[j + 1] - w.first[j];
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      nibble_step<R, 0>(acc, rows, w.row_bytes, scales, P, x, D, b);
+      nibble_step<R, 1>(acc, rows, w.row_bytes, scales, P, x, D, b);
+      nibble_step<R, 2>(acc, rows, w.row_bytes, scales, P, x, D, b);
+      nibble_step<R, 3>(acc, rows, w.row_bytes, scales, P, x, D, b);
+      nibble_step<R, 4>(acc, rows, w.row_bytes, scales, P, x, D, b);
+      nibble_step<R, 5>(acc, rows, w.row_bytes, scales, P, x, D, b);
+      nibble_step<R, 6>(acc, rows, w.row_bytes, scales, P, x, D, b);
+      nibble_step<R, 7>(acc, rows, w.row_bytes, scales, P, x, D, b);
+    }
+    for (int64_t c = blocks * 16; c < chunks; ++c) {
+      const __m256 wv = chunk_weight(w, rows, scales, P, c);
+      if (c < whole) {
+        fma_rows_avx2<R>(acc, x, D, c * 8, wv);
+      } else {
+        fma_rows_avx2<R>(acc, x, D, c * 8, wv, tail);
+      }
+    }
+    const float b = bias ? bias[j] : 0.0f;
+    for (int r = 0; r < R; ++r) {  // lanes summed as a tree: 4 + 4, 2 + 2, 1 + 1
+      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+      s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+      s = _mm_add_ss(s, _mm_movehdup_ps(s));
+      y[r * w.channels + j] = b + _mm_cvtss_f32(s);
+    }
+  }
+}
+
+template <int... R>
+constexpr std::array<ChannelsFn, sizeof...(R)> channel_table_avx2(std::integer_sequence<int, R...>) {
+  return {&channels_avx2<R + 1>...};
+}
+
+// Channels in groups whose point rows stay in L1 while every block of x rows reads them: the weight
+// is read from memory once, x from L1/L2 once per channel group and row block.
+template <int MaxRows, size_t N>
+void linear_blocked(const std::array<ChannelsFn, N>& fns, const WeightOnlyWeight& w, const float* x, int64_t rows,
+                    const float* bias, float* y, int64_t c_begin, int64_t c_end) {
   const int64_t group = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, w.row_bytes * 2));
   for (int64_t c0 = c_begin; c0 < c_end; c0 += group) {
     const int64_t c1 = std::min(c_end, c0 + group);
-    for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
-      const int64_t R = std::min<int64_t>(kMaxRows, rows - m0);
+    for (int64_t m0 = 0; m0 < rows; m0 += MaxRows) {
+      const int64_t R = std::min<int64_t>(MaxRows, rows - m0);
       fns[R - 1](w, x + m0 * w.in_features, bias, y + m0 * w.channels, c0, c1);
     }
   }
+}
+
+void linear_avx512(const WeightOnlyWeight& w, const float* x, int64_t rows, const float* bias, float* y,
+                   int64_t c_begin, int64_t c_end) {
+  static constexpr auto fns = channel_table(std::make_integer_sequence<int, kMaxRows>());
+  linear_blocked<kMaxRows>(fns, w, x, rows, bias, y, c_begin, c_end);
+}
+
+void linear_avx2(const WeightOnlyWeight& w, const float* x, int64_t rows, const float* bias, float* y, int64_t c_begin,
+                 int64_t c_end) {
+  static constexpr auto fns = channel_table_avx2(std::make_integer_sequence<int, kMaxRowsAvx2>());
+  linear_blocked<kMaxRowsAvx2>(fns, w, x, rows, bias, y, c_begin, c_end);
 }
 
 }  // namespace
@@ -198,6 +317,8 @@ void weight_only_linear(const WeightOnlyWeight& w, const float* x, int64_t rows,
   static const bool avx512bw = cpu_has_avx512() && __builtin_cpu_supports("avx512bw");  // vpshufb on zmm
   if (isa == CpuIsa::kAvx512 && avx512bw) {
     linear_avx512(w, x, rows, bias, y, c_begin, c_end);
+  } else if (isa != CpuIsa::kScalar && cpu_has_avx2()) {
+    linear_avx2(w, x, rows, bias, y, c_begin, c_end);
   } else {
     linear_scalar(w, x, rows, bias, y, c_begin, c_end);
   }

@@ -19,12 +19,16 @@
 //   order, the code vector times scale_t (one rounding: the table is scaled once per point), then
 //   fused multiply-adds of x[m, 16k + l] into lane l in increasing d; then the 16 lanes are summed
 //   as a tree and bias[j] added.
+// - AVX2 (+ FMA): per 8 codes d..d+7, channel j's weight w = sum_t scale_t * code_t[d..] in a
+//   register (the first product rounded once, each further point one fused multiply-add), then per
+//   row m one fused multiply-add of x[m, d..d+7] into an 8-lane accumulator in increasing d; the 8
+//   lanes summed as a tree and bias[j] added. A term's chain: P_j + ceil(D / 8) + 4 roundings.
 // - scalar: per point t, s_t = sum_d code_t[d] * x[m, d] in increasing d (each product rounded);
 //   acc += scale_t * s_t over the points in order (two roundings each); y = bias[j] + acc.
 // Error bound against the exact (float64) value, with u = 2^-24, P_j channel j's point count and
 // S = |bias[j]| + sum_t |scale_t| * sum_d |code_t[d]| * |x[m, d]|:
 //   |y - y_exact| <= gamma_n * S,  gamma_n = n u / (1 - n u),  n = max(D + 2 P_j, P_j ceil(D / 16)) + 6
-// (the longest chain of roundings any term goes through, on either path).
+// (the longest chain of roundings any term goes through, on any path).
 #pragma once
 
 #include <cstdint>
@@ -56,7 +60,9 @@ WeightOnlyWeight prepare_weight_only(const uint8_t* point_codes, const float* po
 // y[m, j] for m < rows and c_begin <= j < c_end: x float32 [rows, in_features] and y float32
 // [rows, channels], both row-major and contiguous; bias null or float32 [channels]. Disjoint channel
 // ranges write disjoint elements of y (split channels over threads). AVX-512 where `isa` says so and
-// the CPU has it, else scalar. Fast for rows <= 16 (x rows held in registers 16 at a time); any rows.
+// the CPU has it (with AVX-512BW), else AVX2 where `isa` is not kScalar and the CPU has AVX2 and FMA,
+// else scalar. Fast for few rows (x rows held in registers 16 at a time on AVX-512, 8 on AVX2); any
+// rows.
 void weight_only_linear(const WeightOnlyWeight& w, const float* x, int64_t rows, const float* bias, float* y,
                         int64_t c_begin, int64_t c_end, CpuIsa isa);
 

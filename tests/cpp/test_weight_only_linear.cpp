@@ -83,6 +83,7 @@ void check_against_float64(const Stored& s, const std::vector<float>& x, int64_t
 
 std::vector<k::CpuIsa> paths() {
   std::vector<k::CpuIsa> p = {k::CpuIsa::kScalar};
+  if (k::cpu_has_avx2()) p.push_back(k::CpuIsa::kAvx2);
   if (k::cpu_has_avx512()) p.push_back(k::CpuIsa::kAvx512);
   return p;
 }

@@ -1,6 +1,6 @@
 """mpq::multipoint_linear_stored, path "weight_only" (csrc/kernels/weight_only_linear.h: the codes kept
 packed, decoded in registers): element-wise agreement with the float64 reference op
-(mpq::multipoint_linear on the unpacked codes) within the kernel's stated bound, on ATen's AVX-512 and
+(mpq::multipoint_linear on the unpacked codes) within the kernel's stated bound, on ATen's AVX-512, AVX2 and
 default (scalar) paths, for 2-D and 3-D inputs, with and without bias and act_qparams; "auto" giving
 the weight-only bytes where it picks that path; and the errors of a bad call."""
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 U = 2.0**-24  # float32 unit roundoff
 # csrc/cpu/multipoint_stored.cpp, kWeightOnlyMaxRows: "auto" runs "weight_only" up to this many rows
-# (when ATen runs its AVX-512 kernels).
+# (when ATen runs its AVX-512 or AVX2 kernels).
 WEIGHT_ONLY_MAX_ROWS = 8
 
 
@@ -104,13 +104,13 @@ def test_auto_gives_the_weight_only_bytes_where_it_picks_it(grid):
     cin, cout, bits = 384, 96, 4
     point_codes, point_scales, counts, bias = _stored(cin, cout, bits, 2, seed=3)
     w = (point_codes, point_scales, counts)
-    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    vector = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2")
     for rows in [1, 2, 4, 8, 9, 16, 32]:
         x = _input((rows, cin), grid, seed=rows)
         with torch.no_grad():
             auto = _run(x, w, bits, cin, bias, grid, "auto")
-            # Beyond the bound (or without AVX-512): "dense" (int8 wins only from 2^23 multiply-adds).
-            picked = "weight_only" if avx512 and rows <= WEIGHT_ONLY_MAX_ROWS else "dense"
+            # Beyond the bound (or on ATen's scalar path): "dense" (int8 wins only from 2^23 multiply-adds).
+            picked = "weight_only" if vector and rows <= WEIGHT_ONLY_MAX_ROWS else "dense"
             assert torch.equal(auto, _run(x, w, bits, cin, bias, grid, picked)), (rows, picked)
 
 
@@ -142,26 +142,31 @@ def test_weight_only_refuses_bad_calls_naming_the_op_and_argument():
         op(torch.randn(2, 20), point_codes, point_scales, counts, 3, 20, bias, None, "weight_only")
 
 
-_SCALAR_CHILD = textwrap.dedent(
+_PATH_CHILD = textwrap.dedent(
     """
     import sys, torch
     sys.path.insert(0, sys.argv[1])
     import test_weight_only_linear as t
-    assert torch.backends.cpu.get_cpu_capability() == "DEFAULT", torch.backends.cpu.get_cpu_capability()
+    assert torch.backends.cpu.get_cpu_capability() == sys.argv[2], torch.backends.cpu.get_cpu_capability()
     for bits in (3, 4, 6):
         for shape in t.SHAPES:
             for grid in (None, t.GRIDS[1]):
                 t.test_weight_only_equals_the_float64_reference_within_the_bound(bits, shape, grid, True)
+    t.test_auto_gives_the_weight_only_bytes_where_it_picks_it(None)
     print("ok")
     """
 )
 
 
-def test_weight_only_scalar_path_equals_the_float64_reference():
-    """ATEN_CPU_CAPABILITY=default: the op runs the kernel's scalar path."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_weight_only_forced_paths_equal_the_float64_reference(isa):
+    """ATEN_CPU_CAPABILITY=default runs the kernel's scalar path, =avx2 its AVX2 path (on an AVX-512
+    machine too); each within the bound, and "auto" picking by that path's rule."""
+    if isa == "avx2" and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("this CPU has no AVX2")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": isa, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, "-c", _SCALAR_CHILD, os.path.dirname(__file__)],
+        [sys.executable, "-c", _PATH_CHILD, os.path.dirname(__file__), isa.upper()],
         env=env,
         capture_output=True,
         text=True,
