@@ -196,19 +196,28 @@ __attribute__((target("avx2,fma"), always_inline)) inline void fma_rows_avx2(__m
   for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_maskload_ps(x + r * D + d0, mask), wv, acc[r]);
 }
 
-// Half H of nibble K of a whole block: codes d0 + 16 K + 8 H .. + 7.
+// Accumulator sets per row: chunk c (8 codes) adds into set c % kSets<R>, so that few rows still
+// keep several fused multiply-adds in flight (one row's single chain would wait on each one).
+template <int R>
+constexpr int kSets = R <= 2 ? 4 : (R <= 4 ? 2 : 1);
+
+// Nibble K of a whole block: chunks 2K (codes d0 + 16 K ..) and 2K + 1 (+ 8).
 template <int R, int K>
 __attribute__((target("avx2,fma"), always_inline)) inline void nibble_step(__m256* acc, const uint8_t* rows,
                                                                            int64_t row_bytes, const float* scales,
                                                                            int64_t P, const float* x, int64_t D,
                                                                            int64_t block) {
-  fma_rows_avx2<R>(acc, x, D, block * 128 + 16 * K, nibble_weight<K>(rows, row_bytes, scales, P, block * 64));
-  fma_rows_avx2<R>(acc, x, D, block * 128 + 16 * K + 8, nibble_weight<K>(rows, row_bytes, scales, P, block * 64 + 32));
+  constexpr int S = kSets<R>;
+  fma_rows_avx2<R>(acc + (2 * K) % S * R, x, D, block * 128 + 16 * K,
+                   nibble_weight<K>(rows, row_bytes, scales, P, block * 64));
+  fma_rows_avx2<R>(acc + (2 * K + 1) % S * R, x, D, block * 128 + 16 * K + 8,
+                   nibble_weight<K>(rows, row_bytes, scales, P, block * 64 + 32));
 }
 
 template <int R>
 __attribute__((target("avx2,fma"))) void channels_avx2(const WeightOnlyWeight& w, const float* x, const float* bias,
                                                        float* y, int64_t c_begin, int64_t c_end) {
+  constexpr int S = kSets<R>;
   const int64_t D = w.in_features, chunks = (D + 7) / 8, whole = D / 8;
   const int64_t blocks = w.nibbles ? D / kBlockCodes : 0;  // whole 4-bit blocks, unrolled
   const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(D % 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -216,8 +225,8 @@ __attribute__((target("avx2,fma"))) void channels_avx2(const WeightOnlyWeight& w
     const uint8_t* rows = w.codes.data() + w.first[j] * w.row_bytes;
     const float* scales = w.scales.data() + w.first[j];
     const int64_t P = w.first[j + 1] - w.first[j];
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    __m256 acc[S * R];  // set k, row r at k * R + r
+    for (int i = 0; i < S * R; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
       nibble_step<R, 0>(acc, rows, w.row_bytes, scales, P, x, D, b);
       nibble_step<R, 1>(acc, rows, w.row_bytes, scales, P, x, D, b);
@@ -230,11 +239,15 @@ __attribute__((target("avx2,fma"))) void channels_avx2(const WeightOnlyWeight& w
     }
     for (int64_t c = blocks * 16; c < chunks; ++c) {
       const __m256 wv = chunk_weight(w, rows, scales, P, c);
+      __m256* set = acc + c % S * R;
       if (c < whole) {
-        fma_rows_avx2<R>(acc, x, D, c * 8, wv);
+        fma_rows_avx2<R>(set, x, D, c * 8, wv);
       } else {
-        fma_rows_avx2<R>(acc, x, D, c * 8, wv, tail);
+        fma_rows_avx2<R>(set, x, D, c * 8, wv, tail);
       }
+    }
+    for (int k = 1; k < S; ++k) {  // the sets added in order into set 0
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_add_ps(acc[r], acc[k * R + r]);
     }
     const float b = bias ? bias[j] : 0.0f;
     for (int r = 0; r < R; ++r) {  // lanes summed as a tree: 4 + 4, 2 + 2, 1 + 1

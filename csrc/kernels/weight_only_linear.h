@@ -21,8 +21,10 @@
 //   as a tree and bias[j] added.
 // - AVX2 (+ FMA): per 8 codes d..d+7, channel j's weight w = sum_t scale_t * code_t[d..] in a
 //   register (the first product rounded once, each further point one fused multiply-add), then per
-//   row m one fused multiply-add of x[m, d..d+7] into an 8-lane accumulator in increasing d; the 8
-//   lanes summed as a tree and bias[j] added. A term's chain: P_j + ceil(D / 8) + 4 roundings.
+//   row m one fused multiply-add of x[m, d..d+7] into one of S 8-lane accumulators (chunk d / 8 into
+//   set (d / 8) mod S; S = 4 for 1-2 rows, 2 for 3-4, 1 beyond) in increasing d; the sets added in
+//   order, the 8 lanes summed as a tree and bias[j] added. A term's chain: at most
+//   P_j + ceil(D / 8) + S + 3 roundings.
 // - scalar: per point t, s_t = sum_d code_t[d] * x[m, d] in increasing d (each product rounded);
 //   acc += scale_t * s_t over the points in order (two roundings each); y = bias[j] + acc.
 // Error bound against the exact (float64) value, with u = 2^-24, P_j channel j's point count and
