@@ -714,9 +714,9 @@ enum class CpuKernel { kInt8, kDense, kWeightOnly, kReference };
 // 32-64 rows 1.2-2.0 (slower: the FMAs, not the weight bytes, bound it there); with one layer
 // repeated (its float weight held in L2) weight_only wins 1.5-2.4x on the 1536-wide shapes at 1-8
 // rows and loses up to 1.3x on 384x384 at 2-8 rows. With ATen's AVX2 kernels (the kernel's AVX2
-// path; same command, 1 thread, 2-core AMD EPYC without AVX-512, benchmarks/NOTES.md "Weight-only
-// Linear on AVX2"), weights out of cache: rows 1-8 1.5-3.6x faster than "dense" and 1.5-3.2x than
-// float32, 16 rows 1.3-1.4x than "dense", 32 rows 0.75-0.9x; with one layer repeated 0.5-1.6x:
+// path; same command, 1 thread, 2-core AMD EPYC without AVX-512: benchmarks/results/
+// w4a16_linear_avx2.json), weights out of cache: rows 1-8 1.4-3.6x faster than float32 and 1.6-3.7x
+// than "dense", 16 rows 0.8-1.8x, 32 rows 0.8-1.3x; with one layer repeated 0.7-1.5x at 1-8 rows:
 // the same bound.
 constexpr int64_t kInt8MinGroupChannels = 16;
 constexpr int64_t kInt8MinLinearMacs = int64_t(1) << 23;
