@@ -145,7 +145,29 @@ def torch_int8_fx(model: torch.nn.Module, calib: list[torch.Tensor]) -> torch.nn
 
 # Preset suffixes: "W8A8-1pt" is the preset with one point per channel; "W4A8-merge" ties each
 # channel's first two scales to a whole-number ratio (MultipointConfig(int8_merge=True)).
-PRESET_SUFFIXES = {"1pt": {"max_points": 1}, "merge": {"method": mpq.MultipointConfig(int8_merge=True)}}
+# "W4A16-g32" / "-g128asym": group-wise round to nearest (a float16 scale per 32 input weights; per
+# 128 with a zero point), the format of int4 checkpoints (mpq.nn.GroupwiseLinear / Conv2d); these
+# also get a "decode per call" row, the layers as they ran before mpq::groupwise_* cached the weight.
+PRESET_SUFFIXES = {
+    "1pt": {"max_points": 1},
+    "merge": {"method": mpq.MultipointConfig(int8_merge=True)},
+    "g32": {"method": mpq.RTNConfig(group_size=32)},
+    "g128asym": {"method": mpq.RTNConfig(group_size=128, symmetric=False)},
+}
+
+
+def decode_per_call(q: torch.nn.Module) -> torch.nn.Module | None:
+    """A copy of q whose group-wise layers decode their weight in Python on every call (None if q
+    has none): the comparison for the cached decode of mpq::groupwise_linear / groupwise_conv2d."""
+    if not any(isinstance(m, mpq.nn.GroupwiseLayer) for m in q.modules()):
+        return None
+    q = copy.deepcopy(q)
+    for m in q.modules():
+        if isinstance(m, mpq.nn.GroupwiseLinear):
+            m.forward = lambda x, m=m: m._linear(x, m.dequantized_weight())
+        elif isinstance(m, mpq.nn.GroupwiseConv2d):
+            m.forward = lambda x, m=m: m._conv2d(x, m.dequantized_weight())
+    return q
 
 
 def preset_config(preset: str, seed: int) -> mpq.QuantConfig:
@@ -202,6 +224,9 @@ def run_model(name: str, batches: list[int], repeats: int, presets: list[str], s
         fused = mpq.fuse_activations(q, calib[0][:1])
         s = scripted(fused, calib[0][:1])
         variants[f"mpq {preset}"] = s
+        per_call = decode_per_call(q)
+        if per_call is not None:  # traced: TorchScript's script would not see the replaced forwards
+            variants[f"mpq {preset} (decode per call)"] = traced(per_call, calib[0][:1])
         if preset == presets[0]:  # the same model with float32 between layers: what the fusion gains
             variants[f"mpq {preset} unfused"] = scripted(q, calib[0][:1])
         if preset in (presets[0], "W8A8-1pt", "W8A7-1pt") or preset.endswith("-merge"):
@@ -292,6 +317,9 @@ def run_minilm(repeats: int, presets: list[str], seed: int, int8_peer: bool) -> 
         q = mpq.quantize(model, calib, preset_config(preset, seed))
         quant_seconds[preset] = time.perf_counter() - t
         variants[f"mpq {preset}"] = traced(q, sentences)
+        per_call = decode_per_call(q)
+        if per_call is not None:
+            variants[f"mpq {preset} (decode per call)"] = traced(per_call, sentences)
         with torch.no_grad():
             sizes[f"mpq {preset} TorchScript"] = file_bytes(
                 lambda p: torch.jit.save(torch.jit.trace(q, sentences, check_trace=False, strict=False), p)

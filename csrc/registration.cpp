@@ -129,6 +129,22 @@ TORCH_LIBRARY(mpq, m) {
       "multipoint_linear_stored(Tensor input, Tensor point_codes, Tensor point_scales, Tensor num_points, "
       "int w_bits, int in_features, Tensor? bias, Tensor? act_qparams, str path=\"auto\") -> Tensor");
 
+  // The group-wise layers (python/mpq/nn/groupwise.py) on their stored form: codes one row per
+  // channel (point_codes uint8 [C, ceil(D * w_bits / 8)], D = prod(code_shape); in_features for
+  // Linear is input.size(-1)), group_scales float16 [C, ceil(D / group_size)], group_zeros the zero
+  // points packed like codes (uint8 [C, ...], or [0, ...] for a symmetric grid), input_scales
+  // float16 [in_channels] (AWQ's, dividing each input channel's weights) or [0]. The float op on
+  // the dense weight scale * (code - zero) / input_scale, the input taken as it comes (the layer
+  // fake-quantizes it first). CPU: the weight decoded once and cached (float32's speed and memory);
+  // other backends: decoded per call (csrc/cpu/groupwise.cpp).
+  m.def(
+      "groupwise_linear(Tensor input, Tensor point_codes, Tensor group_scales, Tensor group_zeros, "
+      "Tensor input_scales, int w_bits, int group_size, Tensor? bias) -> Tensor");
+  m.def(
+      "groupwise_conv2d(Tensor input, Tensor point_codes, Tensor group_scales, Tensor group_zeros, "
+      "Tensor input_scales, int w_bits, int group_size, int[] code_shape, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> Tensor");
+
   // multipoint_conv2d on the stored form (code_shape = [C_in/groups, kh, kw]); CPU kernels as
   // multipoint_linear_stored (oneDNN int8 convolution). The CPU kernel's output is channels_last
   // (oneDNN's layout: the next layer reads it without a reorder).

@@ -6,6 +6,10 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
 
+#include <functional>
+#include <tuple>
+#include <vector>
+
 namespace mpq {
 
 // Whether oneDNN's int8 kernels compute w_bits-bit codes exactly on this CPU against activations
@@ -32,5 +36,16 @@ at::Tensor multipoint_conv2d_cpu(const at::Tensor& input, const at::Tensor& code
                                  const at::Tensor& num_points, const c10::optional<at::Tensor>& bias,
                                  const c10::optional<at::Tensor>& act_qparams, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// mpq::unpack_points (csrc/cpu/multipoint_stored.cpp): codes int8 [C, max_points, D], scales.
+std::tuple<at::Tensor, at::Tensor> unpack_points(const at::Tensor& point_codes, const at::Tensor& point_scales,
+                                                 const at::Tensor& num_points, int64_t w_bits, int64_t D,
+                                                 int64_t max_points);
+
+// A dense weight kept by the ops library's cache of prepared weights (csrc/cpu/multipoint_stored.cpp):
+// made by `make` on the first call, and again when one of `tensors` (tensors[0]: the key) was
+// replaced or changed in place or `key` differs (key[0]: a tag no other prepared form uses).
+at::Tensor cached_weight(const std::vector<at::Tensor>& tensors, const std::vector<double>& key,
+                         const std::function<at::Tensor()>& make);
 
 }  // namespace mpq

@@ -752,6 +752,11 @@ CpuKernel choose_kernel(const char* op, c10::string_view kernel, const at::Tenso
 
 }  // namespace
 
+at::Tensor cached_weight(const std::vector<at::Tensor>& tensors, const std::vector<double>& key,
+                         const std::function<at::Tensor()>& make) {
+  return cache().get<PreparedDense>(tensors, key, [&] { return PreparedDense{make()}; })->weight;
+}
+
 at::Tensor multipoint_linear_stored_cpu(const at::Tensor& input, const at::Tensor& point_codes,
                                         const at::Tensor& point_scales, const at::Tensor& num_points, int64_t w_bits,
                                         int64_t in_features, const c10::optional<at::Tensor>& bias,

@@ -38,6 +38,8 @@ __all__ = [
     "multipoint_linear_stored",
     "max_pool2d_levels",
     "multipoint_conv2d_stored",
+    "groupwise_linear",
+    "groupwise_conv2d",
     "multipoint_conv2d_fused",
 ]
 
@@ -307,6 +309,58 @@ def multipoint_conv2d_stored(
     )
 
 
+def groupwise_linear(
+    input: torch.Tensor,
+    point_codes: torch.Tensor,
+    group_scales: torch.Tensor,
+    group_zeros: torch.Tensor,
+    input_scales: torch.Tensor,
+    w_bits: int,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A group-wise Linear (``mpq.nn.GroupwiseLinear``'s tables) on ``input`` as it comes: the dense
+    weight scale * (code - zero) / input_scale, then ``F.linear``. On the CPU the weight is decoded
+    once and cached by the ops library (float32's speed and memory); elsewhere per call."""
+    return torch.ops.mpq.groupwise_linear(
+        input, point_codes, group_scales, group_zeros, input_scales, w_bits, group_size, bias
+    )
+
+
+def groupwise_conv2d(
+    input: torch.Tensor,
+    point_codes: torch.Tensor,
+    group_scales: torch.Tensor,
+    group_zeros: torch.Tensor,
+    input_scales: torch.Tensor,
+    w_bits: int,
+    group_size: int,
+    code_shape: list[int],
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """:func:`groupwise_linear` for ``mpq.nn.GroupwiseConv2d`` (``code_shape = [C_in/groups, kh, kw]``;
+    padding as ``F.conv2d``'s)."""
+    return torch.ops.mpq.groupwise_conv2d(
+        input,
+        point_codes,
+        group_scales,
+        group_zeros,
+        input_scales,
+        w_bits,
+        group_size,
+        code_shape,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+    )
+
+
 def multipoint_conv2d_fused(
     input: torch.Tensor,
     point_codes: torch.Tensor,
@@ -529,6 +583,32 @@ def _multipoint_conv2d_stored_fake(
     ow = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     fmt = torch.channels_last if input.device.type == "cpu" else _conv_output_format(input)
     return input.new_empty((N, num_points.shape[0], oh, ow)).contiguous(memory_format=fmt)
+
+
+@torch.library.register_fake("mpq::groupwise_linear")
+def _groupwise_linear_fake(input, point_codes, group_scales, group_zeros, input_scales, w_bits, group_size, bias):
+    return input.new_empty((*input.shape[:-1], group_scales.shape[0]))
+
+
+@torch.library.register_fake("mpq::groupwise_conv2d")
+def _groupwise_conv2d_fake(
+    input,
+    point_codes,
+    group_scales,
+    group_zeros,
+    input_scales,
+    w_bits,
+    group_size,
+    code_shape,
+    bias,
+    stride,
+    padding,
+    dilation,
+    groups,
+):
+    C = group_scales.shape[0]
+    weight = input.new_empty((C, *code_shape))
+    return torch.nn.functional.conv2d(input, weight, None, stride, padding, dilation, groups)
 
 
 @torch.library.register_fake("mpq::multipoint_conv2d_fused")

@@ -338,3 +338,97 @@ def test_awq_layers_divide_by_their_input_scales_and_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(calib[0]), qmodel(calib[0]))
         assert torch.equal(torch.jit.script(qmodel)(calib[0]), qmodel(calib[0]))
+
+
+# ---- the ops: mpq::groupwise_linear / groupwise_conv2d ----------------------------------------------
+
+
+def _layer_inputs(qmodel, x):
+    """Each group-wise layer's input on x (forward pre-hooks)."""
+    seen, hooks = {}, []
+    for n, m in qmodel.named_modules():
+        if isinstance(m, GroupwiseLayer):
+            hooks.append(m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0])))
+    with torch.no_grad():
+        qmodel(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _dequantize_then_float(m, x):
+    """The layer computed the way it was before the ops: decode in Python, then the float op."""
+    w = m.dequantized_weight()
+    return m._linear(x, w) if isinstance(m, GroupwiseLinear) else m._conv2d(x, w)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [mpq.RTNConfig(group_size=8, symmetric=True), mpq.GPTQConfig(group_size=16, symmetric=False), mpq.AWQConfig(8)],
+    ids=["rtn-g8", "gptq-g16-asym", "awq-g8"],
+)
+@pytest.mark.parametrize("a_bits", [8, None])
+def test_the_ops_equal_the_python_decode_bit_for_bit_and_follow_changes(method, a_bits):
+    qmodel, calib = _quantize(randomize_batchnorm(small_cnn()), method, w_bits=4, a_bits=a_bits)
+    inputs = _layer_inputs(qmodel, calib[0])
+    assert set(inputs) == {"0", "3", "6", "10"}  # conv, depthwise, grouped strided conv, Linear
+    with torch.no_grad():
+        for name, x in inputs.items():
+            m = qmodel.get_submodule(name)
+            for _ in range(2):  # the first call decodes and caches, the second reads the cache
+                assert torch.equal(m(x), _dequantize_then_float(m, x)), name
+            # an in-place change of a table is seen on the next call (the cache follows versions)
+            m.group_scales.mul_(2)
+            assert torch.equal(m(x), _dequantize_then_float(m, x)), name
+            if m.input_scales.numel():
+                m.input_scales.mul_(0.5)
+                assert torch.equal(m(x), _dequantize_then_float(m, x)), name
+            # float64 inputs decode per call, in float64 after the float32 decode
+            assert torch.equal(m.double()(x.double()), _dequantize_then_float(m, x.double())), name
+            m.float()
+
+
+def test_groupwise_model_exports_with_torch_export():
+    qmodel, calib = _quantize(
+        randomize_batchnorm(small_cnn()), mpq.GPTQConfig(group_size=8, symmetric=False), w_bits=4, a_bits=8
+    )
+    x = calib[0]
+    ep = torch.export.export(qmodel, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"mpq.groupwise_linear.default", "mpq.groupwise_conv2d.default"} <= targets
+    with torch.no_grad():
+        assert torch.equal(ep.module()(x), qmodel(x))
+
+
+def test_the_ops_refuse_bad_tables_naming_the_op_and_argument():
+    m = GroupwiseLinear(20, 4, 4, group_size=8, symmetric=False)
+    args = [m.point_codes, m.group_scales, m.group_zeros, m.input_scales, 4, 8, m.bias]
+    x = torch.randn(2, 20)
+    op = torch.ops.mpq.groupwise_linear
+    with pytest.raises(RuntimeError, match=r"mpq::groupwise_linear: expected group_scales with 2 groups"):
+        op(torch.randn(2, 16), *args)
+    with pytest.raises(RuntimeError, match=r"mpq::groupwise_linear: expected point_codes uint8 \[4, 10\]"):
+        op(x, m.point_codes[:, :5], *args[1:])
+    with pytest.raises(RuntimeError, match=r"mpq::groupwise_linear: expected group_zeros uint8"):
+        op(x, m.point_codes, m.group_scales, m.group_zeros[:, :0], *args[3:])
+    with pytest.raises(RuntimeError, match=r"mpq::groupwise_linear: expected w_bits"):
+        op(x, *args[:4], 1, 8, m.bias)
+    with pytest.raises(RuntimeError, match=r"mpq::groupwise_linear: expected a floating input"):
+        op(x.to(torch.int32), *args)
+    conv = GroupwiseConv2d(4, 8, [3, 3], 4, 8, True, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match=r"mpq::groupwise_conv2d: expected input \[N, 4, H, W\]"):
+        torch.ops.mpq.groupwise_conv2d(
+            torch.randn(1, 3, 8, 8),
+            conv.point_codes,
+            conv.group_scales,
+            conv.group_zeros,
+            conv.input_scales,
+            4,
+            8,
+            conv.code_shape,
+            conv.bias,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            1,
+        )

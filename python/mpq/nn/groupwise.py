@@ -13,7 +13,8 @@ packed at ``w_bits`` like codes, uint8 [C, ceil(G * w_bits / 8)]; [0, ...] when 
 for AWQ's activation-aware scaling, ``input_scales`` (float16 [in_channels], empty without): the
 weights of input channel c are divided by input_scales[c]. Bits per weight: w_bits + 16 /
 group_size (+ w_bits / group_size asymmetric; + 16 in_channels / (C D) with input scales). They run
-dequantize-then-float on every device and save and load like the other layers (kinds
+through ``mpq::groupwise_linear`` / ``groupwise_conv2d`` (the dense weight decoded once and cached by
+the ops library on the CPU, per call elsewhere) and save and load like the other layers (kinds
 "groupwise_linear", "groupwise_conv").
 """
 
@@ -235,7 +236,17 @@ class GroupwiseLinear(GroupwiseLayer):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear(x, self.dequantized_weight())
+        # mpq::groupwise_linear: dequantized_weight's decode, kept by the ops library on the CPU.
+        return torch.ops.mpq.groupwise_linear(
+            self._quantize_input(x),
+            self.point_codes,
+            self.group_scales,
+            self.group_zeros,
+            self.input_scales,
+            self.w_bits,
+            self.group_size,
+            self.bias,
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, {self.grid_repr()}"
@@ -291,7 +302,22 @@ class GroupwiseConv2d(GroupwiseLayer):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv2d(x, self.dequantized_weight())
+        # mpq::groupwise_conv2d: dequantized_weight's decode, kept by the ops library on the CPU.
+        return torch.ops.mpq.groupwise_conv2d(
+            self._conv_input(x),
+            self.point_codes,
+            self.group_scales,
+            self.group_zeros,
+            self.input_scales,
+            self.w_bits,
+            self.group_size,
+            self.code_shape,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
 
     def extra_repr(self) -> str:
         return (
