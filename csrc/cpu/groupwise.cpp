@@ -91,20 +91,22 @@ at::Tensor decode(const GroupwiseWeight& g) {
   return w.view(shape);
 }
 
-// The weight in the input's dtype: on the CPU for a float32 input the cached decode, else decoded now.
-at::Tensor weight_for(const char* op, const at::Tensor& input, const GroupwiseWeight& g, bool cached) {
-  check_groupwise(op, g);
-  TORCH_CHECK(input.is_floating_point(), op, ": expected a floating input, got ", input.scalar_type());
-  TORCH_CHECK(input.device() == g.point_codes.device(), op, ": expected input on ", g.point_codes.device());
+// The weight in the input's dtype: for a float32 input and `cached` (the CPU kernel) the cached
+// decode, else decoded now.
+at::Tensor weight_for(const at::Tensor& input, const GroupwiseWeight& g, bool cached) {
   if (!cached || input.scalar_type() != at::kFloat) return decode(g).to(input.scalar_type());
   std::vector<double> key = {5.0, double(g.w_bits), double(g.group_size)};
   key.insert(key.end(), g.code_shape.begin(), g.code_shape.end());
   return cached_weight({g.point_codes, g.group_scales, g.group_zeros, g.input_scales}, key, [&] { return decode(g); });
 }
 
-c10::optional<at::Tensor> bias_for(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& bias,
-                                   int64_t C) {
-  check_bias_and_act(op, input, bias, c10::nullopt, C);
+// Every check (the tables, the input, the bias) before any decode; the bias in the input's dtype.
+c10::optional<at::Tensor> checked_bias(const char* op, const at::Tensor& input, const GroupwiseWeight& g,
+                                       const c10::optional<at::Tensor>& bias) {
+  check_groupwise(op, g);
+  TORCH_CHECK(input.is_floating_point(), op, ": expected a floating input, got ", input.scalar_type());
+  TORCH_CHECK(input.device() == g.point_codes.device(), op, ": expected input on ", g.point_codes.device());
+  check_bias_and_act(op, input, bias, c10::nullopt, g.group_scales.size(0));
   return bias.has_value() ? c10::optional<at::Tensor>(bias->to(input.scalar_type())) : c10::nullopt;
 }
 
@@ -116,8 +118,8 @@ at::Tensor groupwise_linear(const at::Tensor& input, const at::Tensor& point_cod
   const char* op = "mpq::groupwise_linear";
   TORCH_CHECK(input.dim() >= 1, op, ": expected input [..., in_features], got ", input.sizes());
   const GroupwiseWeight g{point_codes, group_scales, group_zeros, input_scales, w_bits, group_size, {input.size(-1)}};
-  const auto w = weight_for(op, input, g, Cached);
-  return at::linear(input, w, bias_for(op, input, bias, group_scales.size(0)));
+  const auto b = checked_bias(op, input, g, bias);
+  return at::linear(input, weight_for(input, g, Cached), b);
 }
 
 template <bool Cached>
@@ -130,8 +132,8 @@ at::Tensor groupwise_conv2d(const at::Tensor& input, const at::Tensor& point_cod
   TORCH_CHECK(input.dim() == 4 && input.size(1) == code_shape[0] * groups, op, ": expected input [N, ",
               code_shape[0] * groups, ", H, W], got ", input.sizes());
   const GroupwiseWeight g{point_codes, group_scales, group_zeros, input_scales, w_bits, group_size, code_shape.vec()};
-  const auto w = weight_for(op, input, g, Cached);
-  return at::conv2d(input, w, bias_for(op, input, bias, group_scales.size(0)), stride, padding, dilation, groups);
+  const auto b = checked_bias(op, input, g, bias);
+  return at::conv2d(input, weight_for(input, g, Cached), b, stride, padding, dilation, groups);
 }
 
 }  // namespace

@@ -415,6 +415,8 @@ def test_the_ops_refuse_bad_tables_naming_the_op_and_argument():
         op(x, *args[:4], 1, 8, m.bias)
     with pytest.raises(RuntimeError, match=r"mpq::groupwise_linear: expected a floating input"):
         op(x.to(torch.int32), *args)
+    with pytest.raises(RuntimeError, match=r"mpq::groupwise_linear: expected bias"):
+        op(x, *args[:-1], torch.zeros(5))
     conv = GroupwiseConv2d(4, 8, [3, 3], 4, 8, True, [1, 1], [1, 1], [1, 1])
     with pytest.raises(RuntimeError, match=r"mpq::groupwise_conv2d: expected input \[N, 4, H, W\]"):
         torch.ops.mpq.groupwise_conv2d(
