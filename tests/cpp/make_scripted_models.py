@@ -96,7 +96,8 @@ def save_case(out: Path, name: str, qmodel: nn.Module, x: torch.Tensor, trace: b
     loaded = torch.jit.load(str(path))
     with torch.no_grad():
         y = loaded(x)
-    layers = [m for m in qmodel.modules() if isinstance(m, (mpq.nn.MultipointConv2d, mpq.nn.MultipointLinear))]
+    kinds = (mpq.nn.MultipointConv2d, mpq.nn.MultipointLinear, mpq.nn.GroupwiseConv2d, mpq.nn.GroupwiseLinear)
+    layers = [m for m in qmodel.modules() if isinstance(m, kinds)]
     points = torch.bincount(torch.cat([m.num_points.long().cpu() for m in layers])).tolist()
     # NB: clone: a slice of a batch would save the whole batch's storage.
     tensors = {"input": x.clone(), "output": y}
@@ -123,6 +124,10 @@ def main(argv=None) -> int:
     configs = {
         "small_resnet_w3a8": mpq.QuantConfig(w_bits=3, a_bits=8, avg_bits=8.0),
         "small_resnet_w4a16": mpq.QuantConfig(w_bits=4, a_bits=None, avg_bits=8.0),
+        # group-wise layers (mpq::groupwise_conv2d / groupwise_linear), asymmetric, 8-weight groups
+        "small_resnet_gptq_g8_w4a8": mpq.QuantConfig(
+            w_bits=4, a_bits=8, method=mpq.GPTQConfig(group_size=8, symmetric=False)
+        ),
     }
     for name, config in configs.items():
         save_case(args.out, name, mpq.quantize(model, calib, config), x)

@@ -104,7 +104,11 @@ double run_scripted(const std::string& name, c10::Device device) {
   int64_t layers = 0;
   for (const auto& sub : model.named_modules()) {
     const auto type = sub.value.type()->name();
-    if (type && (type->name() == "MultipointConv2d" || type->name() == "MultipointLinear")) ++layers;
+    const auto kind = type ? type->name() : std::string();
+    if (kind == "MultipointConv2d" || kind == "MultipointLinear" || kind == "GroupwiseConv2d" ||
+        kind == "GroupwiseLinear") {
+      ++layers;
+    }
   }
   INFO("multipoint modules found: " << layers << ", Python reported " << expected_layers);
   CHECK(layers == expected_layers);
@@ -258,6 +262,11 @@ TEST_CASE("scripted small ResNet (W3A8) from Python runs in C++ with Python's ou
 TEST_CASE("scripted small ResNet (W4A16, float activations) from Python runs in C++ with Python's output",
           "[scripted]") {
   CHECK(run_scripted("small_resnet_w4a16", c10::kCPU) <= 1e-5);
+}
+
+TEST_CASE("scripted small ResNet with group-wise layers (GPTQ g8, W4A8) runs in C++ with Python's output",
+          "[scripted]") {
+  CHECK(run_scripted("small_resnet_gptq_g8_w4a8", c10::kCPU) <= 1e-5);
 }
 
 TEST_CASE("traced EfficientNet-Lite0 (W4A8) from Python runs in C++ with Python's output", "[scripted]") {
