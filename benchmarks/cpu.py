@@ -189,7 +189,7 @@ def int8_columns_per_channel(q: torch.nn.Module) -> float:
     for m in q.modules():
         if not isinstance(m, mpq.nn.MultipointLayer) or m.act_qparams is None:
             continue
-        if getattr(m, "groups", 1) > 1 and m.code_shape[0] == 1:
+        if mpq.nn.is_depthwise(m):
             continue
         D = int(torch.Size(m.code_shape).numel())
         levels = int(m.act_qparams[3] - m.act_qparams[2]) + 1

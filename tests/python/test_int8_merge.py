@@ -55,7 +55,7 @@ def test_merged_scales_are_exact_whole_number_ratios_at_little_cost(w_bits):
         p = _layers(plain)[name]
         codes, scales = m.unpacked()
         assert torch.equal(m.num_points, p.num_points) and torch.equal(codes, p.unpacked()[0])  # codes, counts kept
-        if getattr(m, "groups", 1) > 1 and m.code_shape[0] == 1:  # depthwise: its own kernel, left alone
+        if mpq.nn.is_depthwise(m):  # depthwise: its own kernel, left alone
             assert torch.equal(scales, p.unpacked()[1]), name
             continue
         two = (m.num_points >= 2).nonzero().flatten()
@@ -90,7 +90,7 @@ def test_int8_row_layers_get_two_points_each_one_int8_row():
     for name, m in _layers(merged).items():
         if m.act_qparams is None or m.max_points == 1:  # first / last layer: one 8-bit point
             continue
-        depthwise = getattr(m, "groups", 1) > 1 and m.code_shape[0] == 1
+        depthwise = mpq.nn.is_depthwise(m)
         assert m.max_points == (4 if depthwise else 2), name
         three += int((_layers(plain)[name].num_points > 2).sum())
         if depthwise:
@@ -131,7 +131,7 @@ def test_seven_bit_activations_make_every_merged_row_exact_on_every_cpu():
     q = mpq.quantize(model, calib, cfg)  # verify=True: every layer against its float64 recomputation
     rows = channels = 0
     for name, m in _layers(q).items():
-        if m.act_qparams is None or m.max_points == 1 or (getattr(m, "groups", 1) > 1 and m.code_shape[0] == 1):
+        if m.act_qparams is None or m.max_points == 1 or mpq.nn.is_depthwise(m):
             continue
         levels = int(m.act_qparams[3] - m.act_qparams[2]) + 1
         assert levels == 128, name

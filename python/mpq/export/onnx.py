@@ -48,7 +48,7 @@ from torch import nn
 
 from mpq.fold import set_submodule
 from mpq.nn.fused import FusedMultipointConv2d
-from mpq.nn.modules import MultipointConv2d, MultipointLayer, MultipointLinear, same_padding
+from mpq.nn.modules import MultipointConv2d, MultipointLayer, MultipointLinear, is_depthwise, same_padding
 
 __all__ = ["export_onnx", "export_openvino", "exportable", "int8_rows", "requantized_rows", "OnnxMultipointLayer"]
 
@@ -249,7 +249,7 @@ class OnnxMultipointLayer(nn.Module):
         self.dequantize_linear = self.qdq or epilogue is None
         # Depthwise int8 kernels widen each product into int32 on every CPU (measured in ONNX
         # Runtime and OpenVINO on AVX2: 9 x 255 x 127 exact), so max_code does not bound them.
-        depthwise = isinstance(m, MultipointConv2d) and m.groups > 1 and m.code_shape[0] == 1
+        depthwise = isinstance(m, MultipointConv2d) and is_depthwise(m)
         code_limit = MAX_INT8_CODE if depthwise else max_code
         codes, scales = int8_rows(m, code_limit)
         if self.qdq and requantize and scales.shape[1] > 1:

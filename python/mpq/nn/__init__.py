@@ -5,7 +5,14 @@ and its ``bits_per_weight``."""
 from mpq.nn.codebook import CodebookConv2d, CodebookLayer, CodebookLinear
 from mpq.nn.fused import FusedMultipointConv2d
 from mpq.nn.groupwise import GroupwiseConv2d, GroupwiseLayer, GroupwiseLinear
-from mpq.nn.modules import LAYER_KINDS, MultipointConv2d, MultipointLayer, MultipointLinear, register_layer_kind
+from mpq.nn.modules import (
+    LAYER_KINDS,
+    MultipointConv2d,
+    MultipointLayer,
+    MultipointLinear,
+    is_depthwise,
+    register_layer_kind,
+)
 
 __all__ = [
     "LAYER_KINDS",
@@ -19,5 +26,6 @@ __all__ = [
     "MultipointConv2d",
     "MultipointLayer",
     "MultipointLinear",
+    "is_depthwise",
     "register_layer_kind",
 ]

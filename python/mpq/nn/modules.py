@@ -33,6 +33,13 @@ from mpq import layout
 from mpq.layout import check_max_points, check_w_bits, point_bits, stored_row_bytes
 
 
+def is_depthwise(m: torch.nn.Module) -> bool:
+    """Whether a quantized layer is a depthwise(-like) convolution: groups > 1 and one input channel
+    per group. The CPU runs those on mpq's own kernel (not oneDNN's int8 rows: no int8_merge there),
+    and the ONNX runtimes' depthwise int8 kernels widen every product (no code cap)."""
+    return getattr(m, "groups", 1) > 1 and m.code_shape[0] == 1
+
+
 def same_padding(x: torch.Tensor, kernel_size: list[int], stride: list[int], dilation: list[int]) -> list[int]:
     """F.pad amounts (left, right, top, bottom) of TensorFlow's 'SAME' padding for input x."""
     pads: list[int] = []
