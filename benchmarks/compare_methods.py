@@ -208,7 +208,8 @@ def matched_configs(setting: str, task: Task) -> list[tuple[str, mpq.QuantConfig
     """(row name, config) for one setting of the matched-memory suite: weight-only (A16) formats at
     about the memory of multipoint's W4 at 4.25 / 4.5 bits and W3 at 3.5 bits; the group-wise
     grids (float16 scale per group of ``g`` input weights, ``asym``: plus a b-bit zero point) of
-    round to nearest, GPTQ (``ao``: act-order with static groups) and AWQ-style scaling, and the
+    round to nearest, GPTQ (``ao``: act-order with static groups), AdaRound (the rounding learned on
+    round to nearest's grid) and AWQ-style scaling, and the
     per-channel rows of the methods tables for reference. All scales MSE-searched
     (``rtn_range="mse"``)."""
     w_bits, a_bits = mpq.PRESETS[setting]
@@ -225,6 +226,9 @@ def matched_configs(setting: str, task: Task) -> list[tuple[str, mpq.QuantConfig
     def awq(g: int, sym: bool) -> mpq.QuantConfig:
         return mpq.QuantConfig(method=mpq.AWQConfig(group_size=g, symmetric=sym), **mse)
 
+    def adaround(g: int, sym: bool) -> mpq.QuantConfig:
+        return mpq.QuantConfig(method=mpq.AdaRoundConfig(group_size=g, symmetric=sym), **mse)
+
     rows = [("rtn (per channel)", rtn(0, True)), ("gptq (per channel)", gptq(0, True, False))]
     if w_bits == 4:
         rows += [
@@ -240,6 +244,9 @@ def matched_configs(setting: str, task: Task) -> list[tuple[str, mpq.QuantConfig
             ("awq g128 asym", awq(128, False)),
             ("awq g64 asym", awq(64, False)),
             ("awq g32", awq(32, True)),
+            ("adaround g128 asym", adaround(128, False)),
+            ("adaround g64 asym", adaround(64, False)),
+            ("adaround g32", adaround(32, True)),
             ("multipoint @4.25", mpq.QuantConfig(w_bits=4, a_bits=None, avg_bits=4.25)),
             ("multipoint @4.5", mpq.QuantConfig(w_bits=4, a_bits=None)),
             ("rtn g32 asym (4.62)", rtn(32, False)),
@@ -254,6 +261,8 @@ def matched_configs(setting: str, task: Task) -> list[tuple[str, mpq.QuantConfig
             ("gptq g32 ao", gptq(32, True, True)),
             ("awq g64 asym", awq(64, False)),
             ("awq g32", awq(32, True)),
+            ("adaround g64 asym", adaround(64, False)),
+            ("adaround g32", adaround(32, True)),
             ("multipoint @3.5", mpq.QuantConfig(w_bits=3, a_bits=None)),
         ]
     return rows + list(PEERS[w_bits].items())  # the external libraries (benchmarks/peers.py)
