@@ -122,7 +122,7 @@ def test_to_dict_is_json_and_round_trips(name):
     if name == "ilp":
         assert d["options"]["rounding"] == {
             "method": "adaround",
-            "options": {"iters": 7, "lr": 0.05, "reg_lambda": 0.01},
+            "options": {"iters": 7, "lr": 0.05, "reg_lambda": 0.01, "group_size": 0, "symmetric": True},
         }
 
 
