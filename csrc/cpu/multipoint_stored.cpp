@@ -310,9 +310,10 @@ __attribute__((always_inline)) inline float activation_level(float x, float scal
   return q < qmin ? qmin : (q > qmax ? qmax : q);
 }
 
-// The int8 path's level kernels (csrc/kernels/activation_levels.h): AVX-512 where ATen runs its
-// AVX-512 kernels (so ATEN_CPU_CAPABILITY forces either path, as for ATen's own), else the scalar
-// loop; both give the same bytes.
+// The vector path of mpq's torch-free kernels, following ATen's (so ATEN_CPU_CAPABILITY forces each
+// path, as for ATen's own): AVX-512, AVX2 or scalar. The level and depthwise kernels have AVX-512 and
+// scalar code (AVX2 runs the scalar loop; both give the same bytes); the weight-only Linear kernel
+// has all three.
 kernels::CpuIsa cpu_isa() {
   static const auto capability = at::get_cpu_capability();  // ATen's choice, read once as ATen does
   if (capability == "AVX512") return kernels::CpuIsa::kAvx512;
